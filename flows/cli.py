@@ -1,0 +1,114 @@
+"""The ``ringflow`` command line.
+
+Each command loads the config (``--config``, default ``configs/flights.yaml``, plus ``--set``
+overrides), fails before any work on an invalid value, then runs one flow or task. Imports of
+the heavy stacks (Prefect, MLflow, torch) happen inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from training.config import ConfigError, PipelineConfig, load_config
+
+app = typer.Typer(
+    name="ringflow",
+    help="Workflow-driven MLOps: shard -> Horovod training -> evaluation -> MLflow registry, plus monitoring.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_CONFIG = Path("configs/flights.yaml")
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="Pipeline config YAML (default: configs/flights.yaml if present, else built-in defaults)."),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config value: key.path=value (repeatable), e.g. training.epochs=3."),
+]
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
+    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _prepare_environment() -> None:
+    """Embedded defaults: state under RINGFLOW_HOME; env values win when set."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from training.config import get_settings
+
+    s = get_settings()
+    s.home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", s.tracking_uri)
+
+
+def _fail(stage_error: Exception) -> None:
+    typer.secho(f"FAILED: {stage_error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the training pipeline once: shard -> train (horovodrun) -> evaluate -> register."""
+    cfg = _config(config, set_)
+    _prepare_environment()
+    from flows.training_pipeline import print_summary, training_pipeline
+
+    try:
+        result = training_pipeline(cfg)
+    except Exception as e:  # the flow already logged the traceback; name the failure plainly
+        _fail(e)
+    print_summary(result)
+
+
+@app.command()
+def shard(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run only the sharding stage and print the manifest path."""
+    cfg = _config(config, set_)
+    _prepare_environment()
+    from tasks.shard import shard_data
+
+    try:
+        manifest_path = shard_data(cfg)  # a Prefect task run on its own, outside a flow
+    except Exception as e:
+        _fail(e)
+    typer.echo(manifest_path)
+
+
+@app.command()
+def train(
+    manifest: Annotated[Path, typer.Option(help="manifest.json written by `ringflow shard`.")],
+    np_: Annotated[Optional[int], typer.Option("--np", help="Horovod ranks (default: training.world_size).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run only the Horovod training stage on an existing manifest."""
+    overrides = list(set_ or [])
+    if np_ is not None:
+        overrides.append(f"training.world_size={np_}")
+    cfg = _config(config, overrides)
+    _prepare_environment()
+    from tasks.train import train_model
+
+    try:
+        result = train_model(cfg, str(manifest))  # a Prefect task run on its own, outside a flow
+    except Exception as e:
+        _fail(e)
+    typer.echo(result.model_dump_json(indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

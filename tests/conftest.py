@@ -1,0 +1,41 @@
+"""Shared fixtures: real components, isolated state.
+
+- ``ringflow_home``: a fresh RINGFLOW_HOME with its own MLflow SQLite store per test.
+- ``prefect_harness``: Prefect's test harness (temporary SQLite database + real API server
+  subprocess), started once per session and only by tests that ask for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from training.config import PipelineConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def ringflow_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "ringflow-home"
+    home.mkdir()
+    monkeypatch.setenv("RINGFLOW_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.delenv("RINGFLOW_DATA_KEY", raising=False)
+    return home
+
+
+@pytest.fixture
+def smoke_config() -> PipelineConfig:
+    return load_config(ROOT / "configs" / "smoke.yaml")

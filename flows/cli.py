@@ -52,6 +52,9 @@ def _prepare_environment() -> None:
 
     s = get_settings()
     s.home.mkdir(parents=True, exist_ok=True)
+    from flows.stack import apply_stack_env
+
+    apply_stack_env(s.home)  # stack up (`ringflow up`): report to its servers unless env says otherwise
     os.environ.setdefault("MLFLOW_TRACKING_URI", s.tracking_uri)
 
 
@@ -108,6 +111,77 @@ def train(
     except Exception as e:
         _fail(e)
     typer.echo(result.model_dump_json(indent=2))
+
+
+@app.command()
+def up(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    serve: Annotated[bool, typer.Option(help="Also start the process that runs deployments.")] = True,
+) -> None:
+    """Start Prefect server, MLflow server and the deployment runner (idempotent); deploy."""
+    cfg = _config(config, set_)
+    _prepare_environment()
+    from flows.stack import StackError, StackSettings
+    from flows.stack import up as stack_up
+
+    try:
+        result = stack_up(cfg, serve=serve, echo=typer.echo)
+    except StackError as e:
+        _fail(e)
+    st = StackSettings()
+    if all(v.startswith("already") for v in result.values()):
+        typer.echo("nothing to start: the stack is already up")
+    typer.echo(f"Prefect UI  {st.prefect_url}")
+    typer.echo(f"MLflow UI   {st.mlflow_url}")
+    typer.echo("Stop with `ringflow down`.")
+
+
+@app.command()
+def down() -> None:
+    """Stop exactly the processes `ringflow up` started."""
+    from flows.stack import down as stack_down
+
+    for name, state in stack_down(echo=lambda _: None).items():
+        typer.echo(f"{name:8s} {state}")
+
+
+@app.command()
+def status() -> None:
+    """Show the stack's processes, health, deployments, schedules and the rerun automation."""
+    _prepare_environment()
+    from flows.stack import deployment_summary
+    from flows.stack import status as stack_status
+
+    rows = stack_status()
+    for name, row in rows.items():
+        state = f"running pid {row['pid']}" if row["running"] else "stopped"
+        health = "" if "healthy" not in row else ("  healthy" if row["healthy"] else "  NOT answering")
+        typer.echo(f"{name:8s} {state}{health}  {row.get('url', '')}".rstrip())
+    if rows["prefect"].get("healthy"):
+        for line in deployment_summary():
+            typer.echo(line)
+
+
+@app.command()
+def deploy(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Create/update the deployments, their cron schedules and the rerun-on-anomaly automation."""
+    cfg = _config(config, set_)
+    _prepare_environment()
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.secho("no Prefect server: run `ringflow up` or set PREFECT_API_URL", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    from flows.deployments import deploy as apply_deployments
+
+    try:
+        ids = apply_deployments(cfg)
+    except Exception as e:
+        _fail(e)
+    from flows.stack import remember_config
+
+    remember_config(cfg)  # the running stack's serve process re-deploys this config on restart
+    for name, ident in ids.items():
+        typer.echo(f"{name:40s} {ident}")
 
 
 def main() -> None:  # pragma: no cover

@@ -24,8 +24,25 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/ringflow run --config $(CONFIG)
 
-test: install
+test: install browser-deps
 	$(VENV)/bin/pytest
 
 clean:
 	rm -rf .ringflow
+
+# The real stack: Prefect server + MLflow server + the deployment runner (ringflow up --help).
+up: install
+	$(VENV)/bin/ringflow up --config $(CONFIG)
+
+down: install
+	$(VENV)/bin/ringflow down
+
+deploy: install
+	$(VENV)/bin/ringflow deploy --config $(CONFIG)
+
+# Browser for tests/test_browser_e2e.py: Debian's Chromium (never a downloaded one) + Playwright.
+browser-deps: install
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet "playwright>=1.40"

@@ -1,0 +1,318 @@
+"""Monitoring logic: real Evidently reports, each anomaly rule alone, the rerun policy.
+
+No Prefect and no MLflow here (``monitoring/`` is pure); the flow is tested in
+``test_monitoring_flow.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from monitoring.anomalies import (
+    AnomalyType,
+    DivergedRule,
+    DriftShareRule,
+    MissingValuesRule,
+    MonitoringObservation,
+    PerformanceDropRule,
+    PredictionShiftRule,
+    RankStats,
+    RepeatedFailureRule,
+    RuleSet,
+    SchemaChangeRule,
+    StragglerRule,
+    ThroughputDropRule,
+    TrainingObservation,
+    UnseenCategoriesRule,
+    anomaly_id,
+    default_rules,
+    psi,
+    schema_diff,
+)
+from monitoring.policy import BatchWindow, RerunRecord, decide, recent_windows
+from monitoring.reports import PREDICTION, build_reports
+from training.config import PipelineConfig, Windows, with_overrides
+from training.data import TARGET, in_window, load_labelled
+
+UTC = dt.timezone.utc
+NOW = dt.datetime(2026, 1, 10, 12, tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------- Evidently reports
+
+
+@pytest.fixture(scope="module")
+def flights():
+    cfg = PipelineConfig()
+    df, _ = load_labelled(cfg.data)
+    # a fixed, model-free "prediction" so the test does not depend on training
+    df[PREDICTION] = 1 / (1 + np.exp(-(df["hour"].fillna(12) - 15) / 3))
+    return cfg, df
+
+
+def _window(df, cfg, start, end):
+    return df[in_window(df, cfg.data, start, end)]
+
+
+def test_drift_found_on_a_shifted_batch(flights, tmp_path):
+    cfg, df = flights
+    d = cfg.data
+    reference = _window(df, cfg, "2013-01-01", "2013-05-01")
+    july = _window(df, cfg, "2013-07-01", "2013-08-01")
+    s = build_reports(reference, july, d.numeric_features, d.categorical_features, tmp_path,
+                      target=TARGET, drift_share=0.5, reference_rows=5000, current_rows=5000)
+    assert s.dataset_drift and s.drifted_share >= 0.5
+    assert {"temp", "dewp"} <= set(s.drifted_columns)  # winter -> summer weather
+    assert s.reference_rows == 5000 and s.current_rows == 5000
+    assert len(s.columns) == len(d.feature_columns)
+    assert 0.5 < s.classification["roc_auc"] < 1.0
+    for path in (s.drift_html, s.drift_json, s.quality_html, s.quality_json):
+        assert (tmp_path / path.split("/")[-1]).stat().st_size > 1000
+    assert "metrics" in json.loads((tmp_path / "drift.json").read_text())
+
+
+def test_no_drift_on_a_sample_of_the_reference_window(flights, tmp_path):
+    cfg, df = flights
+    d = cfg.data
+    window = _window(df, cfg, "2013-01-01", "2013-05-01").sample(frac=1.0, random_state=1)
+    half = len(window) // 2
+    s = build_reports(window.iloc[:half], window.iloc[half:], d.numeric_features, d.categorical_features,
+                      tmp_path, drift_share=0.5, reference_rows=5000, current_rows=5000, seed=3)
+    assert not s.dataset_drift
+    assert s.drifted_share < 0.2, s.drifted_columns
+    assert s.classification is None and s.quality_html is None  # no target given
+
+
+def test_report_names_a_missing_column(flights, tmp_path):
+    cfg, df = flights
+    d = cfg.data
+    sample = df.head(500)
+    with pytest.raises(ValueError, match=r"current frame lacks column\(s\) \['temp'\]"):
+        build_reports(sample, sample.drop(columns=["temp"]), d.numeric_features, d.categorical_features, tmp_path)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_psi_zero_on_same_distribution_and_large_on_shift():
+    rng = np.random.default_rng(0)
+    ref = rng.beta(2, 5, 20_000)
+    assert psi(ref, rng.beta(2, 5, 20_000)) < 0.01
+    assert psi(ref, rng.beta(5, 2, 20_000)) > 1.0
+    assert psi(np.zeros(100), np.zeros(100)) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="both sides"):
+        psi([], [0.1])
+
+
+def test_schema_diff_kinds():
+    expected = {"a": "float64", "b": "string", "t": "datetime64[ns, UTC]"}
+    assert schema_diff({"a": "int64", "b": "object", "t": "datetime64[ns, UTC]"}, expected).empty
+    d = schema_diff({"a": "object", "t": "datetime64[ns]", "new": "int64"}, expected)
+    assert d.missing == ["b"] and d.extra == ["new"] and d.dtype_changed == {"a": {"expected": "numeric", "actual": "string"}}
+
+
+def test_anomaly_id_is_stable_and_ignores_time():
+    obs = _obs(roc_auc=0.60, reference_roc_auc=0.70)
+    a1 = PerformanceDropRule().check(obs)[0]
+    a2 = PerformanceDropRule().check(obs.model_copy(update={"roc_auc": 0.61}))[0]
+    assert a1.id == a2.id == anomaly_id(AnomalyType.PERFORMANCE_DROP, a1.key)
+    other_batch = PerformanceDropRule().check(obs.model_copy(update={"batch": "2013-08"}))[0]
+    assert other_batch.id != a1.id
+
+
+# --------------------------------------------------------------------------- rules, each alone
+
+
+def _obs(**kw) -> MonitoringObservation:
+    base = dict(model_name="flights-delay", model_version="3", batch="2013-07", rows=1000)
+    return MonitoringObservation(**{**base, **kw})
+
+
+def _training(**kw) -> TrainingObservation:
+    base = dict(run_id="run-b", status="completed", world_size=2,
+                per_rank=[RankStats(rank=0, samples_per_s=1000, step_time_ms=10),
+                          RankStats(rank=1, samples_per_s=1000, step_time_ms=10)])
+    return TrainingObservation(**{**base, **kw})
+
+
+CLEAN = _obs(roc_auc=0.70, reference_roc_auc=0.71, drifted_share=0.1, drifted_columns=["temp"],
+             prediction_psi=0.05, missing_share={"wind_gust": 0.80}, reference_missing_share={"wind_gust": 0.75},
+             unseen_share={"dest": 0.01}, training=_training(previous_samples_per_s=1900, previous_run_id="run-a"))
+
+CASES = [
+    (PerformanceDropRule(abs_drop=0.03), {"roc_auc": 0.65}, AnomalyType.PERFORMANCE_DROP),
+    (PerformanceDropRule(abs_drop=0.5, rel_drop=0.02), {"roc_auc": 0.68}, AnomalyType.PERFORMANCE_DROP),
+    (DriftShareRule(drift_share=0.5), {"drifted_share": 0.6, "drifted_columns": ["temp", "dewp"]}, AnomalyType.DATA_DRIFT),
+    (PredictionShiftRule(max_psi=0.2), {"prediction_psi": 0.35}, AnomalyType.PREDICTION_SHIFT),
+    (MissingValuesRule(max_increase=0.2), {"missing_share": {"wind_gust": 0.8, "temp": 0.5}}, AnomalyType.MISSING_VALUES),
+    (UnseenCategoriesRule(max_share=0.05), {"unseen_share": {"dest": 0.2}}, AnomalyType.UNSEEN_CATEGORIES),
+    (SchemaChangeRule(), {"schema_changes": schema_diff({"a": "object"}, {"a": "float64", "b": "string"})}, AnomalyType.SCHEMA_CHANGE),
+    (DivergedRule(), {"training": _training(status="diverged", checkpoint_dir="/ck/epoch-2")}, AnomalyType.TRAINING_DIVERGED),
+    (StragglerRule(factor=1.5), {"training": _training(per_rank=[
+        RankStats(rank=0, samples_per_s=1000, step_time_ms=10), RankStats(rank=1, samples_per_s=1000, step_time_ms=10),
+        RankStats(rank=2, samples_per_s=400, step_time_ms=25)])}, AnomalyType.STRAGGLER),
+    (ThroughputDropRule(min_ratio=0.5), {"training": _training(previous_samples_per_s=5000, previous_run_id="run-a")},
+     AnomalyType.THROUGHPUT_DROP),
+    (RepeatedFailureRule(min_failures=2), {"training": _training(status="failed", per_rank=[], consecutive_failures=2)},
+     AnomalyType.TRAINING_FAILED),
+]
+
+
+@pytest.mark.parametrize("rule,update,expected", CASES, ids=[c[2].value + str(i) for i, c in enumerate(CASES)])
+def test_rule_fires_on_its_case_and_is_quiet_on_clean_data(rule, update, expected):
+    assert rule.check(CLEAN) == []
+    found = rule.check(CLEAN.model_copy(update=update))
+    assert [a.type for a in found] == [expected]
+    assert found[0].evidence and found[0].message
+
+
+def test_rules_stay_quiet_without_inputs():
+    empty = _obs()
+    assert default_rules(PipelineConfig().monitoring).check(empty) == []
+
+
+def test_missing_rule_is_relative_to_the_reference():
+    # wind_gust is ~75% missing every month: no anomaly; a fresh 25% gap in temp is one
+    rule = MissingValuesRule(max_increase=0.2)
+    assert rule.check(_obs(missing_share={"wind_gust": 0.85}, reference_missing_share={"wind_gust": 0.75})) == []
+    [a] = rule.check(_obs(missing_share={"temp": 0.25}, reference_missing_share={"temp": 0.0}))
+    assert list(a.evidence["columns"]) == ["temp"]
+
+
+def test_ruleset_combines_and_dedupes():
+    rules = RuleSet() + DriftShareRule(0.5) + DriftShareRule(0.4)
+    found = rules.check(_obs(drifted_share=0.6, drifted_columns=["temp"]))
+    assert len(rules.rules) == 2 and len(found) == 1  # same type + key -> same id
+
+
+def test_default_rules_take_config_thresholds():
+    cfg = with_overrides(PipelineConfig(), {"monitoring.drift_share": 0.9, "monitoring.performance_drop_abs": 0.2})
+    rules = default_rules(cfg.monitoring)
+    assert rules.check(_obs(drifted_share=0.6, roc_auc=0.6, reference_roc_auc=0.7)) == []
+
+
+# --------------------------------------------------------------------------- policy
+
+
+BASE = PipelineConfig()  # train Jan-Apr, validation May, test June 1-15
+JULY = BatchWindow(start=dt.date(2013, 7, 1), end=dt.date(2013, 8, 1), labelled=True)
+
+
+def _drift(batch="2013-07"):
+    return DriftShareRule(0.5).check(_obs(batch=batch, drifted_share=0.7, drifted_columns=["temp"]))[0]
+
+
+def test_recent_windows_keep_lengths_and_do_not_leak():
+    w = recent_windows(BASE.data.windows, dt.date(2013, 8, 1))
+    assert w.test.end == dt.date(2013, 8, 1)
+    assert (w.test.end - w.test.start) == (BASE.data.windows.test.end - BASE.data.windows.test.start)
+    assert w.train.end == w.validation.start and w.validation.end == w.test.start
+    Windows.model_validate(w.model_dump())  # the leak validator accepts it
+
+
+def test_policy_drift_retrains_on_recent_labelled_window():
+    d = decide([_drift()], BASE, batch=JULY, now=NOW, model_label="flights-delay v3")
+    p = d.plan
+    assert p is not None and p.anomaly_types == ["data_drift"]
+    w = p.config.data.windows
+    assert w.test == w.test.model_validate({"start": "2013-07-17", "end": "2013-08-01"})
+    assert w.validation.end == w.test.start and w.train.end == w.validation.start == dt.date(2013, 6, 16)
+    assert w.train.end > BASE.data.windows.train.end
+    assert set(p.overrides) == {"data.windows.train", "data.windows.validation", "data.windows.test"}
+    assert p.config.training == BASE.training  # nothing else changes
+    assert "data_drift" in p.reason and "flights-delay v3" in p.reason
+
+
+def test_policy_unlabelled_batch_trains_up_to_its_start():
+    d = decide([_drift()], BASE, batch=JULY.model_copy(update={"labelled": False}), now=NOW)
+    assert d.plan.config.data.windows.test.end == dt.date(2013, 7, 1)
+
+
+def test_policy_refuses_a_batch_older_than_the_champions_data():
+    old = BatchWindow(start=dt.date(2013, 3, 1), end=dt.date(2013, 4, 1), labelled=True)
+    d = decide([_drift("2013-03")], BASE, batch=old, now=NOW)
+    assert d.plan is None and "would not move the windows" in d.summary()
+
+
+def test_policy_diverged_lowers_lr_and_resumes_from_checkpoint():
+    run_cfg = with_overrides(BASE, {"training.learning_rate": 0.01}).model_dump(mode="json")
+    t = _training(status="diverged", checkpoint_dir="/ck/epoch-2", config=run_cfg)
+    [a] = DivergedRule().check(_obs(training=t))
+    p = decide([a], BASE, training=t, now=NOW).plan
+    assert p.config.training.learning_rate == pytest.approx(0.01 * BASE.monitoring.rerun_lr_factor)
+    assert p.config.training.resume_from == "/ck/epoch-2"
+    # without a known directory, the run id (config: "checkpoint dir or MLflow run id")
+    t2 = t.model_copy(update={"checkpoint_dir": None})
+    assert decide([a], BASE, training=t2, now=NOW).plan.config.training.resume_from == "run-b"
+
+
+def test_policy_straggler_sets_shard_weights_from_throughput():
+    t = _training(per_rank=[RankStats(rank=0, samples_per_s=3000, step_time_ms=10),
+                            RankStats(rank=1, samples_per_s=1000, step_time_ms=30)])
+    [a] = StragglerRule(1.5).check(_obs(training=t))
+    p = decide([a], BASE, training=t, now=NOW).plan
+    assert p.config.sharding.weights == [1.5, 0.5]
+    assert p.config.num_shards == 2
+
+
+def test_policy_repeated_failure_shrinks_world_size():
+    cfg = with_overrides(BASE, {"training.world_size": 3, "sharding.weights": [1, 1, 1]})
+    t = _training(status="failed", world_size=3, per_rank=[], consecutive_failures=2,
+                  config=cfg.model_dump(mode="json"))
+    [a] = RepeatedFailureRule().check(_obs(training=t))
+    p = decide([a], BASE, training=t, now=NOW).plan
+    assert p.config.training.world_size == 2 and p.config.sharding.weights is None
+
+
+def test_policy_alert_only_types_never_rerun():
+    [a] = SchemaChangeRule().check(_obs(schema_changes=schema_diff({}, {"temp": "float64"})))
+    d = decide([a], BASE, batch=JULY, now=NOW)
+    assert d.plan is None and d.alerts == [a.id] and "alert-only" in d.suppressed[a.id]
+
+
+def test_cooldown_suppresses_a_second_rerun():
+    first = decide([_drift("2013-07")], BASE, batch=JULY, now=NOW)
+    record = RerunRecord(time=NOW, monitoring_run_id="m1", anomaly_ids=first.plan.anomaly_ids,
+                         anomaly_types=first.plan.anomaly_types, reason=first.plan.reason)
+    aug = BatchWindow(start=dt.date(2013, 8, 1), end=dt.date(2013, 9, 1), labelled=True)
+    later = NOW + dt.timedelta(hours=2)
+    second = decide([_drift("2013-08")], BASE, batch=aug, now=later, history=[record])
+    assert second.plan is None and "cooldown" in second.summary()
+    # after the cooldown the same cause may rerun again
+    after = NOW + dt.timedelta(hours=BASE.monitoring.cooldown_hours + 1)
+    assert decide([_drift("2013-08")], BASE, batch=aug, now=after, history=[record]).plan is not None
+
+
+def test_duplicate_anomaly_is_not_rerun_even_after_cooldown():
+    a = _drift("2013-07")
+    record = RerunRecord(time=NOW, monitoring_run_id="m1", anomaly_ids=[a.id], anomaly_types=["data_drift"])
+    d = decide([_drift("2013-07")], BASE, batch=JULY, now=NOW + dt.timedelta(days=30), history=[record])
+    assert d.plan is None and d.suppressed[a.id].startswith("duplicate")
+
+
+def test_rerun_budget_per_period():
+    cfg = with_overrides(BASE, {"monitoring.max_reruns_per_period": 2, "monitoring.cooldown_hours": 0})
+    history = [RerunRecord(time=NOW - dt.timedelta(hours=h), anomaly_ids=[f"x{h}"], anomaly_types=["straggler"])
+               for h in (1, 2)]
+    d = decide([_drift()], cfg, batch=JULY, now=NOW, history=history)
+    assert d.plan is None and "budget" in d.summary()
+    d = decide([_drift()], cfg, batch=JULY, now=NOW + dt.timedelta(days=8), history=history)
+    assert d.plan is not None
+
+
+def test_rerun_record_tags_round_trip():
+    r = RerunRecord(time=NOW, monitoring_run_id="m1", anomaly_ids=["a", "b"], anomaly_types=["data_drift"], reason="x")
+    back = RerunRecord.from_tags(r.to_tags(), NOW, "m1")
+    assert back == r
+
+
+def test_combined_anomalies_make_one_plan():
+    perf = PerformanceDropRule().check(_obs(roc_auc=0.6, reference_roc_auc=0.7))[0]
+    d = decide([_drift(), perf], BASE, batch=JULY, now=NOW)
+    assert d.plan.anomaly_id == perf.id  # critical first
+    assert set(d.plan.anomaly_types) == {"data_drift", "performance_drop"}

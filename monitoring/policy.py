@@ -278,3 +278,22 @@ def decide(
         anomaly_types=list(dict.fromkeys(a.type.value for a in used)), notes=notes,
     )
     return decision
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+def next_batch_month(test_window_end: dt.date, last_monitored: str | None = None) -> str:
+    """The month ``batch="next"`` monitors: the one after the last monitored month, but never
+    before the month in which the champion's test window ends (its first unseen data)."""
+    first_unseen = pd_period(test_window_end)
+    if last_monitored:
+        after_last = pd_period(last_monitored) + 1
+        return str(max(first_unseen, after_last))
+    return str(first_unseen)
+
+
+def pd_period(value) -> Any:
+    import pandas as pd
+
+    return pd.Period(value, freq="M")

@@ -316,3 +316,12 @@ def test_combined_anomalies_make_one_plan():
     d = decide([_drift(), perf], BASE, batch=JULY, now=NOW)
     assert d.plan.anomaly_id == perf.id  # critical first
     assert set(d.plan.anomaly_types) == {"data_drift", "performance_drop"}
+
+
+def test_next_batch_month():
+    from monitoring.policy import next_batch_month
+
+    assert next_batch_month(dt.date(2013, 6, 16)) == "2013-06"  # second half of June is unseen
+    assert next_batch_month(dt.date(2013, 7, 1)) == "2013-07"
+    assert next_batch_month(dt.date(2013, 6, 16), last_monitored="2013-07") == "2013-08"
+    assert next_batch_month(dt.date(2013, 6, 16), last_monitored="2013-03") == "2013-06"

@@ -1,0 +1,156 @@
+"""The monitoring flow: score a batch with the champion, Evidently reports, anomalies, rerun.
+
+    champion (models:/NAME@champion) -> batch (month / file / next) -> reference (champion's
+    train shards, sampled) -> scores -> Evidently drift + quality -> rules -> policy (cooldown,
+    budget, de-duplication) -> MLflow monitoring run + Prefect artifacts -> event -> rerun
+
+Exactly one path starts a rerun: when the automation ``ringflow-rerun-on-anomaly`` exists the
+flow only emits ``ringflow.anomaly.detected``; else, when the training deployment exists, it
+calls ``run_deployment`` itself; else it reports the plan.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from monitoring.anomalies import Anomaly, default_rules
+from monitoring.policy import BatchWindow, RerunRecord, decide
+from tasks.monitor import (
+    RerunAction,
+    act,
+    event_payload,
+    finish_monitoring_run,
+    last_monitored_month,
+    load_batch,
+    load_reference,
+    log_monitoring_run,
+    observe,
+    publish_artifacts,
+    rerun_base_config,
+    rerun_history,
+    resolve_champion,
+    run_reports,
+    score_batch,
+    start_monitoring_run,
+    training_health,
+)
+from training.config import PipelineConfig, get_settings
+
+
+class MonitoringResult(BaseModel):
+    model_name: str
+    model_version: str
+    batch: str
+    window: BatchWindow | None = None
+    rows: int = 0
+    monitoring_run_id: str
+    tracking_uri: str
+    metrics: dict[str, float] = {}
+    """Champion metrics on the whole batch (labelled batches)."""
+    reference_roc_auc: float | None = None
+    roc_auc_drop: float | None = None
+    drifted_share: float | None = None
+    drifted_columns: list[str] = []
+    prediction_psi: float | None = None
+    anomalies: list[Anomaly] = []
+    decision: str
+    rerun_overrides: dict | None = None
+    rerun_reason: str | None = None
+    anomaly_id: str | None = None
+    action: RerunAction
+    drift_html: str | None = None
+    quality_html: str | None = None
+    report_dir: str
+
+
+@flow(name="monitoring", log_prints=True)
+def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "next",
+                    trigger_rerun: bool = True) -> MonitoringResult:
+    """Monitor one batch (``YYYY-MM``, a CSV/Parquet path, or ``next``) against the champion."""
+    log = get_run_logger()
+    settings = get_settings()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    cfg = config
+
+    champion = resolve_champion(cfg)
+    last = last_monitored_month(cfg) if batch == "next" else None
+    data = load_batch(cfg, batch, champion, last)
+    run_id = start_monitoring_run(cfg, champion, data)
+    log.info("monitoring %s v%s on %s (MLflow run %s)", champion.model_name, champion.version, data.label, run_id)
+    try:
+        reference = load_reference(cfg, champion)
+        report_dir = settings.home / "monitoring" / run_id
+        report_dir.mkdir(parents=True, exist_ok=True)
+        report = None
+        if data.frame is not None:
+            data, reference = score_batch(champion, data, reference, cfg.data.feature_columns)
+            report = run_reports(cfg, data, reference, str(report_dir))
+        obs, metrics = observe(cfg, champion, data, reference, report, training_health(cfg))
+        anomalies = default_rules(cfg.monitoring).check(obs)
+        history = rerun_history(cfg)
+        decision = decide(
+            anomalies, rerun_base_config(cfg, champion), history=history, batch=data.window,
+            training=obs.training, model_label=f"{champion.model_name} v{champion.version}",
+            now=dt.datetime.now(dt.timezone.utc),
+        )
+        log_monitoring_run(run_id, report, metrics, obs, anomalies, decision, str(report_dir))
+        plan = decision.plan
+        action = RerunAction(mode="none", detail="no anomaly")
+        if anomalies:
+            payload = event_payload(plan, anomalies, run_id, champion, data.label, decision)
+            action = act(cfg, payload, plan, trigger_rerun)
+        tags = {"ringflow.decision": decision.summary()[:5000], "ringflow.action": action.mode}
+        if action.mode in ("automation", "run_deployment"):
+            record = RerunRecord(time=dt.datetime.now(dt.timezone.utc), monitoring_run_id=run_id,
+                                 anomaly_ids=plan.anomaly_ids, anomaly_types=plan.anomaly_types, reason=plan.reason)
+            tags.update(record.to_tags())
+            tags["ringflow.rerun_anomaly_id"] = plan.anomaly_id
+            if action.event_id:
+                tags["ringflow.event_id"] = action.event_id
+            if action.flow_run_id:
+                tags["ringflow.rerun_flow_run_id"] = action.flow_run_id
+        finish_monitoring_run(run_id, tags)
+    except BaseException:
+        finish_monitoring_run(run_id, {"ringflow.decision": "monitoring failed"}, status="FAILED")
+        raise
+
+    result = MonitoringResult(
+        model_name=champion.model_name, model_version=champion.version, batch=data.label, window=data.window,
+        rows=obs.rows, monitoring_run_id=run_id, tracking_uri=settings.tracking_uri, metrics=metrics,
+        reference_roc_auc=champion.test_roc_auc,
+        roc_auc_drop=(champion.test_roc_auc - obs.roc_auc) if obs.roc_auc is not None and champion.test_roc_auc else None,
+        drifted_share=obs.drifted_share, drifted_columns=obs.drifted_columns, prediction_psi=obs.prediction_psi,
+        anomalies=anomalies, decision=decision.summary(),
+        rerun_overrides=plan.overrides if plan else None, rerun_reason=plan.reason if plan else None,
+        anomaly_id=plan.anomaly_id if plan else None, action=action,
+        drift_html=report.drift_html if report else None, quality_html=report.quality_html if report else None,
+        report_dir=str(report_dir),
+    )
+    publish_artifacts(result)
+    return result
+
+
+def print_result(r: MonitoringResult) -> None:
+    print()
+    print(f"ringflow: monitored {r.model_name} v{r.model_version} on {r.batch} ({r.rows} rows)")
+    if r.metrics:
+        auc = r.metrics.get("roc_auc")
+        print(f"  roc_auc        {auc:.4f} (champion test {r.reference_roc_auc}, drop {r.roc_auc_drop:+.4f})"
+              if auc is not None and r.roc_auc_drop is not None else f"  roc_auc        {auc}")
+    if r.drifted_share is not None:
+        print(f"  drift          {r.drifted_share:.0%} of features: {', '.join(r.drifted_columns) or '-'}")
+    if r.prediction_psi is not None:
+        print(f"  prediction PSI {r.prediction_psi:.3f}")
+    print(f"  anomalies      {len(r.anomalies)}")
+    for a in r.anomalies:
+        print(f"    - {a.type.value} [{a.severity.value}] {a.id}: {a.message}")
+    print(f"  decision       {r.decision}")
+    print(f"  action         {r.action.mode} {r.action.detail}"
+          + (f" (flow run {r.action.flow_run_id})" if r.action.flow_run_id else ""))
+    print(f"  MLflow run     {r.monitoring_run_id} in {r.tracking_uri}")
+    print(f"  reports        {Path(r.report_dir)}")

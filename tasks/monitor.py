@@ -1,0 +1,603 @@
+"""Monitoring tasks: the side effects (MLflow, data files, Prefect events and artifacts).
+
+The decisions are made by the pure functions in ``monitoring/``; these tasks fetch their inputs
+and record their outputs. Tasks that take data frames or clients use ``NO_CACHE``: hashing a
+million-row frame for a cache key costs more than the work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
+
+from monitoring.anomalies import (
+    Anomaly,
+    MonitoringObservation,
+    RankStats,
+    SchemaDiff,
+    TrainingObservation,
+    psi,
+    schema_diff,
+)
+from monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecord, next_batch_month
+from monitoring.reports import PREDICTION, ReportSummary, build_reports, sample_rows
+from training.config import PipelineConfig, get_settings, with_overrides
+from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
+from training.manifest import Manifest, key_from_env
+from training.metrics import classification_metrics
+from training.preprocess import Preprocessor
+
+CHAMPION = "champion"
+KIND_TAG = "ringflow.kind"
+ANOMALY_EVENT = "ringflow.anomaly.detected"
+"""Triggers the rerun automation: emitted only with a rerun plan."""
+REPORT_EVENT = "ringflow.anomaly.reported"
+"""Anomalies that cause no rerun (suppressed, alert-only, ``trigger_rerun=False``): visible in
+the event feed, matched by no automation."""
+AUTOMATION_NAME = "ringflow-rerun-on-anomaly"
+TRAINING_DEPLOYMENT = "training-pipeline/training-pipeline"
+SCORE_CHUNK = 200_000
+
+
+class MonitoringError(RuntimeError):
+    """Monitoring cannot start (no champion, no data for the batch); the message says what to do."""
+
+
+def _tracking() -> MlflowClient:
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    return MlflowClient()
+
+
+def _resource_id(cfg: PipelineConfig) -> str:
+    return f"ringflow.model.{cfg.registry.model_name}"
+
+
+# --------------------------------------------------------------------------- champion
+
+
+class ChampionInfo(BaseModel):
+    model_name: str
+    version: str
+    model_uri: str
+    """Pinned to the version (``models:/name/3``): the alias may move while we monitor."""
+    training_run_id: str | None = None
+    manifest_path: str | None = None
+    test_roc_auc: float | None = None
+    tags: dict[str, str] = {}
+    training_config: dict[str, Any] | None = None
+    """``config/pipeline_config.json`` of the training run (None when it cannot be read)."""
+
+
+def _load_run_json(run_id: str, path: str) -> dict | None:
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except (MlflowException, OSError, ValueError):
+        return None
+
+
+@task(name="resolve-champion", cache_policy=NO_CACHE)
+def resolve_champion(cfg: PipelineConfig) -> ChampionInfo:
+    client = _tracking()
+    name = cfg.registry.model_name
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        raise MonitoringError(
+            f"no model version of {name!r} has the alias @{CHAMPION} in {get_settings().tracking_uri}: "
+            "run the training pipeline first (`ringflow run`)"
+        ) from None
+    tags = dict(mv.tags or {})
+    run_id = tags.get("training_run_id")
+    auc = tags.get("test_roc_auc")
+    return ChampionInfo(
+        model_name=name, version=str(mv.version), model_uri=f"models:/{name}/{mv.version}",
+        training_run_id=run_id, manifest_path=tags.get("manifest_path"),
+        test_roc_auc=float(auc) if auc not in (None, "") else None, tags=tags,
+        training_config=_load_run_json(run_id, "config/pipeline_config.json") if run_id else None,
+    )
+
+
+def rerun_base_config(cfg: PipelineConfig, champion: ChampionInfo) -> PipelineConfig:
+    """The champion's own training config (so a rerun changes only what the plan says), with
+    this deployment's monitoring thresholds, registry and schedules."""
+    if not champion.training_config:
+        return cfg
+    try:
+        base = PipelineConfig.model_validate(champion.training_config)
+    except ValueError:
+        return cfg
+    return with_overrides(base, {
+        "monitoring": cfg.monitoring.model_dump(mode="json"),
+        "registry": cfg.registry.model_dump(mode="json"),
+        "schedules": cfg.schedules.model_dump(mode="json"),
+    })
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Batch(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    label: str
+    """Stable identity: ``2013-07`` or ``file:<name>@<sha256 prefix>``."""
+    month: str | None = None
+    window: BatchWindow | None = None
+    frame: pd.DataFrame | None = None
+    """Validated rows (with ``target`` when labelled); None when the schema makes scoring impossible."""
+    raw_schema: dict[str, str] = {}
+    contract_error: str | None = None
+
+
+def _file_label(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"file:{path.name}@{h.hexdigest()[:12]}"
+
+
+def _label(frame: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    if frame[cfg.data.label_column].notna().any():
+        labelled, _ = with_target(frame, cfg.data)
+        return labelled
+    return frame
+
+
+def _batch_window(frame: pd.DataFrame, cfg: PipelineConfig) -> BatchWindow:
+    ts = frame[cfg.data.timestamp_column]
+    return BatchWindow(start=ts.min().date(), end=ts.max().date() + dt.timedelta(days=1),
+                       labelled=TARGET in frame.columns)
+
+
+@task(name="load-batch", cache_policy=NO_CACHE)
+def load_batch(cfg: PipelineConfig, batch: str, champion: ChampionInfo, last_monitored: str | None) -> Batch:
+    """``next`` / ``YYYY-MM`` (from the configured source) / a CSV or Parquet path."""
+    log = get_run_logger()
+    if batch == "next":
+        test_end = _champion_test_end(cfg, champion)
+        batch = next_batch_month(test_end, last_monitored)
+        log.info("batch 'next' -> %s (champion test window ends %s, last monitored %s)", batch, test_end, last_monitored)
+    if re.fullmatch(r"\d{4}-\d{2}", batch):
+        start, end = month_window(batch)
+        source = validate_contract(read_source(cfg.data), cfg.data)
+        rows = source[in_window(source, cfg.data, start, end)]
+        if rows.empty:
+            ts = source[cfg.data.timestamp_column]
+            raise MonitoringError(f"no rows for batch {batch} in the source ({ts.min()} .. {ts.max()})")
+        frame = _label(rows.reset_index(drop=True), cfg)
+        window = BatchWindow(start=start.date(), end=end.date(), labelled=TARGET in frame.columns)
+        return Batch(label=batch, month=batch, window=window, frame=frame,
+                     raw_schema={c: str(t) for c, t in rows.dtypes.items()})
+    path = Path(batch)
+    if not path.is_file():
+        raise MonitoringError(f"batch {batch!r} is neither 'next', a month (YYYY-MM) nor an existing file")
+    raw = read_source(cfg.data.model_copy(update={"source": path}))
+    label = _file_label(path)
+    schema = {c: str(t) for c, t in raw.dtypes.items()}
+    if raw.empty:
+        raise MonitoringError(f"batch file {path} has no rows")
+    try:
+        frame = validate_contract(raw, cfg.data, origin=str(path))
+    except DataContractError as e:  # reported as a schema-change anomaly, not a crash
+        log.warning("batch %s breaks the data contract: %s", path, e)
+        return Batch(label=label, frame=None, raw_schema=schema, contract_error=str(e))
+    frame = _label(frame, cfg)
+    return Batch(label=label, window=_batch_window(frame, cfg), frame=frame, raw_schema=schema)
+
+
+def _champion_test_end(cfg: PipelineConfig, champion: ChampionInfo) -> dt.date:
+    if champion.manifest_path:
+        try:
+            return dt.date.fromisoformat(Manifest.load(champion.manifest_path).windows["test"].end[:10])
+        except (FileNotFoundError, KeyError, ValueError):
+            pass
+    base = rerun_base_config(cfg, champion)
+    return base.data.windows.test.end
+
+
+def _data_key(cfg: PipelineConfig) -> bytes | None:
+    try:
+        from tasks.shard import resolve_data_key  # the sharding stage owns key lookup (Secret block)
+    except ImportError:
+        return key_from_env()
+    return resolve_data_key(cfg)
+
+
+class Reference(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    frame: pd.DataFrame
+    preprocessor: Preprocessor
+    schema_: dict[str, str]
+    origin: str
+
+
+@task(name="load-reference", cache_policy=NO_CACHE)
+def load_reference(cfg: PipelineConfig, champion: ChampionInfo) -> Reference:
+    """The champion's training rows (its manifest's train shards), sampled to ``reference_sample_rows``.
+
+    Falls back to the training window of the champion's config read from the source when the
+    manifest is not on this machine (another RINGFLOW_HOME), and says so.
+    """
+    log = get_run_logger()
+    m = cfg.monitoring
+    if champion.manifest_path and Path(champion.manifest_path).exists():
+        manifest = Manifest.load(champion.manifest_path)
+        key = _data_key(cfg) if manifest.encrypted else None
+        per_shard = math.ceil(m.reference_sample_rows / max(len(manifest.shards), 1))
+        parts = [sample_rows(manifest.read(s, key), per_shard, seed=s.index) for s in manifest.shards]
+        frame = pd.concat(parts, ignore_index=True)
+        pre = manifest.read_preprocessor()
+        schema = dict(manifest.schema_)
+        origin = f"manifest {manifest.path} (train {manifest.windows['train'].start}..{manifest.windows['train'].end})"
+    else:
+        base = rerun_base_config(cfg, champion)
+        w = base.data.windows.train
+        log.warning("champion manifest %s not found: reference = training window %s read from the source",
+                    champion.manifest_path, w)
+        src = validate_contract(read_source(base.data), base.data)
+        frame = _label(src[in_window(src, base.data, w.start, w.end)], base)
+        pre = Preprocessor.fit(frame, base.data.numeric_features, base.data.categorical_features)
+        schema = {c: str(t) for c, t in frame.dtypes.items()}
+        origin = f"source {base.data.source} window {w}"
+    frame = sample_rows(frame, m.reference_sample_rows, seed=0).reset_index(drop=True)
+    log.info("reference: %d rows from %s", len(frame), origin)
+    return Reference(frame=frame, preprocessor=pre, schema_=schema, origin=origin)
+
+
+# --------------------------------------------------------------------------- scoring + reports
+
+
+def score(model, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Champion probabilities, in chunks (pyfunc builds float tensors for the whole input)."""
+    out = [np.asarray(model.predict(frame.iloc[i:i + SCORE_CHUNK][columns]), dtype=np.float64).ravel()
+           for i in range(0, len(frame), SCORE_CHUNK)]
+    p = np.concatenate(out) if out else np.empty(0)
+    if len(p) != len(frame):
+        raise MonitoringError(f"the champion returned {len(p)} predictions for {len(frame)} rows")
+    return p
+
+
+@task(name="score-batch", cache_policy=NO_CACHE)
+def score_batch(champion: ChampionInfo, batch: Batch, reference: Reference, feature_columns: list[str]):
+    _tracking()
+    model = mlflow.pyfunc.load_model(champion.model_uri)
+    batch.frame[PREDICTION] = score(model, batch.frame, feature_columns)
+    reference.frame[PREDICTION] = score(model, reference.frame, feature_columns)
+    return batch, reference
+
+
+@task(name="evidently-reports", cache_policy=NO_CACHE)
+def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir: str) -> ReportSummary:
+    d, m = cfg.data, cfg.monitoring
+    labelled = TARGET in batch.frame.columns
+    return build_reports(
+        reference.frame, batch.frame, d.numeric_features, d.categorical_features, out_dir,
+        target=TARGET if labelled else None, drift_share=m.drift_share,
+        reference_rows=m.reference_sample_rows, current_rows=m.max_current_rows,
+    )
+
+
+def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference,
+            report: ReportSummary | None, training: TrainingObservation | None) -> tuple[MonitoringObservation, dict]:
+    """Numbers on the full batch -> the rules' input; also returns the batch metrics."""
+    features = cfg.data.feature_columns
+    contract = [cfg.data.timestamp_column, cfg.data.label_column, *features]
+    expected = {c: t for c, t in reference.schema_.items() if c != TARGET}
+    diff = schema_diff(batch.raw_schema, expected, required=contract)
+    if batch.contract_error and diff.empty:  # e.g. an unparseable timestamp
+        diff = SchemaDiff(dtype_changed={"contract": {"expected": "valid", "actual": batch.contract_error[:200]}})
+    obs = MonitoringObservation(
+        model_name=champion.model_name, model_version=champion.version, batch=batch.label,
+        reference_roc_auc=champion.test_roc_auc, schema_changes=diff, training=training,
+    )
+    metrics: dict[str, float] = {}
+    if batch.frame is None:
+        return obs, metrics
+    f = batch.frame
+    obs.rows = len(f)
+    if TARGET in f.columns and f[TARGET].nunique() == 2:
+        metrics = classification_metrics(f[TARGET].to_numpy(), f[PREDICTION].to_numpy())
+        obs.roc_auc = metrics["roc_auc"]
+    if report is not None:
+        obs.drifted_share = report.drifted_share
+        obs.drifted_columns = report.drifted_columns
+    obs.prediction_psi = psi(reference.frame[PREDICTION], f[PREDICTION])
+    obs.missing_share = {c: float(f[c].isna().mean()) for c in features}
+    obs.reference_missing_share = {c: float(reference.frame[c].isna().mean()) for c in features}
+    obs.unseen_share = reference.preprocessor.unseen_share(f)
+    return obs, metrics
+
+
+# --------------------------------------------------------------------------- MLflow history
+
+
+def _experiment_ids(client: MlflowClient, cfg: PipelineConfig) -> list[str]:
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    return [exp.experiment_id] if exp else []
+
+
+@task(name="training-health", cache_policy=NO_CACHE)
+def training_health(cfg: PipelineConfig) -> TrainingObservation | None:
+    """The newest finished training run (any outcome) with its summary, the previous run's
+    throughput and the count of consecutive failures at its world size."""
+    client = _tracking()
+    ids = _experiment_ids(client, cfg)
+    if not ids:
+        return None
+    runs = client.search_runs(ids, f"tags.`{KIND_TAG}` = 'training'", order_by=["attributes.start_time DESC"],
+                              max_results=50)
+    runs = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
+    if not runs:
+        return None
+    last = runs[0]
+    ws = int(last.data.tags.get("world_size") or 0)
+    if last.info.status == "FAILED":
+        failures = 0
+        for r in runs:
+            if r.info.status != "FAILED" or int(r.data.tags.get("world_size") or 0) != ws:
+                break
+            failures += 1
+        return TrainingObservation(run_id=last.info.run_id, status="failed", world_size=ws, consecutive_failures=failures,
+                                   config=_load_run_json(last.info.run_id, "config/pipeline_config.json"))
+    summary = _load_run_json(last.info.run_id, "training/summary.json") or {}
+    ws = int(summary.get("world_size") or ws or 1)
+    per_rank = [RankStats(**{k: r[k] for k in ("rank", "samples_per_s", "step_time_ms")})
+                for r in summary.get("per_rank", []) if all(k in r for k in ("rank", "samples_per_s", "step_time_ms"))]
+    prev_id = prev_tput = None
+    for r in runs[1:]:
+        if r.info.status != "FINISHED":
+            continue
+        s = _load_run_json(r.info.run_id, "training/summary.json") or {}
+        if s.get("status") in ("completed", "early_stopped") and int(s.get("world_size") or 0) == ws and s.get("per_rank"):
+            prev_id, prev_tput = r.info.run_id, float(sum(x.get("samples_per_s", 0.0) for x in s["per_rank"]))
+            break
+    return TrainingObservation(
+        run_id=last.info.run_id, status=str(summary.get("status", "completed")), world_size=ws, per_rank=per_rank,
+        previous_run_id=prev_id, previous_samples_per_s=prev_tput,
+        checkpoint_dir=summary.get("checkpoint_dir") or summary.get("last_good_checkpoint")
+        or last.data.tags.get("checkpoint_dir"),
+        config=_load_run_json(last.info.run_id, "config/pipeline_config.json"),
+    )
+
+
+def _monitoring_runs(client: MlflowClient, cfg: PipelineConfig, extra: str = "", n: int = 200):
+    ids = _experiment_ids(client, cfg)
+    if not ids:
+        return []
+    f = f"tags.`{KIND_TAG}` = 'monitoring' and tags.`ringflow.model_name` = '{cfg.registry.model_name}'" + extra
+    return client.search_runs(ids, f, order_by=["attributes.start_time DESC"], max_results=n)
+
+
+@task(name="rerun-history", cache_policy=NO_CACHE)
+def rerun_history(cfg: PipelineConfig) -> list[RerunRecord]:
+    """Past reruns: monitoring runs tagged ``ringflow.rerun_triggered=true`` (newest first)."""
+    client = _tracking()
+    runs = _monitoring_runs(client, cfg, " and tags.`ringflow.rerun_triggered` = 'true'")
+    return [RerunRecord.from_tags(r.data.tags, dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.timezone.utc),
+                                  r.info.run_id) for r in runs]
+
+
+@task(name="last-monitored-month", cache_policy=NO_CACHE)
+def last_monitored_month(cfg: PipelineConfig) -> str | None:
+    client = _tracking()
+    months = [r.data.tags.get("ringflow.batch_month") for r in _monitoring_runs(client, cfg)]
+    months = [m for m in months if m]
+    return max(months) if months else None
+
+
+# --------------------------------------------------------------------------- recording
+
+
+@task(name="start-monitoring-run", cache_policy=NO_CACHE)
+def start_monitoring_run(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch) -> str:
+    client = _tracking()
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.registry.experiment)
+    tags = {
+        KIND_TAG: "monitoring", "ringflow.model_name": champion.model_name, "ringflow.model_version": champion.version,
+        "ringflow.batch": batch.label, "ringflow.rerun_triggered": "false",
+        "mlflow.runName": f"monitor-{champion.model_name}-v{champion.version}-{batch.month or 'file'}",
+    }
+    if champion.training_run_id:
+        tags["ringflow.training_run_id"] = champion.training_run_id
+    if batch.month:
+        tags["ringflow.batch_month"] = batch.month
+    if batch.window:
+        tags["ringflow.batch_window"] = f"[{batch.window.start}, {batch.window.end})"
+    try:
+        from prefect import runtime
+
+        if runtime.flow_run.id:
+            tags["ringflow.prefect_flow_run_id"] = str(runtime.flow_run.id)
+    except Exception:  # noqa: BLE001 - outside a flow run there is nothing to link
+        pass
+    run = client.create_run(exp_id, tags=tags)
+    return run.info.run_id
+
+
+@task(name="log-monitoring-run", cache_policy=NO_CACHE)
+def log_monitoring_run(run_id: str, report: ReportSummary | None, metrics: dict[str, float],
+                       obs: MonitoringObservation, anomalies: list[Anomaly], decision: PolicyDecision,
+                       out_dir: str) -> None:
+    client = _tracking()
+    values = {f"batch_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+    values.update({"rows": obs.rows, "anomalies": len(anomalies)})
+    if report is not None:
+        values.update({"drifted_share": report.drifted_share, "drifted_count": report.drifted_count,
+                       "evidently_seconds": report.evidently_seconds})
+    if obs.roc_auc is not None and obs.reference_roc_auc is not None:
+        values["roc_auc_drop"] = obs.reference_roc_auc - obs.roc_auc
+    if obs.prediction_psi is not None:
+        values["prediction_psi"] = obs.prediction_psi
+    ts = int(dt.datetime.now().timestamp() * 1000)
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in values.items()])
+    out = Path(out_dir)
+    (out / "anomalies.json").write_text(json.dumps([a.model_dump(mode="json") for a in anomalies], indent=1))
+    (out / "decision.json").write_text(decision.model_dump_json(indent=1))
+    (out / "observation.json").write_text(obs.model_dump_json(indent=1))
+    client.log_artifacts(run_id, str(out), "monitoring")
+    client.set_tag(run_id, "ringflow.anomaly_count", str(len(anomalies)))
+    if anomalies:
+        client.set_tag(run_id, "ringflow.anomaly_types", ",".join(sorted({a.type.value for a in anomalies})))
+
+
+@task(name="finish-monitoring-run", cache_policy=NO_CACHE)
+def finish_monitoring_run(run_id: str, tags: dict[str, str], status: str = "FINISHED") -> None:
+    client = _tracking()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    client.set_terminated(run_id, status)
+
+
+# --------------------------------------------------------------------------- events and reruns
+
+
+class RerunAction(BaseModel):
+    mode: str
+    """``automation`` (event only; the automation starts the run), ``run_deployment`` (started
+    here), ``plan-only`` (neither exists, or ``trigger_rerun=False``) or ``none`` (no plan)."""
+    event_id: str | None = None
+    flow_run_id: str | None = None
+    detail: str = ""
+
+
+def event_payload(plan: RerunPlan | None, anomalies: list[Anomaly], monitoring_run_id: str,
+                  champion: ChampionInfo, batch_label: str, decision: PolicyDecision) -> dict[str, Any]:
+    """The ``ringflow.anomaly.detected`` payload; the automation reads ``rerun.config``,
+    ``rerun.reason``, ``monitoring_run_id`` and ``anomaly_id``."""
+    return {
+        "anomaly_id": plan.anomaly_id if plan else (anomalies[0].id if anomalies else None),
+        "monitoring_run_id": monitoring_run_id,
+        "model": {"name": champion.model_name, "version": champion.version,
+                  "training_run_id": champion.training_run_id},
+        "batch": batch_label,
+        "anomalies": [a.model_dump(mode="json") for a in anomalies],
+        "rerun": None if plan is None else {
+            "config": plan.config.model_dump(mode="json"), "reason": plan.reason, "overrides": plan.overrides,
+            "anomaly_ids": plan.anomaly_ids, "anomaly_types": plan.anomaly_types, "notes": plan.notes,
+        },
+        "suppressed": decision.suppressed,
+    }
+
+
+def _automation_enabled(name: str) -> bool:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        found = client.read_automations_by_name(name)
+    return any(a.enabled for a in found)
+
+
+def _deployment_exists(name: str) -> bool:
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+            return True
+        except ObjectNotFound:
+            return False
+
+
+@task(name="act-on-anomalies", cache_policy=NO_CACHE)
+def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, trigger_rerun: bool) -> RerunAction:
+    """Emit the event; start the rerun only when no automation will (exactly one path fires)."""
+    from prefect.events import emit_event
+
+    log = get_run_logger()
+    resource = {"prefect.resource.id": _resource_id(cfg), "prefect.resource.name": cfg.registry.model_name,
+                "ringflow.model.version": str(payload["model"]["version"])}
+    related = [{"prefect.resource.id": f"mlflow.run.{payload['monitoring_run_id']}",
+                "prefect.resource.role": "monitoring-run"}]
+    if plan is None or not trigger_rerun:
+        ev = emit_event(REPORT_EVENT, resource=resource, payload=payload, related=related)
+        return RerunAction(mode="plan-only" if plan else "none", event_id=str(ev.id) if ev else None,
+                           detail="trigger_rerun=False" if plan else "no rerun plan")
+    automation = _automation_enabled(AUTOMATION_NAME)
+    deployment = not automation and _deployment_exists(TRAINING_DEPLOYMENT)
+    if not (automation or deployment):
+        ev = emit_event(REPORT_EVENT, resource=resource, payload=payload, related=related)
+        return RerunAction(mode="plan-only", event_id=str(ev.id) if ev else None,
+                           detail=f"neither automation {AUTOMATION_NAME!r} nor deployment {TRAINING_DEPLOYMENT!r} exists")
+    ev = emit_event(ANOMALY_EVENT, resource=resource, payload=payload, related=related)
+    if automation:
+        log.info("rerun: event %s emitted; automation %s starts the training run", ev.id if ev else None, AUTOMATION_NAME)
+        return RerunAction(mode="automation", event_id=str(ev.id) if ev else None, detail=AUTOMATION_NAME)
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(
+        name=TRAINING_DEPLOYMENT,
+        parameters={"config": payload["rerun"]["config"], "reason": plan.reason,
+                    "parent_run_id": payload["monitoring_run_id"], "anomaly_id": plan.anomaly_id},
+        timeout=0,  # fire and forget: the rerun is its own flow run, linked as a child of this one
+        tags=["ringflow", "rerun", f"anomaly-{plan.anomaly_id}"],
+        # one rerun per anomaly, even if this monitoring run is retried
+        idempotency_key=f"ringflow-rerun-{plan.anomaly_id}",
+        flow_run_name=f"rerun-{plan.anomaly_types[0]}-{plan.anomaly_id[:8]}",
+    )
+    log.info("rerun: started %s flow run %s", TRAINING_DEPLOYMENT, fr.id)
+    return RerunAction(mode="run_deployment", event_id=str(ev.id) if ev else None, flow_run_id=str(fr.id),
+                       detail=TRAINING_DEPLOYMENT)
+
+
+@task(name="monitoring-artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(result) -> None:
+    """A table of the key numbers, a link to the MLflow run / HTML reports, the anomalies."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    r = result
+    rows = [
+        {"metric": "rows", "value": r.rows},
+        {"metric": "drifted_share", "value": _fmt(r.drifted_share)},
+        {"metric": "drifted_columns", "value": ", ".join(r.drifted_columns) or "-"},
+        {"metric": "roc_auc", "value": _fmt(r.metrics.get("roc_auc"))},
+        {"metric": "champion_test_roc_auc", "value": _fmt(r.reference_roc_auc)},
+        {"metric": "roc_auc_drop", "value": _fmt(r.roc_auc_drop)},
+        {"metric": "prediction_psi", "value": _fmt(r.prediction_psi)},
+        {"metric": "anomalies", "value": ", ".join(a.type.value for a in r.anomalies) or "none"},
+        {"metric": "decision", "value": r.decision},
+        {"metric": "action", "value": r.action.mode},
+    ]
+    create_table_artifact(rows, key="monitoring-summary",
+                          description=f"monitoring {r.model_name} v{r.model_version} on {r.batch}")
+    ui = _run_link(r.tracking_uri, r.monitoring_run_id)
+    create_link_artifact(ui, link_text=f"MLflow monitoring run {r.monitoring_run_id} (Evidently HTML under monitoring/)",
+                         key="monitoring-run", description="MLflow run with the Evidently reports")
+    reports = "\n".join(f"- `{p}`" for p in (r.drift_html, r.quality_html) if p)
+    anomalies = "\n".join(f"- **{a.type.value}** ({a.severity.value}, `{a.id}`): {a.message}" for a in r.anomalies)
+    create_markdown_artifact(
+        key="monitoring-anomalies",
+        markdown=(f"# Monitoring `{r.model_name}` v{r.model_version} on `{r.batch}`\n\n"
+                  f"MLflow run: {ui}\n\nEvidently reports (local copies):\n{reports}\n\n"
+                  f"## Anomalies\n{anomalies or 'none'}\n\n## Decision\n{r.decision}\n\nAction: `{r.action.mode}` "
+                  f"{r.action.detail}\n"),
+    )
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _run_link(tracking_uri: str, run_id: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/0/runs/{run_id}"
+    return f"{tracking_uri} run {run_id}"

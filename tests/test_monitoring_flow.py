@@ -1,0 +1,244 @@
+"""The monitoring flow end to end: real MLflow (SQLite), real Evidently, real Prefect API.
+
+The champion is a real MLflow pyfunc model (a scikit-learn logistic regression on raw rows)
+registered with the tags the registration stage writes, so the flow is tested without the
+Horovod pipeline. The training deployment is a stand-in flow with the real name and signature:
+``run_deployment`` creates its flow run on the harness server, where the test reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from prefect import flow
+from prefect.testing.fixtures import asserting_events_worker  # noqa: F401  (pytest fixture)
+
+from training.config import PipelineConfig, load_config, with_overrides
+from training.data import TARGET, in_window, load_labelled
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMERIC = ["hour", "distance", "temp", "dewp", "humid", "visib", "precip"]
+
+
+class TinyDelayModel(mlflow.pyfunc.PythonModel):
+    """Logistic regression on a few raw numeric columns; missing -> training means."""
+
+    def __init__(self, coef, intercept, means):
+        self.coef, self.intercept, self.means = list(coef), float(intercept), dict(means)
+
+    def predict(self, context, model_input, params=None):
+        x = np.column_stack([pd.to_numeric(model_input[c], errors="coerce").fillna(self.means[c]).to_numpy(float)
+                             for c in NUMERIC])
+        return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.coef) + self.intercept)))
+
+
+@flow(name="training-pipeline")
+def training_pipeline_stand_in(config: PipelineConfig, reason: str = "manual",
+                               parent_run_id: str | None = None, anomaly_id: str | None = None) -> None:
+    raise AssertionError("never executed: the test only checks the flow run that run_deployment creates")
+
+
+def register_champion(cfg: PipelineConfig, df: pd.DataFrame, version_tags: dict | None = None) -> dict:
+    """Train, log and register a real pyfunc model with the registration stage's tags."""
+    from sklearn.linear_model import LogisticRegression
+
+    from training.metrics import classification_metrics
+
+    w = cfg.data.windows
+    train = df[in_window(df, cfg.data, w.train.start, w.train.end)]
+    test = df[in_window(df, cfg.data, w.test.start, w.test.end)]
+    means = {c: float(train[c].mean()) for c in NUMERIC}
+    x = train[NUMERIC].fillna(means).to_numpy(float)
+    mu, sd = x.mean(0), x.std(0) + 1e-9
+    lr = LogisticRegression(max_iter=500).fit((x - mu) / sd, train[TARGET])
+    coef = lr.coef_[0] / sd
+    model = TinyDelayModel(coef, lr.intercept_[0] - float(coef @ mu), means)
+    test_auc = classification_metrics(test[TARGET], model.predict(None, test))["roc_auc"]
+
+    mlflow.set_experiment(cfg.registry.experiment)
+    with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": "2"}) as run:
+        mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
+        mlflow.log_dict({"status": "completed", "world_size": 2, "epochs_completed": 1, "metrics": {},
+                         "per_rank": [{"rank": 0, "samples_per_s": 1000.0, "step_time_ms": 10.0},
+                                      {"rank": 1, "samples_per_s": 990.0, "step_time_ms": 10.2}]},
+                        "training/summary.json")
+        info = mlflow.pyfunc.log_model(name="model", python_model=model, input_example=test[NUMERIC].head(3))
+    tags = {"training_run_id": run.info.run_id, "manifest_path": "/nonexistent/manifest.json",
+            "data_fingerprint": "test", "config_hash": cfg.config_hash(), "world_size": "2",
+            "test_roc_auc": f"{test_auc:.6f}", **(version_tags or {})}
+    mv = mlflow.register_model(info.model_uri, cfg.registry.model_name, tags=tags)
+    MlflowClient().set_registered_model_alias(cfg.registry.model_name, "champion", mv.version)
+    return {"version": str(mv.version), "run_id": run.info.run_id, "test_roc_auc": test_auc}
+
+
+@pytest.fixture(scope="module")
+def flights():
+    df, _ = load_labelled(PipelineConfig().data)
+    return df
+
+
+@pytest.fixture
+def cfg(smoke_config) -> PipelineConfig:
+    # smoke windows: train Jan 1-21, validation Jan 22-28, test Jan 29 - Feb 4
+    return with_overrides(smoke_config, {"monitoring.reference_sample_rows": 3000, "monitoring.max_current_rows": 5000})
+
+
+@pytest.fixture
+def champion(ringflow_home, cfg, flights):
+    mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    return register_champion(cfg, flights)
+
+
+def _flow_runs_of(deployment_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+def _events(name: str, since_id: str | None = None):
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    with get_client(sync_client=True) as c:
+        return c.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50).events
+
+
+def _delete_automation():
+    from prefect import get_client
+
+    with get_client(sync_client=True) as c:
+        for a in c.read_automations_by_name("ringflow-rerun-on-anomaly"):
+            c.delete_automation(a.id)
+
+
+def _delete_training_deployment():
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as c:
+        try:
+            c.delete_deployment(c.read_deployment_by_name("training-pipeline/training-pipeline").id)
+        except ObjectNotFound:
+            pass
+
+
+def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champion, asserting_events_worker):
+    from prefect.events.clients import AssertingEventsClient
+
+    from flows.monitoring import monitoring_flow
+
+    _delete_automation()
+    _delete_training_deployment()
+
+    # 1. neither automation nor deployment: the plan is reported, nothing runs
+    r = monitoring_flow(cfg, batch="2013-07")
+    types = {a.type.value for a in r.anomalies}
+    assert "data_drift" in types, r.decision  # January-trained, July weather
+    assert r.action.mode == "plan-only" and "neither automation" in r.action.detail
+    assert r.rerun_overrides and r.rerun_overrides["data.windows.test"]["end"] == "2013-08-01"
+    client = MlflowClient()
+    run = client.get_run(r.monitoring_run_id)
+    t = run.data.tags
+    assert t["ringflow.kind"] == "monitoring" and t["ringflow.model_version"] == champion["version"]
+    assert t["ringflow.training_run_id"] == champion["run_id"] and t["ringflow.batch_month"] == "2013-07"
+    assert t["ringflow.rerun_triggered"] == "false"  # a reported plan is not a rerun
+    assert run.data.metrics["drifted_share"] == pytest.approx(r.drifted_share)
+    assert "batch_roc_auc" in run.data.metrics and "roc_auc_drop" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(r.monitoring_run_id, "monitoring")}
+    assert {"monitoring/drift.html", "monitoring/drift.json", "monitoring/quality.html",
+            "monitoring/anomalies.json", "monitoring/decision.json"} <= arts
+    AssertingEventsClient.last.pop_events() if AssertingEventsClient.last else None
+
+    # 2. the training deployment exists (no automation): the flow starts the rerun itself
+    dep_id = training_pipeline_stand_in.to_deployment(name="training-pipeline").apply()
+    try:
+        r2 = monitoring_flow(cfg, batch="2013-08")
+        assert r2.action.mode == "run_deployment", r2.decision
+        [fr] = _flow_runs_of(dep_id)
+        assert str(fr.id) == r2.action.flow_run_id
+        p = fr.parameters
+        assert p["parent_run_id"] == r2.monitoring_run_id and p["anomaly_id"] == r2.anomaly_id
+        assert p["reason"] == r2.rerun_reason and "2013-08" in p["reason"]
+        rerun_cfg = PipelineConfig.model_validate(p["config"])
+        assert str(rerun_cfg.data.windows.test.end) == "2013-09-01"
+        assert rerun_cfg.training == cfg.training  # only the windows move for drift
+        assert f"anomaly-{r2.anomaly_id}" in fr.tags
+
+        # the event was emitted with its payload (for the record; no automation listens)
+        events = [e for c in AssertingEventsClient.all for e in c.events if e.event == "ringflow.anomaly.detected"]
+        assert len(events) == 1
+        ev = events[0]
+        assert ev.resource.id == f"ringflow.model.{cfg.registry.model_name}"
+        assert ev.payload["monitoring_run_id"] == r2.monitoring_run_id
+        assert ev.payload["anomaly_id"] == r2.anomaly_id
+        assert ev.payload["rerun"]["reason"] == r2.rerun_reason
+        assert PipelineConfig.model_validate(ev.payload["rerun"]["config"]) == rerun_cfg
+        assert {a["type"] for a in ev.payload["anomalies"]} >= {"data_drift"}
+        json.dumps(ev.payload)  # JSON-able, as the automation's template needs
+
+        tags2 = MlflowClient().get_run(r2.monitoring_run_id).data.tags
+        assert tags2["ringflow.rerun_triggered"] == "true" and tags2["ringflow.rerun_flow_run_id"] == str(fr.id)
+        assert r2.anomaly_id in tags2["ringflow.anomaly_ids"].split(",")
+
+        # 3. the same cause again within the cooldown: no second rerun
+        r3 = monitoring_flow(cfg, batch="2013-09")
+        assert r3.action.mode in ("none", "plan-only") and "cooldown" in r3.decision, r3.decision
+        assert len(_flow_runs_of(dep_id)) == 1
+
+        # 4. the automation exists: the flow only emits the event (the automation's action runs it)
+        from flows.deployments import apply_automation
+
+        apply_automation(cfg, dep_id)
+        cooled = with_overrides(cfg, {"monitoring.cooldown_hours": 0, "monitoring.max_reruns_per_period": 10})
+        before = len([e for c in AssertingEventsClient.all for e in c.events if e.event == "ringflow.anomaly.detected"])
+        r4 = monitoring_flow(cooled, batch="2013-10")
+        assert r4.action.mode == "automation" and r4.action.flow_run_id is None
+        after = [e for c in AssertingEventsClient.all for e in c.events if e.event == "ringflow.anomaly.detected"]
+        assert len(after) == before + 1 and after[-1].payload["monitoring_run_id"] == r4.monitoring_run_id
+        assert len(_flow_runs_of(dep_id)) == 1  # no direct run_deployment
+
+        # 5. the same batch again: the anomaly id is already handled -> duplicate, no event
+        r5 = monitoring_flow(cooled, batch="2013-10")
+        assert r5.action.mode != "automation" and "duplicate" in r5.decision
+    finally:
+        _delete_automation()
+        _delete_training_deployment()
+
+
+def test_monitoring_next_batch_and_no_rerun(prefect_harness, ringflow_home, cfg, champion):
+    from flows.monitoring import monitoring_flow
+
+    r = monitoring_flow(cfg, batch="next", trigger_rerun=False)
+    assert r.batch == "2013-02"  # smoke test window ends 2013-02-05
+    assert r.action.mode in ("none", "plan-only")
+    r2 = monitoring_flow(cfg, batch="next", trigger_rerun=False)
+    assert r2.batch == "2013-03"  # after the last monitored month
+
+
+def test_file_batch_with_a_schema_change(prefect_harness, ringflow_home, cfg, champion, flights, tmp_path):
+    from flows.monitoring import monitoring_flow
+
+    rows = flights[in_window(flights, cfg.data, "2013-03-01", "2013-03-08")].drop(columns=[TARGET])
+    broken = rows.rename(columns={"temp": "temperature"})
+    path = tmp_path / "batch.parquet"
+    broken.to_parquet(path)
+    r = monitoring_flow(cfg, batch=str(path))
+    [a] = [a for a in r.anomalies if a.type.value == "schema_change"]
+    assert a.evidence["missing"] == ["temp"] and "temperature" in a.evidence["extra"]
+    assert r.rows == 0 and r.action.mode in ("none", "plan-only") and "alert-only" in r.decision
+
+
+def test_no_champion_is_a_clear_error(prefect_harness, ringflow_home, cfg):
+    from flows.monitoring import monitoring_flow
+    from tasks.monitor import MonitoringError
+
+    with pytest.raises(MonitoringError, match="no model version of 'flights-delay' has the alias @champion"):
+        monitoring_flow(cfg, batch="2013-07")

@@ -184,5 +184,24 @@ def deploy(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         typer.echo(f"{name:40s} {ident}")
 
 
+@app.command()
+def monitor(
+    batch: Annotated[str, typer.Option(help="A month (YYYY-MM) of the configured source, a CSV/Parquet path, or 'next'.")] = "next",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    no_rerun: Annotated[bool, typer.Option("--no-rerun", help="Report the rerun plan; trigger nothing.")] = False,
+) -> None:
+    """Score a batch with the champion; Evidently drift/quality; anomalies -> rerun decision."""
+    cfg = _config(config, set_)
+    _prepare_environment()
+    from flows.monitoring import monitoring_flow, print_result
+
+    try:
+        result = monitoring_flow(cfg, batch=batch, trigger_rerun=not no_rerun)
+    except Exception as e:
+        _fail(e)
+    print_result(result)
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

@@ -140,7 +140,7 @@ def print_result(r: MonitoringResult) -> None:
     print(f"ringflow: monitored {r.model_name} v{r.model_version} on {r.batch} ({r.rows} rows)")
     if r.metrics:
         auc = r.metrics.get("roc_auc")
-        print(f"  roc_auc        {auc:.4f} (champion test {r.reference_roc_auc}, drop {r.roc_auc_drop:+.4f})"
+        print(f"  roc_auc        {auc:.4f} (champion test {r.reference_roc_auc:.4f}, drop {r.roc_auc_drop:+.4f})"
               if auc is not None and r.roc_auc_drop is not None else f"  roc_auc        {auc}")
     if r.drifted_share is not None:
         print(f"  drift          {r.drifted_share:.0%} of features: {', '.join(r.drifted_columns) or '-'}")

@@ -440,7 +440,8 @@ def log_monitoring_run(run_id: str, report: ReportSummary | None, metrics: dict[
     values.update({"rows": obs.rows, "anomalies": len(anomalies)})
     if report is not None:
         values.update({"drifted_share": report.drifted_share, "drifted_count": report.drifted_count,
-                       "evidently_seconds": report.evidently_seconds})
+                       "evidently_seconds": report.evidently_seconds,
+                       "evidently_import_seconds": report.evidently_import_seconds})
     if obs.roc_auc is not None and obs.reference_roc_auc is not None:
         values["roc_auc_drop"] = obs.reference_roc_auc - obs.roc_auc
     if obs.prediction_psi is not None:

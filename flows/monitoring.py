@@ -60,6 +60,8 @@ class MonitoringResult(BaseModel):
     anomalies: list[Anomaly] = []
     decision: str
     rerun_overrides: dict | None = None
+    rerun_config: dict | None = None
+    """The plan's full config (JSON), as the event carries it in ``rerun.config``."""
     rerun_reason: str | None = None
     anomaly_id: str | None = None
     action: RerunAction
@@ -126,7 +128,8 @@ def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "nex
         roc_auc_drop=(champion.test_roc_auc - obs.roc_auc) if obs.roc_auc is not None and champion.test_roc_auc else None,
         drifted_share=obs.drifted_share, drifted_columns=obs.drifted_columns, prediction_psi=obs.prediction_psi,
         anomalies=anomalies, decision=decision.summary(),
-        rerun_overrides=plan.overrides if plan else None, rerun_reason=plan.reason if plan else None,
+        rerun_overrides=plan.overrides if plan else None,
+        rerun_config=plan.config.model_dump(mode="json") if plan else None, rerun_reason=plan.reason if plan else None,
         anomaly_id=plan.anomaly_id if plan else None, action=action,
         drift_html=report.drift_html if report else None, quality_html=report.quality_html if report else None,
         report_dir=str(report_dir),

@@ -169,9 +169,13 @@ def schema_diff(actual: dict[str, Any], expected: dict[str, Any], required: list
     """Compare column -> dtype maps. ``required``: the columns whose absence matters (default:
     all of ``expected``); ``extra`` lists columns ``expected`` does not know."""
     required = list(expected) if required is None else required
+    def compatible(exp: str, act: str) -> bool:
+        # CSV carries timestamps as text; unparseable ones fail the data contract separately
+        return exp == act or (exp == "datetime" and act == "string")
+
     changed = {
         c: {"expected": dtype_kind(expected[c]), "actual": dtype_kind(actual[c])}
-        for c in expected if c in actual and dtype_kind(expected[c]) != dtype_kind(actual[c])
+        for c in expected if c in actual and not compatible(dtype_kind(expected[c]), dtype_kind(actual[c]))
     }
     return SchemaDiff(
         missing=[c for c in required if c not in actual],
@@ -304,22 +308,26 @@ class UnseenCategoriesRule:
 
 @dataclass(frozen=True)
 class SchemaChangeRule:
-    """Missing, extra or dtype-changed columns versus the champion's training data."""
+    """Missing or dtype-changed columns versus the champion's training data.
 
-    ignore_extra: bool = False
+    Extra columns alone are quiet by default: the model contract ignores them, and a source with
+    more columns than the shards keep would otherwise alert on every batch. They are listed in
+    the evidence (a rename shows as missing + extra); ``flag_extra=True`` makes them fire alone.
+    """
+
+    flag_extra: bool = False
 
     def check(self, obs: MonitoringObservation) -> list[Anomaly]:
         s = obs.schema_changes
-        extra = [] if self.ignore_extra else s.extra
-        if not (s.missing or extra or s.dtype_changed):
+        if not (s.missing or s.dtype_changed or (self.flag_extra and s.extra)):
             return []
         return [Anomaly(
             type=AnomalyType.SCHEMA_CHANGE,
             severity=Severity.CRITICAL if (s.missing or s.dtype_changed) else Severity.WARNING,
-            message=f"schema of {obs.batch} changed: missing {s.missing}, extra {extra}, "
+            message=f"schema of {obs.batch} changed: missing {s.missing}, extra {s.extra}, "
                     f"dtype changed {sorted(s.dtype_changed)}",
-            evidence={"missing": s.missing, "extra": extra, "dtype_changed": s.dtype_changed},
-            key=_batch_key(obs, missing=s.missing, extra=extra, changed=sorted(s.dtype_changed)),
+            evidence={"missing": s.missing, "extra": s.extra, "dtype_changed": s.dtype_changed},
+            key=_batch_key(obs, missing=s.missing, extra=s.extra, changed=sorted(s.dtype_changed)),
         )]
 
 

@@ -129,6 +129,8 @@ def window_overrides(cfg: PipelineConfig, batch: BatchWindow) -> tuple[dict[str,
         "data.windows.train": w.train.model_dump(mode="json"),
         "data.windows.validation": w.validation.model_dump(mode="json"),
         "data.windows.test": w.test.model_dump(mode="json"),
+        # a checkpoint's embeddings are sized by the old window's vocabulary: start fresh
+        **({"training.resume_from": None} if cfg.training.resume_from else {}),
     }, None
 
 
@@ -251,9 +253,9 @@ def decide(
         else:
             decision.suppressed[a.id] = f"{a.type.value}: no remedy without training-run details"
 
-    if "data.windows.test" in overrides and "training.resume_from" in overrides:
+    if "data.windows.test" in overrides and overrides.get("training.resume_from"):
         # A checkpoint holds embeddings sized by the old window's vocabulary; start fresh.
-        overrides.pop("training.resume_from")
+        overrides["training.resume_from"] = None
         notes.append("not resuming from the diverged run's checkpoint: the training window moves")
     if "training.world_size" in overrides and "sharding.weights" in overrides and \
             len(overrides["sharding.weights"] or []) != overrides["training.world_size"]:

@@ -196,6 +196,7 @@ def load_batch(cfg: PipelineConfig, batch: str, champion: ChampionInfo, last_mon
     except DataContractError as e:  # reported as a schema-change anomaly, not a crash
         log.warning("batch %s breaks the data contract: %s", path, e)
         return Batch(label=label, frame=None, raw_schema=schema, contract_error=str(e))
+    del raw  # a 1M-row batch: keep one copy alive, not three
     frame = _label(frame, cfg)
     return Batch(label=label, window=_batch_window(frame, cfg), frame=frame, raw_schema=schema)
 

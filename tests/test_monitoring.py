@@ -112,8 +112,17 @@ def test_psi_zero_on_same_distribution_and_large_on_shift():
 def test_schema_diff_kinds():
     expected = {"a": "float64", "b": "string", "t": "datetime64[ns, UTC]"}
     assert schema_diff({"a": "int64", "b": "object", "t": "datetime64[ns, UTC]"}, expected).empty
-    d = schema_diff({"a": "object", "t": "datetime64[ns]", "new": "int64"}, expected)
+    d = schema_diff({"a": "object", "t": "object", "new": "int64"}, expected)  # CSV timestamps are text
     assert d.missing == ["b"] and d.extra == ["new"] and d.dtype_changed == {"a": {"expected": "numeric", "actual": "string"}}
+    assert schema_diff({"a": "float64", "b": "string", "t": "float64"}, expected).dtype_changed == {
+        "t": {"expected": "datetime", "actual": "numeric"}}
+
+
+def test_schema_rule_quiet_on_extra_columns_alone():
+    only_extra = _obs(schema_changes=schema_diff({"a": "float64", "x": "int64"}, {"a": "float64"}))
+    assert SchemaChangeRule().check(only_extra) == []
+    [a] = SchemaChangeRule(flag_extra=True).check(only_extra)
+    assert a.evidence["extra"] == ["x"]
 
 
 def test_anomaly_id_is_stable_and_ignores_time():
@@ -246,6 +255,10 @@ def test_policy_diverged_lowers_lr_and_resumes_from_checkpoint():
     p = decide([a], BASE, training=t, now=NOW).plan
     assert p.config.training.learning_rate == pytest.approx(0.01 * BASE.monitoring.rerun_lr_factor)
     assert p.config.training.resume_from == "/ck/epoch-2"
+    # drift at the same time moves the windows: the old checkpoint no longer fits
+    both = decide([a, _drift()], BASE, training=t, batch=JULY, now=NOW).plan
+    assert both.config.training.resume_from is None and both.config.training.learning_rate == pytest.approx(0.005)
+    assert any("not resuming" in n for n in both.notes)
     # without a known directory, the run id (config: "checkpoint dir or MLflow run id")
     t2 = t.model_copy(update={"checkpoint_dir": None})
     assert decide([a], BASE, training=t2, now=NOW).plan.config.training.resume_from == "run-b"

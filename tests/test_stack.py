@@ -1,0 +1,356 @@
+"""The real stack: ``ringflow up/deploy/status/down`` with real Prefect and MLflow servers.
+
+Each module-scoped stack lives under its own tmp RINGFLOW_HOME on free ports and is stopped
+even when a test fails (``down``, then a SIGKILL of anything a pid file still names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RINGFLOW = Path(sys.executable).with_name("ringflow")
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+# Variables that would point the stack or its clients somewhere else.
+_SCRUB = (
+    "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_HOME",
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_AUTH_ADMIN_PASSWORD", "RINGFLOW_MLFLOW_BACKEND_STORE_URI", "RINGFLOW_MLFLOW_ARTIFACTS_DESTINATION",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """A tmp-home stack driven through the real CLI."""
+
+    def __init__(self, home: Path, extra_env: dict[str, str] | None = None):
+        self.home = home
+        self.prefect_port, self.mlflow_port = _free_port(), _free_port()
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+        env.update(
+            RINGFLOW_HOME=str(home),
+            RINGFLOW_PREFECT_PORT=str(self.prefect_port),
+            RINGFLOW_MLFLOW_PORT=str(self.mlflow_port),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        )
+        env.update(extra_env or {})
+        self.env = env
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def mlflow(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def cli(self, *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300):
+        p = subprocess.run(
+            [str(RINGFLOW), *args], cwd=ROOT, env={**self.env, **(env or {})},
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if check and p.returncode != 0:
+            raise AssertionError(f"ringflow {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        for f in (self.home / "stack").glob("*.pid"):
+            out[f.stem] = json.loads(f.read_text())["pid"]
+        return out
+
+    def family(self) -> list[psutil.Process]:
+        """Every live process of the stack, children included."""
+        procs = []
+        for pid in self.pids().values():
+            try:
+                p = psutil.Process(pid)
+                procs += [p, *p.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        return procs
+
+    def kill_leftovers(self) -> None:
+        for p in self.family():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    def client(self):
+        """A Prefect client for this stack's API (not whatever the test session points at)."""
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+        auth = self.env.get("PREFECT_API_AUTH_STRING") or self.env.get("PREFECT_SERVER_API_AUTH_STRING")
+
+        class _Ctx:
+            def __enter__(s):
+                s.ts = temporary_settings({PREFECT_API_URL: self.api, PREFECT_API_AUTH_STRING: auth})
+                s.ts.__enter__()
+                s.c = get_client(sync_client=True)
+                return s.c.__enter__()
+
+            def __exit__(s, *exc):
+                s.c.__exit__(*exc)
+                s.ts.__exit__(*exc)
+
+        return _Ctx()
+
+
+def _start(stack: Stack, *args: str) -> None:
+    try:
+        stack.cli("up", "--config", str(SMOKE), *args)
+    except BaseException:
+        _stop(stack)
+        raise
+
+
+def _stop(stack: Stack) -> None:
+    try:
+        stack.cli("down", check=False, timeout=120)
+    finally:
+        stack.kill_leftovers()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("stack") / "home")
+    _start(s)
+    yield s
+    _stop(s)
+
+
+# --------------------------------------------------------------------------- up / status
+
+
+def test_up_started_all_three_and_wrote_urls(stack):
+    assert set(stack.pids()) == {"prefect", "mlflow", "serve"}
+    assert httpx.get(f"{stack.api}/health").json() is True
+    assert httpx.get(f"{stack.mlflow}/health").text == "OK"
+    env_file = (stack.home / "stack" / "env").read_text()
+    assert f"PREFECT_API_URL={stack.api}" in env_file
+    assert f"MLFLOW_TRACKING_URI={stack.mlflow}" in env_file
+    # Prefect state in RINGFLOW_HOME, not ~/.prefect
+    assert (stack.home / "prefect" / "prefect.db").is_file()
+
+
+def test_second_up_starts_nothing(stack):
+    before = stack.pids()
+    out = stack.cli("up", "--config", str(SMOKE)).stdout
+    assert "nothing to start" in out, out
+    assert stack.pids() == before
+
+
+def test_status_reads_the_stack_through_the_env_file(stack):
+    # No PREFECT_API_URL in the environment: the CLI must find the stack via $RINGFLOW_HOME/stack/env.
+    out = stack.cli("status").stdout
+    assert "prefect  running" in out and "healthy" in out, out
+    assert "deployment training-pipeline/training-pipeline: READY" in out, out
+    assert "deployment monitoring/monitoring: READY" in out, out
+    assert "automation ringflow-rerun-on-anomaly: enabled" in out, out
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def test_deploy_creates_deployments_schedules_and_one_automation(stack):
+    # Twice, with changed schedules: an update, not a second schedule or automation.
+    stack.cli("deploy", "--config", str(SMOKE))
+    stack.cli("deploy", "--config", str(SMOKE), "--set", "schedules.training_cron=15 4 * * 2",
+              "--set", "schedules.monitoring_cron=30 5 * * *", "--set", "schedules.timezone=Europe/Berlin")
+    with stack.client() as c:
+        train = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        mon = c.read_deployment_by_name("monitoring/monitoring")
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in train.schedules] == [
+            ("15 4 * * 2", "Europe/Berlin", True)
+        ]
+        assert [(s.schedule.cron, s.active) for s in mon.schedules] == [("30 5 * * *", True)]
+        # The UI form comes from the pydantic model.
+        schema = train.parameter_openapi_schema
+        assert "config" in schema["required"]
+        assert "PipelineConfig" in schema["definitions"] and "TrainingConfig" in schema["definitions"]
+        assert train.parameters["config"]["name"] == "smoke"
+        assert mon.parameters["batch"] == "next"
+
+        autos = c.read_automations_by_name("ringflow-rerun-on-anomaly")
+        assert len(autos) == 1
+        a = autos[0]
+        assert a.enabled and a.trigger.expect == {"ringflow.anomaly.detected"}
+        assert a.trigger.match.root == {"prefect.resource.id": "ringflow.model.flights-delay"}
+        assert a.trigger.threshold == 1
+        [action] = a.actions
+        assert action.type == "run-deployment" and action.deployment_id == train.id
+    # Restore the smoke schedules for the tests after this one.
+    stack.cli("deploy", "--config", str(SMOKE))
+
+
+def test_anomaly_event_starts_exactly_one_training_run(stack):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    from training.config import load_config
+
+    cfg = load_config(SMOKE).model_dump(mode="json")
+    cfg["training"]["epochs"] = 1
+    # A source that does not exist: if the runner picks the run up, it fails at once (no training).
+    cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")
+    anomaly_id = f"anomaly-{uuid.uuid4()}"
+    payload = {
+        "anomaly_id": anomaly_id,
+        "monitoring_run_id": "monitoring-run-42",
+        "anomalies": [{"type": "drift", "severity": "high"}],
+        "rerun": {"config": cfg, "reason": "drift: 7/15 features", "overrides": {"training.epochs": 1}},
+    }
+    p = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), "event", "emit", "ringflow.anomaly.detected",
+         "--resource-id", "ringflow.model.flights-delay", "--payload", json.dumps(payload)],
+        env={**stack.env, "PREFECT_API_URL": stack.api}, capture_output=True, text=True, timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+
+    def reruns(c):
+        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+        # The scheduler also pre-creates cron runs; those carry no anomaly id.
+        return [r for r in runs if r.parameters.get("anomaly_id") == anomaly_id]
+
+    with stack.client() as c:
+        deadline = time.monotonic() + 60
+        while not (found := reruns(c)) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert found, "the automation created no training run within 60 s"
+        time.sleep(5)  # a duplicate action would land within this window
+        found = reruns(c)
+        assert len(found) == 1, [r.name for r in found]
+        run = found[0]
+        # Template params rendered to real values: the config is a JSON object, not its repr.
+        assert isinstance(run.parameters["config"], dict)
+        assert run.parameters["config"]["training"]["epochs"] == 1
+        assert run.parameters["reason"] == "drift: 7/15 features"
+        assert run.parameters["parent_run_id"] == "monitoring-run-42"
+        state = c.read_flow_run(run.id).state
+        if state is None or state.type not in (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED):
+            c.set_flow_run_state(run.id, Cancelled(), force=True)  # keep the 2 cores for the other tests
+
+
+# --------------------------------------------------------------------------- down / restart
+
+
+def test_down_stops_everything_and_state_survives_a_restart(stack):
+    family = stack.family()
+    assert len(family) >= 3
+    out = stack.cli("down").stdout
+    for name in ("prefect", "mlflow", "serve"):
+        assert f"{name:8s} stopped" in out, out
+    gone, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive, [p.pid for p in alive]
+    assert not (stack.home / "stack" / "env").exists()
+    assert stack.pids() == {}
+    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert not {stack.prefect_port, stack.mlflow_port} & listening  # nobody listens on the ports
+    assert "not running" in stack.cli("down").stdout  # a second down stops nothing
+
+    # Restart without the runner: deployments and automation come from the persisted database.
+    _start(stack, "--no-serve")
+    with stack.client() as c:
+        assert c.read_deployment_by_name("training-pipeline/training-pipeline").schedules
+        assert len(c.read_automations_by_name("ringflow-rerun-on-anomaly")) == 1
+    assert set(stack.pids()) == {"prefect", "mlflow"}
+
+
+def test_up_refuses_a_port_it_does_not_own(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        s = Stack(tmp_path / "home")
+        s.env["RINGFLOW_PREFECT_PORT"] = str(busy.getsockname()[1])
+        try:
+            p = s.cli("up", "--config", str(SMOKE), check=False, timeout=60)
+        finally:
+            _stop(s)
+    assert p.returncode != 0
+    assert "in use by a process ringflow did not start" in p.stderr
+
+
+# --------------------------------------------------------------------------- auth
+
+
+@pytest.fixture(scope="module")
+def auth_stack(tmp_path_factory):
+    pytest.importorskip("flask_wtf", reason="MLflow basic-auth needs mlflow[auth] (Flask-WTF<2)")
+    prefect_secret = f"ops:{uuid.uuid4().hex}"
+    mlflow_password = uuid.uuid4().hex
+    s = Stack(
+        tmp_path_factory.mktemp("auth") / "home",
+        {"PREFECT_SERVER_API_AUTH_STRING": prefect_secret, "MLFLOW_AUTH_ADMIN_PASSWORD": mlflow_password},
+    )
+    s.prefect_secret, s.mlflow_password = prefect_secret, mlflow_password
+    _start(s)
+    yield s
+    _stop(s)
+
+
+def test_auth_refuses_anonymous_requests_to_both_servers(auth_stack):
+    s = auth_stack
+    user, pw = s.prefect_secret.split(":", 1)
+    r = httpx.post(f"{s.api}/deployments/filter", json={})
+    assert r.status_code == 401
+    r = httpx.post(f"{s.api}/deployments/filter", json={}, auth=(user, pw))
+    assert r.status_code == 200 and len(r.json()) == 2  # the serve process authenticated and deployed
+    search = f"{s.mlflow}/api/2.0/mlflow/experiments/search?max_results=5"
+    assert httpx.get(search).status_code == 401
+    assert httpx.get(search, auth=("admin", "wrong")).status_code == 401
+    assert httpx.get(search, auth=("admin", s.mlflow_password)).status_code == 200
+
+
+def test_auth_clients_work_with_env_credentials_and_secrets_stay_out_of_files(auth_stack):
+    s = auth_stack
+    # The CLI as a client: only the client-side variables, found through the env file.
+    client_env = {"PREFECT_API_AUTH_STRING": s.prefect_secret, "PREFECT_SERVER_API_AUTH_STRING": "",
+                  "MLFLOW_AUTH_ADMIN_PASSWORD": ""}
+    out = s.cli("status", env=client_env).stdout
+    assert "deployment training-pipeline/training-pipeline: READY" in out, out
+    anon = s.cli("deploy", "--config", str(SMOKE), check=False,
+                 env={"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""})
+    assert anon.returncode != 0 and "401" in (anon.stdout + anon.stderr)
+
+    # MLflow tracking with MLFLOW_TRACKING_USERNAME/PASSWORD, in a clean process.
+    code = (
+        "import mlflow\n"
+        "mlflow.set_experiment('auth-check')\n"
+        "with mlflow.start_run() as r: mlflow.log_metric('x', 1.0)\n"
+        "print(mlflow.get_run(r.info.run_id).data.metrics['x'])\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**s.env, "MLFLOW_TRACKING_URI": s.mlflow, "MLFLOW_TRACKING_USERNAME": "admin",
+             "MLFLOW_TRACKING_PASSWORD": s.mlflow_password},
+    )
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "1.0", p.stderr[-2000:]
+
+    stack_dir = s.home / "stack"
+    secrets = [s.prefect_secret.split(":", 1)[1], s.mlflow_password]
+    for f in [stack_dir / "env", *stack_dir.glob("*.log"), *stack_dir.glob("*.pid"), stack_dir / "mlflow-auth.ini"]:
+        text = f.read_text(errors="replace")
+        assert not any(x in text for x in secrets), f"a credential leaked into {f}"
+    assert (stack_dir / "mlflow-flask-secret").stat().st_mode & 0o077 == 0

@@ -10,7 +10,6 @@ import datetime as dt
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from monitoring.anomalies import (

@@ -364,3 +364,18 @@ def test_reference_comes_from_the_champions_manifest(ringflow_home, cfg, flights
     shard.write_bytes(shard.read_bytes()[:-10])
     with disable_run_logger(), pytest.raises(Exception, match="checksum mismatch"):
         load_reference.fn(cfg, champ)
+
+
+def test_cli_monitor(prefect_harness, ringflow_home, champion):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["monitor", "--config", str(ROOT / "configs" / "smoke.yaml"),
+            "--set", "monitoring.reference_sample_rows=3000", "--set", "monitoring.max_current_rows=5000"]
+    ok = CliRunner().invoke(app, [*args, "--batch", "2013-07", "--no-rerun"])
+    assert ok.exit_code == 0, ok.output
+    assert "monitored flights-delay v1 on 2013-07" in ok.output and "data_drift" in ok.output
+    assert "action         plan-only trigger_rerun=False" in ok.output
+    bad = CliRunner().invoke(app, [*args, "--batch", "2013-13"])
+    assert bad.exit_code == 1 and "not a month name" in bad.output

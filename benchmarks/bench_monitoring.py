@@ -25,14 +25,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "monitoring.json"
+JULY_ROWS = 28_280
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _batch_arg(rows: int, home: Path) -> str:
+    return "2013-07" if rows == JULY_ROWS else str(home / f"july-{rows}.parquet")
+
+
+def prepare(rows_list: list[int], home: Path) -> None:
+    """In its own process: register the champion and write the resampled batches."""
+    sys.path.insert(0, str(ROOT))
+    import mlflow
+
+    from tests.test_monitoring_flow import register_champion
+    from training.config import load_config
+    from training.data import in_window, load_labelled
+
+    cfg = load_config(ROOT / "configs" / "flights.yaml")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    df, _ = load_labelled(cfg.data)
+    register_champion(cfg, df)
+    july = df[in_window(df, cfg.data, "2013-07-01", "2013-08-01")].drop(columns=["target"])
+    assert len(july) == JULY_ROWS, len(july)
+    for rows in rows_list:
+        if rows != JULY_ROWS:  # resampled with replacement: July's distribution at any size
+            july.sample(n=rows, replace=True, random_state=0).reset_index(drop=True).to_parquet(_batch_arg(rows, home))
+
+
 def run_case(rows: int, max_current_rows: int | None, home: Path) -> dict:
-    """Inside the child process: prepare the batch, run the flow once, measure."""
+    """In a fresh process (peak RSS is the flow's own): run the flow once, measure."""
     sys.path.insert(0, str(ROOT))
     import mlflow
     import numpy as np
@@ -40,27 +65,12 @@ def run_case(rows: int, max_current_rows: int | None, home: Path) -> dict:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.monitoring import monitoring_flow
-    from tests.test_monitoring_flow import register_champion
     from training.config import load_config, with_overrides
-    from training.data import in_window, load_labelled
 
     cfg = load_config(ROOT / "configs" / "flights.yaml")
     cfg = with_overrides(cfg, {"monitoring.max_current_rows": max_current_rows})
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    df, _ = load_labelled(cfg.data)
-    if not (home / ".champion").exists():
-        register_champion(cfg, df)
-        (home / ".champion").touch()
-    july = df[in_window(df, cfg.data, "2013-07-01", "2013-08-01")].drop(columns=["target"])
-    if rows == len(july):
-        batch = "2013-07"
-    else:  # resampled with replacement: July's distribution at any size
-        big = july.sample(n=rows, replace=True, random_state=0).reset_index(drop=True)
-        path = home / f"july-{rows}.parquet"
-        big.to_parquet(path)
-        batch = str(path)
-        del big
-    del df, july
+    batch = _batch_arg(rows, home)
 
     @flow
     def warm() -> None:  # starts the ephemeral API outside the measured call
@@ -98,8 +108,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="batch sizes (28280 = July 2013 as is; others resample July)")
     p.add_argument("--max-current-rows", type=int, default=200_000, help="0 = no sampling of the batch")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     mcr = a.max_current_rows or None
+    if a.prepare:
+        prepare(a.rows, Path(os.environ["RINGFLOW_HOME"]))
+        return
     if a.child:
         print("RESULT " + json.dumps(run_case(a.rows[0], mcr, Path(os.environ["RINGFLOW_HOME"]))))
         return
@@ -109,6 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "RINGFLOW_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
                "PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        prep = subprocess.run([sys.executable, __file__, "--prepare", "--rows", *map(str, a.rows)],
+                              env=env, capture_output=True, text=True, timeout=1800)
+        if prep.returncode != 0:
+            sys.stderr.write(prep.stdout[-3000:] + prep.stderr[-5000:])
+            raise SystemExit(f"preparing the champion and batches failed (exit {prep.returncode})")
         for rows in a.rows:
             out = subprocess.run([sys.executable, __file__, "--child", "--rows", str(rows),
                                   "--max-current-rows", str(a.max_current_rows)],

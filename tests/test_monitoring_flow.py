@@ -250,6 +250,22 @@ def test_file_batch_with_a_schema_change(prefect_harness, ringflow_home, cfg, ch
     assert r.rows == 0 and r.action.mode in ("none", "plan-only") and "alert-only" in r.decision
 
 
+def test_unlabelled_csv_batch(prefect_harness, ringflow_home, cfg, champion, flights, tmp_path):
+    from flows.monitoring import monitoring_flow
+
+    rows = flights[in_window(flights, cfg.data, "2013-07-01", "2013-07-08")]
+    rows = rows.drop(columns=[TARGET, cfg.data.label_column]).assign(time_hour=lambda f: f.time_hour.astype(str))
+    path = tmp_path / "july-week.csv"
+    rows.to_csv(path, index=False)
+    r = monitoring_flow(cfg, batch=str(path), trigger_rerun=False)
+    assert r.rows == len(rows) and r.metrics == {} and r.quality_html is None
+    assert r.window.labelled is False and str(r.window.start) == "2013-07-01"
+    assert "schema_change" not in {a.type.value for a in r.anomalies}  # no label and text timestamps are fine
+    assert "data_drift" in {a.type.value for a in r.anomalies}
+    # no labels: the rerun's windows end where the labelled data ends, at the batch's start
+    assert r.rerun_overrides["data.windows.test"]["end"] == "2013-07-01"
+
+
 def test_no_champion_is_a_clear_error(prefect_harness, ringflow_home, cfg):
     from flows.monitoring import monitoring_flow
     from tasks.monitor import MonitoringError

@@ -1,0 +1,107 @@
+"""The tabular model: an embedding per categorical column plus an MLP, one logit out.
+
+Importable without Horovod or Prefect: evaluation, the registered pyfunc model and monitoring
+load and score it with plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from training.config import ModelConfig
+from training.manifest import atomic_write_bytes
+from training.preprocess import Preprocessor
+
+MODEL_FILE = "model.pt"
+PREPROCESSOR_FILE = "preprocessor.json"
+
+
+class TabularNet(nn.Module):
+    def __init__(
+        self,
+        num_numeric: int,
+        cardinalities: list[int],
+        embedding_dim: int,
+        hidden_sizes: list[int],
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        # Kept so the architecture can be rebuilt from the saved file alone.
+        self.arch = {
+            "num_numeric": int(num_numeric), "cardinalities": [int(c) for c in cardinalities],
+            "embedding_dim": int(embedding_dim), "hidden_sizes": [int(h) for h in hidden_sizes],
+            "dropout": float(dropout),
+        }
+        self.embeddings = nn.ModuleList(nn.Embedding(c, embedding_dim) for c in cardinalities)
+        layers: list[nn.Module] = []
+        width = num_numeric + embedding_dim * len(cardinalities)
+        for h in hidden_sizes:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    @classmethod
+    def for_preprocessor(cls, pre: Preprocessor, cfg: ModelConfig) -> TabularNet:
+        return cls(len(pre.numeric), pre.cardinalities, cfg.embedding_dim, cfg.hidden_sizes, cfg.dropout)
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+        """-> logits of shape [n]."""
+        parts = [x_num] + [emb(x_cat[:, j]) for j, emb in enumerate(self.embeddings)]
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+
+
+def save_model(path: str | Path, net: TabularNet, preprocessor: Preprocessor, model_cfg: ModelConfig | None = None) -> Path:
+    """Write ``model.pt`` (architecture + weights) and ``preprocessor.json`` into directory ``path``.
+
+    Both files are written atomically, so a reader never sees half a model.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    payload = {"arch": net.arch, "state_dict": net.state_dict()}
+    if model_cfg is not None:
+        payload["model_config"] = model_cfg.model_dump(mode="json")
+    torch.save(payload, buf)
+    atomic_write_bytes(out / MODEL_FILE, buf.getvalue())
+    preprocessor.save(out / PREPROCESSOR_FILE)
+    return out / MODEL_FILE
+
+
+def load_model(path: str | Path) -> tuple[TabularNet, Preprocessor]:
+    """Load ``(net, preprocessor)`` from a directory written by :func:`save_model` (or a model.pt
+    path whose directory also holds preprocessor.json). The net is in eval mode."""
+    p = Path(path)
+    d = p if p.is_dir() else p.parent
+    model_file = d / MODEL_FILE if p.is_dir() else p
+    if not model_file.is_file() or not (d / PREPROCESSOR_FILE).is_file():
+        raise FileNotFoundError(f"{d} must hold {MODEL_FILE} and {PREPROCESSOR_FILE} (written by save_model)")
+    payload = torch.load(model_file, map_location="cpu", weights_only=True)
+    net = TabularNet(**payload["arch"])
+    net.load_state_dict(payload["state_dict"])
+    net.eval()
+    return net, Preprocessor.load(d / PREPROCESSOR_FILE)
+
+
+@torch.no_grad()
+def predict_logits(net: TabularNet, x_num: np.ndarray, x_cat: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    was_training = net.training
+    net.eval()
+    out = [
+        net(torch.from_numpy(x_num[i:i + batch_size]), torch.from_numpy(x_cat[i:i + batch_size])).double().numpy()
+        for i in range(0, len(x_num), batch_size)
+    ]
+    net.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def predict_proba(net: TabularNet, preprocessor: Preprocessor, df: pd.DataFrame) -> np.ndarray:
+    """Delay probabilities (float64, shape [n]) for raw rows with the source feature columns."""
+    x_num, x_cat = preprocessor.transform(df)
+    return 1.0 / (1.0 + np.exp(-predict_logits(net, x_num, x_cat)))

@@ -1,0 +1,564 @@
+"""The Horovod training program (one process per rank; never imports Prefect).
+
+    horovodrun -np N -H localhost:N --gloo python -m training.train \\
+        --manifest M --config-json '<PipelineConfig json>' --output-dir DIR [--resume]
+
+Each rank reads its own shards (checksums verified, decrypted in memory with RINGFLOW_DATA_KEY),
+gradients are averaged with ring-allreduce, and rank 0 logs to the ONE MLflow run named by
+``MLFLOW_RUN_ID`` (none when unset), writes a checkpoint per epoch and the outputs:
+``model.pt``, ``preprocessor.json``, ``summary.json`` and ``checkpoints/epoch-NNNN.pt``.
+
+Determinism: the data order and dropout of epoch k are a function of (seed, epoch, rank) only,
+so a run resumed from a checkpoint ends with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.checkpoint import (
+    CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
+)
+from training.config import PipelineConfig, TrainingConfig, get_settings
+from training.manifest import Manifest, atomic_write_bytes
+from training.metrics import classification_metrics
+from training.model import TabularNet, predict_logits, save_model
+
+SUMMARY_FILE = "summary.json"
+STATUS_TAG = "training_status"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """One seed per (seed, epoch, rank): resumed epochs replay exactly."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def epoch_order(rows: int, needed: int, seed: int, epoch: int, rank: int) -> np.ndarray:
+    """``needed`` row indices: shuffled, cycling through fresh permutations when a rank has fewer
+    rows than the agreed number of steps needs (uneven shards)."""
+    rng = np.random.default_rng(epoch_seed(seed, epoch, rank))
+    perms = [rng.permutation(rows) for _ in range(max(1, math.ceil(needed / rows)))]
+    return np.concatenate(perms)[:needed]
+
+
+def learning_rate(tc: TrainingConfig, size: int, step: int, steps_per_epoch: int) -> float:
+    """Base LR scaled by the world size, reached by a linear warm-up (Goyal et al. 2017)."""
+    base = tc.learning_rate
+    target = base * size if tc.scale_lr_by_world_size else base
+    warm = tc.warmup_epochs * steps_per_epoch
+    if warm <= 0 or step >= warm:
+        return target
+    return base + (target - base) * step / warm
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=1, default=_json_default).encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------- rank data
+
+
+@dataclass
+class RankData:
+    x_num: torch.Tensor
+    x_cat: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_frame(manifest: Manifest, entries, pre) -> RankData:
+    import pandas as pd
+
+    frame = pd.concat([manifest.read(e) for e in entries], ignore_index=True)
+    x_num, x_cat = pre.transform(frame)
+    y = frame[manifest.target_column].to_numpy(dtype=np.float32)
+    return RankData(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(y))
+
+
+# --------------------------------------------------------------------------- MLflow (rank 0 only)
+
+
+class RunLogger:
+    """Logs to the run the launcher created (``MLFLOW_RUN_ID``); a no-op without one.
+
+    Uses the client API, never ``start_run``: ending the run is the launcher's job.
+    """
+
+    def __init__(self):
+        self.run_id = os.environ.get("MLFLOW_RUN_ID")
+        self.client = None
+        if self.run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI"))
+
+    def params(self, params: dict[str, Any]) -> None:
+        if not self.client:
+            return
+        from mlflow.entities import Param
+
+        # Params are immutable: a resumed run keeps the values it started with.
+        have = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.client:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.client:
+            self.client.set_tag(self.run_id, key, value)
+
+
+def flat_params(cfg: PipelineConfig, size: int, manifest: Manifest) -> dict[str, Any]:
+    def flatten(d: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    params = flatten(cfg.training.model_dump(mode="json"), "training.")
+    params.update({"world_size": size, "data.fingerprint": manifest.fingerprint,
+                   "data.train_rows": manifest.windows["train"].rows, "data.num_shards": len(manifest.shards)})
+    return params
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Holds the model, optimizer and this rank's data; runs one epoch at a time.
+
+    Every collective is issued in the same order on every rank, so uneven shards cannot hang:
+    all ranks run the same number of steps per epoch (agreed with an allgather of shard sizes).
+    """
+
+    def __init__(self, hvd, cfg: PipelineConfig, manifest: Manifest):
+        self.hvd = hvd
+        self.cfg = cfg
+        self.tc = cfg.training
+        self.manifest = manifest
+        self.pre = manifest.read_preprocessor()
+        torch.manual_seed(self.tc.seed)  # identical init on every rank (and broadcast anyway)
+        self.net = TabularNet.for_preprocessor(self.pre, self.tc.model)
+        base = torch.optim.AdamW(self.net.parameters(), lr=self.tc.learning_rate, weight_decay=self.tc.weight_decay)
+        hv = self.tc.horovod
+        self.opt = hvd.DistributedOptimizer(
+            base, named_parameters=self.net.named_parameters(),
+            compression=hvd.Compression.fp16 if hv.compression == "fp16" else hvd.Compression.none,
+            backward_passes_per_step=hv.backward_passes_per_step, op=hvd.Average,
+        )
+        self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
+        self._layout: tuple[int, int] | None = None
+        self.data: RankData | None = None
+        self.val: RankData | None = None
+
+    # ------------------------------------------------------------------ data for (rank, size)
+    def prepare(self) -> None:
+        """(Re)load this rank's shards and agree on per-rank batch sizes and steps per epoch.
+
+        Called again after an elastic reset, when rank and size change.
+        """
+        hvd = self.hvd
+        rank, size = hvd.rank(), hvd.size()
+        if self._layout != (rank, size):
+            entries = self.manifest.shards_for_rank(rank, size)
+            if not entries:
+                raise RuntimeError(
+                    f"rank {rank} of {size} has no shard: the manifest has {len(self.manifest.shards)} shards; "
+                    "re-shard with sharding.num_shards >= world size"
+                )
+            self.data = load_frame(self.manifest, entries, self.pre)
+            val = load_frame(self.manifest, [self.manifest.validation], self.pre)
+            # each rank scores a strided slice of the validation file; predictions are allgathered
+            self.val = RankData(val.x_num[rank::size], val.x_cat[rank::size], val.y[rank::size])
+            self._layout = (rank, size)
+        rows = hvd.allgather_object(len(self.data))
+        total = sum(rows)
+        # Batch size in proportion to the shard: weighted shards (straggler compensation) give a
+        # slow rank fewer rows per step, and every rank still runs the same number of steps.
+        self.batch = [max(1, round(self.tc.batch_size * r * size / total)) for r in rows]
+        self.steps = max(math.ceil(r / b) for r, b in zip(rows, self.batch))
+        # loss weight so the averaged gradient is the mean over the global batch
+        self.loss_weight = self.batch[rank] * size / sum(self.batch)
+        self.opt_steps = math.ceil(self.steps / self.tc.horovod.backward_passes_per_step)
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train epoch ``epoch`` (0-based). Returns the agreed epoch record; ``diverged`` is True on
+        every rank as soon as any rank saw a non-finite loss (the step is then not applied)."""
+        hvd, tc = self.hvd, self.tc
+        rank, size = hvd.rank(), hvd.size()
+        torch.manual_seed(epoch_seed(tc.seed, epoch, rank) + 1)  # dropout masks
+        bs = self.batch[rank]
+        order = torch.from_numpy(epoch_order(len(self.data), self.steps * bs, tc.seed, epoch, rank))
+        k = tc.horovod.backward_passes_per_step
+        self.net.train()
+        self.opt.zero_grad()
+        loss_sum = torch.zeros(3, dtype=torch.float64)  # [sum loss*n, n, nonfinite]
+        compute_s = 0.0
+        diverged_step = None
+        t_epoch = time.perf_counter()
+        for i in range(self.steps):
+            t0 = time.perf_counter()
+            idx = order[i * bs:(i + 1) * bs]
+            logits = self.net(self.data.x_num[idx], self.data.x_cat[idx])
+            loss = self.loss_fn(logits, self.data.y[idx])
+            t1 = time.perf_counter()
+            bad = 0.0 if torch.isfinite(loss) else 1.0
+            # all ranks agree before anyone applies the step: no rank trains on, none hangs
+            agreed = hvd.allreduce(torch.tensor([bad]), name="nonfinite", op=hvd.Sum)
+            if agreed.item() > 0:
+                diverged_step = i
+                break
+            t2 = time.perf_counter()
+            (loss * self.loss_weight / k).backward()
+            t3 = time.perf_counter()
+            compute_s += (t1 - t0) + (t3 - t2)
+            loss_sum += torch.tensor([loss.item() * bs, bs, 0.0], dtype=torch.float64)
+            if (i + 1) % k == 0 or i + 1 == self.steps:
+                lr = learning_rate(tc, size, epoch * self.opt_steps + i // k, self.opt_steps)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                self.opt.step()
+                self.opt.zero_grad()
+        wall = time.perf_counter() - t_epoch
+        steps_done = (diverged_step if diverged_step is not None else self.steps)
+        totals = hvd.allreduce(loss_sum, name="epoch_loss", op=hvd.Sum)
+        # per-rank speed measured on the rank's own compute (forward + backward), not the wait in
+        # the allreduce, so a straggler stands out instead of slowing every rank's number equally
+        mine = torch.tensor([[rank, steps_done * bs / max(compute_s, 1e-9), 1000 * compute_s / max(steps_done, 1)]],
+                            dtype=torch.float64)
+        per_rank = hvd.allgather(mine, name="rank_speed")
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(totals[0] / totals[1]) if totals[1] > 0 else math.nan,
+            "lr": learning_rate(tc, size, (epoch + 1) * self.opt_steps - 1, self.opt_steps),
+            "epoch_time_s": wall,
+            "samples_per_s": float(totals[1]) / wall if wall > 0 else 0.0,
+            "world_size": size,
+            "per_rank": [{"rank": int(r), "samples_per_s": float(s), "step_time_ms": float(t)}
+                         for r, s, t in per_rank.tolist()],
+            "diverged": diverged_step is not None,
+        }
+        if diverged_step is not None:
+            record["diverged_step"] = diverged_step
+            return record
+        record.update({f"val_{k}": v for k, v in self.validate().items()})
+        return record
+
+    def validate(self) -> dict[str, float]:
+        hvd = self.hvd
+        logits = torch.from_numpy(predict_logits(self.net, self.val.x_num.numpy(), self.val.x_cat.numpy()))
+        both = hvd.allgather(torch.stack([logits, self.val.y.double()], dim=1), name="val_pred")
+        p = 1.0 / (1.0 + np.exp(-both[:, 0].numpy()))
+        if not np.all(np.isfinite(p)):
+            return {"roc_auc": math.nan, "log_loss": math.nan}
+        m = classification_metrics(both[:, 1].numpy(), p)
+        return {k: m[k] for k in ("roc_auc", "log_loss", "pr_auc", "accuracy", "brier")}
+
+
+# --------------------------------------------------------------------------- state bookkeeping
+
+
+def fresh_state() -> dict[str, Any]:
+    return {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "best_model": None,
+            "history": [], "stopped": False}
+
+
+def apply_epoch(state: dict[str, Any], record: dict[str, Any], net: nn.Module, patience: int) -> None:
+    """Early-stopping bookkeeping after a finished epoch (identical on every rank)."""
+    auc = record.get("val_roc_auc", math.nan)
+    state["history"] = state["history"] + [record]  # new list: elastic state must not alias
+    state["epoch"] = record["epoch"]
+    if math.isfinite(auc) and auc > state["best_auc"]:
+        state.update(best_auc=auc, best_epoch=record["epoch"], bad_epochs=0,
+                     best_model={k: v.detach().clone() for k, v in net.state_dict().items()})
+    else:
+        state["bad_epochs"] += 1
+        state["stopped"] = state["bad_epochs"] >= patience
+
+
+def checkpoint_payload(state: dict[str, Any], net: nn.Module, opt, cfg: PipelineConfig, size: int) -> dict[str, Any]:
+    return {**state, "model": net.state_dict(), "optimizer": opt.state_dict(), "arch": net.arch,
+            "world_size": size, "seed": cfg.training.seed, "history": json.loads(json.dumps(state["history"]))}
+
+
+def restore(ckpt: dict[str, Any], net: nn.Module, opt, source: Path) -> dict[str, Any]:
+    if ckpt.get("arch") != net.arch:
+        raise CheckpointError(
+            f"checkpoint {source} was trained with architecture {ckpt.get('arch')}, this run builds {net.arch} "
+            "(different vocabulary or model config): start fresh or resume from a matching run"
+        )
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    return {k: ckpt[k] for k in fresh_state()}
+
+
+def find_resume_point(args, cfg: PipelineConfig) -> Path | None:
+    """--resume: the newest checkpoint in this run's own directory; otherwise
+    ``training.resume_from`` (a checkpoint dir/file or an earlier run id) when set."""
+    own = latest_checkpoint(Path(args.output_dir) / CHECKPOINT_DIR) if args.resume else None
+    if own is not None:
+        return own
+    if cfg.training.resume_from:
+        return resolve_checkpoint(cfg.training.resume_from, get_settings().runs_dir)
+    return None
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: str, cfg: PipelineConfig,
+                  size: int, started: float, diverged_at: dict | None, run_log: RunLogger) -> dict[str, Any]:
+    """Best model + preprocessor + summary.json (rank 0)."""
+    net = trainer.net
+    model_written = False
+    if state["best_model"] is not None:
+        best = TabularNet(**net.arch)
+        best.load_state_dict(state["best_model"])
+        save_model(out, best, trainer.pre, cfg.training.model)
+        model_written = True
+    elif status != "diverged":
+        save_model(out, net, trainer.pre, cfg.training.model)
+        model_written = True
+    history = state["history"]
+    best_rec = next((h for h in history if h["epoch"] == state["best_epoch"]), history[-1] if history else {})
+    ranks = sorted({r["rank"] for h in history for r in h["per_rank"]})
+    per_rank = [
+        {"rank": r,
+         "samples_per_s": float(np.mean([x["samples_per_s"] for h in history for x in h["per_rank"] if x["rank"] == r])),
+         "step_time_ms": float(np.mean([x["step_time_ms"] for h in history for x in h["per_rank"] if x["rank"] == r]))}
+        for r in ranks
+    ]
+    last_ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
+    metrics = {k: _finite(v) for k, v in best_rec.items() if k.startswith("val_")}
+    if history:
+        metrics["train_loss"] = _finite(history[-1]["train_loss"])
+        metrics["samples_per_s"] = float(np.mean([h["samples_per_s"] for h in history]))
+    summary = {
+        "status": status,
+        "epochs": state["epoch"],
+        "epochs_planned": cfg.training.epochs,
+        "best_epoch": state["best_epoch"] or None,
+        "best_val_roc_auc": _finite(state["best_auc"]),
+        "metrics": metrics,
+        "per_rank": per_rank,
+        "world_size": size,
+        "model_written": model_written,
+        "checkpoint_dir": str(out / CHECKPOINT_DIR) if last_ckpt else None,
+        "last_good_checkpoint": str(last_ckpt) if last_ckpt else None,
+        "diverged_at": diverged_at,
+        "horovod": cfg.training.horovod.model_dump(mode="json"),
+        "elastic": cfg.training.elastic.enabled,
+        "seed": cfg.training.seed,
+        "wall_time_s": time.time() - started,
+        "history": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in h.items()} for h in history],
+    }
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    run_log.tag(STATUS_TAG, status)
+    if best_rec:
+        run_log.metrics({f"best_{k}": v for k, v in metrics.items() if k.startswith("val_") and v is not None},
+                        step=state["best_epoch"] or 0)
+    return summary
+
+
+def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
+    m = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+         and k not in ("epoch", "diverged_step")}
+    for r in record["per_rank"]:
+        m[f"rank{r['rank']}_samples_per_s"] = r["samples_per_s"]
+        m[f"rank{r['rank']}_step_time_ms"] = r["step_time_ms"]
+    return m
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+def _setup(args) -> tuple[Any, PipelineConfig, Manifest, Path]:
+    import horovod.torch as hvd
+
+    raw = args.config_json
+    if raw.startswith("@"):
+        raw = Path(raw[1:]).read_text()
+    cfg = PipelineConfig.model_validate_json(raw)
+    hvd.init()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # ranks on one host share its cores: without this each rank starts cores threads
+    torch.set_num_threads(cfg.training.threads_per_rank or max(1, cores // hvd.local_size()))
+    manifest = Manifest.load(args.manifest)
+    out = Path(args.output_dir)
+    (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    return hvd, cfg, manifest, out
+
+
+def run_fixed(args) -> int:
+    started = time.time()
+    hvd, cfg, manifest, out = _setup(args)
+    tc = cfg.training
+    rank = hvd.rank()
+    trainer = Trainer(hvd, cfg, manifest)
+    run_log = RunLogger() if rank == 0 else None
+
+    # rank 0 reads the checkpoint (it may live only on its disk) and sends it to every rank
+    ckpt_info = None
+    if rank == 0:
+        point = find_resume_point(args, cfg)
+        if point is not None:
+            ckpt_info = (str(point), load_checkpoint(point))
+    ckpt_info = hvd.broadcast_object(ckpt_info, root_rank=0, name="checkpoint")
+    state = fresh_state()
+    if ckpt_info is not None:
+        state = restore(ckpt_info[1], trainer.net, trainer.opt, Path(ckpt_info[0]))
+        if rank == 0:
+            log(f"resuming from {ckpt_info[0]} after epoch {state['epoch']}")
+    hvd.broadcast_parameters(trainer.net.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(trainer.opt, root_rank=0)
+    trainer.prepare()
+    size = hvd.size()
+    if rank == 0:
+        run_log.params(flat_params(cfg, size, manifest))
+        log(f"training: world_size={size} rows/rank~{len(trainer.data)} batch/rank={trainer.batch} "
+            f"steps/epoch={trainer.steps} threads/rank={torch.get_num_threads()}")
+
+    status, diverged_at = "completed", None
+    while state["epoch"] < tc.epochs and not state["stopped"]:
+        record = trainer.train_epoch(state["epoch"])
+        if record["diverged"]:
+            status = "diverged"
+            diverged_at = {"epoch": record["epoch"], "step": record["diverged_step"]}
+            if rank == 0:
+                log(f"epoch {record['epoch']}: non-finite loss at step {record['diverged_step']}: diverged, stopping")
+                run_log.metrics({"diverged": 1.0}, step=record["epoch"])
+            break
+        apply_epoch(state, record, trainer.net, tc.early_stopping_patience)
+        if rank == 0:
+            save_checkpoint(out / CHECKPOINT_DIR, checkpoint_payload(state, trainer.net, trainer.opt, cfg, size))
+            run_log.metrics(epoch_metrics(record), step=record["epoch"])
+            log(f"epoch {record['epoch']}/{tc.epochs}: train_loss={record['train_loss']:.4f} "
+                f"val_auc={record['val_roc_auc']:.4f} val_logloss={record['val_log_loss']:.4f} "
+                f"{record['samples_per_s']:.0f} samples/s ({record['epoch_time_s']:.2f}s)")
+    if state["stopped"] and status != "diverged":
+        status = "early_stopped"
+    if rank == 0:
+        summary = write_outputs(out, trainer, state, status, cfg, size, started, diverged_at, run_log)
+        log(f"done: status={status} epochs={summary['epochs']} best_epoch={summary['best_epoch']} "
+            f"best_val_auc={summary['best_val_roc_auc']}")
+    hvd.barrier()  # nobody exits (and tears down Gloo) while rank 0 is still writing
+    return 0
+
+
+def run_elastic(args) -> int:
+    """``hvd.elastic.run``: state committed every epoch; a lost worker rolls back to the commit.
+
+    No collective runs before the elastic function (Horovod's rule), so every rank reads the
+    resume checkpoint from disk itself (one host or a shared filesystem) and the state's sync
+    broadcasts rank 0's copy.
+    """
+    started = time.time()
+    hvd, cfg, manifest, out = _setup(args)
+    tc = cfg.training
+    trainer = Trainer(hvd, cfg, manifest)
+    state0 = fresh_state()
+    point = find_resume_point(args, cfg)
+    if point is not None:
+        state0 = restore(load_checkpoint(point), trainer.net, trainer.opt, point)
+    es = hvd.elastic.TorchState(model=trainer.net, optimizer=trainer.opt, status="running", diverged_at=None, **state0)
+    logged = {"params": False}
+
+    def on_reset():
+        log(f"elastic reset: now rank {hvd.rank()} of {hvd.size()}")
+
+    es.register_reset_callbacks([on_reset])
+
+    @hvd.elastic.run
+    def loop(es):
+        while es.epoch < tc.epochs and not es.stopped:
+            trainer.prepare()  # rank/size may have changed after a reset
+            rank, size = hvd.rank(), hvd.size()
+            run_log = RunLogger() if rank == 0 else None
+            if rank == 0 and not logged["params"]:
+                run_log.params(flat_params(cfg, size, manifest))
+                logged["params"] = True
+            record = trainer.train_epoch(es.epoch)
+            if record["diverged"]:
+                es.status, es.diverged_at = "diverged", {"epoch": record["epoch"], "step": record["diverged_step"]}
+                return
+            st = {k: getattr(es, k) for k in fresh_state()}
+            apply_epoch(st, record, trainer.net, tc.early_stopping_patience)
+            for k, v in st.items():
+                setattr(es, k, v)
+            if rank == 0:
+                save_checkpoint(out / CHECKPOINT_DIR, checkpoint_payload(st, trainer.net, trainer.opt, cfg, size))
+                run_log.metrics(epoch_metrics(record), step=record["epoch"])
+                log(f"epoch {record['epoch']}/{tc.epochs} (size {size}): train_loss={record['train_loss']:.4f} "
+                    f"val_auc={record['val_roc_auc']:.4f}")
+            es.commit()
+
+    loop(es)
+    status = es.status if es.status == "diverged" else ("early_stopped" if es.stopped else "completed")
+    if hvd.rank() == 0:
+        st = {k: getattr(es, k) for k in fresh_state()}
+        summary = write_outputs(out, trainer, st, status, cfg, hvd.size(), started, es.diverged_at, RunLogger())
+        log(f"done: status={status} epochs={summary['epochs']} best_epoch={summary['best_epoch']}")
+    hvd.barrier()
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True, help="manifest.json (or its directory) written by the sharding stage")
+    p.add_argument("--config-json", required=True, help="PipelineConfig as JSON, or @path to a JSON file")
+    p.add_argument("--output-dir", required=True, help="where model.pt, summary.json and checkpoints/ go")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg_elastic = json.loads(args.config_json if not args.config_json.startswith("@")
+                             else Path(args.config_json[1:]).read_text())["training"].get("elastic", {})
+    return run_elastic(args) if cfg_elastic.get("enabled") else run_fixed(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

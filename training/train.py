@@ -35,8 +35,7 @@ from training.config import PipelineConfig, TrainingConfig, get_settings
 from training.manifest import Manifest, atomic_write_bytes
 from training.metrics import classification_metrics
 from training.model import TabularNet, predict_logits, save_model
-
-SUMMARY_FILE = "summary.json"
+from training.result import SUMMARY_FILE
 STATUS_TAG = "training_status"
 
 
@@ -349,7 +348,8 @@ def find_resume_point(args, cfg: PipelineConfig) -> Path | None:
 
 
 def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: str, cfg: PipelineConfig,
-                  size: int, started: float, diverged_at: dict | None, run_log: RunLogger) -> dict[str, Any]:
+                  size: int, started: float, diverged_at: dict | None, run_log: RunLogger,
+                  resumed_from: str | None = None) -> dict[str, Any]:
     """Best model + preprocessor + summary.json (rank 0)."""
     net = trainer.net
     model_written = False
@@ -388,6 +388,7 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
         "checkpoint_dir": str(out / CHECKPOINT_DIR) if last_ckpt else None,
         "last_good_checkpoint": str(last_ckpt) if last_ckpt else None,
         "diverged_at": diverged_at,
+        "resumed_from": resumed_from,
         "horovod": cfg.training.horovod.model_dump(mode="json"),
         "elastic": cfg.training.elastic.enabled,
         "seed": cfg.training.seed,
@@ -480,7 +481,8 @@ def run_fixed(args) -> int:
     if state["stopped"] and status != "diverged":
         status = "early_stopped"
     if rank == 0:
-        summary = write_outputs(out, trainer, state, status, cfg, size, started, diverged_at, run_log)
+        summary = write_outputs(out, trainer, state, status, cfg, size, started, diverged_at, run_log,
+                                resumed_from=ckpt_info[0] if ckpt_info else None)
         log(f"done: status={status} epochs={summary['epochs']} best_epoch={summary['best_epoch']} "
             f"best_val_auc={summary['best_val_roc_auc']}")
     hvd.barrier()  # nobody exits (and tears down Gloo) while rank 0 is still writing
@@ -502,6 +504,7 @@ def run_elastic(args) -> int:
     point = find_resume_point(args, cfg)
     if point is not None:
         state0 = restore(load_checkpoint(point), trainer.net, trainer.opt, point)
+        log(f"resuming from {point} after epoch {state0['epoch']}")
     es = hvd.elastic.TorchState(model=trainer.net, optimizer=trainer.opt, status="running", diverged_at=None, **state0)
     logged = {"params": False}
 
@@ -538,7 +541,8 @@ def run_elastic(args) -> int:
     status = es.status if es.status == "diverged" else ("early_stopped" if es.stopped else "completed")
     if hvd.rank() == 0:
         st = {k: getattr(es, k) for k in fresh_state()}
-        summary = write_outputs(out, trainer, st, status, cfg, hvd.size(), started, es.diverged_at, RunLogger())
+        summary = write_outputs(out, trainer, st, status, cfg, hvd.size(), started, es.diverged_at, RunLogger(),
+                                resumed_from=str(point) if point else None)
         log(f"done: status={status} epochs={summary['epochs']} best_epoch={summary['best_epoch']}")
     hvd.barrier()
     return 0

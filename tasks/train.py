@@ -1,0 +1,252 @@
+"""The ``train`` task: one MLflow run, one horovodrun, a typed result.
+
+The task owns the side effects around the Horovod program (``training/train.py``): it creates
+the MLflow run and its lineage (tags, manifest, config, dataset inputs), starts horovodrun in
+its own session, streams every rank's output into the Prefect log, enforces
+``training.timeout_s`` itself (Prefect's timeout cannot interrupt a blocking call,
+PrefectHQ/prefect#15760) and kills every process of the run on timeout, error or cancellation.
+
+A retry of the same task run reuses its MLflow run and resumes from the last checkpoint.
+A diverged run is *returned* (status ``diverged``), not raised: the monitoring policy reads it
+and schedules a rerun with a lower learning rate from the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from prefect import get_run_logger, runtime, task
+from prefect.cache_policies import NO_CACHE
+
+from training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
+from training.config import PipelineConfig, get_settings
+from training.launch import (
+    RankOutput, TrainingError, TrainingTimeout, horovodrun_command, kill_tree, launch_env,
+)
+from training.manifest import KEY_ENV, Manifest, key_from_env
+from training.result import SUMMARY_FILE, TrainResult
+
+__all__ = ["TrainResult", "TrainingError", "TrainingTimeout", "train_model"]
+
+KIND_TAG = "ringflow.kind"
+TASK_RUN_TAG = "ringflow.task_run_id"
+LOG_FILE = "horovodrun.log"
+
+_running: dict[int, subprocess.Popen] = {}
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    # last resort: an interpreter exiting mid-run must not leave ranks behind
+    for p in list(_running.values()):
+        if p.poll() is None:
+            kill_tree(p.pid, grace_s=2)
+
+
+def _die_with_parent(cmd: list[str]) -> list[str]:
+    """Prefix ``setpriv --pdeathsig TERM`` where available (Linux): horovodrun then gets SIGTERM
+    if the launching process dies, and Horovod's middlemen stop the ranks, so even a SIGKILLed
+    flow process leaves no orphans. (``preexec_fn`` would do the same but is unsafe in a
+    threaded process such as a Prefect worker.)"""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
+
+
+def _data_key(cfg: PipelineConfig) -> bytes | None:
+    try:
+        from tasks.shard import resolve_data_key
+    except ImportError:  # the sharding task is optional for a pre-built manifest
+        return key_from_env()
+    return resolve_data_key(cfg)
+
+
+def _find_run(client: MlflowClient, experiment_id: str, task_run_id: str | None):
+    if not task_run_id:
+        return None
+    runs = client.search_runs([experiment_id], f"tags.`{TASK_RUN_TAG}` = '{task_run_id}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def _log_lineage(cfg: PipelineConfig, manifest: Manifest, key: bytes | None) -> None:
+    """Manifest + config as artifacts; training and validation data as ``mlflow.data`` inputs."""
+    mlflow.log_artifact(str(manifest.path), artifact_path="data")
+    mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
+    train = pd.concat([manifest.read(s, key) for s in manifest.shards], ignore_index=True)
+    name = f"{cfg.name}-{manifest.fingerprint[:12]}"
+    mlflow.log_input(mlflow.data.from_pandas(train, source=str(manifest.dir), targets=manifest.target_column,
+                                             name=f"{name}-train"), context="training")
+    val = manifest.read(manifest.validation, key)
+    mlflow.log_input(mlflow.data.from_pandas(val, source=str(manifest.dir), targets=manifest.target_column,
+                                             name=f"{name}-validation"), context="validation")
+
+
+def _display(cmd: list[str]) -> str:
+    """The command for logs, with the (long) config JSON elided."""
+    shown = ["'<config json>'" if i > 0 and cmd[i - 1] == "--config-json" else a for i, a in enumerate(cmd)]
+    return " ".join(shown)
+
+
+def run_horovod(cmd: list[str], env: dict[str, str], timeout_s: float, log_file: Path, logger) -> RankOutput:
+    """Run horovodrun, stream its output line by line, enforce the timeout.
+
+    Raises :class:`TrainingTimeout` or :class:`TrainingError` (naming the first failing rank);
+    on any exception, including cancellation, every process of the run is killed first.
+    """
+    output = RankOutput()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(_die_with_parent(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+    _running[proc.pid] = proc
+    lines: queue.Queue = queue.Queue()
+    done = object()
+
+    def pump():  # a reader thread, so the timeout is checked even while no rank prints
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(done)
+
+    threading.Thread(target=pump, daemon=True, name=f"horovodrun-{proc.pid}").start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        with open(log_file, "a") as sink:
+            sink.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {_display(cmd)}\n")
+            while True:
+                try:
+                    line = lines.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    line = None
+                if line is done:
+                    break
+                if line is not None:
+                    sink.write(line)
+                    output.feed(line)
+                    logger.info(line.rstrip())
+                if time.monotonic() >= deadline:
+                    killed = kill_tree(proc.pid)
+                    raise TrainingTimeout(
+                        f"training exceeded training.timeout_s={timeout_s:g}s; killed horovodrun and all ranks "
+                        f"({len(killed)} needed SIGKILL). Last lines of rank 0:\n  " + "\n  ".join(output.tail(0)))
+        rc = proc.wait()
+    except BaseException:
+        kill_tree(proc.pid)
+        raise
+    finally:
+        # also after a clean exit: no rank or middleman may outlive its launcher
+        if proc.poll() is None or _has_children(proc.pid):
+            kill_tree(proc.pid)
+        _running.pop(proc.pid, None)
+    if rc != 0:
+        raise output.failure_message(rc)
+    return output
+
+
+def _has_children(pid: int) -> bool:
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).children())
+    except psutil.NoSuchProcess:
+        return False
+
+
+@task(name="train", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def train_model(
+    cfg: PipelineConfig,
+    manifest_path: str,
+    parent_run_id: str | None = None,
+    run_tags: dict | None = None,
+) -> TrainResult:
+    """Train with ``horovodrun -np <world_size>`` on the manifest's shards; returns the typed result.
+
+    Raises :class:`TrainingError` (which rank failed, its exit code and last lines) or
+    :class:`TrainingTimeout`. Returns status ``diverged`` instead of raising on divergence.
+    """
+    log = get_run_logger()
+    settings = get_settings()
+    manifest = Manifest.load(manifest_path)
+    tc = cfg.training
+    if tc.resume_from:
+        # fail before creating anything when the resume point does not exist
+        log.info("resuming from %s", resolve_checkpoint(tc.resume_from, settings.runs_dir))
+    key = _data_key(cfg)
+
+    tracking_uri = settings.tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = mlflow.set_experiment(cfg.registry.experiment).experiment_id
+    task_run_id = str(runtime.task_run.id) if runtime.task_run.id else None
+    attempt = runtime.task_run.run_count or 1
+    existing = _find_run(client, experiment_id, task_run_id)
+
+    if existing is not None:
+        run = mlflow.start_run(run_id=existing.info.run_id)
+        log.info("attempt %d: continuing MLflow run %s", attempt, run.info.run_id)
+    else:
+        tags = {
+            KIND_TAG: "training", "data_fingerprint": manifest.fingerprint, "manifest_path": str(manifest.path),
+            "config_hash": cfg.config_hash(), "world_size": str(tc.world_size), "ringflow.config_name": cfg.name,
+            "elastic": str(tc.elastic.enabled).lower(), **(run_tags or {}),
+        }
+        if task_run_id:
+            tags[TASK_RUN_TAG] = task_run_id
+        if runtime.flow_run.id:
+            tags["ringflow.flow_run_id"] = str(runtime.flow_run.id)
+        if parent_run_id:
+            tags["parent_run_id"] = parent_run_id
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{cfg.name}", tags=tags)
+    run_id = run.info.run_id
+    out = settings.runs_dir / run_id
+    status = "FAILED"
+    try:
+        if existing is None:
+            _log_lineage(cfg, manifest, key)
+        resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
+        mlflow.set_tags({"output_dir": str(out), "checkpoint_dir": str(out / CHECKPOINT_DIR)})
+        cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume)
+        env = launch_env(
+            cfg, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_RUN_ID=run_id, RINGFLOW_HOME=str(settings.home),
+            # the data key reaches the ranks only through the environment, never argv or files
+            **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
+        )
+        log.info("attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else "")
+        t0 = time.monotonic()
+        try:
+            run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, log)
+        except TrainingError as e:
+            mlflow.set_tag(f"ringflow.attempt_{attempt}_error", str(e)[:5000])
+            raise
+        finally:
+            if (out / LOG_FILE).is_file():
+                mlflow.log_artifact(str(out / LOG_FILE), artifact_path="training")
+        if not (out / SUMMARY_FILE).is_file():
+            raise TrainingError(f"horovodrun exited 0 but rank 0 wrote no {out / SUMMARY_FILE}")
+        result = TrainResult.from_output_dir(run_id, out)
+        mlflow.log_artifact(str(out / SUMMARY_FILE), artifact_path="training")
+        mlflow.set_tags({"training_status": result.status, "world_size": str(result.world_size)})
+        mlflow.log_metric("training_wall_time_s", time.monotonic() - t0)
+        if result.checkpoint_dir is None:
+            mlflow.set_tag("checkpoint_dir", "")
+        if result.status == "diverged":
+            log.warning("training diverged (%s); returning status 'diverged' for the monitoring policy",
+                        result.checkpoint_dir or "no checkpoint yet")
+        else:
+            log.info("training %s: best epoch %s, val AUC %.4f", result.status, result.best_epoch,
+                     result.metrics.get("val_roc_auc", float("nan")))
+        status = "FINISHED"
+        return result
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            status = "KILLED"  # cancellation / interpreter shutdown
+        raise
+    finally:
+        mlflow.end_run(status)

@@ -1,0 +1,228 @@
+"""Horovod training: real horovodrun (np=2, Gloo) on the smoke slice, real MLflow SQLite store,
+Prefect's test harness for the task. No mocks: ranks are killed, runs time out, losses diverge.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from training.checkpoint import load_checkpoint
+from training.config import PipelineConfig, with_overrides
+from training.launch import RankOutput, horovodrun_command, launch_env
+from training.manifest import Manifest
+from training.metrics import classification_metrics
+from training.model import load_model, predict_proba
+from training.result import TrainResult
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def smoke_manifest(tmp_path_factory, smoke_config_module) -> Manifest:
+    from training.sharding import shard_dataset
+
+    return shard_dataset(smoke_config_module, tmp_path_factory.mktemp("data"), progress=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def smoke_config_module() -> PipelineConfig:
+    from tests.conftest import ROOT
+    from training.config import load_config
+
+    return load_config(ROOT / "configs" / "smoke.yaml")
+
+
+def _run_program(cfg: PipelineConfig, manifest: Manifest, out: Path, resume: bool = False, timeout: int = 120) -> dict:
+    """The training program under plain horovodrun (no Prefect, no MLflow run)."""
+    env = launch_env(cfg, MLFLOW_RUN_ID=None)
+    p = subprocess.run(horovodrun_command(cfg, manifest.path, out, resume=resume), env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return TrainResult.from_output_dir("none", out).model_dump()
+
+
+def _procs_of(home: Path) -> list[psutil.Process]:
+    """Processes of runs under ``home``: by command line or by environment (the middlemen)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if str(home) in " ".join(p.info["cmdline"] or []) or p.environ().get("RINGFLOW_HOME") == str(home):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def _only_run(home: Path, cfg: PipelineConfig):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, f"expected ONE MLflow run, got {len(runs)}"
+    return client, runs[0]
+
+
+# --------------------------------------------------------------------------- through the task
+
+
+def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
+    from tasks.train import train_model
+
+    r = train_model(smoke_config, str(smoke_manifest.path), parent_run_id="cause-123", run_tags={"ringflow.reason": "test"})
+
+    assert r.status in {"completed", "early_stopped"} and r.world_size == 2
+    assert r.metrics["val_roc_auc"] > 0.6, r.metrics  # majority-class baseline: 0.5
+    assert [p.rank for p in r.per_rank] == [0, 1] and all(p.samples_per_s > 0 and p.step_time_ms > 0 for p in r.per_rank)
+    out = Path(r.output_dir)
+    assert out == ringflow_home.resolve() / "runs" / r.run_id
+    assert {"model.pt", "preprocessor.json", "summary.json"} <= {f.name for f in out.iterdir()}
+    assert (out / "checkpoints" / f"epoch-{r.epochs_completed:04d}.pt").is_file()
+
+    # the output scores raw rows on its own (what evaluation and the pyfunc model do)
+    net, pre = load_model(out)
+    val = smoke_manifest.read(smoke_manifest.validation)
+    auc = classification_metrics(val["target"], predict_proba(net, pre, val))["roc_auc"]
+    assert auc == pytest.approx(r.metrics["val_roc_auc"], abs=1e-6)
+
+    client, run = _only_run(ringflow_home, smoke_config)
+    assert run.info.run_id == r.run_id and run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["ringflow.kind"] == "training" and tags["world_size"] == "2" and tags["training_status"] == r.status
+    assert tags["data_fingerprint"] == smoke_manifest.fingerprint and tags["parent_run_id"] == "cause-123"
+    assert tags["config_hash"] == smoke_config.config_hash() and tags["ringflow.reason"] == "test"
+    assert run.data.params["world_size"] == "2" and run.data.params["training.horovod.compression"] == "none"
+    steps = [m.step for m in client.get_metric_history(r.run_id, "val_roc_auc")]
+    assert steps == list(range(1, r.epochs_completed + 1))
+    assert {"rank0_samples_per_s", "rank1_step_time_ms", "train_loss"} <= set(run.data.metrics)
+    arts = {a.path for d in ("training", "config", "data") for a in client.list_artifacts(r.run_id, d)}
+    assert {"training/summary.json", "training/horovodrun.log", "config/pipeline_config.json", "data/manifest.json"} <= arts
+    contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
+    assert contexts == {"training", "validation"}
+    assert not _procs_of(ringflow_home)
+
+
+def test_absurd_learning_rate_returns_diverged(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
+    from tasks.train import train_model
+
+    cfg = with_overrides(smoke_config, {"training.learning_rate": 1e6})
+    r = train_model.with_options(retries=0)(cfg, str(smoke_manifest.path))
+
+    assert r.status == "diverged" and r.model_path is None
+    _, run = _only_run(ringflow_home, cfg)
+    assert run.info.status == "FINISHED" and run.data.tags["training_status"] == "diverged"
+
+
+def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int = 1) -> None:
+    """Wait for the first checkpoint of a run under ``home``, then SIGKILL that rank."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not killed:
+        if list((home / "runs").glob(f"*/checkpoints/epoch-{epoch:04d}.pt")):
+            for p in psutil.process_iter(["cmdline"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if "training.train" in cmd and str(home) in cmd and "horovodrun" not in cmd \
+                            and p.environ().get("HOROVOD_RANK") == str(rank) and "sh -c" not in cmd:
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(p.pid)
+                        return
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+        time.sleep(0.05)
+
+
+def test_killed_rank_fails_naming_it_and_the_retry_resumes(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
+    from tasks.train import train_model
+
+    # small batches: epochs long enough to kill a rank in the middle of the run
+    cfg = with_overrides(smoke_config, {"training.batch_size": 32, "training.epochs": 4,
+                                        "training.early_stopping_patience": 10})
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_rank_after_checkpoint, args=(ringflow_home, 1, killed))
+    killer.start()
+    r = train_model.with_options(retry_delay_seconds=0)(cfg, str(smoke_manifest.path))
+    killer.join()
+
+    assert killed, "rank 1 was never killed: the test did not exercise a failure"
+    client, run = _only_run(ringflow_home, cfg)  # the retry continued the same run
+    error = run.data.tags["ringflow.attempt_1_error"]
+    assert "rank 1 failed first" in error and "SIGKILL" in error, error
+    assert r.status == "completed" and r.epochs_completed == 4 and run.info.status == "FINISHED"
+    assert r.resumed_from and Path(r.resumed_from).parent == Path(r.checkpoint_dir)
+    assert int(Path(r.resumed_from).stem.split("-")[1]) >= 1  # did not start over
+    assert not _procs_of(ringflow_home)
+
+
+def test_timeout_kills_every_process(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
+    from tasks.train import TrainingTimeout, train_model
+
+    cfg = with_overrides(smoke_config, {"training.batch_size": 8, "training.epochs": 200, "training.timeout_s": 10})
+    t0 = time.monotonic()
+    with pytest.raises(TrainingTimeout, match="timeout_s=10"):
+        train_model.with_options(retries=0)(cfg, str(smoke_manifest.path))
+    assert time.monotonic() - t0 < 40
+    assert _procs_of(ringflow_home) == []
+    _, run = _only_run(ringflow_home, cfg)
+    assert run.info.status == "FAILED"
+
+
+def test_failure_message_names_first_failing_rank():
+    out = RankOutput()
+    for line in ["[0]<stdout>:epoch 1/3: train_loss=0.5", "[1]<stderr>:Traceback (most recent call last):",
+                 "[1]<stderr>:RuntimeError: boom", "Process 1 exit with status code 1.",
+                 "Terminating remaining workers after failure of Process 1.", "Process 0 exit with status code 143."]:
+        out.feed(line)
+    err = out.failure_message(1)
+    assert err.rank == 1 and err.exit_code == 1
+    assert "rank 1 failed first (exit code 1)" in str(err) and "RuntimeError: boom" in str(err)
+
+
+# --------------------------------------------------------------------------- the program itself
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_manifest):
+    three = with_overrides(smoke_config, {"training.epochs": 3, "training.early_stopping_patience": 5})
+    two = with_overrides(three, {"training.epochs": 2})
+    _run_program(three, smoke_manifest, tmp_path / "straight")
+    _run_program(two, smoke_manifest, tmp_path / "resumed")
+    resumed = _run_program(three, smoke_manifest, tmp_path / "resumed", resume=True)
+
+    assert resumed["resumed_from"].endswith("epoch-0002.pt") and resumed["epochs_completed"] == 3
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch-0003.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "epoch-0003.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+def test_uneven_shards_do_not_hang(tmp_path, smoke_config):
+    from training.sharding import shard_dataset
+
+    cfg = with_overrides(smoke_config, {"sharding.num_shards": 3, "training.epochs": 1})
+    manifest = shard_dataset(cfg, tmp_path / "data", progress=lambda *a: None)
+    rows = [sum(s.rows for s in manifest.shards_for_rank(r, 2)) for r in range(2)]
+    assert rows[0] > 1.5 * rows[1]  # rank 0 holds two shards, rank 1 one
+    s = _run_program(cfg, manifest, tmp_path / "out", timeout=90)
+    assert s["status"] == "completed" and [p["rank"] for p in s["per_rank"]] == [0, 1]
+
+
+def test_elastic_run_completes(tmp_path, smoke_config, smoke_manifest):
+    cfg = with_overrides(smoke_config, {"training.epochs": 2, "training.elastic.enabled": True,
+                                        "training.elastic.min_np": 1, "training.elastic.max_np": 2})
+    cmd = horovodrun_command(cfg, smoke_manifest.path, tmp_path / "out")
+    assert "--host-discovery-script" in cmd and cmd[cmd.index("--network-interface") + 1] == "lo"
+    s = _run_program(cfg, smoke_manifest, tmp_path / "out", timeout=120)
+    assert s["status"] == "completed" and s["epochs_completed"] == 2 and s["world_size"] == 2
+    assert np.isfinite(s["metrics"]["val_roc_auc"])

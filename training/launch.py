@@ -1,0 +1,199 @@
+"""Launching the training program with horovodrun: the command, its process tree, its output.
+
+Plain Python (no Prefect) so a cluster launcher or a test can use the same pieces as the
+``train`` task: :func:`horovodrun_command` builds the command from the config,
+:class:`RankOutput` follows every rank's output and names the rank that failed first, and
+:func:`kill_tree` ends horovodrun and every rank it started.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections import deque
+from pathlib import Path
+
+from training.config import PipelineConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DISCOVER_HOSTS = REPO_ROOT / "infra" / "discover_hosts.sh"
+HOSTS_ENV = "RINGFLOW_HOSTS"
+
+
+class TrainingError(RuntimeError):
+    """horovodrun failed; the message names the first failing rank, its exit code and last lines."""
+
+    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.exit_code = exit_code
+
+
+class TrainingTimeout(TrainingError):
+    """The run exceeded ``training.timeout_s``; every process of it was killed."""
+
+
+def horovodrun_path(python: str | None = None) -> str:
+    """The ``horovodrun`` next to the interpreter, so launcher and ranks share one venv."""
+    return str(Path(python or sys.executable).with_name("horovodrun"))
+
+
+def hosts_for(cfg: PipelineConfig) -> str:
+    tc = cfg.training
+    if tc.horovod.hosts:
+        return tc.horovod.hosts
+    slots = (tc.elastic.max_np or tc.world_size) if tc.elastic.enabled else tc.world_size
+    return f"localhost:{slots}"
+
+
+def horovodrun_command(
+    cfg: PipelineConfig, manifest_path: str | Path, output_dir: str | Path, resume: bool = False,
+    python: str | None = None,
+) -> list[str]:
+    """The full horovodrun command line for this config.
+
+    Fusion threshold, cycle time and autotune are horovodrun flags (they configure the background
+    thread of every rank); compression and backward passes per step are read by the program.
+    """
+    tc, hv, el = cfg.training, cfg.training.horovod, cfg.training.elastic
+    python = python or sys.executable
+    cmd = [horovodrun_path(python), "-np", str(tc.world_size)]
+    if el.enabled:
+        # a single host never agrees on common NICs without an explicit interface (stack notes §0.3)
+        cmd += ["--min-np", str(el.min_np), "--max-np", str(el.max_np or tc.world_size),
+                "--host-discovery-script", str(DISCOVER_HOSTS), "--reset-limit", str(el.reset_limit),
+                "--elastic-timeout", str(hv.start_timeout_s),
+                "--network-interface", hv.network_interface or "lo"]
+    else:
+        cmd += ["-H", hosts_for(cfg)]
+        if hv.network_interface:
+            cmd += ["--network-interface", hv.network_interface]
+    cmd += ["--gloo", "--start-timeout", str(hv.start_timeout_s)]
+    if hv.fusion_threshold_mb is not None:
+        cmd += ["--fusion-threshold-mb", str(hv.fusion_threshold_mb)]
+    if hv.cycle_time_ms is not None:
+        cmd += ["--cycle-time-ms", str(hv.cycle_time_ms)]
+    if hv.autotune:
+        cmd += ["--autotune", "--autotune-log-file", str(Path(output_dir) / "autotune.csv")]
+    cmd += [python, "-m", "training.train", "--manifest", str(manifest_path),
+            "--config-json", cfg.model_dump_json(), "--output-dir", str(output_dir)]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def launch_env(cfg: PipelineConfig, base: dict[str, str] | None = None, **extra: str | None) -> dict[str, str]:
+    """Environment for horovodrun and its ranks: unbuffered output, the repo importable, the
+    elastic host list for discover_hosts.sh; ``extra`` values of None are removed."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
+    env.setdefault(HOSTS_ENV, hosts_for(cfg))
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+# --------------------------------------------------------------------------- output
+
+
+_RANK_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
+_EXIT_LINE = re.compile(r"Process (\d+) exit with status code (-?\d+)")
+
+
+class RankOutput:
+    """Follows horovodrun's merged output: the last lines of every rank and the first failure."""
+
+    def __init__(self, keep: int = 25):
+        self.keep = keep
+        self.lines: dict[int, deque[str]] = {}
+        self.launcher: deque[str] = deque(maxlen=keep)
+        self.first_failure: tuple[int, int] | None = None
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip("\n")
+        m = _RANK_LINE.match(line)
+        if m:
+            self.lines.setdefault(int(m.group(1)), deque(maxlen=self.keep)).append(m.group(3))
+            return
+        self.launcher.append(line)
+        e = _EXIT_LINE.search(line)
+        if e and self.first_failure is None:
+            self.first_failure = (int(e.group(1)), int(e.group(2)))
+
+    def tail(self, rank: int, n: int = 15) -> list[str]:
+        return list(self.lines.get(rank, []))[-n:]
+
+    def failure_message(self, returncode: int) -> TrainingError:
+        if self.first_failure is None:
+            last = "\n  ".join(list(self.launcher)[-15:]) or "(no output)"
+            return TrainingError(f"horovodrun exited with code {returncode} before any rank failed; "
+                                 f"last launcher lines:\n  {last}", exit_code=returncode)
+        rank, code = self.first_failure
+        how = f"killed by signal {code - 128} ({_signal_name(code - 128)})" if code > 128 else f"exit code {code}"
+        last = "\n  ".join(self.tail(rank)) or "(no output)"
+        return TrainingError(f"training rank {rank} failed first ({how}); horovodrun exited {returncode} and "
+                             f"stopped the other ranks. Last lines of rank {rank}:\n  {last}",
+                             rank=rank, exit_code=code)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def kill_tree(pid: int, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM horovodrun's process group and the groups of all its descendants, then SIGKILL
+    what is left after ``grace_s``. Returns the pids that had to be killed.
+
+    horovodrun runs every rank under a middleman that calls ``setsid``, so killing the
+    launcher's own group alone would leave the ranks to Horovod's orphan clean-up.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    groups = {pid}
+    for p in procs:
+        try:
+            groups.add(os.getpgid(p.pid))
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgid(0))  # never our own group
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    # anything spawned meanwhile under a survivor goes too
+    for p in list(alive):
+        try:
+            alive.extend(c for c in p.children(recursive=True) if c not in alive)
+        except psutil.NoSuchProcess:
+            pass
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    return [p.pid for p in alive]

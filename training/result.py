@@ -1,0 +1,67 @@
+"""What a training run hands to the rest of the pipeline (read from its summary.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from training.checkpoint import CHECKPOINT_DIR
+from training.model import MODEL_FILE, PREPROCESSOR_FILE
+
+SUMMARY_FILE = "summary.json"
+
+
+class RankThroughput(BaseModel):
+    rank: int
+    samples_per_s: float
+    """This rank's own compute speed (forward + backward), excluding the wait in the allreduce."""
+    step_time_ms: float
+
+
+class TrainResult(BaseModel):
+    """The outcome of one training run.
+
+    ``status`` is ``completed``, ``early_stopped`` (validation AUC stopped improving; the best
+    epoch's model is the output) or ``diverged`` (a non-finite loss stopped training; the task
+    returns instead of raising so the monitoring policy can schedule a rerun with a lower
+    learning rate from ``checkpoint_dir``; ``model_path`` is the best earlier epoch or None).
+    """
+
+    run_id: str
+    """The one MLflow run of this training (created by the task, logged to by rank 0)."""
+    status: Literal["completed", "early_stopped", "diverged"]
+    output_dir: str
+    model_path: str | None
+    """``<output_dir>/model.pt``; load with ``training.model.load_model(output_dir)``."""
+    preprocessor_path: str | None
+    checkpoint_dir: str | None
+    """Holds ``epoch-NNNN.pt``; None when no epoch finished."""
+    epochs_completed: int
+    best_epoch: int | None
+    metrics: dict[str, float]
+    """Validation metrics of the best epoch (``val_roc_auc``, ``val_log_loss``, ...), the last
+    ``train_loss`` and the mean global ``samples_per_s``."""
+    per_rank: list[RankThroughput]
+    world_size: int
+    resumed_from: str | None = None
+    """Checkpoint the final attempt started from (retry, --resume or training.resume_from)."""
+
+    @classmethod
+    def from_output_dir(cls, run_id: str, output_dir: str | Path) -> TrainResult:
+        out = Path(output_dir)
+        s = json.loads((out / SUMMARY_FILE).read_text())
+        model = out / MODEL_FILE
+        have_model = bool(s.get("model_written")) and model.is_file()
+        return cls(
+            run_id=run_id, status=s["status"], output_dir=str(out),
+            model_path=str(model) if have_model else None,
+            preprocessor_path=str(out / PREPROCESSOR_FILE) if have_model else None,
+            checkpoint_dir=s.get("checkpoint_dir") or (str(out / CHECKPOINT_DIR) if s.get("last_good_checkpoint") else None),
+            epochs_completed=int(s["epochs"]), best_epoch=s.get("best_epoch"),
+            metrics={k: float(v) for k, v in s.get("metrics", {}).items() if v is not None},
+            per_rank=[RankThroughput(**r) for r in s.get("per_rank", [])],
+            world_size=int(s["world_size"]), resumed_from=s.get("resumed_from"),
+        )

@@ -72,7 +72,9 @@ class Manifest(BaseModel):
     windows: dict[str, WindowEntry]
     """train / validation / test."""
     rows_total: int
+    """Labelled rows in the source (all dates, before the windows are cut)."""
     rows_dropped_unlabelled: int
+    """Source rows without a label (cancelled flights), dropped before everything else."""
     shards: list[ShardEntry]
     validation: FileEntry
     test: FileEntry
@@ -123,6 +125,28 @@ class Manifest(BaseModel):
     def read(self, entry: FileEntry, key: bytes | None = None) -> pd.DataFrame:
         return read_table(self.dir / entry.file, entry, self.encrypted, key)
 
+    def files(self) -> list[FileEntry]:
+        """Every data file this manifest lists: shards, validation, test, preprocessor."""
+        return [*self.shards, self.validation, self.test, self.preprocessor]
+
+    def verify(self) -> None:
+        """Check that every listed file exists with its recorded size and sha256.
+
+        Raises :class:`ShardIntegrityError` naming the first file that does not match.
+        """
+        for entry in self.files():
+            path = self.dir / entry.file
+            if not path.is_file():
+                raise ShardIntegrityError(f"data file missing: {path}")
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise ShardIntegrityError(f"size mismatch for {path}: manifest {entry.bytes} bytes, file {size}")
+            digest = sha256_file(path)
+            if digest != entry.sha256:
+                raise ShardIntegrityError(
+                    f"checksum mismatch for {path}: manifest sha256 {entry.sha256[:12]}..., file {digest[:12]}..."
+                )
+
     def read_preprocessor(self):
         from training.preprocess import Preprocessor
 
@@ -166,13 +190,14 @@ def key_from_env(env: dict | None = None) -> bytes | None:
     return parse_key(raw) if raw else None
 
 
-def parse_key(raw: str) -> bytes:
+def parse_key(raw: str, origin: str = KEY_ENV) -> bytes:
+    """Decode a base64 key; ``origin`` names where it came from in errors (never the value)."""
     try:
         key = base64.b64decode(raw.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"{KEY_ENV} is not valid base64") from None
+        raise ValueError(f"{origin} is not valid base64") from None
     if len(key) not in (16, 24, 32):
-        raise ValueError(f"{KEY_ENV} must decode to 16, 24 or 32 bytes, got {len(key)}")
+        raise ValueError(f"{origin} must decode to 16, 24 or 32 bytes, got {len(key)}")
     return key
 
 

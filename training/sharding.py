@@ -94,11 +94,15 @@ def source_files(cfg: PipelineConfig) -> list[Path]:
 
 
 def source_sha256(cfg: PipelineConfig) -> str:
-    """Content hash of the source: changing any byte of it makes a new dataset version."""
-    h = hashlib.sha256()
-    for f in source_files(cfg):
-        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
+    """Content hash of the source: changing any byte of it makes a new dataset version.
+
+    A user file's is its plain sha256 (what ``sha256sum`` prints); the flights source combines its
+    two package files. File names are left out, so a renamed copy is the same source.
+    """
+    digests = [sha256_file(f) for f in source_files(cfg)]
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def _key_id(key: bytes) -> str:
@@ -111,16 +115,19 @@ def _key_id(key: bytes) -> str:
 def fingerprint(cfg: PipelineConfig, source_digest: str, key: bytes | None) -> str:
     """sha256 over the source content, the data + sharding config, the shard count and the encryption.
 
-    The source *path* is left out (only whether it is the flights package or a file): the content
-    hash already identifies it, and the same file reached by another path is the same dataset.
+    Left out on purpose: the source *path* (the content hash identifies the source, so the same
+    file reached by another path is the same dataset), and how the key was found
+    (``encrypt`` mode, ``key_secret_block``): only whether the files are encrypted, and with which
+    key, changes the bytes on disk.
     """
     data = cfg.data.model_dump(mode="json")
     data["source"] = "flights" if cfg.data.source == "flights" else "file"
+    sharding = cfg.sharding.model_dump(mode="json", exclude={"encrypt", "key_secret_block"})
     payload = {
         "format": FORMAT_VERSION,
         "source_sha256": source_digest,
         "data": data,
-        "sharding": cfg.sharding.model_dump(mode="json"),
+        "sharding": sharding,
         "num_shards": cfg.num_shards,
         "encrypted": key is not None,
         "key_id": _key_id(key) if key is not None else None,

@@ -433,3 +433,19 @@ def test_only_io_errors_are_retried():
     for permanent in (ShardingError("empty window"), DataContractError("missing column"),
                       MissingKeyError("no key"), DataKeyError("no block")):
         assert not _retryable(None, None, Failed(data=permanent)), permanent
+
+
+def test_concurrent_publisher_keeps_the_first_complete_copy(csv_source, data_dir):
+    import shutil
+
+    from training.sharding import _publish
+
+    first = shard_dataset(make_cfg(csv_source), data_dir, progress=quiet)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in first.dir.iterdir()}
+    # a second run that finished its temp dir just after the first one published
+    late = data_dir / f".{first.fingerprint}.tmp-late"
+    shutil.copytree(first.dir, late)
+    lines: list[str] = []
+    assert _publish(late, first.dir, lines.append).path == first.path
+    assert not late.exists() and lines == [f"another run published {first.fingerprint} first; using it"]
+    assert {p.name: p.stat().st_mtime_ns for p in first.dir.iterdir()} == mtimes

@@ -8,7 +8,6 @@ under data_dir.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 import os
 

@@ -28,12 +28,13 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.shard import resolve_data_key
 from training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
 from training.config import PipelineConfig, get_settings
 from training.launch import (
     RankOutput, TrainingError, TrainingTimeout, horovodrun_command, kill_tree, launch_env,
 )
-from training.manifest import KEY_ENV, Manifest, key_from_env
+from training.manifest import KEY_ENV, Manifest
 from training.result import SUMMARY_FILE, TrainResult
 
 __all__ = ["TrainResult", "TrainingError", "TrainingTimeout", "train_model"]
@@ -60,14 +61,6 @@ def _die_with_parent(cmd: list[str]) -> list[str]:
     threaded process such as a Prefect worker.)"""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
-
-
-def _data_key(cfg: PipelineConfig) -> bytes | None:
-    try:
-        from tasks.shard import resolve_data_key
-    except ImportError:  # the sharding task is optional for a pre-built manifest
-        return key_from_env()
-    return resolve_data_key(cfg)
 
 
 def _find_run(client: MlflowClient, experiment_id: str, task_run_id: str | None):
@@ -178,7 +171,7 @@ def train_model(
     if tc.resume_from:
         # fail before creating anything when the resume point does not exist
         log.info("resuming from %s", resolve_checkpoint(tc.resume_from, settings.runs_dir))
-    key = _data_key(cfg)
+    key = resolve_data_key(cfg)  # env or Prefect Secret block
 
     tracking_uri = settings.tracking_uri
     mlflow.set_tracking_uri(tracking_uri)

@@ -223,6 +223,10 @@ def _services(st: StackSettings, home: Path, config_json: Path | None) -> list[S
         st.prefect_database_url or f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
     )
     penv.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # one name, no ambiguity
+    # The UI's API address comes from settings, not from --port: without these it calls :4200.
+    penv["PREFECT_SERVER_API_HOST"] = st.host
+    penv["PREFECT_SERVER_API_PORT"] = str(st.prefect_port)
+    penv.setdefault("PREFECT_UI_API_URL", st.prefect_api_url)  # set it when behind a proxy
     prefect = Service(
         name="prefect",
         cmd=[str(BIN / "prefect"), "server", "start", "--host", st.host, "--port", str(st.prefect_port)],

@@ -139,13 +139,27 @@ def _running(name: str, home: Path | None = None) -> psutil.Process | None:
     try:
         rec = json.loads(pf.read_text())
         proc = psutil.Process(rec["pid"])
-        same = abs(proc.create_time() - rec["create_time"]) < 1.0 and proc.cmdline() == rec["cmdline"]
+        ticks = _start_ticks(proc.pid)
+        if ticks is not None and rec.get("start_ticks") is not None:
+            same_start = ticks == rec["start_ticks"]
+        else:  # psutil derives create_time from /proc/stat btime, which can move by a second
+            same_start = abs(proc.create_time() - rec["create_time"]) < 5.0
+        same = same_start and proc.cmdline() == rec["cmdline"]
         if same and proc.status() != psutil.STATUS_ZOMBIE:
             return proc
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, KeyError):
         pass
     pf.unlink(missing_ok=True)
     return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Process start time in clock ticks since boot (Linux): exact, unlike a wall-clock time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22 overall
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -301,7 +315,8 @@ def _start(svc: Service, home: Path) -> psutil.Process:
             stderr=subprocess.STDOUT, start_new_session=True,  # own group: down stops its children too
         )
     proc = psutil.Process(p.pid)
-    rec = {"pid": p.pid, "create_time": proc.create_time(), "cmdline": proc.cmdline()}
+    rec = {"pid": p.pid, "create_time": proc.create_time(), "start_ticks": _start_ticks(p.pid),
+           "cmdline": proc.cmdline()}
     _pid_file(svc.name, home).write_text(json.dumps(rec))
     return proc
 

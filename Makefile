@@ -30,6 +30,10 @@ test: install browser-deps
 clean:
 	rm -rf .ringflow
 
+# Benchmarks: every benchmarks/bench_*.py, then benchmarks/RESULTS.md (smoke: make bench BENCH_ARGS=--quick).
+bench: install
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
 # The real stack: Prefect server + MLflow server + the deployment runner (ringflow up --help).
 up: install
 	$(VENV)/bin/ringflow up --config $(CONFIG)

@@ -1,0 +1,366 @@
+"""Run every ``benchmarks/bench_*.py``, collect ``benchmarks/results/*.json``, write ``RESULTS.md``.
+
+    .venv/bin/python benchmarks/run_all.py            # everything (make bench), ~25-40 min on 2 cores
+    .venv/bin/python benchmarks/run_all.py --quick    # smoke: fewer sizes/repeats; benchmarks
+                                                      #   without --quick are not re-run
+    .venv/bin/python benchmarks/run_all.py --render   # only regenerate RESULTS.md from the JSON
+    .venv/bin/python benchmarks/run_all.py --only allreduce,training
+
+Benchmarks run one after another (they would disturb each other's timings). A failing benchmark
+is reported in RESULTS.md and the exit code, and the others still run. Benchmarks are never
+timed test asserts: the numbers live here, with the machine and its load next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, ROOT, bench_env, load_avg, machine_facts  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS_MD = HERE / "RESULTS.md"
+RUNLOG = RESULTS_DIR / "_run_all.json"
+# our benchmarks first (they need a quiet machine most), then the others alphabetically
+FIRST = ["allreduce", "training", "pipeline"]
+
+
+def discover() -> list[str]:
+    names = [p.stem.removeprefix("bench_") for p in sorted(HERE.glob("bench_*.py"))]
+    return [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
+
+
+def supports_quick(name: str) -> bool:
+    return '"--quick"' in (HERE / f"bench_{name}.py").read_text()
+
+
+def run_benchmarks(names: list[str], quick: bool, timeout: int) -> dict[str, Any]:
+    log: dict[str, Any] = {}
+    for name in names:
+        script = HERE / f"bench_{name}.py"
+        if quick and not supports_quick(name):
+            log[name] = {"ran": False, "why": "no --quick mode: results kept from its last full run"}
+            print(f"== {name}: skipped in --quick (no --quick mode)", flush=True)
+            continue
+        cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
+        print(f"== {name}: {' '.join(cmd[1:])}  (load {load_avg()})", flush=True)
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, env=bench_env(), timeout=timeout, text=True,
+                               stdout=sys.stdout, stderr=subprocess.PIPE)
+            rc, err = p.returncode, p.stderr
+        except subprocess.TimeoutExpired:
+            rc, err = 124, f"timed out after {timeout}s"
+        wall = time.perf_counter() - t0
+        log[name] = {"ran": True, "quick": quick, "rc": rc, "wall_s": round(wall, 1),
+                     "error_tail": err[-2000:] if rc else ""}
+        print(f"== {name}: exit {rc} in {wall:.0f}s", flush=True)
+        if rc:
+            print(err[-2000:], file=sys.stderr)
+    return log
+
+
+# --------------------------------------------------------------------------- rendering helpers
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    if isinstance(v, list):
+        return ", ".join(fmt(x) for x in v)
+    if isinstance(v, dict):
+        return "; ".join(f"{k}={fmt(x)}" for k, x in v.items())
+    return str(v).replace("|", "\\|")
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def human_bytes(n: int) -> str:
+    for unit, k in (("MB", 1024**2), ("KB", 1024)):
+        if n >= k:
+            return f"{n / k:g} {unit}"
+    return f"{n} B"
+
+
+def machine_line(m: dict | None) -> str:
+    if not m:
+        return ""
+    return (f"_Measured {m.get('date', '?')} on {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, "
+            f"{m.get('ram_gib', '?')} GiB RAM, torch {m.get('torch', '?')}, horovod {m.get('horovod', '?')}, "
+            f"Python {m.get('python', '?')}; load average at start {fmt(m.get('load_avg_1_5_15'))}._")
+
+
+# --------------------------------------------------------------------------- per-benchmark sections
+
+
+def render_allreduce(d: dict) -> str:
+    out = ["## Allreduce (np=2, Gloo, one host)", "",
+           "**What.** `hvd.allreduce` (out of place) and `hvd.allreduce_` (in place) next to "
+           "`torch.distributed` Gloo `all_reduce`, on the same tensors, and a one-thread memory copy of "
+           "the same bytes by one process as the physical reference.",
+           "",
+           "**How.** One `horovodrun -np 2 --gloo` job per Horovod setting; inside it both ranks also "
+           "join a torch Gloo group, and each size is measured interleaved (order rotated per repeat), "
+           f"{d['repeats']} repeats, median; bus bandwidth = 2(n-1)/n x bytes / time (= bytes/time at n=2); "
+           "latency = time per operation (blocks of up to 300 ops for small sizes).", "",
+           machine_line(d.get("machine")), ""]
+    default = next((v for v in d["variants"] if v["variant"] == "default"), d["variants"][0])
+    by = {(r["case"], r["bytes"], r["method"]): r for r in default["rows"]}
+    sizes = sorted({b for (c, b, _) in by if c == "single"})
+    rows = []
+    for s in sizes:
+        g = lambda m: by.get(("single", s, m), {})  # noqa: E731
+        t = g("torch").get("time_us")
+        rows.append([human_bytes(s),
+                     g("hvd").get("time_us"), g("hvd").get("busbw_gbs"),
+                     g("hvd_inplace").get("time_us"), g("hvd_inplace").get("busbw_gbs"),
+                     t, g("torch").get("busbw_gbs"),
+                     g("memcpy").get("busbw_gbs"),
+                     (t / g("hvd").get("time_us")) if t and g("hvd") else None,
+                     (t / g("hvd_inplace").get("time_us")) if t and g("hvd_inplace") else None])
+    out += [f"### Default Horovod settings (load before/after: {fmt(default['load_before'])} / {fmt(default['load_after'])})", "",
+            table(["size", "hvd us", "hvd GB/s", "hvd_ in-place us", "hvd_ GB/s", "torch us", "torch GB/s",
+                   "memcpy GB/s", "hvd/torch bw", "hvd_/torch bw"], rows), ""]
+    grad = [r for r in default["rows"] if r["case"] == "grad_like"]
+    if grad:
+        out += ["### Gradient-sized traffic (the default TabularNet's 9 parameter tensors, one step)", "",
+                table(["method", "bytes", "time per step-reduce us"],
+                      [[r["method"], r["bytes"], r["time_us"]] for r in grad]), "",
+                "`hvd_fused`: `allreduce_async_` per tensor + `synchronize` (what `hvd.DistributedOptimizer` "
+                "does, Tensor Fusion packs them); `torch_bucket`: flatten + one `all_reduce` (what a DDP "
+                "bucket does); `torch_per_tensor`: one `all_reduce` per tensor.", ""]
+    others = [v for v in d["variants"] if v is not default]
+    if others:
+        # lever table: hvd_ (in-place) / torch bandwidth ratio and hvd latency per size, per variant
+        vs = [default] + others
+        common = sorted(set.intersection(*[{r["bytes"] for r in v["rows"] if r["case"] == "single"} for v in vs]))
+        rows = []
+        for v in vs:
+            b = {(r["case"], r["bytes"], r["method"]): r for r in v["rows"]}
+            cells = [v["variant"], fmt(v["env"]) or "(none)"]
+            for s in common:
+                h, t = b.get(("single", s, "hvd_inplace")), b.get(("single", s, "torch"))
+                cells.append(f"{h['time_us']:.0f} us / {t['time_us'] / h['time_us']:.2f}x" if h and t else "-")
+            gl = b.get(("grad_like", next((r["bytes"] for r in v["rows"] if r["case"] == "grad_like"), 0), "hvd_fused"))
+            gt = b.get(("grad_like", gl["bytes"], "torch_bucket")) if gl else None
+            cells.append(f"{gl['time_us']:.0f} us / {gt['time_us'] / gl['time_us']:.2f}x" if gl and gt else "-")
+            idle = next((r["cpu_share"] for r in v["rows"] if r["case"] == "idle"), None)
+            cells.append(fmt([round(x, 3) for x in idle]) if idle else "-")
+            rows.append(cells)
+        out += ["### Horovod levers (each a separate job; cell = `hvd.allreduce_` time / its speed vs torch "
+                "Gloo in the same job, >1x = Horovod faster)", "",
+                table(["variant", "env"] + [human_bytes(s) for s in common] + ["grad-like (fused vs bucket)",
+                                                                           "idle CPU/rank"], rows), "",
+                "`idle CPU/rank`: CPU seconds per second that each Horovod rank burns while the program "
+                "sleeps for 2 s (the background thread's coordination cycle).", ""]
+    return "\n".join(out)
+
+
+def render_training(d: dict) -> str:
+    out = ["## Training throughput and scaling (flights default workload)", "",
+           "**What.** The project's own trainer (`training/train.py` under `horovodrun`, command from "
+           "`training.launch.horovodrun_command`) at np=1 and np=2 and with each lever, next to "
+           "`benchmarks/_ddp_reference.py` (same TabularNet, shards, batch, AdamW, LR schedule and thread "
+           "rule under torch DDP/Gloo).", "",
+           f"**How.** {d.get('train_rows', '?')} training rows, `{d.get('config')}`; each case is a fresh "
+           f"launch with {d['epochs_per_throughput_run']} epochs (early stopping off); samples/s = all ranks' "
+           "samples / epoch wall time (validation excluded), median of epochs 2..E, then median over "
+           f"{d['rounds']} interleaved rounds (case order rotated per round). `vs np2` = throughput / "
+           "`hvd_np2` (the trainer's defaults at np=2).", "",
+           machine_line(d.get("machine")) + f" Load after: {fmt(d.get('load_after'))}.", ""]
+    rows = [[name, c["what"], c["samples_per_s"], c.get("vs_hvd_np2"), fmt(c["samples_per_s_each_round"]),
+             c.get("step_wall_ms"), c.get("fwd_bwd_ms"), c["launch_wall_s"]] for name, c in d["cases"].items()]
+    out += [table(["case", "what", "samples/s (median)", "vs np2", "per round", "step wall ms", "fwd+bwd ms/rank",
+                   "launch wall s"], rows), "",
+            "`step wall ms`: epoch wall / steps (everything a step costs); `fwd+bwd ms/rank`: the trainer's own "
+            "per-rank compute timer (forward + backward only). The difference is data indexing, the "
+            "optimizer and, at np=2, the time in and waiting for collectives.", ""]
+    der = d.get("derived", {})
+    if der:
+        out += ["### Derived", "", table(["quantity", "value"], [[k, v] for k, v in der.items()]), ""]
+    if d.get("quality"):
+        out += ["### Model quality (full default runs: configured epochs and early stopping)", "",
+                table(["run", "np", "best val AUC", "epochs run", "status", "samples/s"],
+                      [[q["case"], q["np"], q["val_auc"], q["epochs"], q.get("status"), q["samples_per_s"]]
+                       for q in d["quality"]]), ""]
+    return "\n".join(out)
+
+
+def render_pipeline(d: dict) -> str:
+    out = ["## End-to-end pipeline (shard -> train -> evaluate -> register)", "",
+           "**What.** `flows.training_pipeline.training_pipeline(config)` on the default config in a fresh "
+           "process and a fresh `RINGFLOW_HOME` (ephemeral Prefect API, MLflow on SQLite), next to the same "
+           "stages' work done bare (no Prefect, no MLflow): `shard_dataset`, `horovodrun ... training.train`, "
+           "scoring the test window.", "",
+           "**How.** " + d.get("how", ""), "", machine_line(d.get("machine")), ""]
+    if d.get("stages"):
+        out += [table(["stage", "Prefect task run s (median)", "bare work s (median)", "difference s"],
+                      [[s["stage"], s.get("task_s"), s.get("bare_s"), s.get("diff_s")] for s in d["stages"]]), ""]
+    if d.get("totals"):
+        out += [table(["quantity", "value"], [[k, v] for k, v in d["totals"].items()]), ""]
+    return "\n".join(out)
+
+
+def _generic(obj: Any, depth: int = 0) -> list[str]:
+    """Render another engineer's result JSON without knowing its shape: scalars as a key/value
+    table, lists of records as one table, nested objects as sub-sections."""
+    out: list[str] = []
+    if isinstance(obj, dict):
+        scalars = {k: v for k, v in obj.items() if not isinstance(v, (dict, list)) or
+                   (isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v))}
+        if scalars:
+            out += [table(["key", "value"], [[k, v] for k, v in scalars.items()]), ""]
+        for k, v in obj.items():
+            if k in scalars or k == "runs":  # raw repeats stay in the JSON
+                continue
+            out += [f"{'#' * min(6, 4 + depth)} {k}", ""] + _generic(v, depth + 1)
+    elif isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        cols: list[str] = []
+        for x in obj:
+            cols += [k for k in x if k not in cols]
+        out += [table(cols, [[x.get(c) for c in cols] for x in obj]), ""]
+    else:
+        out += [fmt(obj), ""]
+    return out
+
+
+def render_generic(name: str, d: dict) -> str:
+    head = [f"## {name.capitalize()} (from `benchmarks/bench_{name}.py`)", "",
+            "Collected as written by its benchmark; see that script's docstring for what and how. Raw "
+            f"per-repeat data: `benchmarks/results/{name}.json`.", ""]
+    if isinstance(d.get("table_markdown"), str):
+        # the benchmark rendered its own table: use it as is, plus its scalar facts
+        facts = {k: v for k, v in d.items() if k != "table_markdown" and not isinstance(v, (dict, list))}
+        machine = d.get("machine") if isinstance(d.get("machine"), dict) else {}
+        return "\n".join(head + [d["table_markdown"].strip(), "",
+                                 table(["key", "value"], [[k, v] for k, v in {**facts, **machine}.items()]), ""])
+    return "\n".join(head + _generic({k: v for k, v in d.items() if k != "runs"}))
+
+
+RENDERERS = {"allreduce": render_allreduce, "training": render_training, "pipeline": render_pipeline}
+
+
+def targets(results: dict[str, dict]) -> str:
+    rows = []
+    ar = results.get("allreduce")
+    if ar:
+        default = next((v for v in ar["variants"] if v["variant"] == "default"), None)
+        if default:
+            by = {(r["bytes"], r["method"]): r for r in default["rows"] if r["case"] == "single"}
+            big = sorted(b for (b, m) in by if b >= 1024**2 and m == "torch")
+            worst = min((by[(b, "torch")]["time_us"] / by[(b, "hvd")]["time_us"] for b in big), default=None)
+            worst_ip = min((by[(b, "torch")]["time_us"] / by[(b, "hvd_inplace")]["time_us"] for b in big), default=None)
+            rows.append(["Horovod allreduce bus bandwidth >= torch Gloo for >= 1 MB",
+                         f"worst hvd/torch {fmt(worst)}x (in place: {fmt(worst_ip)}x)",
+                         "met" if worst is not None and worst >= 1 else "not met"])
+    tr = results.get("training")
+    if tr:
+        der = tr.get("derived", {})
+        e = der.get("efficiency_vs_best_np1")
+        dauc = der.get("auc_np2_minus_np1")
+        rows.append(["scaling efficiency >= 0.85 at equal quality (|dAUC| <= 0.005)",
+                     f"{fmt(e)} (vs the faster np=1 setting); dAUC {fmt(dauc)}",
+                     "met" if e and e >= 0.85 and dauc is not None and abs(dauc) <= 0.005 else "not met"])
+        r = der.get("hvd_vs_ddp_np2")
+        rows.append(["Horovod trainer >= 1.0x DDP throughput (np=2)", f"{fmt(r)}x"
+                     + (f" (prototype fast step: {fmt(der.get('fast_step_vs_ddp_np2'))}x)" if der.get("fast_step_vs_ddp_np2") else ""),
+                     "met" if r and r >= 1 else "not met"])
+    pl = results.get("pipeline")
+    if pl and pl.get("totals"):
+        share = pl["totals"].get("orchestration_overhead_share")
+        rows.append(["orchestration overhead <= 10% of the pipeline", fmt(share),
+                     "met" if share is not None and share <= 0.10 else "not met"])
+    if not rows:
+        return ""
+    return "\n".join(["## Targets", "", table(["target", "measured", "verdict"], rows), ""])
+
+
+def render(results: dict[str, dict], runlog: dict[str, Any]) -> str:
+    facts = machine_facts()
+    parts = ["# Benchmark results", "",
+             "Generated by `benchmarks/run_all.py` (`make bench`) from `benchmarks/results/*.json`; do not "
+             "edit by hand. How to read them and what the levers do: `benchmarks/README.md`.", "",
+             f"Rendered {facts['date']} on {facts['cpu_model']}, {facts['cores']} cores, {facts['ram_gib']} GiB "
+             f"RAM, torch {facts.get('torch')}, horovod {facts.get('horovod')}. Every section names the "
+             "machine, date and load of its own run: the machine is shared, so compare numbers only "
+             "within one table (they were measured side by side), never across tables or dates.", ""]
+    if any(r.get("quick") for r in results.values()):
+        parts += ["**Some sections below come from a `--quick` run (fewer sizes/repeats/cases).**", ""]
+    if runlog:
+        parts += ["### Last run", "", table(["benchmark", "ran", "exit", "wall s", "note"],
+                  [[n, r.get("ran"), r.get("rc"), r.get("wall_s"), r.get("why") or (r.get("error_tail") or "")[-200:]]
+                   for n, r in runlog.items()]), ""]
+    parts.append(targets(results))
+    for name, d in results.items():
+        try:
+            parts.append(RENDERERS.get(name, lambda dd: render_generic(name, dd))(d))
+        except (KeyError, TypeError, ValueError) as e:  # a changed JSON shape must not lose the rest
+            parts.append(f"## {name}\n\n(could not render: {type(e).__name__}: {e}; raw data in "
+                         f"`benchmarks/results/{name}.json`)\n")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def collect() -> dict[str, dict]:
+    results = {}
+    order = discover()
+    files = {p.stem: p for p in sorted(RESULTS_DIR.glob("*.json")) if not p.stem.startswith("_")}
+    for name in order + [n for n in files if n not in order]:
+        if name in files:
+            try:
+                results[name] = json.loads(files[name].read_text())
+            except json.JSONDecodeError as e:
+                results[name] = {"error": f"unreadable JSON: {e}"}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: each benchmark's --quick mode")
+    p.add_argument("--render", action="store_true", help="only regenerate RESULTS.md from results/*.json")
+    p.add_argument("--only", default=None, help="comma list of benchmark names (allreduce,training,...)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per benchmark")
+    p.add_argument("--results-md", default=str(RESULTS_MD))
+    args = p.parse_args(argv)
+    runlog: dict[str, Any] = {}
+    if RUNLOG.exists():
+        runlog = json.loads(RUNLOG.read_text())
+    rc = 0
+    if not args.render:
+        names = discover()
+        if args.only:
+            want = args.only.split(",")
+            names = [n for n in names if n in want]
+        fresh = run_benchmarks(names, args.quick, args.timeout)
+        runlog.update(fresh)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        RUNLOG.write_text(json.dumps(runlog, indent=1))
+        rc = 1 if any(r.get("rc") for r in fresh.values()) else 0
+    Path(args.results_md).write_text(render(collect(), runlog))
+    print(f"wrote {args.results_md}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Training throughput of the project's Horovod trainer, its scaling, its levers, and a DDP reference.
+
+    .venv/bin/python benchmarks/bench_training.py [--quick] [--config configs/flights.yaml]
+
+Workload: the default flights config (105k training rows, TabularNet ~14k parameters), sharded
+once with the project's own ``training.sharding.shard_dataset`` into a scratch directory.
+
+Throughput runs: every case is one real ``horovodrun`` of ``training/train.py`` (the command comes
+from ``training.launch.horovodrun_command``, so fusion/cycle/autotune flags are exactly the
+pipeline's), ``epochs`` short and early stopping off; samples/s = all ranks' samples / epoch
+wall time (the trainer's own ``samples_per_s``, validation excluded), median over epochs 2..E
+(epoch 1 warms up), then median over rounds. Cases run interleaved: each round runs every case
+once, in a rotated order, so load from other users of the machine hits all of them alike.
+
+Reference: ``benchmarks/_ddp_reference.py``, the same model, data, batch, optimizer and thread
+rule under torch DistributedDataParallel (Gloo), launched with torchrun.
+
+Quality: full default runs (epochs and early stopping as configured) at np=1 and np=2: best
+validation AUC.
+
+Writes ``benchmarks/results/training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import ROOT, bench_env, load_avg, machine_facts, median, write_result  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SCRATCH = Path(tempfile.gettempdir()) / "ringflow-bench"
+
+
+@dataclass
+class Case:
+    name: str
+    np: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    kind: str = "horovod"  # horovod | ddp
+    what: str = ""
+
+
+def cases(quick: bool) -> list[Case]:
+    core = [
+        Case("hvd_np1", 1, what="trainer np=1, default threads (2 = all cores)"),
+        Case("hvd_np1_t1", 1, {"training.threads_per_rank": 1}, what="trainer np=1, 1 thread"),
+        Case("hvd_np2", 2, what="trainer np=2, defaults (1 thread/rank)"),
+        Case("ddp_np1_t1", 1, {"training.threads_per_rank": 1}, kind="ddp", what="DDP reference np=1, 1 thread"),
+        Case("ddp_np2", 2, kind="ddp", what="DDP reference np=2, 1 thread/rank"),
+    ]
+    levers = [
+        Case("np2_fast_step", 2, env={"RFBENCH_FAST": "1"},
+             what="np=2, prototype fix: no per-step non-finite allreduce, loss summed as tensor"),
+        Case("np2_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004},
+             what="np=2, batch 2048/rank, LR x2 (linear scaling)"),
+        Case("np2_bpps2", 2, {"training.horovod.backward_passes_per_step": 2},
+             what="np=2, backward_passes_per_step=2"),
+        Case("np2_cycle_0.1ms", 2, {"training.horovod.cycle_time_ms": 0.1}, what="np=2, cycle time 0.1 ms"),
+        Case("np2_cycle_5ms", 2, {"training.horovod.cycle_time_ms": 5}, what="np=2, cycle time 5 ms"),
+        Case("np2_fusion_off", 2, {"training.horovod.fusion_threshold_mb": 0}, what="np=2, tensor fusion off"),
+        Case("np2_autotune", 2, {"training.horovod.autotune": True}, what="np=2, Horovod autotune"),
+        Case("np2_threads2", 2, {"training.threads_per_rank": 2}, what="np=2, 2 threads/rank (oversubscribed)"),
+        Case("np2_pinned", 2, env={"RFBENCH_PIN": "1"}, what="np=2, each rank pinned to its own core"),
+        Case("np2_fp16", 2, {"training.horovod.compression": "fp16"}, what="np=2, fp16 gradient compression"),
+        Case("np2_fast_cycle_0.1ms", 2, {"training.horovod.cycle_time_ms": 0.1}, env={"RFBENCH_FAST": "1"},
+             what="np=2, fast step + cycle time 0.1 ms"),
+        Case("np2_fast_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004},
+             env={"RFBENCH_FAST": "1"}, what="np=2, fast step + batch 2048/rank, LR x2"),
+        Case("hvd_np1_t1_batch2048_lr2x", 1, {"training.threads_per_rank": 1, "training.batch_size": 2048,
+                                               "training.learning_rate": 0.004},
+             what="trainer np=1, 1 thread, batch 2048, LR x2 (the np=1 side of the batch lever)"),
+        Case("np2_fast_pinned", 2, env={"RFBENCH_FAST": "1", "RFBENCH_PIN": "1"},
+             what="np=2, fast step + pinned ranks"),
+        Case("np2_fast_pinned_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004},
+             env={"RFBENCH_FAST": "1", "RFBENCH_PIN": "1"}, what="np=2, fast step + pinned + batch 2048/rank, LR x2"),
+        Case("ddp_np2_dataloader", 2, kind="ddp", env={"RFBENCH_LOADER": "dataloader"},
+             what="DDP np=2 fed by a DataLoader instead of in-memory indexing"),
+    ]
+    if quick:
+        return [c for c in core if c.name in ("hvd_np1_t1", "hvd_np2", "ddp_np2")]
+    return core + levers
+
+
+QUALITY_CASES = [
+    Case("quality_np1", 1, {"training.threads_per_rank": 1}),
+    Case("quality_np2", 2),
+    Case("quality_np2_fast_step", 2, env={"RFBENCH_FAST": "1"}),
+    Case("quality_np1_batch2048_lr2x", 1, {"training.threads_per_rank": 1, "training.batch_size": 2048,
+                                           "training.learning_rate": 0.004}),
+    Case("quality_np2_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004}),
+]
+
+
+def ensure_manifest(cfg) -> Path:
+    from training.sharding import shard_dataset
+
+    m = shard_dataset(cfg, SCRATCH / "data", key=None, progress=lambda s: None)
+    return Path(m.path)
+
+
+def _cfg_for(base, case: Case, epochs: int, throughput: bool):
+    from training.config import with_overrides
+
+    ov = dict(case.overrides)
+    ov["training.world_size"] = case.np
+    if throughput:
+        ov["training.epochs"] = epochs
+        ov["training.early_stopping_patience"] = 1000
+    return with_overrides(base, ov)
+
+
+def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = True, timeout: int = 900) -> dict:
+    from training.launch import horovodrun_command
+
+    cfg = _cfg_for(base, case, epochs, throughput)
+    out = Path(tempfile.mkdtemp(prefix=f"{case.name}-", dir=SCRATCH))
+    env = bench_env(**case.env)
+    env.pop("MLFLOW_RUN_ID", None)  # the trainer logs nowhere: we measure training, not MLflow
+    if case.kind == "horovod":
+        cmd = horovodrun_command(cfg, manifest, out, python=sys.executable)
+        if case.env.get("RFBENCH_FAST") or case.env.get("RFBENCH_PIN"):
+            i = cmd.index("-m")
+            cmd[i:i + 2] = [str(HERE / "_trainer_variants.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(case.np),
+               str(HERE / "_ddp_reference.py"), "--manifest", str(manifest), "--config-json", cfg.model_dump_json(),
+               "--out", str(out / "ddp.json"), "--loader", case.env.get("RFBENCH_LOADER", "memory")]
+    load0 = load_avg()
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"case {case.name} failed (exit {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    if case.kind == "horovod":
+        s = json.loads((out / "summary.json").read_text())
+        hist = s["history"]
+        auc = s["best_val_roc_auc"]
+        extra = {"status": s["status"], "best_epoch": s["best_epoch"],
+                 "step_time_ms_per_rank": [r["step_time_ms"] for r in s["per_rank"]],
+                 "train_wall_s": s["wall_time_s"]}
+    else:
+        s = json.loads((out / "ddp.json").read_text())
+        hist = s["history"]
+        auc = s["val_roc_auc_last"]
+        extra = {"threads": s["threads"]}
+    thr = [h["samples_per_s"] for h in hist]
+    steady = thr[1:] if len(thr) > 1 else thr
+    # per-step wall time (all of a step: data, forward, backward, allreduce waits, optimizer)
+    bs = cfg.training.batch_size
+    step_ms = [h["epoch_time_s"] * 1000 / max(1, round(h["samples_per_s"] * h["epoch_time_s"] / (case.np * bs)))
+               for h in hist]
+    extra["step_wall_ms"] = median(step_ms[1:] if len(step_ms) > 1 else step_ms)
+    return {"case": case.name, "np": case.np, "samples_per_s": median(steady), "per_epoch_samples_per_s": thr,
+            "epochs": len(hist), "val_auc": auc, "launch_wall_s": round(wall, 2), "load_before": load0, **extra}
+
+
+def summarize(runs: list[dict], all_cases: list[Case]) -> dict:
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["case"], []).append(r)
+    table = {}
+    for c in all_cases:
+        rs = by.get(c.name, [])
+        if not rs:
+            continue
+        table[c.name] = {"what": c.what, "np": c.np, "kind": c.kind, "rounds": len(rs),
+                         "samples_per_s": median([r["samples_per_s"] for r in rs]),
+                         "samples_per_s_each_round": [round(r["samples_per_s"]) for r in rs],
+                         "launch_wall_s": median([r["launch_wall_s"] for r in rs]),
+                         "step_wall_ms": median([r["step_wall_ms"] for r in rs])}
+        fwd_bwd = [x for r in rs for x in r.get("step_time_ms_per_rank", [])]
+        if fwd_bwd:
+            table[c.name]["fwd_bwd_ms"] = median(fwd_bwd)
+    base = table.get("hvd_np2", {}).get("samples_per_s")
+    for name, row in table.items():
+        if base and row["np"] == 2:
+            row["vs_hvd_np2"] = row["samples_per_s"] / base
+    derived: dict[str, Any] = {}
+
+    def thr(n):
+        return table.get(n, {}).get("samples_per_s")
+
+    np1_best = max([x for x in (thr("hvd_np1"), thr("hvd_np1_t1")) if x] or [0]) or None
+    if thr("hvd_np2") and np1_best:
+        derived["efficiency_vs_best_np1"] = thr("hvd_np2") / (2 * np1_best)
+    if thr("hvd_np2") and thr("hvd_np1"):
+        derived["efficiency_vs_default_np1"] = thr("hvd_np2") / (2 * thr("hvd_np1"))
+    if thr("np2_fast_step") and np1_best:
+        derived["efficiency_fast_step_vs_best_np1"] = thr("np2_fast_step") / (2 * np1_best)
+    if thr("np2_fast_pinned_batch2048_lr2x") and thr("hvd_np1_t1_batch2048_lr2x"):
+        derived["efficiency_best_levers_vs_np1_batch2048"] = (
+            thr("np2_fast_pinned_batch2048_lr2x") / (2 * thr("hvd_np1_t1_batch2048_lr2x")))
+    if thr("np2_fast_pinned") and np1_best:
+        derived["efficiency_fast_pinned_vs_best_np1"] = thr("np2_fast_pinned") / (2 * np1_best)
+    if thr("np2_fast_pinned") and thr("ddp_np2"):
+        derived["fast_pinned_vs_ddp_np2"] = thr("np2_fast_pinned") / thr("ddp_np2")
+    ddp1 = thr("ddp_np1_t1")
+    if thr("ddp_np2") and ddp1:
+        derived["ddp_efficiency_vs_best_np1"] = thr("ddp_np2") / (2 * ddp1)
+    if thr("hvd_np2") and thr("ddp_np2"):
+        derived["hvd_vs_ddp_np2"] = thr("hvd_np2") / thr("ddp_np2")
+    if thr("np2_fast_step") and thr("ddp_np2"):
+        derived["fast_step_vs_ddp_np2"] = thr("np2_fast_step") / thr("ddp_np2")
+    return {"cases": table, "derived": derived}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 cases, 1 round, 2 epochs, no quality runs")
+    p.add_argument("--config", default=str(ROOT / "configs" / "flights.yaml"))
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per throughput run (default 3; quick 2)")
+    p.add_argument("--cases", default=None, help="comma list of case names (default: all)")
+    p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--quality", default=None, help="comma list of quality runs (default: all)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    from training.config import load_config
+
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    base = load_config(args.config)
+    manifest = ensure_manifest(base)
+    all_cases = cases(args.quick)
+    if args.cases:
+        want = args.cases.split(",")
+        all_cases = [c for c in cases(False) if c.name in want]
+    rounds = args.rounds or (1 if args.quick else 3)
+    epochs = args.epochs or (2 if args.quick else 3)
+    facts = machine_facts()
+    runs = []
+    for r in range(rounds):
+        k = r % len(all_cases)
+        for case in all_cases[k:] + all_cases[:k]:
+            res = run_case(base, case, manifest, epochs)
+            res["round"] = r
+            runs.append(res)
+            print(f"round {r} {case.name:22s} {res['samples_per_s']:>9.0f} samples/s  "
+                  f"(epochs {[round(x) for x in res['per_epoch_samples_per_s']]}, load {res['load_before']})", flush=True)
+    quality = []
+    qcases = {c.name: c for c in QUALITY_CASES}
+    qnames = args.quality.split(",") if args.quality else list(qcases)
+    if not (args.quick or args.no_quality):
+        # full default runs; np=1 with 1 thread (threads change speed, not the math)
+        for case in (qcases[n] for n in qnames):
+            res = run_case(base, case, manifest, epochs=base.training.epochs, throughput=False)
+            quality.append({k: res[k] for k in ("case", "np", "val_auc", "epochs", "status", "best_epoch",
+                                                 "samples_per_s", "launch_wall_s")})
+            print(f"quality {case.name}: best val AUC {res['val_auc']:.4f} after {res['epochs']} epochs", flush=True)
+    summary = summarize(runs, all_cases)
+    q = {x["case"]: x["val_auc"] for x in quality}
+    if "quality_np1" in q and "quality_np2" in q:
+        summary["derived"]["auc_np1"] = q["quality_np1"]
+        summary["derived"]["auc_np2"] = q["quality_np2"]
+        summary["derived"]["auc_np2_minus_np1"] = q["quality_np2"] - q["quality_np1"]
+    if "quality_np1_batch2048_lr2x" in q and "quality_np2_batch2048_lr2x" in q:
+        summary["derived"]["auc_np2_minus_np1_batch2048"] = q["quality_np2_batch2048_lr2x"] - q["quality_np1_batch2048_lr2x"]
+    data = {"benchmark": "training", "quick": args.quick, "config": str(Path(args.config).relative_to(ROOT))
+            if Path(args.config).is_relative_to(ROOT) else args.config,
+            "epochs_per_throughput_run": epochs, "rounds": rounds, "machine": facts, "load_after": load_avg(),
+            "train_rows": json.loads(Path(manifest).read_text())["windows"]["train"]["rows"],
+            **summary, "quality": quality, "runs": runs}
+    path = write_result("training", data, args.out)
+    print(f"wrote {path}")
+    for name, row in summary["cases"].items():
+        print(f"  {name:24s} {row['samples_per_s']:>9.0f} samples/s {row.get('vs_hvd_np2', float('nan')):6.2f}x  {row['what']}")
+    for k, v in summary["derived"].items():
+        print(f"  {k}: {v:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The benchmark suite at tiny sizes, so it cannot rot. No timing is asserted: only that every
+benchmark runs on the real stack, writes its JSON, and that RESULTS.md renders from it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+BENCH = ROOT / "benchmarks"
+
+
+def _run(args: list[str], timeout: int = 600) -> None:
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_allreduce_quick_measures_every_method(tmp_path):
+    out = tmp_path / "allreduce.json"
+    _run([str(BENCH / "bench_allreduce.py"), "--quick", "--repeats", "1", "--out", str(out)])
+    d = json.loads(out.read_text())
+    methods = {(r["case"], r["method"]) for r in d["variants"][0]["rows"]}
+    assert {("single", "hvd"), ("single", "hvd_inplace"), ("single", "torch"), ("single", "memcpy"),
+            ("grad_like", "hvd_fused"), ("grad_like", "torch_bucket")} <= methods
+    assert d["machine"]["cores"] >= 1 and d["machine"]["horovod"]
+
+
+def test_training_bench_runs_trainer_and_ddp_reference(tmp_path):
+    out = tmp_path / "training.json"
+    _run([str(BENCH / "bench_training.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+          "--cases", "hvd_np2,np2_fast_step,ddp_np2", "--rounds", "1", "--epochs", "2", "--no-quality",
+          "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert set(d["cases"]) == {"hvd_np2", "np2_fast_step", "ddp_np2"}
+    assert all(c["samples_per_s"] > 0 for c in d["cases"].values())
+    assert "hvd_vs_ddp_np2" in d["derived"]
+
+
+def test_results_md_renders_known_and_foreign_results(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run_all
+
+    _run([str(BENCH / "bench_allreduce.py"), "--quick", "--repeats", "1", "--out", str(tmp_path / "allreduce.json")])
+    results = {
+        "allreduce": json.loads((tmp_path / "allreduce.json").read_text()),
+        "sharding": {"meta": {"rows": 10}, "cases": [{"shards": 2, "wall_s": 1.5, "per": {"a": 1}}]},
+    }
+    md = run_all.render(results, {"allreduce": {"ran": True, "rc": 0, "wall_s": 3.0}})
+    assert "## Allreduce" in md and "## Targets" in md and "## Sharding" in md
+    assert "| shards | wall_s | per |" in md

@@ -1,0 +1,246 @@
+"""End-to-end pipeline wall time per stage, and the orchestration overhead.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--quick] [--config configs/flights.yaml]
+
+Two kinds of run, each in a fresh process with a fresh ``RINGFLOW_HOME`` (so sharding is really
+done, MLflow is an empty SQLite store and no champion exists), interleaved over rounds:
+
+- ``flow``: ``training_pipeline(config)`` (Prefect flow, ephemeral Prefect API; MLflow run,
+  lineage, model logging, registry). Stage times are the Prefect task runs' start/end times
+  (read back from the Prefect API); ``horovodrun`` wall time is the ``training_wall_time_s``
+  metric the train task logs around it.
+- ``bare``: the same stages' own work with neither Prefect nor MLflow: ``shard_dataset``,
+  the same ``horovodrun ... training.train`` command (no ``MLFLOW_RUN_ID``), and scoring the test
+  window with the trained model (load, ``predict_proba``, ``classification_metrics``).
+
+Orchestration overhead = flow wall - (bare shard + horovodrun wall in the flow + bare evaluate):
+the time in Prefect and MLflow outside the stages' own work. Reported as a share of the flow
+wall time, both from the flow call and from process start (imports + ephemeral API start-up).
+
+Writes ``benchmarks/results/pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_PROCESS = time.perf_counter()  # process start (as near as Python lets us)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import ROOT, bench_env, load_avg, machine_facts, median, write_result  # noqa: E402
+
+SCRATCH = Path(tempfile.gettempdir()) / "ringflow-bench"
+STAGES = ["shard", "train", "evaluate", "register"]
+
+
+# --------------------------------------------------------------------------- children
+
+
+def child_flow(cfg_path: str, out: Path) -> None:
+    t_imp = time.perf_counter()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.training_pipeline import training_pipeline
+    from training.config import load_config
+
+    imports_s = time.perf_counter() - t_imp
+    cfg = load_config(cfg_path)
+    t0 = time.perf_counter()
+    state = training_pipeline(cfg, return_state=True)
+    flow_s = time.perf_counter() - t0
+    result = state.result()
+    fr_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(fr_id)
+        trs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr_id])))
+    tasks = [{"name": t.name, "task_key": t.task_key, "state": t.state_type.value if t.state_type else None,
+              "start": t.start_time.timestamp() if t.start_time else None,
+              "end": t.end_time.timestamp() if t.end_time else None,
+              "total_run_time_s": t.total_run_time.total_seconds() if t.total_run_time else None}
+             for t in trs]
+    import mlflow
+
+    run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(result.training_run_id)
+    summary = json.loads((Path(os.environ["RINGFLOW_HOME"]) / "runs" / result.training_run_id / "summary.json").read_text())
+    out.write_text(json.dumps({
+        "imports_s": imports_s, "flow_call_s": flow_s,
+        "flow_run_s": fr.total_run_time.total_seconds() if fr.total_run_time else None,
+        "flow_start": fr.start_time.timestamp() if fr.start_time else None,
+        "flow_end": fr.end_time.timestamp() if fr.end_time else None,
+        "tasks": tasks, "horovodrun_s": run.data.metrics.get("training_wall_time_s"),
+        "train_program_s": summary["wall_time_s"], "epochs": summary["epochs"],
+        "train_status": summary["status"], "promoted": result.promoted, "process_to_end_s": time.perf_counter() - T_PROCESS,
+    }))
+
+
+def child_bare(cfg_path: str, out: Path) -> None:
+    t_imp = time.perf_counter()
+    from training.config import load_config
+    from training.launch import horovodrun_command, launch_env
+    from training.metrics import classification_metrics
+    from training.model import load_model, predict_proba
+    from training.sharding import shard_dataset
+
+    imports_s = time.perf_counter() - t_imp
+    home = Path(os.environ["RINGFLOW_HOME"])
+    cfg = load_config(cfg_path)
+    t0 = time.perf_counter()
+    manifest = shard_dataset(cfg, home / "data", key=None, progress=lambda s: None)
+    shard_s = time.perf_counter() - t0
+    run_dir = home / "runs" / "bare"
+    cmd = horovodrun_command(cfg, manifest.path.resolve(), run_dir)
+    env = launch_env(cfg, MLFLOW_RUN_ID=None, MLFLOW_TRACKING_URI=None, RINGFLOW_HOME=str(home))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=cfg.training.timeout_s)
+    train_s = time.perf_counter() - t0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    t0 = time.perf_counter()
+    net, pre = load_model(run_dir)
+    test = manifest.read(manifest.test)
+    p = predict_proba(net, pre, test)
+    metrics = classification_metrics(test[manifest.target_column].to_numpy(), p)
+    eval_s = time.perf_counter() - t0
+    out.write_text(json.dumps({"imports_s": imports_s, "shard_s": shard_s, "train_s": train_s,
+                               "train_program_s": summary["wall_time_s"], "epochs": summary["epochs"],
+                               "evaluate_s": eval_s, "register_s": 0.0, "test_auc": metrics["roc_auc"],
+                               "process_to_end_s": time.perf_counter() - T_PROCESS}))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_child(kind: str, cfg_path: str, prefect_home: Path, timeout: int = 1800) -> dict:
+    home = Path(tempfile.mkdtemp(prefix=f"pipe-{kind}-", dir=SCRATCH))
+    out = home / "result.json"
+    env = bench_env(RINGFLOW_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+                    PREFECT_HOME=str(prefect_home), PREFECT_LOGGING_LEVEL="WARNING")
+    for k in ("PREFECT_API_URL", "MLFLOW_RUN_ID", "RINGFLOW_DATA_KEY"):
+        env.pop(k, None)
+    load0 = load_avg()
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, __file__, "--child", kind, "--config", cfg_path, "--child-out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0 or not out.exists():
+        raise RuntimeError(f"pipeline {kind} run failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    res = json.loads(out.read_text())
+    res.update(kind=kind, process_wall_s=wall, load_before=load0)
+    shutil.rmtree(home, ignore_errors=True)
+    return res
+
+
+def stage_times(flow: dict) -> dict[str, float]:
+    """Seconds per stage from the Prefect task runs (all attempts of a stage's task summed)."""
+    out = {s: 0.0 for s in STAGES}
+    for t in flow["tasks"]:
+        if t["start"] and t["end"]:
+            for s in STAGES:
+                if t["name"].startswith(s):
+                    out[s] += t["end"] - t["start"]
+    return out
+
+
+def analyse(flows: list[dict], bares: list[dict]) -> dict:
+    st = [stage_times(f) for f in flows]
+    bare = {"shard": median([b["shard_s"] for b in bares]), "train": median([b["train_s"] for b in bares]),
+            "evaluate": median([b["evaluate_s"] for b in bares]), "register": 0.0}
+    stages = []
+    for s in STAGES:
+        task_s = median([x[s] for x in st])
+        stages.append({"stage": s, "task_s": task_s, "bare_s": bare[s], "diff_s": task_s - bare[s]})
+    flow_call = median([f["flow_call_s"] for f in flows])
+    flow_run = median([f["flow_run_s"] for f in flows])
+    proc = median([f["process_wall_s"] for f in flows])
+    hvd = median([f["horovodrun_s"] for f in flows])
+    work = bare["shard"] + hvd + bare["evaluate"]
+    in_tasks = sum(median([x[s] for x in st]) for s in STAGES)
+    totals = {
+        "flow_call_wall_s": flow_call,
+        "flow_process_wall_s": proc,
+        "flow_process_imports_s": median([f["imports_s"] for f in flows]),
+        "horovodrun_wall_in_flow_s": hvd,
+        "stage_work_s (bare shard + horovodrun + bare evaluate)": work,
+        "orchestration_overhead_s": flow_call - work,
+        "orchestration_overhead_share": (flow_call - work) / flow_call,
+        "orchestration_overhead_share_incl_process_startup": (proc - work) / proc,
+        "outside_task_runs_s (flow wall - sum of task runs)": flow_call - in_tasks,
+        # where the overhead goes
+        "prefect_api_start_and_flow_run_creation_s (flow call - flow run)": flow_call - flow_run,
+        "mlflow_in_train_task_s (train task - horovodrun)": median([x["train"] for x in st]) - hvd,
+        "mlflow_in_ranks_s (horovodrun in flow - bare horovodrun)": hvd - bare["train"],
+        "evaluate_mlflow_s (evaluate task - bare scoring)": median([x["evaluate"] for x in st]) - bare["evaluate"],
+        "orchestration_overhead_share_of_flow_run (persistent Prefect server case)": (flow_run - work) / flow_run,
+        "horovodrun_launch_s (bare horovodrun - training program wall)": bare["train"] - median(
+            [b["train_program_s"] for b in bares]),
+        "bare_process_wall_s": median([b["process_wall_s"] for b in bares]),
+        "bare_horovodrun_s": bare["train"],
+        "train_epochs_flow / bare": f"{flows[0]['epochs']} / {bares[0]['epochs']}",
+    }
+    return {"stages": stages, "totals": totals}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke config, one round")
+    p.add_argument("--config", default=None, help="default: configs/flights.yaml (quick: configs/smoke.yaml)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", choices=["flow", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--reanalyse", action="store_true", help="recompute the summary of the existing result JSON")
+    args = p.parse_args(argv)
+    if args.reanalyse:
+        path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "pipeline.json"
+        data = json.loads(path.read_text())
+        data.update(analyse(data["flow_runs"], data["bare_runs"]))
+        write_result("pipeline", data, path)
+        print(json.dumps(data["totals"], indent=1))
+        return 0
+    cfg_path = args.config or str(ROOT / "configs" / ("smoke.yaml" if args.quick else "flights.yaml"))
+    if args.child:
+        (child_flow if args.child == "flow" else child_bare)(cfg_path, Path(args.child_out))
+        return 0
+
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    prefect_home = SCRATCH / "prefect-home"  # one Prefect DB for all runs: migrations happen once, in the warm-up
+    rounds = args.rounds or (1 if args.quick else 2)
+    facts = machine_facts()
+    # warm-up (not measured): creates the Prefect database, fills OS caches for both kinds
+    subprocess.run([sys.executable, "-c", "from prefect import flow\n@flow\ndef w(): return 1\nw()"],
+                   env=bench_env(PREFECT_HOME=str(prefect_home)), capture_output=True, timeout=600, cwd=ROOT)
+    flows, bares = [], []
+    for r in range(rounds):
+        for kind in (("bare", "flow") if r % 2 == 0 else ("flow", "bare")):
+            res = run_child(kind, cfg_path, prefect_home)
+            (flows if kind == "flow" else bares).append(res)
+            print(f"round {r} {kind}: process {res['process_wall_s']:.1f}s"
+                  + (f", flow {res['flow_call_s']:.1f}s, horovodrun {res['horovodrun_s']:.1f}s" if kind == "flow"
+                     else f", shard {res['shard_s']:.1f}s, horovodrun {res['train_s']:.1f}s, evaluate {res['evaluate_s']:.2f}s"),
+                  flush=True)
+    a = analyse(flows, bares)
+    data = {"benchmark": "pipeline", "quick": args.quick, "config": os.path.relpath(cfg_path, ROOT), "rounds": rounds,
+            "machine": facts, "load_after": load_avg(),
+            "how": (f"{rounds} round(s) of one `flow` and one `bare` run each, alternating order, each in a fresh "
+                    "process and RINGFLOW_HOME; medians. Stage = Prefect task run end - start. Overhead = flow "
+                    "wall - (bare shard + horovodrun wall inside the flow + bare evaluate)."),
+            **a, "flow_runs": flows, "bare_runs": bares}
+    path = write_result("pipeline", data, args.out)
+    print(f"wrote {path}")
+    for s in a["stages"]:
+        print(f"  {s['stage']:9s} task {s['task_s']:7.2f}s  bare {s['bare_s']:7.2f}s")
+    for k, v in a["totals"].items():
+        print(f"  {k}: {v if isinstance(v, str) else round(v, 3)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,10 @@
 """Run every ``benchmarks/bench_*.py``, collect ``benchmarks/results/*.json``, write ``RESULTS.md``.
 
     .venv/bin/python benchmarks/run_all.py            # everything (make bench), ~25-40 min on 2 cores
-    .venv/bin/python benchmarks/run_all.py --quick    # smoke: fewer sizes/repeats; benchmarks
-                                                      #   without --quick are not re-run
+    .venv/bin/python benchmarks/run_all.py --quick    # smoke: fewer sizes/repeats, into
+                                                      #   $TMPDIR/ringflow-bench/quick-results/ (the
+                                                      #   committed results stay untouched);
+                                                      #   benchmarks without --quick/--out are skipped
     .venv/bin/python benchmarks/run_all.py --render   # only regenerate RESULTS.md from the JSON
     .venv/bin/python benchmarks/run_all.py --only allreduce,training
 
@@ -18,6 +20,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ from benchmarks._common import RESULTS_DIR, ROOT, bench_env, load_avg, machine_f
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 RUNLOG = RESULTS_DIR / "_run_all.json"
+# --quick never overwrites the full results: its JSON and RESULTS.md go to scratch, outside the tree
+QUICK_DIR = Path(tempfile.gettempdir()) / "ringflow-bench" / "quick-results"
 # our benchmarks first (they need a quiet machine most), then the others alphabetically
 FIRST = ["allreduce", "training", "pipeline"]
 
@@ -50,7 +55,12 @@ def run_benchmarks(names: list[str], quick: bool, timeout: int) -> dict[str, Any
             log[name] = {"ran": False, "why": "no --quick mode: results kept from its last full run"}
             print(f"== {name}: skipped in --quick (no --quick mode)", flush=True)
             continue
-        cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
+        cmd = [sys.executable, str(script)]
+        if quick:
+            if '"--out"' not in script.read_text():
+                log[name] = {"ran": False, "why": "has --quick but no --out: would overwrite its full results"}
+                continue
+            cmd += ["--quick", "--out", str(QUICK_DIR / f"{name}.json")]
         print(f"== {name}: {' '.join(cmd[1:])}  (load {load_avg()})", flush=True)
         t0 = time.perf_counter()
         try:
@@ -93,7 +103,8 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(c.replace("|", "\\|") if isinstance(c, str) else fmt(c) for c in r) + " |"
+            for r in rows]
     return "\n".join(out)
 
 
@@ -263,34 +274,49 @@ RENDERERS = {"allreduce": render_allreduce, "training": render_training, "pipeli
 
 
 def targets(results: dict[str, dict]) -> str:
+    """One row per target and result file (a follow-up run gets its own row, labelled)."""
     rows = []
-    ar = results.get("allreduce")
-    if ar:
+    for name, ar in results.items():
+        if name.split("_")[0] != "allreduce" or "variants" not in ar:
+            continue
         default = next((v for v in ar["variants"] if v["variant"] == "default"), None)
         if default:
             by = {(r["bytes"], r["method"]): r for r in default["rows"] if r["case"] == "single"}
             big = sorted(b for (b, m) in by if b >= 1024**2 and m == "torch")
-            worst = min((by[(b, "torch")]["time_us"] / by[(b, "hvd")]["time_us"] for b in big), default=None)
-            worst_ip = min((by[(b, "torch")]["time_us"] / by[(b, "hvd_inplace")]["time_us"] for b in big), default=None)
-            rows.append(["Horovod allreduce bus bandwidth >= torch Gloo for >= 1 MB",
-                         f"worst hvd/torch {fmt(worst)}x (in place: {fmt(worst_ip)}x)",
-                         "met" if worst is not None and worst >= 1 else "not met"])
-    tr = results.get("training")
-    if tr:
-        der = tr.get("derived", {})
+            ratio = lambda b, m: by[(b, "torch")]["time_us"] / by[(b, m)]["time_us"]  # noqa: E731
+            worst = min((ratio(b, "hvd") for b in big), default=None)
+            worst_ip = min((ratio(b, "hvd_inplace") for b in big), default=None)
+            per = ", ".join(f"{human_bytes(b)} {ratio(b, 'hvd_inplace'):.2f}x" for b in big)
+            rows.append([f"Horovod allreduce bus bandwidth >= torch Gloo for >= 1 MB (`{name}`, load "
+                         f"{fmt(default['load_before'])})",
+                         f"worst hvd/torch {fmt(worst)}x; in place `allreduce_`: worst {fmt(worst_ip)}x ({per})",
+                         "met" if worst is not None and worst >= 1 else
+                         ("met in place only" if worst_ip is not None and worst_ip >= 1 else "not met")])
+    for name, tr in results.items():
+        if name.split("_")[0] != "training" or "derived" not in tr:
+            continue
+        der = tr["derived"]
         e = der.get("efficiency_vs_best_np1")
         dauc = der.get("auc_np2_minus_np1")
-        rows.append(["scaling efficiency >= 0.85 at equal quality (|dAUC| <= 0.005)",
-                     f"{fmt(e)} (vs the faster np=1 setting); dAUC {fmt(dauc)}",
-                     "met" if e and e >= 0.85 and dauc is not None and abs(dauc) <= 0.005 else "not met"])
+        extra = "; ".join(f"{k} {fmt(der[k])}" for k in ("efficiency_fast_step_vs_best_np1",
+                          "efficiency_fast_pinned_vs_best_np1", "efficiency_best_levers_vs_np1_batch2048",
+                          "ddp_efficiency_vs_best_np1", "auc_np2_minus_np1_batch2048") if k in der)
+        rows.append([f"scaling efficiency >= 0.85 at equal quality, |dAUC| <= 0.005 (`{name}`)",
+                     f"trainer defaults {fmt(e)} (vs the faster np=1 setting)"
+                     + (f", dAUC {fmt(dauc)}" if dauc is not None else "") + (f"; {extra}" if extra else ""),
+                     "met" if e and e >= 0.85 and (dauc is None or abs(dauc) <= 0.005) else "not met"])
         r = der.get("hvd_vs_ddp_np2")
-        rows.append(["Horovod trainer >= 1.0x DDP throughput (np=2)", f"{fmt(r)}x"
-                     + (f" (prototype fast step: {fmt(der.get('fast_step_vs_ddp_np2'))}x)" if der.get("fast_step_vs_ddp_np2") else ""),
+        extra = "; ".join(f"{k} {fmt(der[k])}x" for k in ("fast_step_vs_ddp_np2", "fast_pinned_vs_ddp_np2") if k in der)
+        rows.append([f"Horovod trainer >= 1.0x DDP throughput at np=2 (`{name}`)",
+                     f"defaults {fmt(r)}x" + (f"; {extra}" if extra else ""),
                      "met" if r and r >= 1 else "not met"])
     pl = results.get("pipeline")
     if pl and pl.get("totals"):
-        share = pl["totals"].get("orchestration_overhead_share")
-        rows.append(["orchestration overhead <= 10% of the pipeline", fmt(share),
+        t = pl["totals"]
+        share = t.get("orchestration_overhead_share")
+        rows.append(["orchestration overhead <= 10% of the pipeline",
+                     f"{fmt(share)} of the flow call; {fmt(t.get('orchestration_overhead_share_of_flow_run (persistent Prefect server case)'))} "
+                     "of the flow run alone (API already up)",
                      "met" if share is not None and share <= 0.10 else "not met"])
     if not rows:
         return ""
@@ -315,6 +341,12 @@ def render(results: dict[str, dict], runlog: dict[str, Any]) -> str:
     parts.append(targets(results))
     for name, d in results.items():
         try:
+            base = name.split("_")[0]
+            if name not in RENDERERS and base in RENDERERS:
+                # a follow-up run of one of ours (e.g. training_followup.json): same layout, own title
+                body = RENDERERS[base](d).split("\n", 1)
+                parts.append(f"{body[0]}: follow-up run `results/{name}.json`\n{body[1]}")
+                continue
             parts.append(RENDERERS.get(name, lambda dd: render_generic(name, dd))(d))
         except (KeyError, TypeError, ValueError) as e:  # a changed JSON shape must not lose the rest
             parts.append(f"## {name}\n\n(could not render: {type(e).__name__}: {e}; raw data in "
@@ -322,10 +354,10 @@ def render(results: dict[str, dict], runlog: dict[str, Any]) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def collect() -> dict[str, dict]:
+def collect(directory: Path = RESULTS_DIR) -> dict[str, dict]:
     results = {}
     order = discover()
-    files = {p.stem: p for p in sorted(RESULTS_DIR.glob("*.json")) if not p.stem.startswith("_")}
+    files = {p.stem: p for p in sorted(directory.glob("*.json")) if not p.stem.startswith("_")}
     for name in order + [n for n in files if n not in order]:
         if name in files:
             try:
@@ -341,11 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", action="store_true", help="only regenerate RESULTS.md from results/*.json")
     p.add_argument("--only", default=None, help="comma list of benchmark names (allreduce,training,...)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per benchmark")
-    p.add_argument("--results-md", default=str(RESULTS_MD))
+    p.add_argument("--results-md", default=None, help=f"default {RESULTS_MD} (--quick: {QUICK_DIR}/RESULTS.md)")
     args = p.parse_args(argv)
+    results_dir = QUICK_DIR if args.quick else RESULTS_DIR
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runlog_path = results_dir / RUNLOG.name
+    results_md = Path(args.results_md) if args.results_md else (
+        QUICK_DIR / "RESULTS.md" if args.quick else RESULTS_MD)
     runlog: dict[str, Any] = {}
-    if RUNLOG.exists():
-        runlog = json.loads(RUNLOG.read_text())
+    if runlog_path.exists():
+        runlog = json.loads(runlog_path.read_text())
     rc = 0
     if not args.render:
         names = discover()
@@ -354,11 +391,10 @@ def main(argv: list[str] | None = None) -> int:
             names = [n for n in names if n in want]
         fresh = run_benchmarks(names, args.quick, args.timeout)
         runlog.update(fresh)
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        RUNLOG.write_text(json.dumps(runlog, indent=1))
+        runlog_path.write_text(json.dumps(runlog, indent=1))
         rc = 1 if any(r.get("rc") for r in fresh.values()) else 0
-    Path(args.results_md).write_text(render(collect(), runlog))
-    print(f"wrote {args.results_md}")
+    results_md.write_text(render(collect(results_dir), runlog))
+    print(f"wrote {results_md}")
     return rc
 
 

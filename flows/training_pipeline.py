@@ -1,0 +1,147 @@
+"""The training pipeline flow: shard -> train (Horovod) -> evaluate -> register.
+
+Flows only compose tasks and carry parameters. The config is a pydantic model, so the Prefect UI
+renders it as a form. Task results are persisted and cached per flow run, so retrying a run whose
+registration failed re-uses its shards, training and evaluation instead of training again.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import DEFAULT
+from pydantic import BaseModel
+
+from tasks.evaluate import evaluate_candidate
+from tasks.register import register_candidate
+from tasks.shard import shard_data
+from tasks.train import train_model
+from training.config import PipelineConfig, get_settings
+
+
+class PipelineStageError(RuntimeError):
+    """A stage of the pipeline failed; the message names it."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+
+
+class PipelineResult(BaseModel):
+    config_name: str
+    reason: str
+    manifest_path: str
+    training_run_id: str
+    training_status: str
+    model_name: str | None = None
+    model_version: str | None = None
+    promoted: bool = False
+    champion_version: str | None = None
+    metrics: dict[str, float] = {}
+    decision: str = ""
+    tracking_uri: str
+
+
+def _tracking_ui(tracking_uri: str, run_id: str | None = None, model: str | None = None) -> str:
+    """A link a person can open: the server URL when there is one, else how to start the UI."""
+    if urlparse(tracking_uri).scheme in {"http", "https"}:
+        base = tracking_uri.rstrip("/")
+        if run_id:
+            return f"{base}/#/experiments/0/runs/{run_id}"
+        return f"{base}/#/models/{model}" if model else base
+    return f"`mlflow ui --backend-store-uri {tracking_uri}` then http://127.0.0.1:5000"
+
+
+def _stage(name: str, fn, *args, **kwargs):
+    log = get_run_logger()
+    log.info("stage %s: started", name)
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:
+        log.error("stage %s: FAILED: %s", name, e)
+        raise PipelineStageError(name, e) from e
+    log.info("stage %s: done", name)
+    return out
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(
+    config: PipelineConfig = PipelineConfig(),
+    reason: str = "manual",
+    parent_run_id: str | None = None,
+    anomaly_id: str | None = None,
+) -> PipelineResult:
+    """Shard the data, train with Horovod ring-allreduce, evaluate against the champion, register.
+
+    ``reason``, ``parent_run_id`` and ``anomaly_id`` link an adaptive rerun to its cause.
+    """
+    settings = get_settings()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    cached = dict(cache_policy=DEFAULT, persist_result=True)
+    run_tags = {"ringflow.reason": reason}
+    if anomaly_id:
+        run_tags["ringflow.anomaly_id"] = anomaly_id
+
+    manifest_path = _stage("shard", shard_data.with_options(**cached), config)
+    trained = _stage("train", train_model.with_options(**cached), config, manifest_path,
+                     parent_run_id=parent_run_id, run_tags=run_tags)
+    result = PipelineResult(
+        config_name=config.name, reason=reason, manifest_path=manifest_path,
+        training_run_id=trained.run_id, training_status=trained.status, tracking_uri=settings.tracking_uri,
+    )
+    if trained.status == "diverged":
+        # Nothing to evaluate: the monitoring policy reads the diverged status from MLflow and
+        # schedules a rerun with a lower learning rate from the last good checkpoint.
+        get_run_logger().warning("training diverged: not evaluating or registering run %s", trained.run_id)
+        result.decision = "training diverged"
+        _summary_artifact(config, result)
+        return result
+
+    evaluation = _stage("evaluate", evaluate_candidate.with_options(**cached), config, trained, manifest_path)
+    registered = _stage("register", register_candidate, config, trained, evaluation, manifest_path,
+                        parent_run_id=parent_run_id)
+    result.model_name = registered.model_name
+    result.model_version = registered.version
+    result.promoted = registered.promoted
+    result.champion_version = registered.champion_version
+    result.metrics = {k: v for k, v in evaluation.candidate_metrics.items()
+                      if k in {"roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "brier"}}
+    result.decision = evaluation.decision.summary if registered.promoted == evaluation.decision.promote else (
+        "not promoted: the champion moved during evaluation")
+    _summary_artifact(config, result)
+    return result
+
+
+def _summary_artifact(config: PipelineConfig, r: PipelineResult) -> None:
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in r.metrics.items())
+    version = f"`{r.model_name}` v{r.model_version}" if r.model_version else "none"
+    create_markdown_artifact(
+        key="training-pipeline-summary",
+        description="training pipeline result",
+        markdown=(
+            f"# Training pipeline `{config.name}` ({r.reason})\n\n"
+            f"- training run: `{r.training_run_id}` ({r.training_status}) - {_tracking_ui(r.tracking_uri, r.training_run_id)}\n"
+            f"- model version: {version}; promoted: **{r.promoted}**; champion now: v{r.champion_version}\n"
+            f"- model registry: {_tracking_ui(r.tracking_uri, model=r.model_name)}\n"
+            f"- manifest: `{r.manifest_path}`\n\n"
+            f"## Test metrics (candidate)\n\n| metric | value |\n|---|---|\n{metrics}\n\n"
+            f"## Decision\n\n{r.decision}\n"
+        ),
+    )
+
+
+def print_summary(r: PipelineResult) -> None:
+    print()
+    print(f"ringflow: training pipeline '{r.config_name}' finished ({r.reason})")
+    print(f"  training run   {r.training_run_id}  status={r.training_status}")
+    if r.model_version:
+        verdict = "PROMOTED to @champion" if r.promoted else "registered as @challenger (not promoted)"
+        print(f"  model version  {r.model_name} v{r.model_version}  {verdict}")
+        print(f"  champion       {r.model_name} v{r.champion_version}")
+        print("  test metrics   " + "  ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
+        print(f"  decision       {r.decision}")
+    print(f"  MLflow store   {r.tracking_uri}")
+    print(f"  look at it     {_tracking_ui(r.tracking_uri)}")

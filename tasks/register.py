@@ -1,0 +1,148 @@
+"""Registration stage: every evaluated candidate becomes a model version; the gate moves aliases.
+
+``champion`` moves to a promoted candidate and ``previous-champion`` to the version it replaces;
+a rejected candidate gets ``challenger`` and stays registered. MLflow keeps no history of alias
+moves (mlflow#2169), so each move is recorded as a registered-model tag
+``alias_history.<UTC time>.<alias>`` whose value is JSON {time, alias, from, to, reason}.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from prefect import get_run_logger, task
+from pydantic import BaseModel
+
+from tasks.evaluate import CHAMPION, EvaluationResult, current_champion
+from training.config import PipelineConfig, get_settings
+from training.manifest import Manifest
+
+PREVIOUS_CHAMPION = "previous-champion"
+CHALLENGER = "challenger"
+HISTORY_PREFIX = "alias_history."
+
+
+class RegistrationResult(BaseModel):
+    model_name: str
+    version: str
+    promoted: bool
+    champion_version: str | None
+    """The version behind @champion after this stage."""
+    alias_moves: list[dict]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+            capture_output=True, text=True, timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def move_alias(client: MlflowClient, name: str, alias: str, version: str | None, reason: str) -> dict | None:
+    """Point ``alias`` at ``version`` and record the move; a no-op move records nothing."""
+    try:
+        before = str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        before = None
+    if before == version:
+        return None
+    if version is None:
+        client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, version)
+    now = dt.datetime.now(dt.timezone.utc)
+    move = {"time": now.isoformat(timespec="seconds"), "alias": alias, "from": before, "to": version, "reason": reason}
+    client.set_registered_model_tag(
+        name, f"{HISTORY_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%f')}.{alias}", json.dumps(move)
+    )
+    return move
+
+
+def alias_history(client: MlflowClient, name: str) -> list[dict]:
+    """All recorded alias moves of a registered model, oldest first."""
+    tags = client.get_registered_model(name).tags
+    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX))]
+
+
+def _existing_version(client: MlflowClient, name: str, run_id: str):
+    """The version already registered for this training run (a retried stage must not register twice)."""
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get("training_run_id") == run_id:
+            return mv
+    return None
+
+
+@task(name="register", retries=2, retry_delay_seconds=5)
+def register_candidate(
+    cfg: PipelineConfig,
+    train_result,
+    evaluation: EvaluationResult,
+    manifest_path: str,
+    parent_run_id: str | None = None,
+) -> RegistrationResult:
+    log = get_run_logger()
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    client = MlflowClient()
+    name = cfg.registry.model_name
+    manifest = Manifest.load(manifest_path)
+    run_id = evaluation.training_run_id
+    tags = {
+        "training_run_id": run_id,
+        "data_fingerprint": manifest.fingerprint,
+        "manifest_path": str(manifest.path),
+        "config_hash": cfg.config_hash(),
+        "git_commit": git_commit(),
+        "world_size": str(train_result.world_size),
+        "test_roc_auc": f"{evaluation.candidate_metrics['roc_auc']:.6f}",
+        "gate_decision": "promote" if evaluation.decision.promote else "reject",
+        "gate_reasons": evaluation.decision.summary[:4000],
+    }
+    if parent_run_id:
+        tags["parent_run_id"] = parent_run_id
+
+    mv = _existing_version(client, name, run_id)
+    if mv is None:
+        mv = mlflow.register_model(evaluation.model_uri, name, tags=tags)
+        log.info("register: %s version %s from run %s", name, mv.version, run_id)
+    else:
+        log.info("register: run %s is already version %s (retry), not registering again", run_id, mv.version)
+    version = str(mv.version)
+    client.update_model_version(name, version, description=evaluation.decision.summary[:4000])
+
+    moves = []
+    promote = evaluation.decision.promote
+    champion_now = current_champion(client, name)
+    champion_now_version = str(champion_now.version) if champion_now else None
+    if promote and champion_now_version not in (evaluation.champion_version, version):
+        # Another pipeline promoted a model after we evaluated: our comparison is stale.
+        promote = False
+        reason = (f"champion moved from v{evaluation.champion_version} to v{champion_now_version} during "
+                  "evaluation; re-run the pipeline to compare against the new champion")
+        client.set_model_version_tag(name, version, "gate_decision", "reject")
+        log.warning("register: %s", reason)
+    else:
+        reason = evaluation.decision.summary
+    if promote:
+        if champion_now_version and champion_now_version != version:
+            moves.append(move_alias(client, name, PREVIOUS_CHAMPION, champion_now_version,
+                                    f"replaced by v{version}"))
+        moves.append(move_alias(client, name, CHAMPION, version, reason))
+    else:
+        moves.append(move_alias(client, name, CHALLENGER, version, reason))
+    moves = [m for m in moves if m]
+    champion = current_champion(client, name)
+    for m in moves:
+        log.info("register: alias %s: v%s -> v%s", m["alias"], m["from"], m["to"])
+    return RegistrationResult(
+        model_name=name, version=version, promoted=promote,
+        champion_version=str(champion.version) if champion else None, alias_moves=moves,
+    )

@@ -1,0 +1,55 @@
+"""The whole training pipeline on the smoke slice: real Horovod (np=2), real MLflow SQLite store,
+Prefect's test harness."""
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from flows.training_pipeline import training_pipeline
+from tasks.register import alias_history
+from training.config import with_overrides
+from training.data import load_flights
+
+pytestmark = [pytest.mark.horovod, pytest.mark.slow]
+
+
+def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smoke_config):
+    name = smoke_config.registry.model_name
+    first = training_pipeline(smoke_config)
+    assert first.training_status in {"completed", "early_stopped"}
+    assert first.promoted and first.model_version == "1" and first.champion_version == "1"
+    assert first.metrics["roc_auc"] > 0.6
+
+    # A deliberately worse candidate: one epoch of a tiny model with a tiny learning rate.
+    worse = with_overrides(smoke_config, {
+        "training.epochs": 1, "training.learning_rate": 1e-5,
+        "training.model.hidden_sizes": [2], "training.model.embedding_dim": 1,
+    })
+    second = training_pipeline(worse, reason="test-worse")
+    assert second.model_version == "2"
+    assert not second.promoted
+    assert second.champion_version == "1"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    v2 = client.get_model_version(name, "2")
+    for tag in ("data_fingerprint", "manifest_path", "config_hash", "git_commit", "world_size", "training_run_id"):
+        assert v2.tags.get(tag), tag
+    assert v2.tags["world_size"] == "2"
+    moves = [(h["alias"], h["to"]) for h in alias_history(client, name)]
+    assert moves == [("champion", "1"), ("challenger", "2")]
+    run = client.get_run(first.training_run_id)
+    assert run.data.tags["gate.decision"] == "promote"
+    assert {"test_roc_auc", "test_pr_auc", "test_log_loss", "test_accuracy", "test_f1", "test_brier"} <= set(run.data.metrics)
+    arts = {a.path for a in client.list_artifacts(first.training_run_id, "evaluation")}
+    assert {"evaluation/roc_curve.png", "evaluation/calibration_curve.png"} <= arts
+
+    # The champion loads by alias and predicts on raw flight rows (source columns, raw dtypes).
+    mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    raw = load_flights().query("month == 2").head(200)
+    p = np.asarray(model.predict(raw))
+    assert p.shape == (200,)
+    assert np.all((p >= 0) & (p <= 1)) and p.std() > 0

@@ -186,7 +186,7 @@ def test_deploy_creates_deployments_schedules_and_one_automation(stack):
         assert [(s.schedule.cron, s.active) for s in mon.schedules] == [("30 5 * * *", True)]
         # The UI form comes from the pydantic model.
         schema = train.parameter_openapi_schema
-        assert "config" in schema["required"]
+        assert schema["properties"]["config"]["$ref"] == "#/definitions/PipelineConfig"
         assert "PipelineConfig" in schema["definitions"] and "TrainingConfig" in schema["definitions"]
         assert train.parameters["config"]["name"] == "smoke"
         assert mon.parameters["batch"] == "next"

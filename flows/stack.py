@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.config import PipelineConfig, get_settings
+from training.launch import kill_tree  # also reaches flow runs' horovodrun ranks in their own sessions
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts (prefect, mlflow)
@@ -345,40 +345,6 @@ def _tail(path: Path, n: int = 25) -> str:
         return "(no log)"
 
 
-def _stop_proc(proc: psutil.Process, grace: float) -> None:
-    """SIGTERM the process group and every descendant, then SIGKILL what is left after ``grace``."""
-    try:
-        family = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in family:  # descendants that started their own session are not in the group
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=grace)
-    # Late-spawned children (a flow run starting while we stop) are caught here.
-    try:
-        alive += [c for c in proc.children(recursive=True) if c not in alive]
-    except psutil.NoSuchProcess:
-        pass
-    if alive:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -450,7 +416,7 @@ def up(
         try:
             _wait_ready(svc, proc, home, st.startup_timeout_s)
         except BaseException:
-            _stop_proc(proc, st.stop_grace_s)
+            kill_tree(proc.pid, grace_s=st.stop_grace_s)
             _pid_file(svc.name, home).unlink(missing_ok=True)
             raise
         result[svc.name] = f"started (pid {proc.pid})"
@@ -470,7 +436,7 @@ def down(echo: Callable[[str], None] = print) -> dict[str, str]:
             result[name] = "not running"
             continue
         t0 = time.monotonic()
-        _stop_proc(proc, st.stop_grace_s)
+        kill_tree(proc.pid, grace_s=st.stop_grace_s)
         _pid_file(name, home).unlink(missing_ok=True)
         result[name] = f"stopped (pid {proc.pid})"
         echo(f"{name:8s} stopped   pid {proc.pid:<7d} in {time.monotonic() - t0:.1f}s")

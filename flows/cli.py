@@ -48,6 +48,8 @@ def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
 def _prepare_environment() -> None:
     """Embedded defaults: state under RINGFLOW_HOME; env values win when set."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # `ringflow shard/train` run a task outside a flow; its logs go to the terminal only.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     from training.config import get_settings
 
     s = get_settings()

@@ -16,6 +16,8 @@ from training.config import PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Tests call tasks outside flows; those logs stay local (as `ringflow shard/train` does).
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 @pytest.fixture(scope="session")

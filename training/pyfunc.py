@@ -27,7 +27,7 @@ class DelayModel(mlflow.pyfunc.PythonModel):
 
         self.net, self.preprocessor = load_model(context.artifacts["model_dir"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from training.model import predict_proba
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -56,13 +56,12 @@ def cases(quick: bool) -> list[Case]:
     core = [
         Case("hvd_np1", 1, what="trainer np=1, default threads (2 = all cores)"),
         Case("hvd_np1_t1", 1, {"training.threads_per_rank": 1}, what="trainer np=1, 1 thread"),
-        Case("hvd_np2", 2, what="trainer np=2, defaults (1 thread/rank)"),
+        Case("hvd_np2", 2, what="trainer np=2, defaults (1 thread/rank, pinned)"),
         Case("ddp_np1_t1", 1, {"training.threads_per_rank": 1}, kind="ddp", what="DDP reference np=1, 1 thread"),
         Case("ddp_np2", 2, kind="ddp", what="DDP reference np=2, 1 thread/rank"),
     ]
     levers = [
-        Case("np2_fast_step", 2, env={"RFBENCH_FAST": "1"},
-             what="np=2, prototype fix: no per-step non-finite allreduce, loss summed as tensor"),
+        Case("np2_unpinned", 2, {"training.pin_ranks": False}, what="np=2, ranks not pinned to cores"),
         Case("np2_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004},
              what="np=2, batch 2048/rank, LR x2 (linear scaling)"),
         Case("np2_bpps2", 2, {"training.horovod.backward_passes_per_step": 2},
@@ -72,19 +71,10 @@ def cases(quick: bool) -> list[Case]:
         Case("np2_fusion_off", 2, {"training.horovod.fusion_threshold_mb": 0}, what="np=2, tensor fusion off"),
         Case("np2_autotune", 2, {"training.horovod.autotune": True}, what="np=2, Horovod autotune"),
         Case("np2_threads2", 2, {"training.threads_per_rank": 2}, what="np=2, 2 threads/rank (oversubscribed)"),
-        Case("np2_pinned", 2, env={"RFBENCH_PIN": "1"}, what="np=2, each rank pinned to its own core"),
         Case("np2_fp16", 2, {"training.horovod.compression": "fp16"}, what="np=2, fp16 gradient compression"),
-        Case("np2_fast_cycle_0.1ms", 2, {"training.horovod.cycle_time_ms": 0.1}, env={"RFBENCH_FAST": "1"},
-             what="np=2, fast step + cycle time 0.1 ms"),
-        Case("np2_fast_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004},
-             env={"RFBENCH_FAST": "1"}, what="np=2, fast step + batch 2048/rank, LR x2"),
         Case("hvd_np1_t1_batch2048_lr2x", 1, {"training.threads_per_rank": 1, "training.batch_size": 2048,
                                                "training.learning_rate": 0.004},
              what="trainer np=1, 1 thread, batch 2048, LR x2 (the np=1 side of the batch lever)"),
-        Case("np2_fast_pinned", 2, env={"RFBENCH_FAST": "1", "RFBENCH_PIN": "1"},
-             what="np=2, fast step + pinned ranks"),
-        Case("np2_fast_pinned_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004},
-             env={"RFBENCH_FAST": "1", "RFBENCH_PIN": "1"}, what="np=2, fast step + pinned + batch 2048/rank, LR x2"),
         Case("ddp_np2_dataloader", 2, kind="ddp", env={"RFBENCH_LOADER": "dataloader"},
              what="DDP np=2 fed by a DataLoader instead of in-memory indexing"),
     ]
@@ -96,7 +86,6 @@ def cases(quick: bool) -> list[Case]:
 QUALITY_CASES = [
     Case("quality_np1", 1, {"training.threads_per_rank": 1}),
     Case("quality_np2", 2),
-    Case("quality_np2_fast_step", 2, env={"RFBENCH_FAST": "1"}),
     Case("quality_np1_batch2048_lr2x", 1, {"training.threads_per_rank": 1, "training.batch_size": 2048,
                                            "training.learning_rate": 0.004}),
     Case("quality_np2_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004}),
@@ -130,9 +119,6 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
     env.pop("MLFLOW_RUN_ID", None)  # the trainer logs nowhere: we measure training, not MLflow
     if case.kind == "horovod":
         cmd = horovodrun_command(cfg, manifest, out, python=sys.executable)
-        if case.env.get("RFBENCH_FAST") or case.env.get("RFBENCH_PIN"):
-            i = cmd.index("-m")
-            cmd[i:i + 2] = [str(HERE / "_trainer_variants.py")]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(case.np),
                str(HERE / "_ddp_reference.py"), "--manifest", str(manifest), "--config-json", cfg.model_dump_json(),
@@ -197,22 +183,16 @@ def summarize(runs: list[dict], all_cases: list[Case]) -> dict:
         derived["efficiency_vs_best_np1"] = thr("hvd_np2") / (2 * np1_best)
     if thr("hvd_np2") and thr("hvd_np1"):
         derived["efficiency_vs_default_np1"] = thr("hvd_np2") / (2 * thr("hvd_np1"))
-    if thr("np2_fast_step") and np1_best:
-        derived["efficiency_fast_step_vs_best_np1"] = thr("np2_fast_step") / (2 * np1_best)
-    if thr("np2_fast_pinned_batch2048_lr2x") and thr("hvd_np1_t1_batch2048_lr2x"):
-        derived["efficiency_best_levers_vs_np1_batch2048"] = (
-            thr("np2_fast_pinned_batch2048_lr2x") / (2 * thr("hvd_np1_t1_batch2048_lr2x")))
-    if thr("np2_fast_pinned") and np1_best:
-        derived["efficiency_fast_pinned_vs_best_np1"] = thr("np2_fast_pinned") / (2 * np1_best)
-    if thr("np2_fast_pinned") and thr("ddp_np2"):
-        derived["fast_pinned_vs_ddp_np2"] = thr("np2_fast_pinned") / thr("ddp_np2")
+    if thr("np2_batch2048_lr2x") and thr("hvd_np1_t1_batch2048_lr2x"):
+        derived["efficiency_batch2048_vs_np1_batch2048"] = (
+            thr("np2_batch2048_lr2x") / (2 * thr("hvd_np1_t1_batch2048_lr2x")))
+    if thr("hvd_np2") and thr("np2_unpinned"):
+        derived["pinned_vs_unpinned"] = thr("hvd_np2") / thr("np2_unpinned")
     ddp1 = thr("ddp_np1_t1")
     if thr("ddp_np2") and ddp1:
         derived["ddp_efficiency_vs_best_np1"] = thr("ddp_np2") / (2 * ddp1)
     if thr("hvd_np2") and thr("ddp_np2"):
         derived["hvd_vs_ddp_np2"] = thr("hvd_np2") / thr("ddp_np2")
-    if thr("np2_fast_step") and thr("ddp_np2"):
-        derived["fast_step_vs_ddp_np2"] = thr("np2_fast_step") / thr("ddp_np2")
     return {"cases": table, "derived": derived}
 
 

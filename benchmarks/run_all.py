@@ -300,6 +300,7 @@ def targets(results: dict[str, dict]) -> str:
         dauc = der.get("auc_np2_minus_np1")
         extra = "; ".join(f"{k} {fmt(der[k])}" for k in ("efficiency_fast_step_vs_best_np1",
                           "efficiency_fast_pinned_vs_best_np1", "efficiency_best_levers_vs_np1_batch2048",
+                          "efficiency_batch2048_vs_np1_batch2048", "pinned_vs_unpinned",
                           "ddp_efficiency_vs_best_np1", "auc_np2_minus_np1_batch2048") if k in der)
         rows.append([f"scaling efficiency >= 0.85 at equal quality, |dAUC| <= 0.005 (`{name}`)",
                      f"trainer defaults {fmt(e)} (vs the faster np=1 setting)"

@@ -217,6 +217,10 @@ class TrainingConfig(_Strict):
     """Epochs without a validation AUC improvement before stopping."""
     threads_per_rank: int | None = Field(None, ge=1)
     """torch threads per rank; ``null`` = cores // local ranks, so ranks do not oversubscribe."""
+    pin_ranks: bool = True
+    """Pin each rank to its own cores when the ranks fill the host: its main, Horovod and Gloo
+    threads then stay off the other ranks' cores (1.03x alone, 1.46x with the per-step fix, and
+    far steadier; benchmarks/README.md)."""
     timeout_s: int = Field(1800, ge=10)
     """Wall-clock limit for the whole horovodrun; the process group is killed after it."""
     model: ModelConfig = ModelConfig()

@@ -233,7 +233,9 @@ class Trainer:
         k = tc.horovod.backward_passes_per_step
         self.net.train()
         self.opt.zero_grad()
-        loss_sum = torch.zeros(3, dtype=torch.float64)  # [sum loss*n, n, nonfinite]
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        loss_acc = torch.zeros((), dtype=torch.float64)  # losses of applied updates only
+        window = torch.zeros((), dtype=torch.float64)  # losses since the last update
         compute_s = 0.0
         diverged_step = None
         t_epoch = time.perf_counter()
@@ -242,26 +244,32 @@ class Trainer:
             idx = order[i * bs:(i + 1) * bs]
             logits = self.net(self.data.x_num[idx], self.data.x_cat[idx])
             loss = self.loss_fn(logits, self.data.y[idx])
-            t1 = time.perf_counter()
-            bad = 0.0 if torch.isfinite(loss) else 1.0
-            # all ranks agree before anyone applies the step: no rank trains on, none hangs
-            agreed = hvd.allreduce(torch.tensor([bad]), name="nonfinite", op=hvd.Sum)
-            if agreed.item() > 0:
-                diverged_step = i
-                break
-            t2 = time.perf_counter()
             (loss * self.loss_weight / k).backward()
-            t3 = time.perf_counter()
-            compute_s += (t1 - t0) + (t3 - t2)
-            loss_sum += torch.tensor([loss.item() * bs, bs, 0.0], dtype=torch.float64)
+            compute_s += time.perf_counter() - t0
+            if not torch.isfinite(loss):
+                for p in params:  # make sure the allreduce below carries this rank's verdict
+                    if p.grad is not None:
+                        p.grad.fill_(math.nan)
+            window += loss.detach()
             if (i + 1) % k == 0 or i + 1 == self.steps:
+                # The gradient allreduce: a NaN/inf on any rank makes the averaged gradient
+                # non-finite on every rank, so all ranks agree to stop on the same step without
+                # a collective of their own (benchmarks/README.md: 1.09x), and none applies it.
+                self.opt.synchronize()
+                if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                    diverged_step = (i // k) * k  # the first step of the update not applied
+                    break
                 lr = learning_rate(tc, size, epoch * self.opt_steps + i // k, self.opt_steps)
                 for g in self.opt.param_groups:
                     g["lr"] = lr
-                self.opt.step()
+                with self.opt.skip_synchronize():
+                    self.opt.step()
                 self.opt.zero_grad()
+                loss_acc += window
+                window.zero_()
         wall = time.perf_counter() - t_epoch
         steps_done = (diverged_step if diverged_step is not None else self.steps)
+        loss_sum = torch.stack([loss_acc * bs, torch.tensor(float(steps_done * bs), dtype=torch.float64)])
         totals = hvd.allreduce(loss_sum, name="epoch_loss", op=hvd.Sum)
         # per-rank speed measured on the rank's own compute (forward + backward), not the wait in
         # the allreduce, so a straggler stands out instead of slowing every rank's number equally
@@ -415,6 +423,24 @@ def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
 # --------------------------------------------------------------------------- drivers
 
 
+def pin_to_cores(local_rank: int, local_size: int, threads: int) -> None:
+    """Give this rank ``threads`` cores of its own when the host has enough for every rank;
+    otherwise leave scheduling to the OS (pinning would stack ranks on the same cores)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if local_size * threads > len(cores):
+        return
+    mine = set(cores[local_rank * threads:(local_rank + 1) * threads])
+    os.sched_setaffinity(0, mine)
+    # Every thread that exists yet (Horovod's background and Gloo threads) follows.
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            os.sched_setaffinity(int(tid), mine)
+        except OSError:
+            pass
+
+
 def _setup(args) -> tuple[Any, PipelineConfig, Manifest, Path]:
     import horovod.torch as hvd
 
@@ -425,7 +451,12 @@ def _setup(args) -> tuple[Any, PipelineConfig, Manifest, Path]:
     hvd.init()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # ranks on one host share its cores: without this each rank starts cores threads
-    torch.set_num_threads(cfg.training.threads_per_rank or max(1, cores // hvd.local_size()))
+    threads = cfg.training.threads_per_rank or max(1, cores // hvd.local_size())
+    # Not under elastic: ranks come and go and change local rank, and a pinned process could
+    # not widen its affinity again.
+    if cfg.training.pin_ranks and not cfg.training.elastic.enabled:
+        pin_to_cores(hvd.local_rank(), hvd.local_size(), threads)
+    torch.set_num_threads(threads)
     manifest = Manifest.load(args.manifest)
     out = Path(args.output_dir)
     (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)

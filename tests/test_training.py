@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -249,3 +250,25 @@ def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manife
     assert s["status"] == "completed" and s["epochs_completed"] == 4
     assert sizes[0] == 2 and sizes[-1] == 1, sizes  # rolled back to the last commit and went on with one rank
     assert np.isfinite(s["metrics"]["val_roc_auc"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity API")
+def test_ranks_are_pinned_only_when_they_fit_the_host():
+    """``training.pin_ranks``: rank r of n gets its own cores, all of its threads included;
+    ranks that would share cores are left to the OS."""
+    cores = sorted(os.sched_getaffinity(0))
+    probe = ("import os, sys, json; from training.train import pin_to_cores; "
+             "pin_to_cores(*map(int, sys.argv[1:4])); "
+             "print(json.dumps([sorted(os.sched_getaffinity(0)), "
+             "[sorted(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')]]))")
+
+    def affinity(local_rank, local_size, threads):
+        out = subprocess.run([sys.executable, "-c", probe, str(local_rank), str(local_size), str(threads)],
+                             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+        return json.loads(out.stdout)
+
+    if len(cores) >= 2:
+        process, threads = affinity(1, 2, 1)
+        assert process == [cores[1]] and all(t == [cores[1]] for t in threads)
+    process, _ = affinity(0, len(cores) + 1, 1)  # more ranks than cores: not pinned
+    assert process == cores

@@ -1,6 +1,8 @@
 """The whole training pipeline on the smoke slice: real Horovod (np=2), real MLflow SQLite store,
 Prefect's test harness."""
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -53,3 +55,16 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     p = np.asarray(model.predict(raw))
     assert p.shape == (200,)
     assert np.all((p >= 0) & (p <= 1)) and p.std() > 0
+
+    # Monitoring with the pipeline's own champion (not a stand-in model): the next month after the
+    # test window is scored through the pyfunc, Evidently writes its reports, a decision is logged.
+    from flows.monitoring import monitoring_flow
+
+    mon = monitoring_flow(smoke_config, batch="2013-03", trigger_rerun=False)
+    assert (mon.model_name, mon.model_version) == (name, "1")
+    assert mon.rows > 20_000 and 0.0 < mon.metrics["roc_auc"] < 1.0
+    assert mon.reference_roc_auc is not None and mon.drifted_share is not None
+    for html in (mon.drift_html, mon.quality_html):
+        assert html and html.endswith(".html") and Path(html).stat().st_size > 10_000
+    assert client.get_run(mon.monitoring_run_id).data.tags["ringflow.decision"] == mon.decision
+    assert mon.action.mode in {"none", "plan-only"}  # trigger_rerun=False never starts a rerun

@@ -21,7 +21,7 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     first = training_pipeline(smoke_config)
     assert first.training_status in {"completed", "early_stopped"}
     assert first.promoted and first.model_version == "1" and first.champion_version == "1"
-    assert first.metrics["roc_auc"] > 0.52
+    assert first.metrics["roc_auc"] > 0.6
 
     # A deliberately worse candidate: one epoch of a tiny model with a tiny learning rate.
     worse = with_overrides(smoke_config, {

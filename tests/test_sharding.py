@@ -90,7 +90,7 @@ def test_flights_windows_respected_and_shards_cover_train_exactly(smoke_cfg, smo
     assert json.loads((manifest.dir / "preprocessor.json").read_text())["numeric"] == d.numeric_features
 
     assert lines[0].startswith("loading nycflights13")
-    assert "writing shard 1/2 (8,932 rows)" in lines and lines[-1] == f"manifest: {manifest.path}"
+    assert "writing shard 1/2 (17,327 rows)" in lines and lines[-1] == f"manifest: {manifest.path}"
 
 
 # --------------------------------------------------------------------------- generated sources
@@ -392,13 +392,13 @@ def test_shard_task_under_prefect(prefect_harness, ringflow_home, smoke_config, 
 
     manifest = Manifest.load(path)
     assert manifest.dir.parent == ringflow_home / "data" and manifest.encrypted
-    assert manifest.windows["train"].rows == sum(s.rows for s in manifest.shards) == 17_864
+    assert manifest.windows["train"].rows == sum(s.rows for s in manifest.shards) == 34_653
     assert key_b64 not in manifest.path.read_text()
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
     latest = max(artifacts, key=lambda a: a.created)
-    assert manifest.fingerprint in latest.data and "| train | 2013-01-01 .. 2013-01-22 | 17,864 |" in latest.data
+    assert manifest.fingerprint in latest.data and "| train | 2013-01-01 .. 2013-02-12 | 34,653 |" in latest.data
     assert key_b64 not in latest.data and key.hex() not in latest.data
 
     # the same key from a Secret block: the same dataset version (how the key is found is not data)

@@ -14,6 +14,7 @@ Everything is create-or-update by name, so ``deploy`` can run any number of time
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=Path, help="config YAML (default: built-in defaults)")
     p.add_argument("--limit", type=int, default=2, help="concurrent runs of the serve process")
     a = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # runs' logs, not tqdm bars
     cfg = _load(a.config_json, a.config)
     if a.command == "serve":
         serve(cfg, limit=a.limit)

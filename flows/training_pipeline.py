@@ -8,7 +8,6 @@ registration failed re-uses its shards, training and evaluation instead of train
 from __future__ import annotations
 
 import os
-from urllib.parse import urlparse
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -16,6 +15,7 @@ from prefect.cache_policies import DEFAULT
 from pydantic import BaseModel
 
 from tasks.evaluate import evaluate_candidate
+from tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
 from tasks.register import register_candidate
 from tasks.shard import shard_data
 from tasks.train import train_model
@@ -43,16 +43,6 @@ class PipelineResult(BaseModel):
     metrics: dict[str, float] = {}
     decision: str = ""
     tracking_uri: str
-
-
-def _tracking_ui(tracking_uri: str, run_id: str | None = None, model: str | None = None) -> str:
-    """A link a person can open: the server URL when there is one, else how to start the UI."""
-    if urlparse(tracking_uri).scheme in {"http", "https"}:
-        base = tracking_uri.rstrip("/")
-        if run_id:
-            return f"{base}/#/experiments/0/runs/{run_id}"
-        return f"{base}/#/models/{model}" if model else base
-    return f"`mlflow ui --backend-store-uri {tracking_uri}` then http://127.0.0.1:5000"
 
 
 def _stage(name: str, fn, *args, **kwargs):
@@ -123,9 +113,9 @@ def _summary_artifact(config: PipelineConfig, r: PipelineResult) -> None:
         description="training pipeline result",
         markdown=(
             f"# Training pipeline `{config.name}` ({r.reason})\n\n"
-            f"- training run: `{r.training_run_id}` ({r.training_status}) - {_tracking_ui(r.tracking_uri, r.training_run_id)}\n"
+            f"- training run: `{r.training_run_id}` ({r.training_status}) - {mlflow_run_url(r.tracking_uri, r.training_run_id)}\n"
             f"- model version: {version}; promoted: **{r.promoted}**; champion now: v{r.champion_version}\n"
-            f"- model registry: {_tracking_ui(r.tracking_uri, model=r.model_name)}\n"
+            f"- model registry: {mlflow_model_url(r.tracking_uri, r.model_name)}\n"
             f"- manifest: `{r.manifest_path}`\n\n"
             f"## Test metrics (candidate)\n\n| metric | value |\n|---|---|\n{metrics}\n\n"
             f"## Decision\n\n{r.decision}\n"
@@ -144,4 +134,4 @@ def print_summary(r: PipelineResult) -> None:
         print("  test metrics   " + "  ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
         print(f"  decision       {r.decision}")
     print(f"  MLflow store   {r.tracking_uri}")
-    print(f"  look at it     {_tracking_ui(r.tracking_uri)}")
+    print(f"  look at it     {mlflow_ui_hint(r.tracking_uri)}")

@@ -141,14 +141,17 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
                 if f.is_file() and f.suffix in {".pt", ".json"} and f.name != "summary.json":
                     shutil.copy2(f, model_dir / f.name)
             info = log_delay_model(model_dir, features, test.head(5))
-        candidate_p = mlflow.pyfunc.load_model(info.model_uri).predict(test)
+        candidate_p = mlflow.pyfunc.load_model(info.model_uri).predict(test[features])
         cand = classification_metrics(y, candidate_p)
 
         champ_mv = current_champion(client, cfg.registry.model_name)
         champ = champ_p = None
         if champ_mv is not None:
             log.info("evaluate: scoring champion version %s on the same rows", champ_mv.version)
-            champ_p = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}").predict(test)
+            champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
+            # the champion may have been trained on other features: give it the columns it declares
+            wanted = champion_model.metadata.get_input_schema().input_names()
+            champ_p = champion_model.predict(test[[c for c in wanted if c in test.columns]])
             champ = classification_metrics(y, champ_p)
 
         decision = decide(cand, champ, cfg.gate)

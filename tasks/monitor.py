@@ -35,6 +35,7 @@ from monitoring.anomalies import (
 )
 from monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecord, next_batch_month
 from monitoring.reports import PREDICTION, ReportSummary, build_reports, sample_rows
+from tasks.links import mlflow_run_url
 from training.config import PipelineConfig, get_settings, with_overrides
 from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
 from training.manifest import Manifest, key_from_env
@@ -610,7 +611,7 @@ def publish_artifacts(result) -> None:
     ]
     create_table_artifact(rows, key="monitoring-summary",
                           description=f"monitoring {r.model_name} v{r.model_version} on {r.batch}")
-    ui = _run_link(r.tracking_uri, r.monitoring_run_id)
+    ui = mlflow_run_url(r.tracking_uri, r.monitoring_run_id)
     create_link_artifact(ui, link_text=f"MLflow monitoring run {r.monitoring_run_id} (Evidently HTML under monitoring/)",
                          key="monitoring-run", description="MLflow run with the Evidently reports")
     reports = "\n".join(f"- `{p}`" for p in (r.drift_html, r.quality_html) if p)
@@ -626,9 +627,3 @@ def publish_artifacts(result) -> None:
 
 def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
-
-def _run_link(tracking_uri: str, run_id: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/0/runs/{run_id}"
-    return f"{tracking_uri} run {run_id}"

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -76,11 +77,15 @@ def _log_lineage(cfg: PipelineConfig, manifest: Manifest, key: bytes | None) -> 
     mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
     train = pd.concat([manifest.read(s, key) for s in manifest.shards], ignore_index=True)
     name = f"{cfg.name}-{manifest.fingerprint[:12]}"
-    mlflow.log_input(mlflow.data.from_pandas(train, source=str(manifest.dir), targets=manifest.target_column,
-                                             name=f"{name}-train"), context="training")
     val = manifest.read(manifest.validation, key)
-    mlflow.log_input(mlflow.data.from_pandas(val, source=str(manifest.dir), targets=manifest.target_column,
-                                             name=f"{name}-validation"), context="validation")
+    with warnings.catch_warnings():
+        # MLflow's notes on its own source registry and int columns in an inferred schema: not
+        # actionable for a logged dataset, and they would repeat in every training log.
+        warnings.simplefilter("ignore", UserWarning)
+        mlflow.log_input(mlflow.data.from_pandas(train, source=str(manifest.dir), targets=manifest.target_column,
+                                                 name=f"{name}-train"), context="training")
+        mlflow.log_input(mlflow.data.from_pandas(val, source=str(manifest.dir), targets=manifest.target_column,
+                                                 name=f"{name}-validation"), context="validation")
 
 
 def _display(cmd: list[str]) -> str:

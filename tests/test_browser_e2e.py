@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_stack import SMOKE, Stack, _start, _stop
+from tests.test_stack import Stack, _start, _stop
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

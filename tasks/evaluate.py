@@ -93,12 +93,27 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
     return GateDecision(promote=all(v.passed for v in verdicts), primary_metric=m, verdicts=verdicts)
 
 
+# What the registry answers for "no such model" and "no such alias" (store and REST alike).
+_NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str):
+    """The model version behind ``alias``, or None when the model or the alias does not exist.
+
+    Any other registry error (server unreachable, auth) propagates: read as "no champion yet", it
+    would wave a candidate past the gate on the floors alone.
+    """
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in _NOT_FOUND:
+            return None
+        raise
+
+
 def current_champion(client: MlflowClient, name: str):
     """The model version behind ``@champion``, or None before the first promotion."""
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    return version_by_alias(client, name, CHAMPION)
 
 
 def _decision_markdown(cfg: PipelineConfig, ev: EvaluationResult) -> str:

@@ -35,6 +35,7 @@ from monitoring.anomalies import (
 )
 from monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecord, next_batch_month
 from monitoring.reports import PREDICTION, ReportSummary, build_reports, sample_rows
+from tasks.evaluate import current_champion
 from tasks.links import mlflow_run_url
 from training.config import PipelineConfig, get_settings, with_overrides
 from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
@@ -94,13 +95,12 @@ def _load_run_json(run_id: str, path: str) -> dict | None:
 def resolve_champion(cfg: PipelineConfig) -> ChampionInfo:
     client = _tracking()
     name = cfg.registry.model_name
-    try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    mv = current_champion(client, name)  # a registry that cannot be reached is an error, not "none"
+    if mv is None:
         raise MonitoringError(
             f"no model version of {name!r} has the alias @{CHAMPION} in {get_settings().tracking_uri}: "
             "run the training pipeline first (`ringflow run`)"
-        ) from None
+        )
     tags = dict(mv.tags or {})
     run_id = tags.get("training_run_id")
     auc = tags.get("test_roc_auc")

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.evaluate import CHAMPION, EvaluationResult, current_champion
+from tasks.evaluate import CHAMPION, EvaluationResult, current_champion, version_by_alias
 from training.config import PipelineConfig, get_settings
 from training.manifest import Manifest
 
@@ -49,10 +49,8 @@ def git_commit() -> str:
 
 def move_alias(client: MlflowClient, name: str, alias: str, version: str | None, reason: str) -> dict | None:
     """Point ``alias`` at ``version`` and record the move; a no-op move records nothing."""
-    try:
-        before = str(client.get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        before = None
+    current = version_by_alias(client, name, alias)
+    before = str(current.version) if current is not None else None
     if before == version:
         return None
     if version is None:

@@ -68,3 +68,45 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
         assert html and html.endswith(".html") and Path(html).stat().st_size > 10_000
     assert client.get_run(mon.monitoring_run_id).data.tags["ringflow.decision"] == mon.decision
     assert mon.action.mode in {"none", "plan-only"}  # trigger_rerun=False never starts a rerun
+
+
+def test_retry_after_a_failed_stage_does_not_retrain(prefect_harness, ringflow_home, smoke_config, monkeypatch):
+    """A stage after training fails for real (the model registry is unreachable); retrying the
+    same flow run, as the UI's Retry does, reuses the shards and the trained model and goes on."""
+    import socket
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.flow_engine import run_flow
+    from prefect.states import AwaitingRetry
+
+    from flows.training_pipeline import PipelineStageError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"http://127.0.0.1:{dead}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    state = training_pipeline(smoke_config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(PipelineStageError, match="stage 'evaluate' failed"):
+        state.result()
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as c:
+        c.set_flow_run_state(flow_run_id, AwaitingRetry(), force=True)
+        flow_run = c.read_flow_run(flow_run_id)
+    result = run_flow(training_pipeline, flow_run=flow_run, parameters={"config": smoke_config})
+    assert result.promoted and result.model_version == "1"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(smoke_config.registry.experiment)
+    trainings = client.search_runs([experiment.experiment_id], "tags.`ringflow.kind` = 'training'")
+    assert [r.info.run_id for r in trainings] == [result.training_run_id]  # trained once
+    with get_client(sync_client=True) as c:
+        task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    names = sorted((tr.name.rsplit("-", 1)[0], tr.state.name) for tr in task_runs)
+    assert ("train", "Cached") in names and ("shard", "Cached") in names, names
+    assert names.count(("train", "Completed")) == 1, names

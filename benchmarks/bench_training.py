@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     all_cases = cases(args.quick)
     if args.cases:
         want = args.cases.split(",")
+        known = {c.name for c in cases(False)}
+        if unknown := [n for n in want if n not in known]:
+            p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         all_cases = [c for c in cases(False) if c.name in want]
     rounds = args.rounds or (1 if args.quick else 3)
     epochs = args.epochs or (2 if args.quick else 3)

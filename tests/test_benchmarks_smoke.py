@@ -30,12 +30,12 @@ def test_allreduce_quick_measures_every_method(tmp_path):
 def test_training_bench_runs_trainer_and_ddp_reference(tmp_path):
     out = tmp_path / "training.json"
     _run([str(BENCH / "bench_training.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
-          "--cases", "hvd_np2,np2_fast_step,ddp_np2", "--rounds", "1", "--epochs", "2", "--no-quality",
+          "--cases", "hvd_np2,np2_unpinned,ddp_np2", "--rounds", "1", "--epochs", "2", "--no-quality",
           "--out", str(out)])
     d = json.loads(out.read_text())
-    assert set(d["cases"]) == {"hvd_np2", "np2_fast_step", "ddp_np2"}
+    assert set(d["cases"]) == {"hvd_np2", "np2_unpinned", "ddp_np2"}
     assert all(c["samples_per_s"] > 0 for c in d["cases"].values())
-    assert "hvd_vs_ddp_np2" in d["derived"]
+    assert "hvd_vs_ddp_np2" in d["derived"] and "pinned_vs_unpinned" in d["derived"]
 
 
 def test_results_md_renders_known_and_foreign_results(tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     # The champion loads by alias and predicts on raw flight rows (source columns, raw dtypes).
     mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    deps = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion")).read_text()
+    assert "torch==" in deps and "ringflow" not in deps  # installable from an index
     raw = load_flights().query("month == 2").head(200)
     p = np.asarray(model.predict(raw))
     assert p.shape == (200,)

@@ -47,6 +47,22 @@ def signature_for(feature_columns: list[str]) -> ModelSignature:
     )
 
 
+# What the model's code (this package, shipped as code) imports when it loads and predicts.
+MODEL_DISTRIBUTIONS = ["mlflow", "torch", "numpy", "pandas", "pyarrow", "pydantic", "pydantic-settings",
+                       "pyyaml", "cloudpickle"]
+
+
+def model_requirements() -> list[str]:
+    """Pinned to this environment's versions.
+
+    Stated, not inferred: MLflow's inference imports the model in a subprocess (5 s of every
+    evaluation here) and got it wrong: it listed ``ringflow`` (not on any index) and left out torch.
+    """
+    from importlib.metadata import version
+
+    return [f"{d}=={version(d).split('+')[0]}" for d in MODEL_DISTRIBUTIONS]
+
+
 def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: pd.DataFrame):
     """Log the pyfunc model into the active run; returns MLflow's ModelInfo."""
     return mlflow.pyfunc.log_model(
@@ -57,4 +73,5 @@ def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: 
         code_paths=[str(TRAINING_PACKAGE)],
         signature=signature_for(feature_columns),
         input_example=input_example[feature_columns],
+        pip_requirements=model_requirements(),
     )

@@ -37,6 +37,7 @@ from monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecor
 from monitoring.reports import PREDICTION, ReportSummary, build_reports, sample_rows
 from tasks.evaluate import current_champion
 from tasks.links import mlflow_run_url
+from tasks.tracking import ensure_experiment
 from training.config import PipelineConfig, get_settings, with_overrides
 from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
 from training.manifest import Manifest, key_from_env
@@ -438,8 +439,7 @@ def last_monitored_month(cfg: PipelineConfig) -> str | None:
 @task(name="start-monitoring-run", cache_policy=NO_CACHE)
 def start_monitoring_run(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch) -> str:
     client = _tracking()
-    exp = client.get_experiment_by_name(cfg.registry.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.registry.experiment)
+    exp_id = ensure_experiment(client, cfg.registry.experiment)
     tags = {
         KIND_TAG: "monitoring", "ringflow.model_name": champion.model_name, "ringflow.model_version": champion.version,
         "ringflow.batch": batch.label, "ringflow.rerun_triggered": "false",

@@ -30,6 +30,7 @@ from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.shard import resolve_data_key
+from tasks.tracking import ensure_experiment
 from training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
 from training.config import PipelineConfig, get_settings
 from training.launch import (
@@ -181,7 +182,7 @@ def train_model(
     tracking_uri = settings.tracking_uri
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    experiment_id = mlflow.set_experiment(cfg.registry.experiment).experiment_id
+    experiment_id = ensure_experiment(client, cfg.registry.experiment)
     task_run_id = str(runtime.task_run.id) if runtime.task_run.id else None
     attempt = runtime.task_run.run_count or 1
     existing = _find_run(client, experiment_id, task_run_id)

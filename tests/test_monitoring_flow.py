@@ -63,7 +63,9 @@ def register_champion(cfg: PipelineConfig, df: pd.DataFrame, version_tags: dict 
     model = TinyDelayModel(coef, lr.intercept_[0] - float(coef @ mu), means)
     test_auc = classification_metrics(test[TARGET], model.predict(None, test))["roc_auc"]
 
-    mlflow.set_experiment(cfg.registry.experiment)
+    from tasks.tracking import ensure_experiment
+
+    mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(), cfg.registry.experiment))
     with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": "2"}) as run:
         mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
         mlflow.log_dict({"status": "completed", "world_size": 2, "epochs_completed": 1, "metrics": {},

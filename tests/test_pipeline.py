@@ -43,6 +43,8 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     moves = [(h["alias"], h["to"]) for h in alias_history(client, name)]
     assert moves == [("champion", "1"), ("challenger", "2")]
     run = client.get_run(first.training_run_id)
+    # artifacts live with the rest of the state, not in ./mlruns of wherever the command ran
+    assert run.info.artifact_uri.startswith((ringflow_home / "artifacts").as_uri())
     assert run.data.tags["gate.decision"] == "promote"
     assert {"test_roc_auc", "test_pr_auc", "test_log_loss", "test_accuracy", "test_f1", "test_brier"} <= set(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(first.training_run_id, "evaluation")}

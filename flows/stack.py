@@ -378,6 +378,22 @@ def remember_config(config: PipelineConfig, home: Path | None = None) -> Path:
     return path
 
 
+def _local_experiment(config_json: Path | None, home: Path) -> None:
+    """Create the pipeline's experiment in the shared SQLite store before the server does.
+
+    A server-created experiment keeps its artifacts as ``mlflow-artifacts:`` URIs, which only a
+    running server resolves: after ``ringflow down``, ``ringflow run`` on the same store could not
+    log to it. Created here, it points at ``$RINGFLOW_HOME/artifacts/<experiment>``, the same
+    directory the server serves, so runs work with the stack up or down.
+    """
+    from mlflow import MlflowClient
+
+    from tasks.tracking import ensure_experiment
+
+    cfg = PipelineConfig.model_validate_json(config_json.read_text()) if config_json else PipelineConfig()
+    ensure_experiment(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), cfg.registry.experiment)
+
+
 def up(
     config: PipelineConfig | None = None,
     *,
@@ -397,6 +413,9 @@ def up(
     config_json = remember_config(config, home) if config is not None else None
     if config_json is None and (stack_dir(home) / "config.json").is_file():
         config_json = stack_dir(home) / "config.json"
+
+    if not st.mlflow_backend_store_uri and not st.mlflow_artifacts_destination:
+        _local_experiment(config_json, home)
 
     result: dict[str, str] = {}
     for svc in _services(st, home, config_json):

@@ -270,6 +270,21 @@ def test_down_stops_everything_and_state_survives_a_restart(stack):
     assert not {stack.prefect_port, stack.mlflow_port} & listening  # nobody listens on the ports
     assert "not running" in stack.cli("down").stdout  # a second down stops nothing
 
+    # With the stack down, a run goes to the same store on its own (embedded SQLite) and its
+    # artifacts land where the server serves them from (not in an mlflow-artifacts: location
+    # that only a running server could resolve).
+    run = stack.cli("run", "--config", str(SMOKE), "--set", "training.epochs=1", timeout=600)
+    assert "finished" in run.stdout, run.stdout[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{stack.home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ringflow")
+    assert exp.artifact_location == (stack.home / "artifacts" / "ringflow").as_uri()
+    [latest] = client.search_runs([exp.experiment_id], "tags.`ringflow.kind` = 'training'",
+                                  order_by=["attribute.start_time DESC"], max_results=1)
+    assert latest.info.status == "FINISHED"
+    assert client.list_artifacts(latest.info.run_id, "training")
+
     # Restart without the runner: deployments and automation come from the persisted database.
     _start(stack, "--no-serve")
     with stack.client() as c:

@@ -51,6 +51,15 @@ class Case:
     what: str = ""
 
 
+def _mpi_built() -> bool:
+    try:
+        import horovod.torch as hvd
+
+        return bool(hvd.mpi_built())
+    except Exception:  # noqa: BLE001  (no horovod, or one without the torch extension)
+        return False
+
+
 def cases(quick: bool) -> list[Case]:
     core = [
         Case("hvd_np1", 1, what="trainer np=1, default threads (2 = all cores)"),
@@ -77,6 +86,11 @@ def cases(quick: bool) -> list[Case]:
         Case("ddp_np2_dataloader", 2, kind="ddp", env={"RFBENCH_LOADER": "dataloader"},
              what="DDP np=2 fed by a DataLoader instead of in-memory indexing"),
     ]
+    if _mpi_built():
+        # the MPI controller (shared memory within a host) needs a Horovod built with MPI
+        # (HOROVOD_WITH_MPI=1 and Open MPI); the project's install builds Gloo only
+        levers.append(Case("np2_mpi", 2, env={"RFBENCH_CONTROLLER": "mpi"},
+                           what="np=2, MPI controller and CPU ops (Horovod built with MPI)"))
     if quick:
         return [c for c in core if c.name in ("hvd_np1_t1", "hvd_np2", "ddp_np2")]
     return core + levers
@@ -118,6 +132,9 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
     env.pop("MLFLOW_RUN_ID", None)  # the trainer logs nowhere: we measure training, not MLflow
     if case.kind == "horovod":
         cmd = horovodrun_command(cfg, manifest, out, python=sys.executable)
+        if case.env.get("RFBENCH_CONTROLLER") == "mpi":
+            cmd[cmd.index("--gloo")] = "--mpi"
+            env.update(HOROVOD_CPU_OPERATIONS="MPI", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(case.np),
                str(HERE / "_ddp_reference.py"), "--manifest", str(manifest), "--config-json", cfg.model_dump_json(),

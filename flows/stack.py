@@ -144,7 +144,10 @@ def _running(name: str, home: Path | None = None) -> psutil.Process | None:
             same_start = ticks == rec["start_ticks"]
         else:  # psutil derives create_time from /proc/stat btime, which can move by a second
             same_start = abs(proc.create_time() - rec["create_time"]) < 5.0
-        same = same_start and proc.cmdline() == rec["cmdline"]
+        launched = rec.get("cmd")
+        cmdline = proc.cmdline()
+        # a script's shebang puts its interpreter in front of the argv we launched
+        same = same_start and (cmdline[-len(launched):] == launched if launched else cmdline == rec["cmdline"])
         if same and proc.status() != psutil.STATUS_ZOMBIE:
             return proc
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, KeyError):
@@ -315,8 +318,10 @@ def _start(svc: Service, home: Path) -> psutil.Process:
             stderr=subprocess.STDOUT, start_new_session=True,  # own group: down stops its children too
         )
     proc = psutil.Process(p.pid)
+    # The argv we launched, not /proc's cmdline: read right after the fork, that can still be
+    # ours (`ringflow up`) if the child has not exec'd yet, and the service then looks foreign.
     rec = {"pid": p.pid, "create_time": proc.create_time(), "start_ticks": _start_ticks(p.pid),
-           "cmdline": proc.cmdline()}
+           "cmd": [str(a) for a in svc.cmd]}
     _pid_file(svc.name, home).write_text(json.dumps(rec))
     return proc
 

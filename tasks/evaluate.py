@@ -163,7 +163,8 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
         champ = champ_p = None
         if champ_mv is not None:
             log.info("evaluate: scoring champion version %s on the same rows", champ_mv.version)
-            champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
+            # by version, not by alias again: the version scored is the one recorded as champion
+            champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{champ_mv.version}")
             # the champion may have been trained on other features: give it the columns it declares
             wanted = champion_model.metadata.get_input_schema().input_names()
             champ_p = champion_model.predict(test[[c for c in wanted if c in test.columns]])

@@ -4,7 +4,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ringflow-installed
 CONFIG ?= configs/flights.yaml
 
+# Where pip gets torch. Empty: the configured package index (this machine's has the CPU build).
+# Elsewhere PyPI's torch is the multi-GB CUDA build: for CPU only, make install
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu (README "Install elsewhere" for GPU builds).
+TORCH_INDEX ?=
+
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: install run test bench up down deploy clean browser-deps
 
@@ -14,7 +20,7 @@ $(PY):
 
 # Re-runs only when the dependency spec or the install script changes.
 $(STAMP): pyproject.toml infra/install_horovod.sh | $(PY)
-	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	infra/install_horovod.sh $(PY)
 	touch $(STAMP)

@@ -47,7 +47,9 @@ def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
 
 def _prepare_environment() -> None:
     """Embedded defaults: state under RINGFLOW_HOME; env values win when set."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from training.telemetry import telemetry_off
+
+    telemetry_off()  # MLflow, Prefect and Evidently usage telemetry: off unless the user sets it
     # `ringflow shard/train` run a task outside a flow; its logs go to the terminal only.
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars garble the stage log

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.config import PipelineConfig, get_settings
 from training.launch import kill_tree  # also reaches flow runs' horovodrun ranks in their own sessions
+from training.telemetry import telemetry_off
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts (prefect, mlflow)
@@ -231,6 +232,7 @@ def _deployments_ready(api_url: str, auth: tuple[str, str] | None, names: list[s
 def _services(st: StackSettings, home: Path, config_json: Path | None) -> list[Service]:
     base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_KEY")}
     base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    telemetry_off(base)  # servers, the runner and its flow runs send no usage telemetry
     base["RINGFLOW_HOME"] = str(home)
     base["PYTHONUNBUFFERED"] = "1"
 

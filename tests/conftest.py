@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from training.config import PipelineConfig, load_config
+from training.telemetry import telemetry_off
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+telemetry_off()  # MLflow, Prefect and Evidently send nothing from the tests (training/telemetry.py)
 # Tests call tasks outside flows; those logs stay local (as `ringflow shard/train` does).
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 

@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install run test bench up down deploy clean browser-deps
+.PHONY: install run test bench up down deploy clean browser-deps cluster-deps
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,7 +30,7 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/ringflow run --config $(CONFIG)
 
-test: install browser-deps
+test: install browser-deps cluster-deps
 	$(VENV)/bin/pytest
 
 clean:
@@ -56,3 +56,11 @@ browser-deps: install
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet "playwright>=1.40"
+
+# sshd for `ringflow cluster` hosts and tests/test_cluster.py: Debian's openssh-server. Installing
+# starts nothing here; ringflow runs one sshd per namespace host with its own config and keys under
+# $RINGFLOW_HOME/cluster, never the system service, /etc/ssh or root's ~/.ssh.
+cluster-deps:
+	@test -x /usr/sbin/sshd || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends openssh-server; }

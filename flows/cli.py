@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.cluster import cluster_app
 from training.config import ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(cluster_app, name="cluster")  # ringflow cluster up|status|down|run
 
 DEFAULT_CONFIG = Path("configs/flights.yaml")
 

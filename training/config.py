@@ -187,7 +187,13 @@ class HorovodConfig(_Strict):
     hosts: str | None = None
     """``-H`` host list (``host1:2,host2:2``); ``null`` = ``localhost:<world_size>``."""
     network_interface: str | None = None
-    """``--network-interface``; elastic mode on one host needs ``lo`` and gets it by default."""
+    """``--network-interface``; elastic mode on one host needs ``lo`` and gets it by default.
+    Across hosts: the interface every host reaches the others on (``eth0`` on cluster hosts)."""
+    ssh_identity_file: Path | None = None
+    """``--ssh-identity-file``: the private key horovodrun uses to start ranks on other hosts
+    (``ringflow cluster`` sets its own); ``null`` = ssh's defaults."""
+    ssh_port: int | None = Field(None, ge=1, le=65535)
+    """``--ssh-port`` of the other hosts' sshd; ``null`` = ssh's default (22 or ssh_config)."""
     start_timeout_s: int = Field(60, ge=5)
 
 

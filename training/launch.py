@@ -71,6 +71,10 @@ def horovodrun_command(
         if hv.network_interface:
             cmd += ["--network-interface", hv.network_interface]
     cmd += ["--gloo", "--start-timeout", str(hv.start_timeout_s)]
+    if hv.ssh_identity_file is not None:
+        cmd += ["--ssh-identity-file", str(hv.ssh_identity_file)]
+    if hv.ssh_port is not None:
+        cmd += ["--ssh-port", str(hv.ssh_port)]
     if hv.fusion_threshold_mb is not None:
         cmd += ["--fusion-threshold-mb", str(hv.fusion_threshold_mb)]
     if hv.cycle_time_ms is not None:

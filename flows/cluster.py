@@ -1,0 +1,428 @@
+"""``ringflow cluster up | status | down | run``: the pipeline on a multi-host cluster.
+
+The hosts are network namespaces on this machine (``tasks/cluster.py`` builds them); this module
+puts the team's services on them and submits work:
+
+- ``h0`` runs the stack, ``ringflow up --no-serve`` inside h0 (flows/stack.py), bound to h0's
+  address; MLflow serves artifacts over HTTP, so no host needs a path on h0's disk;
+- ``h1`` runs a real ``prefect worker`` of the process pool ``ringflow-cluster``; the training
+  and monitoring deployments (from this repository's source) and the rerun automation go to it;
+- ``h1..hN`` run sshd: the worker's flow runs launch ``horovodrun`` from h1 across them with
+  ``--network-interface eth0`` and the cluster's ssh key, ranks report to MLflow at h0's address.
+
+The same settings describe real machines (README "Scale out").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tasks.cluster import (
+    BIN, ClusterError, ClusterSettings, ClusterState, cluster_dir, identity_file, is_running, load_state,
+    log_dir, netns_names, plan, preflight, save_state, start_process, start_sshd, build_network,
+    write_ssh_files, wait_for, host_argv, tail,
+)
+from tasks.cluster import down as remove_cluster
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORK_POOL = "ringflow-cluster"
+PREFECT_PORT = 4200
+MLFLOW_PORT = 5000
+NETWORK_INTERFACE = "eth0"
+"""Every namespace host's interface (``ip link add ... peer name eth0``)."""
+SERVER_SECRETS = ("PREFECT_SERVER_API_AUTH_STRING", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
+
+
+def h0_home(home: Path) -> Path:
+    """h0's own disk: the stack's pid files, Prefect and MLflow databases, served artifacts."""
+    return cluster_dir(home) / "h0"
+
+
+def results_dir(home: Path) -> Path:
+    """Prefect results of flow runs, on the shared filesystem so ``cluster run`` can read them."""
+    return cluster_dir(home) / "results"
+
+
+def urls(state: ClusterState) -> dict[str, str]:
+    h0 = state.host("h0")
+    return {"prefect": f"http://{h0.address}:{PREFECT_PORT}", "mlflow": f"http://{h0.address}:{MLFLOW_PORT}"}
+
+
+def client_env(state: ClusterState) -> dict[str, str]:
+    """How any host (and this machine) reaches the stack on h0: URLs, plus credentials from the
+    environment (flows/stack.py derives client credentials from server ones)."""
+    from flows.stack import StackSettings
+    from flows.stack import client_env as stack_client_env
+
+    return stack_client_env(StackSettings(host=state.host("h0").address, prefect_port=PREFECT_PORT,
+                                          mlflow_port=MLFLOW_PORT))
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_KEY", "RINGFLOW_HOSTS_FILE")}
+    env.update(PYTHONUNBUFFERED="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    return env
+
+
+# --------------------------------------------------------------------------- services
+
+
+def start_stack(state: ClusterState, config: Path | None, settings: ClusterSettings) -> None:
+    """``ringflow up --no-serve`` inside h0 (idempotent: it starts only what is not running)."""
+    import subprocess
+
+    import httpx
+
+    home = Path(state.shared_home)
+    h0 = state.host("h0")
+    stack_home = h0_home(home)
+    (stack_home / "artifacts").mkdir(parents=True, exist_ok=True)
+    env = _base_env()
+    env.update(
+        RINGFLOW_HOME=str(stack_home), RINGFLOW_HOST=h0.address,
+        RINGFLOW_PREFECT_PORT=str(PREFECT_PORT), RINGFLOW_MLFLOW_PORT=str(MLFLOW_PORT),
+        # served artifacts (mlflow-artifacts:/ URIs): ranks and flows upload over HTTP
+        RINGFLOW_MLFLOW_ARTIFACTS_DESTINATION=str(stack_home / "artifacts"),
+        # MLflow's host check admits loopback and private ranges only; 198.18/15 is neither
+        MLFLOW_SERVER_ALLOWED_HOSTS=",".join([f"{h0.address}:{MLFLOW_PORT}", h0.address, f"h0:{MLFLOW_PORT}", "h0",
+                                              "localhost:*", "127.0.0.1:*"]),
+    )
+    argv = [str(BIN / "ringflow"), "up", "--no-serve"] + (["--config", str(config)] if config else [])
+    log = log_dir(home) / "h0-stack.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        p = subprocess.run(host_argv(h0, argv), env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                           stderr=subprocess.STDOUT, timeout=settings.startup_timeout_s)
+    if p.returncode != 0:
+        raise ClusterError(f"the stack did not start on h0 (`ringflow up` exited {p.returncode}); last lines of "
+                           f"{log}:\n{tail(log)}")
+    u = urls(state)
+    for name in ("prefect", "mlflow"):
+        path = "/api/health" if name == "prefect" else "/health"
+        try:
+            ok = httpx.get(u[name] + path, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if not ok:
+            raise ClusterError(f"{name} on h0 does not answer at {u[name]} from this machine; see {log}")
+
+
+def start_worker(state: ClusterState, settings: ClusterSettings) -> None:
+    """A real ``prefect worker`` of the process pool on h1; its flow runs see the shared home."""
+    home = Path(state.shared_home)
+    h1 = state.host("h1")
+    key = "h1/worker"
+    rec = state.processes.get(key)
+    if rec is None or not is_running(rec):
+        env = _base_env()
+        for k in SERVER_SECRETS:
+            env.pop(k, None)  # a client: no server secrets
+        env.update(client_env(state))
+        env.update(
+            RINGFLOW_HOME=str(home), PREFECT_HOME=str(cluster_dir(home) / "h1" / "prefect"),
+            PREFECT_RESULTS_PERSIST_BY_DEFAULT="true", PREFECT_LOCAL_STORAGE_PATH=str(results_dir(home)),
+        )
+        argv = [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
+                "--name", f"{state.prefix}-h1"]
+        rec = start_process(h1, argv, env, log_dir(home) / "h1-worker.log", cwd=REPO_ROOT)
+        state.processes[key] = rec
+        save_state(home, state)
+    wait_for("prefect worker on h1", lambda: _worker_online(state), settings.startup_timeout_s, Path(rec.log),
+             alive=lambda: is_running(rec))
+
+
+def _worker_online(state: ClusterState) -> bool:
+    import httpx
+
+    env = client_env(state)
+    auth = None
+    if env.get("PREFECT_API_AUTH_STRING"):
+        user, _, pw = env["PREFECT_API_AUTH_STRING"].partition(":")
+        auth = (user, pw)
+    try:
+        r = httpx.post(f"{env['PREFECT_API_URL']}/work_pools/{WORK_POOL}/workers/filter", json={}, auth=auth, timeout=5)
+        return r.status_code == 200 and any(
+            w["name"] == f"{state.prefix}-h1" and w.get("status") == "ONLINE" for w in r.json())
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def use_stack(state: ClusterState) -> None:
+    """Point this process's Prefect and MLflow clients at h0 (before Prefect is imported)."""
+    os.environ.update(client_env(state))
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(results_dir(Path(state.shared_home)))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def cluster_overrides(state: ClusterState) -> list[str]:
+    """Config defaults for training across the cluster's hosts; ``--set`` values come after and win."""
+    hosts = state.training_hosts
+    return [
+        f"training.horovod.hosts={','.join(f'{h.name}:1' for h in hosts)}",
+        f"training.world_size={len(hosts)}",
+        f"training.horovod.network_interface={NETWORK_INTERFACE}",
+        f"training.horovod.ssh_identity_file={identity_file(Path(state.shared_home))}",
+        # the namespace hosts share this machine's cores: one torch thread per rank
+        "training.threads_per_rank=1",
+    ]
+
+
+def deploy_to_pool(state: ClusterState, config: Path | None) -> dict[str, str]:
+    """Training and monitoring deployments from this repository's source in the worker's pool,
+    plus the rerun automation (the same objects ``ringflow deploy`` makes, other work pool)."""
+    from training.config import load_config
+
+    use_stack(state)
+    cfg = load_config(config, cluster_overrides(state))
+    return _deploy(cfg)
+
+
+def _deploy(cfg) -> dict[str, str]:
+    from prefect import Flow
+    from prefect.schedules import Cron
+
+    from flows.deployments import MONITORING, TRAINING, apply_automation
+
+    params = cfg.model_dump(mode="json")
+    tz = cfg.schedules.timezone
+    tags = ["ringflow", cfg.name, "cluster"]
+    ids: dict[str, str] = {}
+    for flow_name, module, name, parameters, cron in (
+        (TRAINING, "flows.training_pipeline", "training_pipeline", {"config": params, "reason": "scheduled"},
+         cfg.schedules.training_cron),
+        (MONITORING, "flows.monitoring", "monitoring_flow", {"config": params, "batch": "next", "trigger_rerun": True},
+         cfg.schedules.monitoring_cron),
+    ):
+        # From this repository's source: the worker's flow run starts with a set_working_directory
+        # pull step, then imports the flow by *module path* (not the file path from_source
+        # records): a file entrypoint is loaded as a top-level module `training_pipeline`, its
+        # result then pickles under that name and `cluster run` could not read it back.
+        flow = Flow.from_source(source=str(REPO_ROOT), entrypoint=f"{module.replace('.', '/')}.py:{name}")
+        dep = flow.to_deployment(name=flow_name, parameters=parameters, tags=tags, concurrency_limit=1,
+                                 schedules=[Cron(cron, timezone=tz, slug=f"{flow_name}-cron")])
+        dep.entrypoint = f"{module}.{name}"
+        ids[f"{flow_name}/{flow_name}"] = str(dep.apply(work_pool_name=WORK_POOL))
+    ids["automation"] = str(apply_automation(cfg, ids[f"{TRAINING}/{TRAINING}"]))
+    return ids
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def up(home: Path, n_hosts: int, config: Path | None = None, *, stack: bool = True, echo=print) -> ClusterState:
+    """Build (or complete) the cluster; idempotent. A first ``up`` that fails removes what it made."""
+    settings = ClusterSettings()
+    preflight(settings)
+    state = load_state(home)
+    if state is not None and len(state.hosts) != n_hosts:
+        raise ClusterError(f"a cluster of {len(state.hosts)} hosts exists under {cluster_dir(home)}; "
+                           "`ringflow cluster down` first to build one of another size")
+    fresh = state is None or any(h.netns not in netns_names() for h in state.hosts)
+    if state is None:
+        state = plan(home, n_hosts)
+        save_state(home, state)  # before anything exists: down finds it even if up dies next
+    try:
+        build_network(state)
+        write_ssh_files(state)
+        for h in state.training_hosts:
+            start_sshd(state, h, settings)
+        if stack:
+            state.stack = True
+            save_state(home, state)
+            echo("starting the stack on h0 (Prefect server, MLflow server) ...")
+            start_stack(state, config, settings)
+            start_worker(state, settings)
+            deploy_to_pool(state, config)
+    except BaseException:
+        if fresh:
+            remove_cluster(home, settings, echo=lambda _: None)
+        raise
+    return state
+
+
+def status_rows(state: ClusterState) -> list[dict[str, str]]:
+    import httpx
+
+    rows = []
+    present = set(netns_names())
+    u = urls(state)
+    for h in state.hosts:
+        services = []
+        for key, rec in state.processes.items():
+            if key.startswith(f"{h.name}/"):
+                services.append(f"{key.split('/', 1)[1]} {'running' if is_running(rec) else 'STOPPED'}")
+        if "stack" in h.roles and state.stack:
+            for name, path in (("prefect", "/api/health"), ("mlflow", "/health")):
+                try:
+                    ok = h.netns in present and httpx.get(u[name] + path, timeout=3).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                services.append(f"{name} {'healthy' if ok else 'DOWN'}")
+        rows.append({"host": h.name, "address": h.address, "netns": h.netns + ("" if h.netns in present else " (MISSING)"),
+                     "roles": ",".join(h.roles), "services": ", ".join(services) or "-"})
+    return rows
+
+
+def print_status(state: ClusterState, echo=print) -> None:
+    echo(f"cluster {state.prefix}: subnet {state.subnet}, shared home {state.shared_home}")
+    cols = ["host", "address", "netns", "roles", "services"]
+    rows = status_rows(state)
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    echo("  ".join(c.ljust(width[c]) for c in cols).rstrip())
+    for r in rows:
+        echo("  ".join(r[c].ljust(width[c]) for c in cols).rstrip())
+    if state.stack:
+        u = urls(state)
+        echo(f"Prefect UI  {u['prefect']}   (work pool {WORK_POOL}, worker on h1)")
+        echo(f"MLflow UI   {u['mlflow']}")
+
+
+def run(home: Path, config: Path | None, overrides: list[str], echo=print):
+    """Submit the training pipeline to the stack on h0; the worker on h1 runs it; wait; return its
+    :class:`~flows.training_pipeline.PipelineResult`."""
+    from training.config import load_config
+
+    state = load_state(home)
+    if state is None:
+        raise ClusterError("no cluster: run `ringflow cluster up` first")
+    worker = state.processes.get("h1/worker")
+    if worker is None or not is_running(worker):
+        raise ClusterError("the cluster has no running worker on h1: run `ringflow cluster up` (with the stack)")
+    cfg = load_config(config, cluster_overrides(state) + list(overrides))
+    use_stack(state)
+    from prefect.deployments import run_deployment
+
+    from flows.deployments import TRAINING
+
+    fr = run_deployment(name=f"{TRAINING}/{TRAINING}", parameters={"config": cfg.model_dump(mode="json"),
+                        "reason": "manual"}, timeout=0)
+    echo(f"submitted flow run {fr.name}: {urls(state)['prefect']}/runs/flow-run/{fr.id}")
+    fr = follow_flow_run(fr.id, timeout_s=cfg.training.timeout_s + 1800, echo=echo)
+    if not fr.state.is_completed():
+        raise ClusterError(f"flow run {fr.name} ended {fr.state.name}: {fr.state.message} "
+                           f"({urls(state)['prefect']}/runs/flow-run/{fr.id})")
+    return fr.state.result()
+
+
+def follow_flow_run(flow_run_id, timeout_s: float, echo=print, poll_s: float = 2.0):
+    """Echo the flow run's log lines (the worker on h1 sends them to the API) until it ends."""
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            fr = client.read_flow_run(flow_run_id)
+            final = fr.state is not None and fr.state.is_final()
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    sort=LogSort.TIMESTAMP_ASC, offset=seen, limit=200)
+            for entry in logs:
+                echo(f"  {entry.message}")
+            seen += len(logs)
+            if final and len(logs) < 200:
+                return fr
+            if time.monotonic() > deadline:
+                raise ClusterError(f"flow run {fr.name} still {fr.state.name if fr.state else 'pending'} after "
+                                   f"{timeout_s:.0f}s")
+            if len(logs) < 200:
+                time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+cluster_app = typer.Typer(
+    help="A multi-host cluster on this machine (network-namespace hosts with sshd): stack on h0, "
+         "Prefect worker on h1, horovodrun across h1..hN.",
+    no_args_is_help=True,
+)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline config YAML.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config value: key.path=value (repeatable).")]
+
+
+def _home() -> Path:
+    from training.config import get_settings
+
+    home = get_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"FAILED: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _default_config(config: Path | None) -> Path | None:
+    if config is not None:
+        return config
+    default = Path("configs/flights.yaml")
+    return default if default.is_file() else None
+
+
+@cluster_app.command("up")
+def up_cmd(
+    hosts: Annotated[int, typer.Option(help="Hosts: h0 runs the stack, h1 the worker, h1.. training ranks.")] = 3,
+    config: ConfigOpt = None,
+    stack: Annotated[bool, typer.Option(help="Also start the stack on h0 and the worker on h1.")] = True,
+) -> None:
+    """Build the cluster (idempotent) and print its hosts, addresses, roles and URLs."""
+    home = _home()
+    try:
+        state = up(home, hosts, _default_config(config), stack=stack, echo=typer.echo)
+    except (ClusterError, OSError) as e:
+        _fail(e)
+    print_status(state, echo=typer.echo)
+    typer.echo("Remove with `ringflow cluster down`.")
+
+
+@cluster_app.command("status")
+def status_cmd() -> None:
+    """Show the hosts, their services and the URLs."""
+    state = load_state(_home())
+    if state is None:
+        typer.echo("no cluster (`ringflow cluster up` builds one)")
+        raise typer.Exit(1)
+    print_status(state, echo=typer.echo)
+
+
+@cluster_app.command("down")
+def down_cmd() -> None:
+    """Remove every namespace, link, /etc/netns entry and process the cluster made, and nothing else."""
+    try:
+        removed = remove_cluster(_home(), echo=typer.echo)
+    except ClusterError as e:
+        _fail(e)
+    if not removed:
+        typer.echo("nothing to remove: no cluster")
+
+
+@cluster_app.command("run")
+def run_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Submit the training pipeline to the cluster's stack; the worker on h1 runs it across the hosts."""
+    from training.config import ConfigError
+
+    home = _home()
+    try:
+        result = run(home, _default_config(config), set_ or [], echo=typer.echo)
+    except (ClusterError, ConfigError) as e:
+        _fail(e)
+    from flows.training_pipeline import print_summary
+
+    print_summary(result)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(cluster_app())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import base64
 import queue
+import re
 import shutil
 import subprocess
 import threading
@@ -30,14 +31,15 @@ from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.shard import resolve_data_key
-from tasks.tracking import ensure_experiment
+from tasks.tracking import LAUNCHER_TAG, ensure_experiment, launcher_tag, mark_stale_runs
 from training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
 from training.config import PipelineConfig, get_settings
 from training.launch import (
-    RankOutput, TrainingError, TrainingTimeout, horovodrun_command, kill_tree, launch_env,
+    RankOutput, TrainingError, TrainingTimeout, check_launchable, horovodrun_command, kill_tree, launch_env,
 )
 from training.manifest import KEY_ENV, Manifest
 from training.result import SUMMARY_FILE, TrainResult
+from training.secrets import secrets_file
 
 __all__ = ["TrainResult", "TrainingError", "TrainingTimeout", "train_model"]
 
@@ -158,7 +160,27 @@ def _has_children(pid: int) -> bool:
         return False
 
 
-@task(name="train", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def retryable(task, task_run, state) -> bool:
+    """Retry what a second attempt can fix (a killed rank, a lost host, I/O, the tracking server);
+    not a bad config, bad or missing data, a missing key, a program bug or the run's own timeout,
+    which would fail the same way again and only double the time to fail."""
+    from mlflow.exceptions import MlflowException
+
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, TrainingError):
+        return exc.retryable
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return False
+    return isinstance(exc, (OSError, MlflowException))
+
+
+def run_name(cfg: PipelineConfig, reason: str | None) -> str:
+    """``train-<config>-<reason>-<UTC time>``: reruns and schedules told apart in the MLflow list."""
+    why = re.sub(r"[^a-z0-9]+", "-", (reason or "manual").split(":")[0].lower()).strip("-")[:24] or "manual"
+    return f"train-{cfg.name}-{why}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+@task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retryable, cache_policy=NO_CACHE)
 def train_model(
     cfg: PipelineConfig,
     manifest_path: str,
@@ -174,6 +196,9 @@ def train_model(
     settings = get_settings()
     manifest = Manifest.load(manifest_path)
     tc = cfg.training
+    # On every attempt, before anything starts: a retry must name the same cause as the first try.
+    check_launchable(cfg, len(manifest.shards))
+    manifest.verify(checksums=False)  # every listed file present at its size (ranks check the sha256)
     if tc.resume_from:
         # fail before creating anything when the resume point does not exist
         log.info("resuming from %s", resolve_checkpoint(tc.resume_from, settings.runs_dir))
@@ -186,15 +211,19 @@ def train_model(
     task_run_id = str(runtime.task_run.id) if runtime.task_run.id else None
     attempt = runtime.task_run.run_count or 1
     existing = _find_run(client, experiment_id, task_run_id)
+    for stale in mark_stale_runs(client, experiment_id, "training"):
+        if existing is None or stale != existing.info.run_id:
+            log.warning("MLflow run %s was left RUNNING by a launcher that is gone: marked KILLED", stale)
 
     if existing is not None:
         run = mlflow.start_run(run_id=existing.info.run_id)
+        mlflow.set_tag(LAUNCHER_TAG, launcher_tag())
         log.info("attempt %d: continuing MLflow run %s", attempt, run.info.run_id)
     else:
         tags = {
             KIND_TAG: "training", "data_fingerprint": manifest.fingerprint, "manifest_path": str(manifest.path),
             "config_hash": cfg.config_hash(), "world_size": str(tc.world_size), "ringflow.config_name": cfg.name,
-            "elastic": str(tc.elastic.enabled).lower(), **(run_tags or {}),
+            "elastic": str(tc.elastic.enabled).lower(), LAUNCHER_TAG: launcher_tag(), **(run_tags or {}),
         }
         if task_run_id:
             tags[TASK_RUN_TAG] = task_run_id
@@ -202,7 +231,8 @@ def train_model(
             tags["ringflow.flow_run_id"] = str(runtime.flow_run.id)
         if parent_run_id:
             tags["parent_run_id"] = parent_run_id
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{cfg.name}", tags=tags)
+        run = mlflow.start_run(experiment_id=experiment_id, tags=tags,
+                               run_name=run_name(cfg, (run_tags or {}).get("ringflow.reason")))
     run_id = run.info.run_id
     out = settings.runs_dir / run_id
     status = "FAILED"
@@ -214,13 +244,15 @@ def train_model(
         cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume)
         env = launch_env(
             cfg, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_RUN_ID=run_id, RINGFLOW_HOME=str(settings.home),
-            # the data key reaches the ranks only through the environment, never argv or files
             **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
         )
         log.info("attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else "")
         t0 = time.monotonic()
         try:
-            run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, log)
+            # horovodrun copies its environment into every rank's argv: the data key and any
+            # credential go to the ranks in a 0600 file instead (training/secrets.py)
+            with secrets_file(env, out) as env:
+                run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, log)
         except TrainingError as e:
             mlflow.set_tag(f"ringflow.attempt_{attempt}_error", str(e)[:5000])
             raise

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -68,6 +69,13 @@ def _procs_of(home: Path) -> list[psutil.Process]:
     return found
 
 
+def _experiment(home: Path, cfg: PipelineConfig):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    return client, client.get_experiment_by_name(cfg.registry.experiment)
+
+
 def _only_run(home: Path, cfg: PipelineConfig):
     from mlflow import MlflowClient
 
@@ -81,18 +89,63 @@ def _only_run(home: Path, cfg: PipelineConfig):
 # --------------------------------------------------------------------------- through the task
 
 
+class CommandLineWatch(threading.Thread):
+    """Samples every process's /proc/<pid>/cmdline (what `ps` shows any user) while a run goes on,
+    and the modes of the secrets files under ``home``."""
+
+    def __init__(self, secrets: list[str], home: Path):
+        super().__init__(daemon=True)
+        self.secrets, self.home = secrets, home
+        self.stop = threading.Event()
+        self.samples = 0
+        self.leaks: list[str] = []
+        self.rank_cmdlines = 0
+        self.secret_file_modes: set[int] = set()
+
+    def run(self):
+        while not self.stop.is_set():
+            for d in Path("/proc").iterdir():
+                if not d.name.isdigit():
+                    continue
+                try:
+                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                self.rank_cmdlines += "training.train" in cmd
+                self.leaks += [f"pid {d.name}: {cmd[:200]}" for s in self.secrets if s in cmd]
+            self.secret_file_modes |= {f.stat().st_mode & 0o777 for f in self.home.glob("runs/*/.secrets-*")
+                                       if f.exists()}
+            self.samples += 1
+            time.sleep(0.05)
+
+
 def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, smoke_config, tmp_path, monkeypatch):
     from tasks.train import train_model
     from training.sharding import shard_dataset
 
-    # encrypted shards: the key reaches the ranks through the environment only
+    # encrypted shards, and credentials in the environment: none of them may reach a command line
+    # (horovodrun copies its environment into every rank's argv), yet the ranks decrypt
     key = os.urandom(32)
-    monkeypatch.setenv(KEY_ENV, base64.b64encode(key).decode())
+    key_b64 = base64.b64encode(key).decode()
+    monkeypatch.setenv(KEY_ENV, key_b64)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlflow-pw-5f2c9e")
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:prefect-pw-81d0aa")
     cfg = with_overrides(smoke_config, {"sharding.encrypt": "on"})
     smoke_manifest = shard_dataset(cfg, tmp_path / "data", key=key, progress=lambda *a: None)
     assert smoke_manifest.encrypted
 
-    r = train_model(cfg, str(smoke_manifest.path), parent_run_id="cause-123", run_tags={"ringflow.reason": "test"})
+    watch = CommandLineWatch([key_b64, "mlflow-pw-5f2c9e", "prefect-pw-81d0aa"], ringflow_home)
+    watch.start()
+    try:
+        r = train_model(cfg, str(smoke_manifest.path), parent_run_id="cause-123", run_tags={"ringflow.reason": "test"})
+    finally:
+        watch.stop.set()
+        watch.join()
+    assert watch.rank_cmdlines > 0, "never saw a rank's command line: the watch did not run during training"
+    assert watch.leaks == []
+    assert watch.secret_file_modes <= {0o600}
+    assert not list(ringflow_home.glob("runs/*/.secrets-*"))  # removed when the run ended
+    assert r.hosts == ["localhost"] and {p.host for p in r.per_rank} == {"localhost"}
 
     assert r.status in {"completed", "early_stopped"} and r.world_size == 2
     assert r.metrics["val_roc_auc"] > 0.6, r.metrics  # majority-class baseline: 0.5
@@ -115,6 +168,7 @@ def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, 
     assert tags["ringflow.kind"] == "training" and tags["world_size"] == "2" and tags["training_status"] == r.status
     assert tags["data_fingerprint"] == smoke_manifest.fingerprint and tags["parent_run_id"] == "cause-123"
     assert tags["config_hash"] == cfg.config_hash() and tags["ringflow.reason"] == "test"
+    assert tags["ringflow.hosts"] == "localhost"
     assert run.data.params["world_size"] == "2" and run.data.params["training.horovod.compression"] == "none"
     steps = [m.step for m in client.get_metric_history(r.run_id, "val_roc_auc")]
     assert steps == list(range(1, r.epochs_completed + 1))
@@ -236,9 +290,10 @@ def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manife
                                         "training.elastic.min_np": 1, "training.elastic.max_np": 2})
     cmd = horovodrun_command(cfg, smoke_manifest.path, tmp_path / "out")
     assert "--host-discovery-script" in cmd and cmd[cmd.index("--network-interface") + 1] == "lo"
-    # Horovod blacklists the whole host of a failed worker; with one host nothing would be left.
-    # Two names for this machine act as two hosts, so the job can shrink to the survivor.
-    monkeypatch.setenv("RINGFLOW_HOSTS", "localhost:1,127.0.0.1:1")
+    # Horovod blacklists the whole host of a failed worker; with one host name nothing would be
+    # left. One-host elastic runs its slots under two names of this machine, so the job shrinks
+    # to the survivor.
+    assert launch_env(cfg, base={})["RINGFLOW_HOSTS"] == "localhost:1,127.0.0.1:1"  # the default, no setting
     killed: list[int] = []
     killer = threading.Thread(target=_kill_rank_after_checkpoint, args=(tmp_path, 1, killed))
     killer.start()
@@ -272,3 +327,129 @@ def test_ranks_are_pinned_only_when_they_fit_the_host():
         assert process == [cores[1]] and all(t == [cores[1]] for t in threads)
     process, _ = affinity(0, len(cores) + 1, 1)  # more ranks than cores: not pinned
     assert process == cores
+
+
+# --------------------------------------------------------------------------- causes, and what is retried
+
+
+def _broken_copy(manifest: Manifest, dest: Path) -> Manifest:
+    import shutil
+
+    shutil.copytree(manifest.dir, dest)
+    return Manifest.load(dest)
+
+
+def test_a_deleted_shard_is_named_before_anything_starts(prefect_harness, ringflow_home, smoke_config,
+                                                         smoke_manifest, tmp_path):
+    from tasks.train import train_model
+    from training.manifest import ShardIntegrityError
+
+    m = _broken_copy(smoke_manifest, tmp_path / "copy")
+    (m.dir / m.shards[1].file).unlink()
+    with pytest.raises(ShardIntegrityError, match=r"data file missing: .*shard-00001\.parquet"):
+        train_model(smoke_config, str(m.path))  # default retries: not retried, same cause
+    client, exp = _experiment(ringflow_home, smoke_config)
+    assert exp is None or not client.search_runs([exp.experiment_id])  # no run, no launch
+    assert not _procs_of(ringflow_home)
+
+
+def test_a_corrupt_shard_stops_its_rank_with_that_cause_and_is_not_retried(prefect_harness, ringflow_home,
+                                                                          smoke_config, smoke_manifest, tmp_path):
+    from tasks.train import train_model
+
+    m = _broken_copy(smoke_manifest, tmp_path / "copy")
+    shard = m.dir / m.shards[1].file
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # same size: only the rank's sha256 check can see it
+    shard.write_bytes(bytes(blob))
+    from training.manifest import ShardIntegrityError
+
+    with pytest.raises(ShardIntegrityError, match=r"checksum mismatch for .*shard-00001"):
+        train_model(smoke_config, str(m.path))
+    _, run = _only_run(ringflow_home, smoke_config)
+    assert "ringflow.attempt_2_error" not in run.data.tags  # not retried: it would fail the same way
+    assert run.info.status == "FAILED" and not _procs_of(ringflow_home)
+
+    # The ranks check too (a retry skips the task's own reading): the rank that reads the bad
+    # shard says why, and that is the error, not its peer's "Horovod has been shut down".
+    env = launch_env(smoke_config, MLFLOW_RUN_ID=None)
+    p = subprocess.run(horovodrun_command(smoke_config, m.path, tmp_path / "out"), env=env,
+                       capture_output=True, text=True, timeout=120)
+    out = RankOutput()
+    for line in (p.stdout + p.stderr).splitlines():
+        out.feed(line)
+    err = out.failure_message(p.returncode)
+    assert p.returncode != 0 and not err.retryable and err.rank == 1
+    assert "rank 1 stopped: ShardIntegrityError: checksum mismatch" in str(err) and "shard-00001" in str(err)
+
+
+def test_more_ranks_than_shards_is_refused_before_launch(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
+    from tasks.train import train_model
+
+    cfg = with_overrides(smoke_config, {"training.world_size": 8})
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"training.world_size=8 exceeds the 2 shards"):
+        train_model(cfg, str(smoke_manifest.path))
+    assert time.monotonic() - t0 < 30  # refused up front, not after launching 8 ranks twice
+    assert not _procs_of(ringflow_home)
+
+
+def test_one_host_elastic_refuses_a_min_np_a_lost_rank_would_break():
+    from training.launch import check_launchable
+
+    cfg = with_overrides(PipelineConfig(), {"training.elastic.enabled": True, "training.world_size": 2,
+                                            "training.elastic.min_np": 2})
+    with pytest.raises(ValueError, match="training.elastic.min_np=2.*leaving 1"):
+        check_launchable(cfg, num_shards=2)
+    check_launchable(with_overrides(cfg, {"training.elastic.min_np": 1}), num_shards=2)
+
+
+@pytest.mark.parametrize("lines, code, retryable", [
+    (["[1]<stderr>:RuntimeError: a bug", "Process 1 exit with status code 1."], 1, False),
+    (["[1]<stderr>:horovod.common.exceptions.HorovodInternalError: ring broke",
+      "Process 1 exit with status code 1."], 1, True),
+    (["Process 1 exit with status code 137."], 137, True),     # SIGKILL / OOM killer
+    (["Process 1 exit with status code 255."], 255, True),     # ssh: the host went away
+    (["[0]<stderr>:horovod ... Horovod has been shut down", "Process 0 exit with status code 1.",
+      "[1]<stderr>:ringflow-error: MissingKeyError: shard-00001.parquet is encrypted",
+      "Process 1 exit with status code 78."], 78, False),      # the real cause, not the peer
+])
+def test_failures_are_classified_retryable_or_not(lines, code, retryable):
+    out = RankOutput()
+    for line in lines:
+        out.feed(line)
+    err = out.failure_message(1)
+    assert err.retryable is retryable and err.exit_code == code
+    if code == 78:
+        assert err.rank == 1 and "MissingKeyError" in str(err)
+
+
+def test_a_run_left_running_by_a_dead_launcher_is_marked_killed(ringflow_home):
+    from mlflow import MlflowClient
+
+    from tasks.tracking import LAUNCHER_TAG, _start_ticks, ensure_experiment, mark_stale_runs
+
+    client = MlflowClient(f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    exp = ensure_experiment(client, "ringflow")
+    dead = subprocess.Popen(["sleep", "60"])
+    dead_tag = f"{socket.gethostname()}:{dead.pid}:{_start_ticks(dead.pid)}"
+    dead.kill()
+    dead.wait()
+    me = f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+    orphan = client.create_run(exp, tags={"ringflow.kind": "training", LAUNCHER_TAG: dead_tag}).info.run_id
+    alive = client.create_run(exp, tags={"ringflow.kind": "training", LAUNCHER_TAG: me}).info.run_id
+    elsewhere = client.create_run(exp, tags={"ringflow.kind": "training", LAUNCHER_TAG: "other-host:1:1"}).info.run_id
+
+    assert mark_stale_runs(client, exp, "training") == [orphan]
+    assert client.get_run(orphan).info.status == "KILLED" and "is gone" in client.get_run(orphan).data.tags["ringflow.stale"]
+    assert {client.get_run(r).info.status for r in (alive, elsewhere)} == {"RUNNING"}
+
+
+def test_concurrent_first_use_of_a_new_store(tmp_path):
+    """Two processes open a fresh SQLite store at once (two `ringflow run` on a new home)."""
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    code = f"from tasks.tracking import ensure_store; ensure_store({uri!r}); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs

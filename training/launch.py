@@ -16,23 +16,45 @@ from collections import deque
 from pathlib import Path
 
 from training.config import PipelineConfig
+from training.secrets import secrets_file  # noqa: F401  (launchers use it with launch_env)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DISCOVER_HOSTS = REPO_ROOT / "infra" / "discover_hosts.sh"
 HOSTS_ENV = "RINGFLOW_HOSTS"
 
 
-class TrainingError(RuntimeError):
-    """horovodrun failed; the message names the first failing rank, its exit code and last lines."""
+FATAL_EXIT = 78
+"""Exit code of a rank that stopped on an error a retry would meet again (EX_CONFIG: bad data,
+config, key or checkpoint). Its reason is printed on a line starting with :data:`FATAL_PREFIX`."""
+FATAL_PREFIX = "ringflow-error: "
 
-    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None):
+# What a rank's last lines say when it died of the machine or the network, not of the program.
+_INFRA_SIGNS = ("HorovodInternalError", "ConnectionError", "ConnectionResetError", "Connection reset",
+                "Connection refused", "Broken pipe", "BrokenPipeError", "MemoryError", "OSError: [Errno",
+                "No route to host", "ssh:", "timed out")
+
+
+class TrainingError(RuntimeError):
+    """horovodrun failed; the message names the first failing rank, its exit code and last lines.
+
+    ``retryable``: a second attempt can succeed (a killed rank, a lost host, I/O, a launcher
+    that did not start); False for errors that would repeat (bad data, config, key, a bug).
+    """
+
+    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None,
+                 retryable: bool = True):
         super().__init__(message)
         self.rank = rank
         self.exit_code = exit_code
+        self.retryable = retryable
 
 
 class TrainingTimeout(TrainingError):
-    """The run exceeded ``training.timeout_s``; every process of it was killed."""
+    """The run exceeded ``training.timeout_s``; every process of it was killed (not retried: the
+    same work under the same limit would run out again)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=False)
 
 
 def horovodrun_path(python: str | None = None) -> str:
@@ -40,12 +62,48 @@ def horovodrun_path(python: str | None = None) -> str:
     return str(Path(python or sys.executable).with_name("horovodrun"))
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+"""Two names of this machine that Horovod treats as two local hosts (both resolve to a local
+address, so no ssh). Horovod blacklists the whole host of a failed worker: with one host name a
+lost rank takes every slot with it, with two the job shrinks to the other half and goes on."""
+
+
+def one_host_elastic_slots(max_np: int) -> list[tuple[str, int]]:
+    """The slots of a one-host elastic job split over the two loopback names (sizes differ by <= 1)."""
+    first = (max_np + 1) // 2
+    return [(name, n) for name, n in zip(LOOPBACK_NAMES, (first, max_np - first)) if n > 0]
+
+
 def hosts_for(cfg: PipelineConfig) -> str:
     tc = cfg.training
     if tc.horovod.hosts:
         return tc.horovod.hosts
-    slots = (tc.elastic.max_np or tc.world_size) if tc.elastic.enabled else tc.world_size
-    return f"localhost:{slots}"
+    if tc.elastic.enabled:
+        return ",".join(f"{h}:{n}" for h, n in one_host_elastic_slots(tc.elastic.max_np or tc.world_size))
+    return f"localhost:{tc.world_size}"
+
+
+def check_launchable(cfg: PipelineConfig, num_shards: int) -> None:
+    """Refuse, before anything starts, a launch that cannot work (ValueError naming the setting)."""
+    tc = cfg.training
+    most = tc.elastic.max_np or tc.world_size if tc.elastic.enabled else tc.world_size
+    if most > num_shards:
+        raise ValueError(
+            f"training.world_size={tc.world_size}"
+            + (f" (elastic max_np={most})" if tc.elastic.enabled else "")
+            + f" exceeds the {num_shards} shards of the manifest: a rank would have no data. Use at most "
+            f"{num_shards} ranks, or re-shard with sharding.num_shards >= {most}"
+        )
+    if tc.elastic.enabled and not tc.horovod.hosts:
+        slots = one_host_elastic_slots(most)
+        survivors = min(n for _, n in slots) if len(slots) > 1 else 0
+        if tc.elastic.min_np > survivors:
+            raise ValueError(
+                f"training.elastic.min_np={tc.elastic.min_np}: on one host the {most} elastic slots are split "
+                f"over the names {' and '.join(h for h, _ in slots)}, and a lost rank takes its whole "
+                f"name with it (Horovod blacklists the host), leaving {survivors}; set "
+                f"training.elastic.min_np <= {survivors}, or list several hosts in training.horovod.hosts"
+            )
 
 
 def horovodrun_command(
@@ -118,12 +176,17 @@ class RankOutput:
         self.lines: dict[int, deque[str]] = {}
         self.launcher: deque[str] = deque(maxlen=keep)
         self.first_failure: tuple[int, int] | None = None
+        self.fatal: list[tuple[int, str]] = []
+        """(rank, reason) of ranks that stopped on an error a retry would meet again."""
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\n")
         m = _RANK_LINE.match(line)
         if m:
-            self.lines.setdefault(int(m.group(1)), deque(maxlen=self.keep)).append(m.group(3))
+            rank, text = int(m.group(1)), m.group(3)
+            self.lines.setdefault(rank, deque(maxlen=self.keep)).append(text)
+            if text.startswith(FATAL_PREFIX):
+                self.fatal.append((rank, text[len(FATAL_PREFIX):]))
             return
         self.launcher.append(line)
         e = _EXIT_LINE.search(line)
@@ -134,6 +197,11 @@ class RankOutput:
         return list(self.lines.get(rank, []))[-n:]
 
     def failure_message(self, returncode: int) -> TrainingError:
+        if self.fatal:
+            # The cause, whichever rank horovodrun saw exit first (the others only lost their peer).
+            rank, reason = self.fatal[0]
+            return TrainingError(f"training rank {rank} stopped: {reason}", rank=rank, exit_code=FATAL_EXIT,
+                                 retryable=False)
         if self.first_failure is None:
             last = "\n  ".join(list(self.launcher)[-15:]) or "(no output)"
             return TrainingError(f"horovodrun exited with code {returncode} before any rank failed; "
@@ -141,9 +209,13 @@ class RankOutput:
         rank, code = self.first_failure
         how = f"killed by signal {code - 128} ({_signal_name(code - 128)})" if code > 128 else f"exit code {code}"
         last = "\n  ".join(self.tail(rank)) or "(no output)"
+        # killed (signal, OOM), lost host (ssh 255) or a network/collective error: worth a retry;
+        # a plain traceback of the program is a bug that would fail the same way again
+        retryable = code > 128 or code < 0 or code == 255 or any(
+            sign in line for line in self.tail(rank, self.keep) for sign in _INFRA_SIGNS)
         return TrainingError(f"training rank {rank} failed first ({how}); horovodrun exited {returncode} and "
                              f"stopped the other ranks. Last lines of rank {rank}:\n  {last}",
-                             rank=rank, exit_code=code)
+                             rank=rank, exit_code=code, retryable=retryable)
 
 
 def _signal_name(num: int) -> str:

@@ -16,6 +16,8 @@ SUMMARY_FILE = "summary.json"
 
 class RankThroughput(BaseModel):
     rank: int
+    host: str | None = None
+    """The host the rank ran on (horovodrun's name for it)."""
     samples_per_s: float
     """This rank's own compute speed (forward + backward), excluding the wait in the allreduce."""
     step_time_ms: float
@@ -46,6 +48,8 @@ class TrainResult(BaseModel):
     ``train_loss`` and the mean global ``samples_per_s``."""
     per_rank: list[RankThroughput]
     world_size: int
+    hosts: list[str] = []
+    """Distinct hosts the ranks ran on."""
     resumed_from: str | None = None
     """Checkpoint the final attempt started from (retry, --resume or training.resume_from)."""
 
@@ -63,5 +67,5 @@ class TrainResult(BaseModel):
             epochs_completed=int(s["epochs"]), best_epoch=s.get("best_epoch"),
             metrics={k: float(v) for k, v in s.get("metrics", {}).items() if v is not None},
             per_rank=[RankThroughput(**r) for r in s.get("per_rank", [])],
-            world_size=int(s["world_size"]), resumed_from=s.get("resumed_from"),
+            world_size=int(s["world_size"]), hosts=list(s.get("hosts") or []), resumed_from=s.get("resumed_from"),
         )

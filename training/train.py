@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -26,17 +27,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from training.checkpoint import (
     CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
 )
 from training.config import PipelineConfig, TrainingConfig, get_settings
-from training.manifest import Manifest, atomic_write_bytes
-from training.metrics import classification_metrics
+from training.launch import FATAL_EXIT, FATAL_PREFIX
+from training.manifest import Manifest, MissingKeyError, ShardIntegrityError, atomic_write_bytes
+from training.metrics import classification_metrics, max_f1_threshold
 from training.model import TabularNet, predict_logits, save_model
 from training.result import SUMMARY_FILE
+from training.secrets import SecretsFileError, load_secrets
+from training.system_metrics import host_system_metrics
 STATUS_TAG = "training_status"
+HOSTS_TAG = "ringflow.hosts"
+"""Distinct hosts the ranks ran on (horovodrun's host names), comma-separated."""
 
 
 def log(msg: str) -> None:
@@ -84,6 +91,10 @@ def _finite(x: float) -> float | None:
 
 
 # --------------------------------------------------------------------------- rank data
+
+
+class NoShardError(ValueError):
+    """More ranks than shards: a rank would have nothing to read."""
 
 
 @dataclass
@@ -202,7 +213,7 @@ class Trainer:
         if self._layout != (rank, size):
             entries = self.manifest.shards_for_rank(rank, size)
             if not entries:
-                raise RuntimeError(
+                raise NoShardError(
                     f"rank {rank} of {size} has no shard: the manifest has {len(self.manifest.shards)} shards; "
                     "re-shard with sharding.num_shards >= world size"
                 )
@@ -212,6 +223,9 @@ class Trainer:
             self.val = RankData(val.x_num[rank::size], val.x_cat[rank::size], val.y[rank::size])
             self._layout = (rank, size)
         rows = hvd.allgather_object(len(self.data))
+        # where each rank runs: horovodrun's name for its host (-H / discovery), which tells
+        # namespace hosts apart even when they share one hostname
+        self.hosts = hvd.allgather_object(os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname())
         total = sum(rows)
         # Batch size in proportion to the shard: weighted shards (straggler compensation) give a
         # slow rank fewer rows per step, and every rank still runs the same number of steps.
@@ -283,8 +297,8 @@ class Trainer:
             "epoch_time_s": wall,
             "samples_per_s": float(totals[1]) / wall if wall > 0 else 0.0,
             "world_size": size,
-            "per_rank": [{"rank": int(r), "samples_per_s": float(s), "step_time_ms": float(t)}
-                         for r, s, t in per_rank.tolist()],
+            "per_rank": [{"rank": int(r), "host": self.hosts[int(r)], "samples_per_s": float(s),
+                          "step_time_ms": float(t)} for r, s, t in per_rank.tolist()],
             "diverged": diverged_step is not None,
         }
         if diverged_step is not None:
@@ -300,8 +314,14 @@ class Trainer:
         p = 1.0 / (1.0 + np.exp(-both[:, 0].numpy()))
         if not np.all(np.isfinite(p)):
             return {"roc_auc": math.nan, "log_loss": math.nan}
-        m = classification_metrics(both[:, 1].numpy(), p)
-        return {k: m[k] for k in ("roc_auc", "log_loss", "pr_auc", "accuracy", "brier")}
+        y = both[:, 1].numpy()
+        # The decision threshold is chosen here, on validation rows, with the model of this epoch:
+        # the best epoch's threshold is saved with the best weights (delays are a minority class,
+        # so 0.5 can predict "no delay" for every row).
+        threshold = max_f1_threshold(y, p)
+        m = classification_metrics(y, p, threshold)
+        return {**{k: m[k] for k in ("roc_auc", "log_loss", "pr_auc", "accuracy", "f1", "brier")},
+                "decision_threshold": threshold}
 
 
 # --------------------------------------------------------------------------- state bookkeeping
@@ -361,19 +381,21 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
     """Best model + preprocessor + summary.json (rank 0)."""
     net = trainer.net
     model_written = False
+    history = state["history"]
+    best_rec = next((h for h in history if h["epoch"] == state["best_epoch"]), history[-1] if history else {})
+    threshold = best_rec.get("val_decision_threshold")  # of the weights saved below
     if state["best_model"] is not None:
         best = TabularNet(**net.arch)
         best.load_state_dict(state["best_model"])
-        save_model(out, best, trainer.pre, cfg.training.model)
+        save_model(out, best, trainer.pre, cfg.training.model, decision_threshold=threshold)
         model_written = True
     elif status != "diverged":
-        save_model(out, net, trainer.pre, cfg.training.model)
+        save_model(out, net, trainer.pre, cfg.training.model, decision_threshold=threshold)
         model_written = True
-    history = state["history"]
-    best_rec = next((h for h in history if h["epoch"] == state["best_epoch"]), history[-1] if history else {})
     ranks = sorted({r["rank"] for h in history for r in h["per_rank"]})
+    host_of = {x["rank"]: x.get("host") for h in history for x in h["per_rank"]}
     per_rank = [
-        {"rank": r,
+        {"rank": r, "host": host_of.get(r),
          "samples_per_s": float(np.mean([x["samples_per_s"] for h in history for x in h["per_rank"] if x["rank"] == r])),
          "step_time_ms": float(np.mean([x["step_time_ms"] for h in history for x in h["per_rank"] if x["rank"] == r]))}
         for r in ranks
@@ -391,6 +413,7 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
         "best_val_roc_auc": _finite(state["best_auc"]),
         "metrics": metrics,
         "per_rank": per_rank,
+        "hosts": sorted({h for h in host_of.values() if h}),
         "world_size": size,
         "model_written": model_written,
         "checkpoint_dir": str(out / CHECKPOINT_DIR) if last_ckpt else None,
@@ -405,6 +428,8 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
     }
     atomic_write_json(out / SUMMARY_FILE, summary)
     run_log.tag(STATUS_TAG, status)
+    if summary["hosts"]:
+        run_log.tag(HOSTS_TAG, ",".join(summary["hosts"]))
     if best_rec:
         run_log.metrics({f"best_{k}": v for k, v in metrics.items() if k.startswith("val_") and v is not None},
                         step=state["best_epoch"] or 0)
@@ -441,13 +466,16 @@ def pin_to_cores(local_rank: int, local_size: int, threads: int) -> None:
             pass
 
 
-def _setup(args) -> tuple[Any, PipelineConfig, Manifest, Path]:
-    import horovod.torch as hvd
-
-    raw = args.config_json
+def read_config(raw: str) -> PipelineConfig:
+    """``--config-json``: the config as JSON, or ``@path`` to a JSON file."""
     if raw.startswith("@"):
         raw = Path(raw[1:]).read_text()
-    cfg = PipelineConfig.model_validate_json(raw)
+    return PipelineConfig.model_validate_json(raw)
+
+
+def _setup(args, cfg: PipelineConfig) -> tuple[Any, Manifest, Path]:
+    import horovod.torch as hvd
+
     hvd.init()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # ranks on one host share its cores: without this each rank starts cores threads
@@ -460,12 +488,12 @@ def _setup(args) -> tuple[Any, PipelineConfig, Manifest, Path]:
     manifest = Manifest.load(args.manifest)
     out = Path(args.output_dir)
     (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    return hvd, cfg, manifest, out
+    return hvd, manifest, out
 
 
-def run_fixed(args) -> int:
+def run_fixed(args, cfg: PipelineConfig) -> int:
     started = time.time()
-    hvd, cfg, manifest, out = _setup(args)
+    hvd, manifest, out = _setup(args, cfg)
     tc = cfg.training
     rank = hvd.rank()
     trainer = Trainer(hvd, cfg, manifest)
@@ -520,7 +548,7 @@ def run_fixed(args) -> int:
     return 0
 
 
-def run_elastic(args) -> int:
+def run_elastic(args, cfg: PipelineConfig) -> int:
     """``hvd.elastic.run``: state committed every epoch; a lost worker rolls back to the commit.
 
     No collective runs before the elastic function (Horovod's rule), so every rank reads the
@@ -528,7 +556,7 @@ def run_elastic(args) -> int:
     broadcasts rank 0's copy.
     """
     started = time.time()
-    hvd, cfg, manifest, out = _setup(args)
+    hvd, manifest, out = _setup(args, cfg)
     tc = cfg.training
     trainer = Trainer(hvd, cfg, manifest)
     state0 = fresh_state()
@@ -588,11 +616,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Errors a second attempt would meet again: the rank says so (FATAL_PREFIX line, FATAL_EXIT) and
+# the launcher reports this reason instead of a peer's "Horovod has been shut down", and does not retry.
+FATAL_ERRORS = (ShardIntegrityError, MissingKeyError, SecretsFileError, CheckpointError, ValidationError,
+                FileNotFoundError, NoShardError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg_elastic = json.loads(args.config_json if not args.config_json.startswith("@")
-                             else Path(args.config_json[1:]).read_text())["training"].get("elastic", {})
-    return run_elastic(args) if cfg_elastic.get("enabled") else run_fixed(args)
+    try:
+        load_secrets()  # the data key and credentials, from the launcher's 0600 file (never argv)
+        cfg = read_config(args.config_json)
+        with host_system_metrics():  # CPU/memory/network of this host in the run (local rank 0)
+            return run_elastic(args, cfg) if cfg.training.elastic.enabled else run_fixed(args, cfg)
+    except FATAL_ERRORS as e:
+        reason = str(e).replace("\n", " ")
+        print(f"{FATAL_PREFIX}{type(e).__name__}: {reason}", file=sys.stderr, flush=True)
+        return FATAL_EXIT
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
@@ -32,3 +36,63 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
             raise
         return client.get_experiment_by_name(name).experiment_id
+
+
+# --------------------------------------------------------------------------- the store and stale runs
+
+LAUNCHER_TAG = "ringflow.launcher"
+"""``host:pid:start`` of the process that owns a run: a run still RUNNING whose launcher is gone
+(``kill -9`` of the CLI, a crashed worker) is marked KILLED by the next run on that host."""
+
+
+def ensure_store(tracking_uri: str) -> None:
+    """Create a local SQLite store once, under a file lock.
+
+    MLflow migrates a fresh database when the first client opens it; two ``ringflow run`` started
+    together on a new home would both migrate and one would fail on the half-made schema.
+    """
+    from urllib.parse import unquote
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    db = Path(unquote(tracking_uri[len("sqlite:///"):]))
+    if not db.is_absolute():
+        db = Path("/") / db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri).search_experiments(max_results=1)  # creates and migrates it
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def launcher_tag() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _launcher_alive(tag: str) -> bool:
+    host, _, rest = tag.partition(":")
+    pid, _, ticks = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another host's run: not ours to judge
+    return Path(f"/proc/{pid}").exists() and _start_ticks(int(pid)) == ticks
+
+
+def mark_stale_runs(client: MlflowClient, experiment_id: str, kind: str) -> list[str]:
+    """Runs of ``kind`` left RUNNING by a launcher on this host that no longer exists -> KILLED."""
+    stale = []
+    for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`ringflow.kind` = '{kind}'",
+                                  max_results=200):
+        tag = run.data.tags.get(LAUNCHER_TAG)
+        if tag and not _launcher_alive(tag):
+            client.set_tag(run.info.run_id, "ringflow.stale",
+                           f"launcher {tag} is gone; marked KILLED by {launcher_tag()}")
+            client.set_terminated(run.info.run_id, "KILLED")
+            stale.append(run.info.run_id)
+    return stale

@@ -8,6 +8,7 @@ under data_dir.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 
@@ -448,3 +449,56 @@ def test_concurrent_publisher_keeps_the_first_complete_copy(csv_source, data_dir
     assert _publish(late, first.dir, lines.append).path == first.path
     assert not late.exists() and lines == [f"another run published {first.fingerprint} first; using it"]
     assert {p.name: p.stat().st_mtime_ns for p in first.dir.iterdir()} == mtimes
+
+
+# --------------------------------------------------------------------------- a manifest tried as an attacker would
+
+
+def _rewrite_manifest(manifest: Manifest, change) -> None:
+    """Edit manifest.json by hand, as someone with write access to the data folder could."""
+    raw = json.loads(manifest.path.read_text())
+    change(raw)
+    manifest.path.write_text(json.dumps(raw, indent=1))
+
+
+def test_a_manifest_entry_outside_its_folder_is_refused_and_not_up_to_date(csv_source, data_dir, tmp_path):
+    cfg = make_cfg(csv_source)
+    manifest = shard_dataset(cfg, data_dir, progress=quiet)
+    evil = tmp_path / "elsewhere" / "evil.parquet"
+    evil.parent.mkdir()
+    evil.write_bytes((manifest.dir / manifest.shards[0].file).read_bytes())  # a valid Parquet file
+
+    def point_outside(raw):
+        raw["shards"][0]["file"] = "../../elsewhere/evil.parquet"
+        raw["shards"][0]["sha256"] = hashlib.sha256(evil.read_bytes()).hexdigest()
+
+    _rewrite_manifest(manifest, point_outside)
+    with pytest.raises(ShardIntegrityError, match=r"shards\.0\.file.*not a plain file name"):
+        Manifest.load(manifest.path)
+    lines: list[str] = []
+    rebuilt = shard_dataset(cfg, data_dir, progress=lines.append)
+    assert not any(line.startswith("up to date") for line in lines) and any("does not verify" in x for x in lines)
+    assert rebuilt.shards[0].file == "shard-00000.parquet"
+
+
+def test_a_symlinked_shard_that_leaves_the_folder_is_refused(csv_source, data_dir, tmp_path):
+    manifest = shard_dataset(make_cfg(csv_source), data_dir, progress=quiet)
+    shard = manifest.dir / manifest.shards[1].file
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(ShardIntegrityError, match="resolves outside"):
+        manifest.read(manifest.shards[1])
+
+
+def test_a_changed_manifest_is_not_up_to_date(csv_source, data_dir):
+    cfg = make_cfg(csv_source)
+    manifest = shard_dataset(cfg, data_dir, progress=quiet)
+    _rewrite_manifest(manifest, lambda raw: raw["windows"]["train"].update(rows=1))
+    with pytest.raises(ShardIntegrityError, match="modified after it was written"):
+        Manifest.load(manifest.path)
+    lines: list[str] = []
+    rebuilt = shard_dataset(cfg, data_dir, progress=lines.append)
+    assert any("does not verify" in x for x in lines)
+    assert rebuilt.windows["train"].rows == manifest.windows["train"].rows

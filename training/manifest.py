@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError, field_validator
 
 KEY_ENV = "RINGFLOW_DATA_KEY"
 MANIFEST_NAME = "manifest.json"
@@ -35,11 +35,18 @@ class MissingKeyError(RuntimeError):
 
 class FileEntry(BaseModel):
     file: str
-    """Path relative to the manifest's directory."""
+    """A plain file name in the manifest's directory (no path: nothing outside it is ever read)."""
     rows: int
     bytes: int
     sha256: str
     """Of the bytes on disk (the ciphertext when encrypted)."""
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or v in {".", ".."} or Path(v).name != v or "\\" in v or "\0" in v:
+            raise ValueError(f"{v!r} is not a plain file name in the manifest's directory")
+        return v
 
 
 class ShardEntry(FileEntry):
@@ -81,18 +88,34 @@ class Manifest(BaseModel):
     preprocessor: FileEntry
     config: dict
     """The data + sharding config that produced this manifest (part of the fingerprint)."""
+    digest: str | None = None
+    """sha256 over everything above (canonical JSON): a manifest changed after it was written
+    (an entry pointed at another file, a checksum swapped) no longer loads. None: written by an
+    older ringflow; such a manifest loads but is never taken as an up-to-date dataset."""
 
     model_config = {"populate_by_name": True}
+
+    def content_digest(self) -> str:
+        body = self.model_dump(mode="json", exclude={"digest"})
+        return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
     # ------------------------------------------------------------------ io
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
+        """Load and check a manifest; :class:`ShardIntegrityError` names what is wrong with it."""
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(f"manifest not found: {path}")
-        m = cls.model_validate_json(path.read_text())
+        try:
+            m = cls.model_validate_json(path.read_text())
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+            raise ShardIntegrityError(f"manifest {path} is invalid: {problems}") from None
+        if m.digest is not None and m.digest != m.content_digest():
+            raise ShardIntegrityError(f"manifest {path} was modified after it was written (its digest does not "
+                                      "match its content): re-run `ringflow shard`")
         m._dir = path.parent
         return m
 
@@ -110,6 +133,7 @@ class Manifest(BaseModel):
     def write(self, directory: Path) -> Path:
         """Write atomically: readers never see a half-written manifest."""
         directory.mkdir(parents=True, exist_ok=True)
+        self.digest = self.content_digest()
         atomic_write_bytes(
             directory / MANIFEST_NAME,
             json.dumps(self.model_dump(mode="json", by_alias=False), indent=1).encode(),
@@ -122,25 +146,35 @@ class Manifest(BaseModel):
         """Shards rank ``rank`` of ``size`` reads: round-robin, so any world size works."""
         return [s for s in self.shards if s.index % size == rank]
 
+    def file_path(self, entry: FileEntry) -> Path:
+        """Where ``entry`` lives: inside the manifest's directory, also after symlinks, or an error."""
+        path = self.dir / entry.file
+        if not path.resolve().is_relative_to(self.dir.resolve()):
+            raise ShardIntegrityError(f"{path} (manifest entry {entry.file!r}) resolves outside {self.dir}; refusing it")
+        return path
+
     def read(self, entry: FileEntry, key: bytes | None = None) -> pd.DataFrame:
-        return read_table(self.dir / entry.file, entry, self.encrypted, key)
+        return read_table(self.file_path(entry), entry, self.encrypted, key)
 
     def files(self) -> list[FileEntry]:
         """Every data file this manifest lists: shards, validation, test, preprocessor."""
         return [*self.shards, self.validation, self.test, self.preprocessor]
 
-    def verify(self) -> None:
-        """Check that every listed file exists with its recorded size and sha256.
+    def verify(self, checksums: bool = True) -> None:
+        """Check that every listed file exists with its recorded size (and sha256 unless
+        ``checksums=False``: the quick check before a launch; readers verify the sha256 anyway).
 
         Raises :class:`ShardIntegrityError` naming the first file that does not match.
         """
         for entry in self.files():
-            path = self.dir / entry.file
+            path = self.file_path(entry)
             if not path.is_file():
-                raise ShardIntegrityError(f"data file missing: {path}")
+                raise ShardIntegrityError(f"data file missing: {path} (listed in {self.path})")
             size = path.stat().st_size
             if size != entry.bytes:
                 raise ShardIntegrityError(f"size mismatch for {path}: manifest {entry.bytes} bytes, file {size}")
+            if not checksums:
+                continue
             digest = sha256_file(path)
             if digest != entry.sha256:
                 raise ShardIntegrityError(
@@ -150,7 +184,7 @@ class Manifest(BaseModel):
     def read_preprocessor(self):
         from training.preprocess import Preprocessor
 
-        raw = read_verified_bytes(self.dir / self.preprocessor.file, self.preprocessor)
+        raw = read_verified_bytes(self.file_path(self.preprocessor), self.preprocessor)
         return Preprocessor.from_dict(json.loads(raw))
 
 

@@ -236,11 +236,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def load_verified(directory: Path) -> Manifest | None:
-    """The manifest in ``directory`` if every file it lists verifies, else None (absent or broken)."""
+    """The manifest in ``directory`` if it is the one sharding wrote for that fingerprint (its
+    digest matches its content, its fingerprint the directory's name) and every file it lists
+    verifies; else None (absent, changed or broken)."""
     if not (directory / MANIFEST_NAME).is_file():
         return None
     try:
         manifest = Manifest.load(directory)
+        if manifest.digest is None or manifest.fingerprint != directory.name:
+            return None
         manifest.verify()
     except (ShardIntegrityError, ValueError, OSError):
         return None
@@ -322,7 +326,7 @@ def shard_dataset(
 
     columns = stored_columns(cfg)
     train = parts["train"][columns]
-    preprocessor = Preprocessor.fit(train, cfg.data.numeric_features, cfg.data.categorical_features)
+    preprocessor = Preprocessor.for_data(train, cfg.data)
     progress(f"fitted preprocessing on the train window ({len(train):,} rows)")
 
     # Nothing has been written yet; from here on every file goes into a temp dir.

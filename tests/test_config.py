@@ -69,3 +69,24 @@ def test_settings_default_home_and_env_wins(tmp_path, monkeypatch):
     assert s.data_dir == tmp_path / "h" / "data" and s.runs_dir == tmp_path / "h" / "runs"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert get_settings().tracking_uri == "http://127.0.0.1:5999"
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("model.hidden_sizes=[2]", "did you mean training.model.hidden_sizes?"),
+    ("training.epoch=3", "did you mean training.epochs?"),
+    ("data.sourc=own.csv", "did you mean data.source?"),
+])
+def test_an_unknown_key_suggests_the_one_meant(override, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "smoke.yaml", [override])
+    assert hint in str(e.value)
+
+
+def test_every_field_is_documented_in_the_schema_the_ui_renders():
+    """The Prefect UI's run form shows each field's JSON-schema description: the field docstrings."""
+    schema = PipelineConfig.model_json_schema()
+    models = {"PipelineConfig": schema, **schema["$defs"]}
+    undocumented = [f"{m}.{f}" for m, d in models.items() for f, prop in d.get("properties", {}).items()
+                    if not prop.get("description")]
+    assert undocumented == []
+    assert schema["$defs"]["TrainingConfig"]["properties"]["epochs"]["description"].startswith("Most epochs")

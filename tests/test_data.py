@@ -67,3 +67,9 @@ def test_month_window():
     assert (start, end) == (pd.Timestamp("2013-07-01"), pd.Timestamp("2013-08-01"))
     with pytest.raises(DataContractError, match="YYYY-MM"):
         month_window("July")
+
+
+def test_a_header_only_file_says_it_has_no_rows(tmp_path, flights):
+    empty = _user_file(tmp_path, flights, transform=lambda d: d.head(0))
+    with pytest.raises(DataContractError, match=r"user\.csv: no rows \(only a header\?\)"):
+        load_labelled(DataConfig(source=empty))

@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     # extra="forbid": a misspelled key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # use_attribute_docstrings: the docstring under each field is its description, in the JSON
+    # schema and so in the Prefect UI's run form.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 # --------------------------------------------------------------------------- data
@@ -38,7 +40,9 @@ class Window(_Strict):
     """A half-open date interval [start, end) on the timestamp column."""
 
     start: dt.date
+    """First day in the window (inclusive)."""
     end: dt.date
+    """First day after the window (exclusive)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> Window:
@@ -95,14 +99,24 @@ class DataConfig(_Strict):
     categorical_features: list[str] = ["carrier", "origin", "dest"]
     """Categorical feature columns: vocabulary from the training window, plus an
     out-of-vocabulary bucket for unseen values and missing values."""
+    categorical_crosses: list[list[str]] = [["origin", "dest"]]
+    """Combinations of categorical columns the network embeds as one category each (origin+dest
+    = the route: a delay-prone route is more than its airports)."""
+    calendar_features: bool = True
+    """Derive from the timestamp (known when a flight is scheduled): local time of day (cyclic),
+    day of week, days to and since the nearest US federal holiday."""
+    calendar_timezone: str = "America/New_York"
+    """Time zone of the calendar features (the schedule's local time; the flights' airports)."""
     windows: Windows = Windows()
+    """Train / validation / test date windows."""
 
-    @field_validator("source", mode="before")
+    @field_validator("source")
     @classmethod
-    def _source(cls, v: Any) -> Any:
-        if isinstance(v, str) and v != "flights":
-            return Path(v)
-        return v
+    def _absolute_source(cls, v: Any) -> Any:
+        # Absolute, so the config means the same file in a deployment run, a rank or another
+        # working directory. (No "before" validator turning strings into Paths: a Path object is
+        # not valid *JSON* input, and every deployment run and rank reads the config as JSON.)
+        return v.expanduser().absolute() if isinstance(v, Path) else v
 
     @model_validator(mode="after")
     def _features(self) -> DataConfig:
@@ -116,7 +130,23 @@ class DataConfig(_Strict):
         )
         if special:
             raise ValueError(f"timestamp/label column used as a feature: {sorted(special)}")
+        for cross in self.categorical_crosses:
+            unknown = [c for c in cross if c not in self.categorical_features]
+            if len(cross) < 2 or unknown:
+                raise ValueError(f"categorical_crosses entry {cross} must name two or more of the "
+                                 f"categorical_features {self.categorical_features}")
         return self
+
+    @field_validator("calendar_timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as 'UTC' or 'America/New_York')") from None
+        return v
 
     @property
     def feature_columns(self) -> list[str]:
@@ -162,6 +192,7 @@ class ModelConfig(_Strict):
     hidden_sizes: list[int] = [128, 64]
     """MLP hidden layer widths."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout after each hidden layer."""
 
     @field_validator("hidden_sizes")
     @classmethod
@@ -195,30 +226,37 @@ class HorovodConfig(_Strict):
     ssh_port: int | None = Field(None, ge=1, le=65535)
     """``--ssh-port`` of the other hosts' sshd; ``null`` = ssh's default (22 or ssh_config)."""
     start_timeout_s: int = Field(60, ge=5)
+    """Seconds horovodrun waits for every rank to start (``--start-timeout``; elastic: ``--elastic-timeout``)."""
 
 
 class ElasticConfig(_Strict):
     enabled: bool = False
     """Run with ``hvd.elastic.run``: a lost worker resumes from the last commit."""
     min_np: int = Field(1, ge=1)
+    """Fewest ranks the job goes on with after losing workers."""
     max_np: int | None = Field(None, ge=1)
     """Default: the world size."""
     reset_limit: int = Field(3, ge=0)
+    """Most elastic resets (lost or added workers) before the job gives up."""
 
 
 class TrainingConfig(_Strict):
     world_size: int = Field(2, ge=1, le=64)
     """Number of Horovod ranks (``-np``)."""
     epochs: int = Field(8, ge=1)
+    """Most epochs (early stopping may end sooner)."""
     batch_size: int = Field(1024, ge=1)
     """Per-rank batch size."""
     learning_rate: float = Field(0.002, gt=0)
     """Base learning rate for one rank; scaled by the world size."""
     scale_lr_by_world_size: bool = True
+    """Multiply the learning rate by the world size (the global batch grows with it)."""
     warmup_epochs: float = Field(1.0, ge=0)
     """Linear warm-up from the base to the scaled learning rate (Goyal et al.)."""
     weight_decay: float = Field(1e-5, ge=0)
+    """AdamW weight decay."""
     seed: int = 42
+    """Seed of the weight init, data order and dropout (a run is reproducible, also when resumed)."""
     early_stopping_patience: int = Field(3, ge=1)
     """Epochs without a validation AUC improvement before stopping."""
     threads_per_rank: int | None = Field(None, ge=1)
@@ -230,8 +268,11 @@ class TrainingConfig(_Strict):
     timeout_s: int = Field(1800, ge=10)
     """Wall-clock limit for the whole horovodrun; the process group is killed after it."""
     model: ModelConfig = ModelConfig()
+    """The network."""
     horovod: HorovodConfig = HorovodConfig()
+    """Horovod launcher and allreduce settings."""
     elastic: ElasticConfig = ElasticConfig()
+    """Elastic training: survive lost workers."""
     resume_from: str | None = None
     """Checkpoint directory (or MLflow run id) to resume from, e.g. after divergence."""
 
@@ -243,16 +284,31 @@ class GateConfig(_Strict):
     """Champion vs challenger: promote only a candidate that beats the champion and the floors."""
 
     primary_metric: Literal["roc_auc", "pr_auc", "accuracy", "f1", "log_loss", "brier"] = "roc_auc"
+    """Metric on which a candidate must beat the champion."""
     min_improvement: float = Field(0.0, ge=0)
     """Margin by which the candidate must beat the champion on the primary metric."""
     floors: dict[str, float] = {"roc_auc": 0.6}
     """Absolute thresholds a candidate must pass (greater-is-better metrics: >=; log_loss and
     brier: <=)."""
+    baseline: Literal["hgb", "none"] = "hgb"
+    """Reference model fitted on the same train window and scored on the same test rows in every
+    evaluation: ``hgb`` = scikit-learn's HistGradientBoostingClassifier (native categorical
+    support, 300 iterations); ``none`` = no baseline."""
+    must_beat_baseline: bool = True
+    """Refuse to promote a candidate that the baseline beats on the primary metric by more than
+    ``baseline_margin``."""
+    baseline_margin: float = Field(0.0, ge=0)
+    """How far the baseline may be ahead before the candidate is refused (0: it must not be ahead)."""
+    min_test_rows: int = Field(1000, ge=0)
+    """A test window with fewer rows is gated on with a warning (log and gate report): its metrics
+    are noisy."""
 
 
 class RegistryConfig(_Strict):
     model_name: str = Field("flights-delay", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    """Registered model name in the MLflow registry (aliases champion / challenger live on it)."""
     experiment: str = "ringflow"
+    """MLflow experiment of every training, evaluation and monitoring run."""
 
 
 # --------------------------------------------------------------------------- monitoring
@@ -272,7 +328,9 @@ class MonitoringConfig(_Strict):
     prediction_psi: float = Field(0.2, gt=0)
     """Anomaly when the PSI of predicted probabilities (batch vs reference) exceeds this."""
     max_missing_share: float = Field(0.2, ge=0, le=1)
+    """Anomaly when a column's missing share rises by more than this over the reference."""
     max_unseen_category_share: float = Field(0.05, ge=0, le=1)
+    """Anomaly when more than this share of a categorical column's values were never seen in training."""
     straggler_factor: float = Field(1.5, gt=1)
     """Straggler: a rank whose step time is above k x the median rank's."""
     throughput_drop: float = Field(0.5, gt=0, lt=1)
@@ -280,7 +338,9 @@ class MonitoringConfig(_Strict):
     cooldown_hours: float = Field(24, ge=0)
     """No second rerun for the same cause within this period."""
     max_reruns_per_period: int = Field(3, ge=0)
+    """Most automatic reruns in ``period_hours`` (the rerun budget)."""
     period_hours: float = Field(168, gt=0)
+    """Length of the rerun-budget period."""
     rerun_lr_factor: float = Field(0.5, gt=0, lt=1)
     """Learning-rate multiplier for a rerun after divergence."""
 
@@ -291,6 +351,7 @@ class ScheduleConfig(_Strict):
     monitoring_cron: str = "0 6 * * *"
     """Monitoring of the newest window (default daily 06:00)."""
     timezone: str = "UTC"
+    """Timezone of both cron schedules (IANA name)."""
 
 
 # --------------------------------------------------------------------------- the whole pipeline
@@ -300,13 +361,21 @@ class PipelineConfig(_Strict):
     """Everything one run of the pipeline needs."""
 
     name: str = "flights"
+    """Name of this pipeline config (in run names, tags and model version tags)."""
     data: DataConfig = DataConfig()
+    """Source, schema contract and windows."""
     sharding: ShardingConfig = ShardingConfig()
+    """How the training window is split into shards."""
     training: TrainingConfig = TrainingConfig()
+    """Horovod data-parallel training."""
     gate: GateConfig = GateConfig()
+    """Evaluation gate: when a candidate becomes the champion."""
     registry: RegistryConfig = RegistryConfig()
+    """MLflow model registry and experiment."""
     monitoring: MonitoringConfig = MonitoringConfig()
+    """Monitoring thresholds and the rerun policy."""
     schedules: ScheduleConfig = ScheduleConfig()
+    """Recurring training and monitoring."""
 
     @model_validator(mode="after")
     def _cross(self) -> PipelineConfig:
@@ -333,6 +402,28 @@ class PipelineConfig(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+def config_paths(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (``training.model.hidden_sizes``, ...), sections included."""
+    model = model or PipelineConfig
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += config_paths(field.annotation, path + ".")
+    return out
+
+
+def did_you_mean(path: str) -> list[str]:
+    """Keys the user may have meant for an unknown ``path``: the same key in another section
+    (``model.hidden_sizes`` -> ``training.model.hidden_sizes``), or a close spelling."""
+    import difflib
+
+    known = config_paths()
+    same_tail = [k for k in known if k.endswith("." + path)]
+    return same_tail or difflib.get_close_matches(path, known, n=2, cutoff=0.8)
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
@@ -341,7 +432,12 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         shown = json.dumps(value, default=str)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  {loc} = {shown}: {e['msg']}")
+        hint = ""
+        if e["type"] == "extra_forbidden" and (maybe := did_you_mean(loc)):
+            if isinstance(value, dict) and len(value) == 1:  # --set model.hidden_sizes=... made {"hidden_sizes": ...}
+                maybe = [f"{m}.{next(iter(value))}" for m in maybe]
+            hint = f" (did you mean {' or '.join(maybe)}?)"
+        lines.append(f"  {loc} = {shown}: {e['msg']}{hint}")
     return "\n".join(lines)
 
 

@@ -84,6 +84,8 @@ def validate_contract(df: pd.DataFrame, cfg: DataConfig, origin: str | None = No
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataContractError(f"{origin}: missing column(s) {missing} (have {list(df.columns)[:30]})")
+    if df.empty:
+        raise DataContractError(f"{origin}: no rows (only a header?); the data contract needs labelled rows")
     out = df.copy()
     try:
         out[cfg.timestamp_column] = pd.to_datetime(out[cfg.timestamp_column], utc=True)

@@ -63,6 +63,9 @@ def _prepare_environment() -> None:
 
     apply_stack_env(s.home)  # stack up (`ringflow up`): report to its servers unless env says otherwise
     os.environ.setdefault("MLFLOW_TRACKING_URI", s.tracking_uri)
+    from tasks.tracking import ensure_store
+
+    ensure_store(os.environ["MLFLOW_TRACKING_URI"])  # once, under a lock: concurrent runs on a new home
 
 
 def _fail(stage_error: Exception) -> None:
@@ -125,6 +128,13 @@ def up(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     serve: Annotated[bool, typer.Option(help="Also start the process that runs deployments.")] = True,
+    database: Annotated[Optional[str], typer.Option(
+        help="sqlite or postgresql (ringflow starts its own PostgreSQL under $RINGFLOW_HOME/postgres). "
+             "Default: RINGFLOW_DATABASE, else what the last up of this home used, else sqlite.",
+    )] = None,
+    rotate_mlflow_admin_password: Annotated[bool, typer.Option(
+        help="Make MLFLOW_AUTH_ADMIN_PASSWORD the MLflow admin's password (it is otherwise used only on the first up).",
+    )] = False,
 ) -> None:
     """Start Prefect server, MLflow server and the deployment runner (idempotent); deploy."""
     cfg = _config(config, set_)
@@ -133,7 +143,9 @@ def up(
     from flows.stack import up as stack_up
 
     try:
-        result = stack_up(cfg, serve=serve, echo=typer.echo)
+        result = stack_up(cfg, serve=serve, database=database,
+                          rotate_mlflow_admin_password=rotate_mlflow_admin_password,
+                          echo=typer.echo)
     except StackError as e:
         _fail(e)
     st = StackSettings()
@@ -141,6 +153,7 @@ def up(
         typer.echo("nothing to start: the stack is already up")
     typer.echo(f"Prefect UI  {st.prefect_url}")
     typer.echo(f"MLflow UI   {st.mlflow_url}")
+    typer.echo(f"Evidently   {st.evidently_url}  (monitoring snapshots and the trend dashboard)")
     typer.echo("Stop with `ringflow down`.")
 
 
@@ -157,7 +170,7 @@ def down() -> None:
 def status() -> None:
     """Show the stack's processes, health, deployments, schedules and the rerun automation."""
     _prepare_environment()
-    from flows.stack import deployment_summary
+    from flows.stack import StackError, deployment_summary
     from flows.stack import status as stack_status
 
     rows = stack_status()
@@ -165,8 +178,15 @@ def status() -> None:
         state = f"running pid {row['pid']}" if row["running"] else "stopped"
         health = "" if "healthy" not in row else ("  healthy" if row["healthy"] else "  NOT answering")
         typer.echo(f"{name:8s} {state}{health}  {row.get('url', '')}".rstrip())
+        if row.get("leftovers"):
+            typer.echo(f"         its first process died; leftover process(es) still running: pid "
+                       f"{', '.join(map(str, row['leftovers']))} (`ringflow up` replaces them, `ringflow down` stops them)")
     if rows["prefect"].get("healthy"):
-        for line in deployment_summary():
+        try:
+            lines = deployment_summary()
+        except StackError as e:
+            _fail(e)
+        for line in lines:
             typer.echo(line)
 
 
@@ -201,10 +221,14 @@ def monitor(
     """Score a batch with the champion; Evidently drift/quality; anomalies -> rerun decision."""
     cfg = _config(config, set_)
     _prepare_environment()
-    from flows.monitoring import monitoring_flow, print_result
+    from flows.monitoring import MonitoringAlert, monitoring_flow, print_result
 
     try:
         result = monitoring_flow(cfg, batch=batch, trigger_rerun=not no_rerun)
+    except MonitoringAlert as alert:  # recorded in full; the exit code tells the scheduler
+        print_result(alert.result)
+        typer.secho(f"ALERT: {alert}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(3) from None
     except Exception as e:
         _fail(e)
     print_result(result)

@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from monitoring.anomalies import Anomaly, default_rules
+from monitoring.anomalies import Anomaly, Severity, default_rules
 from monitoring.policy import BatchWindow, RerunRecord, decide
 from tasks.monitor import (
     RerunAction,
@@ -40,6 +40,20 @@ from tasks.monitor import (
     training_health,
 )
 from training.config import PipelineConfig, get_settings
+
+
+class MonitoringAlert(RuntimeError):
+    """A critical anomaly that no rerun can fix (a schema change, ...) was found: the monitoring run
+    ends Failed, so the schedule, the UI and the CLI's exit code show that a person must look.
+    Everything was recorded first; ``result`` holds it."""
+
+    def __init__(self, result: MonitoringResult, alerts: list[Anomaly]):
+        super().__init__(
+            f"{len(alerts)} critical anomaly(ies) on {result.batch} need a person: "
+            + "; ".join(f"{a.type.value}: {a.message}" for a in alerts)
+        )
+        self.result = result
+        self.alerts = alerts
 
 
 class MonitoringResult(BaseModel):
@@ -135,6 +149,11 @@ def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "nex
         report_dir=str(report_dir),
     )
     publish_artifacts(result)
+    critical_alerts = [a for a in anomalies if a.severity == Severity.CRITICAL and a.id in decision.alerts]
+    if critical_alerts:
+        log.error("critical anomalies need a person (no rerun fixes them): %s",
+                  ", ".join(a.type.value for a in critical_alerts))
+        raise MonitoringAlert(result, critical_alerts)
     return result
 
 

@@ -34,15 +34,18 @@ from monitoring.anomalies import (
     schema_diff,
 )
 from monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecord, next_batch_month
-from monitoring.reports import PREDICTION, ReportSummary, build_reports, sample_rows
+from monitoring.reports import (
+    PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports, sample_rows,
+)
 from tasks.evaluate import current_champion
 from tasks.links import mlflow_run_url
-from tasks.tracking import ensure_experiment
+from tasks.tracking import LAUNCHER_TAG, ensure_experiment, launcher_tag, mark_stale_runs
 from training.config import PipelineConfig, get_settings, with_overrides
 from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
 from training.manifest import Manifest, key_from_env
 from training.metrics import classification_metrics
 from training.preprocess import Preprocessor
+from training.pyfunc import predict_rows
 
 CHAMPION = "champion"
 KIND_TAG = "ringflow.kind"
@@ -194,6 +197,8 @@ def load_batch(cfg: PipelineConfig, batch: str, champion: ChampionInfo, last_mon
         # an unlabelled batch (labels arrive later): drift and data quality only, no performance
         log.info("batch %s has no label column %r: monitoring without performance", path, cfg.data.label_column)
         raw[cfg.data.label_column] = np.nan
+    if raw.empty:
+        raise MonitoringError(f"batch file {path} has no rows")
     try:
         frame = validate_contract(raw, cfg.data, origin=str(path))
     except DataContractError as e:  # reported as a schema-change anomaly, not a crash
@@ -297,7 +302,7 @@ def load_reference(cfg: PipelineConfig, champion: ChampionInfo) -> Reference:
 
 def score(model, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Champion probabilities, in chunks (pyfunc builds float tensors for the whole input)."""
-    out = [np.asarray(model.predict(frame.iloc[i:i + SCORE_CHUNK][columns]), dtype=np.float64).ravel()
+    out = [predict_rows(model, frame.iloc[i:i + SCORE_CHUNK][columns])
            for i in range(0, len(frame), SCORE_CHUNK)]
     p = np.concatenate(out) if out else np.empty(0)
     if len(p) != len(frame):
@@ -309,8 +314,12 @@ def score(model, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
 def score_batch(champion: ChampionInfo, batch: Batch, reference: Reference, feature_columns: list[str]):
     _tracking()
     model = mlflow.pyfunc.load_model(champion.model_uri)
-    batch.frame[PREDICTION] = score(model, batch.frame, feature_columns)
-    reference.frame[PREDICTION] = score(model, reference.frame, feature_columns)
+    # the columns the champion declares: the feature columns, and the timestamp when it derives
+    # calendar features from it
+    declared = model.metadata.get_input_schema().input_names()
+    columns = [c for c in declared if c in batch.frame.columns] or feature_columns
+    batch.frame[PREDICTION] = score(model, batch.frame, columns)
+    reference.frame[PREDICTION] = score(model, reference.frame, columns)
     return batch, reference
 
 
@@ -318,10 +327,18 @@ def score_batch(champion: ChampionInfo, batch: Batch, reference: Reference, feat
 def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir: str) -> ReportSummary:
     d, m = cfg.data, cfg.monitoring
     labelled = TARGET in batch.frame.columns
+    window_start = batch.window.start if batch.window else None
     return build_reports(
         reference.frame, batch.frame, d.numeric_features, d.categorical_features, out_dir,
         target=TARGET if labelled else None, drift_share=m.drift_share,
         reference_rows=m.reference_sample_rows, current_rows=m.max_current_rows,
+        # the numbers the anomaly rules decide on, with their thresholds, in the report itself
+        rules=RuleThresholds(prediction_psi=m.prediction_psi, max_missing_increase=m.max_missing_share,
+                             max_unseen_share=m.max_unseen_category_share, vocabulary=reference.preprocessor.vocab),
+        # every snapshot also goes to the workspace `evidently ui` shows (trend across batches)
+        workspace=EvidentlyWorkspace(path=str(get_settings().home / WORKSPACE_DIR), project=cfg.registry.model_name),
+        batch_label=batch.label,
+        batch_time=dt.datetime.combine(window_start, dt.time()) if window_start else None,
     )
 
 
@@ -440,8 +457,10 @@ def last_monitored_month(cfg: PipelineConfig) -> str | None:
 def start_monitoring_run(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch) -> str:
     client = _tracking()
     exp_id = ensure_experiment(client, cfg.registry.experiment)
+    mark_stale_runs(client, exp_id, "monitoring")  # left RUNNING by a monitoring process that died
     tags = {
-        KIND_TAG: "monitoring", "ringflow.model_name": champion.model_name, "ringflow.model_version": champion.version,
+        KIND_TAG: "monitoring", LAUNCHER_TAG: launcher_tag(),
+        "ringflow.model_name": champion.model_name, "ringflow.model_version": champion.version,
         "ringflow.batch": batch.label, "ringflow.rerun_triggered": "false",
         "mlflow.runName": f"monitor-{champion.model_name}-v{champion.version}-{batch.month or 'file'}",
     }
@@ -459,7 +478,27 @@ def start_monitoring_run(cfg: PipelineConfig, champion: ChampionInfo, batch: Bat
     except Exception:  # noqa: BLE001 - outside a flow run there is nothing to link
         pass
     run = client.create_run(exp_id, tags=tags)
+    if batch.frame is not None:
+        log_batch_dataset(client, run.info.run_id, cfg, batch)
     return run.info.run_id
+
+
+def log_batch_dataset(client: MlflowClient, run_id: str, cfg: PipelineConfig, batch: Batch) -> None:
+    """The monitored batch as a dataset input of its monitoring run (context ``monitoring``)."""
+    import warnings
+
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    labelled = TARGET in batch.frame.columns
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MLflow's note on its source registry
+        dataset = mlflow.data.from_pandas(
+            batch.frame, source=str(cfg.data.source) if batch.month else batch.label,
+            targets=TARGET if labelled else None, name=f"{cfg.name}-batch-{batch.month or batch.label}",
+        )
+    client.log_inputs(run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "monitoring")])])
 
 
 @task(name="log-monitoring-run", cache_policy=NO_CACHE)

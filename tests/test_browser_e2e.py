@@ -95,6 +95,8 @@ def test_custom_run_from_prefect_ui_shows_up_in_mlflow_ui(stack, page):
     page.wait_for_url(re.compile(r"/run\?"))
     field = _form_field(page, "Epochs (Optional)")
     field.fill(str(epochs))
+    # the config's field docstrings reach the form as descriptions
+    page.get_by_text("Most epochs (early stopping may end sooner).").first.wait_for(timeout=10_000)
     reason_field = _form_field(page, "reason (Optional)")
     reason_field.fill(reason)
     _form_field(page, "Epochs (Optional)").scroll_into_view_if_needed()

@@ -236,10 +236,11 @@ def test_monitoring_next_batch_and_no_rerun(prefect_harness, ringflow_home, cfg,
     from flows.monitoring import monitoring_flow
 
     r = monitoring_flow(cfg, batch="next", trigger_rerun=False)
-    assert r.batch == "2013-02"  # smoke test window ends 2013-02-26 (exclusive)
+    # smoke test window ends 2013-02-26 (exclusive): February holds the champion's own windows
+    assert r.batch == "2013-03"
     assert r.action.mode in ("none", "plan-only")
     r2 = monitoring_flow(cfg, batch="next", trigger_rerun=False)
-    assert r2.batch == "2013-03"  # after the last monitored month
+    assert r2.batch == "2013-04"  # after the last monitored month
 
 
 def test_file_batch_with_a_schema_change(prefect_harness, ringflow_home, cfg, champion, flights, tmp_path):
@@ -249,10 +250,28 @@ def test_file_batch_with_a_schema_change(prefect_harness, ringflow_home, cfg, ch
     broken = rows.rename(columns={"temp": "temperature"})
     path = tmp_path / "batch.parquet"
     broken.to_parquet(path)
-    r = monitoring_flow(cfg, batch=str(path))
+    from flows.monitoring import MonitoringAlert
+
+    state = monitoring_flow(cfg, batch=str(path), return_state=True)
+    assert state.is_failed()  # the schedule and the UI show it: a person must look
+    with pytest.raises(MonitoringAlert, match="schema_change") as e:
+        state.result()
+    r = e.value.result  # everything was recorded before the run failed
     [a] = [a for a in r.anomalies if a.type.value == "schema_change"]
     assert a.evidence["missing"] == ["temp"] and "temperature" in a.evidence["extra"]
     assert r.rows == 0 and r.action.mode in ("none", "plan-only") and "alert-only" in r.decision
+    from mlflow import MlflowClient
+
+    assert MlflowClient().get_run(r.monitoring_run_id).data.tags["ringflow.decision"] == r.decision
+
+    # the CLI exits non-zero, after printing what it found
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = CliRunner().invoke(app, ["monitor", "--config", str(ROOT / "configs" / "smoke.yaml"),
+                                   "--set", "monitoring.reference_sample_rows=3000", "--batch", str(path)])
+    assert out.exit_code == 3 and "schema_change" in out.output and "ALERT" in out.output, out.output
 
 
 def test_unlabelled_csv_batch(prefect_harness, ringflow_home, cfg, champion, flights, tmp_path):

@@ -27,6 +27,8 @@ MONITORING = "monitoring"
 DEPLOYMENT_NAMES = [f"{TRAINING}/{TRAINING}", f"{MONITORING}/{MONITORING}"]
 AUTOMATION_NAME = "ringflow-rerun-on-anomaly"
 ANOMALY_EVENT = "ringflow.anomaly.detected"
+REASON_MANUAL = "manual"
+REASON_SCHEDULED = "scheduled"
 
 
 def model_resource_id(cfg: PipelineConfig) -> str:
@@ -60,8 +62,11 @@ def build_deployments(cfg: PipelineConfig) -> list:
     training = training_pipeline.to_deployment(
         name=TRAINING,
         description="shard -> Horovod training -> evaluation -> MLflow registry (champion gate)",
-        parameters={"config": config, "reason": "scheduled"},
-        schedules=[Cron(cfg.schedules.training_cron, timezone=tz, slug="training-cron")],
+        # A run from the UI, the CLI or run_deployment is "manual"; the schedule says "scheduled"
+        # (Prefect merges a schedule's parameters over the deployment's for the runs it creates).
+        parameters={"config": config, "reason": REASON_MANUAL},
+        schedules=[Cron(cfg.schedules.training_cron, timezone=tz, slug="training-cron",
+                        parameters={"reason": REASON_SCHEDULED})],
         tags=tags,
         concurrency_limit=1,  # two trainings would share the 2 cores and the champion alias
     )

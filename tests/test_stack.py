@@ -133,7 +133,10 @@ def _stop(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("stack") / "home")
+    # Exported but empty = auth off (Prefect's server would take '' as the password: every
+    # client, the runner first, got 401 and `up` failed with both servers left running).
+    s = Stack(tmp_path_factory.mktemp("stack") / "home",
+              {"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""})
     _start(s)
     yield s
     _stop(s)
@@ -253,15 +256,88 @@ def test_anomaly_event_starts_exactly_one_training_run(stack):
             c.set_flow_run_state(run.id, Cancelled(), force=True)  # keep the 2 cores for the other tests
 
 
+def test_runs_say_whether_a_schedule_or_a_person_started_them(stack):
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.states import Scheduled
+
+    with stack.client() as c:
+        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the scheduler service creates the cron runs
+            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            auto = [r for r in runs if r.auto_scheduled]
+            if auto:
+                break
+            time.sleep(2)
+        assert auto, "the scheduler created no run for the weekly cron"
+        assert {r.parameters["reason"] for r in auto} == {"scheduled"}
+        # What the UI's Run button and `prefect deployment run` do; far in the future, so the
+        # runner leaves it alone.
+        manual = c.create_flow_run_from_deployment(
+            dep.id, state=Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=300)))
+        try:
+            assert manual.parameters["reason"] == "manual"
+            assert manual.parameters["config"]["name"] == "smoke"
+        finally:
+            c.delete_flow_run(manual.id)
+
+
+def _wait_dead(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:  # nobody reaps it in a container
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"pid {pid} still alive after SIGKILL")
+
+
+def _tagged(tag: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["environ"]):
+        if (p.info.get("environ") or {}).get("RINGFLOW_STACK_SERVICE") == tag:
+            out.append(p)
+    return out
+
+
+def test_kill_9_of_a_service_pid_is_caught_by_status_and_up(stack):
+    rec = json.loads((stack.home / "stack" / "mlflow.pid").read_text())
+    old_tree = _tagged(rec["tag"])
+    assert len(old_tree) >= 2, "mlflow server runs uvicorn in a child process"
+    os.kill(rec["pid"], 9)
+    _wait_dead(rec["pid"])
+    # The orphaned uvicorn still serves the port: that is what status must not hide.
+    assert httpx.get(f"{stack.mlflow}/health").text == "OK"
+    out = stack.cli("status").stdout
+    assert "mlflow   stopped" in out and "leftover process(es) still running" in out, out
+
+    out = stack.cli("up", "--config", str(SMOKE)).stdout
+    assert "mlflow   its first process had died; stopped" in out, out
+    assert "mlflow   started" in out and "prefect  already running" in out, out
+    gone, alive = psutil.wait_procs(old_tree, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    assert httpx.get(f"{stack.mlflow}/health").text == "OK"
+    new = json.loads((stack.home / "stack" / "mlflow.pid").read_text())
+    assert new["pid"] != rec["pid"] and _tagged(new["tag"])
+    assert "mlflow   running" in stack.cli("status").stdout
+
+
 # --------------------------------------------------------------------------- down / restart
 
 
 def test_down_stops_everything_and_state_survives_a_restart(stack):
     family = stack.family()
     assert len(family) >= 3
+    # down also stops what a dead first process left behind (MLflow's uvicorn on its port)
+    os.kill(stack.pids()["mlflow"], 9)
     out = stack.cli("down").stdout
     for name in ("prefect", "mlflow", "serve"):
         assert f"{name:8s} stopped" in out, out
+    assert "mlflow   stopped 1 leftover process" in out or "mlflow   stopped 2 leftover process" in out, out
     gone, alive = psutil.wait_procs(family, timeout=5)
     assert not alive, [p.pid for p in alive]
     assert not (stack.home / "stack" / "env").exists()
@@ -305,6 +381,43 @@ def test_up_refuses_a_port_it_does_not_own(tmp_path):
             _stop(s)
     assert p.returncode != 0
     assert "in use by a process ringflow did not start" in p.stderr
+
+
+def test_a_failed_up_stops_what_it_started(tmp_path):
+    # MLflow's port is taken: prefect starts first, and must not be left running alone.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        s = Stack(tmp_path / "home")
+        s.env["RINGFLOW_MLFLOW_PORT"] = str(busy.getsockname()[1])
+        try:
+            p = s.cli("up", "--config", str(SMOKE), "--no-serve", check=False, timeout=300)
+            assert p.returncode != 0
+            assert "in use by a process ringflow did not start" in p.stderr, p.stderr
+            assert "stopped what this `up` had started: prefect" in p.stderr, p.stderr
+            assert s.pids() == {}
+            assert not _tagged_in_home(s.home)
+            assert _port_free(s.prefect_port)
+        finally:
+            _stop(s)
+
+
+def _tagged_in_home(home: Path) -> list[int]:
+    out = []
+    for p in psutil.process_iter(["environ"]):
+        env = p.info.get("environ") or {}
+        if env.get("RINGFLOW_STACK_SERVICE") and env.get("RINGFLOW_HOME") == str(home):
+            out.append(p.pid)
+    return out
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- auth
@@ -369,3 +482,36 @@ def test_auth_clients_work_with_env_credentials_and_secrets_stay_out_of_files(au
         text = f.read_text(errors="replace")
         assert not any(x in text for x in secrets), f"a credential leaked into {f}"
     assert (stack_dir / "mlflow-flask-secret").stat().st_mode & 0o077 == 0
+
+
+def test_status_without_client_credentials_names_the_variable(auth_stack):
+    p = auth_stack.cli("status", check=False,
+                       env={"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""})
+    assert p.returncode == 1
+    assert "requires a login: set PREFECT_API_AUTH_STRING=user:password" in p.stderr, p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    wrong = auth_stack.cli("status", check=False, env={
+        "PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": "",
+        "PREFECT_API_AUTH_STRING": "ops:wrong"})
+    assert wrong.returncode == 1 and "refused PREFECT_API_AUTH_STRING" in wrong.stderr, wrong.stderr
+
+
+def test_a_changed_mlflow_admin_password_is_refused_or_rotated(auth_stack):
+    s = auth_stack
+    new_password = uuid.uuid4().hex
+    before = s.pids()
+    p = s.cli("up", "--config", str(SMOKE), check=False, env={"MLFLOW_AUTH_ADMIN_PASSWORD": new_password})
+    assert p.returncode != 0
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD is not the password of MLflow admin 'admin'" in p.stderr, p.stderr
+    assert "--rotate-mlflow-admin-password" in p.stderr
+    assert s.pids() == before  # nothing stopped or started
+
+    out = s.cli("up", "--config", str(SMOKE), "--rotate-mlflow-admin-password",
+                env={"MLFLOW_AUTH_ADMIN_PASSWORD": new_password}).stdout
+    assert "password changed" in out, out
+    search = f"{s.mlflow}/api/2.0/mlflow/experiments/search?max_results=5"
+    assert httpx.get(search, auth=("admin", new_password)).status_code == 200
+    assert httpx.get(search, auth=("admin", s.mlflow_password)).status_code == 401
+    after = s.pids()
+    assert after["mlflow"] == before["mlflow"] and after["serve"] != before["serve"]  # runner has the new one
+    s.env["MLFLOW_AUTH_ADMIN_PASSWORD"] = s.mlflow_password = new_password

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from training.config import PipelineConfig, get_settings, load_config
     from training.data import TARGET, in_window, load_labelled, month_window
     from training.metrics import classification_metrics
+    from training.pyfunc import predict_rows
 
     cfg = load_config(a.config, a.overrides)
     settings = get_settings()
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     out["comparison"] = {}
     for label, (lo, hi) in windows.items():
         rows = df[in_window(df, cfg.data, lo, hi)]
-        old_auc = classification_metrics(rows[TARGET], old_model.predict(rows))["roc_auc"]
-        new_auc = classification_metrics(rows[TARGET], new_model.predict(rows))["roc_auc"]
+        old_auc = classification_metrics(rows[TARGET], predict_rows(old_model, rows))["roc_auc"]
+        new_auc = classification_metrics(rows[TARGET], predict_rows(new_model, rows))["roc_auc"]
         out["comparison"][label] = {"old_champion": old_auc, "rerun": new_auc, "rows": len(rows)}
         print(f"{label:45s} old champion v{old.version} AUC {old_auc:.4f}  rerun v{rerun.model_version} AUC "
               f"{new_auc:.4f}  ({new_auc - old_auc:+.4f})")

@@ -7,11 +7,18 @@ Evidently's per-column drift tests get slow on large frames (evidently#1526), so
 sampled first: the reference to ``reference_sample_rows``, the batch to ``max_current_rows``.
 Metrics that decide anything (AUC, PSI, missing shares) are computed elsewhere on every row;
 the Evidently numbers are for the HTML a person reads and for the drift decision per column.
+
+The drift report also shows what the anomaly rules decide on, as Evidently tests with the rules'
+thresholds (:class:`RuleThresholds`): the PSI of the predictions (``ValueDrift(method="psi")``),
+each column's missing share (``MissingValueCount``) and each categorical column's share of
+categories the model never saw (``OutListValueCount`` against its training vocabulary). The
+rules compute their own numbers on every row; the report's are on the sampled rows.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,81 @@ _CLASSIFICATION_METRICS = {
     "evidently:metric_v2:F1Score": "f1",
     "evidently:metric_v2:LogLoss": "log_loss",
 }
+
+
+class RuleThresholds(BaseModel):
+    """The anomaly rules' limits (``MonitoringConfig``), rendered as tests in the drift report."""
+
+    prediction_psi: float = 0.2
+    """PredictionShiftRule: PSI of the predicted probabilities above this is a shift."""
+    max_missing_increase: float = 0.2
+    """MissingValuesRule: a column's missing share may exceed the reference's by at most this."""
+    max_unseen_share: float = 0.05
+    """UnseenCategoriesRule: share of non-missing values outside the training vocabulary."""
+    vocabulary: dict[str, list[str]] = {}
+    """Categorical column -> the categories the model was trained on (the preprocessor's)."""
+
+
+class RuleCheck(BaseModel):
+    """One rule value as Evidently computed it in the report, with its limit."""
+
+    rule: str
+    """``prediction_psi``, ``missing_share`` or ``unseen_share``."""
+    column: str
+    value: float
+    threshold: float
+    passed: bool
+
+
+class EvidentlyWorkspace(BaseModel):
+    """Where monitoring snapshots collect for ``evidently ui`` (a local workspace directory)."""
+
+    path: str
+    project: str
+    """Project name: one per pipeline config (e.g. ``ringflow flights``)."""
+
+
+WORKSPACE_DIR = "evidently"
+"""The Evidently workspace under ``$RINGFLOW_HOME`` (monitoring writes it, ``evidently ui`` reads it)."""
+
+DASHBOARD_PANELS = ["Drift share per batch", "Prediction PSI per batch", "ROC AUC per batch"]
+
+
+def _dashboard(project) -> None:
+    """The project's trend panels: drift share, prediction PSI and AUC per batch over time."""
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import line_plot_panel
+
+    have = {p.title for p in project.dashboard.model().panels}
+    panels = [
+        line_plot_panel(DASHBOARD_PANELS[0], [PanelMetric(legend="drifted share of features", metric="DriftedColumnsCount",
+                                                          metric_labels={"value_type": "share"})],
+                        description="DataDriftPreset: share of feature columns whose distribution drifted", size="half"),
+        line_plot_panel(DASHBOARD_PANELS[1], [PanelMetric(legend="PSI", metric="ValueDrift",
+                                                          metric_labels={"column": PREDICTION})],
+                        description="PSI of the champion's predicted probabilities, batch vs reference", size="half"),
+        line_plot_panel(DASHBOARD_PANELS[2], [PanelMetric(legend="ROC AUC", metric="RocAuc")],
+                        description="the champion's ROC AUC on each labelled batch", size="full"),
+    ]
+    for panel in panels:
+        if panel.title not in have:
+            project.dashboard.add_panel(panel)
+
+
+def workspace_project(workspace: EvidentlyWorkspace):
+    """(workspace, project), creating either and the dashboard panels when missing."""
+    from evidently.ui.workspace import Workspace
+
+    ws = Workspace.create(workspace.path)
+    found = ws.search_project(workspace.project)
+    project = found[0] if found else ws.create_project(
+        workspace.project, description="ringflow monitoring: one drift and one quality snapshot per batch")
+    _dashboard(project)
+    return ws, project
+
+
+_MISSING = "evidently:metric_v2:MissingValueCount"
+_OUT_OF_LIST = "evidently:metric_v2:OutListValueCount"
 
 
 class ReportError(ValueError):
@@ -60,7 +142,10 @@ class ReportSummary(BaseModel):
     drifted_columns: list[str]
     columns: list[ColumnDrift]
     prediction_drift: ColumnDrift | None = None
-    """Drift of the champion's predicted probability (shown in the report; the PSI rule decides)."""
+    """PSI of the champion's predicted probability (Evidently's, on the sampled rows; the
+    PredictionShiftRule decides on all rows)."""
+    rule_checks: list[RuleCheck] = []
+    """The rule values rendered in the drift report (PSI, missing and unseen shares)."""
     classification: dict[str, float] | None = None
     """Evidently's quality metrics on the sampled batch (None without labels)."""
     drift_html: str
@@ -108,6 +193,23 @@ def _drifted_by_score(cfg: dict, score: float) -> bool:
     return score < threshold if "p_value" in str(cfg.get("method")) else score >= threshold
 
 
+def _rule_checks(metrics: list[dict], rules: RuleThresholds, ref_missing: dict[str, float]) -> list[RuleCheck]:
+    checks = []
+    for m in metrics:
+        cfg, value = m["config"], m["value"]
+        if cfg["type"] == _VALUE_DRIFT and cfg["column"] == PREDICTION:
+            rule, share, limit = "prediction_psi", float(value), rules.prediction_psi
+        elif cfg["type"] == _MISSING:
+            rule, share = "missing_share", float(value["share"])
+            limit = round(min(1.0, ref_missing.get(cfg["column"], 0.0) + rules.max_missing_increase), 6)
+        elif cfg["type"] == _OUT_OF_LIST:
+            rule, share, limit = "unseen_share", float(value["share"]), rules.max_unseen_share
+        else:
+            continue
+        checks.append(RuleCheck(rule=rule, column=cfg["column"], value=share, threshold=limit, passed=share <= limit))
+    return checks
+
+
 def build_reports(
     reference: pd.DataFrame,
     current: pd.DataFrame,
@@ -120,16 +222,24 @@ def build_reports(
     reference_rows: int | None = 20_000,
     current_rows: int | None = 200_000,
     seed: int = 0,
+    rules: RuleThresholds | None = None,
+    workspace: EvidentlyWorkspace | None = None,
+    batch_label: str = "",
+    batch_time: datetime | None = None,
 ) -> ReportSummary:
     """Run the drift report (and the quality report when ``target`` is given) and save both.
 
     Both frames must carry the feature columns and :data:`PREDICTION`; ``current`` also
     ``target`` when labels are known. Writes ``drift.html/json`` (and ``quality.html/json``)
-    under ``out_dir``.
+    under ``out_dir``. ``rules``: the anomaly rules' thresholds, shown as tests in the drift report
+    (defaults when None). ``workspace``: also add both snapshots to this Evidently workspace,
+    stamped ``batch_time`` (the batch's start, so the dashboard's time axis is the data's) and
+    tagged ``batch_label``.
     """
     t_import = time.perf_counter()
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
-    from evidently.metrics import ValueDrift
+    from evidently.metrics import MissingValueCount, OutListValueCount, ValueDrift
+    from evidently.tests import lte
     from evidently.presets import ClassificationPreset, DataDriftPreset
 
     import_seconds = time.perf_counter() - t_import  # ~3.5 s on first use in a process, then 0
@@ -146,13 +256,25 @@ def build_reports(
 
     t0 = time.perf_counter()
     drift_def = DataDefinition(numerical_columns=[*numeric, PREDICTION], categorical_columns=categorical)
+    rules = rules or RuleThresholds()
+    ref_missing = {c: float(ref[c].isna().mean()) for c in features}
+    evidence = [
+        ValueDrift(column=PREDICTION, method="psi", threshold=rules.prediction_psi),
+        *[MissingValueCount(column=c, share_tests=[lte(round(min(1.0, ref_missing[c] + rules.max_missing_increase), 6))])
+          for c in features],
+        *[OutListValueCount(column=c, values=list(rules.vocabulary[c]), share_tests=[lte(rules.max_unseen_share)])
+          for c in categorical if c in rules.vocabulary],
+    ]
     drift_report = Report(
-        [DataDriftPreset(columns=features, drift_share=drift_share), ValueDrift(column=PREDICTION)],
+        [DataDriftPreset(columns=features, drift_share=drift_share), *evidence],
         include_tests=True,  # per-column tests carry Evidently's own drifted / not-drifted verdict
     )
+    stamp = {"timestamp": batch_time, "tags": [batch_label] if batch_label else None,
+             "metadata": {"batch": batch_label} if batch_label else None}
     drift_snap = drift_report.run(
         current_data=Dataset.from_pandas(cur, data_definition=drift_def),
-        reference_data=Dataset.from_pandas(ref, data_definition=drift_def),
+        reference_data=Dataset.from_pandas(ref, data_definition=drift_def), name=f"drift {batch_label}".strip(),
+        **stamp,
     )
     drift_html, drift_json = out / "drift.html", out / "drift.json"
     drift_snap.save_html(str(drift_html))
@@ -171,7 +293,8 @@ def build_reports(
                 classification=[BinaryClassification(target=target, prediction_probas=PREDICTION)],
             )
             quality_snap = Report([ClassificationPreset()]).run(
-                current_data=Dataset.from_pandas(labelled, data_definition=quality_def), reference_data=None
+                current_data=Dataset.from_pandas(labelled, data_definition=quality_def), reference_data=None,
+                name=f"quality {batch_label}".strip(), **stamp,
             )
             quality_html, quality_json = out / "quality.html", out / "quality.json"
             quality_snap.save_html(str(quality_html))
@@ -181,6 +304,11 @@ def build_reports(
                 name: float(v) for t, name in _CLASSIFICATION_METRICS.items()
                 if isinstance(v := _metric_value(qm, t), (int, float))
             }
+    if workspace is not None:
+        ws, project = workspace_project(workspace)
+        for snap in (drift_snap, quality_snap if quality_html else None):
+            if snap is not None:
+                ws.add_run(project.id, snap, include_data=False)
     evidently_seconds = time.perf_counter() - t0
 
     d = drift_snap.dict()
@@ -210,7 +338,8 @@ def build_reports(
         reference_rows=len(ref), current_rows=len(cur), drift_share_threshold=drift_share,
         drifted_count=int(counted.get("count", len(drifted))), drifted_share=share,
         dataset_drift=share >= drift_share, drifted_columns=drifted, columns=columns,
-        prediction_drift=prediction_drift, classification=classification,
+        prediction_drift=prediction_drift, rule_checks=_rule_checks(d["metrics"], rules, ref_missing),
+        classification=classification,
         drift_html=str(drift_html), drift_json=str(drift_json),
         quality_html=str(quality_html) if quality_html else None,
         quality_json=str(quality_json) if quality_json else None,

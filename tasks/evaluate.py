@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from training.config import GateConfig, PipelineConfig, get_settings
 from training.manifest import Manifest
 from training.metrics import GREATER_IS_BETTER, classification_metrics, roc_and_calibration_figures
-from training.pyfunc import log_delay_model
+from training.pyfunc import log_delay_model, predict_rows
 
 CHAMPION = "champion"
 
@@ -132,6 +132,19 @@ def _decision_markdown(cfg: PipelineConfig, ev: EvaluationResult) -> str:
     )
 
 
+def test_dataset(cfg: PipelineConfig, manifest: Manifest, test):
+    """The test window as an MLflow dataset: the file it was read from, its checksum as digest,
+    named like the training run's train/validation inputs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MLflow's note on its source registry
+        return mlflow.data.from_pandas(
+            test, source=str(manifest.dir / manifest.test.file), targets=manifest.target_column,
+            name=f"{cfg.name}-{manifest.fingerprint[:12]}-test", digest=manifest.test.sha256[:16],
+        )
+
+
 @task(name="evaluate", retries=1, retry_delay_seconds=5)
 def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) -> EvaluationResult:
     """Log the candidate as a pyfunc model, score it and the champion on the test window, gate."""
@@ -156,7 +169,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
                 if f.is_file() and f.suffix in {".pt", ".json"} and f.name != "summary.json":
                     shutil.copy2(f, model_dir / f.name)
             info = log_delay_model(model_dir, features, test.head(5))
-        candidate_p = mlflow.pyfunc.load_model(info.model_uri).predict(test[features])
+        candidate_p = predict_rows(mlflow.pyfunc.load_model(info.model_uri), test)
         cand = classification_metrics(y, candidate_p)
 
         champ_mv = current_champion(client, cfg.registry.model_name)
@@ -165,13 +178,17 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
             log.info("evaluate: scoring champion version %s on the same rows", champ_mv.version)
             # by version, not by alias again: the version scored is the one recorded as champion
             champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{champ_mv.version}")
-            # the champion may have been trained on other features: give it the columns it declares
-            wanted = champion_model.metadata.get_input_schema().input_names()
-            champ_p = champion_model.predict(test[[c for c in wanted if c in test.columns]])
+            # the champion may have been trained on other features: it is given the columns it declares
+            champ_p = predict_rows(champion_model, test)
             champ = classification_metrics(y, champ_p)
 
         decision = decide(cand, champ, cfg.gate)
-        mlflow.log_metrics({f"test_{k}": v for k, v in cand.items() if not math.isnan(v)})
+        # lineage: the test window is an input of this run, and the model's page shows what it
+        # scored on which data
+        test_data = test_dataset(cfg, manifest, test)
+        mlflow.log_input(test_data, context="testing")
+        mlflow.log_metrics({f"test_{k}": v for k, v in cand.items() if not math.isnan(v)},
+                           model_id=info.model_id, dataset=test_data)
         if champ:
             mlflow.log_metrics({f"champion_test_{k}": v for k, v in champ.items() if not math.isnan(v)})
         curves = {"candidate": np.asarray(candidate_p)}

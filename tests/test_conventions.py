@@ -4,6 +4,7 @@ source a Makefile variable (issue 14)."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = ["flows", "tasks", "training", "monitoring"]
@@ -121,3 +124,104 @@ def test_torch_source_is_a_makefile_variable():
     assert "--index-url" not in _install_recipe()  # empty: this machine's configured index
     cpu = "https://download.pytorch.org/whl/cpu"
     assert f"--index-url {cpu}" in _install_recipe(f"TORCH_INDEX={cpu}")
+
+
+# --------------------------------------------------------------------------- Evidently
+
+def _batch(rng, n: int, shift: float, unseen: float, missing: float):
+    import numpy as np
+    import pandas as pd
+
+    from monitoring.reports import PREDICTION
+
+    df = pd.DataFrame({"x": rng.normal(shift, 1, n), "c": rng.choice(["a", "b"], n),
+                       PREDICTION: rng.beta(2, 5 + 4 * shift, n), "target": rng.integers(0, 2, n)})
+    df.loc[: int(n * unseen) - 1, "c"] = "zzz"
+    df.loc[: int(n * missing) - 1, "x"] = np.nan
+    return df
+
+
+@pytest.mark.slow
+def test_evidently_report_shows_the_rule_values_and_the_workspace_trends_them(tmp_path):
+    """The drift report carries the anomaly rules' numbers with their thresholds (Evidently's own
+    metrics and tests); every snapshot lands in the workspace, and `evidently ui` serves the
+    dashboard's series (drift share, prediction PSI, AUC) per batch, on the batches' dates."""
+    import datetime as dt
+
+    import httpx
+    import numpy as np
+
+    from monitoring.reports import DASHBOARD_PANELS, EvidentlyWorkspace, RuleThresholds, build_reports
+
+    rng = np.random.default_rng(0)
+    reference = _batch(rng, 2000, 0.0, 0.0, 0.1)
+    rules = RuleThresholds(prediction_psi=0.2, max_missing_increase=0.2, max_unseen_share=0.05,
+                           vocabulary={"c": ["a", "b"]})
+    workspace = EvidentlyWorkspace(path=str(tmp_path / "evidently"), project="flights-delay")
+    calm = build_reports(reference, _batch(rng, 2000, 0.0, 0.0, 0.1), ["x"], ["c"], tmp_path / "calm",
+                         target="target", rules=rules, workspace=workspace, batch_label="2013-03",
+                         batch_time=dt.datetime(2013, 3, 1))
+    shifted = build_reports(reference, _batch(rng, 2000, 1.0, 0.2, 0.5), ["x"], ["c"], tmp_path / "shifted",
+                            target="target", rules=rules, workspace=workspace, batch_label="2013-04",
+                            batch_time=dt.datetime(2013, 4, 1))
+
+    assert all(c.passed for c in calm.rule_checks), calm.rule_checks
+    failed = {(c.rule, c.column): c for c in shifted.rule_checks if not c.passed}
+    assert set(failed) == {("missing_share", "x"), ("unseen_share", "c"), ("prediction_psi", "prediction")}, failed
+    assert failed[("missing_share", "x")].value == pytest.approx(0.5)
+    assert failed[("missing_share", "x")].threshold == pytest.approx(0.3)  # reference 0.1 + 0.2
+    assert failed[("unseen_share", "c")].value == pytest.approx(0.2, abs=0.01)
+    assert shifted.prediction_drift.method == "psi" and shifted.prediction_drift.threshold == 0.2
+    report = json.loads(Path(shifted.drift_json).read_text())
+    tested = {t["metric_config"]["params"]["type"].rsplit(":", 1)[1] for t in report["tests"]}
+    assert {"MissingValueCount", "OutListValueCount", "ValueDrift"} <= tested, tested
+
+    port = _free_port()
+    env = {**os.environ, "DO_NOT_TRACK": "true"}
+    ui = subprocess.Popen([str(Path(sys.executable).with_name("evidently")), "ui", "--workspace", workspace.path,
+                           "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_for(lambda: httpx.get(f"{base}/version", timeout=2).status_code == 200, ui)
+        (project,) = httpx.get(f"{base}/projects", timeout=10).json()
+        assert project["name"] == "flights-delay"
+        dashboard = httpx.get(f"{base}/v2/dashboards/{project['id']}", timeout=10).json()
+        panels = {p["title"]: p for p in dashboard["panels"]}
+        assert set(DASHBOARD_PANELS) <= set(panels)
+        for title in DASHBOARD_PANELS:
+            (value,) = panels[title]["values"]
+            query = {"series_filter": [{"tags": [], "metadata": {}, "metric": value["metric"],
+                                        "metric_labels": value["metric_labels"]}]}
+            data = httpx.post(f"{base}/v2/snapshots/{project['id']}/data_series_batch", json=query, timeout=30).json()
+            assert [s["timestamp"][:10] for s in data["sources"]] == ["2013-03-01", "2013-04-01"], title
+            (series,) = data["series"]
+            assert len(series["values"]) == 2 and all(v is not None for v in series["values"]), (title, series)
+            if title == DASHBOARD_PANELS[1]:  # prediction PSI, as the report computed it
+                assert series["values"] == pytest.approx([calm.prediction_drift.score, shifted.prediction_drift.score])
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(ready, proc, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        assert proc.poll() is None, "the process exited"
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.5)

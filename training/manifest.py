@@ -156,6 +156,10 @@ class Manifest(BaseModel):
     def read(self, entry: FileEntry, key: bytes | None = None) -> pd.DataFrame:
         return read_table(self.file_path(entry), entry, self.encrypted, key)
 
+    def open(self, entry: FileEntry, key: bytes | None = None) -> pq.ParquetFile:
+        """The entry as a ParquetFile (checksum verified, decrypted) to read by row groups."""
+        return open_parquet(self.file_path(entry), entry, self.encrypted, key)
+
     def files(self) -> list[FileEntry]:
         """Every data file this manifest lists: shards, validation, test, preprocessor."""
         return [*self.shards, self.validation, self.test, self.preprocessor]
@@ -243,6 +247,64 @@ def encrypt(data: bytes, key: bytes, aad: str) -> bytes:
     return nonce + AESGCM(key).encrypt(nonce, data, aad.encode())
 
 
+class SealedWriter(io.RawIOBase):
+    """A write-only file that encrypts as it goes (AES-GCM, the same format as :func:`encrypt`:
+    nonce, ciphertext, tag) and hashes what lands on disk, so a Parquet writer can stream row
+    groups into it and no plaintext ever touches the disk. ``key=None`` writes plaintext.
+
+    ``tell()`` is the plaintext position (what the Parquet writer expects); :meth:`entry` gives the
+    manifest entry of the bytes on disk once closed.
+    """
+
+    def __init__(self, path: Path, key: bytes | None, aad: str):
+        super().__init__()
+        self.path = Path(path)
+        self._f = open(self.path, "wb")
+        self._sha = hashlib.sha256()
+        self._pos = 0
+        self.size = 0
+        self._enc = None
+        if key is not None:
+            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+            nonce = os.urandom(NONCE_BYTES)
+            self._enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+            self._enc.authenticate_additional_data(aad.encode())
+            self._out(nonce)
+
+    def _out(self, data: bytes) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+        self.size += len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        self._out(self._enc.update(data) if self._enc else data)
+        self._pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._enc is not None:
+            self._out(self._enc.finalize() + self._enc.tag)
+        self._f.flush()
+        os.fsync(self._f.fileno())  # before the directory rename publishes it
+        self._f.close()
+        super().close()
+
+    def entry(self, rows: int) -> FileEntry:
+        if not self.closed:
+            raise RuntimeError(f"{self.path} is still open")
+        return FileEntry(file=self.path.name, rows=rows, bytes=self.size, sha256=self._sha.hexdigest())
+
+
 def decrypt(blob: bytes, key: bytes, aad: str) -> bytes:
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -266,8 +328,9 @@ def read_verified_bytes(path: Path, entry: FileEntry) -> bytes:
     return data
 
 
-def read_table(path: Path, entry: FileEntry, encrypted: bool, key: bytes | None = None) -> pd.DataFrame:
-    """Read one Parquet file listed in a manifest: verify its sha256, decrypt in memory."""
+def open_parquet(path: Path, entry: FileEntry, encrypted: bool, key: bytes | None = None) -> pq.ParquetFile:
+    """One Parquet file listed in a manifest, its sha256 verified and decrypted in memory, to be
+    read whole or row group by row group (the file's bytes in memory, never a second copy)."""
     data = read_verified_bytes(path, entry)
     if encrypted:
         key = key or key_from_env()
@@ -277,4 +340,9 @@ def read_table(path: Path, entry: FileEntry, encrypted: bool, key: bytes | None 
                 "sharding.key_secret_block to read it"
             )
         data = decrypt(data, key, path.name)
-    return pq.read_table(io.BytesIO(data)).to_pandas()
+    return pq.ParquetFile(io.BytesIO(data))
+
+
+def read_table(path: Path, entry: FileEntry, encrypted: bool, key: bytes | None = None) -> pd.DataFrame:
+    """Read one Parquet file listed in a manifest: verify its sha256, decrypt in memory."""
+    return open_parquet(path, entry, encrypted, key).read().to_pandas()

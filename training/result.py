@@ -21,6 +21,8 @@ class RankThroughput(BaseModel):
     samples_per_s: float
     """This rank's own compute speed (forward + backward), excluding the wait in the allreduce."""
     step_time_ms: float
+    peak_rss_mb: float | None = None
+    """The rank process's peak resident memory (MiB): its tensors plus a constant."""
 
 
 class TrainResult(BaseModel):

@@ -108,12 +108,33 @@ class RankData:
 
 
 def load_frame(manifest: Manifest, entries, pre) -> RankData:
-    import pandas as pd
-
-    frame = pd.concat([manifest.read(e) for e in entries], ignore_index=True)
-    x_num, x_cat = pre.transform(frame)
-    y = frame[manifest.target_column].to_numpy(dtype=np.float32)
+    """This rank's rows as compact tensors, filled row group by row group: the file's (decrypted)
+    bytes and one row group as a frame at a time, never the whole shard as a DataFrame."""
+    n = sum(e.rows for e in entries)
+    x_num = np.empty((n, len(pre.numeric_inputs)), dtype=np.float32)
+    x_cat = np.empty((n, len(pre.categorical_inputs)), dtype=np.int64)
+    y = np.empty(n, dtype=np.float32)
+    columns = [*pre.source_columns, manifest.target_column]
+    at = 0
+    for entry in entries:
+        pf = manifest.open(entry)
+        for i in range(pf.num_row_groups):
+            part = pf.read_row_group(i, columns=columns).to_pandas()
+            k = len(part)
+            x_num[at:at + k], x_cat[at:at + k] = pre.transform(part)
+            y[at:at + k] = part[manifest.target_column].to_numpy(dtype=np.float32)
+            at += k
+        del pf
+    if at != n:
+        raise ShardIntegrityError(f"{[e.file for e in entries]} hold {at} rows, the manifest says {n}")
     return RankData(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(y))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- MLflow (rank 0 only)
@@ -287,8 +308,8 @@ class Trainer:
         totals = hvd.allreduce(loss_sum, name="epoch_loss", op=hvd.Sum)
         # per-rank speed measured on the rank's own compute (forward + backward), not the wait in
         # the allreduce, so a straggler stands out instead of slowing every rank's number equally
-        mine = torch.tensor([[rank, steps_done * bs / max(compute_s, 1e-9), 1000 * compute_s / max(steps_done, 1)]],
-                            dtype=torch.float64)
+        mine = torch.tensor([[rank, steps_done * bs / max(compute_s, 1e-9), 1000 * compute_s / max(steps_done, 1),
+                              peak_rss_mb()]], dtype=torch.float64)
         per_rank = hvd.allgather(mine, name="rank_speed")
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -298,7 +319,7 @@ class Trainer:
             "samples_per_s": float(totals[1]) / wall if wall > 0 else 0.0,
             "world_size": size,
             "per_rank": [{"rank": int(r), "host": self.hosts[int(r)], "samples_per_s": float(s),
-                          "step_time_ms": float(t)} for r, s, t in per_rank.tolist()],
+                          "step_time_ms": float(t), "peak_rss_mb": float(m)} for r, s, t, m in per_rank.tolist()],
             "diverged": diverged_step is not None,
         }
         if diverged_step is not None:
@@ -397,7 +418,8 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
     per_rank = [
         {"rank": r, "host": host_of.get(r),
          "samples_per_s": float(np.mean([x["samples_per_s"] for h in history for x in h["per_rank"] if x["rank"] == r])),
-         "step_time_ms": float(np.mean([x["step_time_ms"] for h in history for x in h["per_rank"] if x["rank"] == r]))}
+         "step_time_ms": float(np.mean([x["step_time_ms"] for h in history for x in h["per_rank"] if x["rank"] == r])),
+         "peak_rss_mb": max((x.get("peak_rss_mb") or 0.0) for h in history for x in h["per_rank"] if x["rank"] == r)}
         for r in ranks
     ]
     last_ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
@@ -442,6 +464,7 @@ def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
     for r in record["per_rank"]:
         m[f"rank{r['rank']}_samples_per_s"] = r["samples_per_s"]
         m[f"rank{r['rank']}_step_time_ms"] = r["step_time_ms"]
+        m[f"rank{r['rank']}_peak_rss_mb"] = r["peak_rss_mb"]
     return m
 
 

@@ -43,12 +43,13 @@ class Stack:
 
     def __init__(self, home: Path, extra_env: dict[str, str] | None = None):
         self.home = home
-        self.prefect_port, self.mlflow_port = _free_port(), _free_port()
+        self.prefect_port, self.mlflow_port, self.evidently_port = _free_port(), _free_port(), _free_port()
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
         env.update(
             RINGFLOW_HOME=str(home),
             RINGFLOW_PREFECT_PORT=str(self.prefect_port),
             RINGFLOW_MLFLOW_PORT=str(self.mlflow_port),
+            RINGFLOW_EVIDENTLY_PORT=str(self.evidently_port),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
         )
         env.update(extra_env or {})
@@ -146,9 +147,13 @@ def stack(tmp_path_factory):
 
 
 def test_up_started_all_three_and_wrote_urls(stack):
-    assert set(stack.pids()) == {"prefect", "mlflow", "serve"}
+    assert set(stack.pids()) == {"prefect", "mlflow", "evidently", "serve"}
     assert httpx.get(f"{stack.api}/health").json() is True
     assert httpx.get(f"{stack.mlflow}/health").text == "OK"
+    # Evidently's UI over the monitoring workspace, on its own port, in status
+    assert httpx.get(f"http://127.0.0.1:{stack.evidently_port}/api/version").json()["application"] == "Evidently UI"
+    status = stack.cli("status").stdout
+    assert f"evidently running pid {stack.pids()['evidently']}  healthy  http://127.0.0.1:{stack.evidently_port}" in status, status
     env_file = (stack.home / "stack" / "env").read_text()
     assert f"PREFECT_API_URL={stack.api}" in env_file
     assert f"MLFLOW_TRACKING_URI={stack.mlflow}" in env_file
@@ -176,6 +181,15 @@ def test_status_reads_the_stack_through_the_env_file(stack):
 
 
 def test_deploy_creates_deployments_schedules_and_one_automation(stack):
+    # A hand-made automation of the same name (what older versions created) would start a
+    # second run per event: deploy replaces it with the one declared with the deployment.
+    from prefect.events.actions import DoNothing
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger
+
+    with stack.client() as c:
+        c.create_automation(AutomationCore(
+            name="ringflow-rerun-on-anomaly", trigger=EventTrigger(expect={"ringflow.anomaly.detected"}),
+            actions=[DoNothing()]))
     # Twice, with changed schedules: an update, not a second schedule or automation.
     stack.cli("deploy", "--config", str(SMOKE))
     stack.cli("deploy", "--config", str(SMOKE), "--set", "schedules.training_cron=15 4 * * 2",
@@ -202,6 +216,9 @@ def test_deploy_creates_deployments_schedules_and_one_automation(stack):
         assert a.trigger.threshold == 1
         [action] = a.actions
         assert action.type == "run-deployment" and action.deployment_id == train.id
+        # declared with the deployment (DeploymentEventTrigger): owned by it, not kept by hand
+        owned = c.read_resource_related_automations(f"prefect.deployment.{train.id}")
+        assert a.id in {o.id for o in owned}
     # Restore the smoke schedules for the tests after this one.
     stack.cli("deploy", "--config", str(SMOKE))
 
@@ -326,6 +343,52 @@ def test_kill_9_of_a_service_pid_is_caught_by_status_and_up(stack):
     assert "mlflow   running" in stack.cli("status").stdout
 
 
+def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.objects import StateType
+
+    from training.config import load_config
+
+    state_file = stack.home / "stack" / "serve.state.json"
+    before = json.loads(state_file.read_text())
+    os.kill(before["child_pid"], 9)  # the serve process itself, not its supervisor
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = json.loads(state_file.read_text())
+        if now["child_pid"] != before["child_pid"] and now["state"] == "running":
+            break
+        time.sleep(0.5)
+    assert now["restarts"] == before["restarts"] + 1, now
+    out = stack.cli("status").stdout
+    assert f"(supervised: service pid {now['child_pid']}, {now['restarts']} restarts)" in out, out
+
+    # An automation-triggered run: the restarted runner picks it up and executes it (the data
+    # source does not exist, so it fails at once: what counts is that it ran).
+    cfg = load_config(SMOKE).model_dump(mode="json")
+    cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")
+    anomaly_id = f"anomaly-{uuid.uuid4()}"
+    payload = {"anomaly_id": anomaly_id, "monitoring_run_id": "m-1", "anomalies": [],
+               "rerun": {"config": cfg, "reason": "after a runner restart", "overrides": {}}}
+    p = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), "event", "emit", "ringflow.anomaly.detected",
+         "--resource-id", "ringflow.model.flights-delay", "--payload", json.dumps(payload)],
+        env={**stack.env, "PREFECT_API_URL": stack.api}, capture_output=True, text=True, timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    with stack.client() as c:
+        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        deadline = time.monotonic() + 180
+        run = None
+        while time.monotonic() < deadline:
+            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            run = next((r for r in runs if r.parameters.get("anomaly_id") == anomaly_id), None)
+            if run is not None and run.state_type in (StateType.FAILED, StateType.COMPLETED, StateType.CRASHED):
+                break
+            time.sleep(1)
+        assert run is not None, "the automation created no run"
+        assert run.state_type == StateType.FAILED, run.state  # executed by the restarted runner
+
+
 # --------------------------------------------------------------------------- down / restart
 
 
@@ -335,7 +398,7 @@ def test_down_stops_everything_and_state_survives_a_restart(stack):
     # down also stops what a dead first process left behind (MLflow's uvicorn on its port)
     os.kill(stack.pids()["mlflow"], 9)
     out = stack.cli("down").stdout
-    for name in ("prefect", "mlflow", "serve"):
+    for name in ("prefect", "mlflow", "evidently", "serve"):
         assert f"{name:8s} stopped" in out, out
     assert "mlflow   stopped 1 leftover process" in out or "mlflow   stopped 2 leftover process" in out, out
     gone, alive = psutil.wait_procs(family, timeout=5)
@@ -366,7 +429,7 @@ def test_down_stops_everything_and_state_survives_a_restart(stack):
     with stack.client() as c:
         assert c.read_deployment_by_name("training-pipeline/training-pipeline").schedules
         assert len(c.read_automations_by_name("ringflow-rerun-on-anomaly")) == 1
-    assert set(stack.pids()) == {"prefect", "mlflow"}
+    assert set(stack.pids()) == {"prefect", "mlflow", "evidently"}
 
 
 def test_up_refuses_a_port_it_does_not_own(tmp_path):

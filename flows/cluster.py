@@ -107,7 +107,8 @@ def start_stack(state: ClusterState, config: Path | None, settings: ClusterSetti
     for name in ("prefect", "mlflow"):
         path = "/api/health" if name == "prefect" else "/health"
         try:
-            ok = httpx.get(u[name] + path, timeout=5).status_code == 200
+            ok = httpx.get(u[name] + path, timeout=5, auth=prefect_auth(state) if name == "prefect" else None
+                           ).status_code == 200
         except httpx.HTTPError:
             ok = False
         if not ok:
@@ -131,6 +132,7 @@ def start_worker(state: ClusterState, settings: ClusterSettings) -> None:
         )
         argv = [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
                 "--name", f"{state.prefix}-h1"]
+        (cluster_dir(home) / "h1" / "prefect").mkdir(parents=True, exist_ok=True)
         rec = start_process(h1, argv, env, log_dir(home) / "h1-worker.log", cwd=REPO_ROOT)
         state.processes[key] = rec
         save_state(home, state)
@@ -138,16 +140,21 @@ def start_worker(state: ClusterState, settings: ClusterSettings) -> None:
              alive=lambda: is_running(rec))
 
 
+def prefect_auth(state: ClusterState) -> tuple[str, str] | None:
+    """HTTP basic auth for the Prefect API on h0, when it has auth on."""
+    value = client_env(state).get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_API_AUTH_STRING")
+    if not value:
+        return None
+    user, _, pw = value.partition(":")
+    return user, pw
+
+
 def _worker_online(state: ClusterState) -> bool:
     import httpx
 
-    env = client_env(state)
-    auth = None
-    if env.get("PREFECT_API_AUTH_STRING"):
-        user, _, pw = env["PREFECT_API_AUTH_STRING"].partition(":")
-        auth = (user, pw)
     try:
-        r = httpx.post(f"{env['PREFECT_API_URL']}/work_pools/{WORK_POOL}/workers/filter", json={}, auth=auth, timeout=5)
+        r = httpx.post(f"{urls(state)['prefect']}/api/work_pools/{WORK_POOL}/workers/filter", json={},
+                       auth=prefect_auth(state), timeout=5)
         return r.status_code == 200 and any(
             w["name"] == f"{state.prefix}-h1" and w.get("status") == "ONLINE" for w in r.json())
     except (httpx.HTTPError, ValueError):
@@ -261,7 +268,8 @@ def status_rows(state: ClusterState) -> list[dict[str, str]]:
         if "stack" in h.roles and state.stack:
             for name, path in (("prefect", "/api/health"), ("mlflow", "/health")):
                 try:
-                    ok = h.netns in present and httpx.get(u[name] + path, timeout=3).status_code == 200
+                    auth = prefect_auth(state) if name == "prefect" else None
+                    ok = h.netns in present and httpx.get(u[name] + path, timeout=3, auth=auth).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 services.append(f"{name} {'healthy' if ok else 'DOWN'}")

@@ -8,13 +8,19 @@ as they were.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import json
 import os
 import re
+import secrets
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tasks.cluster import CLUSTER_RANGE, link_names, load_state, netns_names, netns_pids, prefix_for
@@ -147,3 +153,118 @@ def test_failed_up_removes_what_it_made(cluster_home):
     assert "sshd on h1" in p.stderr and "exited during start-up" in p.stderr, p.stderr
     assert_clean(home, before)
     assert "nothing to remove" in cli(home, "down").stdout
+
+
+# --------------------------------------------------------------------------- the pipeline on the cluster
+
+
+SECRET_ENV = {
+    # random values that cannot appear on a command line by chance; the stack runs with auth on
+    "RINGFLOW_DATA_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+    "PREFECT_SERVER_API_AUTH_STRING": f"ringflow:pf-{secrets.token_hex(12)}",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": f"mf-{secrets.token_hex(12)}",
+}
+SECRET_ENV["PREFECT_API_AUTH_STRING"] = SECRET_ENV["PREFECT_SERVER_API_AUTH_STRING"]
+SECRET_ENV["MLFLOW_TRACKING_USERNAME"] = "admin"
+SECRET_ENV["MLFLOW_TRACKING_PASSWORD"] = SECRET_ENV["MLFLOW_AUTH_ADMIN_PASSWORD"]
+SECRET_VALUES = [SECRET_ENV[k] for k in ("RINGFLOW_DATA_KEY", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")]
+
+
+class CmdlineSampler(threading.Thread):
+    """Reads every process's /proc/<pid>/cmdline (all namespaces share the process table) until
+    stopped: which ones held a secret value, and which training ranks it saw on which host."""
+
+    def __init__(self, netns_of_host: dict[str, str]):
+        super().__init__(daemon=True)
+        self.inode_to_host = {}
+        for host, ns in netns_of_host.items():
+            self.inode_to_host[os.stat(f"/run/netns/{ns}").st_ino] = host
+        self.leaks: list[str] = []
+        self.rank_hosts: set[str] = set()
+        self.samples = 0
+        self._done = threading.Event()
+
+    def run(self):
+        needles = [v.encode() for v in SECRET_VALUES]
+        while not self._done.is_set():
+            for d in Path("/proc").iterdir():
+                if not d.name.isdigit():
+                    continue
+                try:
+                    cmd = (d / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if any(n in cmd for n in needles):
+                    shown = cmd.replace(bytes(1), b" ")[:300]
+                    self.leaks.append(f"{d.name}: {shown!r}")
+                if b"training.train" in cmd and b"horovodrun" not in cmd:
+                    try:
+                        host = self.inode_to_host.get(os.stat(d / "ns" / "net").st_ino)
+                    except OSError:
+                        continue
+                    if host:
+                        self.rank_hosts.add(host)
+            self.samples += 1
+            time.sleep(0.1)
+
+    def stop(self):
+        self._done.set()
+        self.join(10)
+
+
+@pytest.fixture(scope="module")
+def stack_cluster(tmp_path_factory):
+    """A 3-host cluster with the stack (auth on) on h0 and the worker on h1, shared by the tests below."""
+    home = tmp_path_factory.mktemp("cluster") / "ringflow-home"
+    home.mkdir()
+    before = machine_snapshot()
+    try:
+        cli(home, "up", "--hosts", "3", "-c", "configs/smoke.yaml", env=SECRET_ENV)
+        yield home, load_state(home), before
+    finally:
+        cli(home, "down", check=False)
+
+
+def mlflow_run(state, run_id: str) -> dict:
+    h0 = state.host("h0")
+    r = httpx.get(f"http://{h0.address}:5000/api/2.0/mlflow/runs/get", params={"run_id": run_id},
+                  auth=("admin", SECRET_ENV["MLFLOW_AUTH_ADMIN_PASSWORD"]), timeout=10)
+    r.raise_for_status()
+    return r.json()["run"]
+
+
+def test_cluster_run_trains_across_hosts_with_no_secret_on_any_command_line(stack_cluster):
+    home, state, _ = stack_cluster
+    out = cli(home, "status").stdout
+    assert "prefect healthy" in out and "mlflow healthy" in out and "worker running" in out, out
+
+    sampler = CmdlineSampler({h.name: h.netns for h in state.hosts})
+    sampler.start()
+    try:
+        # rank 0 on h2, not on h1 where the worker launches horovodrun: the task must find its
+        # outputs on the shared filesystem and rank 0 must reach MLflow at h0's address
+        p = cli(home, "run", "-c", "configs/smoke.yaml", "--set", "training.horovod.hosts=h2:1,h1:1",
+                "--set", "gate.baseline=none", env=SECRET_ENV, check=False)
+    finally:
+        sampler.stop()
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert sampler.leaks == [], "secret values on a command line:\n" + "\n".join(sampler.leaks[:5])
+    assert sampler.rank_hosts == {"h1", "h2"}, f"sampled training ranks on {sampler.rank_hosts} ({sampler.samples} samples)"
+
+    h0 = state.host("h0").address
+    assert "training pipeline 'smoke' finished" in p.stdout
+    assert f"MLflow store   http://{h0}:5000" in p.stdout
+    assert "-H h2:1,h1:1" in p.stdout and "--network-interface eth0" in p.stdout and "--ssh-identity-file" in p.stdout
+    run_id = re.search(r"training run\s+([0-9a-f]{32})", p.stdout).group(1)
+
+    summary = json.loads((home / "runs" / run_id / "summary.json").read_text())
+    assert [r["host"] for r in sorted(summary["per_rank"], key=lambda r: r["rank"])] == ["h2", "h1"]
+    assert summary["hosts"] == ["h1", "h2"]
+    run = mlflow_run(state, run_id)
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["ringflow.hosts"] == "h1,h2"
+    assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:")  # served over HTTP by h0
+    # the shards were encrypted and the remote ranks decrypted them (training finished)
+    manifest = json.loads(Path(tags["manifest_path"]).read_text())
+    assert manifest["encrypted"] is True
+    assert not list((home / "runs" / run_id).glob(".secrets-*")), "the secrets file outlived the run"

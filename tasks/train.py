@@ -32,6 +32,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.shard import resolve_data_key
 from tasks.tracking import LAUNCHER_TAG, ensure_experiment, launcher_tag, mark_stale_runs
+from tasks.training_artifacts import EpochProgress, log_horovod_files, publish_rank_table, timeline_env
 from training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
 from training.config import PipelineConfig, get_settings
 from training.launch import (
@@ -244,25 +245,31 @@ def train_model(
         cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume)
         env = launch_env(
             cfg, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_RUN_ID=run_id, RINGFLOW_HOME=str(settings.home),
+            **timeline_env(cfg, out),
             **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
         )
         log.info("attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else "")
         t0 = time.monotonic()
         try:
+            # the Prefect UI shows epoch k of N live, from rank 0's epoch lines
+            progress = EpochProgress(log, f"epochs done of {tc.epochs} (MLflow run {run_id})")
             # horovodrun copies its environment into every rank's argv: the data key and any
             # credential go to the ranks in a 0600 file instead (training/secrets.py)
             with secrets_file(env, out) as env:
-                run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, log)
+                run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
         except TrainingError as e:
             mlflow.set_tag(f"ringflow.attempt_{attempt}_error", str(e)[:5000])
             raise
         finally:
             if (out / LOG_FILE).is_file():
                 mlflow.log_artifact(str(out / LOG_FILE), artifact_path="training")
+            log_horovod_files(out)  # timeline (training.horovod.timeline) and autotune log, when written
         if not (out / SUMMARY_FILE).is_file():
             raise TrainingError(f"horovodrun exited 0 but rank 0 wrote no {out / SUMMARY_FILE}")
         result = TrainResult.from_output_dir(run_id, out)
         mlflow.log_artifact(str(out / SUMMARY_FILE), artifact_path="training")
+        progress.update(100.0)  # early stopping ends before epoch N
+        publish_rank_table(result, log)
         mlflow.set_tags({"training_status": result.status, "world_size": str(result.world_size)})
         mlflow.log_metric("training_wall_time_s", time.monotonic() - t0)
         if result.checkpoint_dir is None:

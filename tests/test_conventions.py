@@ -225,3 +225,68 @@ def _wait_for(ready, proc, timeout: float = 120) -> None:
         assert proc.poll() is None, "the process exited"
         assert time.monotonic() < deadline, "not ready in time"
         time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- Prefect + Horovod
+
+
+def _artifact(key: str):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        found = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return sorted(found, key=lambda a: a.created)[-1] if found else None
+
+
+def test_progress_artifact_follows_rank_zero_epoch_lines(prefect_harness):
+    import logging
+
+    from prefect import flow
+
+    from tasks.training_artifacts import PROGRESS_KEY, EpochProgress
+
+    seen = []
+
+    @flow
+    def follow() -> list:
+        progress = EpochProgress(logging.getLogger("test"), "epochs done of 4")
+        for line in ["[1]<stdout>:epoch 1/4: from rank 1, ignored", "[0]<stdout>:training: world_size=2",
+                     "[0]<stdout>:epoch 1/4: train_loss=0.5", "[0]<stdout>:epoch 3/4 (size 2): train_loss=0.4"]:
+            progress.info(line)
+            seen.append(_artifact(PROGRESS_KEY).data)
+        return seen
+
+    assert follow() == [0.0, 0.0, 25.0, 75.0]
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_training_publishes_progress_rank_table_and_horovod_files(prefect_harness, ringflow_home, smoke_config,
+                                                                   tmp_path):
+    """A real np=2 training with the timeline and autotune on: the progress artifact ends at 100,
+    the per-rank table has both ranks, the timeline and the autotune log are in the MLflow run."""
+    from mlflow import MlflowClient
+
+    from tasks.train import train_model
+    from tasks.training_artifacts import PROGRESS_KEY, RANK_TABLE_KEY
+    from training.config import with_overrides
+    from training.sharding import shard_dataset
+
+    cfg = with_overrides(smoke_config, {"training.epochs": 2, "training.horovod.timeline": True,
+                                        "training.horovod.autotune": True})
+    manifest = shard_dataset(cfg, tmp_path / "data", progress=lambda *a: None)
+    result = train_model.with_options(retries=0)(cfg, str(manifest.path))
+
+    assert _artifact(PROGRESS_KEY).data == 100.0
+    table = json.loads(_artifact(RANK_TABLE_KEY).data)
+    assert [row["rank"] for row in table] == [0, 1] and all(row["samples/s"] > 0 for row in table), table
+    assert {row["host"] for row in table} == set(result.hosts)
+
+    client = MlflowClient(f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    logged = {a.path: a for a in client.list_artifacts(result.run_id, "horovod")}
+    assert "horovod/horovod-timeline.json" in logged, logged
+    assert logged["horovod/horovod-timeline.json"].file_size > 1000
+    assert "horovod/autotune.csv" in logged, logged
+    timeline = (Path(result.output_dir) / "horovod-timeline.json").read_text()
+    assert "allreduce" in timeline.lower()

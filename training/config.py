@@ -137,6 +137,7 @@ class DataConfig(_Strict):
     """Categorical feature columns: vocabulary from the training window, plus an
     out-of-vocabulary bucket for unseen values and missing values."""
     features: FeatureConfig = FeatureConfig()
+    """Inputs the network derives from these columns (route, missing-value flags, clipping, calendar)."""
     windows: Windows = Windows()
     """Train / validation / test date windows."""
 
@@ -238,7 +239,12 @@ class HorovodConfig(_Strict):
     backward_passes_per_step: int = Field(1, ge=1)
     """Local gradient accumulation steps per allreduce."""
     autotune: bool = False
-    """Horovod autotune (Bayesian search over fusion/cycle settings)."""
+    """Horovod autotune (Bayesian search over fusion/cycle settings); its log
+    (``<run output>/autotune.csv``) is logged to the MLflow run."""
+    timeline: bool = False
+    """Write the Horovod timeline (a Chrome trace of every collective: open it in
+    ``chrome://tracing`` or Perfetto) to ``<run output>/horovod-timeline.json`` and log it to the
+    MLflow run. Costs a little time per step; for diagnosing, not for every run."""
     hosts: str | None = None
     """``-H`` host list (``host1:2,host2:2``); ``null`` = ``localhost:<world_size>``."""
     network_interface: str | None = None

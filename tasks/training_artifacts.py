@@ -1,0 +1,95 @@
+"""What the train task shows beyond its log: live progress in the Prefect UI, a per-rank
+throughput table, and Horovod's timeline and autotune files in the MLflow run.
+
+The progress follows the rank-0 epoch lines the task already streams (``[0]<stdout>:epoch k/N:``),
+so the training program needs no Prefect. Publishing is best effort: an artifact that cannot be
+written is a warning, never a failed training.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+
+from training.config import PipelineConfig
+
+PROGRESS_KEY = "training-progress"
+RANK_TABLE_KEY = "rank-throughput"
+TIMELINE_FILE = "horovod-timeline.json"
+AUTOTUNE_FILE = "autotune.csv"  # where training/launch.py points --autotune-log-file
+EPOCH_LINE = re.compile(r"^\[0\]<stdout>:epoch (\d+)/(\d+)\b")
+"""Rank 0's end-of-epoch line (fixed and elastic mode), as horovodrun prefixes it."""
+
+
+class EpochProgress:
+    """A logger for ``run_horovod``: forwards every line, and moves a Prefect progress artifact
+    to k/N at rank 0's "epoch k/N" lines."""
+
+    def __init__(self, logger, description: str):
+        self._log = logger
+        self.artifact_id = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(0.0, key=PROGRESS_KEY, description=description)
+        except Exception as e:  # noqa: BLE001 - no API / no run context: train without it
+            logger.warning("no training progress artifact: %s", e)
+
+    def __getattr__(self, name):
+        return getattr(self._log, name)
+
+    def info(self, msg, *args, **kwargs) -> None:
+        self._log.info(msg, *args, **kwargs)
+        m = EPOCH_LINE.match(msg) if isinstance(msg, str) else None
+        if m:
+            self.update(100.0 * int(m[1]) / max(int(m[2]), 1))
+
+    def update(self, percent: float) -> None:
+        if self.artifact_id is None:
+            return
+        try:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, min(100.0, percent))
+        except Exception as e:  # noqa: BLE001
+            self._log.warning("training progress artifact not updated: %s", e)
+
+
+def timeline_env(cfg: PipelineConfig, output_dir: Path) -> dict[str, str | None]:
+    """``HOROVOD_TIMELINE`` for the ranks when ``training.horovod.timeline`` is on (else unset)."""
+    on = cfg.training.horovod.timeline
+    return {"HOROVOD_TIMELINE": str(output_dir / TIMELINE_FILE) if on else None}
+
+
+def log_horovod_files(output_dir: Path) -> list[str]:
+    """Log the timeline and the autotune log, when this run wrote them, into the active run."""
+    logged = []
+    for name in (TIMELINE_FILE, AUTOTUNE_FILE):
+        path = output_dir / name
+        if path.is_file() and path.stat().st_size > 0:
+            mlflow.log_artifact(str(path), artifact_path="horovod")
+            logged.append(f"horovod/{name}")
+    return logged
+
+
+def rank_table(result) -> list[dict]:
+    """One row per rank of a TrainResult: host, speed, step time, memory."""
+    return [
+        {"rank": r.rank, "host": r.host or "", "samples/s": round(r.samples_per_s, 1),
+         "step time (ms)": round(r.step_time_ms, 2),
+         "peak RSS (MiB)": None if r.peak_rss_mb is None else round(r.peak_rss_mb, 1)}
+        for r in sorted(result.per_rank, key=lambda r: r.rank)
+    ]
+
+
+def publish_rank_table(result, logger) -> None:
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(rank_table(result), key=RANK_TABLE_KEY,
+                              description=f"per-rank throughput of MLflow run {result.run_id} "
+                                          f"({result.world_size} ranks, mean over epochs)")
+    except Exception as e:  # noqa: BLE001
+        logger.warning("no per-rank throughput artifact: %s", e)

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import DEFAULT
 from pydantic import BaseModel
 
-from tasks.evaluate import evaluate_candidate
+from tasks.evaluate import REPORTED_METRICS, evaluate_candidate
 from tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
 from tasks.register import register_candidate
 from tasks.shard import shard_data
@@ -41,6 +41,16 @@ class PipelineResult(BaseModel):
     promoted: bool = False
     champion_version: str | None = None
     metrics: dict[str, float] = {}
+    """The candidate's test metrics."""
+    champion_metrics: dict[str, float] | None = None
+    """The champion's (before this run) on the same test rows; None when there was none."""
+    evaluated_champion_version: str | None = None
+    baseline: str = "none"
+    baseline_metrics: dict[str, float] | None = None
+    """The baseline's (``gate.baseline``) on the same test rows; None when it is off."""
+    test_window: str = ""
+    test_rows: int = 0
+    warnings: list[str] = []
     decision: str = ""
     tracking_uri: str
 
@@ -97,16 +107,43 @@ def training_pipeline(
     result.model_version = registered.version
     result.promoted = registered.promoted
     result.champion_version = registered.champion_version
-    result.metrics = {k: v for k, v in evaluation.candidate_metrics.items()
-                      if k in {"roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "brier"}}
+    result.metrics = _reported(evaluation.candidate_metrics)
+    result.champion_metrics = _reported(evaluation.champion_metrics)
+    result.evaluated_champion_version = evaluation.champion_version
+    result.baseline = evaluation.baseline
+    result.baseline_metrics = _reported(evaluation.baseline_metrics)
+    result.test_window, result.test_rows = evaluation.test_window, evaluation.test_rows
+    result.warnings = list(evaluation.decision.warnings)
     result.decision = evaluation.decision.summary if registered.promoted == evaluation.decision.promote else (
         "not promoted: the champion moved during evaluation")
     _summary_artifact(config, result)
     return result
 
 
+def _reported(metrics: dict[str, float] | None) -> dict[str, float] | None:
+    return None if metrics is None else {k: v for k, v in metrics.items() if k in REPORTED_METRICS}
+
+
+def _version(v: str | None) -> str:
+    return f"v{v}" if v else "none"
+
+
+def _metric_columns(r: PipelineResult) -> list[tuple[str, dict[str, float]]]:
+    """(label, metrics) of candidate, champion and baseline, those that were scored."""
+    cols = [("candidate", r.metrics)]
+    if r.champion_metrics:
+        cols.append((f"champion {_version(r.evaluated_champion_version)}", r.champion_metrics))
+    if r.baseline_metrics:
+        cols.append((f"baseline {r.baseline}", r.baseline_metrics))
+    return cols
+
+
 def _summary_artifact(config: PipelineConfig, r: PipelineResult) -> None:
-    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in r.metrics.items())
+    cols = _metric_columns(r)
+    metrics = "\n".join(
+        f"| {k} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for _, m in cols) + " |" for k in r.metrics)
+    header = "| metric | " + " | ".join(label for label, _ in cols) + " |\n|---|" + "---|" * len(cols)
+    warnings = "".join(f"\n**Warning:** {w}\n" for w in r.warnings)
     version = f"`{r.model_name}` v{r.model_version}" if r.model_version else "none"
     create_markdown_artifact(
         key="training-pipeline-summary",
@@ -114,10 +151,10 @@ def _summary_artifact(config: PipelineConfig, r: PipelineResult) -> None:
         markdown=(
             f"# Training pipeline `{config.name}` ({r.reason})\n\n"
             f"- training run: `{r.training_run_id}` ({r.training_status}) - {mlflow_run_url(r.tracking_uri, r.training_run_id)}\n"
-            f"- model version: {version}; promoted: **{r.promoted}**; champion now: v{r.champion_version}\n"
+            f"- model version: {version}; promoted: **{r.promoted}**; champion now: {_version(r.champion_version)}\n"
             f"- model registry: {mlflow_model_url(r.tracking_uri, r.model_name)}\n"
             f"- manifest: `{r.manifest_path}`\n\n"
-            f"## Test metrics (candidate)\n\n| metric | value |\n|---|---|\n{metrics}\n\n"
+            f"## Test metrics {r.test_window} ({r.test_rows} rows)\n{warnings}\n{header}\n{metrics}\n\n"
             f"## Decision\n\n{r.decision}\n"
         ),
     )
@@ -130,8 +167,15 @@ def print_summary(r: PipelineResult) -> None:
     if r.model_version:
         verdict = "PROMOTED to @champion" if r.promoted else "registered as @challenger (not promoted)"
         print(f"  model version  {r.model_name} v{r.model_version}  {verdict}")
-        print(f"  champion       {r.model_name} v{r.champion_version}")
-        print("  test metrics   " + "  ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()))
+        print(f"  champion       {r.model_name} {_version(r.champion_version)}")
+        print(f"  test window    {r.test_window}  {r.test_rows} rows")
+        cols = _metric_columns(r)
+        width = max(len(label) for label, _ in cols)
+        for i, (label, m) in enumerate(cols):
+            print(("  test metrics   " if i == 0 else " " * 17) + f"{label:<{width}}  "
+                  + "  ".join(f"{k}={m[k]:.4f}" for k in r.metrics if k in m))
+        for w in r.warnings:
+            print(f"  WARNING        {w}")
         print(f"  decision       {r.decision}")
     print(f"  MLflow store   {r.tracking_uri}")
     print(f"  look at it     {mlflow_ui_hint(r.tracking_uri)}")

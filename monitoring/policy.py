@@ -287,8 +287,13 @@ def decide(
 
 def next_batch_month(test_window_end: dt.date, last_monitored: str | None = None) -> str:
     """The month ``batch="next"`` monitors: the one after the last monitored month, but never
-    before the month in which the champion's test window ends (its first unseen data)."""
+    before the first whole month after the champion's test window (``test_window_end`` is the
+    window's exclusive end). A month that overlaps the champion's own windows would score it on
+    rows it was trained, stopped or tested on (the smoke champion's test window ends on
+    2013-02-26: `next` is March, not February)."""
     first_unseen = pd_period(test_window_end)
+    if test_window_end.day != 1:  # the window ends inside this month: it is not unseen
+        first_unseen += 1
     if last_monitored:
         after_last = pd_period(last_monitored) + 1
         return str(max(first_unseen, after_last))

@@ -1,8 +1,11 @@
-"""Evaluation stage: score the candidate and the current champion on the same test window, gate.
+"""Evaluation stage: score the candidate, the current champion and a baseline on the same test rows, gate.
 
-The gate is TFX's "blessing": the candidate is promoted only if it passes the absolute floors and
-beats the champion on the primary metric by the configured margin. The verdict and a reason per
-metric go to MLflow tags and to a Prefect markdown artifact.
+The gate is TFX's "blessing": the candidate is promoted only if it passes the absolute floors,
+beats the champion on the primary metric by the configured margin and is not beaten by the
+baseline (a gradient-boosted trees model fitted on the same train window, ``training/baseline.py``)
+by more than its margin. The verdict and a reason per check go to MLflow tags and to a Prefect
+markdown artifact; the baseline's metrics and model are logged next to the candidate's, and the
+baseline is never registered.
 """
 
 from __future__ import annotations
@@ -11,36 +14,54 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+from training.baseline import baseline_proba, fit_baseline
 from training.config import GateConfig, PipelineConfig, get_settings
 from training.manifest import Manifest
-from training.metrics import GREATER_IS_BETTER, classification_metrics, roc_and_calibration_figures
+from training.metrics import (
+    GREATER_IS_BETTER, classification_metrics, max_f1_threshold, roc_and_calibration_figures,
+)
 from training.pyfunc import log_delay_model, predict_rows
 
 CHAMPION = "champion"
+REPORTED_METRICS = ["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "brier"]
+THRESHOLD_PARAM = "decision_threshold"
+"""Logged-model param holding the threshold a model's accuracy/F1 are computed at."""
 
 
 class MetricVerdict(BaseModel):
     metric: str
+    check: Literal["floor", "champion", "baseline"] = "floor"
+    """What the candidate was held against."""
     candidate: float
     champion: float | None = None
     floor: float | None = None
+    baseline: float | None = None
     passed: bool
     reason: str
+
+    @property
+    def tag(self) -> str:
+        """MLflow tag key: one per check, so a floor and a comparison on the same metric both show."""
+        return f"gate.reason.{self.metric}" if self.check == "floor" else f"gate.reason.{self.check}.{self.metric}"
 
 
 class GateDecision(BaseModel):
     promote: bool
     primary_metric: str
     verdicts: list[MetricVerdict]
+    warnings: list[str] = []
+    """Things a person should know about the verdict (e.g. a small test window); not refusals."""
 
     @property
     def summary(self) -> str:
@@ -55,16 +76,30 @@ class EvaluationResult(BaseModel):
     model_uri: str
     """The logged pyfunc model that was scored (and will be registered)."""
     candidate_metrics: dict[str, float]
+    candidate_threshold: float = 0.5
+    """Decision threshold of the candidate (chosen on validation data) for accuracy/F1."""
     champion_version: str | None = None
     champion_metrics: dict[str, float] | None = None
+    champion_threshold: float | None = None
+    baseline: str = "none"
+    """``gate.baseline``: which reference model was scored (``none``: none)."""
+    baseline_metrics: dict[str, float] | None = None
+    baseline_threshold: float | None = None
+    baseline_model_uri: str | None = None
+    """The logged (never registered) baseline model."""
+    test_window: str = ""
+    test_rows: int = 0
     decision: GateDecision
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate: GateConfig) -> GateDecision:
-    """Pure gate: floors first, then the primary metric against the champion (if there is one).
+def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate: GateConfig,
+           baseline: dict[str, float] | None = None, test_rows: int | None = None) -> GateDecision:
+    """Pure gate: floors, then the primary metric against the champion (if there is one) and
+    against the baseline (if one was scored and ``gate.must_beat_baseline``).
 
-    "Beats" is strict: a candidate equal to the champion is not promoted, so re-running the same
-    config does not churn the alias.
+    "Beats the champion" is strict: a candidate equal to the champion is not promoted, so
+    re-running the same config does not churn the alias. The baseline may be ahead by at most
+    ``gate.baseline_margin``.
     """
     verdicts = []
     for metric, floor in gate.floors.items():
@@ -78,19 +113,38 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
         ))
     m = gate.primary_metric
     value = candidate.get(m, math.nan)
+    higher = GREATER_IS_BETTER[m]
     if champion is None:
-        verdicts.append(MetricVerdict(metric=m, candidate=value, passed=True, reason=f"no champion yet: {m} {value:.4f}"))
+        verdicts.append(MetricVerdict(metric=m, check="champion", candidate=value, passed=True,
+                                      reason=f"no champion yet: {m} {value:.4f}"))
     else:
         best = champion.get(m, math.nan)
-        higher = GREATER_IS_BETTER[m]
         delta = (value - best) if higher else (best - value)
         ok = delta > gate.min_improvement if gate.min_improvement == 0 else delta >= gate.min_improvement
         verdicts.append(MetricVerdict(
-            metric=m, candidate=value, champion=best, passed=bool(ok),
+            metric=m, check="champion", candidate=value, champion=best, passed=bool(ok),
             reason=(f"{m} {value:.4f} vs champion {best:.4f} ({delta:+.4f}, needs "
                     f"{'>' if gate.min_improvement == 0 else '>='} {gate.min_improvement})"),
         ))
-    return GateDecision(promote=all(v.passed for v in verdicts), primary_metric=m, verdicts=verdicts)
+    if baseline is not None:
+        ref = baseline.get(m, math.nan)
+        ahead = (ref - value) if higher else (value - ref)  # how far the baseline is ahead
+        ok = not gate.must_beat_baseline or ahead <= gate.baseline_margin
+        if ahead <= gate.baseline_margin:
+            reason = f"{m} {value:.4f} vs baseline {gate.baseline} {ref:.4f} ({-ahead:+.4f})"
+        else:
+            reason = (f"{m} {value:.4f} vs baseline {gate.baseline} {ref:.4f}: the baseline is ahead by "
+                      f"{ahead:.4f} (margin {gate.baseline_margin})")
+            if not gate.must_beat_baseline:
+                reason += ", not enforced (gate.must_beat_baseline=false)"
+        verdicts.append(MetricVerdict(metric=m, check="baseline", candidate=value, baseline=ref,
+                                      passed=bool(ok), reason=reason))
+    warnings = []
+    if test_rows is not None and test_rows < gate.min_test_rows:
+        warnings.append(f"the test window has only {test_rows} rows (gate.min_test_rows={gate.min_test_rows}): "
+                        "its metrics are noisy; widen data.windows.test")
+    return GateDecision(promote=all(v.passed for v in verdicts), primary_metric=m, verdicts=verdicts,
+                        warnings=warnings)
 
 
 # What the registry answers for "no such model" and "no such alias" (store and REST alike).
@@ -116,23 +170,94 @@ def current_champion(client: MlflowClient, name: str):
     return version_by_alias(client, name, CHAMPION)
 
 
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
 def _decision_markdown(cfg: PipelineConfig, ev: EvaluationResult) -> str:
     d = ev.decision
-    rows = ["| metric | candidate | champion |", "|---|---|---|"]
-    for k in ["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "brier"]:
-        champ = ev.champion_metrics.get(k) if ev.champion_metrics else None
-        rows.append(f"| {k} | {ev.candidate_metrics[k]:.4f} | {'-' if champ is None else f'{champ:.4f}'} |")
+    champion_col = f"champion v{ev.champion_version}" if ev.champion_version else "champion (none yet)"
+    baseline_col = f"baseline {ev.baseline}"
+    rows = [f"| metric | candidate | {champion_col} | {baseline_col} |", "|---|---|---|---|"]
+    for k in REPORTED_METRICS:
+        rows.append(f"| {k} | {_fmt(ev.candidate_metrics.get(k))} | "
+                    f"{_fmt((ev.champion_metrics or {}).get(k))} | {_fmt((ev.baseline_metrics or {}).get(k))} |")
+    rows.append(f"| decision threshold | {_fmt(ev.candidate_threshold)} | {_fmt(ev.champion_threshold)} | "
+                f"{_fmt(ev.baseline_threshold)} |")
     reasons = "\n".join(f"- {'PASS' if v.passed else 'FAIL'}: {v.reason}" for v in d.verdicts)
+    warnings = "".join(f"\n**Warning:** {w}\n" for w in d.warnings)
     champion = f"version {ev.champion_version}" if ev.champion_version else "none yet"
     return (
         f"## Gate: {'PROMOTE' if d.promote else 'REJECT'} candidate of `{cfg.registry.model_name}`\n\n"
-        f"Training run `{ev.training_run_id}`; current champion: {champion}; "
-        f"primary metric `{d.primary_metric}`, margin {cfg.gate.min_improvement}.\n\n"
-        + "\n".join(rows) + "\n\n### Reasons\n" + reasons + "\n"
+        f"Training run `{ev.training_run_id}`; current champion: {champion}; baseline: {ev.baseline}; "
+        f"primary metric `{d.primary_metric}`, margin {cfg.gate.min_improvement}, baseline margin "
+        f"{cfg.gate.baseline_margin} ({'enforced' if cfg.gate.must_beat_baseline else 'not enforced'}).\n\n"
+        f"Test window {ev.test_window}, {ev.test_rows} rows. Accuracy and F1 at each model's decision "
+        "threshold (chosen on the validation window).\n"
+        + warnings + "\n" + "\n".join(rows) + "\n\n### Reasons\n" + reasons + "\n"
     )
 
 
-def test_dataset(cfg: PipelineConfig, manifest: Manifest, test):
+def logged_threshold(model_id: str | None) -> float | None:
+    """The decision threshold logged with a model (None for models logged before there was one)."""
+    if not model_id:
+        return None
+    try:
+        raw = mlflow.get_logged_model(model_id).params.get(THRESHOLD_PARAM)
+    except MlflowException:
+        return None
+    return float(raw) if raw not in (None, "") else None
+
+
+def model_columns(model, frame: pd.DataFrame) -> list[str]:
+    """The columns a pyfunc model declares (a champion may have been trained on other features)."""
+    wanted = model.metadata.get_input_schema().input_names()
+    return [c for c in wanted if c in frame.columns]
+
+
+def score_baseline(cfg: PipelineConfig, manifest: Manifest, key: bytes | None, test: pd.DataFrame, log):
+    """Fit the baseline on the manifest's train shards (the candidate's train window), choose its
+    threshold on the validation file, score the test rows: (model, test probabilities, threshold)."""
+    import time
+
+    num, cat = manifest.numeric_features, manifest.categorical_features
+    train = pd.concat([manifest.read(s, key) for s in manifest.shards], ignore_index=True)
+    t0 = time.perf_counter()
+    model = fit_baseline(cfg.gate.baseline, train, manifest.target_column, num, cat, seed=cfg.training.seed)
+    log.info("evaluate: baseline %s fitted on %d train rows in %.1fs", cfg.gate.baseline, len(train),
+             time.perf_counter() - t0)
+    val = manifest.read(manifest.validation, key)
+    threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), baseline_proba(model, val, num, cat))
+    return model, baseline_proba(model, test, num, cat), threshold
+
+
+SKOPS_TRUSTED_TYPES = [
+    "functools.partial",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.utils.validation.check_array",
+]
+
+
+def log_baseline_model(model, manifest: Manifest, example: pd.DataFrame, threshold: float) -> str:
+    """Log the fitted baseline into the active run (a LoggedModel; never registered)."""
+    from importlib.metadata import version
+
+    from training.baseline import baseline_frame
+
+    frame = baseline_frame(example, manifest.numeric_features, manifest.categorical_features)
+    info = mlflow.sklearn.log_model(
+        model, name="baseline", input_example=frame, pyfunc_predict_fn="predict_proba",
+        # stated, not inferred: inference imports the model in a subprocess (seconds per evaluation)
+        pip_requirements=[f"{d}=={version(d).split('+')[0]}" for d in ("scikit-learn", "numpy", "pandas")],
+        params={THRESHOLD_PARAM: f"{threshold:.6f}"}, tags={"ringflow.role": "baseline"},
+        # skops refuses types it cannot vet; this model was fitted in this process, and these are
+        # exactly the ones the fitted pipeline holds (the trees' node arrays, the encoder's checks)
+        skops_trusted_types=SKOPS_TRUSTED_TYPES,
+    )
+    return info.model_uri
+
+
+def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame):
     """The test window as an MLflow dataset: the file it was read from, its checksum as digest,
     named like the training run's train/validation inputs."""
     import warnings
@@ -147,18 +272,28 @@ def test_dataset(cfg: PipelineConfig, manifest: Manifest, test):
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5)
 def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) -> EvaluationResult:
-    """Log the candidate as a pyfunc model, score it and the champion on the test window, gate."""
+    """Log the candidate as a pyfunc model; score it, the champion and the baseline on the test
+    window; gate."""
     from tasks.shard import resolve_data_key
+    from training.model import read_decision_threshold
 
     log = get_run_logger()
     mlflow.set_tracking_uri(get_settings().tracking_uri)
     client = MlflowClient()
     manifest = Manifest.load(manifest_path)
-    test = manifest.read(manifest.test, resolve_data_key(cfg))
+    key = resolve_data_key(cfg)
+    test = manifest.read(manifest.test, key)
     y = test[manifest.target_column].to_numpy()
-    features = manifest.numeric_features + manifest.categorical_features
+    # the raw columns the network reads: the features, and the timestamp when it derives calendar
+    # features from it (known at prediction time)
+    model_inputs = manifest.read_preprocessor().source_columns
     run_id = train_result.run_id
-    log.info("evaluate: %d test rows %s, candidate from run %s", len(test), manifest.windows["test"], run_id)
+    window = manifest.windows["test"]
+    test_window = f"[{window.start[:10]}, {window.end[:10]})"
+    log.info("evaluate: %d test rows %s, candidate from run %s", len(test), test_window, run_id)
+    if len(test) < cfg.gate.min_test_rows:
+        log.warning("evaluate: the test window %s has only %d rows (gate.min_test_rows=%d): its metrics are noisy",
+                    test_window, len(test), cfg.gate.min_test_rows)
 
     with mlflow.start_run(run_id=run_id):
         # Only the files the model needs travel with it (not the checkpoints).
@@ -168,46 +303,65 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
             for f in Path(train_result.model_path).parent.iterdir():
                 if f.is_file() and f.suffix in {".pt", ".json"} and f.name != "summary.json":
                     shutil.copy2(f, model_dir / f.name)
-            info = log_delay_model(model_dir, features, test.head(5))
+            threshold = read_decision_threshold(model_dir)
+            info = log_delay_model(model_dir, model_inputs, test.head(5))
+        mlflow.log_model_params({THRESHOLD_PARAM: f"{threshold:.6f}"}, model_id=info.model_id)
         candidate_p = predict_rows(mlflow.pyfunc.load_model(info.model_uri), test)
-        cand = classification_metrics(y, candidate_p)
+        cand = classification_metrics(y, candidate_p, threshold)
 
         champ_mv = current_champion(client, cfg.registry.model_name)
-        champ = champ_p = None
+        champ = champ_p = champ_threshold = None
         if champ_mv is not None:
             log.info("evaluate: scoring champion version %s on the same rows", champ_mv.version)
             # by version, not by alias again: the version scored is the one recorded as champion
             champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{champ_mv.version}")
-            # the champion may have been trained on other features: it is given the columns it declares
-            champ_p = predict_rows(champion_model, test)
-            champ = classification_metrics(y, champ_p)
+            champ_p = predict_rows(champion_model, test[model_columns(champion_model, test)])
+            champ_threshold = logged_threshold(getattr(champ_mv, "model_id", None)) or 0.5
+            champ = classification_metrics(y, champ_p, champ_threshold)
 
-        decision = decide(cand, champ, cfg.gate)
+        base = base_p = base_threshold = base_uri = None
+        if cfg.gate.baseline != "none":
+            base_model, base_p, base_threshold = score_baseline(cfg, manifest, key, test, log)
+            base = classification_metrics(y, base_p, base_threshold)
+            base_uri = log_baseline_model(base_model, manifest, test.head(5), base_threshold)
+
+        decision = decide(cand, champ, cfg.gate, base, test_rows=len(test))
         # lineage: the test window is an input of this run, and the model's page shows what it
         # scored on which data
         test_data = test_dataset(cfg, manifest, test)
         mlflow.log_input(test_data, context="testing")
         mlflow.log_metrics({f"test_{k}": v for k, v in cand.items() if not math.isnan(v)},
                            model_id=info.model_id, dataset=test_data)
+        mlflow.log_metric("decision_threshold", threshold)
         if champ:
             mlflow.log_metrics({f"champion_test_{k}": v for k, v in champ.items() if not math.isnan(v)})
+        if base:
+            mlflow.log_metrics({f"baseline_test_{k}": v for k, v in base.items() if not math.isnan(v)})
         curves = {"candidate": np.asarray(candidate_p)}
         if champ_p is not None:
             curves[f"champion v{champ_mv.version}"] = np.asarray(champ_p)
+        if base_p is not None:
+            curves[f"baseline {cfg.gate.baseline}"] = base_p
         roc, cal = roc_and_calibration_figures(y, curves)
-        mlflow.log_figure(roc, "evaluation/roc_curve.png")
+        mlflow.log_figure(roc, "evaluation/roc_pr_curves.png")
         mlflow.log_figure(cal, "evaluation/calibration_curve.png")
         mlflow.set_tags({
             "gate.decision": "promote" if decision.promote else "reject",
             "gate.primary_metric": decision.primary_metric,
             "gate.champion_version": str(champ_mv.version) if champ_mv else "none",
-            **{f"gate.reason.{v.metric}": ("PASS " if v.passed else "FAIL ") + v.reason for v in decision.verdicts},
+            "gate.baseline": cfg.gate.baseline,
+            **{v.tag: ("PASS " if v.passed else "FAIL ") + v.reason for v in decision.verdicts},
+            **({"gate.warning": " | ".join(decision.warnings)[:5000]} if decision.warnings else {}),
         })
         ev = EvaluationResult(
-            training_run_id=run_id, model_uri=info.model_uri, candidate_metrics=cand,
-            champion_version=str(champ_mv.version) if champ_mv else None, champion_metrics=champ, decision=decision,
+            training_run_id=run_id, model_uri=info.model_uri, candidate_metrics=cand, candidate_threshold=threshold,
+            champion_version=str(champ_mv.version) if champ_mv else None, champion_metrics=champ,
+            champion_threshold=champ_threshold, baseline=cfg.gate.baseline, baseline_metrics=base,
+            baseline_threshold=base_threshold, baseline_model_uri=base_uri, test_window=test_window,
+            test_rows=len(test), decision=decision,
         )
         mlflow.log_text(_decision_markdown(cfg, ev), "evaluation/gate.md")
-    create_markdown_artifact(_decision_markdown(cfg, ev), key="gate-decision", description="champion vs challenger")
+    create_markdown_artifact(_decision_markdown(cfg, ev), key="gate-decision",
+                             description="candidate vs champion vs baseline")
     log.info("evaluate: %s", decision.summary)
     return ev

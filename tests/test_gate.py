@@ -41,6 +41,47 @@ def test_candidate_must_beat_champion_by_margin(candidate, margin, promote):
     assert "vs champion 0.7200" in d.verdicts[-1].reason
 
 
+@pytest.mark.parametrize("baseline_auc, margin, promote", [
+    (0.70, 0.0, True), (0.72, 0.0, True),  # equal: the baseline is not ahead
+    (0.73, 0.0, False), (0.73, 0.02, True), (0.75, 0.02, False),
+])
+def test_baseline_ahead_by_more_than_the_margin_refuses(baseline_auc, margin, promote):
+    d = decide(GOOD, None, GateConfig(floors={}, baseline_margin=margin), {**GOOD, "roc_auc": baseline_auc})
+    assert d.promote is promote
+    verdict = next(v for v in d.verdicts if v.check == "baseline")
+    assert verdict.passed is promote
+    # the reason names both scores
+    assert "roc_auc 0.7200" in verdict.reason and f"baseline hgb {baseline_auc:.4f}" in verdict.reason
+    if not promote:
+        assert "the baseline is ahead by" in d.summary
+
+
+def test_baseline_not_enforced_is_reported_but_passes():
+    d = decide(GOOD, None, GateConfig(floors={}, must_beat_baseline=False), {**GOOD, "roc_auc": 0.8})
+    assert d.promote
+    assert "not enforced" in next(v for v in d.verdicts if v.check == "baseline").reason
+
+
+def test_lower_is_better_primary_metric_against_the_baseline():
+    gate = GateConfig(floors={}, primary_metric="log_loss")
+    assert decide(GOOD, None, gate, {**GOOD, "log_loss": 0.46}).promote
+    assert not decide(GOOD, None, gate, {**GOOD, "log_loss": 0.44}).promote
+
+
+def test_each_check_has_its_own_tag():
+    d = decide(GOOD, GOOD, GateConfig(floors={"roc_auc": 0.6}), GOOD)
+    tags = [v.tag for v in d.verdicts]
+    assert tags == ["gate.reason.roc_auc", "gate.reason.champion.roc_auc", "gate.reason.baseline.roc_auc"]
+
+
+def test_small_test_window_warns_but_does_not_refuse():
+    gate = GateConfig(floors={}, min_test_rows=1000)
+    d = decide(GOOD, None, gate, test_rows=84)
+    assert d.promote and len(d.warnings) == 1
+    assert "only 84 rows" in d.warnings[0] and "gate.min_test_rows=1000" in d.warnings[0]
+    assert decide(GOOD, None, gate, test_rows=1000).warnings == []
+
+
 def test_alias_moves_are_recorded(ringflow_home):
     mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")
     client = MlflowClient()

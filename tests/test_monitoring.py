@@ -333,7 +333,9 @@ def test_combined_anomalies_make_one_plan():
 def test_next_batch_month():
     from monitoring.policy import next_batch_month
 
-    assert next_batch_month(dt.date(2013, 6, 16)) == "2013-06"  # second half of June is unseen
-    assert next_batch_month(dt.date(2013, 7, 1)) == "2013-07"
+    # the first whole month after the test window: June overlaps a window ending June 16
+    assert next_batch_month(dt.date(2013, 6, 16)) == "2013-07"
+    assert next_batch_month(dt.date(2013, 2, 26)) == "2013-03"  # the smoke champion's
+    assert next_batch_month(dt.date(2013, 7, 1)) == "2013-07"  # [.., 07-01) ends with June
     assert next_batch_month(dt.date(2013, 6, 16), last_monitored="2013-07") == "2013-08"
-    assert next_batch_month(dt.date(2013, 6, 16), last_monitored="2013-03") == "2013-06"
+    assert next_batch_month(dt.date(2013, 6, 16), last_monitored="2013-03") == "2013-07"

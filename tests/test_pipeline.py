@@ -49,7 +49,7 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     assert run.data.tags["gate.decision"] == "promote"
     assert {"test_roc_auc", "test_pr_auc", "test_log_loss", "test_accuracy", "test_f1", "test_brier"} <= set(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(first.training_run_id, "evaluation")}
-    assert {"evaluation/roc_curve.png", "evaluation/calibration_curve.png"} <= arts
+    assert {"evaluation/roc_pr_curves.png", "evaluation/calibration_curve.png"} <= arts
 
     # The champion loads by alias and predicts on raw flight rows (source columns, raw dtypes).
     mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")

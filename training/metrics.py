@@ -39,8 +39,25 @@ def classification_metrics(y_true, proba, threshold: float = 0.5) -> dict[str, f
     }
 
 
+def max_f1_threshold(y_true, proba) -> float:
+    """The decision threshold with the highest F1 on these rows (chosen on validation data).
+
+    Delays are the minority class: at 0.5 a well-ranked model can predict "no delay" for every
+    row (F1 = 0). 0.5 when the labels hold a single class (nothing to choose from).
+    """
+    y = np.asarray(y_true).astype(int).ravel()
+    p = np.asarray(proba, dtype=np.float64).ravel()
+    if len(np.unique(y)) < 2 or not np.all(np.isfinite(p)):
+        return 0.5
+    precision, recall, thresholds = skm.precision_recall_curve(y, p)
+    # precision/recall have one more entry than thresholds (the end point recall = 0)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thresholds[int(np.argmax(f1))])
+
+
 def roc_and_calibration_figures(y_true, curves: dict[str, np.ndarray]):
-    """Two matplotlib figures (ROC curve, calibration curve), one line per model in ``curves``."""
+    """Two matplotlib figures, one line per model in ``curves``: ROC and precision-recall curves
+    side by side, and the calibration curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,13 +65,19 @@ def roc_and_calibration_figures(y_true, curves: dict[str, np.ndarray]):
     from sklearn.calibration import calibration_curve
 
     y = np.asarray(y_true).astype(int).ravel()
-    roc, ax = plt.subplots(figsize=(5, 5))
+    roc, (ax, ax_pr) = plt.subplots(1, 2, figsize=(10, 5))
     for label, p in curves.items():
         fpr, tpr, _ = skm.roc_curve(y, p)
         ax.plot(fpr, tpr, label=f"{label} (AUC {skm.roc_auc_score(y, p):.3f})")
+        precision, recall, _ = skm.precision_recall_curve(y, p)
+        ax_pr.plot(recall, precision, label=f"{label} (AP {skm.average_precision_score(y, p):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve (test window)")
     ax.legend(loc="lower right")
+    ax_pr.axhline(y.mean(), color="k", ls=":", lw=1, label=f"chance ({y.mean():.3f})")
+    ax_pr.set(xlabel="recall", ylabel="precision", title="Precision-recall curve (test window)")
+    ax_pr.legend(loc="upper right")
+    roc.tight_layout()
     cal, ax = plt.subplots(figsize=(5, 5))
     for label, p in curves.items():
         frac, mean = calibration_curve(y, p, n_bins=10, strategy="quantile")

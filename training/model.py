@@ -20,6 +20,7 @@ from training.preprocess import Preprocessor
 
 MODEL_FILE = "model.pt"
 PREPROCESSOR_FILE = "preprocessor.json"
+DEFAULT_THRESHOLD = 0.5
 
 
 class TabularNet(nn.Module):
@@ -49,7 +50,7 @@ class TabularNet(nn.Module):
 
     @classmethod
     def for_preprocessor(cls, pre: Preprocessor, cfg: ModelConfig) -> TabularNet:
-        return cls(len(pre.numeric), pre.cardinalities, cfg.embedding_dim, cfg.hidden_sizes, cfg.dropout)
+        return cls(len(pre.numeric_inputs), pre.cardinalities, cfg.embedding_dim, cfg.hidden_sizes, cfg.dropout)
 
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
         """-> logits of shape [n]."""
@@ -57,8 +58,10 @@ class TabularNet(nn.Module):
         return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
 
 
-def save_model(path: str | Path, net: TabularNet, preprocessor: Preprocessor, model_cfg: ModelConfig | None = None) -> Path:
-    """Write ``model.pt`` (architecture + weights) and ``preprocessor.json`` into directory ``path``.
+def save_model(path: str | Path, net: TabularNet, preprocessor: Preprocessor, model_cfg: ModelConfig | None = None,
+               decision_threshold: float | None = None) -> Path:
+    """Write ``model.pt`` (architecture + weights + decision threshold) and ``preprocessor.json``
+    into directory ``path``.
 
     Both files are written atomically, so a reader never sees half a model.
     """
@@ -68,6 +71,8 @@ def save_model(path: str | Path, net: TabularNet, preprocessor: Preprocessor, mo
     payload = {"arch": net.arch, "state_dict": net.state_dict()}
     if model_cfg is not None:
         payload["model_config"] = model_cfg.model_dump(mode="json")
+    if decision_threshold is not None:
+        payload["decision_threshold"] = float(decision_threshold)
     torch.save(payload, buf)
     atomic_write_bytes(out / MODEL_FILE, buf.getvalue())
     preprocessor.save(out / PREPROCESSOR_FILE)
@@ -87,6 +92,15 @@ def load_model(path: str | Path) -> tuple[TabularNet, Preprocessor]:
     net.load_state_dict(payload["state_dict"])
     net.eval()
     return net, Preprocessor.load(d / PREPROCESSOR_FILE)
+
+
+def read_decision_threshold(path: str | Path) -> float:
+    """The probability above which the model in ``path`` (a directory written by :func:`save_model`
+    or its model.pt) predicts a delay; 0.5 for models saved before the threshold was chosen on
+    validation data."""
+    p = Path(path)
+    payload = torch.load(p / MODEL_FILE if p.is_dir() else p, map_location="cpu", weights_only=True)
+    return float(payload.get("decision_threshold", DEFAULT_THRESHOLD))
 
 
 @torch.no_grad()

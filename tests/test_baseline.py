@@ -1,0 +1,100 @@
+"""The baseline in every evaluation: the scikit-learn reference model alone, and the gate refusing a
+network it beats in a real pipeline run (real Horovod, MLflow store, Prefect harness)."""
+
+import io
+from contextlib import redirect_stdout
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from training.baseline import baseline_proba, fit_baseline
+from training.config import with_overrides
+from training.metrics import classification_metrics
+
+
+def _frame(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    carrier = rng.choice(["AA", "B6", "UA"], n)
+    x = rng.normal(size=n)
+    logit = 1.5 * x + np.where(carrier == "B6", 1.0, -0.5)
+    df = pd.DataFrame({"x": x, "carrier": pd.array(carrier, dtype="string"),
+                       "target": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype("int8")})
+    df.loc[::17, "x"] = np.nan
+    df.loc[::13, "carrier"] = pd.NA
+    return df
+
+
+def test_baseline_learns_and_scores_unseen_and_missing_values():
+    train, test = _frame(4000, 0), _frame(1000, 1)
+    test.loc[:9, "carrier"] = "ZZ"  # a carrier the train window never saw
+    model = fit_baseline("hgb", train, "target", ["x"], ["carrier"])
+    p = baseline_proba(model, test, ["x"], ["carrier"])
+    assert p.shape == (1000,) and np.all((p > 0) & (p < 1))
+    assert classification_metrics(test["target"], p)["roc_auc"] > 0.75
+
+
+def test_baseline_errors_name_the_problem():
+    train = _frame(100, 0)
+    with pytest.raises(ValueError, match="unknown baseline 'xgb'"):
+        fit_baseline("xgb", train, "target", ["x"], ["carrier"])
+    with pytest.raises(ValueError, match=r"lack feature column\(s\) \['dest'\]"):
+        fit_baseline("hgb", train, "target", ["x"], ["carrier", "dest"])
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_gate_refuses_a_network_the_baseline_beats(prefect_harness, ringflow_home, smoke_config):
+    from flows.training_pipeline import print_summary, training_pipeline
+
+    # A deliberately weak network: one epoch of a tiny model at a tiny learning rate. No floors,
+    # so the baseline is the only reason to refuse it; a minimum test size it cannot reach.
+    weak = with_overrides(smoke_config, {
+        "training.epochs": 1, "training.learning_rate": 1e-5,
+        "training.model.hidden_sizes": [2], "training.model.embedding_dim": 1,
+        "gate.floors": {}, "gate.must_beat_baseline": True, "gate.min_test_rows": 1_000_000,
+    })
+    result = training_pipeline(weak, reason="test-weak")
+    assert not result.promoted and result.champion_version is None
+    cand, base = result.metrics["roc_auc"], result.baseline_metrics["roc_auc"]
+    assert base > cand
+    assert result.decision.startswith("reject: ")
+    assert f"roc_auc {cand:.4f} vs baseline hgb {base:.4f}: the baseline is ahead by" in result.decision
+    assert result.warnings and f"only {result.test_rows} rows" in result.warnings[0]
+    # accuracy/F1 at the threshold chosen on validation data, not at 0.5 (where a weak model
+    # predicts "no delay" for every row: F1 = 0)
+    assert result.metrics["f1"] > 0
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print_summary(result)
+    text = out.getvalue()
+    assert "champion       flights-delay none" in text and "vNone" not in text
+    assert f"baseline hgb  roc_auc={base:.4f}" in text and f"candidate     roc_auc={cand:.4f}" in text
+    assert "WARNING" in text
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    run = client.get_run(result.training_run_id)
+    assert run.data.metrics["baseline_test_roc_auc"] == pytest.approx(base)
+    assert {"baseline_test_pr_auc", "baseline_test_log_loss", "baseline_test_f1"} <= set(run.data.metrics)
+    assert run.data.tags["gate.baseline"] == "hgb"
+    assert run.data.tags["gate.reason.baseline.roc_auc"].startswith("FAIL ")
+    assert "gate.warning" in run.data.tags
+    arts = {a.path for a in client.list_artifacts(result.training_run_id, "evaluation")}
+    assert {"evaluation/roc_pr_curves.png", "evaluation/gate.md"} <= arts
+    gate_md = mlflow.artifacts.load_text(f"runs:/{result.training_run_id}/evaluation/gate.md")
+    assert "baseline hgb" in gate_md and "Warning" in gate_md
+
+    # The baseline model is logged with the run (loadable, same scores) and never registered.
+    mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{result.training_run_id}'")
+    baseline = [m for m in logged if m.name == "baseline"]
+    assert len(baseline) == 1 and float(baseline[0].params["decision_threshold"]) > 0
+    [candidate] = [m for m in logged if m.name == "model"]
+    threshold = float(candidate.params["decision_threshold"])
+    assert threshold == pytest.approx(run.data.metrics["decision_threshold"], abs=1e-6) and threshold != 0.5
+    sources = {mv.source for mv in client.search_model_versions(f"name='{weak.registry.model_name}'")}
+    assert sources and f"models:/{baseline[0].model_id}" not in sources

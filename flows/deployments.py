@@ -5,7 +5,8 @@
 - ``monitoring/monitoring``: ``batch="next"`` on ``schedules.monitoring_cron`` (daily).
 - Automation ``ringflow-rerun-on-anomaly``: one ``ringflow.anomaly.detected`` event for this
   model -> one run of the training deployment with the config, reason and cause the monitoring
-  flow put in the event.
+  flow put in the event. Declared with the training deployment (a ``DeploymentEventTrigger``):
+  Prefect creates it as an automation owned by the deployment and replaces it on every apply.
 
 Everything is create-or-update by name, so ``deploy`` can run any number of times.
 ``python -m flows.deployments serve`` (started by ``ringflow up``) deploys, then executes the runs.
@@ -49,6 +50,32 @@ RERUN_PARAMETERS: dict[str, Any] = {
 }
 
 
+def rerun_trigger(cfg: PipelineConfig):
+    """``ringflow-rerun-on-anomaly``: each anomaly event for this model -> one training run.
+
+    Reactive, threshold 1, no window: every matching event fires exactly one action, and the
+    action's idempotency key (the triggering event) keeps a redelivered event from running twice.
+    How many events a cause may send is the monitoring policy's business (cooldown, budget).
+    """
+    from prefect.events import DeploymentEventTrigger
+    from prefect.events.schemas.automations import Posture
+
+    return DeploymentEventTrigger(
+        name=AUTOMATION_NAME,
+        description=(
+            f"{ANOMALY_EVENT} for {model_resource_id(cfg)} -> one {DEPLOYMENT_NAMES[0]} run with the "
+            "adapted config from the event (reason, monitoring run and anomaly id are passed on)"
+        ),
+        enabled=True,
+        expect={ANOMALY_EVENT},
+        match={"prefect.resource.id": model_resource_id(cfg)},
+        posture=Posture.Reactive,
+        threshold=1,
+        within=timedelta(0),
+        parameters=RERUN_PARAMETERS,
+    )
+
+
 def build_deployments(cfg: PipelineConfig) -> list:
     """The two RunnerDeployments (not yet sent to the server)."""
     from prefect.schedules import Cron
@@ -69,6 +96,7 @@ def build_deployments(cfg: PipelineConfig) -> list:
                         parameters={"reason": REASON_SCHEDULED})],
         tags=tags,
         concurrency_limit=1,  # two trainings would share the 2 cores and the champion alias
+        triggers=[rerun_trigger(cfg)],
     )
     monitoring = monitoring_flow.to_deployment(
         name=MONITORING,
@@ -81,50 +109,45 @@ def build_deployments(cfg: PipelineConfig) -> list:
     return [training, monitoring]
 
 
-def apply_automation(cfg: PipelineConfig, training_deployment_id) -> Any:
-    """Create or update ``ringflow-rerun-on-anomaly``; returns its id.
-
-    Reactive, threshold 1, no window: every matching event fires exactly one action, and the
-    action's idempotency key (the triggering event) keeps a redelivered event from running twice.
-    """
+def _drop_automations_by_name() -> None:
+    """Remove every automation with our name before the deployment (re)creates its own: a
+    hand-made one of older ringflow versions would start a second run per event. (Prefect
+    keeps ownership as a related resource that reads do not return, so delete by name first.)"""
     from prefect import get_client
-    from prefect.events.actions import RunDeployment
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
-    automation = AutomationCore(
-        name=AUTOMATION_NAME,
-        description=(
-            f"{ANOMALY_EVENT} for {model_resource_id(cfg)} -> one {DEPLOYMENT_NAMES[0]} run with the "
-            "adapted config from the event (reason, monitoring run and anomaly id are passed on)"
-        ),
-        enabled=True,
-        trigger=EventTrigger(
-            expect={ANOMALY_EVENT},
-            match={"prefect.resource.id": model_resource_id(cfg)},
-            posture=Posture.Reactive,
-            threshold=1,
-            within=timedelta(0),
-        ),
-        actions=[
-            RunDeployment(source="selected", deployment_id=training_deployment_id, parameters=RERUN_PARAMETERS)
-        ],
-    )
     with get_client(sync_client=True) as client:
-        existing = client.read_automations_by_name(AUTOMATION_NAME)
-        if not existing:
-            return client.create_automation(automation)
-        keep, *extra = existing
-        for dup in extra:  # a second automation with the name would start a second run per event
-            client.delete_automation(dup.id)
-        client.update_automation(keep.id, automation)
-        return keep.id
+        for a in client.read_automations_by_name(AUTOMATION_NAME):
+            client.delete_automation(a.id)
+
+
+def _automation_id() -> Any:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        found = client.read_automations_by_name(AUTOMATION_NAME)
+    return found[0].id if found else None
+
+
+def apply_automation(cfg: PipelineConfig, training_deployment_id) -> Any:
+    """Attach the declared rerun trigger to a training deployment made elsewhere (a work-pool
+    deployment, a test's): what ``apply()`` does with ``triggers=``, for a deployment already
+    applied without them. Returns the automation's id."""
+    from prefect import get_client
+
+    _drop_automations_by_name()
+    trigger = rerun_trigger(cfg)
+    trigger.set_deployment_id(training_deployment_id)
+    with get_client(sync_client=True) as client:
+        client.delete_resource_owned_automations(f"prefect.deployment.{training_deployment_id}")
+        return client.create_automation(trigger.as_automation())
 
 
 def deploy(cfg: PipelineConfig) -> dict[str, Any]:
     """Create/update both deployments and the automation; return their ids by name."""
     deployments = build_deployments(cfg)
-    ids = {d.flow_name + "/" + d.name: d.apply() for d in deployments}
-    ids[AUTOMATION_NAME] = apply_automation(cfg, ids[DEPLOYMENT_NAMES[0]])
+    _drop_automations_by_name()
+    ids = {d.flow_name + "/" + d.name: d.apply() for d in deployments}  # apply() (re)creates the trigger
+    ids[AUTOMATION_NAME] = _automation_id()
     return ids
 
 
@@ -139,6 +162,31 @@ def serve(cfg: PipelineConfig, limit: int | None = 2) -> None:
     prefect_serve(*build_deployments(cfg), pause_on_shutdown=False, limit=limit, print_starting_message=True)
 
 
+def runner_health() -> str | None:
+    """None when the runner can talk to the API and every deployment is READY (polled by a
+    runner lately); else what is wrong. The compose health check of ``serve``: green only when
+    the runner really reaches the API (a 401 from a wrong auth string turns it red)."""
+    import httpx
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        return "PREFECT_API_URL is not set"
+    auth_string = os.environ.get("PREFECT_API_AUTH_STRING") or ""
+    user, _, pw = auth_string.partition(":")
+    for name in DEPLOYMENT_NAMES:
+        try:
+            r = httpx.get(f"{api}/deployments/name/{name}", timeout=5, auth=(user, pw) if auth_string else None)
+        except httpx.HTTPError as e:
+            return f"the Prefect API at {api} does not answer: {e}"
+        if r.status_code == 401:
+            return f"the Prefect API at {api} refused the runner (401): check PREFECT_API_AUTH_STRING"
+        if r.status_code != 200:
+            return f"deployment {name}: HTTP {r.status_code}"
+        if r.json().get("status") != "READY":
+            return f"deployment {name} is {r.json().get('status')}: no runner has polled it lately"
+    return None
+
+
 def _load(config_json: Path | None, config: Path | None) -> PipelineConfig:
     if config_json is not None:
         return PipelineConfig.model_validate_json(config_json.read_text())
@@ -147,11 +195,15 @@ def _load(config_json: Path | None, config: Path | None) -> PipelineConfig:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m flows.deployments")
-    p.add_argument("command", choices=["serve", "deploy"])
+    p.add_argument("command", choices=["serve", "deploy", "health"])
     p.add_argument("--config-json", type=Path, help="resolved config written by `ringflow up`")
     p.add_argument("--config", type=Path, help="config YAML (default: built-in defaults)")
     p.add_argument("--limit", type=int, default=2, help="concurrent runs of the serve process")
     a = p.parse_args(argv)
+    if a.command == "health":
+        problem = runner_health()
+        print(problem or "ok")
+        sys.exit(1 if problem else 0)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # runs' logs, not tqdm bars
     cfg = _load(a.config_json, a.config)
     if a.command == "serve":

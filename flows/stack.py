@@ -141,6 +141,8 @@ class Service:
     """Sent to the first process before the tree is stopped (PostgreSQL: SIGINT = fast shutdown)."""
     after_ready: Callable[[], None] | None = None
     """Runs once the service answers, before the next one starts (PostgreSQL: roles, databases)."""
+    supervised: bool = False
+    """Run under ``flows.supervisor``: restarted when it dies (back-off, loop limit), log rotated."""
 
 
 def stack_dir(home: Path | None = None) -> Path:
@@ -153,6 +155,18 @@ def _pid_file(name: str, home: Path | None = None) -> Path:
 
 def _log_file(name: str, home: Path | None = None) -> Path:
     return stack_dir(home) / f"{name}.log"
+
+
+def _state_file(name: str, home: Path | None = None) -> Path:
+    """A supervised service's restart count, current pid and last exit (flows/supervisor.py)."""
+    return stack_dir(home) / f"{name}.state.json"
+
+
+def supervision(name: str, home: Path | None = None) -> dict:
+    """What the supervisor last wrote: state, restarts, child_pid, last_exit, message ({} if none)."""
+    from flows.supervisor import read_state
+
+    return read_state(_state_file(name, home))
 
 
 SERVICE_TAG_ENV = "RINGFLOW_STACK_SERVICE"
@@ -445,6 +459,7 @@ def _services(st: StackSettings, home: Path, config_json: Path | None, database:
         env=cenv,
         ready=lambda: _deployments_ready(st.prefect_api_url, auth, DEPLOYMENT_NAMES),
         needs=["prefect", "mlflow"],
+        supervised=True,  # schedules and reruns stop silently without it
     )
     from monitoring.reports import WORKSPACE_DIR
 
@@ -463,19 +478,27 @@ def _services(st: StackSettings, home: Path, config_json: Path | None, database:
 
 def _start(svc: Service, home: Path) -> psutil.Process:
     log = _log_file(svc.name, home)
+    cmd = svc.cmd
+    if svc.supervised:
+        # the supervisor writes (and rotates) the service's log; its own rare output goes beside it
+        _state_file(svc.name, home).unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "flows.supervisor", "--name", svc.name,
+               "--state", str(_state_file(svc.name, home)), "--log", str(log), "--", *svc.cmd]
+        log = stack_dir(home) / f"{svc.name}.supervisor.log"
     with open(log, "ab") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {svc.name}\n".encode())
         out.flush()
         tag = f"{svc.name}:{secrets.token_hex(8)}"
         p = subprocess.Popen(
-            svc.cmd, env={**svc.env, SERVICE_TAG_ENV: tag}, cwd=svc.cwd, user=svc.user, stdin=subprocess.DEVNULL, stdout=out,
+            cmd, env={**svc.env, SERVICE_TAG_ENV: tag}, cwd=svc.cwd if not svc.supervised else ROOT,
+            user=svc.user, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,  # own group: down stops its children too
         )
     proc = psutil.Process(p.pid)
     # The argv we launched, not /proc's cmdline: read right after the fork, that can still be
     # ours (`ringflow up`) if the child has not exec'd yet, and the service then looks foreign.
     rec = {"pid": p.pid, "create_time": proc.create_time(), "start_ticks": _start_ticks(p.pid),
-           "cmd": [str(a) for a in svc.cmd], "tag": tag, "stop_signal": svc.stop_signal}
+           "cmd": [str(a) for a in cmd], "tag": tag, "stop_signal": svc.stop_signal}
     _pid_file(svc.name, home).write_text(json.dumps(rec))
     return proc
 
@@ -485,6 +508,12 @@ def _wait_ready(svc: Service, proc: psutil.Process, home: Path, timeout: float) 
     while time.monotonic() < deadline:
         if svc.ready():
             return
+        sup = supervision(svc.name, home) if svc.supervised else {}
+        if sup.get("restarts", 0) > 0 or sup.get("state") in ("backoff", "gave-up"):
+            raise StackError(
+                f"{svc.name} exited during start-up (its supervisor is restarting it); last lines of "
+                f"{_log_file(svc.name, home)}:\n" + _tail(_log_file(svc.name, home))
+            )
         if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
             raise StackError(
                 f"{svc.name} exited during start-up; last lines of {_log_file(svc.name, home)}:\n"
@@ -675,9 +704,11 @@ def down(echo: Callable[[str], None] = print) -> dict[str, str]:
     for name in reversed(SERVICE_NAMES):
         if _record(name, home) is None:
             result[name] = "not running"
+            _state_file(name, home).unlink(missing_ok=True)  # e.g. a supervisor that gave up
             continue
         t0 = time.monotonic()
         pid, leftovers = _stop_service(name, home, st.stop_grace_s)
+        _state_file(name, home).unlink(missing_ok=True)
         if pid is not None:
             result[name] = f"stopped (pid {pid})"
         elif leftovers:
@@ -710,6 +741,9 @@ def status() -> dict[str, dict[str, object]]:
                                   "log": str(_log_file(name, home))}
         if proc is None:
             row["leftovers"] = [p.pid for p in _leftovers(name, home)]
+        sup = supervision(name, home)
+        if sup:
+            row["supervisor"] = sup
         if name in urls:
             row["url"] = urls[name]
             row["healthy"] = bool(proc) and health[name]()

@@ -1,0 +1,157 @@
+"""Keep one stack service running: restart it when it dies, with back-off and a loop limit.
+
+``python -m flows.supervisor --name serve --state FILE --log FILE -- CMD ...`` runs CMD in its
+own session, writes its output to a size-rotated log and restarts it when it exits, waiting
+``backoff_s`` doubled per quick failure (capped at ``backoff_max_s``). A run that lasted
+``healthy_after_s`` resets the back-off. After ``max_quick_failures`` failures in a row that each
+came within ``healthy_after_s`` of the start, it gives up: a service that dies at once every
+time needs a person, not more restarts. The state file (restart count, child pid, last exit,
+why it gave up) is what ``ringflow status`` shows. SIGTERM stops the child's whole tree, then
+the supervisor.
+
+Generic over services: ``flows/stack.py`` supervises the deployment runner, and any service
+declared with ``supervised=True`` (e.g. a Prefect worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.launch import kill_tree
+
+
+class SupervisorSettings(BaseSettings):
+    """Restart policy and log rotation of supervised services (env only)."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    backoff_s: float = Field(1.0, gt=0, alias="RINGFLOW_SUPERVISE_BACKOFF")
+    """Wait before the first restart; doubled after each quick failure."""
+    backoff_max_s: float = Field(60.0, gt=0, alias="RINGFLOW_SUPERVISE_BACKOFF_MAX")
+    healthy_after_s: float = Field(60.0, gt=0, alias="RINGFLOW_SUPERVISE_HEALTHY_AFTER")
+    """A run at least this long counts as healthy: back-off and the failure count start over."""
+    max_quick_failures: int = Field(5, ge=1, alias="RINGFLOW_SUPERVISE_MAX_QUICK_FAILURES")
+    """Give up after this many quick failures in a row."""
+    log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, alias="RINGFLOW_STACK_LOG_MAX_BYTES")
+    log_backups: int = Field(3, ge=1, alias="RINGFLOW_STACK_LOG_BACKUPS")
+    stop_grace_s: float = Field(15, alias="RINGFLOW_STACK_STOP_GRACE")
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(path: Path, **state) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**state, "updated": time.time()}))
+    os.replace(tmp, path)  # status never reads half a file
+
+
+class Supervisor:
+    def __init__(self, name: str, cmd: list[str], state_file: Path, log_file: Path,
+                 settings: SupervisorSettings | None = None):
+        self.name, self.cmd, self.state_file = name, cmd, state_file
+        self.settings = settings or SupervisorSettings()
+        handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=self.settings.log_max_bytes, backupCount=self.settings.log_backups)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self.log = logging.getLogger(f"ringflow.supervisor.{name}")
+        self.log.propagate = False
+        self.log.setLevel(logging.INFO)
+        self.log.addHandler(handler)
+        self.stopping = threading.Event()
+        self.child: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def _note(self, msg: str) -> None:
+        self.log.info("==== %s supervisor: %s", time.strftime("%Y-%m-%d %H:%M:%S"), msg)
+
+    def _pump(self, child: subprocess.Popen) -> None:
+        for line in iter(child.stdout.readline, b""):
+            self.log.info(line.decode(errors="replace").rstrip("\n"))
+
+    def _state(self, state: str, **extra) -> None:
+        _write_state(self.state_file, name=self.name, state=state, supervisor_pid=os.getpid(),
+                     child_pid=self.child.pid if self.child else None, restarts=self.restarts, **extra)
+
+    def stop(self, *_: object) -> None:
+        self.stopping.set()
+        if self.child is not None and self.child.poll() is None:
+            kill_tree(self.child.pid, grace_s=self.settings.stop_grace_s)
+
+    def run(self) -> int:
+        s = self.settings
+        backoff, quick_failures, last_exit = s.backoff_s, 0, None
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            self.child = subprocess.Popen(
+                self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: its flow runs go with it when it is stopped
+            )
+            self._note(f"started {self.name} pid {self.child.pid} (restarts so far: {self.restarts})")
+            self._state("running", last_exit=last_exit)
+            pump = threading.Thread(target=self._pump, args=(self.child,), daemon=True)
+            pump.start()
+            rc = self.child.wait()
+            pump.join(timeout=5)
+            kill_tree(self.child.pid, grace_s=1)  # what the dead service left in its group
+            if self.stopping.is_set():
+                break
+            last_exit = rc
+            uptime = time.monotonic() - started
+            if uptime >= s.healthy_after_s:
+                backoff, quick_failures = s.backoff_s, 0
+            else:
+                quick_failures += 1
+            if quick_failures >= s.max_quick_failures:
+                msg = (f"gave up: {self.name} exited {quick_failures} times in a row within "
+                       f"{s.healthy_after_s:.0f}s of starting (last exit code {rc}); fix the cause "
+                       "in its log, then `ringflow up`")
+                self._note(msg)
+                self._state("gave-up", last_exit=rc, message=msg)
+                return 1
+            self._note(f"{self.name} pid {self.child.pid} exited with {rc} after {uptime:.1f}s; "
+                       f"restarting in {backoff:.1f}s")
+            self._state("backoff", last_exit=rc, next_start_in_s=backoff)
+            if self.stopping.wait(backoff):
+                break
+            backoff = min(backoff * 2, s.backoff_max_s)
+            self.restarts += 1
+        self._state("stopped", last_exit=last_exit)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.supervisor")
+    p.add_argument("--name", required=True)
+    p.add_argument("--state", type=Path, required=True, help="JSON state file (restarts, child pid)")
+    p.add_argument("--log", type=Path, required=True, help="the service's log, rotated by size")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the service's command")
+    a = p.parse_args(argv)
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    if not cmd:
+        p.error("no command to supervise (put it after --)")
+    sup = Supervisor(a.name, cmd, a.state, a.log)
+    signal.signal(signal.SIGTERM, sup.stop)
+    signal.signal(signal.SIGINT, sup.stop)
+    return sup.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

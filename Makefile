@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install run test bench up down deploy clean browser-deps cluster-deps
+.PHONY: install run test bench up down deploy clean browser-deps postgres-deps cluster-deps
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,7 +30,7 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/ringflow run --config $(CONFIG)
 
-test: install browser-deps cluster-deps
+test: install browser-deps postgres-deps cluster-deps
 	$(VENV)/bin/pytest
 
 clean:
@@ -56,6 +56,14 @@ browser-deps: install
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet "playwright>=1.40"
+
+# PostgreSQL for `ringflow up --database postgresql` and its tests: Debian's server binaries
+# (initdb/postgres under /usr/lib/postgresql/*/bin). Installing starts nothing here; ringflow runs
+# its own cluster under $RINGFLOW_HOME/postgres, never the system service.
+postgres-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql postgresql-contrib; }
 
 # sshd for `ringflow cluster` hosts and tests/test_cluster.py: Debian's openssh-server. Installing
 # starts nothing here; ringflow runs one sshd per namespace host with its own config and keys under

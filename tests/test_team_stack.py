@@ -1,0 +1,444 @@
+"""The team stack: ``ringflow up --database postgresql`` on a real PostgreSQL that ringflow starts,
+and the supervisor that keeps the deployment runner (or any supervised service) alive.
+
+Debian's ``postgresql`` binaries (installed by ``make postgres-deps``); the cluster lives under
+the test's RINGFLOW_HOME on a free port and is stopped with the stack, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows import postgres
+from tests.test_stack import ROOT, SMOKE, Stack, _free_port, _stop
+
+try:
+    postgres.bin_dir()
+    HAVE_POSTGRES = True
+except postgres.PostgresError:
+    HAVE_POSTGRES = False
+needs_postgres = pytest.mark.skipif(not HAVE_POSTGRES, reason="Debian's postgresql is not installed (make postgres-deps)")
+
+
+@pytest.fixture(scope="module")
+def pg_stack():
+    # Not pytest's tmp_path: its parents are 0700, and PostgreSQL runs as user postgres.
+    base = Path(tempfile.mkdtemp(prefix="ringflow-pg-"))
+    base.chmod(0o755)
+    s = Stack(base / "home", {"RINGFLOW_POSTGRES_PORT": str(_free_port())})
+    s.pg_port = int(s.env["RINGFLOW_POSTGRES_PORT"])
+    try:
+        yield s
+    finally:
+        _stop(s)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _connect(s: Stack, user: str, dbname: str):
+    import psycopg2
+
+    creds = postgres.credentials(s.home)
+    password = creds.superuser if user == "postgres" else getattr(creds, user)
+    return psycopg2.connect(host="127.0.0.1", port=s.pg_port, user=user, password=password, dbname=dbname)
+
+
+def _tables(s: Stack, user: str) -> set[str]:
+    with _connect(s, user, user) as conn, conn.cursor() as cur:
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r[0] for r in cur.fetchall()}
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_up_on_postgresql_runs_both_servers_on_their_own_databases(pg_stack):
+    s = pg_stack
+    out = s.cli("up", "--config", str(SMOKE), "--database", "postgresql", timeout=600).stdout
+    assert "postgres initialised" in out and "postgres started" in out, out
+    assert set(s.pids()) == {"postgres", "prefect", "mlflow", "evidently", "serve"}
+
+    # Our own server, as user postgres, on our port and loopback only; not the system service.
+    rec = json.loads((s.home / "stack" / "postgres.pid").read_text())
+    server = psutil.Process(rec["pid"])
+    assert server.username() == "postgres"
+    assert str(s.home / "postgres" / "data") in server.cmdline()
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.pid == server.pid}
+    assert listening == {("127.0.0.1", s.pg_port)}
+
+    # Two databases, each owned by its own user; Prefect's and MLflow's schemas in their own.
+    with _connect(s, "postgres", "postgres") as conn, conn.cursor() as cur:
+        cur.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname IN ('prefect','mlflow')")
+        assert dict(cur.fetchall()) == {"prefect": "prefect", "mlflow": "mlflow"}
+    prefect_tables, mlflow_tables = _tables(s, "prefect"), _tables(s, "mlflow")
+    assert {"flow_run", "deployment", "automation"} <= prefect_tables
+    assert {"experiments", "runs", "registered_models", "model_versions"} <= mlflow_tables
+    assert not ({"experiments", "runs"} & prefect_tables) and not ({"flow_run"} & mlflow_tables)
+    assert not (s.home / "prefect" / "prefect.db").exists()  # (the CLI creates an empty mlflow.db on any command)
+
+    # The generated passwords are on no command line.
+    creds = postgres.credentials(s.home)
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info.get("cmdline") or [])
+        assert creds.prefect not in line and creds.mlflow not in line and creds.superuser not in line, p.pid
+    assert (s.home / "postgres" / "credentials.json").stat().st_mode & 0o077 == 0
+
+    status = s.cli("status").stdout
+    assert "postgres running" in status and "deployment training-pipeline/training-pipeline: READY" in status, status
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_a_run_lands_in_postgresql_and_everything_survives_down_and_up(pg_stack):
+    # (A real training run on these servers: test_the_compose_services_commands_run_a_training...)
+    from datetime import datetime, timezone
+
+    from mlflow import MlflowClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.states import Scheduled
+
+    s = pg_stack
+    client = MlflowClient(s.mlflow)
+    exp = client.get_experiment_by_name("ringflow")
+    run = client.create_run(exp.experiment_id, tags={"ringflow.kind": "training"})
+    client.log_metric(run.info.run_id, "val_roc_auc", 0.7)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("pg-check")
+    client.create_model_version("pg-check", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.set_registered_model_alias("pg-check", "champion", "1")
+    with s.client() as c:
+        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        far = datetime(2099, 1, 1, tzinfo=timezone.utc)  # persisted, never picked up
+        flow_run = c.create_flow_run_from_deployment(dep.id, state=Scheduled(scheduled_time=far))
+    with _connect(s, "mlflow", "mlflow") as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM model_versions WHERE name = 'pg-check'")
+        assert cur.fetchone()[0] == 1
+
+    pg_pid = s.pids()["postgres"]
+    out = s.cli("down").stdout
+    assert "postgres stopped" in out, out
+    assert not psutil.pid_exists(pg_pid) or psutil.Process(pg_pid).status() == psutil.STATUS_ZOMBIE
+    log = (s.home / "stack" / "postgres.log").read_text()
+    assert "database system is shut down" in log  # a clean (fast) shutdown, not a crash
+
+    out = s.cli("up", "--config", str(SMOKE), timeout=600).stdout  # the home remembers postgresql
+    assert "postgres started" in out and "initialised" not in out, out
+    client = MlflowClient(s.mlflow)
+    assert client.get_model_version_by_alias("pg-check", "champion").run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).data.metrics == {"val_roc_auc": 0.7}
+    assert client.get_experiment_by_name("ringflow").artifact_location == (s.home / "artifacts" / "ringflow").as_uri()
+    with s.client() as c:
+        dep2 = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        assert dep2.id == dep.id and dep2.schedules
+        assert len(c.read_automations_by_name("ringflow-rerun-on-anomaly")) == 1
+        runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+        assert flow_run.id in {r.id for r in runs}
+    assert "postgres running" in s.cli("status").stdout
+
+
+# --------------------------------------------------------------------------- supervisor
+
+
+def _supervise(tmp_path: Path, code: str, **env: str) -> subprocess.Popen:
+    import os
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.supervisor", "--name", "svc", "--state", str(tmp_path / "svc.state.json"),
+         "--log", str(tmp_path / "svc.log"), "--", sys.executable, "-u", "-c", code],
+        cwd=ROOT, env={**os.environ, "RINGFLOW_SUPERVISE_BACKOFF": "0.2", **env}, start_new_session=True,
+    )
+
+
+def _state(tmp_path: Path) -> dict:
+    from flows.supervisor import read_state
+
+    return read_state(tmp_path / "svc.state.json")
+
+
+def _until(cond, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (v := cond()):
+            return v
+        time.sleep(0.1)
+    raise AssertionError("condition not met within the timeout")
+
+
+def test_supervisor_restarts_a_killed_service_and_stops_its_tree(tmp_path):
+    sup = _supervise(tmp_path, "import time\nprint('up', flush=True)\ntime.sleep(600)")
+    try:
+        first = _until(lambda: _state(tmp_path).get("child_pid"))
+        os.kill(first, signal.SIGKILL)
+        second = _until(lambda: (p := _state(tmp_path).get("child_pid")) != first and
+                        _state(tmp_path).get("state") == "running" and p)
+        st = _state(tmp_path)
+        assert st["restarts"] == 1 and st["last_exit"] == -signal.SIGKILL
+        assert psutil.Process(second).is_running()
+        log = (tmp_path / "svc.log").read_text()
+        assert log.count("up") >= 2 and f"pid {first} exited with -9" in log, log
+        sup.terminate()
+        assert sup.wait(30) == 0
+        assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+        assert _state(tmp_path)["state"] == "stopped"
+    finally:
+        sup.kill()
+
+
+def test_supervisor_gives_up_on_a_restart_loop_with_a_clear_message(tmp_path):
+    sup = _supervise(tmp_path, "raise SystemExit(3)", RINGFLOW_SUPERVISE_MAX_QUICK_FAILURES="3")
+    try:
+        assert sup.wait(60) == 1
+    finally:
+        sup.kill()
+    st = _state(tmp_path)
+    assert st["state"] == "gave-up" and st["restarts"] == 2 and st["last_exit"] == 3
+    assert "exited 3 times in a row" in st["message"] and "last exit code 3" in st["message"]
+
+
+def test_supervisor_rotates_the_service_log(tmp_path):
+    code = "import time\nfor i in range(400): print('line %04d ' % i + 'x' * 60)\ntime.sleep(600)"
+    sup = _supervise(tmp_path, code, RINGFLOW_STACK_LOG_MAX_BYTES="4096", RINGFLOW_STACK_LOG_BACKUPS="2")
+    try:
+        def last_line_written():
+            try:
+                return "line 0399" in (tmp_path / "svc.log").read_text(errors="replace")
+            except FileNotFoundError:  # not created yet, or between two rotations
+                return False
+
+        _until(last_line_written)
+    finally:
+        sup.terminate()
+        sup.wait(30)
+    logs = sorted(p.name for p in tmp_path.glob("svc.log*"))
+    assert logs == ["svc.log", "svc.log.1", "svc.log.2"], logs
+    assert all((tmp_path / n).stat().st_size <= 4096 + 200 for n in logs)
+
+
+# --------------------------------------------------------------------------- docker compose
+
+COMPOSE = ROOT / "infra" / "docker-compose.yml"
+COMPOSE_AUTH = ROOT / "infra" / "docker-compose.auth.yml"
+BASE_ENV = {"POSTGRES_PASSWORD": "pg-pw", "PREFECT_DB_PASSWORD": "prefect-pw", "MLFLOW_DB_PASSWORD": "mlflow-pw"}
+AUTH_ENV = {"PREFECT_AUTH_STRING": "ops:prefect-secret", "MLFLOW_ADMIN_PASSWORD": "mlflow-admin-pw-123",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret"}
+
+
+class ComposeError(ValueError):
+    pass
+
+
+def _interpolate(value, env: dict[str, str]):
+    """Compose's variable substitution: ${V}, ${V:-default}, ${V-default}, ${V:?error}, $$."""
+    import re
+
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: "re.Match[str]") -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group("name"), m.group("op"), m.group("arg") or ""
+        have = env.get(name)
+        if op == ":-":
+            return have if have else arg
+        if op == "-":
+            return have if have is not None else arg
+        if op == ":?":
+            if not have:
+                raise ComposeError(f"{name}: {arg}")
+            return have
+        return have or ""
+
+    return re.sub(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-|:\?)(?P<arg>[^}]*))?\}", sub, value)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Compose's merge of an override file: maps merge, `command` and other scalars/lists replace,
+    `volumes`/`ports` of a service append."""
+    out = dict(base)
+    for key, value in over.items():
+        if key in out and isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value)
+        elif key in ("volumes", "ports") and isinstance(out.get(key), list):
+            out[key] = [*out[key], *value]
+        else:
+            out[key] = value
+    return out
+
+
+def render_compose(env: dict[str, str], *files: Path) -> dict:
+    import yaml
+
+    merged: dict = {}
+    for f in files:
+        merged = _merge(merged, yaml.safe_load(f.read_text()))
+    return _interpolate(merged, env)
+
+
+def test_compose_without_auth_sets_no_auth_variable_and_needs_no_object_store():
+    cfg = render_compose(BASE_ENV, COMPOSE)
+    services = cfg["services"]
+    assert set(services) == {"postgres", "prefect-server", "mlflow", "serve"}
+    assert not any("minio" in str(svc.get("image", "")) for svc in services.values())
+    for name, svc in services.items():
+        env = svc.get("environment", {})
+        assert not any("AUTH" in k or k.startswith("MLFLOW_TRACKING_PASSWORD") for k in env), (name, env)
+    prefect_env = services["prefect-server"]["environment"]
+    assert prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] == \
+        "postgresql+asyncpg://prefect:prefect-pw@postgres:5432/prefect"
+    mlflow = services["mlflow"]
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"] == \
+        "postgresql+psycopg2://mlflow:mlflow-pw@postgres:5432/mlflow"
+    assert "mlflow-pw" not in " ".join(mlflow["command"])  # never on a command line
+    dest = mlflow["command"][mlflow["command"].index("--artifacts-destination") + 1]
+    assert f"mlflow-artifacts:{dest}" in mlflow["volumes"] and "--app-name" not in mlflow["command"]
+    serve = services["serve"]
+    assert serve["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert serve["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert serve["healthcheck"]["test"] == ["CMD", "python", "-m", "flows.deployments", "health"]
+    assert serve["command"][-1] == "configs/flights.yaml"
+    with pytest.raises(ComposeError, match="POSTGRES_PASSWORD"):
+        render_compose({}, COMPOSE)
+
+
+def test_compose_auth_override_gives_servers_and_clients_the_same_credentials():
+    cfg = render_compose({**BASE_ENV, **AUTH_ENV}, COMPOSE, COMPOSE_AUTH)
+    s = cfg["services"]
+    assert s["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == "ops:prefect-secret"
+    assert s["serve"]["environment"]["PREFECT_API_AUTH_STRING"] == "ops:prefect-secret"
+    assert s["mlflow"]["command"][:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    assert s["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "mlflow-admin-pw-123"
+    assert s["serve"]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "mlflow-admin-pw-123"
+    assert s["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")  # kept
+    assert any(v.startswith("mlflow-auth:") for v in s["mlflow"]["volumes"])
+    assert "mlflow-auth" in cfg["volumes"] and "mlflow-artifacts" in cfg["volumes"]
+    ini = (ROOT / "infra" / "mlflow-basic-auth.ini").read_text()
+    assert "database_uri = sqlite:////data/mlflow-auth/" in ini
+    with pytest.raises(ComposeError, match="PREFECT_AUTH_STRING"):
+        render_compose(BASE_ENV, COMPOSE, COMPOSE_AUTH)  # auth on without a password: refused
+
+
+def _compose_on_this_machine(cfg: dict, ports: dict[str, int], data: Path) -> dict[str, tuple[list[str], dict]]:
+    """The compose services' commands and environments with the container names, paths and
+    executables of this machine: what each container would run, run here."""
+    import sys
+
+    hosts = {"postgres:5432": f"127.0.0.1:{ports['postgres']}",
+             "prefect-server:4200": f"127.0.0.1:{ports['prefect']}", "mlflow:5000": f"127.0.0.1:{ports['mlflow']}"}
+
+    def local(v: str) -> str:
+        for a, b in hosts.items():
+            v = v.replace(a, b)
+        return v.replace("/data/", f"{data}/")
+
+    bins = {"prefect": str(Path(sys.executable).with_name("prefect")),
+            "mlflow": str(Path(sys.executable).with_name("mlflow")), "python": sys.executable}
+    out = {}
+    for name in ("prefect-server", "mlflow", "serve"):
+        svc = cfg["services"][name]
+        cmd = [local(a) for a in svc["command"]]
+        cmd[0] = bins[cmd[0]]
+        cmd = ["127.0.0.1" if a == "0.0.0.0" else a for a in cmd]
+        if "--port" in cmd:
+            cmd[cmd.index("--port") + 1] = str(ports["prefect" if name == "prefect-server" else "mlflow"])
+        env = {k: local(str(v)) for k, v in (svc.get("environment") or {}).items()}
+        out[name] = (cmd, env)
+    return out
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_the_compose_services_commands_run_a_training_on_postgresql():
+    import os
+    import sys
+
+    import httpx
+
+    from training.launch import kill_tree
+
+    base = Path(tempfile.mkdtemp(prefix="ringflow-compose-"))
+    base.chmod(0o755)
+    home, data = base / "pg-home", base / "data"
+    (data / "mlflow-artifacts").mkdir(parents=True)
+    ports = {"postgres": _free_port(), "prefect": _free_port(), "mlflow": _free_port()}
+    procs: list[subprocess.Popen] = []
+    scrub = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    try:
+        # PostgreSQL with the compose init script (the official image runs it as the superuser)
+        postgres.ensure_cluster(home)
+        procs.append(subprocess.Popen(
+            postgres.server_command(home, "127.0.0.1", ports["postgres"]), user=postgres._run_as(),
+            cwd=postgres.data_dir(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        _until(lambda: postgres.is_ready(home, "127.0.0.1", ports["postgres"]), 60)
+        init = subprocess.run(
+            ["sh", str(ROOT / "infra" / "postgres-init.sh")], capture_output=True, text=True, timeout=60,
+            env={**scrub, "POSTGRES_USER": "postgres", "PGHOST": "127.0.0.1", "PGPORT": str(ports["postgres"]),
+                 "PGPASSWORD": postgres.credentials(home).superuser, **BASE_ENV})
+        assert init.returncode == 0, init.stderr
+
+        env = {**BASE_ENV, "RINGFLOW_CONFIG": "configs/smoke.yaml"}
+        services = _compose_on_this_machine(render_compose(env, COMPOSE), ports, data)
+        common = {**scrub, "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        for name, ready in (("prefect-server", f"http://127.0.0.1:{ports['prefect']}/api/health"),
+                            ("mlflow", f"http://127.0.0.1:{ports['mlflow']}/health")):
+            cmd, senv = services[name]
+            with open(base / f"{name}.log", "wb") as log:
+                procs.append(subprocess.Popen(cmd, env={**common, **senv}, cwd=ROOT, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+            _until(lambda: _ok(httpx, ready), 180)
+        cmd, senv = services["serve"]
+        serve_env = {**common, **senv}
+        health = [sys.executable, "-m", "flows.deployments", "health"]
+        assert subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True).returncode == 1  # no runner yet
+        with open(base / "serve.log", "wb") as log:
+            procs.append(subprocess.Popen(cmd, env=serve_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        _until(lambda: subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True).returncode == 0, 240)
+
+        # a training run through the API, executed by the compose runner, stored in PostgreSQL
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from training.config import load_config
+
+        cfg = load_config(SMOKE, ["training.epochs=1", "training.world_size=1"])
+        with temporary_settings({PREFECT_API_URL: senv["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+            dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+            fr = c.create_flow_run_from_deployment(dep.id, parameters={"config": cfg.model_dump(mode="json")})
+            done = _until(lambda: (r := c.read_flow_run(fr.id)).state.is_final() and r, 900)
+            assert done.state.is_completed(), done.state
+        from mlflow import MlflowClient
+
+        versions = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}").search_model_versions("name='flights-delay'")
+        assert len(versions) == 1
+        assert any((data / "mlflow-artifacts").rglob("MLmodel"))  # artifacts served from the volume
+
+        # the health check goes red when the runner cannot reach the API
+        kill_tree(procs[1].pid, grace_s=10)
+        bad = subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode == 1 and "does not answer" in bad.stdout, bad.stdout
+    finally:
+        for p in reversed(procs):
+            kill_tree(p.pid, grace_s=10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _ok(httpx, url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -70,15 +70,17 @@ def child_flow(cfg_path: str, out: Path) -> None:
     import mlflow
 
     run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(result.training_run_id)
-    summary = json.loads((Path(os.environ["RINGFLOW_HOME"]) / "runs" / result.training_run_id / "summary.json").read_text())
+    from training.summary import TrainingSummary
+
+    summary = TrainingSummary.load(Path(os.environ["RINGFLOW_HOME"]) / "runs" / result.training_run_id)
     out.write_text(json.dumps({
         "imports_s": imports_s, "flow_call_s": flow_s,
         "flow_run_s": fr.total_run_time.total_seconds() if fr.total_run_time else None,
         "flow_start": fr.start_time.timestamp() if fr.start_time else None,
         "flow_end": fr.end_time.timestamp() if fr.end_time else None,
         "tasks": tasks, "horovodrun_s": run.data.metrics.get("training_wall_time_s"),
-        "train_program_s": summary["wall_time_s"], "epochs": summary["epochs"],
-        "train_status": summary["status"], "promoted": result.promoted, "process_to_end_s": time.perf_counter() - T_PROCESS,
+        "train_program_s": summary.wall_time_s, "epochs": summary.epochs,
+        "train_status": summary.status, "promoted": result.promoted, "process_to_end_s": time.perf_counter() - T_PROCESS,
     }))
 
 
@@ -89,6 +91,7 @@ def child_bare(cfg_path: str, out: Path) -> None:
     from training.metrics import classification_metrics
     from training.model import load_model, predict_proba
     from training.sharding import shard_dataset
+    from training.summary import TrainingSummary
 
     imports_s = time.perf_counter() - t_imp
     home = Path(os.environ["RINGFLOW_HOME"])
@@ -102,7 +105,7 @@ def child_bare(cfg_path: str, out: Path) -> None:
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=cfg.training.timeout_s)
     train_s = time.perf_counter() - t0
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = TrainingSummary.load(run_dir)
     t0 = time.perf_counter()
     net, pre = load_model(run_dir)
     test = manifest.read(manifest.test)
@@ -110,7 +113,7 @@ def child_bare(cfg_path: str, out: Path) -> None:
     metrics = classification_metrics(test[manifest.target_column].to_numpy(), p)
     eval_s = time.perf_counter() - t0
     out.write_text(json.dumps({"imports_s": imports_s, "shard_s": shard_s, "train_s": train_s,
-                               "train_program_s": summary["wall_time_s"], "epochs": summary["epochs"],
+                               "train_program_s": summary.wall_time_s, "epochs": summary.epochs,
                                "evaluate_s": eval_s, "register_s": 0.0, "test_auc": metrics["roc_auc"],
                                "process_to_end_s": time.perf_counter() - T_PROCESS}))
 

@@ -146,12 +146,14 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
     if p.returncode != 0:
         raise RuntimeError(f"case {case.name} failed (exit {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     if case.kind == "horovod":
-        s = json.loads((out / "summary.json").read_text())
-        hist = s["history"]
-        auc = s["best_val_roc_auc"]
-        extra = {"status": s["status"], "best_epoch": s["best_epoch"],
-                 "step_time_ms_per_rank": [r["step_time_ms"] for r in s["per_rank"]],
-                 "train_wall_s": s["wall_time_s"]}
+        from training.summary import TrainingSummary
+
+        summary = TrainingSummary.load(out)
+        hist = summary.history
+        auc = summary.best_val_roc_auc
+        extra = {"status": summary.status, "best_epoch": summary.best_epoch,
+                 "step_time_ms_per_rank": [r.step_time_ms for r in summary.per_rank],
+                 "train_wall_s": summary.wall_time_s}
     else:
         s = json.loads((out / "ddp.json").read_text())
         hist = s["history"]

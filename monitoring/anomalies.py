@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, Field, computed_field
 
 from training.config import MonitoringConfig
+from training.summary import RankThroughput
 
 
 class AnomalyType(str, Enum):
@@ -81,10 +82,8 @@ class SchemaDiff(BaseModel):
         return not (self.missing or self.extra or self.dtype_changed)
 
 
-class RankStats(BaseModel):
-    rank: int
-    samples_per_s: float
-    step_time_ms: float
+RankStats = RankThroughput
+"""A rank's speed, as the training summary records it (one declaration: training/summary.py)."""
 
 
 class TrainingObservation(BaseModel):

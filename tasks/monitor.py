@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict
 from monitoring.anomalies import (
     Anomaly,
     MonitoringObservation,
-    RankStats,
     SchemaDiff,
     TrainingObservation,
     psi,
@@ -37,14 +36,16 @@ from monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecor
 from monitoring.reports import (
     PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports, sample_rows,
 )
-from tasks.evaluate import current_champion
+from tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
 from tasks.links import mlflow_run_url
 from tasks.tracking import LAUNCHER_TAG, ensure_experiment, launcher_tag, mark_stale_runs
 from training.config import PipelineConfig, get_settings, with_overrides
 from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
 from training.manifest import Manifest, key_from_env
+from training.baseline import baseline_proba
 from training.metrics import classification_metrics
 from training.preprocess import Preprocessor
+from training.summary import SUMMARY_FILE, TrainingSummary
 from training.pyfunc import predict_rows
 
 CHAMPION = "champion"
@@ -52,6 +53,9 @@ KIND_TAG = "ringflow.kind"
 ANOMALY_EVENT = "ringflow.anomaly.detected"
 """Triggers the rerun automation: emitted only with a rerun plan."""
 REPORT_EVENT = "ringflow.anomaly.reported"
+CAUSE_LABEL = "ringflow.anomaly.cause"
+"""Resource label of an anomaly event: its anomaly types; the rerun trigger allows one run per
+cause per cooldown (flows/deployments.py), whatever number of events arrives."""
 """Anomalies that cause no rerun (suppressed, alert-only, ``trigger_rerun=False``): visible in
 the event feed, matched by no automation."""
 AUTOMATION_NAME = "ringflow-rerun-on-anomaly"
@@ -86,6 +90,8 @@ class ChampionInfo(BaseModel):
     tags: dict[str, str] = {}
     training_config: dict[str, Any] | None = None
     """``config/pipeline_config.json`` of the training run (None when it cannot be read)."""
+    decision_threshold: float = 0.5
+    """The threshold logged with the model (chosen on its validation data) for accuracy/F1."""
 
 
 def _load_run_json(run_id: str, path: str) -> dict | None:
@@ -109,6 +115,7 @@ def resolve_champion(cfg: PipelineConfig) -> ChampionInfo:
     run_id = tags.get("training_run_id")
     auc = tags.get("test_roc_auc")
     return ChampionInfo(
+        decision_threshold=logged_threshold(getattr(mv, "model_id", None)) or 0.5,
         model_name=name, version=str(mv.version), model_uri=f"models:/{name}/{mv.version}",
         training_run_id=run_id, manifest_path=tags.get("manifest_path"),
         test_roc_auc=float(auc) if auc not in (None, "") else None, tags=tags,
@@ -146,6 +153,8 @@ class Batch(BaseModel):
     """Validated rows (with ``target`` when labelled); None when the schema makes scoring impossible."""
     raw_schema: dict[str, str] = {}
     contract_error: str | None = None
+    baseline: dict[str, float | None] | None = None
+    """The champion's baseline, when it was scored on the batch: its threshold and test AUC."""
 
 
 def _file_label(path: Path) -> str:
@@ -300,6 +309,32 @@ def load_reference(cfg: PipelineConfig, champion: ChampionInfo) -> Reference:
 # --------------------------------------------------------------------------- scoring + reports
 
 
+BASELINE_PREDICTION = "baseline_prediction"
+"""Batch column with the baseline's probabilities (not given to Evidently)."""
+
+
+def champion_baseline(champion: ChampionInfo):
+    """The baseline logged in the champion's training run by its evaluation: (model, decision
+    threshold, its test ROC AUC), or None (``gate.baseline: none``, or a champion from before)."""
+    if not champion.training_run_id:
+        return None
+    client = MlflowClient()
+    try:
+        run = client.get_run(champion.training_run_id)
+        logged = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list",
+            filter_string=f"source_run_id = '{champion.training_run_id}'")
+    except MlflowException:
+        return None
+    baselines = sorted((m for m in logged if m.name == "baseline"), key=lambda m: m.creation_timestamp)
+    if not baselines:
+        return None
+    newest = baselines[-1]  # a retried evaluation logs it again
+    model = mlflow.sklearn.load_model(f"models:/{newest.model_id}")
+    threshold = float(newest.params.get(THRESHOLD_PARAM, 0.5))
+    return model, threshold, run.data.metrics.get("baseline_test_roc_auc")
+
+
 def score(model, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Champion probabilities, in chunks (pyfunc builds float tensors for the whole input)."""
     out = [predict_rows(model, frame.iloc[i:i + SCORE_CHUNK][columns])
@@ -320,6 +355,12 @@ def score_batch(champion: ChampionInfo, batch: Batch, reference: Reference, feat
     columns = [c for c in declared if c in batch.frame.columns] or feature_columns
     batch.frame[PREDICTION] = score(model, batch.frame, columns)
     reference.frame[PREDICTION] = score(model, reference.frame, columns)
+    baseline = champion_baseline(champion)
+    if baseline is not None:  # scored next to the champion: which of the two degrades more?
+        model, threshold, test_auc = baseline
+        pre = reference.preprocessor
+        batch.frame[BASELINE_PREDICTION] = baseline_proba(model, batch.frame, pre.numeric, pre.categorical)
+        batch.baseline = {"threshold": threshold, "test_roc_auc": test_auc}
     return batch, reference
 
 
@@ -361,8 +402,16 @@ def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference
     f = batch.frame
     obs.rows = len(f)
     if TARGET in f.columns and f[TARGET].nunique() == 2:
-        metrics = classification_metrics(f[TARGET].to_numpy(), f[PREDICTION].to_numpy())
+        metrics = classification_metrics(f[TARGET].to_numpy(), f[PREDICTION].to_numpy(), champion.decision_threshold)
         obs.roc_auc = metrics["roc_auc"]
+        if BASELINE_PREDICTION in f.columns:
+            info = batch.baseline or {}
+            base = classification_metrics(f[TARGET].to_numpy(), f[BASELINE_PREDICTION].to_numpy(),
+                                          info.get("threshold", 0.5))
+            metrics.update({f"baseline_{k}": v for k, v in base.items() if k in REPORTED_METRICS})
+            if info.get("test_roc_auc") is not None:
+                metrics["baseline_test_roc_auc"] = info["test_roc_auc"]
+                metrics["baseline_roc_auc_drop"] = info["test_roc_auc"] - base["roc_auc"]
     if report is not None:
         obs.drifted_share = report.drifted_share
         obs.drifted_columns = report.drifted_columns
@@ -404,25 +453,33 @@ def training_health(cfg: PipelineConfig) -> TrainingObservation | None:
             failures += 1
         return TrainingObservation(run_id=last.info.run_id, status="failed", world_size=ws, consecutive_failures=failures,
                                    config=_load_run_json(last.info.run_id, "config/pipeline_config.json"))
-    summary = _load_run_json(last.info.run_id, "training/summary.json") or {}
-    ws = int(summary.get("world_size") or ws or 1)
-    per_rank = [RankStats(**{k: r[k] for k in ("rank", "samples_per_s", "step_time_ms")})
-                for r in summary.get("per_rank", []) if all(k in r for k in ("rank", "samples_per_s", "step_time_ms"))]
+    summary = _load_summary(last.info.run_id)
+    ws = (summary.world_size if summary else 0) or ws or 1
     prev_id = prev_tput = None
     for r in runs[1:]:
         if r.info.status != "FINISHED":
             continue
-        s = _load_run_json(r.info.run_id, "training/summary.json") or {}
-        if s.get("status") in ("completed", "early_stopped") and int(s.get("world_size") or 0) == ws and s.get("per_rank"):
-            prev_id, prev_tput = r.info.run_id, float(sum(x.get("samples_per_s", 0.0) for x in s["per_rank"]))
+        s = _load_summary(r.info.run_id)
+        if s and s.status in ("completed", "early_stopped") and s.world_size == ws and s.per_rank:
+            prev_id, prev_tput = r.info.run_id, s.total_samples_per_s
             break
     return TrainingObservation(
-        run_id=last.info.run_id, status=str(summary.get("status", "completed")), world_size=ws, per_rank=per_rank,
+        run_id=last.info.run_id, status=summary.status if summary else "completed", world_size=ws,
+        per_rank=summary.per_rank if summary else [],
         previous_run_id=prev_id, previous_samples_per_s=prev_tput,
-        checkpoint_dir=summary.get("checkpoint_dir") or summary.get("last_good_checkpoint")
+        checkpoint_dir=(summary and (summary.checkpoint_dir or summary.last_good_checkpoint))
         or last.data.tags.get("checkpoint_dir"),
         config=_load_run_json(last.info.run_id, "config/pipeline_config.json"),
     )
+
+
+def _load_summary(run_id: str) -> TrainingSummary | None:
+    """The run's ``training/summary.json`` artifact, or None (absent, or written by an older ringflow)."""
+    raw = _load_run_json(run_id, f"training/{SUMMARY_FILE}")
+    try:
+        return TrainingSummary.model_validate(raw) if raw else None
+    except ValueError:
+        return None
 
 
 def _monitoring_runs(client: MlflowClient, cfg: PipelineConfig, extra: str = "", n: int = 200):
@@ -609,6 +666,7 @@ def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, tr
         ev = emit_event(REPORT_EVENT, resource=resource, payload=payload, related=related)
         return RerunAction(mode="plan-only", event_id=str(ev.id) if ev else None,
                            detail=f"neither automation {AUTOMATION_NAME!r} nor deployment {TRAINING_DEPLOYMENT!r} exists")
+    resource[CAUSE_LABEL] = ",".join(sorted(plan.anomaly_types))
     ev = emit_event(ANOMALY_EVENT, resource=resource, payload=payload, related=related)
     if automation:
         log.info("rerun: event %s emitted; automation %s starts the training run", ev.id if ev else None, AUTOMATION_NAME)
@@ -643,6 +701,9 @@ def publish_artifacts(result) -> None:
         {"metric": "roc_auc", "value": _fmt(r.metrics.get("roc_auc"))},
         {"metric": "champion_test_roc_auc", "value": _fmt(r.reference_roc_auc)},
         {"metric": "roc_auc_drop", "value": _fmt(r.roc_auc_drop)},
+        {"metric": "baseline_roc_auc", "value": _fmt(r.metrics.get("baseline_roc_auc"))},
+        {"metric": "baseline_test_roc_auc", "value": _fmt(r.metrics.get("baseline_test_roc_auc"))},
+        {"metric": "baseline_roc_auc_drop", "value": _fmt(r.metrics.get("baseline_roc_auc_drop"))},
         {"metric": "prediction_psi", "value": _fmt(r.prediction_psi)},
         {"metric": "anomalies", "value": ", ".join(a.type.value for a in r.anomalies) or "none"},
         {"metric": "decision", "value": r.decision},

@@ -68,9 +68,9 @@ def register_champion(cfg: PipelineConfig, df: pd.DataFrame, version_tags: dict 
     mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(), cfg.registry.experiment))
     with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": "2"}) as run:
         mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
-        mlflow.log_dict({"status": "completed", "world_size": 2, "epochs_completed": 1, "metrics": {},
-                         "per_rank": [{"rank": 0, "samples_per_s": 1000.0, "step_time_ms": 10.0},
-                                      {"rank": 1, "samples_per_s": 990.0, "step_time_ms": 10.2}]},
+        mlflow.log_dict(_summary(status="completed", world_size=2,
+                                 per_rank=[{"rank": 0, "samples_per_s": 1000.0, "step_time_ms": 10.0},
+                                           {"rank": 1, "samples_per_s": 990.0, "step_time_ms": 10.2}]),
                         "training/summary.json")
         info = mlflow.pyfunc.log_model(name="model", python_model=model, input_example=test[NUMERIC].head(3))
     tags = {"training_run_id": run.info.run_id, "manifest_path": "/nonexistent/manifest.json",
@@ -298,10 +298,18 @@ def test_no_champion_is_a_clear_error(prefect_harness, ringflow_home, cfg):
         monitoring_flow(cfg, batch="2013-07")
 
 
+def _summary(**fields) -> dict:
+    """A training summary.json as rank 0 writes it (the typed contract), with these fields set."""
+    from training.summary import TrainingSummary
+
+    base = {"epochs": 1, "epochs_planned": 1, "world_size": 2, "model_written": True, "seed": 0, "wall_time_s": 1.0}
+    return TrainingSummary(**{**base, **fields}).model_dump(mode="json")
+
+
 def _training_run(status: str, summary: dict | None, world_size: int = 2, cfg: PipelineConfig | None = None) -> str:
     with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": str(world_size)}) as run:
         if summary is not None:
-            mlflow.log_dict(summary, "training/summary.json")
+            mlflow.log_dict(_summary(**summary), "training/summary.json")
         if cfg is not None:
             mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
     if status == "FAILED":

@@ -110,12 +110,13 @@ def test_sharding_3x_stays_under_a_memory_ceiling(tmp_path):
 
     synthesize(3, tmp_path / "x3", progress=quiet)
     code = (
-        "import json, resource, sys\n"
+        "import json, sys\n"
+        "from training.memory import peak_rss_mb\n"
         "from training.config import load_config\n"
         "from training.sharding import shard_dataset\n"
         f"cfg = load_config({str(ROOT / 'configs' / 'flights.yaml')!r}, ['data.source={tmp_path / 'x3'}'])\n"
         f"m = shard_dataset(cfg, {str(tmp_path / 'data')!r}, progress=lambda *a: None)\n"
-        "print(json.dumps({'rows': m.rows_total, 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        "print(json.dumps({'rows': m.rows_total, 'peak_mb': peak_rss_mb()}))\n"
     )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel
 
 from training.checkpoint import CHECKPOINT_DIR
 from training.model import MODEL_FILE, PREPROCESSOR_FILE
-
-SUMMARY_FILE = "summary.json"
-
-
-class RankThroughput(BaseModel):
-    rank: int
-    host: str | None = None
-    """The host the rank ran on (horovodrun's name for it)."""
-    samples_per_s: float
-    """This rank's own compute speed (forward + backward), excluding the wait in the allreduce."""
-    step_time_ms: float
-    peak_rss_mb: float | None = None
-    """The rank process's peak resident memory (MiB): its tensors plus a constant."""
+from training.summary import SUMMARY_FILE, RankThroughput, Status, TrainingSummary  # noqa: F401
 
 
 class TrainResult(BaseModel):
@@ -36,7 +22,7 @@ class TrainResult(BaseModel):
 
     run_id: str
     """The one MLflow run of this training (created by the task, logged to by rank 0)."""
-    status: Literal["completed", "early_stopped", "diverged"]
+    status: Status
     output_dir: str
     model_path: str | None
     """``<output_dir>/model.pt``; load with ``training.model.load_model(output_dir)``."""
@@ -58,16 +44,15 @@ class TrainResult(BaseModel):
     @classmethod
     def from_output_dir(cls, run_id: str, output_dir: str | Path) -> TrainResult:
         out = Path(output_dir)
-        s = json.loads((out / SUMMARY_FILE).read_text())
+        s = TrainingSummary.load(out)
         model = out / MODEL_FILE
-        have_model = bool(s.get("model_written")) and model.is_file()
+        have_model = s.model_written and model.is_file()
         return cls(
-            run_id=run_id, status=s["status"], output_dir=str(out),
+            run_id=run_id, status=s.status, output_dir=str(out),
             model_path=str(model) if have_model else None,
             preprocessor_path=str(out / PREPROCESSOR_FILE) if have_model else None,
-            checkpoint_dir=s.get("checkpoint_dir") or (str(out / CHECKPOINT_DIR) if s.get("last_good_checkpoint") else None),
-            epochs_completed=int(s["epochs"]), best_epoch=s.get("best_epoch"),
-            metrics={k: float(v) for k, v in s.get("metrics", {}).items() if v is not None},
-            per_rank=[RankThroughput(**r) for r in s.get("per_rank", [])],
-            world_size=int(s["world_size"]), hosts=list(s.get("hosts") or []), resumed_from=s.get("resumed_from"),
+            checkpoint_dir=s.checkpoint_dir or (str(out / CHECKPOINT_DIR) if s.last_good_checkpoint else None),
+            epochs_completed=s.epochs, best_epoch=s.best_epoch,
+            metrics={k: float(v) for k, v in s.metrics.items() if v is not None},
+            per_rank=s.per_rank, world_size=s.world_size, hosts=s.hosts, resumed_from=s.resumed_from,
         )

@@ -35,10 +35,11 @@ from training.checkpoint import (
 )
 from training.config import PipelineConfig, TrainingConfig, get_settings
 from training.launch import FATAL_EXIT, FATAL_PREFIX
-from training.manifest import Manifest, MissingKeyError, ShardIntegrityError, atomic_write_bytes
+from training.manifest import Manifest, MissingKeyError, ShardIntegrityError
+from training.memory import peak_rss_mb
 from training.metrics import classification_metrics, max_f1_threshold
 from training.model import TabularNet, predict_logits, save_model
-from training.result import SUMMARY_FILE
+from training.result import TrainingSummary
 from training.secrets import SecretsFileError, load_secrets
 from training.system_metrics import host_system_metrics
 STATUS_TAG = "training_status"
@@ -67,17 +68,21 @@ def epoch_order(rows: int, needed: int, seed: int, epoch: int, rank: int) -> np.
 
 
 def learning_rate(tc: TrainingConfig, size: int, step: int, steps_per_epoch: int) -> float:
-    """Base LR scaled by the world size, reached by a linear warm-up (Goyal et al. 2017)."""
+    """Base LR scaled by the world size, reached by a linear warm-up (Goyal et al. 2017); then
+    constant, or (``lr_schedule: cosine``) decayed along a half cosine to ``min_lr_fraction`` of
+    it at the last planned step (Loshchilov & Hutter 2017): large steps early, small steps
+    while early stopping picks the best epoch."""
     base = tc.learning_rate
     target = base * size if tc.scale_lr_by_world_size else base
     warm = tc.warmup_epochs * steps_per_epoch
-    if warm <= 0 or step >= warm:
+    if warm > 0 and step < warm:
+        return base + (target - base) * step / warm
+    if tc.lr_schedule == "constant":
         return target
-    return base + (target - base) * step / warm
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, json.dumps(data, indent=1, default=_json_default).encode())
+    total = tc.epochs * steps_per_epoch
+    progress = min(1.0, (step - warm) / max(1.0, total - warm))
+    floor = target * tc.min_lr_fraction
+    return floor + (target - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _json_default(o):
@@ -129,12 +134,6 @@ def load_frame(manifest: Manifest, entries, pre) -> RankData:
         raise ShardIntegrityError(f"{[e.file for e in entries]} hold {at} rows, the manifest says {n}")
     return RankData(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(y))
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- MLflow (rank 0 only)
@@ -398,7 +397,7 @@ def find_resume_point(args, cfg: PipelineConfig) -> Path | None:
 
 def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: str, cfg: PipelineConfig,
                   size: int, started: float, diverged_at: dict | None, run_log: RunLogger,
-                  resumed_from: str | None = None) -> dict[str, Any]:
+                  resumed_from: str | None = None) -> TrainingSummary:
     """Best model + preprocessor + summary.json (rank 0)."""
     net = trainer.net
     model_written = False
@@ -427,31 +426,32 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
     if history:
         metrics["train_loss"] = _finite(history[-1]["train_loss"])
         metrics["samples_per_s"] = float(np.mean([h["samples_per_s"] for h in history]))
-    summary = {
-        "status": status,
-        "epochs": state["epoch"],
-        "epochs_planned": cfg.training.epochs,
-        "best_epoch": state["best_epoch"] or None,
-        "best_val_roc_auc": _finite(state["best_auc"]),
-        "metrics": metrics,
-        "per_rank": per_rank,
-        "hosts": sorted({h for h in host_of.values() if h}),
-        "world_size": size,
-        "model_written": model_written,
-        "checkpoint_dir": str(out / CHECKPOINT_DIR) if last_ckpt else None,
-        "last_good_checkpoint": str(last_ckpt) if last_ckpt else None,
-        "diverged_at": diverged_at,
-        "resumed_from": resumed_from,
-        "horovod": cfg.training.horovod.model_dump(mode="json"),
-        "elastic": cfg.training.elastic.enabled,
-        "seed": cfg.training.seed,
-        "wall_time_s": time.time() - started,
-        "history": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in h.items()} for h in history],
-    }
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    summary = TrainingSummary(
+        status=status,
+        epochs=state["epoch"],
+        epochs_planned=cfg.training.epochs,
+        best_epoch=state["best_epoch"] or None,
+        best_val_roc_auc=_finite(state["best_auc"]),
+        metrics=metrics,
+        per_rank=per_rank,
+        hosts=sorted({h for h in host_of.values() if h}),
+        world_size=size,
+        model_written=model_written,
+        checkpoint_dir=str(out / CHECKPOINT_DIR) if last_ckpt else None,
+        last_good_checkpoint=str(last_ckpt) if last_ckpt else None,
+        diverged_at=diverged_at,
+        resumed_from=resumed_from,
+        horovod=cfg.training.horovod.model_dump(mode="json"),
+        elastic=cfg.training.elastic.enabled,
+        seed=cfg.training.seed,
+        wall_time_s=time.time() - started,
+        history=json.loads(json.dumps([{k: (_finite(v) if isinstance(v, float) else v) for k, v in h.items()}
+                                       for h in history], default=_json_default)),
+    )
+    summary.write(out)
     run_log.tag(STATUS_TAG, status)
-    if summary["hosts"]:
-        run_log.tag(HOSTS_TAG, ",".join(summary["hosts"]))
+    if summary.hosts:
+        run_log.tag(HOSTS_TAG, ",".join(summary.hosts))
     if best_rec:
         run_log.metrics({f"best_{k}": v for k, v in metrics.items() if k.startswith("val_") and v is not None},
                         step=state["best_epoch"] or 0)
@@ -565,8 +565,8 @@ def run_fixed(args, cfg: PipelineConfig) -> int:
     if rank == 0:
         summary = write_outputs(out, trainer, state, status, cfg, size, started, diverged_at, run_log,
                                 resumed_from=ckpt_info[0] if ckpt_info else None)
-        log(f"done: status={status} epochs={summary['epochs']} best_epoch={summary['best_epoch']} "
-            f"best_val_auc={summary['best_val_roc_auc']}")
+        log(f"done: status={status} epochs={summary.epochs} best_epoch={summary.best_epoch} "
+            f"best_val_auc={summary.best_val_roc_auc}")
     hvd.barrier()  # nobody exits (and tears down Gloo) while rank 0 is still writing
     return 0
 
@@ -625,7 +625,7 @@ def run_elastic(args, cfg: PipelineConfig) -> int:
         st = {k: getattr(es, k) for k in fresh_state()}
         summary = write_outputs(out, trainer, st, status, cfg, hvd.size(), started, es.diverged_at, RunLogger(),
                                 resumed_from=str(point) if point else None)
-        log(f"done: status={status} epochs={summary['epochs']} best_epoch={summary['best_epoch']}")
+        log(f"done: status={status} epochs={summary.epochs} best_epoch={summary.best_epoch}")
     hvd.barrier()
     return 0
 

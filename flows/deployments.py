@@ -53,12 +53,17 @@ RERUN_PARAMETERS: dict[str, Any] = {
 def rerun_trigger(cfg: PipelineConfig):
     """``ringflow-rerun-on-anomaly``: each anomaly event for this model -> one training run.
 
-    Reactive, threshold 1, no window: every matching event fires exactly one action, and the
-    action's idempotency key (the triggering event) keeps a redelivered event from running twice.
-    How many events a cause may send is the monitoring policy's business (cooldown, budget).
+    Reactive, threshold 1, one bucket per cause (the event's ``ringflow.anomaly.cause`` label)
+    and window ``monitoring.cooldown_hours``: the first event of a cause fires at once, further
+    events of that cause within the cooldown start nothing (a storm of 50 events is one run),
+    another cause gets its own run. The monitoring policy applies the same cooldown and the rerun
+    budget before it emits; this is the guard on the receiving side. The action's idempotency
+    key (the triggering event) keeps a redelivered event from running twice.
     """
     from prefect.events import DeploymentEventTrigger
     from prefect.events.schemas.automations import Posture
+
+    from tasks.monitor import CAUSE_LABEL
 
     return DeploymentEventTrigger(
         name=AUTOMATION_NAME,
@@ -69,9 +74,10 @@ def rerun_trigger(cfg: PipelineConfig):
         enabled=True,
         expect={ANOMALY_EVENT},
         match={"prefect.resource.id": model_resource_id(cfg)},
+        for_each={CAUSE_LABEL},
         posture=Posture.Reactive,
         threshold=1,
-        within=timedelta(0),
+        within=timedelta(hours=cfg.monitoring.cooldown_hours),
         parameters=RERUN_PARAMETERS,
     )
 

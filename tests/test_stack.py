@@ -214,6 +214,8 @@ def test_deploy_creates_deployments_schedules_and_one_automation(stack):
         assert a.enabled and a.trigger.expect == {"ringflow.anomaly.detected"}
         assert a.trigger.match.root == {"prefect.resource.id": "ringflow.model.flights-delay"}
         assert a.trigger.threshold == 1
+        # one run per cause per cooldown, whatever number of events arrives
+        assert a.trigger.for_each == {"ringflow.anomaly.cause"} and a.trigger.within.total_seconds() == 24 * 3600
         [action] = a.actions
         assert action.type == "run-deployment" and action.deployment_id == train.id
         # declared with the deployment (DeploymentEventTrigger): owned by it, not kept by hand
@@ -243,7 +245,8 @@ def test_anomaly_event_starts_exactly_one_training_run(stack):
     }
     p = subprocess.run(
         [str(Path(sys.executable).with_name("prefect")), "event", "emit", "ringflow.anomaly.detected",
-         "--resource-id", "ringflow.model.flights-delay", "--payload", json.dumps(payload)],
+         "--resource-id", "ringflow.model.flights-delay", "-r", f"ringflow.anomaly.cause={anomaly_id}",
+         "--payload", json.dumps(payload)],
         env={**stack.env, "PREFECT_API_URL": stack.api}, capture_output=True, text=True, timeout=60,
     )
     assert p.returncode == 0, p.stderr
@@ -371,7 +374,8 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
                "rerun": {"config": cfg, "reason": "after a runner restart", "overrides": {}}}
     p = subprocess.run(
         [str(Path(sys.executable).with_name("prefect")), "event", "emit", "ringflow.anomaly.detected",
-         "--resource-id", "ringflow.model.flights-delay", "--payload", json.dumps(payload)],
+         "--resource-id", "ringflow.model.flights-delay", "-r", f"ringflow.anomaly.cause={anomaly_id}",
+         "--payload", json.dumps(payload)],
         env={**stack.env, "PREFECT_API_URL": stack.api}, capture_output=True, text=True, timeout=60,
     )
     assert p.returncode == 0, p.stderr
@@ -387,6 +391,48 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
             time.sleep(1)
         assert run is not None, "the automation created no run"
         assert run.state_type == StateType.FAILED, run.state  # executed by the restarted runner
+
+
+def test_a_storm_of_anomaly_events_for_one_cause_starts_one_rerun(stack):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    from training.config import load_config
+
+    cfg = load_config(SMOKE).model_dump(mode="json")
+    cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")  # a run that is started fails at once
+    cause = f"data_drift-{uuid.uuid4().hex[:8]}"
+    code = (
+        "import json, sys, time\n"
+        "from prefect.events import emit_event\n"
+        "cfg = json.loads(sys.argv[1]); t0 = time.monotonic()\n"
+        "for i in range(50):\n"
+        "    emit_event('ringflow.anomaly.detected', resource={'prefect.resource.id': 'ringflow.model.flights-delay',\n"
+        "               'ringflow.anomaly.cause': sys.argv[2]}, payload={'anomaly_id': f'storm-{i}',\n"
+        "               'monitoring_run_id': 'm-storm', 'rerun': {'config': cfg, 'reason': 'storm'}})\n"
+        "print(time.monotonic() - t0)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(cfg), cause], capture_output=True, text=True,
+                       timeout=120, env={**stack.env, "PREFECT_API_URL": stack.api})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert float(p.stdout.strip().splitlines()[-1]) < 10  # the storm: 50 events within 10 s
+
+    def storm_runs(c):
+        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+        return [r for r in runs if str(r.parameters.get("anomaly_id", "")).startswith("storm-")]
+
+    with stack.client() as c:
+        deadline = time.monotonic() + 60
+        while not (found := storm_runs(c)) and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(10)  # every event has been evaluated by now; more runs would show up here
+        found = storm_runs(c)
+        assert len(found) == 1, sorted(r.parameters["anomaly_id"] for r in found)
+        for r in found:
+            if c.read_flow_run(r.id).state_type not in (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED):
+                c.set_flow_run_state(r.id, Cancelled(), force=True)
 
 
 # --------------------------------------------------------------------------- down / restart

@@ -156,3 +156,30 @@ def test_custom_run_from_prefect_ui_shows_up_in_mlflow_ui(stack, page):
     page.goto(f"{ml}/#/models/{model}")
     page.get_by_text("champion").first.wait_for()
     _shot(page, "05-mlflow-registered-model")
+
+
+def test_evidently_ui_shows_the_monitoring_trend_dashboard(stack, page):
+    """Monitoring snapshots in $RINGFLOW_HOME/evidently (as every monitoring run adds them) appear
+    in the stack's Evidently UI with the trend panels: drift share, prediction PSI, AUC per batch."""
+    import datetime as dt
+
+    from monitoring.reports import DASHBOARD_PANELS, WORKSPACE_DIR, EvidentlyWorkspace, RuleThresholds, build_reports
+    from tests.test_conventions import _batch
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    reference = _batch(rng, 2000, 0.0, 0.0, 0.1)
+    workspace = EvidentlyWorkspace(path=str(stack.home / WORKSPACE_DIR), project="flights-delay")
+    for month, (shift, unseen, missing) in enumerate([(0.0, 0.0, 0.1), (0.5, 0.05, 0.2), (1.0, 0.2, 0.5)], start=3):
+        build_reports(reference, _batch(rng, 2000, shift, unseen, missing), ["x"], ["c"], stack.home / f"report-{month}",
+                      target="target", rules=RuleThresholds(vocabulary={"c": ["a", "b"]}), workspace=workspace,
+                      batch_label=f"2013-{month:02d}", batch_time=dt.datetime(2013, month, 1))
+    ui = f"http://127.0.0.1:{stack.evidently_port}"
+    projects = httpx.get(f"{ui}/api/projects", timeout=30).json()
+    project_id = next(p["id"] for p in projects if p["name"] == "flights-delay")
+    page.goto(f"{ui}/projects/{project_id}")
+    for title in DASHBOARD_PANELS:
+        page.get_by_text(title).first.wait_for(timeout=60_000)
+    page.wait_for_timeout(2000)  # let the plots draw
+    _shot(page, "06-evidently-dashboard")

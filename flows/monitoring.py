@@ -164,6 +164,10 @@ def print_result(r: MonitoringResult) -> None:
         auc = r.metrics.get("roc_auc")
         print(f"  roc_auc        {auc:.4f} (champion test {r.reference_roc_auc:.4f}, drop {r.roc_auc_drop:+.4f})"
               if auc is not None and r.roc_auc_drop is not None else f"  roc_auc        {auc}")
+        base, base_test = r.metrics.get("baseline_roc_auc"), r.metrics.get("baseline_test_roc_auc")
+        if base is not None:  # the same rows: which of the two degrades more
+            print(f"  baseline auc   {base:.4f}" + (f" (baseline test {base_test:.4f}, drop {base_test - base:+.4f})"
+                                                   if base_test is not None else ""))
     if r.drifted_share is not None:
         print(f"  drift          {r.drifted_share:.0%} of features: {', '.join(r.drifted_columns) or '-'}")
     if r.prediction_psi is not None:

@@ -91,3 +91,29 @@ def test_threshold_is_saved_with_the_model(tmp_path):
     save_model(tmp_path / "b", net, pre)
     assert read_decision_threshold(tmp_path / "b") == 0.5  # saved without one
     assert load_model(tmp_path / "a")[0].arch == net.arch
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    from training.config import TrainingConfig
+    from training.train import learning_rate
+
+    tc = TrainingConfig(learning_rate=0.001, warmup_epochs=1, epochs=4, lr_schedule="cosine", min_lr_fraction=0.1)
+    steps = 10
+    lrs = [learning_rate(tc, 2, s, steps) for s in range(4 * steps)]
+    assert lrs[0] == pytest.approx(0.001) and lrs[steps] == pytest.approx(0.002)  # warm-up to size x base
+    after = lrs[steps:]
+    assert all(a > b for a, b in zip(after, after[1:]))  # then strictly decaying
+    assert learning_rate(tc, 2, 4 * steps, steps) == pytest.approx(0.0002)  # the floor at the end
+    constant = tc.model_copy(update={"lr_schedule": "constant"})
+    assert {learning_rate(constant, 2, s, steps) for s in range(steps, 4 * steps)} == {0.002}
+
+
+def test_quantile_scaling_is_bounded_and_keeps_the_order():
+    rng = np.random.default_rng(1)
+    train = pd.DataFrame({"precip": np.where(rng.random(2000) < 0.9, 0.0, rng.exponential(0.2, 2000))})
+    pre = Preprocessor.fit(train, ["precip"], [], quantile_scaling=True)
+    x, _ = pre.transform(pd.DataFrame({"precip": [0.0, 0.05, 0.5, 50.0, np.nan]}))
+    col = x[:, 0]
+    assert col[0] < col[1] < col[2] <= col[3]  # monotone
+    assert col[3] == pytest.approx(col[2], abs=0.2)  # 100x the train maximum: flat, not 100x further
+    assert col[4] == pytest.approx(0.0, abs=1e-6)  # missing -> the (scaled) mean

@@ -69,6 +69,11 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     assert (mon.model_name, mon.model_version) == (name, "1")
     assert mon.rows > 20_000 and 0.0 < mon.metrics["roc_auc"] < 1.0
     assert mon.reference_roc_auc is not None and mon.drifted_share is not None
+    # the baseline logged by the champion's evaluation is scored on the same batch
+    assert 0.0 < mon.metrics["baseline_roc_auc"] < 1.0 and mon.metrics["baseline_roc_auc"] != mon.metrics["roc_auc"]
+    assert mon.metrics["baseline_roc_auc_drop"] == pytest.approx(
+        mon.metrics["baseline_test_roc_auc"] - mon.metrics["baseline_roc_auc"])
+    assert "batch_baseline_roc_auc" in client.get_run(mon.monitoring_run_id).data.metrics
     for html in (mon.drift_html, mon.quality_html):
         assert html and html.endswith(".html") and Path(html).stat().st_size > 10_000
     assert client.get_run(mon.monitoring_run_id).data.tags["ringflow.decision"] == mon.decision

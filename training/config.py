@@ -99,6 +99,9 @@ class FeatureConfig(_Strict):
     """Numeric values are clipped to the train window's [q, 1-q] quantiles before scaling, so the
     network extrapolates flat (like a tree) on unseen ranges, e.g. summer temperatures after a
     winter train window. 0 = no clipping."""
+    numeric_scaling: Literal["standard", "quantile"] = "quantile"
+    """``standard``: (x - mean) / std; ``quantile``: the value's position among the train
+    window's quantiles (bounded, robust to heavy tails), then standardised."""
     numeric_bins: int = Field(0, ge=0, le=255)
     """When > 1, each numeric column also gets an embedded quantile bin (a learned step function
     per feature). 0 = off."""
@@ -268,6 +271,17 @@ class ElasticConfig(_Strict):
     """Default: the world size."""
     reset_limit: int = Field(3, ge=0)
     """Most elastic resets (lost or added workers) before the job gives up."""
+    blacklist_cooldown_s: tuple[int, int] | None = None
+    """``--blacklist-cooldown-range MIN MAX``: a host that failed is tried again after a random
+    MIN..MAX seconds while the discovery source still lists it (it rejoins); ``null`` = a failed
+    host stays blacklisted for the rest of the job."""
+
+    @field_validator("blacklist_cooldown_s")
+    @classmethod
+    def _cooldown(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] <= v[1]:
+            raise ValueError(f"needs 0 <= MIN <= MAX seconds, got {list(v)}")
+        return v
 
 
 class TrainingConfig(_Strict):
@@ -283,6 +297,10 @@ class TrainingConfig(_Strict):
     """Multiply the learning rate by the world size (the global batch grows with it)."""
     warmup_epochs: float = Field(1.0, ge=0)
     """Linear warm-up from the base to the scaled learning rate (Goyal et al.)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """After the warm-up: ``constant``, or ``cosine`` decay over the planned epochs."""
+    min_lr_fraction: float = Field(0.05, ge=0, le=1)
+    """Cosine schedule: the learning rate at the last planned step, as a share of the peak."""
     weight_decay: float = Field(1e-5, ge=0)
     """AdamW weight decay."""
     seed: int = 42

@@ -72,6 +72,19 @@ def calendar_frame(timestamps: pd.Series, timezone: str) -> pd.DataFrame:
     }, index=timestamps.index)
 
 
+QUANTILES = 65
+
+
+def quantile_position(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
+    """Where each value sits among the training quantiles, 0..1 (ties: the middle of the tied
+    run, so a column that is mostly 0 maps 0 to one value); NaN stays NaN."""
+    q = np.asarray(quantiles, dtype="float64")
+    levels = np.linspace(0, 1, len(q))
+    lo = np.interp(values, q, levels, left=0.0, right=1.0)
+    hi = 1.0 - np.interp(-values, -q[::-1], levels, left=0.0, right=1.0)
+    return (lo + hi) / 2
+
+
 def bin_name(column: str) -> str:
     return f"{column}_bin"
 
@@ -119,6 +132,10 @@ class Preprocessor:
     """Per numeric source column: the training window's [low, high] quantiles. Values
     outside are clipped, so the network extrapolates flat like a tree instead of linearly far
     beyond anything it saw (June's temperatures are above every January-April reading)."""
+    quantiles: dict[str, list[float]] = field(default_factory=dict)
+    """Per numeric source column, when quantile scaling is on: the training window's quantiles
+    (0%, 1/64, ... 100%). A value maps to its position among them (0..1) before standardising:
+    bounded, robust to heavy tails (precipitation), flat beyond the training range."""
     bin_edges: dict[str, list[float]] = field(default_factory=dict)
     """Per numeric source column: quantile bin edges of the training window. The bin is an
     embedded category next to the standardised value, so the network can learn a step function
@@ -131,7 +148,8 @@ class Preprocessor:
     @classmethod
     def fit(cls, df: pd.DataFrame, numeric: list[str], categorical: list[str], timestamp: str | None = None,
             timezone: str = "UTC", crosses: list[list[str]] | None = None,
-            indicators: bool = False, clip_quantile: float = 0.0, bins: int = 0) -> Preprocessor:
+            indicators: bool = False, clip_quantile: float = 0.0, bins: int = 0,
+            quantile_scaling: bool = False) -> Preprocessor:
         """Fit on ``df`` (the train window). Without the keyword arguments: the source columns
         only, standardised and embedded; each argument adds one kind of derived input."""
         if df.empty:
@@ -151,6 +169,9 @@ class Preprocessor:
             if clip_quantile > 0 and c in p.numeric and col.notna().any():  # derived inputs are bounded
                 p.clip[c] = [float(col.quantile(clip_quantile)), float(col.quantile(1 - clip_quantile))]
                 col = col.clip(*p.clip[c])
+            if quantile_scaling and c in p.numeric and col.notna().any():
+                p.quantiles[c] = [float(q) for q in np.quantile(col.dropna(), np.linspace(0, 1, QUANTILES))]
+                col = pd.Series(quantile_position(col.to_numpy(), p.quantiles[c]), index=col.index)
             mean = float(col.mean()) if col.notna().any() else 0.0
             std = float(col.std(ddof=0)) if col.notna().sum() > 1 else 0.0
             p.means[c] = mean
@@ -166,7 +187,7 @@ class Preprocessor:
         return cls.fit(df, data.numeric_features, data.categorical_features,
                        timestamp=data.timestamp_column if f.calendar else None, timezone=f.calendar_timezone,
                        crosses=f.crosses, indicators=f.missing_indicators, clip_quantile=f.clip_quantile,
-                       bins=f.numeric_bins)
+                       bins=f.numeric_bins, quantile_scaling=f.numeric_scaling == "quantile")
 
     @property
     def numeric_inputs(self) -> list[str]:
@@ -217,6 +238,8 @@ class Preprocessor:
             col = pd.to_numeric(frame[c], errors="coerce").astype("float64").to_numpy()
             if c in self.clip:
                 col = np.clip(col, *self.clip[c])  # NaN stays NaN
+            if c in self.quantiles:
+                col = quantile_position(col, self.quantiles[c])
             col = np.where(np.isnan(col), self.means[c], col)
             x_num[:, j] = (col - self.means[c]) / self.stds[c]
         categorical = self.categorical_inputs

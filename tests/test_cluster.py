@@ -233,6 +233,7 @@ def mlflow_run(state, run_id: str) -> dict:
     return r.json()["run"]
 
 
+@pytest.mark.slow
 def test_cluster_run_trains_across_hosts_with_no_secret_on_any_command_line(stack_cluster):
     home, state, _ = stack_cluster
     out = cli(home, "status").stdout
@@ -268,3 +269,96 @@ def test_cluster_run_trains_across_hosts_with_no_secret_on_any_command_line(stac
     manifest = json.loads(Path(tags["manifest_path"]).read_text())
     assert manifest["encrypted"] is True
     assert not list((home / "runs" / run_id).glob(".secrets-*")), "the secrets file outlived the run"
+
+
+def train_on_h1(home: Path, state, overrides: list[str], when, action) -> tuple[int, str]:
+    """``ringflow train`` launched on h1 (as the worker's flow would) on the cluster run's shards;
+    ``action()`` runs once when an output line matches the regex ``when``."""
+    from flows.cluster import client_env, cluster_overrides
+    from tasks.cluster import host_argv
+
+    manifest = next(home.glob("data/*/manifest.json"))
+    argv = [RINGFLOW, "train", "--manifest", str(manifest), "-c", "configs/smoke.yaml"]
+    for s in cluster_overrides(state) + overrides:
+        argv += ["--set", s]
+    env = {**os.environ, **SECRET_ENV, **client_env(state), "RINGFLOW_HOME": str(home)}
+    p = subprocess.Popen(host_argv(state.host("h1"), argv), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    lines, done = [], False
+    for line in p.stdout:
+        lines.append(line)
+        if not done and re.search(when, line):
+            action()
+            done = True
+    return p.wait(timeout=60), "".join(lines)
+
+
+def kill_ranks_on(state, host: str) -> list[int]:
+    pids = []
+    for pid in netns_pids(state.host(host).netns):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"training.train" in cmd:
+            os.kill(pid, 9)
+            pids.append(pid)
+    assert pids, f"no training rank found on {host}"
+    return pids
+
+
+def ringflow_processes_on(state) -> list[str]:
+    left = []
+    for h in state.hosts:
+        for pid in netns_pids(h.netns):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(bytes(1), b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "training.train" in cmd or "horovodrun" in cmd or "ringflow train" in cmd:
+                left.append(f"{h.name} {pid}: {cmd[:150]}")
+    return left
+
+
+@pytest.mark.slow
+def test_elastic_training_goes_on_without_h2_and_h2_rejoins(stack_cluster):
+    home, state, _ = stack_cluster
+    rc, out = train_on_h1(
+        home, state,
+        ["training.epochs=40", "training.early_stopping_patience=40", "training.elastic.enabled=true",
+         "training.elastic.min_np=1", "training.elastic.max_np=2", "training.elastic.blacklist_cooldown_s=[2,4]"],
+        when=r"epoch 3/40 \(size 2\)", action=lambda: kill_ranks_on(state, "h2"))
+    assert rc == 0, out[-5000:]
+    sizes = re.findall(r"epoch (\d+)/40 \(size (\d)\)", out)
+    seq = [int(s) for _, s in sizes]
+    assert 1 in seq, f"never went on at size 1 after losing h2: {sizes}"
+    assert 2 in seq[seq.index(1):], f"h2 never rejoined: {sizes}"
+    assert int(sizes[-1][0]) == 40  # finished every epoch, from the last commit on
+    assert "elastic reset: now rank 0 of 1" in out
+    assert ringflow_processes_on(state) == []
+
+
+@pytest.mark.slow
+def test_lost_host_without_elastic_fails_naming_host_and_rank(stack_cluster):
+    home, state, _ = stack_cluster
+    veth = f"{state.prefix}v2"  # h2's link on the bridge: down = the host is gone, also for the retry
+
+    def lose_h2():
+        kill_ranks_on(state, "h2")
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+
+    try:
+        rc, out = train_on_h1(home, state, ["training.epochs=40", "training.early_stopping_patience=40"],
+                              when=r"epoch 3/40", action=lose_h2)
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=False)
+    assert rc == 1, out[-5000:]
+    failed = [line for line in out.splitlines() if line.startswith("FAILED:")]
+    assert failed and "rank 1" in failed[0] and "host h2" in failed[0], out[-3000:]
+    assert ringflow_processes_on(state) == []
+
+
+def test_down_after_training_leaves_the_machine_as_before(stack_cluster):
+    home, state, before = stack_cluster
+    cli(home, "down")
+    assert_clean(home, before)

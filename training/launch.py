@@ -124,6 +124,8 @@ def horovodrun_command(
                 "--host-discovery-script", str(DISCOVER_HOSTS), "--reset-limit", str(el.reset_limit),
                 "--elastic-timeout", str(hv.start_timeout_s),
                 "--network-interface", hv.network_interface or "lo"]
+        if el.blacklist_cooldown_s is not None:
+            cmd += ["--blacklist-cooldown-range", *(str(s) for s in el.blacklist_cooldown_s)]
     else:
         cmd += ["-H", hosts_for(cfg)]
         if hv.network_interface:
@@ -165,14 +167,33 @@ def launch_env(cfg: PipelineConfig, base: dict[str, str] | None = None, **extra:
 
 
 _RANK_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
+_SSH_UNREACHABLE = re.compile(r"ssh: connect to host (\S+) port \d+")
+SSH_FAILED = 255
+"""ssh's own exit code: the rank's host could not be reached (or refused the key)."""
+
+
+def rank_hosts(command: list[str]) -> dict[int, str]:
+    """The host of every rank of a fixed-size horovodrun command: Horovod fills the ``-H`` slots
+    in order. Empty for an elastic command, whose ranks move between hosts."""
+    if "-H" not in command or "-np" not in command:
+        return {}
+    hosts: list[str] = []
+    for item in command[command.index("-H") + 1].split(","):
+        name, sep, slots = item.strip().rpartition(":")
+        hosts += [name] * int(slots) if sep else [slots]
+    return dict(enumerate(hosts[: int(command[command.index("-np") + 1])]))
+
+
 _EXIT_LINE = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 
 
 class RankOutput:
     """Follows horovodrun's merged output: the last lines of every rank and the first failure."""
 
-    def __init__(self, keep: int = 25):
+    def __init__(self, keep: int = 25, hosts: dict[int, str] | None = None):
         self.keep = keep
+        self.hosts = dict(hosts or {})
+        """rank -> host (:func:`rank_hosts`), so a failure names the host as well as the rank."""
         self.lines: dict[int, deque[str]] = {}
         self.launcher: deque[str] = deque(maxlen=keep)
         self.first_failure: tuple[int, int] | None = None
@@ -207,13 +228,19 @@ class RankOutput:
             return TrainingError(f"horovodrun exited with code {returncode} before any rank failed; "
                                  f"last launcher lines:\n  {last}", exit_code=returncode)
         rank, code = self.first_failure
-        how = f"killed by signal {code - 128} ({_signal_name(code - 128)})" if code > 128 else f"exit code {code}"
+        unreachable = next((m.group(1) for line in self.tail(rank, self.keep) if (m := _SSH_UNREACHABLE.search(line))), None)
+        host = self.hosts.get(rank) or unreachable
+        if code == SSH_FAILED:  # not a signal: ssh could not start or keep the rank on its host
+            how = f"host {host or '?'} unreachable over ssh (exit {code})"
+        else:
+            how = f"killed by signal {code - 128} ({_signal_name(code - 128)})" if code > 128 else f"exit code {code}"
+        where = f" on host {host}" if host else ""
         last = "\n  ".join(self.tail(rank)) or "(no output)"
         # killed (signal, OOM), lost host (ssh 255) or a network/collective error: worth a retry;
         # a plain traceback of the program is a bug that would fail the same way again
         retryable = code > 128 or code < 0 or code == 255 or any(
             sign in line for line in self.tail(rank, self.keep) for sign in _INFRA_SIGNS)
-        return TrainingError(f"training rank {rank} failed first ({how}); horovodrun exited {returncode} and "
+        return TrainingError(f"training rank {rank} failed first ({how}){where}; horovodrun exited {returncode} and "
                              f"stopped the other ranks. Last lines of rank {rank}:\n  {last}",
                              rank=rank, exit_code=code, retryable=retryable)
 

@@ -57,8 +57,10 @@ def source_label(cfg: DataConfig) -> str:
 
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 CSV_SUFFIXES = {".csv", ".csv.gz", ".csv.zip"}
-BATCH_ROWS = 131_072
-"""Rows per batch when a source is streamed (sharding): memory stays flat as the data grows."""
+BATCH_ROWS = 65_536
+"""Rows per batch when a source is streamed (sharding): memory stays flat as the data grows.
+Small enough that a month of the 3x flights (about 81k rows, one file) already fills a batch, so
+memory does not step up when files grow past it."""
 
 
 def _suffix(path: Path) -> str:
@@ -168,7 +170,7 @@ def iter_source(cfg: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[tuple
             continue
         _check_columns(_parquet_columns(path), wanted, origin)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # read as it goes, not the whole file
             if pf.metadata.num_rows == 0:
                 raise DataContractError(f"{origin}: no rows (an empty file); the data contract needs labelled rows")
             for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):

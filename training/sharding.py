@@ -338,7 +338,8 @@ def shard_assignment(n_train: int, sizes: list[int], seed: int) -> np.ndarray:
     """Shard index of each train row (in source order): one seeded shuffle of the window, then
     consecutive slices of ``sizes``, so shards are disjoint, cover the window and are random samples
     of it, and only this small array (2 bytes a row) is held, never the rows."""
-    order = np.random.default_rng(seed).permutation(n_train)
+    index = np.arange(n_train, dtype=np.int32 if n_train < 2**31 else np.int64)  # half the bytes of int64
+    order = np.random.default_rng(seed).permutation(index)
     shard_of = np.empty(n_train, dtype=np.int16 if len(sizes) < 2**15 else np.int32)
     offset = 0
     for i, size in enumerate(sizes):

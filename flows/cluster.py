@@ -182,41 +182,29 @@ def cluster_overrides(state: ClusterState) -> list[str]:
 
 
 def deploy_to_pool(state: ClusterState, config: Path | None) -> dict[str, str]:
-    """Training and monitoring deployments from this repository's source in the worker's pool,
-    plus the rerun automation (the same objects ``ringflow deploy`` makes, other work pool)."""
+    """The deployments ``ringflow deploy`` makes (flows/deployments.py: parameters, schedules,
+    the rerun trigger), sent to the worker's process pool instead of the serve process, with the
+    cluster's training settings in the default config."""
     from training.config import load_config
 
     use_stack(state)
+    from prefect.runner.storage import LocalStorage
+
+    from flows.deployments import build_deployments
+    from flows.monitoring import monitoring_flow
+    from flows.training_pipeline import training_pipeline
+
     cfg = load_config(config, cluster_overrides(state))
-    return _deploy(cfg)
-
-
-def _deploy(cfg) -> dict[str, str]:
-    from prefect import Flow
-    from prefect.schedules import Cron
-
-    from flows.deployments import MONITORING, TRAINING, apply_automation
-
-    params = cfg.model_dump(mode="json")
-    tz = cfg.schedules.timezone
-    tags = ["ringflow", cfg.name, "cluster"]
+    # By *module path*, not the file path a deployment records: a file entrypoint is loaded as a
+    # top-level module (`training_pipeline`), its result then pickles under that name and `cluster
+    # run` could not read it back. The storage's pull step starts each run in this repository.
+    modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
     ids: dict[str, str] = {}
-    for flow_name, module, name, parameters, cron in (
-        (TRAINING, "flows.training_pipeline", "training_pipeline", {"config": params, "reason": "scheduled"},
-         cfg.schedules.training_cron),
-        (MONITORING, "flows.monitoring", "monitoring_flow", {"config": params, "batch": "next", "trigger_rerun": True},
-         cfg.schedules.monitoring_cron),
-    ):
-        # From this repository's source: the worker's flow run starts with a set_working_directory
-        # pull step, then imports the flow by *module path* (not the file path from_source
-        # records): a file entrypoint is loaded as a top-level module `training_pipeline`, its
-        # result then pickles under that name and `cluster run` could not read it back.
-        flow = Flow.from_source(source=str(REPO_ROOT), entrypoint=f"{module.replace('.', '/')}.py:{name}")
-        dep = flow.to_deployment(name=flow_name, parameters=parameters, tags=tags, concurrency_limit=1,
-                                 schedules=[Cron(cron, timezone=tz, slug=f"{flow_name}-cron")])
-        dep.entrypoint = f"{module}.{name}"
-        ids[f"{flow_name}/{flow_name}"] = str(dep.apply(work_pool_name=WORK_POOL))
-    ids["automation"] = str(apply_automation(cfg, ids[f"{TRAINING}/{TRAINING}"]))
+    for dep in build_deployments(cfg):
+        dep.entrypoint = modules[dep.flow_name]
+        dep.storage = LocalStorage(str(REPO_ROOT))
+        dep.tags = [*dep.tags, "cluster"]
+        ids[f"{dep.flow_name}/{dep.name}"] = str(dep.apply(work_pool_name=WORK_POOL))  # also its trigger
     return ids
 
 
@@ -307,10 +295,10 @@ def run(home: Path, config: Path | None, overrides: list[str], echo=print):
     use_stack(state)
     from prefect.deployments import run_deployment
 
-    from flows.deployments import TRAINING
+    from flows.deployments import REASON_MANUAL, TRAINING
 
     fr = run_deployment(name=f"{TRAINING}/{TRAINING}", parameters={"config": cfg.model_dump(mode="json"),
-                        "reason": "manual"}, timeout=0)
+                        "reason": REASON_MANUAL}, timeout=0)
     echo(f"submitted flow run {fr.name}: {urls(state)['prefect']}/runs/flow-run/{fr.id}")
     fr = follow_flow_run(fr.id, timeout_s=cfg.training.timeout_s + 1800, echo=echo)
     if not fr.state.is_completed():

@@ -375,8 +375,9 @@ def up_cmd(
     stack: Annotated[bool, typer.Option(help="Also start the stack on h0 and the worker on h1.")] = True,
 ) -> None:
     """Build the cluster (idempotent) and print its hosts, addresses, roles and URLs."""
-    home = _home()
     try:
+        preflight()  # before anything is written: not root, no `ip netns`, no sshd
+        home = _home()
         state = up(home, hosts, _default_config(config), stack=stack, echo=typer.echo)
     except (ClusterError, OSError) as e:
         _fail(e)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import os
 import shutil
 import signal

@@ -3,7 +3,7 @@
 The model is ``training/pyfunc_model.py`` (MLflow "models from code": the file, not a pickled
 object). Its signature types every input column, which is what ``mlflow models serve`` parses
 requests with: numeric features are ``double`` (JSON and CSV integers are accepted and converted;
-a value that is not a number is a 400 naming the column), everything else is ``string``
+a value that is not a number is a 400, in JSON naming the column), everything else is ``string``
 (categoricals, and timestamps as ISO-8601 text). ``signature_for`` is the one place that decides
 a column's type.
 

@@ -47,14 +47,20 @@ def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
         raise typer.Exit(2) from None
 
 
-def _prepare_environment() -> None:
-    """Embedded defaults: state under RINGFLOW_HOME; env values win when set."""
+def _prepare_environment(local_store: bool = True) -> None:
+    """Embedded defaults: state under RINGFLOW_HOME; env values win when set.
+
+    ``local_store``: the command logs to MLflow itself, so a local SQLite store is created here
+    when no server is named (not for up/down/status/deploy: the stack chooses its own store).
+    """
     from training.telemetry import telemetry_off
 
     telemetry_off()  # MLflow, Prefect and Evidently usage telemetry: off unless the user sets it
     # `ringflow shard/train` run a task outside a flow; its logs go to the terminal only.
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars garble the stage log
+    # Prefect gives its ephemeral API 20 s to start; a busy 2-core machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from training.config import get_settings
 
     s = get_settings()
@@ -63,9 +69,10 @@ def _prepare_environment() -> None:
 
     apply_stack_env(s.home)  # stack up (`ringflow up`): report to its servers unless env says otherwise
     os.environ.setdefault("MLFLOW_TRACKING_URI", s.tracking_uri)
-    from tasks.tracking import ensure_store
+    if local_store:
+        from tasks.tracking import ensure_store
 
-    ensure_store(os.environ["MLFLOW_TRACKING_URI"])  # once, under a lock: concurrent runs on a new home
+        ensure_store(os.environ["MLFLOW_TRACKING_URI"])  # once, under a lock: concurrent runs on a new home
 
 
 def _fail(stage_error: Exception) -> None:
@@ -138,7 +145,7 @@ def up(
 ) -> None:
     """Start Prefect server, MLflow server and the deployment runner (idempotent); deploy."""
     cfg = _config(config, set_)
-    _prepare_environment()
+    _prepare_environment(local_store=False)
     from flows.stack import StackError, StackSettings
     from flows.stack import up as stack_up
 
@@ -169,7 +176,7 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show the stack's processes, health, deployments, schedules and the rerun automation."""
-    _prepare_environment()
+    _prepare_environment(local_store=False)
     from flows.stack import StackError, deployment_summary
     from flows.stack import status as stack_status
 
@@ -200,7 +207,7 @@ def status() -> None:
 def deploy(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Create/update the deployments, their cron schedules and the rerun-on-anomaly automation."""
     cfg = _config(config, set_)
-    _prepare_environment()
+    _prepare_environment(local_store=False)
     if not os.environ.get("PREFECT_API_URL"):
         typer.secho("no Prefect server: run `ringflow up` or set PREFECT_API_URL", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 telemetry_off()  # MLflow, Prefect and Evidently send nothing from the tests (training/telemetry.py)
 # Tests call tasks outside flows; those logs stay local (as `ringflow shard/train` does).
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# A loaded 2-core machine starts the ephemeral Prefect API (`ringflow run` in a subprocess) slowly.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @pytest.fixture(scope="session")

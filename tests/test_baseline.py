@@ -98,3 +98,20 @@ def test_gate_refuses_a_network_the_baseline_beats(prefect_harness, ringflow_hom
     assert threshold == pytest.approx(run.data.metrics["decision_threshold"], abs=1e-6) and threshold != 0.5
     sources = {mv.source for mv in client.search_model_versions(f"name='{weak.registry.model_name}'")}
     assert sources and f"models:/{baseline[0].model_id}" not in sources
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_default_network_beats_the_baseline_on_the_default_config(prefect_harness, ringflow_home):
+    """Issue 17 on the default config (six smoke weeks are too few for the network to beat the
+    baseline): the default pipeline's candidate passes the baseline gate and is promoted.
+    Measured margin on the default test window: +0.002 ROC AUC (README, Model quality)."""
+    from flows.training_pipeline import training_pipeline
+    from tests.conftest import ROOT
+    from training.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "flights.yaml")
+    assert cfg.gate.must_beat_baseline and cfg.gate.baseline == "hgb"
+    result = training_pipeline(cfg, reason="test-default-vs-baseline")
+    assert result.metrics["roc_auc"] > result.baseline_metrics["roc_auc"], result.decision
+    assert result.promoted, result.decision

@@ -21,33 +21,24 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from monitoring.events import ANOMALY_EVENT, CAUSE_LABEL, RERUN_TRIGGER, TRAINING_DEPLOYMENT, rerun_parameters
+from monitoring.events import model_resource_id as event_resource_id
 from training.config import PipelineConfig, load_config
 
 TRAINING = "training-pipeline"
 MONITORING = "monitoring"
 DEPLOYMENT_NAMES = [f"{TRAINING}/{TRAINING}", f"{MONITORING}/{MONITORING}"]
-AUTOMATION_NAME = "ringflow-rerun-on-anomaly"
-ANOMALY_EVENT = "ringflow.anomaly.detected"
+AUTOMATION_NAME = RERUN_TRIGGER
 REASON_MANUAL = "manual"
 REASON_SCHEDULED = "scheduled"
+RERUN_PARAMETERS: dict[str, Any] = rerun_parameters()
+"""The training run's parameters, read from the event (paths checked against the payload model)."""
+
+assert DEPLOYMENT_NAMES[0] == TRAINING_DEPLOYMENT, "the rerun runs the training deployment declared here"
 
 
 def model_resource_id(cfg: PipelineConfig) -> str:
-    return f"ringflow.model.{cfg.registry.model_name}"
-
-
-def _json_template(expr: str) -> dict[str, Any]:
-    # Renders to the JSON value of the expression (a dict stays a dict, not its repr string).
-    # Prefect 3.9 does this itself for a bare "{{ expr }}"; being explicit keeps it so.
-    return {"__prefect_kind": "json", "value": {"__prefect_kind": "jinja", "template": "{{ " + expr + " | tojson }}"}}
-
-
-RERUN_PARAMETERS: dict[str, Any] = {
-    "config": _json_template("event.payload.rerun.config"),
-    "reason": _json_template("event.payload.rerun.reason"),
-    "parent_run_id": _json_template("event.payload.monitoring_run_id"),
-    "anomaly_id": _json_template("event.payload.anomaly_id"),
-}
+    return event_resource_id(cfg.registry.model_name)
 
 
 def rerun_trigger(cfg: PipelineConfig):
@@ -62,8 +53,6 @@ def rerun_trigger(cfg: PipelineConfig):
     """
     from prefect.events import DeploymentEventTrigger
     from prefect.events.schemas.automations import Posture
-
-    from tasks.monitor import CAUSE_LABEL
 
     return DeploymentEventTrigger(
         name=AUTOMATION_NAME,

@@ -32,6 +32,17 @@ from monitoring.anomalies import (
     psi,
     schema_diff,
 )
+from monitoring.events import (
+    ANOMALY_EVENT,
+    CAUSE_LABEL,
+    REPORT_EVENT,
+    RERUN_TRIGGER,
+    TRAINING_DEPLOYMENT,
+    AnomalyEventPayload,
+    ModelRef,
+    RerunRequest,
+    model_resource_id,
+)
 from monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecord, next_batch_month
 from monitoring.reports import (
     PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports, sample_rows,
@@ -50,16 +61,7 @@ from training.pyfunc import predict_rows
 
 CHAMPION = "champion"
 KIND_TAG = "ringflow.kind"
-ANOMALY_EVENT = "ringflow.anomaly.detected"
-"""Triggers the rerun automation: emitted only with a rerun plan."""
-REPORT_EVENT = "ringflow.anomaly.reported"
-CAUSE_LABEL = "ringflow.anomaly.cause"
-"""Resource label of an anomaly event: its anomaly types; the rerun trigger allows one run per
-cause per cooldown (flows/deployments.py), whatever number of events arrives."""
-"""Anomalies that cause no rerun (suppressed, alert-only, ``trigger_rerun=False``): visible in
-the event feed, matched by no automation."""
-AUTOMATION_NAME = "ringflow-rerun-on-anomaly"
-TRAINING_DEPLOYMENT = "training-pipeline/training-pipeline"
+AUTOMATION_NAME = RERUN_TRIGGER
 SCORE_CHUNK = 200_000
 
 
@@ -73,7 +75,7 @@ def _tracking() -> MlflowClient:
 
 
 def _resource_id(cfg: PipelineConfig) -> str:
-    return f"ringflow.model.{cfg.registry.model_name}"
+    return model_resource_id(cfg.registry.model_name)
 
 
 # --------------------------------------------------------------------------- champion
@@ -609,21 +611,19 @@ class RerunAction(BaseModel):
 
 def event_payload(plan: RerunPlan | None, anomalies: list[Anomaly], monitoring_run_id: str,
                   champion: ChampionInfo, batch_label: str, decision: PolicyDecision) -> dict[str, Any]:
-    """The ``ringflow.anomaly.detected`` payload; the automation reads ``rerun.config``,
-    ``rerun.reason``, ``monitoring_run_id`` and ``anomaly_id``."""
-    return {
-        "anomaly_id": plan.anomaly_id if plan else (anomalies[0].id if anomalies else None),
-        "monitoring_run_id": monitoring_run_id,
-        "model": {"name": champion.model_name, "version": champion.version,
-                  "training_run_id": champion.training_run_id},
-        "batch": batch_label,
-        "anomalies": [a.model_dump(mode="json") for a in anomalies],
-        "rerun": None if plan is None else {
-            "config": plan.config.model_dump(mode="json"), "reason": plan.reason, "overrides": plan.overrides,
-            "anomaly_ids": plan.anomaly_ids, "anomaly_types": plan.anomaly_types, "notes": plan.notes,
-        },
-        "suppressed": decision.suppressed,
-    }
+    """The anomaly event's payload (the typed contract in ``monitoring/events.py``), as JSON."""
+    return AnomalyEventPayload(
+        anomaly_id=plan.anomaly_id if plan else (anomalies[0].id if anomalies else None),
+        monitoring_run_id=monitoring_run_id,
+        model=ModelRef(name=champion.model_name, version=champion.version, training_run_id=champion.training_run_id),
+        batch=batch_label,
+        anomalies=[a.model_dump(mode="json") for a in anomalies],
+        rerun=None if plan is None else RerunRequest(
+            config=plan.config.model_dump(mode="json"), reason=plan.reason, overrides=plan.overrides,
+            anomaly_ids=plan.anomaly_ids, anomaly_types=plan.anomaly_types, notes=plan.notes,
+        ),
+        suppressed=decision.suppressed,
+    ).model_dump(mode="json")
 
 
 def _automation_enabled(name: str) -> bool:

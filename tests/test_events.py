@@ -1,0 +1,54 @@
+"""The anomaly event is one typed contract: the emitter's payload, the trigger's templates and the
+training flow's parameters must agree, and a rename on one side cannot go unnoticed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+
+import pytest
+
+from monitoring import events
+from monitoring.anomalies import Anomaly, AnomalyType, Severity
+from monitoring.policy import BatchWindow, decide
+from training.config import PipelineConfig
+
+
+def _payload() -> dict:
+    from tasks.monitor import ChampionInfo, event_payload
+
+    cfg = PipelineConfig()
+    anomaly = Anomaly(type=AnomalyType.DATA_DRIFT, severity=Severity.WARNING, message="drift",
+                      evidence={}, key={"batch": "2013-07"})
+    decision = decide([anomaly], cfg, batch=BatchWindow(start=dt.date(2013, 7, 1), end=dt.date(2013, 8, 1),
+                                                         labelled=True))
+    champion = ChampionInfo(model_name="flights-delay", version="3", model_uri="models:/flights-delay/3",
+                            training_run_id="r1")
+    return event_payload(decision.plan, [anomaly], "mon-run-1", champion, "2013-07", decision)
+
+
+def test_every_trigger_parameter_resolves_on_the_emitters_payload():
+    payload = _payload()
+    events.AnomalyEventPayload.model_validate(payload)  # the emitter fills the typed contract
+    values = {param: events.resolve(payload, path) for param, path in events.RERUN_PARAMETER_PATHS.items()}
+    assert all(v is not None for v in values.values()), values
+    assert values["parent_run_id"] == "mon-run-1"
+    PipelineConfig.model_validate(values["config"])  # the rerun's config is a valid config
+
+
+def test_trigger_parameters_are_the_training_flows_parameters():
+    from flows.deployments import RERUN_PARAMETERS, TRAINING_DEPLOYMENT
+    from flows.training_pipeline import training_pipeline
+
+    flow_params = set(inspect.signature(training_pipeline.fn).parameters)
+    assert set(RERUN_PARAMETERS) <= flow_params
+    assert TRAINING_DEPLOYMENT == events.TRAINING_DEPLOYMENT == f"{training_pipeline.name}/{training_pipeline.name}"
+    for param, path in events.RERUN_PARAMETER_PATHS.items():
+        assert RERUN_PARAMETERS[param]["value"]["template"] == "{{ event.payload." + ".".join(path) + " | tojson }}"
+
+
+def test_a_renamed_payload_field_fails_loudly():
+    with pytest.raises(AttributeError, match="'reasons' is not a field of RerunRequest"):
+        events._field_type(events.AnomalyEventPayload, ("rerun", "reasons"))
+    with pytest.raises(AttributeError, match="'monitoring_run' is not a field of AnomalyEventPayload"):
+        events._field_type(events.AnomalyEventPayload, ("monitoring_run",))

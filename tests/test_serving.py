@@ -114,6 +114,14 @@ def expected(served_home):
     return predict_rows(mlflow.pyfunc.load_model(model_uri), _raw_rows())
 
 
+def _records(rows: pd.DataFrame) -> str:
+    """The rows as a JSON request body, every float exactly (pandas' to_json rounds to 10
+    decimals: 17.261699999999998 -> 17.2617, a different double, which can fall on the other side
+    of a quantile-bin edge of the model's features)."""
+    plain = rows.astype(object).where(rows.notna(), None).to_dict(orient="records")
+    return json.dumps({"dataframe_records": plain})
+
+
 def _predictions(response: httpx.Response) -> np.ndarray:
     assert response.status_code == 200, response.text
     return np.asarray(response.json()["predictions"], dtype=np.float64).ravel()
@@ -121,8 +129,7 @@ def _predictions(response: httpx.Response) -> np.ndarray:
 
 def test_serves_raw_rows_as_json(server, expected):
     rows = _raw_rows()
-    body = '{"dataframe_records": ' + rows.to_json(orient="records", date_format="iso") + "}"
-    got = _predictions(httpx.post(f"{server}/invocations", content=body,
+    got = _predictions(httpx.post(f"{server}/invocations", content=_records(rows),
                                   headers={"Content-Type": "application/json"}, timeout=60))
     assert got.shape == (len(rows),) and np.all((got >= 0) & (got <= 1)) and got.std() > 0
     np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -163,7 +170,7 @@ def test_mlflow_models_predict_on_raw_rows(served_home, expected, tmp_path, cont
     rows = _raw_rows()
     path = tmp_path / f"rows.{content_type}"
     if content_type == "json":
-        path.write_text('{"dataframe_records": ' + rows.to_json(orient="records", date_format="iso") + "}")
+        path.write_text(_records(rows))
     else:
         # `mlflow models predict` reads CSV without the signature's types (`serve` uses them):
         # numbers must be written as decimals there (README, "Serve the model")

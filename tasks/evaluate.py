@@ -25,7 +25,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from training.baseline import baseline_proba, fit_baseline
+from training.baseline import BASELINE_MAX_ROWS, baseline_proba, fit_baseline
 from training.config import GateConfig, PipelineConfig, get_settings
 from training.manifest import Manifest
 from training.metrics import (
@@ -215,13 +215,20 @@ def model_columns(model, frame: pd.DataFrame) -> list[str]:
     return [c for c in wanted if c in frame.columns]
 
 
+def _sample(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    return frame if share >= 1.0 else frame.sample(n=max(1, round(len(frame) * share)), random_state=seed)
+
+
 def score_baseline(cfg: PipelineConfig, manifest: Manifest, key: bytes | None, test: pd.DataFrame, log):
     """Fit the baseline on the manifest's train shards (the candidate's train window), choose its
     threshold on the validation file, score the test rows: (model, test probabilities, threshold)."""
     import time
 
     num, cat = manifest.numeric_features, manifest.categorical_features
-    train = pd.concat([manifest.read(s, key) for s in manifest.shards], ignore_index=True)
+    total = sum(s.rows for s in manifest.shards)
+    share = min(1.0, BASELINE_MAX_ROWS / max(total, 1))  # big windows: a uniform sample, one shard at a time
+    train = pd.concat([_sample(manifest.read(s, key), share, seed=s.index) for s in manifest.shards],
+                      ignore_index=True)
     t0 = time.perf_counter()
     model = fit_baseline(cfg.gate.baseline, train, manifest.target_column, num, cat, seed=cfg.training.seed)
     log.info("evaluate: baseline %s fitted on %d train rows in %.1fs", cfg.gate.baseline, len(train),

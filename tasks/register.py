@@ -139,7 +139,8 @@ def register_candidate(
     moves = [m for m in moves if m]
     champion = current_champion(client, name)
     for m in moves:
-        log.info("register: alias %s: v%s -> v%s", m["alias"], m["from"], m["to"])
+        log.info("register: alias %s: %s -> %s", m["alias"], f"v{m['from']}" if m["from"] else "none",
+                 f"v{m['to']}" if m["to"] else "none")
     return RegistrationResult(
         model_name=name, version=version, promoted=promote,
         champion_version=str(champion.version) if champion else None, alias_moves=moves,

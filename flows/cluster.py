@@ -94,7 +94,7 @@ def start_stack(state: ClusterState, config: Path | None, settings: ClusterSetti
         MLFLOW_SERVER_ALLOWED_HOSTS=",".join([f"{h0.address}:{MLFLOW_PORT}", h0.address, f"h0:{MLFLOW_PORT}", "h0",
                                               "localhost:*", "127.0.0.1:*"]),
     )
-    argv = [str(BIN / "ringflow"), "up", "--no-serve"] + (["--config", str(config)] if config else [])
+    argv = [str(BIN / "ringflow"), "up", "--no-serve"] + (["--config", str(Path(config).resolve())] if config else [])
     log = log_dir(home) / "h0-stack.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:

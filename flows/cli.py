@@ -53,14 +53,9 @@ def _prepare_environment(local_store: bool = True) -> None:
     ``local_store``: the command logs to MLflow itself, so a local SQLite store is created here
     when no server is named (not for up/down/status/deploy: the stack chooses its own store).
     """
-    from training.telemetry import telemetry_off
+    from training.environment import process_defaults
 
-    telemetry_off()  # MLflow, Prefect and Evidently usage telemetry: off unless the user sets it
-    # `ringflow shard/train` run a task outside a flow; its logs go to the terminal only.
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars garble the stage log
-    # Prefect gives its ephemeral API 20 s to start; a busy 2-core machine can need more.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    process_defaults()  # telemetry off, quiet stage logs, patient ephemeral API (user's values win)
     from training.config import get_settings
 
     s = get_settings()

@@ -24,6 +24,7 @@ from typing import Any
 from monitoring.events import ANOMALY_EVENT, CAUSE_LABEL, RERUN_TRIGGER, TRAINING_DEPLOYMENT, rerun_parameters
 from monitoring.events import model_resource_id as event_resource_id
 from training.config import PipelineConfig, load_config
+from training.environment import process_defaults
 
 TRAINING = "training-pipeline"
 MONITORING = "monitoring"
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         problem = runner_health()
         print(problem or "ok")
         sys.exit(1 if problem else 0)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # runs' logs, not tqdm bars
+    process_defaults()  # the runner and its flow runs: same library defaults as the CLI
     cfg = _load(a.config_json, a.config)
     if a.command == "serve":
         serve(cfg, limit=a.limit)

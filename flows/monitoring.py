@@ -39,6 +39,7 @@ from tasks.monitor import (
     start_monitoring_run,
     training_health,
 )
+from training import tags
 from training.config import PipelineConfig, get_settings
 
 
@@ -120,19 +121,19 @@ def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "nex
         if anomalies:
             payload = event_payload(plan, anomalies, run_id, champion, data.label, decision)
             action = act(cfg, payload, plan, trigger_rerun)
-        tags = {"ringflow.decision": decision.summary()[:5000], "ringflow.action": action.mode}
+        run_tags = {tags.DECISION: decision.summary()[:5000], tags.ACTION: action.mode}
         if action.mode in ("automation", "run_deployment"):
             record = RerunRecord(time=dt.datetime.now(dt.timezone.utc), monitoring_run_id=run_id,
                                  anomaly_ids=plan.anomaly_ids, anomaly_types=plan.anomaly_types, reason=plan.reason)
-            tags.update(record.to_tags())
-            tags["ringflow.rerun_anomaly_id"] = plan.anomaly_id
+            run_tags.update(record.to_tags())
+            run_tags[tags.RERUN_ANOMALY_ID] = plan.anomaly_id
             if action.event_id:
-                tags["ringflow.event_id"] = action.event_id
+                run_tags[tags.EVENT_ID] = action.event_id
             if action.flow_run_id:
-                tags["ringflow.rerun_flow_run_id"] = action.flow_run_id
-        finish_monitoring_run(run_id, tags)
+                run_tags[tags.RERUN_FLOW_RUN_ID] = action.flow_run_id
+        finish_monitoring_run(run_id, run_tags)
     except BaseException:
-        finish_monitoring_run(run_id, {"ringflow.decision": "monitoring failed"}, status="FAILED")
+        finish_monitoring_run(run_id, {tags.DECISION: "monitoring failed"}, status="FAILED")
         raise
 
     result = MonitoringResult(

@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from flows import postgres
 from training.config import PipelineConfig, get_settings
 from training.launch import kill_tree  # also reaches flow runs' horovodrun ranks in their own sessions
-from training.telemetry import telemetry_off
+from training.environment import process_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts (prefect, mlflow)
@@ -356,7 +356,7 @@ def _deployments_ready(api_url: str, auth: tuple[str, str] | None, names: list[s
 def _services(st: StackSettings, home: Path, config_json: Path | None, database: str = "sqlite") -> list[Service]:
     base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_KEY")}
     base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    telemetry_off(base)  # servers, the runner and its flow runs send no usage telemetry
+    process_defaults(base)  # servers, the runner and its flow runs: no telemetry, quiet logs (as the CLI)
     base["RINGFLOW_HOME"] = str(home)
     base["PYTHONUNBUFFERED"] = "1"
 

@@ -19,6 +19,7 @@ from tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
 from tasks.register import register_candidate
 from tasks.shard import shard_data
 from tasks.train import train_model
+from training import tags
 from training.config import PipelineConfig, get_settings
 
 
@@ -81,9 +82,9 @@ def training_pipeline(
     settings = get_settings()
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
     cached = dict(cache_policy=DEFAULT, persist_result=True)
-    run_tags = {"ringflow.reason": reason}
+    run_tags = {tags.REASON: reason}
     if anomaly_id:
-        run_tags["ringflow.anomaly_id"] = anomaly_id
+        run_tags[tags.ANOMALY_ID] = anomaly_id
 
     manifest_path = _stage("shard", shard_data.with_options(**cached), config)
     trained = _stage("train", train_model.with_options(**cached), config, manifest_path,

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from monitoring.anomalies import Anomaly, AnomalyType, Severity, TrainingObservation
+from training import tags
 from training.config import ConfigError, PipelineConfig, Window, Windows, with_overrides
 
 RETRAIN_RECENT = {
@@ -37,10 +38,10 @@ RETRAIN_RECENT = {
 TRAINING_FIXES = {AnomalyType.TRAINING_DIVERGED, AnomalyType.STRAGGLER, AnomalyType.TRAINING_FAILED}
 ALERT_ONLY = {AnomalyType.MISSING_VALUES, AnomalyType.SCHEMA_CHANGE, AnomalyType.THROUGHPUT_DROP}
 
-TAG_TRIGGERED = "ringflow.rerun_triggered"
-TAG_ANOMALY_IDS = "ringflow.anomaly_ids"
-TAG_ANOMALY_TYPES = "ringflow.anomaly_types"
-TAG_REASON = "ringflow.rerun_reason"
+TAG_TRIGGERED = tags.RERUN_TRIGGERED
+TAG_ANOMALY_IDS = tags.ANOMALY_IDS
+TAG_ANOMALY_TYPES = tags.ANOMALY_TYPES
+TAG_REASON = tags.RERUN_REASON
 
 
 class BatchWindow(BaseModel):
@@ -69,10 +70,10 @@ class RerunRecord(BaseModel):
         }
 
     @classmethod
-    def from_tags(cls, tags: dict[str, str], time: dt.datetime, run_id: str | None = None) -> RerunRecord:
+    def from_tags(cls, run_tags: dict[str, str], time: dt.datetime, run_id: str | None = None) -> RerunRecord:
         split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
-        return cls(time=time, monitoring_run_id=run_id, anomaly_ids=split(tags.get(TAG_ANOMALY_IDS)),
-                   anomaly_types=split(tags.get(TAG_ANOMALY_TYPES)), reason=tags.get(TAG_REASON, ""))
+        return cls(time=time, monitoring_run_id=run_id, anomaly_ids=split(run_tags.get(TAG_ANOMALY_IDS)),
+                   anomaly_types=split(run_tags.get(TAG_ANOMALY_TYPES)), reason=run_tags.get(TAG_REASON, ""))
 
 
 class RerunPlan(BaseModel):

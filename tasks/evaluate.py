@@ -25,6 +25,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+from training import tags
 from training.baseline import BASELINE_MAX_ROWS, baseline_proba, fit_baseline
 from training.config import GateConfig, PipelineConfig, get_settings
 from training.manifest import Manifest
@@ -53,7 +54,7 @@ class MetricVerdict(BaseModel):
     @property
     def tag(self) -> str:
         """MLflow tag key: one per check, so a floor and a comparison on the same metric both show."""
-        return f"gate.reason.{self.metric}" if self.check == "floor" else f"gate.reason.{self.check}.{self.metric}"
+        return tags.GATE_REASON_PREFIX + (self.metric if self.check == "floor" else f"{self.check}.{self.metric}")
 
 
 class GateDecision(BaseModel):
@@ -256,7 +257,7 @@ def log_baseline_model(model, manifest: Manifest, example: pd.DataFrame, thresho
         model, name="baseline", input_example=frame, pyfunc_predict_fn="predict_proba",
         # stated, not inferred: inference imports the model in a subprocess (seconds per evaluation)
         pip_requirements=[f"{d}=={version(d).split('+')[0]}" for d in ("scikit-learn", "numpy", "pandas")],
-        params={THRESHOLD_PARAM: f"{threshold:.6f}"}, tags={"ringflow.role": "baseline"},
+        params={THRESHOLD_PARAM: f"{threshold:.6f}"}, tags={tags.ROLE: "baseline"},
         # skops refuses types it cannot vet; this model was fitted in this process, and these are
         # exactly the ones the fitted pipeline holds (the trees' node arrays, the encoder's checks)
         skops_trusted_types=SKOPS_TRUSTED_TYPES,
@@ -353,12 +354,12 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
         mlflow.log_figure(roc, "evaluation/roc_pr_curves.png")
         mlflow.log_figure(cal, "evaluation/calibration_curve.png")
         mlflow.set_tags({
-            "gate.decision": "promote" if decision.promote else "reject",
-            "gate.primary_metric": decision.primary_metric,
-            "gate.champion_version": str(champ_mv.version) if champ_mv else "none",
-            "gate.baseline": cfg.gate.baseline,
+            tags.GATE_DECISION_RUN: "promote" if decision.promote else "reject",
+            tags.GATE_PRIMARY_METRIC: decision.primary_metric,
+            tags.GATE_CHAMPION_VERSION: str(champ_mv.version) if champ_mv else "none",
+            tags.GATE_BASELINE: cfg.gate.baseline,
             **{v.tag: ("PASS " if v.passed else "FAIL ") + v.reason for v in decision.verdicts},
-            **({"gate.warning": " | ".join(decision.warnings)[:5000]} if decision.warnings else {}),
+            **({tags.GATE_WARNING: " | ".join(decision.warnings)[:5000]} if decision.warnings else {}),
         })
         ev = EvaluationResult(
             training_run_id=run_id, model_uri=info.model_uri, candidate_metrics=cand, candidate_threshold=threshold,

@@ -49,7 +49,8 @@ from monitoring.reports import (
 )
 from tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
 from tasks.links import mlflow_run_url
-from tasks.tracking import LAUNCHER_TAG, ensure_experiment, launcher_tag, mark_stale_runs
+from tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
+from training import tags
 from training.config import PipelineConfig, get_settings, with_overrides
 from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
 from training.manifest import Manifest, key_from_env
@@ -60,7 +61,6 @@ from training.summary import SUMMARY_FILE, TrainingSummary
 from training.pyfunc import predict_rows
 
 CHAMPION = "champion"
-KIND_TAG = "ringflow.kind"
 AUTOMATION_NAME = RERUN_TRIGGER
 SCORE_CHUNK = 200_000
 
@@ -113,14 +113,14 @@ def resolve_champion(cfg: PipelineConfig) -> ChampionInfo:
             f"no model version of {name!r} has the alias @{CHAMPION} in {get_settings().tracking_uri}: "
             "run the training pipeline first (`ringflow run`)"
         )
-    tags = dict(mv.tags or {})
-    run_id = tags.get("training_run_id")
-    auc = tags.get("test_roc_auc")
+    version_tags = dict(mv.tags or {})
+    run_id = version_tags.get(tags.TRAINING_RUN_ID)
+    auc = version_tags.get(tags.TEST_ROC_AUC)
     return ChampionInfo(
         decision_threshold=logged_threshold(getattr(mv, "model_id", None)) or 0.5,
         model_name=name, version=str(mv.version), model_uri=f"models:/{name}/{mv.version}",
-        training_run_id=run_id, manifest_path=tags.get("manifest_path"),
-        test_roc_auc=float(auc) if auc not in (None, "") else None, tags=tags,
+        training_run_id=run_id, manifest_path=version_tags.get(tags.MANIFEST_PATH),
+        test_roc_auc=float(auc) if auc not in (None, "") else None, tags=version_tags,
         training_config=_load_run_json(run_id, "config/pipeline_config.json") if run_id else None,
     )
 
@@ -440,17 +440,17 @@ def training_health(cfg: PipelineConfig) -> TrainingObservation | None:
     ids = _experiment_ids(client, cfg)
     if not ids:
         return None
-    runs = client.search_runs(ids, f"tags.`{KIND_TAG}` = 'training'", order_by=["attributes.start_time DESC"],
+    runs = client.search_runs(ids, tags.tag_filter(tags.KIND, tags.KIND_TRAINING), order_by=["attributes.start_time DESC"],
                               max_results=50)
     runs = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
     if not runs:
         return None
     last = runs[0]
-    ws = int(last.data.tags.get("world_size") or 0)
+    ws = int(last.data.tags.get(tags.WORLD_SIZE) or 0)
     if last.info.status == "FAILED":
         failures = 0
         for r in runs:
-            if r.info.status != "FAILED" or int(r.data.tags.get("world_size") or 0) != ws:
+            if r.info.status != "FAILED" or int(r.data.tags.get(tags.WORLD_SIZE) or 0) != ws:
                 break
             failures += 1
         return TrainingObservation(run_id=last.info.run_id, status="failed", world_size=ws, consecutive_failures=failures,
@@ -470,7 +470,7 @@ def training_health(cfg: PipelineConfig) -> TrainingObservation | None:
         per_rank=summary.per_rank if summary else [],
         previous_run_id=prev_id, previous_samples_per_s=prev_tput,
         checkpoint_dir=(summary and (summary.checkpoint_dir or summary.last_good_checkpoint))
-        or last.data.tags.get("checkpoint_dir"),
+        or last.data.tags.get(tags.CHECKPOINT_DIR),
         config=_load_run_json(last.info.run_id, "config/pipeline_config.json"),
     )
 
@@ -488,7 +488,8 @@ def _monitoring_runs(client: MlflowClient, cfg: PipelineConfig, extra: str = "",
     ids = _experiment_ids(client, cfg)
     if not ids:
         return []
-    f = f"tags.`{KIND_TAG}` = 'monitoring' and tags.`ringflow.model_name` = '{cfg.registry.model_name}'" + extra
+    f = (tags.tag_filter(tags.KIND, tags.KIND_MONITORING) + " and "
+         + tags.tag_filter(tags.MODEL_NAME, cfg.registry.model_name) + extra)
     return client.search_runs(ids, f, order_by=["attributes.start_time DESC"], max_results=n)
 
 
@@ -496,7 +497,7 @@ def _monitoring_runs(client: MlflowClient, cfg: PipelineConfig, extra: str = "",
 def rerun_history(cfg: PipelineConfig) -> list[RerunRecord]:
     """Past reruns: monitoring runs tagged ``ringflow.rerun_triggered=true`` (newest first)."""
     client = _tracking()
-    runs = _monitoring_runs(client, cfg, " and tags.`ringflow.rerun_triggered` = 'true'")
+    runs = _monitoring_runs(client, cfg, " and " + tags.tag_filter(tags.RERUN_TRIGGERED, "true"))
     return [RerunRecord.from_tags(r.data.tags, dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.timezone.utc),
                                   r.info.run_id) for r in runs]
 
@@ -504,7 +505,7 @@ def rerun_history(cfg: PipelineConfig) -> list[RerunRecord]:
 @task(name="last-monitored-month", cache_policy=NO_CACHE)
 def last_monitored_month(cfg: PipelineConfig) -> str | None:
     client = _tracking()
-    months = [r.data.tags.get("ringflow.batch_month") for r in _monitoring_runs(client, cfg)]
+    months = [r.data.tags.get(tags.BATCH_MONTH) for r in _monitoring_runs(client, cfg)]
     months = [m for m in months if m]
     return max(months) if months else None
 
@@ -517,26 +518,26 @@ def start_monitoring_run(cfg: PipelineConfig, champion: ChampionInfo, batch: Bat
     client = _tracking()
     exp_id = ensure_experiment(client, cfg.registry.experiment)
     mark_stale_runs(client, exp_id, "monitoring")  # left RUNNING by a monitoring process that died
-    tags = {
-        KIND_TAG: "monitoring", LAUNCHER_TAG: launcher_tag(),
-        "ringflow.model_name": champion.model_name, "ringflow.model_version": champion.version,
-        "ringflow.batch": batch.label, "ringflow.rerun_triggered": "false",
+    run_tags = {
+        tags.KIND: tags.KIND_MONITORING, tags.LAUNCHER: launcher_tag(),
+        tags.MODEL_NAME: champion.model_name, tags.MODEL_VERSION: champion.version,
+        tags.BATCH: batch.label, tags.RERUN_TRIGGERED: "false",
         "mlflow.runName": f"monitor-{champion.model_name}-v{champion.version}-{batch.month or 'file'}",
     }
     if champion.training_run_id:
-        tags["ringflow.training_run_id"] = champion.training_run_id
+        run_tags[tags.MONITORED_TRAINING_RUN_ID] = champion.training_run_id
     if batch.month:
-        tags["ringflow.batch_month"] = batch.month
+        run_tags[tags.BATCH_MONTH] = batch.month
     if batch.window:
-        tags["ringflow.batch_window"] = f"[{batch.window.start}, {batch.window.end})"
+        run_tags[tags.BATCH_WINDOW] = f"[{batch.window.start}, {batch.window.end})"
     try:
         from prefect import runtime
 
         if runtime.flow_run.id:
-            tags["ringflow.prefect_flow_run_id"] = str(runtime.flow_run.id)
+            run_tags[tags.PREFECT_FLOW_RUN_ID] = str(runtime.flow_run.id)
     except Exception:  # noqa: BLE001 - outside a flow run there is nothing to link
         pass
-    run = client.create_run(exp_id, tags=tags)
+    run = client.create_run(exp_id, tags=run_tags)
     if batch.frame is not None:
         log_batch_dataset(client, run.info.run_id, cfg, batch)
     return run.info.run_id
@@ -584,15 +585,15 @@ def log_monitoring_run(run_id: str, report: ReportSummary | None, metrics: dict[
     (out / "decision.json").write_text(decision.model_dump_json(indent=1))
     (out / "observation.json").write_text(obs.model_dump_json(indent=1))
     client.log_artifacts(run_id, str(out), "monitoring")
-    client.set_tag(run_id, "ringflow.anomaly_count", str(len(anomalies)))
+    client.set_tag(run_id, tags.ANOMALY_COUNT, str(len(anomalies)))
     if anomalies:
-        client.set_tag(run_id, "ringflow.anomaly_types", ",".join(sorted({a.type.value for a in anomalies})))
+        client.set_tag(run_id, tags.ANOMALY_TYPES, ",".join(sorted({a.type.value for a in anomalies})))
 
 
 @task(name="finish-monitoring-run", cache_policy=NO_CACHE)
-def finish_monitoring_run(run_id: str, tags: dict[str, str], status: str = "FINISHED") -> None:
+def finish_monitoring_run(run_id: str, run_tags: dict[str, str], status: str = "FINISHED") -> None:
     client = _tracking()
-    for k, v in tags.items():
+    for k, v in run_tags.items():
         client.set_tag(run_id, k, v)
     client.set_terminated(run_id, status)
 

@@ -19,6 +19,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from tasks.evaluate import CHAMPION, EvaluationResult, current_champion, version_by_alias
+from training import tags
 from training.config import PipelineConfig, get_settings
 from training.manifest import Manifest
 
@@ -67,14 +68,14 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str | None,
 
 def alias_history(client: MlflowClient, name: str) -> list[dict]:
     """All recorded alias moves of a registered model, oldest first."""
-    tags = client.get_registered_model(name).tags
-    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX))]
+    model_tags = client.get_registered_model(name).tags
+    return [json.loads(model_tags[k]) for k in sorted(k for k in model_tags if k.startswith(HISTORY_PREFIX))]
 
 
 def _existing_version(client: MlflowClient, name: str, run_id: str):
     """The version already registered for this training run (a retried stage must not register twice)."""
     for mv in client.search_model_versions(f"name='{name}'"):
-        if mv.tags.get("training_run_id") == run_id:
+        if mv.tags.get(tags.TRAINING_RUN_ID) == run_id:
             return mv
     return None
 
@@ -93,23 +94,23 @@ def register_candidate(
     name = cfg.registry.model_name
     manifest = Manifest.load(manifest_path)
     run_id = evaluation.training_run_id
-    tags = {
-        "training_run_id": run_id,
-        "data_fingerprint": manifest.fingerprint,
-        "manifest_path": str(manifest.path),
-        "config_hash": cfg.config_hash(),
-        "git_commit": git_commit(),
-        "world_size": str(train_result.world_size),
-        "test_roc_auc": f"{evaluation.candidate_metrics['roc_auc']:.6f}",
-        "gate_decision": "promote" if evaluation.decision.promote else "reject",
-        "gate_reasons": evaluation.decision.summary[:4000],
+    version_tags = {
+        tags.TRAINING_RUN_ID: run_id,
+        tags.DATA_FINGERPRINT: manifest.fingerprint,
+        tags.MANIFEST_PATH: str(manifest.path),
+        tags.CONFIG_HASH: cfg.config_hash(),
+        tags.GIT_COMMIT: git_commit(),
+        tags.WORLD_SIZE: str(train_result.world_size),
+        tags.TEST_ROC_AUC: f"{evaluation.candidate_metrics['roc_auc']:.6f}",
+        tags.GATE_DECISION: "promote" if evaluation.decision.promote else "reject",
+        tags.GATE_REASONS: evaluation.decision.summary[:4000],
     }
     if parent_run_id:
-        tags["parent_run_id"] = parent_run_id
+        version_tags[tags.PARENT_RUN_ID] = parent_run_id
 
     mv = _existing_version(client, name, run_id)
     if mv is None:
-        mv = mlflow.register_model(evaluation.model_uri, name, tags=tags)
+        mv = mlflow.register_model(evaluation.model_uri, name, tags=version_tags)
         log.info("register: %s version %s from run %s", name, mv.version, run_id)
     else:
         log.info("register: run %s is already version %s (retry), not registering again", run_id, mv.version)
@@ -125,7 +126,7 @@ def register_candidate(
         promote = False
         reason = (f"champion moved from v{evaluation.champion_version} to v{champion_now_version} during "
                   "evaluation; re-run the pipeline to compare against the new champion")
-        client.set_model_version_tag(name, version, "gate_decision", "reject")
+        client.set_model_version_tag(name, version, tags.GATE_DECISION, "reject")
         log.warning("register: %s", reason)
     else:
         reason = evaluation.decision.summary

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from training import tags
 from training.config import get_settings
 
 # Tracking servers keep artifacts where their operator said (`mlflow server --artifacts-destination`).
@@ -40,9 +41,6 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
 # --------------------------------------------------------------------------- the store and stale runs
 
-LAUNCHER_TAG = "ringflow.launcher"
-"""``host:pid:start`` of the process that owns a run: a run still RUNNING whose launcher is gone
-(``kill -9`` of the CLI, a crashed worker) is marked KILLED by the next run on that host."""
 
 
 def ensure_store(tracking_uri: str) -> None:
@@ -87,11 +85,11 @@ def _launcher_alive(tag: str) -> bool:
 def mark_stale_runs(client: MlflowClient, experiment_id: str, kind: str) -> list[str]:
     """Runs of ``kind`` left RUNNING by a launcher on this host that no longer exists -> KILLED."""
     stale = []
-    for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`ringflow.kind` = '{kind}'",
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING' and " + tags.tag_filter(tags.KIND, kind),
                                   max_results=200):
-        tag = run.data.tags.get(LAUNCHER_TAG)
+        tag = run.data.tags.get(tags.LAUNCHER)
         if tag and not _launcher_alive(tag):
-            client.set_tag(run.info.run_id, "ringflow.stale",
+            client.set_tag(run.info.run_id, tags.STALE,
                            f"launcher {tag} is gone; marked KILLED by {launcher_tag()}")
             client.set_terminated(run.info.run_id, "KILLED")
             stale.append(run.info.run_id)

@@ -31,12 +31,14 @@ from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.shard import resolve_data_key
-from tasks.tracking import LAUNCHER_TAG, ensure_experiment, launcher_tag, mark_stale_runs
+from tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
 from tasks.training_artifacts import EpochProgress, log_horovod_files, publish_rank_table, timeline_env
+from training import tags
 from training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
 from training.config import PipelineConfig, get_settings
 from training.launch import (
     RankOutput, TrainingError, TrainingTimeout, check_launchable, horovodrun_command, kill_tree, launch_env,
+    rank_hosts,
 )
 from training.manifest import KEY_ENV, Manifest
 from training.result import SUMMARY_FILE, TrainResult
@@ -44,8 +46,6 @@ from training.secrets import secrets_file
 
 __all__ = ["TrainResult", "TrainingError", "TrainingTimeout", "train_model"]
 
-KIND_TAG = "ringflow.kind"
-TASK_RUN_TAG = "ringflow.task_run_id"
 LOG_FILE = "horovodrun.log"
 
 _running: dict[int, subprocess.Popen] = {}
@@ -71,7 +71,7 @@ def _die_with_parent(cmd: list[str]) -> list[str]:
 def _find_run(client: MlflowClient, experiment_id: str, task_run_id: str | None):
     if not task_run_id:
         return None
-    runs = client.search_runs([experiment_id], f"tags.`{TASK_RUN_TAG}` = '{task_run_id}'", max_results=1)
+    runs = client.search_runs([experiment_id], tags.tag_filter(tags.TASK_RUN_ID, task_run_id), max_results=1)
     return runs[0] if runs else None
 
 
@@ -104,7 +104,7 @@ def run_horovod(cmd: list[str], env: dict[str, str], timeout_s: float, log_file:
     Raises :class:`TrainingTimeout` or :class:`TrainingError` (naming the first failing rank);
     on any exception, including cancellation, every process of the run is killed first.
     """
-    output = RankOutput()
+    output = RankOutput(hosts=rank_hosts(cmd))  # a failure names the rank's host too
     log_file.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(_die_with_parent(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
@@ -218,22 +218,23 @@ def train_model(
 
     if existing is not None:
         run = mlflow.start_run(run_id=existing.info.run_id)
-        mlflow.set_tag(LAUNCHER_TAG, launcher_tag())
+        mlflow.set_tag(tags.LAUNCHER, launcher_tag())
         log.info("attempt %d: continuing MLflow run %s", attempt, run.info.run_id)
     else:
-        tags = {
-            KIND_TAG: "training", "data_fingerprint": manifest.fingerprint, "manifest_path": str(manifest.path),
-            "config_hash": cfg.config_hash(), "world_size": str(tc.world_size), "ringflow.config_name": cfg.name,
-            "elastic": str(tc.elastic.enabled).lower(), LAUNCHER_TAG: launcher_tag(), **(run_tags or {}),
+        new_tags = {
+            tags.KIND: tags.KIND_TRAINING, tags.DATA_FINGERPRINT: manifest.fingerprint,
+            tags.MANIFEST_PATH: str(manifest.path), tags.CONFIG_HASH: cfg.config_hash(),
+            tags.WORLD_SIZE: str(tc.world_size), tags.CONFIG_NAME: cfg.name,
+            tags.ELASTIC: str(tc.elastic.enabled).lower(), tags.LAUNCHER: launcher_tag(), **(run_tags or {}),
         }
         if task_run_id:
-            tags[TASK_RUN_TAG] = task_run_id
+            new_tags[tags.TASK_RUN_ID] = task_run_id
         if runtime.flow_run.id:
-            tags["ringflow.flow_run_id"] = str(runtime.flow_run.id)
+            new_tags[tags.FLOW_RUN_ID] = str(runtime.flow_run.id)
         if parent_run_id:
-            tags["parent_run_id"] = parent_run_id
-        run = mlflow.start_run(experiment_id=experiment_id, tags=tags,
-                               run_name=run_name(cfg, (run_tags or {}).get("ringflow.reason")))
+            new_tags[tags.PARENT_RUN_ID] = parent_run_id
+        run = mlflow.start_run(experiment_id=experiment_id, tags=new_tags,
+                               run_name=run_name(cfg, (run_tags or {}).get(tags.REASON)))
     run_id = run.info.run_id
     out = settings.runs_dir / run_id
     status = "FAILED"
@@ -241,7 +242,7 @@ def train_model(
         if existing is None:
             _log_lineage(cfg, manifest, key)
         resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
-        mlflow.set_tags({"output_dir": str(out), "checkpoint_dir": str(out / CHECKPOINT_DIR)})
+        mlflow.set_tags({tags.OUTPUT_DIR: str(out), tags.CHECKPOINT_DIR: str(out / CHECKPOINT_DIR)})
         cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume)
         env = launch_env(
             cfg, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_RUN_ID=run_id, RINGFLOW_HOME=str(settings.home),
@@ -258,7 +259,7 @@ def train_model(
             with secrets_file(env, out) as env:
                 run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
         except TrainingError as e:
-            mlflow.set_tag(f"ringflow.attempt_{attempt}_error", str(e)[:5000])
+            mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
             raise
         finally:
             if (out / LOG_FILE).is_file():
@@ -270,10 +271,10 @@ def train_model(
         mlflow.log_artifact(str(out / SUMMARY_FILE), artifact_path="training")
         progress.update(100.0)  # early stopping ends before epoch N
         publish_rank_table(result, log)
-        mlflow.set_tags({"training_status": result.status, "world_size": str(result.world_size)})
+        mlflow.set_tags({tags.TRAINING_STATUS: result.status, tags.WORLD_SIZE: str(result.world_size)})
         mlflow.log_metric("training_wall_time_s", time.monotonic() - t0)
         if result.checkpoint_dir is None:
-            mlflow.set_tag("checkpoint_dir", "")
+            mlflow.set_tag(tags.CHECKPOINT_DIR, "")
         if result.status == "diverged":
             log.warning("training diverged (%s); returning status 'diverged' for the monitoring policy",
                         result.checkpoint_dir or "no checkpoint yet")

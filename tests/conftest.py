@@ -13,14 +13,12 @@ from pathlib import Path
 import pytest
 
 from training.config import PipelineConfig, load_config
-from training.telemetry import telemetry_off
+from training.environment import process_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-telemetry_off()  # MLflow, Prefect and Evidently send nothing from the tests (training/telemetry.py)
-# Tests call tasks outside flows; those logs stay local (as `ringflow shard/train` does).
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # A loaded 2-core machine starts the ephemeral Prefect API (`ringflow run` in a subprocess) slowly.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+process_defaults()  # what the CLI sets: telemetry off (nothing sent from the tests), local task logs
 
 
 @pytest.fixture(scope="session")

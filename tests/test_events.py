@@ -52,3 +52,25 @@ def test_a_renamed_payload_field_fails_loudly():
         events._field_type(events.AnomalyEventPayload, ("rerun", "reasons"))
     with pytest.raises(AttributeError, match="'monitoring_run' is not a field of AnomalyEventPayload"):
         events._field_type(events.AnomalyEventPayload, ("monitoring_run",))
+
+
+def test_tag_keys_are_declared_once():
+    """Every MLflow tag key literal lives in training/tags.py: no module writes or reads one as a
+    bare string (the seam that made a rename on one side silently break the other)."""
+    import re
+    from pathlib import Path
+
+    from training import tags
+
+    keys = {v for k, v in vars(tags).items() if k.isupper() and isinstance(v, str) and "{" not in v}
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*root.glob("flows/*.py"), *root.glob("tasks/*.py"), *root.glob("training/*.py"),
+                 *root.glob("monitoring/*.py")]:
+        if path.name == "tags.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for literal in re.findall(r'"(ringflow\.[a-z_]+|gate\.[a-z_]+)"', line):
+                if literal in keys:
+                    offenders.append(f"{path.relative_to(root)}:{n}: {literal}")
+    assert offenders == []

@@ -259,11 +259,23 @@ def test_failure_message_names_first_failing_rank():
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_manifest):
-    three = with_overrides(smoke_config, {"training.epochs": 3, "training.early_stopping_patience": 5})
-    two = with_overrides(three, {"training.epochs": 2})
+    """A run killed after its second epoch and resumed ends with the weights of an uninterrupted
+    run (same config, so the same learning-rate schedule over the planned epochs)."""
+    from training.launch import kill_tree
+
+    three = with_overrides(smoke_config, {"training.epochs": 3, "training.early_stopping_patience": 5,
+                                          "training.batch_size": 128})  # epochs long enough to kill in
     _run_program(three, smoke_manifest, tmp_path / "straight")
-    _run_program(two, smoke_manifest, tmp_path / "resumed")
-    resumed = _run_program(three, smoke_manifest, tmp_path / "resumed", resume=True)
+    out = tmp_path / "resumed"
+    p = subprocess.Popen(horovodrun_command(three, smoke_manifest.path, out), env=launch_env(three, MLFLOW_RUN_ID=None),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "epoch-0002.pt").exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    kill_tree(p.pid, grace_s=2)
+    p.wait()
+    assert not (out / "checkpoints" / "epoch-0003.pt").exists(), "killed too late: the run finished epoch 3"
+    resumed = _run_program(three, smoke_manifest, out, resume=True)
 
     assert resumed["resumed_from"].endswith("epoch-0002.pt") and resumed["epochs_completed"] == 3
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch-0003.pt")
@@ -427,7 +439,8 @@ def test_failures_are_classified_retryable_or_not(lines, code, retryable):
 def test_a_run_left_running_by_a_dead_launcher_is_marked_killed(ringflow_home):
     from mlflow import MlflowClient
 
-    from tasks.tracking import LAUNCHER_TAG, _start_ticks, ensure_experiment, mark_stale_runs
+    from tasks.tracking import _start_ticks, ensure_experiment, mark_stale_runs
+    from training.tags import LAUNCHER as LAUNCHER_TAG
 
     client = MlflowClient(f"sqlite:///{ringflow_home / 'mlflow.db'}")
     exp = ensure_experiment(client, "ringflow")

@@ -30,6 +30,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from training import tags
 from training.checkpoint import (
     CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
 )
@@ -42,9 +43,6 @@ from training.model import TabularNet, predict_logits, save_model
 from training.result import TrainingSummary
 from training.secrets import SecretsFileError, load_secrets
 from training.system_metrics import host_system_metrics
-STATUS_TAG = "training_status"
-HOSTS_TAG = "ringflow.hosts"
-"""Distinct hosts the ranks ran on (horovodrun's host names), comma-separated."""
 
 
 def log(msg: str) -> None:
@@ -449,9 +447,9 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
                                        for h in history], default=_json_default)),
     )
     summary.write(out)
-    run_log.tag(STATUS_TAG, status)
+    run_log.tag(tags.TRAINING_STATUS, status)
     if summary.hosts:
-        run_log.tag(HOSTS_TAG, ",".join(summary.hosts))
+        run_log.tag(tags.HOSTS, ",".join(summary.hosts))
     if best_rec:
         run_log.metrics({f"best_{k}": v for k, v in metrics.items() if k.startswith("val_") and v is not None},
                         step=state["best_epoch"] or 0)

@@ -1,0 +1,82 @@
+"""Every MLflow tag key ringflow writes or reads, once (in the spirit of MLflow's
+``mlflow/utils/mlflow_tags.py``). Writers and readers import these names; a key renamed here is
+renamed on both sides. Values are the keys as they are stored, so existing runs keep matching.
+"""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------- every ringflow run
+KIND = "ringflow.kind"
+"""What a run is: :data:`KIND_TRAINING` or :data:`KIND_MONITORING`."""
+KIND_TRAINING = "training"
+KIND_MONITORING = "monitoring"
+LAUNCHER = "ringflow.launcher"
+"""``host:pid:start`` of the process that owns the run (stale-run detection)."""
+STALE = "ringflow.stale"
+"""Why a run left RUNNING by a dead launcher was marked KILLED."""
+ROLE = "ringflow.role"
+"""A logged model's role in an evaluation (``baseline``)."""
+
+# --------------------------------------------------------------------------- training runs
+TASK_RUN_ID = "ringflow.task_run_id"
+"""The Prefect task run: a retry of the same task run continues the same MLflow run."""
+FLOW_RUN_ID = "ringflow.flow_run_id"
+CONFIG_NAME = "ringflow.config_name"
+REASON = "ringflow.reason"
+"""Why the pipeline ran: ``manual``, ``scheduled`` or an anomaly's reason."""
+ANOMALY_ID = "ringflow.anomaly_id"
+"""The anomaly an adaptive rerun answers."""
+HOSTS = "ringflow.hosts"
+"""Distinct hosts the ranks ran on, comma-separated."""
+TRAINING_STATUS = "training_status"
+WORLD_SIZE = "world_size"
+ELASTIC = "elastic"
+DATA_FINGERPRINT = "data_fingerprint"
+MANIFEST_PATH = "manifest_path"
+CONFIG_HASH = "config_hash"
+PARENT_RUN_ID = "parent_run_id"
+"""The monitoring run that caused a rerun (training runs and model versions)."""
+OUTPUT_DIR = "output_dir"
+CHECKPOINT_DIR = "checkpoint_dir"
+ATTEMPT_ERROR = "ringflow.attempt_{attempt}_error"
+"""Format with ``attempt=``: the error of that training attempt."""
+
+# --------------------------------------------------------------------------- evaluation (training run)
+GATE_DECISION_RUN = "gate.decision"
+GATE_PRIMARY_METRIC = "gate.primary_metric"
+GATE_CHAMPION_VERSION = "gate.champion_version"
+GATE_BASELINE = "gate.baseline"
+GATE_WARNING = "gate.warning"
+GATE_REASON_PREFIX = "gate.reason."
+"""``gate.reason.<metric>`` (floors) and ``gate.reason.<check>.<metric>``."""
+
+# --------------------------------------------------------------------------- model versions
+TRAINING_RUN_ID = "training_run_id"
+GIT_COMMIT = "git_commit"
+TEST_ROC_AUC = "test_roc_auc"
+GATE_DECISION = "gate_decision"
+GATE_REASONS = "gate_reasons"
+
+# --------------------------------------------------------------------------- monitoring runs
+MODEL_NAME = "ringflow.model_name"
+MODEL_VERSION = "ringflow.model_version"
+MONITORED_TRAINING_RUN_ID = "ringflow.training_run_id"
+BATCH = "ringflow.batch"
+BATCH_MONTH = "ringflow.batch_month"
+BATCH_WINDOW = "ringflow.batch_window"
+PREFECT_FLOW_RUN_ID = "ringflow.prefect_flow_run_id"
+DECISION = "ringflow.decision"
+ACTION = "ringflow.action"
+ANOMALY_COUNT = "ringflow.anomaly_count"
+ANOMALY_TYPES = "ringflow.anomaly_types"
+ANOMALY_IDS = "ringflow.anomaly_ids"
+RERUN_TRIGGERED = "ringflow.rerun_triggered"
+RERUN_REASON = "ringflow.rerun_reason"
+RERUN_ANOMALY_ID = "ringflow.rerun_anomaly_id"
+RERUN_FLOW_RUN_ID = "ringflow.rerun_flow_run_id"
+EVENT_ID = "ringflow.event_id"
+
+
+def tag_filter(key: str, value: str) -> str:
+    """An MLflow search filter on a tag (keys with dots need backticks)."""
+    return f"tags.`{key}` = '{value}'"

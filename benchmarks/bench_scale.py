@@ -7,7 +7,7 @@ What: the data is a directory of monthly Parquet files: 1x is the real 2013 flig
 (336,776 rows), Kx is ``ringflow synth --factor K`` (resampled per month, jittered weather: a scale
 workload, not new information). Config: the default windows (train January-April, validation May,
 test June 1-15) and the default model. Each stage runs in a process of its own, so its peak RSS
-(``ru_maxrss``) is its own:
+(VmHWM, not ``ru_maxrss``, which carries the forking process's mark) is its own:
 
 - shard: ``shard_dataset`` (streaming, two passes);
 - train: ``horovodrun -np 2`` of the training program, one epoch; time is the epoch's wall time,
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{_f(slopes[s]['time'])} | {_f(slopes[s]['memory'])}" for s in STAGES) + " |")
     mem = {s: (rows[-1][s]["peak_mb"] / rows[1][s]["peak_mb"]) if len(rows) > 1 else None for s in STAGES}
     result = {
-        "how": "one process per stage; peak RSS = ru_maxrss of that process (train: the larger rank); "
+        "how": "one process per stage; peak RSS = VmHWM of that process (train: the larger rank); "
                "train = one epoch of the default model at np=2",
         "factors": factors, "rows": rows, "slopes": slopes, "plot": str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png),
         "memory_ratio_last_vs_3x": mem,

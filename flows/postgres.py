@@ -147,6 +147,29 @@ def ensure_cluster(home: Path, settings: PostgresSettings | None = None) -> bool
     return True
 
 
+def clear_stale_pid_file(home: Path) -> bool:
+    """Remove ``postmaster.pid`` when the postmaster it names is gone or a zombie; True if removed.
+
+    A killed postmaster leaves its pid file, and PostgreSQL refuses to start while that pid
+    answers a signal. In a container nobody may reap the orphaned postmaster, so its zombie keeps
+    answering and the next start fails with "lock file postmaster.pid already exists".
+    """
+    import psutil
+
+    pid_file = data_dir(home) / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return False
+    try:
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            return False  # a live postmaster: leave it alone
+    except psutil.NoSuchProcess:
+        pass
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
 def server_command(home: Path, host: str, port: int, settings: PostgresSettings | None = None) -> list[str]:
     """The foreground ``postgres`` command: TCP on ``host:port`` only, no Unix socket."""
     return [

@@ -625,6 +625,8 @@ def up(
         try:
             if postgres.ensure_cluster(home):
                 echo(f"postgres initialised   {postgres.data_dir(home)}")
+            if postgres.clear_stale_pid_file(home):
+                echo("postgres: removed the pid file of a postmaster that is gone (it was killed)")
         except postgres.PostgresError as e:
             raise StackError(str(e)) from None
     (stack_dir(home) / "database").write_text(database + "\n")

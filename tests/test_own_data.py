@@ -148,4 +148,4 @@ def test_own_parquet_trains_from_a_deployment_run(prefect_harness, tmp_path, smo
     from mlflow import MlflowClient
 
     mv = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_model_version_by_alias("flights-delay", "champion")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"

@@ -46,3 +46,11 @@ def host_system_metrics(run_id: str | None = None) -> Iterator[object | None]:
         yield monitor
     finally:
         monitor.finish()
+        # One last sample at the end: a run shorter than the sampling interval would otherwise
+        # log none (MLflow's loop publishes only after a full interval).
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as e:  # noqa: BLE001 - system metrics must never fail a training run
+            print(f"system metrics: final sample not logged: {type(e).__name__}: {e}", flush=True)

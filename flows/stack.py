@@ -37,6 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from flows import postgres
 from training.config import PipelineConfig, get_settings
 from training.launch import kill_tree  # also reaches flow runs' horovodrun ranks in their own sessions
+from training.launch import start_ticks as _start_ticks
 from training.environment import process_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,14 +281,6 @@ def _stop_service(name: str, home: Path, grace_s: float) -> tuple[int | None, li
     _pid_file(name, home).unlink(missing_ok=True)
     return (leader.pid if leader else None), [p.pid for p in rest if leader is None]
 
-
-def _start_ticks(pid: int) -> int | None:
-    """Process start time in clock ticks since boot (Linux): exact, unlike a wall-clock time."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22 overall
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _port_free(host: str, port: int) -> bool:

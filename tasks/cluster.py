@@ -40,6 +40,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.launch import start_ticks as _start_ticks
+
 CLUSTER_RANGE = ipaddress.ip_network("198.18.0.0/15")
 """RFC 2544 benchmarking range: the only addresses cluster hosts may have."""
 NETNS_ETC = Path("/etc/netns")
@@ -225,13 +227,6 @@ def host_argv(host: Host, argv: list[str]) -> list[str]:
     over /etc) and a UTS namespace whose hostname is the host's name. Same pid: every layer execs."""
     return ["ip", "netns", "exec", host.netns, "unshare", "--uts", "--", "sh", "-c",
             'hostname "$0" && exec "$@"', host.name, *argv]
-
-
-def _start_ticks(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def is_running(rec: ProcessRecord) -> bool:

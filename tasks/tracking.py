@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from training import tags
+from training.launch import start_ticks
 from training.config import get_settings
 
 # Tracking servers keep artifacts where their operator said (`mlflow server --artifacts-destination`).
@@ -62,16 +63,9 @@ def ensure_store(tracking_uri: str) -> None:
         MlflowClient(tracking_uri).search_experiments(max_results=1)  # creates and migrates it
 
 
-def _start_ticks(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
 def launcher_tag() -> str:
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+    return f"{socket.gethostname()}:{pid}:{start_ticks(pid)}"
 
 
 def _launcher_alive(tag: str) -> bool:
@@ -79,7 +73,7 @@ def _launcher_alive(tag: str) -> bool:
     pid, _, ticks = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True  # another host's run: not ours to judge
-    return Path(f"/proc/{pid}").exists() and _start_ticks(int(pid)) == ticks
+    return Path(f"/proc/{pid}").exists() and str(start_ticks(int(pid))) == ticks
 
 
 def mark_stale_runs(client: MlflowClient, experiment_id: str, kind: str) -> list[str]:

@@ -439,7 +439,8 @@ def test_failures_are_classified_retryable_or_not(lines, code, retryable):
 def test_a_run_left_running_by_a_dead_launcher_is_marked_killed(ringflow_home):
     from mlflow import MlflowClient
 
-    from tasks.tracking import _start_ticks, ensure_experiment, mark_stale_runs
+    from tasks.tracking import ensure_experiment, mark_stale_runs
+    from training.launch import start_ticks as _start_ticks
     from training.tags import LAUNCHER as LAUNCHER_TAG
 
     client = MlflowClient(f"sqlite:///{ringflow_home / 'mlflow.db'}")

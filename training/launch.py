@@ -255,6 +255,16 @@ def _signal_name(num: int) -> str:
 # --------------------------------------------------------------------------- processes
 
 
+def start_ticks(pid: int) -> int | None:
+    """Process start time in clock ticks since boot (Linux): exact, unlike a wall-clock time, so a
+    pid reused by another process is told apart. None when it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22 overall
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def kill_tree(pid: int, grace_s: float = 5.0) -> list[int]:
     """SIGTERM horovodrun's process group and the groups of all its descendants, then SIGKILL
     what is left after ``grace_s``. Returns the pids that had to be killed.

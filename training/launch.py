@@ -16,7 +16,6 @@ from collections import deque
 from pathlib import Path
 
 from training.config import PipelineConfig
-from training.secrets import secrets_file  # noqa: F401  (launchers use it with launch_env)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DISCOVER_HOSTS = REPO_ROOT / "infra" / "discover_hosts.sh"

@@ -4,6 +4,12 @@
 a rejected candidate gets ``challenger`` and stays registered. MLflow keeps no history of alias
 moves (mlflow#2169), so each move is recorded as a registered-model tag
 ``alias_history.<UTC time>.<alias>`` whose value is JSON {time, alias, from, to, reason}.
+
+Pipelines of one model can register at the same time (two ``ringflow run``, a deployment run next
+to a CLI run). The alias decision reads the champion and moves it; two of those interleaved would
+both promote against the same old champion and the later would silently overwrite the earlier.
+So it runs under one Prefect global concurrency limit per model (``ringflow-registry-<model>``,
+one slot, created on first use): decided against the champion of that moment, one at a time.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -26,6 +34,9 @@ from training.manifest import Manifest
 PREVIOUS_CHAMPION = "previous-champion"
 CHALLENGER = "challenger"
 HISTORY_PREFIX = "alias_history."
+REGISTRY_LOCK_PREFIX = "ringflow-registry-"
+REGISTRY_LOCK_TIMEOUT_S = 300
+"""How long a registration waits for another one's alias decision (each takes seconds)."""
 
 
 class RegistrationResult(BaseModel):
@@ -80,6 +91,60 @@ def _existing_version(client: MlflowClient, name: str, run_id: str):
     return None
 
 
+@contextmanager
+def registry_lock(model_name: str) -> Iterator[None]:
+    """Hold the model's registry slot (a Prefect global concurrency limit of 1) for the block.
+
+    Through the Prefect API the run already talks to, so it holds across processes and hosts.
+    The slot is leased: a holder that dies frees it when its lease runs out.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    limit = f"{REGISTRY_LOCK_PREFIX}{model_name}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    with concurrency(limit, occupy=1, timeout_seconds=REGISTRY_LOCK_TIMEOUT_S, strict=True):
+        yield
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"
+
+
+def settle_aliases(client: MlflowClient, name: str, version: str, promote: bool,
+                   evaluated_champion: str | None, reason: str, log) -> tuple[bool, str, list[dict]]:
+    """Move the aliases for a registered candidate; returns (promoted, reason, moves).
+
+    A promotion decided against ``evaluated_champion`` stands only if that is still the
+    champion: otherwise another pipeline promoted since and this comparison is stale. Call it
+    under :func:`registry_lock`, so that the champion cannot move between the check and the move.
+    """
+    moves = []
+    champion_now = current_champion(client, name)
+    champion_now_version = str(champion_now.version) if champion_now else None
+    if promote and champion_now_version not in (evaluated_champion, version):
+        # Another pipeline promoted a model after we evaluated: our comparison is stale.
+        promote = False
+        reason = (f"champion moved from {_v(evaluated_champion)} to {_v(champion_now_version)} during "
+                  "evaluation; re-run the pipeline to compare against the new champion")
+        client.set_model_version_tag(name, version, tags.GATE_DECISION, "reject")
+        log.warning("register: %s", reason)
+    if promote:
+        if champion_now_version and champion_now_version != version:
+            moves.append(move_alias(client, name, PREVIOUS_CHAMPION, champion_now_version,
+                                    f"replaced by v{version}"))
+        moves.append(move_alias(client, name, CHAMPION, version, reason))
+    else:
+        moves.append(move_alias(client, name, CHALLENGER, version, reason))
+    return promote, reason, [m for m in moves if m]
+
+
 @task(name="register", retries=2, retry_delay_seconds=5)
 def register_candidate(
     cfg: PipelineConfig,
@@ -117,27 +182,10 @@ def register_candidate(
     version = str(mv.version)
     client.update_model_version(name, version, description=evaluation.decision.summary[:4000])
 
-    moves = []
-    promote = evaluation.decision.promote
-    champion_now = current_champion(client, name)
-    champion_now_version = str(champion_now.version) if champion_now else None
-    if promote and champion_now_version not in (evaluation.champion_version, version):
-        # Another pipeline promoted a model after we evaluated: our comparison is stale.
-        promote = False
-        reason = (f"champion moved from v{evaluation.champion_version} to v{champion_now_version} during "
-                  "evaluation; re-run the pipeline to compare against the new champion")
-        client.set_model_version_tag(name, version, tags.GATE_DECISION, "reject")
-        log.warning("register: %s", reason)
-    else:
-        reason = evaluation.decision.summary
-    if promote:
-        if champion_now_version and champion_now_version != version:
-            moves.append(move_alias(client, name, PREVIOUS_CHAMPION, champion_now_version,
-                                    f"replaced by v{version}"))
-        moves.append(move_alias(client, name, CHAMPION, version, reason))
-    else:
-        moves.append(move_alias(client, name, CHALLENGER, version, reason))
-    moves = [m for m in moves if m]
+    with registry_lock(name):
+        promote, _, moves = settle_aliases(
+            client, name, version, evaluation.decision.promote, evaluation.champion_version,
+            evaluation.decision.summary, log)
     champion = current_champion(client, name)
     for m in moves:
         log.info("register: alias %s: %s -> %s", m["alias"], f"v{m['from']}" if m["from"] else "none",

@@ -46,13 +46,34 @@ def smoke_config_module() -> PipelineConfig:
     return load_config(ROOT / "configs" / "smoke.yaml")
 
 
-def _run_program(cfg: PipelineConfig, manifest: Manifest, out: Path, resume: bool = False, timeout: int = 120) -> dict:
-    """The training program under plain horovodrun (no Prefect, no MLflow run)."""
-    env = launch_env(cfg, MLFLOW_RUN_ID=None)
+def _run_program(cfg: PipelineConfig, manifest: Manifest, out: Path, resume: bool = False, timeout: int = 120,
+                 tracking: dict[str, str] | None = None) -> dict:
+    """The training program under plain horovodrun (no Prefect; no MLflow run unless ``tracking``
+    names one, see :func:`_tracked_run`)."""
+    env = launch_env(cfg, **{"MLFLOW_RUN_ID": None, **(tracking or {})})
     p = subprocess.run(horovodrun_command(cfg, manifest.path, out, resume=resume), env=env,
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return TrainResult.from_output_dir("none", out).model_dump()
+
+
+def _tracked_run(directory: Path):
+    """A run in a fresh MLflow store, as the train task creates it before launching the ranks:
+    the client, the run id and the environment that points the ranks at it."""
+    from mlflow import MlflowClient
+
+    directory.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("training")).info.run_id
+    return client, run_id, {"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id}
+
+
+def _logged_steps(client, run_id: str) -> dict[str, list[int]]:
+    """Every training metric of the run with the steps of its values, sorted (the host system
+    metrics, sampled on a clock, aside)."""
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {k: sorted(m.step for m in client.get_metric_history(run_id, k)) for k in sorted(keys)}
 
 
 def _procs_of(home: Path) -> list[psutil.Process]:
@@ -306,10 +327,11 @@ def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manife
     # left. One-host elastic runs its slots under two names of this machine, so the job shrinks
     # to the survivor.
     assert launch_env(cfg, base={})["RINGFLOW_HOSTS"] == "localhost:1,127.0.0.1:1"  # the default, no setting
+    client, run_id, tracking = _tracked_run(tmp_path / "mlflow")
     killed: list[int] = []
     killer = threading.Thread(target=_kill_rank_after_checkpoint, args=(tmp_path, 1, killed))
     killer.start()
-    s = _run_program(cfg, smoke_manifest, tmp_path / "out", timeout=150)
+    s = _run_program(cfg, smoke_manifest, tmp_path / "out", timeout=150, tracking=tracking)
     killer.join()
     assert killed, "rank 1 was never killed"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -317,6 +339,53 @@ def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manife
     assert s["status"] == "completed" and s["epochs_completed"] == 4
     assert sizes[0] == 2 and sizes[-1] == 1, sizes  # rolled back to the last commit and went on with one rank
     assert np.isfinite(s["metrics"]["val_roc_auc"])
+
+    # The reset replays the lost epoch, never a logged one: ONE value per epoch and metric, in the
+    # one run, logged by the survivor's logger as by the first rank 0's.
+    steps = _logged_steps(client, run_id)
+    assert all(len(v) == len(set(v)) for v in steps.values()), steps
+    assert steps["val_roc_auc"] == steps["world_size"] == [1, 2, 3, 4]
+    assert [m.value for m in sorted(client.get_metric_history(run_id, "world_size"), key=lambda m: m.step)] == sizes
+    assert steps["rank1_samples_per_s"] == [h["epoch"] for h in summary["history"] if h["world_size"] == 2]
+
+
+@pytest.mark.parametrize("elastic", [False, True], ids=["fixed", "elastic"])
+def test_divergence_is_logged_by_either_driver(tmp_path, smoke_config, smoke_manifest, elastic):
+    """Fixed and elastic runs go through the same epoch loop: a non-finite loss ends both the same
+    way, with the ``diverged`` metric at that epoch, the status and no model."""
+    cfg = with_overrides(smoke_config, {"training.learning_rate": 1e6, "training.elastic.enabled": elastic,
+                                        "training.elastic.min_np": 1, "training.elastic.max_np": 2})
+    client, run_id, tracking = _tracked_run(tmp_path / "mlflow")
+    s = _run_program(cfg, smoke_manifest, tmp_path / "out", timeout=150, tracking=tracking)
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["status"] == "diverged" and s["model_path"] is None
+    epoch = summary["diverged_at"]["epoch"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "diverged")] == [(epoch, 1.0)]
+    assert client.get_run(run_id).data.tags["training_status"] == "diverged"
+
+
+def test_fixed_and_elastic_runs_log_the_same_metrics_once_per_epoch(tmp_path, smoke_config, smoke_manifest):
+    """The same epoch loop under both drivers: the same metric keys, one value per epoch each
+    (best_* once, at the best epoch), the same params, and the same validation results."""
+    fixed = with_overrides(smoke_config, {"training.epochs": 2, "training.early_stopping_patience": 5})
+    elastic = with_overrides(fixed, {"training.elastic.enabled": True, "training.elastic.min_np": 1,
+                                     "training.elastic.max_np": 2})
+    logged, params, results = {}, {}, {}
+    for name, cfg in (("fixed", fixed), ("elastic", elastic)):
+        client, run_id, tracking = _tracked_run(tmp_path / name)
+        results[name] = _run_program(cfg, smoke_manifest, tmp_path / name / "out", timeout=150, tracking=tracking)
+        logged[name] = _logged_steps(client, run_id)
+        params[name] = client.get_run(run_id).data.params
+
+    steps = logged["fixed"]
+    best = results["fixed"]["best_epoch"]
+    assert {"val_roc_auc", "train_loss", "lr", "world_size", "rank0_samples_per_s", "rank1_peak_rss_mb"} <= set(steps)
+    assert all(v == ([best] if k.startswith("best_") else [1, 2]) for k, v in steps.items()), steps
+    assert logged["elastic"] == steps
+    assert set(params["elastic"]) == set(params["fixed"])
+    assert results["elastic"]["metrics"] == pytest.approx(results["fixed"]["metrics"] | {
+        "samples_per_s": results["elastic"]["metrics"]["samples_per_s"]})
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity API")

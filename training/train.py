@@ -10,6 +10,9 @@ gradients are averaged with ring-allreduce, and rank 0 logs to the ONE MLflow ru
 
 Determinism: the data order and dropout of epoch k are a function of (seed, epoch, rank) only,
 so a run resumed from a checkpoint ends with exactly the weights of an uninterrupted run.
+
+One epoch loop, :func:`train`, over a state of Horovod's shape (``training/state.py``): the
+fixed-size driver calls it once, the elastic driver through ``hvd.elastic.run``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from training.metrics import classification_metrics, max_f1_threshold
 from training.model import TabularNet, predict_logits, save_model
 from training.result import TrainingSummary
 from training.secrets import SecretsFileError, load_secrets
+from training.state import FixedState, Outcome, Progress, restore
 from training.system_metrics import host_system_metrics
 
 
@@ -140,16 +144,23 @@ def load_frame(manifest: Manifest, entries, pre) -> RankData:
 class RunLogger:
     """Logs to the run the launcher created (``MLFLOW_RUN_ID``); a no-op without one.
 
-    Uses the client API, never ``start_run``: ending the run is the launcher's job.
+    Uses the client API, never ``start_run``: ending the run is the launcher's job. Every rank
+    holds one for the whole process, and it opens its client on first use: only rank 0 logs (a
+    store per rank would be as many writers on a SQLite file), and under elastic training the
+    process that is rank 0 can change at a reset, keeping the client it opened.
     """
 
     def __init__(self):
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
-        self.client = None
-        if self.run_id:
+        self._client = None
+
+    @property
+    def client(self):
+        if self.run_id and self._client is None:
             from mlflow import MlflowClient
 
-            self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI"))
+            self._client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI"))
+        return self._client
 
     def params(self, params: dict[str, Any]) -> None:
         if not self.client:
@@ -342,41 +353,12 @@ class Trainer:
                 "decision_threshold": threshold}
 
 
-# --------------------------------------------------------------------------- state bookkeeping
+# --------------------------------------------------------------------------- checkpoints
 
 
-def fresh_state() -> dict[str, Any]:
-    return {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "best_model": None,
-            "history": [], "stopped": False}
-
-
-def apply_epoch(state: dict[str, Any], record: dict[str, Any], net: nn.Module, patience: int) -> None:
-    """Early-stopping bookkeeping after a finished epoch (identical on every rank)."""
-    auc = record.get("val_roc_auc", math.nan)
-    state["history"] = state["history"] + [record]  # new list: elastic state must not alias
-    state["epoch"] = record["epoch"]
-    if math.isfinite(auc) and auc > state["best_auc"]:
-        state.update(best_auc=auc, best_epoch=record["epoch"], bad_epochs=0,
-                     best_model={k: v.detach().clone() for k, v in net.state_dict().items()})
-    else:
-        state["bad_epochs"] += 1
-        state["stopped"] = state["bad_epochs"] >= patience
-
-
-def checkpoint_payload(state: dict[str, Any], net: nn.Module, opt, cfg: PipelineConfig, size: int) -> dict[str, Any]:
-    return {**state, "model": net.state_dict(), "optimizer": opt.state_dict(), "arch": net.arch,
-            "world_size": size, "seed": cfg.training.seed, "history": json.loads(json.dumps(state["history"]))}
-
-
-def restore(ckpt: dict[str, Any], net: nn.Module, opt, source: Path) -> dict[str, Any]:
-    if ckpt.get("arch") != net.arch:
-        raise CheckpointError(
-            f"checkpoint {source} was trained with architecture {ckpt.get('arch')}, this run builds {net.arch} "
-            "(different vocabulary or model config): start fresh or resume from a matching run"
-        )
-    net.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    return {k: ckpt[k] for k in fresh_state()}
+def checkpoint_payload(progress: Progress, net: nn.Module, opt, cfg: PipelineConfig, size: int) -> dict[str, Any]:
+    return {**progress.as_checkpoint(), "model": net.state_dict(), "optimizer": opt.state_dict(), "arch": net.arch,
+            "world_size": size, "seed": cfg.training.seed, "history": json.loads(json.dumps(list(progress.history)))}
 
 
 def find_resume_point(args, cfg: PipelineConfig) -> Path | None:
@@ -393,18 +375,18 @@ def find_resume_point(args, cfg: PipelineConfig) -> Path | None:
 # --------------------------------------------------------------------------- outputs
 
 
-def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: str, cfg: PipelineConfig,
-                  size: int, started: float, diverged_at: dict | None, run_log: RunLogger,
-                  resumed_from: str | None = None) -> TrainingSummary:
+def write_outputs(out: Path, trainer: Trainer, progress: Progress, outcome: Outcome, cfg: PipelineConfig,
+                  size: int, started: float, run_log: RunLogger, resumed_from: str | None = None) -> TrainingSummary:
     """Best model + preprocessor + summary.json (rank 0)."""
     net = trainer.net
+    status = outcome.status
     model_written = False
-    history = state["history"]
-    best_rec = next((h for h in history if h["epoch"] == state["best_epoch"]), history[-1] if history else {})
+    history = progress.history
+    best_rec = next((h for h in history if h["epoch"] == progress.best_epoch), history[-1] if history else {})
     threshold = best_rec.get("val_decision_threshold")  # of the weights saved below
-    if state["best_model"] is not None:
+    if progress.best_model is not None:
         best = TabularNet(**net.arch)
-        best.load_state_dict(state["best_model"])
+        best.load_state_dict(progress.best_model)
         save_model(out, best, trainer.pre, cfg.training.model, decision_threshold=threshold)
         model_written = True
     elif status != "diverged":
@@ -426,10 +408,10 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
         metrics["samples_per_s"] = float(np.mean([h["samples_per_s"] for h in history]))
     summary = TrainingSummary(
         status=status,
-        epochs=state["epoch"],
+        epochs=progress.epoch,
         epochs_planned=cfg.training.epochs,
-        best_epoch=state["best_epoch"] or None,
-        best_val_roc_auc=_finite(state["best_auc"]),
+        best_epoch=progress.best_epoch or None,
+        best_val_roc_auc=_finite(progress.best_auc),
         metrics=metrics,
         per_rank=per_rank,
         hosts=sorted({h for h in host_of.values() if h}),
@@ -437,7 +419,7 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
         model_written=model_written,
         checkpoint_dir=str(out / CHECKPOINT_DIR) if last_ckpt else None,
         last_good_checkpoint=str(last_ckpt) if last_ckpt else None,
-        diverged_at=diverged_at,
+        diverged_at=outcome.diverged_at,
         resumed_from=resumed_from,
         horovod=cfg.training.horovod.model_dump(mode="json"),
         elastic=cfg.training.elastic.enabled,
@@ -452,7 +434,7 @@ def write_outputs(out: Path, trainer: Trainer, state: dict[str, Any], status: st
         run_log.tag(tags.HOSTS, ",".join(summary.hosts))
     if best_rec:
         run_log.metrics({f"best_{k}": v for k, v in metrics.items() if k.startswith("val_") and v is not None},
-                        step=state["best_epoch"] or 0)
+                        step=progress.best_epoch or 0)
     return summary
 
 
@@ -512,119 +494,97 @@ def _setup(args, cfg: PipelineConfig) -> tuple[Any, Manifest, Path]:
     return hvd, manifest, out
 
 
-def run_fixed(args, cfg: PipelineConfig) -> int:
-    started = time.time()
-    hvd, manifest, out = _setup(args, cfg)
-    tc = cfg.training
-    rank = hvd.rank()
-    trainer = Trainer(hvd, cfg, manifest)
-    run_log = RunLogger() if rank == 0 else None
+def train(state, trainer: Trainer, out: Path, run_log: RunLogger) -> Outcome:
+    """The epoch loop, once for both drivers: from ``state.progress`` to the planned epochs, early
+    stopping or divergence. ``state`` has Horovod's state shape (``training/state.py``).
 
-    # rank 0 reads the checkpoint (it may live only on its disk) and sends it to every rank
-    ckpt_info = None
-    if rank == 0:
-        point = find_resume_point(args, cfg)
-        if point is not None:
-            ckpt_info = (str(point), load_checkpoint(point))
-    ckpt_info = hvd.broadcast_object(ckpt_info, root_rank=0, name="checkpoint")
-    state = fresh_state()
-    if ckpt_info is not None:
-        state = restore(ckpt_info[1], trainer.net, trainer.opt, Path(ckpt_info[0]))
-        if rank == 0:
-            log(f"resuming from {ckpt_info[0]} after epoch {state['epoch']}")
-    hvd.broadcast_parameters(trainer.net.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(trainer.opt, root_rank=0)
+    Under ``hvd.elastic.run`` this function is entered again after every reset, with the state
+    rolled back to its last commit and rank and size possibly changed; they cannot change within
+    one call. Rank 0 logs an epoch's metrics and writes its checkpoint after all of the epoch's
+    collectives succeeded and before the commit, so a rollback never replays a logged epoch
+    (unless rank 0 itself is lost between the two).
+    """
+    hvd, cfg, tc = trainer.hvd, trainer.cfg, trainer.tc
     trainer.prepare()
-    size = hvd.size()
+    rank, size = hvd.rank(), hvd.size()
     if rank == 0:
-        run_log.params(flat_params(cfg, size, manifest))
+        run_log.params(flat_params(cfg, size, trainer.manifest))  # idempotent: kept from the first start
         log(f"training: world_size={size} rows/rank~{len(trainer.data)} batch/rank={trainer.batch} "
             f"steps/epoch={trainer.steps} threads/rank={torch.get_num_threads()}")
-
-    status, diverged_at = "completed", None
-    while state["epoch"] < tc.epochs and not state["stopped"]:
-        record = trainer.train_epoch(state["epoch"])
+    while state.progress.epoch < tc.epochs and not state.progress.stopped:
+        record = trainer.train_epoch(state.progress.epoch)
         if record["diverged"]:
-            status = "diverged"
-            diverged_at = {"epoch": record["epoch"], "step": record["diverged_step"]}
             if rank == 0:
                 log(f"epoch {record['epoch']}: non-finite loss at step {record['diverged_step']}: diverged, stopping")
                 run_log.metrics({"diverged": 1.0}, step=record["epoch"])
-            break
-        apply_epoch(state, record, trainer.net, tc.early_stopping_patience)
+            return Outcome("diverged", {"epoch": record["epoch"], "step": record["diverged_step"]})
+        state.progress = state.progress.after_epoch(record, trainer.net, tc.early_stopping_patience)
         if rank == 0:
-            save_checkpoint(out / CHECKPOINT_DIR, checkpoint_payload(state, trainer.net, trainer.opt, cfg, size))
+            save_checkpoint(out / CHECKPOINT_DIR, checkpoint_payload(state.progress, trainer.net, trainer.opt, cfg, size))
             run_log.metrics(epoch_metrics(record), step=record["epoch"])
-            log(f"epoch {record['epoch']}/{tc.epochs}: train_loss={record['train_loss']:.4f} "
+            log(f"epoch {record['epoch']}/{tc.epochs} (size {size}): train_loss={record['train_loss']:.4f} "
                 f"val_auc={record['val_roc_auc']:.4f} val_logloss={record['val_log_loss']:.4f} "
                 f"{record['samples_per_s']:.0f} samples/s ({record['epoch_time_s']:.2f}s)")
-    if state["stopped"] and status != "diverged":
-        status = "early_stopped"
-    if rank == 0:
-        summary = write_outputs(out, trainer, state, status, cfg, size, started, diverged_at, run_log,
-                                resumed_from=ckpt_info[0] if ckpt_info else None)
-        log(f"done: status={status} epochs={summary.epochs} best_epoch={summary.best_epoch} "
-            f"best_val_auc={summary.best_val_roc_auc}")
-    hvd.barrier()  # nobody exits (and tears down Gloo) while rank 0 is still writing
-    return 0
+        state.commit()
+    return Outcome("early_stopped" if state.progress.stopped else "completed")
 
 
-def run_elastic(args, cfg: PipelineConfig) -> int:
-    """``hvd.elastic.run``: state committed every epoch; a lost worker rolls back to the commit.
+def run_fixed(args, trainer: Trainer, out: Path, run_log: RunLogger) -> tuple[Outcome, Progress, Path | None]:
+    """A fixed-size job: the loop runs once; a failed job ends, and its retry resumes from the checkpoint.
+
+    Rank 0 reads the resume checkpoint (it may live only on its disk) and sends it to every rank:
+    every rank restores it before the sync, because Horovod's broadcast of an empty optimizer
+    state first takes a step of its own, which would move the weights of a fresh rank only.
+    """
+    hvd = trainer.hvd
+    ckpt_info = None
+    if hvd.rank() == 0:
+        point = find_resume_point(args, trainer.cfg)
+        if point is not None:
+            ckpt_info = (point, load_checkpoint(point))
+    ckpt_info = hvd.broadcast_object(ckpt_info, root_rank=0, name="checkpoint")
+    point, progress = None, Progress()
+    if ckpt_info is not None:
+        point, progress = ckpt_info[0], restore(ckpt_info[1], trainer.net, trainer.opt, ckpt_info[0])
+        if hvd.rank() == 0:
+            log(f"resuming from {point} after epoch {progress.epoch}")
+    state = FixedState(hvd, trainer.net, trainer.opt, progress)
+    state.sync()
+    return train(state, trainer, out, run_log), state.progress, point
+
+
+def run_elastic(args, trainer: Trainer, out: Path, run_log: RunLogger) -> tuple[Outcome, Progress, Path | None]:
+    """``hvd.elastic.run``: the state is committed every epoch; a lost worker rolls back to the commit.
 
     No collective runs before the elastic function (Horovod's rule), so every rank reads the
     resume checkpoint from disk itself (one host or a shared filesystem) and the state's sync
     broadcasts rank 0's copy.
     """
+    hvd = trainer.hvd
+    point = find_resume_point(args, trainer.cfg)
+    progress = Progress()
+    if point is not None:
+        progress = restore(load_checkpoint(point), trainer.net, trainer.opt, point)
+        log(f"resuming from {point} after epoch {progress.epoch}")
+    state = hvd.elastic.TorchState(model=trainer.net, optimizer=trainer.opt, progress=progress)
+    state.register_reset_callbacks([lambda: log(f"elastic reset: now rank {hvd.rank()} of {hvd.size()}")])
+    outcome = hvd.elastic.run(train)(state, trainer, out, run_log)
+    return outcome, state.progress, point
+
+
+def run(args, cfg: PipelineConfig) -> int:
     started = time.time()
     hvd, manifest, out = _setup(args, cfg)
-    tc = cfg.training
     trainer = Trainer(hvd, cfg, manifest)
-    state0 = fresh_state()
-    point = find_resume_point(args, cfg)
-    if point is not None:
-        state0 = restore(load_checkpoint(point), trainer.net, trainer.opt, point)
-        log(f"resuming from {point} after epoch {state0['epoch']}")
-    es = hvd.elastic.TorchState(model=trainer.net, optimizer=trainer.opt, status="running", diverged_at=None, **state0)
-    logged = {"params": False}
-
-    def on_reset():
-        log(f"elastic reset: now rank {hvd.rank()} of {hvd.size()}")
-
-    es.register_reset_callbacks([on_reset])
-
-    @hvd.elastic.run
-    def loop(es):
-        while es.epoch < tc.epochs and not es.stopped:
-            trainer.prepare()  # rank/size may have changed after a reset
-            rank, size = hvd.rank(), hvd.size()
-            run_log = RunLogger() if rank == 0 else None
-            if rank == 0 and not logged["params"]:
-                run_log.params(flat_params(cfg, size, manifest))
-                logged["params"] = True
-            record = trainer.train_epoch(es.epoch)
-            if record["diverged"]:
-                es.status, es.diverged_at = "diverged", {"epoch": record["epoch"], "step": record["diverged_step"]}
-                return
-            st = {k: getattr(es, k) for k in fresh_state()}
-            apply_epoch(st, record, trainer.net, tc.early_stopping_patience)
-            for k, v in st.items():
-                setattr(es, k, v)
-            if rank == 0:
-                save_checkpoint(out / CHECKPOINT_DIR, checkpoint_payload(st, trainer.net, trainer.opt, cfg, size))
-                run_log.metrics(epoch_metrics(record), step=record["epoch"])
-                log(f"epoch {record['epoch']}/{tc.epochs} (size {size}): train_loss={record['train_loss']:.4f} "
-                    f"val_auc={record['val_roc_auc']:.4f}")
-            es.commit()
-
-    loop(es)
-    status = es.status if es.status == "diverged" else ("early_stopped" if es.stopped else "completed")
+    run_log = RunLogger()  # one per process, across elastic resets
+    drive = run_elastic if cfg.training.elastic.enabled else run_fixed
+    outcome, progress, resumed_from = drive(args, trainer, out, run_log)
     if hvd.rank() == 0:
-        st = {k: getattr(es, k) for k in fresh_state()}
-        summary = write_outputs(out, trainer, st, status, cfg, hvd.size(), started, es.diverged_at, RunLogger(),
-                                resumed_from=str(point) if point else None)
-        log(f"done: status={status} epochs={summary.epochs} best_epoch={summary.best_epoch}")
-    hvd.barrier()
+        summary = write_outputs(out, trainer, progress, outcome, cfg, hvd.size(), started, run_log,
+                                resumed_from=str(resumed_from) if resumed_from else None)
+        log(f"done: status={outcome.status} epochs={summary.epochs} best_epoch={summary.best_epoch} "
+            f"best_val_auc={summary.best_val_roc_auc}")
+    hvd.barrier()  # nobody exits (and tears down Gloo) while rank 0 is still writing
     return 0
 
 
@@ -649,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         load_secrets()  # the data key and credentials, from the launcher's 0600 file (never argv)
         cfg = read_config(args.config_json)
         with host_system_metrics():  # CPU/memory/network of this host in the run (local rank 0)
-            return run_elastic(args, cfg) if cfg.training.elastic.enabled else run_fixed(args, cfg)
+            return run(args, cfg)
     except FATAL_ERRORS as e:
         reason = str(e).replace("\n", " ")
         print(f"{FATAL_PREFIX}{type(e).__name__}: {reason}", file=sys.stderr, flush=True)

@@ -1,0 +1,114 @@
+"""What the epoch loop carries from one epoch to the next, and the state objects it runs over.
+
+:class:`Progress` is the bookkeeping of a training: epochs finished, the best epoch with its
+weights and validation AUC, the early-stopping counter and the per-epoch history. It is what a
+checkpoint stores (with the model and optimizer) and what an elastic commit saves.
+
+The epoch loop (``training.train.train``) is written once against Horovod's state shape
+(``horovod/common/elastic.py``): a state with ``model``, ``optimizer`` and ``progress``
+attributes, ``sync()`` to agree on rank 0's copy and ``commit()`` after every epoch. Two objects
+have that shape:
+
+- elastic runs use Horovod's own ``hvd.elastic.TorchState(model=, optimizer=, progress=)``:
+  ``commit()`` saves a copy to roll back to when a worker is lost, and ``hvd.elastic.run`` syncs
+  it before every (re)start of the loop;
+- fixed-size runs use :class:`FixedState`: the same ``sync()``, and a ``commit()`` with nothing to
+  do, since a failed fixed-size job ends and resumes from its checkpoint instead.
+
+``Progress`` is immutable: the loop replaces ``state.progress`` after each epoch instead of
+changing it in place. Horovod's ``ObjectState.save`` keeps a reference, not a copy, so a progress
+changed in place would also change the commit an elastic reset rolls back to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.checkpoint import CheckpointError
+from training.summary import Status
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A training's bookkeeping after ``epoch`` finished epochs (identical on every rank)."""
+
+    epoch: int = 0
+    """Epochs finished (the next one to train is ``epoch``, 0-based)."""
+    best_auc: float = -math.inf
+    """Best validation ROC AUC so far."""
+    best_epoch: int = 0
+    """The epoch (1-based) of ``best_auc``; 0 before the first finished epoch."""
+    bad_epochs: int = 0
+    """Epochs since the last improvement (early stopping)."""
+    best_model: dict[str, torch.Tensor] | None = None
+    """The weights of ``best_epoch`` (early stopping ends with them)."""
+    history: tuple[dict[str, Any], ...] = ()
+    """One record per finished epoch (``Trainer.train_epoch``)."""
+    stopped: bool = False
+    """Early stopping: ``bad_epochs`` reached the patience."""
+
+    def after_epoch(self, record: dict[str, Any], net: nn.Module, patience: int) -> Progress:
+        """The progress once the epoch of ``record`` finished with the weights in ``net``."""
+        auc = record.get("val_roc_auc", math.nan)
+        history = (*self.history, record)
+        if math.isfinite(auc) and auc > self.best_auc:
+            return dataclasses.replace(
+                self, epoch=record["epoch"], history=history, best_auc=auc, best_epoch=record["epoch"],
+                bad_epochs=0, best_model={k: v.detach().clone() for k, v in net.state_dict().items()})
+        bad = self.bad_epochs + 1
+        return dataclasses.replace(self, epoch=record["epoch"], history=history, bad_epochs=bad,
+                                   stopped=bad >= patience)
+
+    def as_checkpoint(self) -> dict[str, Any]:
+        """The fields as a checkpoint stores them (plain types: checkpoints load ``weights_only``)."""
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "history": list(self.history)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> Progress:
+        return cls(**{**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)}, "history": tuple(ckpt["history"])})
+
+
+def restore(ckpt: dict[str, Any], net: nn.Module, opt, source: Path) -> Progress:
+    """Load a checkpoint's model and optimizer state into ``net``/``opt``; its progress."""
+    if ckpt.get("arch") != net.arch:
+        raise CheckpointError(
+            f"checkpoint {source} was trained with architecture {ckpt.get('arch')}, this run builds {net.arch} "
+            "(different vocabulary or model config): start fresh or resume from a matching run"
+        )
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    return Progress.from_checkpoint(ckpt)
+
+
+class FixedState:
+    """The state of a fixed-size run: the attributes and ``sync()`` of Horovod's ``TorchState``,
+    and a ``commit()`` with nothing to save (no worker can join or leave)."""
+
+    def __init__(self, hvd, model: nn.Module, optimizer, progress: Progress):
+        self.hvd = hvd
+        self.model, self.optimizer, self.progress = model, optimizer, progress
+
+    def sync(self) -> None:
+        """Rank 0's weights, optimizer state and progress on every rank (``TorchState.sync``'s order)."""
+        self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        self.hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
+        self.progress = self.hvd.broadcast_object(self.progress, root_rank=0, name="progress")
+
+    def commit(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the epoch loop ended."""
+
+    status: Status
+    diverged_at: dict[str, int] | None = None
+    """``{"epoch": E, "step": S}``: the epoch (1-based) and the first step of the update not applied."""

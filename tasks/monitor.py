@@ -1,14 +1,14 @@
 """Monitoring tasks: the side effects (MLflow, data files, Prefect events and artifacts).
 
-The decisions are made by the pure functions in ``monitoring/``; these tasks fetch their inputs
-and record their outputs. Tasks that take data frames or clients use ``NO_CACHE``: hashing a
+The decisions and the numbers are made by the pure modules in ``monitoring/`` (batch, reference,
+scoring, observation, reports, anomalies, policy, events); these tasks fetch their inputs and
+record their outputs. Tasks that take data frames or clients use ``NO_CACHE``: hashing a
 million-row frame for a cache key costs more than the work.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import re
@@ -16,22 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from monitoring.anomalies import (
-    Anomaly,
-    MonitoringObservation,
-    SchemaDiff,
-    TrainingObservation,
-    psi,
-    schema_diff,
-)
+from monitoring.anomalies import Anomaly, MonitoringObservation, TrainingObservation
+from monitoring.batch import Batch, file_batch, month_batch
+from monitoring.champion import CHAMPION, ChampionInfo, champion_test_end, rerun_base_config
+from monitoring.errors import MonitoringError
 from monitoring.events import (
     ANOMALY_EVENT,
     CAUSE_LABEL,
@@ -43,30 +37,32 @@ from monitoring.events import (
     RerunRequest,
     model_resource_id,
 )
-from monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecord, next_batch_month
+from monitoring.observation import observe as _observe
+from monitoring.observation import training_observation
+from monitoring.policy import PolicyDecision, RerunPlan, RerunRecord, next_batch_month
+from monitoring.reference import Reference, reference_from_manifest, reference_from_source
 from monitoring.reports import (
-    PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports, sample_rows,
+    PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports,
 )
+from monitoring.scoring import BASELINE_PREDICTION, model_columns, score
 from tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
 from tasks.links import mlflow_run_url
 from tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
 from training import tags
-from training.config import PipelineConfig, get_settings, with_overrides
-from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
-from training.manifest import Manifest, key_from_env
 from training.baseline import baseline_proba
-from training.metrics import classification_metrics
-from training.preprocess import Preprocessor
+from training.config import PipelineConfig, get_settings
+from training.data import TARGET
+from training.manifest import Manifest, key_from_env
 from training.summary import SUMMARY_FILE, TrainingSummary
-from training.pyfunc import predict_rows
 
-CHAMPION = "champion"
+__all__ = [  # the names the flow and the tests import from here (some defined in monitoring/)
+    "Batch", "ChampionInfo", "MonitoringError", "Reference", "RerunAction", "act", "event_payload",
+    "finish_monitoring_run", "last_monitored_month", "load_batch", "load_reference", "log_monitoring_run",
+    "observe", "publish_artifacts", "rerun_base_config", "rerun_history", "resolve_champion", "run_reports",
+    "score_batch", "start_monitoring_run", "training_health",
+]
+
 AUTOMATION_NAME = RERUN_TRIGGER
-SCORE_CHUNK = 200_000
-
-
-class MonitoringError(RuntimeError):
-    """Monitoring cannot start (no champion, no data for the batch); the message says what to do."""
 
 
 def _tracking() -> MlflowClient:
@@ -79,21 +75,6 @@ def _resource_id(cfg: PipelineConfig) -> str:
 
 
 # --------------------------------------------------------------------------- champion
-
-
-class ChampionInfo(BaseModel):
-    model_name: str
-    version: str
-    model_uri: str
-    """Pinned to the version (``models:/name/3``): the alias may move while we monitor."""
-    training_run_id: str | None = None
-    manifest_path: str | None = None
-    test_roc_auc: float | None = None
-    tags: dict[str, str] = {}
-    training_config: dict[str, Any] | None = None
-    """``config/pipeline_config.json`` of the training run (None when it cannot be read)."""
-    decision_threshold: float = 0.5
-    """The threshold logged with the model (chosen on its validation data) for accuracy/F1."""
 
 
 def _load_run_json(run_id: str, path: str) -> dict | None:
@@ -125,59 +106,7 @@ def resolve_champion(cfg: PipelineConfig) -> ChampionInfo:
     )
 
 
-def rerun_base_config(cfg: PipelineConfig, champion: ChampionInfo) -> PipelineConfig:
-    """The champion's own training config (so a rerun changes only what the plan says), with
-    this deployment's monitoring thresholds, registry and schedules."""
-    if not champion.training_config:
-        return cfg
-    try:
-        base = PipelineConfig.model_validate(champion.training_config)
-    except ValueError:
-        return cfg
-    return with_overrides(base, {
-        "monitoring": cfg.monitoring.model_dump(mode="json"),
-        "registry": cfg.registry.model_dump(mode="json"),
-        "schedules": cfg.schedules.model_dump(mode="json"),
-    })
-
-
 # --------------------------------------------------------------------------- data
-
-
-class Batch(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    label: str
-    """Stable identity: ``2013-07`` or ``file:<name>@<sha256 prefix>``."""
-    month: str | None = None
-    window: BatchWindow | None = None
-    frame: pd.DataFrame | None = None
-    """Validated rows (with ``target`` when labelled); None when the schema makes scoring impossible."""
-    raw_schema: dict[str, str] = {}
-    contract_error: str | None = None
-    baseline: dict[str, float | None] | None = None
-    """The champion's baseline, when it was scored on the batch: its threshold and test AUC."""
-
-
-def _file_label(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"file:{path.name}@{h.hexdigest()[:12]}"
-
-
-def _label(frame: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
-    if frame[cfg.data.label_column].notna().any():
-        labelled, _ = with_target(frame, cfg.data)
-        return labelled
-    return frame
-
-
-def _batch_window(frame: pd.DataFrame, cfg: PipelineConfig) -> BatchWindow:
-    ts = frame[cfg.data.timestamp_column]
-    return BatchWindow(start=ts.min().date(), end=ts.max().date() + dt.timedelta(days=1),
-                       labelled=TARGET in frame.columns)
 
 
 @task(name="load-batch", cache_policy=NO_CACHE)
@@ -185,77 +114,12 @@ def load_batch(cfg: PipelineConfig, batch: str, champion: ChampionInfo, last_mon
     """``next`` / ``YYYY-MM`` (from the configured source) / a CSV or Parquet path."""
     log = get_run_logger()
     if batch == "next":
-        test_end = _champion_test_end(cfg, champion)
+        test_end = champion_test_end(cfg, champion)
         batch = next_batch_month(test_end, last_monitored)
         log.info("batch 'next' -> %s (champion test window ends %s, last monitored %s)", batch, test_end, last_monitored)
     if re.fullmatch(r"\d{4}-\d{2}", batch):
-        start, end = month_window(batch)
-        source = validate_contract(read_source(cfg.data), cfg.data)
-        rows = source[in_window(source, cfg.data, start, end)]
-        if rows.empty:
-            ts = source[cfg.data.timestamp_column]
-            raise MonitoringError(f"no rows for batch {batch} in the source ({ts.min()} .. {ts.max()})")
-        frame = _label(rows.reset_index(drop=True), cfg)
-        window = BatchWindow(start=start.date(), end=end.date(), labelled=TARGET in frame.columns)
-        return Batch(label=batch, month=batch, window=window, frame=frame,
-                     raw_schema={c: str(t) for c, t in rows.dtypes.items()})
-    path = Path(batch)
-    if not path.is_file():
-        raise MonitoringError(f"batch {batch!r} is neither 'next', a month (YYYY-MM) nor an existing file")
-    raw, schema = _read_batch_file(path, cfg)
-    label = _file_label(path)
-    if cfg.data.label_column not in raw.columns and len(raw.columns):
-        # an unlabelled batch (labels arrive later): drift and data quality only, no performance
-        log.info("batch %s has no label column %r: monitoring without performance", path, cfg.data.label_column)
-        raw[cfg.data.label_column] = np.nan
-    if raw.empty:
-        raise MonitoringError(f"batch file {path} has no rows")
-    try:
-        frame = validate_contract(raw, cfg.data, origin=str(path))
-    except DataContractError as e:  # reported as a schema-change anomaly, not a crash
-        log.warning("batch %s breaks the data contract: %s", path, e)
-        return Batch(label=label, frame=None, raw_schema=schema, contract_error=str(e))
-    del raw  # a 1M-row batch: keep one copy alive, not three
-    if frame.empty:
-        raise MonitoringError(f"batch file {path} has no rows")
-    frame = _label(frame, cfg)
-    return Batch(label=label, window=_batch_window(frame, cfg), frame=frame, raw_schema=schema)
-
-
-def _read_batch_file(path: Path, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The contract's columns of a batch file, and the dtypes of *all* its columns.
-
-    Reading only the columns the model and the rules use keeps a 1M-row batch's memory down;
-    the schema check still sees every column (from the Parquet schema / the CSV's first rows).
-    """
-    d = cfg.data
-    wanted = [d.timestamp_column, d.label_column, *d.feature_columns]
-    suffix = path.suffix.lower()
-    try:
-        if suffix in {".parquet", ".pq"}:
-            import pyarrow.parquet as pq
-
-            head = pq.read_schema(path).empty_table().to_pandas()
-            frame = pd.read_parquet(path, columns=[c for c in wanted if c in head.columns])
-        elif suffix == ".csv":
-            head = pd.read_csv(path, nrows=1000)
-            frame = pd.read_csv(path, usecols=[c for c in wanted if c in head.columns])
-        else:  # compressed CSV and anything else: the source reader's formats and errors
-            frame = read_source(d.model_copy(update={"source": path}))
-            head = frame
-    except (OSError, ValueError) as e:  # pandas/pyarrow raise many types for a corrupt file
-        raise DataContractError(f"cannot read batch file {path}: {type(e).__name__}: {e}") from None
-    return frame, {c: str(t) for c, t in head.dtypes.items()}
-
-
-def _champion_test_end(cfg: PipelineConfig, champion: ChampionInfo) -> dt.date:
-    if champion.manifest_path:
-        try:
-            return dt.date.fromisoformat(Manifest.load(champion.manifest_path).windows["test"].end[:10])
-        except (FileNotFoundError, KeyError, ValueError):
-            pass
-    base = rerun_base_config(cfg, champion)
-    return base.data.windows.test.end
+        return month_batch(cfg, batch)
+    return file_batch(cfg, Path(batch), log=log)
 
 
 def _data_key(cfg: PipelineConfig) -> bytes | None:
@@ -266,15 +130,6 @@ def _data_key(cfg: PipelineConfig) -> bytes | None:
     return resolve_data_key(cfg)
 
 
-class Reference(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    frame: pd.DataFrame
-    preprocessor: Preprocessor
-    schema_: dict[str, str]
-    origin: str
-
-
 @task(name="load-reference", cache_policy=NO_CACHE)
 def load_reference(cfg: PipelineConfig, champion: ChampionInfo) -> Reference:
     """The champion's training rows (its manifest's train shards), sampled to ``reference_sample_rows``.
@@ -283,36 +138,20 @@ def load_reference(cfg: PipelineConfig, champion: ChampionInfo) -> Reference:
     manifest is not on this machine (another RINGFLOW_HOME), and says so.
     """
     log = get_run_logger()
-    m = cfg.monitoring
+    rows = cfg.monitoring.reference_sample_rows
     if champion.manifest_path and Path(champion.manifest_path).exists():
         manifest = Manifest.load(champion.manifest_path)
-        key = _data_key(cfg) if manifest.encrypted else None
-        per_shard = math.ceil(m.reference_sample_rows / max(len(manifest.shards), 1))
-        parts = [sample_rows(manifest.read(s, key), per_shard, seed=s.index) for s in manifest.shards]
-        frame = pd.concat(parts, ignore_index=True)
-        pre = manifest.read_preprocessor()
-        schema = dict(manifest.schema_)
-        origin = f"manifest {manifest.path} (train {manifest.windows['train'].start}..{manifest.windows['train'].end})"
+        ref = reference_from_manifest(manifest, _data_key(cfg) if manifest.encrypted else None, rows)
     else:
         base = rerun_base_config(cfg, champion)
-        w = base.data.windows.train
         log.warning("champion manifest %s not found: reference = training window %s read from the source",
-                    champion.manifest_path, w)
-        src = validate_contract(read_source(base.data), base.data)
-        frame = _label(src[in_window(src, base.data, w.start, w.end)], base)
-        pre = Preprocessor.fit(frame, base.data.numeric_features, base.data.categorical_features)
-        schema = {c: str(t) for c, t in frame.dtypes.items()}
-        origin = f"source {base.data.source} window {w}"
-    frame = sample_rows(frame, m.reference_sample_rows, seed=0).reset_index(drop=True)
-    log.info("reference: %d rows from %s", len(frame), origin)
-    return Reference(frame=frame, preprocessor=pre, schema_=schema, origin=origin)
+                    champion.manifest_path, base.data.windows.train)
+        ref = reference_from_source(base, rows)
+    log.info("reference: %d rows from %s", len(ref.frame), ref.origin)
+    return ref
 
 
 # --------------------------------------------------------------------------- scoring + reports
-
-
-BASELINE_PREDICTION = "baseline_prediction"
-"""Batch column with the baseline's probabilities (not given to Evidently)."""
 
 
 def champion_baseline(champion: ChampionInfo):
@@ -337,24 +176,12 @@ def champion_baseline(champion: ChampionInfo):
     return model, threshold, run.data.metrics.get("baseline_test_roc_auc")
 
 
-def score(model, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """Champion probabilities, in chunks (pyfunc builds float tensors for the whole input)."""
-    out = [predict_rows(model, frame.iloc[i:i + SCORE_CHUNK][columns])
-           for i in range(0, len(frame), SCORE_CHUNK)]
-    p = np.concatenate(out) if out else np.empty(0)
-    if len(p) != len(frame):
-        raise MonitoringError(f"the champion returned {len(p)} predictions for {len(frame)} rows")
-    return p
-
 
 @task(name="score-batch", cache_policy=NO_CACHE)
 def score_batch(champion: ChampionInfo, batch: Batch, reference: Reference, feature_columns: list[str]):
     _tracking()
     model = mlflow.pyfunc.load_model(champion.model_uri)
-    # the columns the champion declares: the feature columns, and the timestamp when it derives
-    # calendar features from it
-    declared = model.metadata.get_input_schema().input_names()
-    columns = [c for c in declared if c in batch.frame.columns] or feature_columns
+    columns = model_columns(model, batch.frame.columns, feature_columns)
     batch.frame[PREDICTION] = score(model, batch.frame, columns)
     reference.frame[PREDICTION] = score(model, reference.frame, columns)
     baseline = champion_baseline(champion)
@@ -385,43 +212,12 @@ def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir
     )
 
 
+
 def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference,
             report: ReportSummary | None, training: TrainingObservation | None) -> tuple[MonitoringObservation, dict]:
-    """Numbers on the full batch -> the rules' input; also returns the batch metrics."""
-    features = cfg.data.feature_columns
-    contract = [cfg.data.timestamp_column, *features]  # the label is optional in a batch
-    expected = {c: t for c, t in reference.schema_.items() if c != TARGET}
-    diff = schema_diff(batch.raw_schema, expected, required=contract)
-    if batch.contract_error and diff.empty:  # e.g. an unparseable timestamp
-        diff = SchemaDiff(dtype_changed={"contract": {"expected": "valid", "actual": batch.contract_error[:200]}})
-    obs = MonitoringObservation(
-        model_name=champion.model_name, model_version=champion.version, batch=batch.label,
-        reference_roc_auc=champion.test_roc_auc, schema_changes=diff, training=training,
-    )
-    metrics: dict[str, float] = {}
-    if batch.frame is None:
-        return obs, metrics
-    f = batch.frame
-    obs.rows = len(f)
-    if TARGET in f.columns and f[TARGET].nunique() == 2:
-        metrics = classification_metrics(f[TARGET].to_numpy(), f[PREDICTION].to_numpy(), champion.decision_threshold)
-        obs.roc_auc = metrics["roc_auc"]
-        if BASELINE_PREDICTION in f.columns:
-            info = batch.baseline or {}
-            base = classification_metrics(f[TARGET].to_numpy(), f[BASELINE_PREDICTION].to_numpy(),
-                                          info.get("threshold", 0.5))
-            metrics.update({f"baseline_{k}": v for k, v in base.items() if k in REPORTED_METRICS})
-            if info.get("test_roc_auc") is not None:
-                metrics["baseline_test_roc_auc"] = info["test_roc_auc"]
-                metrics["baseline_roc_auc_drop"] = info["test_roc_auc"] - base["roc_auc"]
-    if report is not None:
-        obs.drifted_share = report.drifted_share
-        obs.drifted_columns = report.drifted_columns
-    obs.prediction_psi = psi(reference.frame[PREDICTION], f[PREDICTION])
-    obs.missing_share = {c: float(f[c].isna().mean()) for c in features}
-    obs.reference_missing_share = {c: float(reference.frame[c].isna().mean()) for c in features}
-    obs.unseen_share = reference.preprocessor.unseen_share(f)
-    return obs, metrics
+    """Numbers on the full batch -> the rules' input; also returns the batch metrics
+    (``monitoring/observation.py``, with the evaluation's metric names for the baseline)."""
+    return _observe(cfg, champion, batch, reference, report, training, baseline_metrics=REPORTED_METRICS)
 
 
 # --------------------------------------------------------------------------- MLflow history
@@ -430,6 +226,7 @@ def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference
 def _experiment_ids(client: MlflowClient, cfg: PipelineConfig) -> list[str]:
     exp = client.get_experiment_by_name(cfg.registry.experiment)
     return [exp.experiment_id] if exp else []
+
 
 
 @task(name="training-health", cache_policy=NO_CACHE)
@@ -442,37 +239,8 @@ def training_health(cfg: PipelineConfig) -> TrainingObservation | None:
         return None
     runs = client.search_runs(ids, tags.tag_filter(tags.KIND, tags.KIND_TRAINING), order_by=["attributes.start_time DESC"],
                               max_results=50)
-    runs = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
-    if not runs:
-        return None
-    last = runs[0]
-    ws = int(last.data.tags.get(tags.WORLD_SIZE) or 0)
-    if last.info.status == "FAILED":
-        failures = 0
-        for r in runs:
-            if r.info.status != "FAILED" or int(r.data.tags.get(tags.WORLD_SIZE) or 0) != ws:
-                break
-            failures += 1
-        return TrainingObservation(run_id=last.info.run_id, status="failed", world_size=ws, consecutive_failures=failures,
-                                   config=_load_run_json(last.info.run_id, "config/pipeline_config.json"))
-    summary = _load_summary(last.info.run_id)
-    ws = (summary.world_size if summary else 0) or ws or 1
-    prev_id = prev_tput = None
-    for r in runs[1:]:
-        if r.info.status != "FINISHED":
-            continue
-        s = _load_summary(r.info.run_id)
-        if s and s.status in ("completed", "early_stopped") and s.world_size == ws and s.per_rank:
-            prev_id, prev_tput = r.info.run_id, s.total_samples_per_s
-            break
-    return TrainingObservation(
-        run_id=last.info.run_id, status=summary.status if summary else "completed", world_size=ws,
-        per_rank=summary.per_rank if summary else [],
-        previous_run_id=prev_id, previous_samples_per_s=prev_tput,
-        checkpoint_dir=(summary and (summary.checkpoint_dir or summary.last_good_checkpoint))
-        or last.data.tags.get(tags.CHECKPOINT_DIR),
-        config=_load_run_json(last.info.run_id, "config/pipeline_config.json"),
-    )
+    return training_observation(runs, _load_summary,
+                                lambda run_id: _load_run_json(run_id, "config/pipeline_config.json"))
 
 
 def _load_summary(run_id: str) -> TrainingSummary | None:

@@ -393,7 +393,8 @@ def write_manifest(cfg: PipelineConfig, df: pd.DataFrame, directory: Path, shard
 def test_reference_comes_from_the_champions_manifest(ringflow_home, cfg, flights):
     from prefect.logging import disable_run_logger
 
-    from tasks.monitor import ChampionInfo, _champion_test_end, load_reference
+    from monitoring.champion import champion_test_end
+    from tasks.monitor import ChampionInfo, load_reference
 
     manifest = write_manifest(cfg, flights, ringflow_home / "data" / "test")
     champ = ChampionInfo(model_name="m", version="1", model_uri="models:/m/1", manifest_path=str(manifest))
@@ -405,7 +406,7 @@ def test_reference_comes_from_the_champions_manifest(ringflow_home, cfg, flights
     assert ts.min() >= pd.Timestamp(w.start, tz="UTC") and ts.max() < pd.Timestamp(w.end, tz="UTC")
     assert ref.origin.startswith("manifest ") and ref.schema_["temp"] == "float64"
     assert set(ref.preprocessor.vocab) == set(cfg.data.categorical_features)
-    assert str(_champion_test_end(cfg, champ)) == str(cfg.data.windows.test.end)
+    assert str(champion_test_end(cfg, champ)) == str(cfg.data.windows.test.end)
 
     # a tampered shard is refused (checksums), not silently used as the reference
     shard = manifest.parent / "shard-0.parquet"

@@ -1,0 +1,51 @@
+"""The reference the batch is compared with: the champion's training rows, sampled.
+
+Pure (the manifest's files or the configured source; no Prefect, no MLflow).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from monitoring.batch import label_rows
+from monitoring.reports import sample_rows
+from training.config import PipelineConfig
+from training.data import in_window, read_source, validate_contract
+from training.manifest import Manifest
+from training.preprocess import Preprocessor
+
+
+class Reference(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    frame: pd.DataFrame
+    preprocessor: Preprocessor
+    schema_: dict[str, str]
+    origin: str
+
+
+def reference_from_manifest(manifest: Manifest, key: bytes | None, rows: int) -> Reference:
+    """``rows`` rows sampled from the manifest's train shards (an equal share from each)."""
+    per_shard = math.ceil(rows / max(len(manifest.shards), 1))
+    parts = [sample_rows(manifest.read(s, key), per_shard, seed=s.index) for s in manifest.shards]
+    frame = pd.concat(parts, ignore_index=True)
+    train = manifest.windows["train"]
+    return _sampled(frame, rows, preprocessor=manifest.read_preprocessor(), schema_=dict(manifest.schema_),
+                    origin=f"manifest {manifest.path} (train {train.start}..{train.end})")
+
+
+def reference_from_source(base: PipelineConfig, rows: int) -> Reference:
+    """The training window of ``base`` read from its source (the manifest is not on this machine)."""
+    w = base.data.windows.train
+    src = validate_contract(read_source(base.data), base.data)
+    frame = label_rows(src[in_window(src, base.data, w.start, w.end)], base)
+    pre = Preprocessor.fit(frame, base.data.numeric_features, base.data.categorical_features)
+    return _sampled(frame, rows, preprocessor=pre, schema_={c: str(t) for c, t in frame.dtypes.items()},
+                    origin=f"source {base.data.source} window {w}")
+
+
+def _sampled(frame: pd.DataFrame, rows: int, **fields) -> Reference:
+    return Reference(frame=sample_rows(frame, rows, seed=0).reset_index(drop=True), **fields)

@@ -117,3 +117,63 @@ def test_quantile_scaling_is_bounded_and_keeps_the_order():
     assert col[0] < col[1] < col[2] <= col[3]  # monotone
     assert col[3] == pytest.approx(col[2], abs=0.2)  # 100x the train maximum: flat, not 100x further
     assert col[4] == pytest.approx(0.0, abs=1e-6)  # missing -> the (scaled) mean
+
+
+def test_additive_inputs_bypass_the_mlp(tmp_path):
+    """Listed feature columns enter the logit additively: two rows that differ only in an
+    additive category differ by the same amount whatever the weather (no learnt interaction),
+    while a deep input may interact."""
+    from training.config import ModelConfig
+
+    train = _rows().assign(carrier=pd.array(["AA", "UA", "AA", "UA"], dtype="string"))
+    pre = Preprocessor.fit(train, ["temp", "wind_gust"], ["origin", "dest", "carrier"],
+                           crosses=[["origin", "dest"]], indicators=True)
+    cfg = ModelConfig(hidden_sizes=[16], dropout=0.0, additive_features=["carrier", "origin", "dest"])
+    import torch
+
+    torch.manual_seed(0)
+    net = TabularNet.for_preprocessor(pre, cfg)
+    # origin, dest, carrier and the route origin+dest are additive; temp and the gust flag are deep
+    assert net.arch["additive_categorical"] == [0, 1, 2, 3] and net.arch["additive_numeric"] == []
+    for level in net.levels:  # as after training: levels away from their zero start
+        torch.nn.init.normal_(level.weight)
+    # each row twice, once per carrier, at four temperatures and routes
+    pairs = train.loc[np.repeat(train.index, 2)].reset_index(drop=True).assign(
+        temp=[40.0, 40.0, 90.0, 90.0, 60.0, 60.0, 75.0, 75.0], carrier=pd.array(["AA", "UA"] * 4, dtype="string"))
+    x_num, x_cat = pre.transform(pairs)
+    logits = net(torch.from_numpy(x_num), torch.from_numpy(x_cat)).detach().numpy()
+    gaps = logits[1::2] - logits[0::2]  # UA minus AA
+    assert np.allclose(gaps, gaps[0], atol=1e-6) and abs(gaps[0]) > 1e-3
+    save_model(tmp_path, net, pre, cfg)
+    again, _ = load_model(tmp_path)
+    assert again.arch == net.arch
+    assert np.allclose(again(torch.from_numpy(x_num), torch.from_numpy(x_cat)).detach().numpy(), logits)
+    # the levels are the group with their own weight decay
+    groups = net.param_groups(1e-5, 3.0)
+    assert [g["weight_decay"] for g in groups] == [1e-5, 3.0]
+    assert sum(p.numel() for p in groups[1]["params"]) == sum(c for c in pre.cardinalities[:4])
+
+
+def test_default_additive_features_follow_the_data_columns():
+    from training.config import PipelineConfig
+
+    assert PipelineConfig().training.model.additive_features == ["carrier", "origin", "dest", "distance", "minute"]
+    own = PipelineConfig(data={"numeric_features": ["temp"], "categorical_features": ["carrier"]})
+    assert own.training.model.additive_features == ["carrier"]  # not an error about an unset default
+    with pytest.raises(ValueError, match=r"additive_features \['route'\]"):
+        PipelineConfig(training={"model": {"additive_features": ["route"]}})
+
+
+def test_models_saved_before_additive_inputs_still_load(tmp_path):
+    """A model.pt whose arch has no additive keys (every input deep) loads as before."""
+    import torch
+
+    pre = Preprocessor.fit(_rows(), ["temp"], ["origin"])
+    old = TabularNet(len(pre.numeric_inputs), pre.cardinalities, 4, [8])
+    assert set(old.arch) == {"num_numeric", "cardinalities", "embedding_dim", "hidden_sizes", "dropout"}
+    assert not list(old.levels) and old.linear is None
+    save_model(tmp_path, old, pre)
+    net, _ = load_model(tmp_path)
+    x_num, x_cat = pre.transform(_rows())
+    assert torch.equal(net(torch.from_numpy(x_num), torch.from_numpy(x_cat)),
+                       old.eval()(torch.from_numpy(x_num), torch.from_numpy(x_cat)))

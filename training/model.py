@@ -24,6 +24,15 @@ DEFAULT_THRESHOLD = 0.5
 
 
 class TabularNet(nn.Module):
+    """Embeddings of the categorical inputs and the numeric inputs into an MLP, one logit out.
+
+    Inputs listed as *additive* (``additive_numeric`` / ``additive_categorical``: positions in
+    the preprocessor's numeric and categorical inputs) bypass the MLP: each category adds a
+    learnt level to the logit and each numeric a linear term, so the MLP cannot combine them
+    with the other inputs. Trained on winter months, the MLP otherwise learns carrier x weather
+    and route x weather effects that do not carry over to summer (README, Model quality).
+    """
+
     def __init__(
         self,
         num_numeric: int,
@@ -31,17 +40,31 @@ class TabularNet(nn.Module):
         embedding_dim: int,
         hidden_sizes: list[int],
         dropout: float = 0.0,
+        additive_numeric: list[int] | None = None,
+        additive_categorical: list[int] | None = None,
     ):
         super().__init__()
-        # Kept so the architecture can be rebuilt from the saved file alone.
+        additive_numeric = sorted(int(i) for i in additive_numeric or [])
+        additive_categorical = sorted(int(i) for i in additive_categorical or [])
+        # Kept so the architecture can be rebuilt from the saved file alone (files saved before
+        # the additive inputs existed lack them: every input deep, as then).
         self.arch = {
             "num_numeric": int(num_numeric), "cardinalities": [int(c) for c in cardinalities],
             "embedding_dim": int(embedding_dim), "hidden_sizes": [int(h) for h in hidden_sizes],
             "dropout": float(dropout),
         }
-        self.embeddings = nn.ModuleList(nn.Embedding(c, embedding_dim) for c in cardinalities)
+        if additive_numeric or additive_categorical:
+            self.arch.update(additive_numeric=additive_numeric, additive_categorical=additive_categorical)
+        self.deep_numeric = [i for i in range(num_numeric) if i not in additive_numeric]
+        self.deep_categorical = [j for j in range(len(cardinalities)) if j not in additive_categorical]
+        self.additive_numeric, self.additive_categorical = additive_numeric, additive_categorical
+        self.embeddings = nn.ModuleList(nn.Embedding(cardinalities[j], embedding_dim) for j in self.deep_categorical)
+        self.levels = nn.ModuleList(nn.Embedding(cardinalities[j], 1) for j in additive_categorical)
+        for level in self.levels:
+            nn.init.zeros_(level.weight)  # every category starts at the average
+        self.linear = nn.Linear(len(additive_numeric), 1) if additive_numeric else None
         layers: list[nn.Module] = []
-        width = num_numeric + embedding_dim * len(cardinalities)
+        width = len(self.deep_numeric) + embedding_dim * len(self.deep_categorical)
         for h in hidden_sizes:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
@@ -50,12 +73,36 @@ class TabularNet(nn.Module):
 
     @classmethod
     def for_preprocessor(cls, pre: Preprocessor, cfg: ModelConfig) -> TabularNet:
-        return cls(len(pre.numeric_inputs), pre.cardinalities, cfg.embedding_dim, cfg.hidden_sizes, cfg.dropout)
+        """The network for ``pre``'s inputs: an input is additive when every source column it is
+        derived from is in ``cfg.additive_features`` (the route origin+dest when both are)."""
+        additive = set(cfg.additive_features)
+        numeric = [i for i, src in enumerate(pre.numeric_input_sources) if set(src) <= additive]
+        categorical = [j for j, src in enumerate(pre.categorical_input_sources) if set(src) <= additive]
+        return cls(len(pre.numeric_inputs), pre.cardinalities, cfg.embedding_dim, cfg.hidden_sizes, cfg.dropout,
+                   additive_numeric=numeric, additive_categorical=categorical)
+
+    def param_groups(self, weight_decay: float, level_weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups: the additive category levels decay with
+        ``level_weight_decay`` (pulled towards the average unless many rows hold them up), the
+        rest with ``weight_decay``."""
+        levels = list(self.levels.parameters())
+        ids = {id(p) for p in levels}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        groups = [{"params": rest, "weight_decay": weight_decay}]
+        if levels:
+            groups.append({"params": levels, "weight_decay": level_weight_decay})
+        return groups
 
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
         """-> logits of shape [n]."""
-        parts = [x_num] + [emb(x_cat[:, j]) for j, emb in enumerate(self.embeddings)]
-        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        deep_num = x_num if not self.additive_numeric else x_num[:, self.deep_numeric]
+        parts = [deep_num] + [emb(x_cat[:, j]) for j, emb in zip(self.deep_categorical, self.embeddings)]
+        logits = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        for j, level in zip(self.additive_categorical, self.levels):
+            logits = logits + level(x_cat[:, j]).squeeze(1)
+        if self.linear is not None:
+            logits = logits + self.linear(x_num[:, self.additive_numeric]).squeeze(1)
+        return logits
 
 
 def save_model(path: str | Path, net: TabularNet, preprocessor: Preprocessor, model_cfg: ModelConfig | None = None,

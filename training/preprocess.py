@@ -203,6 +203,19 @@ class Preprocessor:
                 *(CALENDAR_CATEGORICAL if self.timestamp else []), *(bin_name(c) for c in self.bin_edges)]
 
     @property
+    def numeric_input_sources(self) -> list[list[str]]:
+        """Per numeric input (in :attr:`numeric_inputs` order): the source columns it derives from."""
+        return [*([c] for c in self.numeric), *([c] for c in self.missing_indicators),
+                *([self.timestamp] for _ in (CALENDAR_NUMERIC if self.timestamp else []))]
+
+    @property
+    def categorical_input_sources(self) -> list[list[str]]:
+        """Per categorical input (in :attr:`categorical_inputs` order): the source columns it derives from."""
+        return [*([c] for c in self.categorical), *(list(c) for c in self.crosses),
+                *([self.timestamp] for _ in (CALENDAR_CATEGORICAL if self.timestamp else [])),
+                *([c] for c in self.bin_edges)]
+
+    @property
     def source_columns(self) -> list[str]:
         """The raw columns :meth:`transform` reads."""
         return [*self.numeric, *self.categorical, *([self.timestamp] if self.timestamp else [])]

@@ -219,7 +219,8 @@ class Trainer:
         self.pre = manifest.read_preprocessor()
         torch.manual_seed(self.tc.seed)  # identical init on every rank (and broadcast anyway)
         self.net = TabularNet.for_preprocessor(self.pre, self.tc.model)
-        base = torch.optim.AdamW(self.net.parameters(), lr=self.tc.learning_rate, weight_decay=self.tc.weight_decay)
+        groups = self.net.param_groups(self.tc.weight_decay, self.tc.model.level_weight_decay)
+        base = torch.optim.AdamW(groups, lr=self.tc.learning_rate)
         hv = self.tc.horovod
         self.opt = hvd.DistributedOptimizer(
             base, named_parameters=self.net.named_parameters(),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import ROOT, bench_env, load_avg, machine_facts, median, write_result  # noqa: E402
+from benchmarks._timeline import step_breakdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SCRATCH = Path(tempfile.gettempdir()) / "ringflow-bench"
@@ -83,6 +85,8 @@ def cases(quick: bool) -> list[Case]:
         Case("hvd_np1_t1_batch2048_lr2x", 1, {"training.threads_per_rank": 1, "training.batch_size": 2048,
                                                "training.learning_rate": 0.004},
              what="trainer np=1, 1 thread, batch 2048, LR x2 (the np=1 side of the batch lever)"),
+        Case("hvd_np2_timeline", 2, env={"RFBENCH_TIMELINE": "1"},
+             what="np=2 with the Horovod timeline on: where the step time goes"),
         Case("ddp_np2_dataloader", 2, kind="ddp", env={"RFBENCH_LOADER": "dataloader"},
              what="DDP np=2 fed by a DataLoader instead of in-memory indexing"),
     ]
@@ -130,6 +134,9 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
     out = Path(tempfile.mkdtemp(prefix=f"{case.name}-", dir=SCRATCH))
     env = bench_env(**case.env)
     env.pop("MLFLOW_RUN_ID", None)  # the trainer logs nowhere: we measure training, not MLflow
+    timeline = out / "horovod-timeline.json"
+    if case.env.get("RFBENCH_TIMELINE"):
+        env["HOROVOD_TIMELINE"] = str(timeline)
     if case.kind == "horovod":
         cmd = horovodrun_command(cfg, manifest, out, python=sys.executable)
         if case.env.get("RFBENCH_CONTROLLER") == "mpi":
@@ -150,7 +157,8 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
 
         summary = TrainingSummary.load(out)
         hist = summary.history
-        auc = summary.best_val_roc_auc
+        # the last epoch's, like the DDP reference's (throughput runs keep every epoch)
+        auc = hist[-1].get("val_roc_auc", summary.best_val_roc_auc) if hist else summary.best_val_roc_auc
         extra = {"status": summary.status, "best_epoch": summary.best_epoch,
                  "step_time_ms_per_rank": [r.step_time_ms for r in summary.per_rank],
                  "train_wall_s": summary.wall_time_s}
@@ -159,6 +167,8 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
         hist = s["history"]
         auc = s["val_roc_auc_last"]
         extra = {"threads": s["threads"]}
+    if timeline.is_file():
+        extra["timeline_ms_per_step"] = step_breakdown(timeline)
     thr = [h["samples_per_s"] for h in hist]
     steady = thr[1:] if len(thr) > 1 else thr
     # per-step wall time (all of a step: data, forward, backward, allreduce waits, optimizer)
@@ -183,10 +193,13 @@ def summarize(runs: list[dict], all_cases: list[Case]) -> dict:
                          "samples_per_s": median([r["samples_per_s"] for r in rs]),
                          "samples_per_s_each_round": [round(r["samples_per_s"]) for r in rs],
                          "launch_wall_s": median([r["launch_wall_s"] for r in rs]),
-                         "step_wall_ms": median([r["step_wall_ms"] for r in rs])}
+                         "step_wall_ms": median([r["step_wall_ms"] for r in rs]),
+                         "val_auc": median([r["val_auc"] for r in rs if r.get("val_auc") is not None] or [math.nan])}
         fwd_bwd = [x for r in rs for x in r.get("step_time_ms_per_rank", [])]
         if fwd_bwd:
             table[c.name]["fwd_bwd_ms"] = median(fwd_bwd)
+        if timelines := [r["timeline_ms_per_step"] for r in rs if "timeline_ms_per_step" in r]:
+            table[c.name]["timeline_ms_per_step"] = {k: median([t[k] for t in timelines]) for k in timelines[0]}
     base = table.get("hvd_np2", {}).get("samples_per_s")
     for name, row in table.items():
         if base and row["np"] == 2:
@@ -211,6 +224,11 @@ def summarize(runs: list[dict], all_cases: list[Case]) -> dict:
         derived["ddp_efficiency_vs_best_np1"] = thr("ddp_np2") / (2 * ddp1)
     if thr("hvd_np2") and thr("ddp_np2"):
         derived["hvd_vs_ddp_np2"] = thr("hvd_np2") / thr("ddp_np2")
+    if thr("hvd_np2") and thr("hvd_np1_t1"):
+        derived["efficiency_vs_one_thread_np1"] = thr("hvd_np2") / (2 * thr("hvd_np1_t1"))
+    aucs = [row["val_auc"] for row in table.values() if row["val_auc"] == row["val_auc"]]
+    if len(aucs) > 1:
+        derived["val_auc_spread"] = max(aucs) - min(aucs)
     return {"cases": table, "derived": derived}
 
 
@@ -218,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 cases, 1 round, 2 epochs, no quality runs")
     p.add_argument("--config", default=str(ROOT / "configs" / "flights.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. data.source=/tmp/flights-x10 (repeatable)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="epochs per throughput run (default 3; quick 2)")
     p.add_argument("--cases", default=None, help="comma list of case names (default: all)")
@@ -229,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.config import load_config
 
     SCRATCH.mkdir(parents=True, exist_ok=True)
-    base = load_config(args.config)
+    base = load_config(args.config, args.set)
     manifest = ensure_manifest(base)
     all_cases = cases(args.quick)
     if args.cases:
@@ -270,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["derived"]["auc_np2_minus_np1_batch2048"] = q["quality_np2_batch2048_lr2x"] - q["quality_np1_batch2048_lr2x"]
     data = {"benchmark": "training", "quick": args.quick, "config": str(Path(args.config).relative_to(ROOT))
             if Path(args.config).is_relative_to(ROOT) else args.config,
+            "overrides": args.set,
             "epochs_per_throughput_run": epochs, "rounds": rounds, "machine": facts, "load_after": load_avg(),
             "train_rows": json.loads(Path(manifest).read_text())["windows"]["train"]["rows"],
             **summary, "quality": quality, "runs": runs}

@@ -190,24 +190,37 @@ def render_allreduce(d: dict) -> str:
 
 
 def render_training(d: dict) -> str:
-    out = ["## Training throughput and scaling (flights default workload)", "",
+    cfg = str(d.get("config") or "")
+    workload = "flights default workload" if cfg.endswith("flights.yaml") else f"`{cfg}`"
+    out = [f"## Training throughput and scaling ({workload})", "",
            "**What.** The project's own trainer (`training/train.py` under `horovodrun`, command from "
            "`training.launch.horovodrun_command`) at np=1 and np=2 and with each lever, next to "
            "`benchmarks/_ddp_reference.py` (same TabularNet, shards, batch, AdamW, LR schedule and thread "
            "rule under torch DDP/Gloo).", "",
-           f"**How.** {d.get('train_rows', '?')} training rows, `{d.get('config')}`; each case is a fresh "
+           f"**How.** {d.get('train_rows', '?')} training rows, `{d.get('config')}`"
+           + (f" with {', '.join(f'`{o}`' for o in d['overrides'])}" if d.get("overrides") else "")
+           + "; each case is a fresh "
            f"launch with {d['epochs_per_throughput_run']} epochs (early stopping off); samples/s = all ranks' "
            "samples / epoch wall time (validation excluded), median of epochs 2..E, then median over "
            f"{d['rounds']} interleaved rounds (case order rotated per round). `vs np2` = throughput / "
            "`hvd_np2` (the trainer's defaults at np=2).", "",
            machine_line(d.get("machine")) + f" Load after: {fmt(d.get('load_after'))}.", ""]
     rows = [[name, c["what"], c["samples_per_s"], c.get("vs_hvd_np2"), fmt(c["samples_per_s_each_round"]),
-             c.get("step_wall_ms"), c.get("fwd_bwd_ms"), c["launch_wall_s"]] for name, c in d["cases"].items()]
+             c.get("step_wall_ms"), c.get("fwd_bwd_ms"), c["launch_wall_s"], c.get("val_auc")]
+            for name, c in d["cases"].items()]
     out += [table(["case", "what", "samples/s (median)", "vs np2", "per round", "step wall ms", "fwd+bwd ms/rank",
-                   "launch wall s"], rows), "",
+                   "launch wall s", "val AUC (last epoch)"], rows), "",
             "`step wall ms`: epoch wall / steps (everything a step costs); `fwd+bwd ms/rank`: the trainer's own "
             "per-rank compute timer (forward + backward only). The difference is data indexing, the "
             "optimizer and, at np=2, the time in and waiting for collectives.", ""]
+    timelines = {name: c["timeline_ms_per_step"] for name, c in d["cases"].items() if "timeline_ms_per_step" in c}
+    for name, t in timelines.items():
+        keys = [k for k in t if k != "steps"]
+        out += [f"Horovod timeline of `{name}` (`benchmarks/_timeline.py`), ms per step over {fmt(t['steps'])} "
+                "steps: `negotiate` runs from a gradient being ready on this rank until it is ready on every "
+                "rank (the rest of the backward pass and any wait for the slower rank); `allreduce` is the "
+                "collective itself.", "", table(["activity", "ms/step"], [[k.removesuffix("_ms"), t[k]] for k in keys]),
+                ""]
     der = d.get("derived", {})
     if der:
         out += ["### Derived", "", table(["quantity", "value"], [[k, v] for k, v in der.items()]), ""]
@@ -298,7 +311,8 @@ def targets(results: dict[str, dict]) -> str:
         der = tr["derived"]
         e = der.get("efficiency_vs_best_np1")
         dauc = der.get("auc_np2_minus_np1")
-        extra = "; ".join(f"{k} {fmt(der[k])}" for k in ("efficiency_fast_step_vs_best_np1",
+        extra = "; ".join(f"{k} {fmt(der[k])}" for k in ("efficiency_vs_one_thread_np1", "val_auc_spread",
+                          "efficiency_fast_step_vs_best_np1",
                           "efficiency_fast_pinned_vs_best_np1", "efficiency_best_levers_vs_np1_batch2048",
                           "efficiency_batch2048_vs_np1_batch2048", "pinned_vs_unpinned",
                           "ddp_efficiency_vs_best_np1", "auc_np2_minus_np1_batch2048") if k in der)

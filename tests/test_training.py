@@ -208,8 +208,9 @@ def test_absurd_learning_rate_returns_diverged(prefect_harness, ringflow_home, s
     r = train_model.with_options(retries=0)(cfg, str(smoke_manifest.path))
 
     assert r.status == "diverged" and r.model_path is None
-    _, run = _only_run(ringflow_home, cfg)
+    client, run = _only_run(ringflow_home, cfg)
     assert run.info.status == "FINISHED" and run.data.tags["training_status"] == "diverged"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "diverged")] == [1]
 
 
 def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int = 1) -> None:
@@ -349,11 +350,11 @@ def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manife
     assert steps["rank1_samples_per_s"] == [h["epoch"] for h in summary["history"] if h["world_size"] == 2]
 
 
-@pytest.mark.parametrize("elastic", [False, True], ids=["fixed", "elastic"])
-def test_divergence_is_logged_by_either_driver(tmp_path, smoke_config, smoke_manifest, elastic):
-    """Fixed and elastic runs go through the same epoch loop: a non-finite loss ends both the same
-    way, with the ``diverged`` metric at that epoch, the status and no model."""
-    cfg = with_overrides(smoke_config, {"training.learning_rate": 1e6, "training.elastic.enabled": elastic,
+def test_elastic_divergence_is_logged_as_a_fixed_run_s(tmp_path, smoke_config, smoke_manifest):
+    """Fixed and elastic runs go through the same epoch loop: a non-finite loss ends an elastic
+    run as it ends a fixed one (test_absurd_learning_rate_returns_diverged), with the
+    ``diverged`` metric at that epoch, the status and no model."""
+    cfg = with_overrides(smoke_config, {"training.learning_rate": 1e6, "training.elastic.enabled": True,
                                         "training.elastic.min_np": 1, "training.elastic.max_np": 2})
     client, run_id, tracking = _tracked_run(tmp_path / "mlflow")
     s = _run_program(cfg, smoke_manifest, tmp_path / "out", timeout=150, tracking=tracking)
@@ -386,6 +387,20 @@ def test_fixed_and_elastic_runs_log_the_same_metrics_once_per_epoch(tmp_path, sm
     assert set(params["elastic"]) == set(params["fixed"])
     assert results["elastic"]["metrics"] == pytest.approx(results["fixed"]["metrics"] | {
         "samples_per_s": results["elastic"]["metrics"]["samples_per_s"]})
+
+
+def test_one_host_elastic_ranks_share_one_machine_s_cores():
+    """Thread count per rank = cores // ranks on the machine. A one-host elastic job runs its
+    ranks under two names of this machine, one slot each, so Horovod's local size says 1."""
+    from training.train import ranks_sharing_host
+
+    cfg = with_overrides(PipelineConfig(), {"training.world_size": 2, "training.elastic.enabled": True,
+                                            "training.elastic.min_np": 1})
+    assert ranks_sharing_host(cfg, local_size=1) == 2
+    assert ranks_sharing_host(with_overrides(cfg, {"training.elastic.max_np": 4}), local_size=2) == 4
+    # named hosts, or a fixed-size job: Horovod's local size is right
+    assert ranks_sharing_host(with_overrides(cfg, {"training.horovod.hosts": "h1:1,h2:1"}), local_size=1) == 1
+    assert ranks_sharing_host(with_overrides(cfg, {"training.elastic.enabled": False}), local_size=2) == 2
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity API")

@@ -389,6 +389,34 @@ def test_fixed_and_elastic_runs_log_the_same_metrics_once_per_epoch(tmp_path, sm
         "samples_per_s": results["elastic"]["metrics"]["samples_per_s"]})
 
 
+def test_progress_is_replaced_never_changed_so_an_elastic_commit_holds(tmp_path):
+    """Horovod's ObjectState commits a reference to ``state.progress``: an epoch must leave the
+    committed progress as it was. Early stopping keeps the best weights; a checkpoint round-trips."""
+    from torch import nn
+
+    from training.checkpoint import save_checkpoint
+    from training.state import Progress
+
+    net = nn.Linear(2, 1)
+    committed = Progress()
+    first = committed.after_epoch({"epoch": 1, "val_roc_auc": 0.7}, net, patience=2)
+    assert committed == Progress() and committed.history == ()
+    best = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    second = first.after_epoch({"epoch": 2, "val_roc_auc": 0.6}, net, patience=2)
+    third = second.after_epoch({"epoch": 3, "val_roc_auc": float("nan")}, net, patience=2)
+    assert (first.bad_epochs, second.bad_epochs, third.bad_epochs) == (0, 1, 2)
+    assert not second.stopped and third.stopped and third.best_epoch == 1 and third.epoch == 3
+    assert all(torch.equal(third.best_model[k], best[k]) for k in best)  # not the weights of epoch 3
+    assert [h["epoch"] for h in third.history] == [1, 2, 3] and len(first.history) == 1
+
+    loaded = load_checkpoint(save_checkpoint(tmp_path, third.as_checkpoint()))
+    again = Progress.from_checkpoint(loaded)
+    assert (again.epoch, again.best_epoch, again.bad_epochs, again.stopped) == (3, 1, 2, True)
+    assert again.history[:2] == third.history[:2] and all(torch.equal(again.best_model[k], best[k]) for k in best)
+
+
 def test_one_host_elastic_ranks_share_one_machine_s_cores():
     """Thread count per rank = cores // ranks on the machine. A one-host elastic job runs its
     ranks under two names of this machine, one slot each, so Horovod's local size says 1."""

@@ -1,11 +1,13 @@
-"""Benchmark the monitoring flow on a 28k-row batch (July 2013) and a 1M-row batch (July resampled).
+"""Benchmark the monitoring flow on a 28k-row batch (July 2013) and 1M- and 3M-row batches (July resampled).
 
 Each case runs in a fresh process (so peak RSS is its own) against a scratch RINGFLOW_HOME with a
 registered champion (the test suite's real pyfunc logistic regression; the pipeline's champion is
 not needed to measure monitoring). Reports wall time of the flow, peak RSS, time per task (from
-the Prefect API) and the share spent inside Evidently.
+the Prefect API) and the share spent inside Evidently. The batch is read and scored in chunks and
+Evidently reads a sample of ``max_current_rows`` (the config's default unless given), so the peak
+should not grow with the batch's rows.
 
-    .venv/bin/python benchmarks/bench_monitoring.py            # both cases
+    .venv/bin/python benchmarks/bench_monitoring.py            # the three cases
     .venv/bin/python benchmarks/bench_monitoring.py --rows 1000000 --max-current-rows 0   # no sampling
 
 Writes ``benchmarks/results/monitoring.json`` and prints a markdown table.
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,9 @@ JULY_ROWS = 28_280
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from training.memory import peak_rss_mb  # VmHWM: ru_maxrss carries the forking process's mark
+
+    return peak_rss_mb()
 
 
 def _batch_arg(rows: int, home: Path) -> str:
@@ -104,12 +107,17 @@ def run_case(rows: int, max_current_rows: int | None, home: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, nargs="*", default=[28_280, 1_000_000],
+    p.add_argument("--rows", type=int, nargs="*", default=[28_280, 1_000_000, 3_000_000],
                    help="batch sizes (28280 = July 2013 as is; others resample July)")
-    p.add_argument("--max-current-rows", type=int, default=200_000, help="0 = no sampling of the batch")
+    p.add_argument("--max-current-rows", type=int, default=None,
+                   help="Evidently's sample of the batch (default: the config's); 0 = every row")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.max_current_rows is None:
+        from training.config import MonitoringConfig
+
+        a.max_current_rows = MonitoringConfig().max_current_rows
     mcr = a.max_current_rows or None
     if a.prepare:
         prepare(a.rows, Path(os.environ["RINGFLOW_HOME"]))

@@ -13,8 +13,10 @@ test June 1-15) and the default model. Each stage runs in a process of its own, 
 - train: ``horovodrun -np 2`` of the training program, one epoch; time is the epoch's wall time,
   memory the larger rank's peak RSS;
 - evaluate: load the trained model and score the test window (the evaluate stage's work);
-- monitor: score the month of June (one file of the directory) in chunks with the model and run
-  Evidently's drift report on its samples (the monitoring flow's work without MLflow/Prefect).
+- monitor: the month of June read from the directory in chunks (``monitoring/batch.py``), scored
+  chunk by chunk with the model, the reference sampled from the train shards row group by row
+  group, Evidently's drift and quality reports on a ``max_current_rows`` sample (the monitoring
+  flow's work without MLflow/Prefect).
 
 The log-log slope of time (and of memory) against rows says how each stage grows: 1.0 is linear,
 0 is flat. Output: ``results/scale.json`` (with a ready table) and ``scale.png``.
@@ -69,27 +71,29 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb(),
 MONITOR = """
 import json, sys, time
 from training.memory import peak_rss_mb
-import numpy as np, pandas as pd
 t0 = time.perf_counter()
-from monitoring.reports import PREDICTION, build_reports, sample_rows
+from monitoring.batch import batch_chunks, describe_month
+from monitoring.reference import reference_from_manifest
+from monitoring.reports import PREDICTION, build_reports
+from monitoring.scoring import score_chunks
 from training.config import load_config
-from training.data import validate_contract, with_target
+from training.data import TARGET
 from training.manifest import Manifest
+from training.metrics import classification_metrics
 from training.model import load_model, predict_proba
-cfg = load_config(sys.argv[1])
-m = Manifest.load(sys.argv[2])
+cfg = load_config(sys.argv[1], ["data.source=" + sys.argv[4]])
+d, m = cfg.data, cfg.monitoring
 net, pre = load_model(sys.argv[3])
-d = cfg.data
-wanted = [d.timestamp_column, d.label_column, *d.feature_columns]
-batch, _ = with_target(validate_contract(pd.read_parquet(sys.argv[4], columns=wanted), d), d)
-batch[PREDICTION] = np.concatenate([predict_proba(net, pre, batch.iloc[i:i + 200_000])
-                                    for i in range(0, len(batch), 200_000)])
-ref = pd.concat([sample_rows(m.read(s), 10_000, seed=s.index) for s in m.shards], ignore_index=True)
-ref[PREDICTION] = predict_proba(net, pre, ref)
-build_reports(ref, batch, d.numeric_features, d.categorical_features, sys.argv[5], target="target",
-              reference_rows=20_000, current_rows=200_000)
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb(),
-                  "rows": len(batch)}))
+batch = describe_month(cfg, "2013-06")
+ref = reference_from_manifest(Manifest.load(sys.argv[2]), None, m.reference_sample_rows)
+ref.frame[PREDICTION] = predict_proba(net, pre, ref.frame)
+s = score_chunks(batch_chunks(batch, cfg), batch.rows, lambda chunk: predict_proba(net, pre, chunk),
+                 features=d.feature_columns, vocabulary={c: pre.vocab[c] for c in pre.categorical}, target=TARGET,
+                 sample_rows=m.max_current_rows)
+build_reports(ref.frame, s.sample, d.numeric_features, d.categorical_features, sys.argv[5], target=TARGET,
+              reference_rows=m.reference_sample_rows, current_rows=m.max_current_rows)
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb(), "rows": batch.rows,
+                  "evidently_rows": len(s.sample), "roc_auc": classification_metrics(s.target, s.prediction)["roc_auc"]}))
 """
 
 
@@ -199,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {k}x: evaluate", flush=True)
             row["evaluate"] = _child(EVALUATE, manifest, str(run_dir))
             print(f"== {k}x: monitor", flush=True)
-            row["monitor"] = _child(MONITOR, str(cfg_path), manifest, str(run_dir),
-                                    str(src / "flights-2013-06.parquet"), str(work / f"reports-x{k}"))
+            row["monitor"] = _child(MONITOR, str(cfg_path), manifest, str(run_dir), str(src),
+                                    str(work / f"reports-x{k}"))
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:

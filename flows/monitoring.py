@@ -28,6 +28,7 @@ from tasks.monitor import (
     last_monitored_month,
     load_batch,
     load_reference,
+    log_batch_dataset,
     log_monitoring_run,
     observe,
     publish_artifacts,
@@ -104,8 +105,9 @@ def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "nex
         report_dir = settings.home / "monitoring" / run_id
         report_dir.mkdir(parents=True, exist_ok=True)
         report = None
-        if data.frame is not None:
-            data, reference = score_batch(champion, data, reference, cfg.data.feature_columns)
+        if data.scorable:  # every row scored in chunks; Evidently reads a bounded sample
+            data, reference = score_batch(cfg, champion, data, reference)
+            log_batch_dataset(cfg, run_id, data)
             report = run_reports(cfg, data, reference, str(report_dir))
         obs, metrics = observe(cfg, champion, data, reference, report, training_health(cfg))
         anomalies = default_rules(cfg.monitoring).check(obs)

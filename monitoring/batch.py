@@ -1,15 +1,24 @@
-"""The batch being monitored: which rows (a month of the configured source, or a file), read and
-checked against the data contract.
+"""The batch being monitored: which rows (a month of the configured source, or a file), read in
+chunks and checked against the data contract.
 
-Pure (pandas/pyarrow, no Prefect, no MLflow): the task module resolves ``next`` to a month and
-records what is returned here. A file that breaks the contract is not an error here but a
-:class:`Batch` with ``contract_error`` set: the rules report it as a schema change.
+A batch of several million rows is never one frame: :func:`describe_month` / :func:`describe_file`
+make one streaming pass that counts the rows, finds the dates they cover and whether they carry
+labels, and checks the contract; :func:`batch_chunks` then yields the validated rows chunk by
+chunk (at most :data:`CHUNK_ROWS` at once) for scoring. Parquet is read with pyarrow datasets,
+filtered on the time column, so a month of a directory source skips the other months' row
+groups by their statistics. The built-in ``flights`` source is one small in-memory table: its
+month is read once and kept.
+
+Pure (pandas/pyarrow, no Prefect, no MLflow). A file that breaks the contract is not an error
+here but a :class:`Batch` with ``contract_error`` set: the rules report it as a schema change.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +27,23 @@ from pydantic import BaseModel, ConfigDict
 
 from monitoring.errors import MonitoringError
 from monitoring.policy import BatchWindow
-from training.config import PipelineConfig
-from training.data import TARGET, DataContractError, in_window, month_window, read_source, validate_contract, with_target
+from monitoring.scoring import BatchScores
+from training.config import DataConfig, PipelineConfig
+from training.data import (
+    BATCH_ROWS,
+    CSV_SUFFIXES,
+    DataContractError,
+    in_window,
+    month_window,
+    read_source,
+    source_files,
+    validate_contract,
+    with_target,
+)
 from training.manifest import sha256_file
+
+CHUNK_ROWS = BATCH_ROWS
+"""Rows read, validated and scored at once: the batch's memory does not grow with its rows."""
 
 _log = logging.getLogger(__name__)
 
@@ -32,12 +55,28 @@ class Batch(BaseModel):
     """Stable identity: ``2013-07`` or ``file:<name>@<sha256 prefix>``."""
     month: str | None = None
     window: BatchWindow | None = None
-    frame: pd.DataFrame | None = None
-    """Validated rows (with ``target`` when labelled); None when the schema makes scoring impossible."""
+    source: str | None = None
+    """Where the rows are read from: the configured source (a month) or the file; None when the
+    schema makes scoring impossible (``contract_error``)."""
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    """A month's [start, end) (UTC): only these rows of the source belong to the batch."""
+    in_memory: pd.DataFrame | None = None
+    """The month's validated rows when the source is the built-in flights table (read once);
+    None: the rows are streamed from the files."""
+    rows: int = 0
+    """Rows monitored (the labelled ones when the batch carries labels)."""
+    labelled: bool = False
     raw_schema: dict[str, str] = {}
     contract_error: str | None = None
     baseline: dict[str, float | None] | None = None
     """The champion's baseline, when it was scored on the batch: its threshold and test AUC."""
+    scores: BatchScores | None = None
+    """Set by scoring: predictions, labels and counts of every row, and the sample for Evidently."""
+
+    @property
+    def scorable(self) -> bool:
+        return self.contract_error is None and self.rows > 0
 
 
 def file_label(path: Path) -> str:
@@ -53,72 +92,216 @@ def label_rows(frame: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
     return frame
 
 
-def batch_window(frame: pd.DataFrame, cfg: PipelineConfig) -> BatchWindow:
-    """The dates the rows cover, [first day, day after the last)."""
-    ts = frame[cfg.data.timestamp_column]
-    return BatchWindow(start=ts.min().date(), end=ts.max().date() + dt.timedelta(days=1),
-                       labelled=TARGET in frame.columns)
+# --------------------------------------------------------------------------- reading
 
 
-def month_batch(cfg: PipelineConfig, month: str) -> Batch:
-    """The rows of ``month`` (``YYYY-MM``) in the configured source."""
-    start, end = month_window(month)
-    source = validate_contract(read_source(cfg.data), cfg.data)
-    rows = source[in_window(source, cfg.data, start, end)]
-    if rows.empty:
-        ts = source[cfg.data.timestamp_column]
-        raise MonitoringError(f"no rows for batch {month} in the source ({ts.min()} .. {ts.max()})")
-    frame = label_rows(rows.reset_index(drop=True), cfg)
-    window = BatchWindow(start=start.date(), end=end.date(), labelled=TARGET in frame.columns)
-    return Batch(label=month, month=month, window=window, frame=frame,
-                 raw_schema={c: str(t) for c, t in rows.dtypes.items()})
+def _contract_columns(d: DataConfig) -> list[str]:
+    return [d.timestamp_column, d.label_column, *d.feature_columns]
 
 
-def file_batch(cfg: PipelineConfig, path: Path, log: logging.Logger | logging.LoggerAdapter = _log) -> Batch:
-    """The rows of a CSV or Parquet file; a file that breaks the contract gives ``contract_error``."""
-    if not path.is_file():
-        raise MonitoringError(f"batch {str(path)!r} is neither 'next', a month (YYYY-MM) nor an existing file")
-    raw, schema = read_batch_file(path, cfg)
-    label = file_label(path)
-    if cfg.data.label_column not in raw.columns and len(raw.columns):
-        # an unlabelled batch (labels arrive later): drift and data quality only, no performance
-        log.info("batch %s has no label column %r: monitoring without performance", path, cfg.data.label_column)
-        raw[cfg.data.label_column] = np.nan
-    if raw.empty:
-        raise MonitoringError(f"batch file {path} has no rows")
-    try:
-        frame = validate_contract(raw, cfg.data, origin=str(path))
-    except DataContractError as e:  # reported as a schema-change anomaly, not a crash
-        log.warning("batch %s breaks the data contract: %s", path, e)
-        return Batch(label=label, frame=None, raw_schema=schema, contract_error=str(e))
-    del raw  # a 1M-row batch: keep one copy alive, not three
-    if frame.empty:
-        raise MonitoringError(f"batch file {path} has no rows")
-    frame = label_rows(frame, cfg)
-    return Batch(label=label, window=batch_window(frame, cfg), frame=frame, raw_schema=schema)
+def _unreadable(path: Path, e: Exception) -> DataContractError:
+    return DataContractError(f"cannot read {path}: {type(e).__name__}: {e}")
 
 
-def read_batch_file(path: Path, cfg: PipelineConfig) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The contract's columns of a batch file, and the dtypes of *all* its columns.
+def _time_filter(schema, column: str, start: dt.datetime | None, end: dt.datetime | None):
+    """``start <= column < end`` as a pyarrow expression, or None when the column is not a
+    timestamp in the file (text timestamps are filtered after parsing)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
 
-    Reading only the columns the model and the rules use keeps a 1M-row batch's memory down;
-    the schema check still sees every column (from the Parquet schema / the CSV's first rows).
-    """
+    if start is None or column not in schema.names or not pa.types.is_timestamp(schema.field(column).type):
+        return None
+    t = schema.field(column).type
+    lo, hi = _utc(start), _utc(end)
+    if t.tz is None:  # a zone-less timestamp column is read as UTC by the contract
+        lo, hi = lo.tz_localize(None), hi.tz_localize(None)
+    field = ds.field(column)
+    return (field >= pa.scalar(lo.to_pydatetime(), type=t)) & (field < pa.scalar(hi.to_pydatetime(), type=t))
+
+
+def _utc(value) -> pd.Timestamp:
+    """Naive bounds are UTC, as in ``training.data.in_window``."""
+    t = pd.Timestamp(value)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _raw_chunks(d: DataConfig, start: dt.datetime | None, end: dt.datetime | None,
+                chunk_rows: int) -> Iterator[tuple[str, pd.DataFrame]]:
+    """``(file, raw rows)`` of the contract columns each file has, at most ``chunk_rows`` at once."""
+    import pyarrow.dataset as ds
+
+    wanted = _contract_columns(d)
+    for path in source_files(d):
+        origin = str(path)
+        try:
+            if "".join(path.suffixes[-2:]).lower() in CSV_SUFFIXES or path.suffix.lower() == ".csv":
+                header = pd.read_csv(path, nrows=0).columns
+                parts = (c for c in pd.read_csv(path, usecols=[c for c in wanted if c in header], chunksize=chunk_rows))
+            else:
+                dataset = ds.dataset(path, format="parquet")
+                batches = dataset.to_batches(columns=[c for c in wanted if c in dataset.schema.names],
+                                             filter=_time_filter(dataset.schema, d.timestamp_column, start, end),
+                                             batch_size=chunk_rows,
+                                             # one batch ahead, not 16: memory stays a few chunks
+                                             batch_readahead=1, fragment_readahead=1)
+                parts = (b.to_pandas() for b in batches)
+            for part in parts:
+                if len(part):
+                    yield origin, part
+        except DataContractError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types for a corrupt file
+            raise _unreadable(path, e) from None
+
+
+def _validated(batch: Batch, cfg: PipelineConfig, labelled: bool, chunk_rows: int) -> Iterator[pd.DataFrame]:
     d = cfg.data
-    wanted = [d.timestamp_column, d.label_column, *d.feature_columns]
-    suffix = path.suffix.lower()
+    if batch.in_memory is not None:
+        rows = batch.in_memory
+        chunks = (rows.iloc[i:i + chunk_rows] for i in range(0, len(rows), chunk_rows))
+    else:
+        source = d if batch.month else d.model_copy(update={"source": Path(batch.source)})
+        chunks = (_validate(raw, d, origin, batch) for origin, raw in _raw_chunks(source, batch.start, batch.end,
+                                                                                  chunk_rows))
+    for frame in chunks:
+        if labelled:
+            frame, _ = with_target(frame, d)
+        if len(frame):
+            yield frame
+
+
+def _validate(raw: pd.DataFrame, d: DataConfig, origin: str, batch: Batch) -> pd.DataFrame:
+    if d.label_column not in raw.columns:
+        # an unlabelled batch (labels arrive later): drift and data quality only, no performance
+        raw[d.label_column] = np.nan
+    frame = validate_contract(raw, d, origin=origin)
+    if batch.start is not None:  # text timestamps, or a row group that straddles the month's edge
+        frame = frame[in_window(frame, d, batch.start, batch.end)]
+    return frame
+
+
+def batch_chunks(batch: Batch, cfg: PipelineConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The batch's validated rows, chunk by chunk, in a stable order; with ``target`` (rows
+    without a label dropped) when the batch carries labels."""
+    if not batch.scorable:
+        raise MonitoringError(f"batch {batch.label} has no rows to score ({batch.contract_error or 'empty'})")
+    return _validated(batch, cfg, batch.labelled, chunk_rows)
+
+
+# --------------------------------------------------------------------------- describing
+
+
+@dataclass
+class _Extent:
+    """What one pass over the validated rows finds: counts, dates, the contract's dtypes."""
+
+    rows: int = 0
+    labelled_rows: int = 0
+    first: pd.Timestamp | None = None
+    last: pd.Timestamp | None = None
+    first_labelled: pd.Timestamp | None = None
+    last_labelled: pd.Timestamp | None = None
+    dtypes: dict[str, str] | None = None
+
+    def add(self, frame: pd.DataFrame, d: DataConfig) -> None:
+        if self.dtypes is None:
+            self.dtypes = {c: str(t) for c, t in frame.dtypes.items()}
+        ts = frame[d.timestamp_column]
+        self.rows += len(frame)
+        self.first, self.last = _earliest(self.first, ts.min()), _latest(self.last, ts.max())
+        has_label = frame[d.label_column].notna()
+        if has_label.any():
+            self.labelled_rows += int(has_label.sum())
+            self.first_labelled = _earliest(self.first_labelled, ts[has_label].min())
+            self.last_labelled = _latest(self.last_labelled, ts[has_label].max())
+
+    @property
+    def labelled(self) -> bool:
+        return self.labelled_rows > 0
+
+    @property
+    def monitored_rows(self) -> int:
+        return self.labelled_rows if self.labelled else self.rows
+
+    def window(self) -> BatchWindow:
+        """The dates the monitored rows cover, [first day, day after the last)."""
+        first, last = (self.first_labelled, self.last_labelled) if self.labelled else (self.first, self.last)
+        return BatchWindow(start=first.date(), end=last.date() + dt.timedelta(days=1), labelled=self.labelled)
+
+
+def _earliest(a, b):
+    return b if a is None or b < a else a
+
+
+def _latest(a, b):
+    return b if a is None or b > a else a
+
+
+def _extent(batch: Batch, cfg: PipelineConfig, chunk_rows: int) -> _Extent:
+    ext = _Extent()
+    for frame in _validated(batch, cfg, labelled=False, chunk_rows=chunk_rows):
+        ext.add(frame, cfg.data)
+    return ext
+
+
+def file_schema(path: Path) -> dict[str, str]:
+    """The dtypes of *all* the file's columns as read (the Parquet schema, or the CSV's first
+    1000 rows): the schema check sees columns the model does not read."""
     try:
-        if suffix in {".parquet", ".pq"}:
+        if path.suffix.lower() in {".parquet", ".pq"}:
             import pyarrow.parquet as pq
 
             head = pq.read_schema(path).empty_table().to_pandas()
-            frame = pd.read_parquet(path, columns=[c for c in wanted if c in head.columns])
-        elif suffix == ".csv":
+        else:
             head = pd.read_csv(path, nrows=1000)
-            frame = pd.read_csv(path, usecols=[c for c in wanted if c in head.columns])
-        else:  # compressed CSV and anything else: the source reader's formats and errors
-            frame = read_source(d.model_copy(update={"source": path}))
-            head = frame
-    except (OSError, ValueError) as e:  # pandas/pyarrow raise many types for a corrupt file
-        raise DataContractError(f"cannot read batch file {path}: {type(e).__name__}: {e}") from None
-    return frame, {c: str(t) for c, t in head.dtypes.items()}
+    except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types for a corrupt file
+        raise _unreadable(path, e) from None
+    return {c: str(t) for c, t in head.dtypes.items()}
+
+
+def describe_month(cfg: PipelineConfig, month: str, chunk_rows: int = CHUNK_ROWS) -> Batch:
+    """The rows of ``month`` (``YYYY-MM``) in the configured source."""
+    start, end = month_window(month)
+    batch = Batch(label=month, month=month, source=str(cfg.data.source), start=start.to_pydatetime(),
+                  end=end.to_pydatetime())
+    if cfg.data.source == "flights":  # one small in-memory table: read it once, keep the month
+        source = validate_contract(read_source(cfg.data), cfg.data)
+        batch.in_memory = source[in_window(source, cfg.data, start, end)].reset_index(drop=True)
+        schema = {c: str(t) for c, t in source.dtypes.items()}
+        batch.in_memory = batch.in_memory[_contract_columns(cfg.data)]
+        del source
+    else:
+        schema = file_schema(source_files(cfg.data)[0])
+    ext = _extent(batch, cfg, chunk_rows)
+    if ext.rows == 0:
+        raise MonitoringError(f"no rows for batch {month} in the source {cfg.data.source} "
+                              f"(no {cfg.data.timestamp_column} in [{start.date()}, {end.date()}))")
+    batch.rows, batch.labelled = ext.monitored_rows, ext.labelled
+    batch.window = BatchWindow(start=start.date(), end=end.date(), labelled=ext.labelled)
+    batch.raw_schema = {**schema, **(ext.dtypes or {})}  # the contract's columns as validated
+    return batch
+
+
+def describe_file(cfg: PipelineConfig, path: Path, log: logging.Logger | logging.LoggerAdapter = _log,
+                  chunk_rows: int = CHUNK_ROWS) -> Batch:
+    """The rows of a CSV or Parquet file; a file that breaks the contract gives ``contract_error``."""
+    if not path.is_file():
+        raise MonitoringError(f"batch {str(path)!r} is neither 'next', a month (YYYY-MM) nor an existing file")
+    schema = file_schema(path)
+    batch = Batch(label=file_label(path), source=str(path), raw_schema=schema)
+    d = cfg.data
+    if d.label_column not in schema and schema:
+        log.info("batch %s has no label column %r: monitoring without performance", path, d.label_column)
+    missing = [c for c in [d.timestamp_column, *d.feature_columns] if c not in schema]
+    try:
+        if missing:  # the contract's own message, without reading a row
+            raise DataContractError(f"{path}: missing column(s) {missing} (have {list(schema)[:30]})")
+        ext = _extent(batch, cfg, chunk_rows)
+    except DataContractError as e:  # reported as a schema-change anomaly, not a crash
+        if not schema:
+            raise MonitoringError(f"batch file {path} has no rows") from None
+        log.warning("batch %s breaks the data contract: %s", path, e)
+        return batch.model_copy(update={"source": None, "contract_error": str(e)})
+    if ext.rows == 0:
+        raise MonitoringError(f"batch file {path} has no rows")
+    return batch.model_copy(update={"rows": ext.monitored_rows, "labelled": ext.labelled, "window": ext.window()})

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from monitoring.anomalies import MonitoringObservation, SchemaDiff, TrainingObservation, psi, schema_diff
 from monitoring.batch import Batch
 from monitoring.champion import ChampionInfo
 from monitoring.reference import Reference
 from monitoring.reports import PREDICTION, ReportSummary
-from monitoring.scoring import BASELINE_PREDICTION
 from training import tags
 from training.config import PipelineConfig
 from training.data import TARGET
@@ -26,8 +27,9 @@ from training.summary import TrainingSummary
 def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference,
             report: ReportSummary | None, training: TrainingObservation | None,
             baseline_metrics: Sequence[str] = ()) -> tuple[MonitoringObservation, dict]:
-    """Numbers on the full batch -> the rules' input; also returns the batch metrics
-    (the champion's, and the baseline's ``baseline_metrics`` when it was scored)."""
+    """Numbers on every row of the batch -> the rules' input; also returns the batch metrics
+    (the champion's, and the baseline's ``baseline_metrics`` when it was scored). Only the
+    drift verdicts come from Evidently, on its sample (``report``)."""
     features = cfg.data.feature_columns
     contract = [cfg.data.timestamp_column, *features]  # the label is optional in a batch
     expected = {c: t for c, t in reference.schema_.items() if c != TARGET}
@@ -39,17 +41,16 @@ def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference
         reference_roc_auc=champion.test_roc_auc, schema_changes=diff, training=training,
     )
     metrics: dict[str, float] = {}
-    if batch.frame is None:
+    scores = batch.scores
+    if scores is None:
         return obs, metrics
-    f = batch.frame
-    obs.rows = len(f)
-    if TARGET in f.columns and f[TARGET].nunique() == 2:
-        metrics = classification_metrics(f[TARGET].to_numpy(), f[PREDICTION].to_numpy(), champion.decision_threshold)
+    obs.rows = scores.rows
+    if scores.target is not None and len(np.unique(scores.target)) == 2:
+        metrics = classification_metrics(scores.target, scores.prediction, champion.decision_threshold)
         obs.roc_auc = metrics["roc_auc"]
-        if BASELINE_PREDICTION in f.columns:
+        if scores.baseline_prediction is not None:
             info = batch.baseline or {}
-            base = classification_metrics(f[TARGET].to_numpy(), f[BASELINE_PREDICTION].to_numpy(),
-                                          info.get("threshold", 0.5))
+            base = classification_metrics(scores.target, scores.baseline_prediction, info.get("threshold", 0.5))
             metrics.update({f"baseline_{k}": v for k, v in base.items() if k in baseline_metrics})
             if info.get("test_roc_auc") is not None:
                 metrics["baseline_test_roc_auc"] = info["test_roc_auc"]
@@ -57,10 +58,10 @@ def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference
     if report is not None:
         obs.drifted_share = report.drifted_share
         obs.drifted_columns = report.drifted_columns
-    obs.prediction_psi = psi(reference.frame[PREDICTION], f[PREDICTION])
-    obs.missing_share = {c: float(f[c].isna().mean()) for c in features}
+    obs.prediction_psi = psi(reference.frame[PREDICTION], scores.prediction)
+    obs.missing_share = scores.missing_share()
     obs.reference_missing_share = {c: float(reference.frame[c].isna().mean()) for c in features}
-    obs.unseen_share = reference.preprocessor.unseen_share(f)
+    obs.unseen_share = scores.unseen_share()
     return obs, metrics
 
 

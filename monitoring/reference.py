@@ -10,8 +10,9 @@ import math
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from monitoring.batch import label_rows
+from monitoring.batch import CHUNK_ROWS, label_rows
 from monitoring.reports import sample_rows
+from monitoring.sampling import RowSample
 from training.config import PipelineConfig
 from training.data import in_window, read_source, validate_contract
 from training.manifest import Manifest
@@ -28,9 +29,15 @@ class Reference(BaseModel):
 
 
 def reference_from_manifest(manifest: Manifest, key: bytes | None, rows: int) -> Reference:
-    """``rows`` rows sampled from the manifest's train shards (an equal share from each)."""
+    """``rows`` rows sampled from the manifest's train shards (an equal share from each), each
+    shard read row group by row group: the train window of a big dataset is never one frame."""
     per_shard = math.ceil(rows / max(len(manifest.shards), 1))
-    parts = [sample_rows(manifest.read(s, key), per_shard, seed=s.index) for s in manifest.shards]
+    parts = []
+    for shard in manifest.shards:
+        sample = RowSample(per_shard, seed=shard.index)
+        for batch in manifest.open(shard, key).iter_batches(batch_size=CHUNK_ROWS):
+            sample.add(batch.to_pandas())
+        parts.append(sample.frame())
     frame = pd.concat(parts, ignore_index=True)
     train = manifest.windows["train"]
     return _sampled(frame, rows, preprocessor=manifest.read_preprocessor(), schema_=dict(manifest.schema_),

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from monitoring.anomalies import Anomaly, MonitoringObservation, TrainingObservation
-from monitoring.batch import Batch, file_batch, month_batch
+from monitoring.batch import Batch, batch_chunks, describe_file, describe_month
 from monitoring.champion import CHAMPION, ChampionInfo, champion_test_end, rerun_base_config
 from monitoring.errors import MonitoringError
 from monitoring.events import (
@@ -44,7 +44,7 @@ from monitoring.reference import Reference, reference_from_manifest, reference_f
 from monitoring.reports import (
     PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports,
 )
-from monitoring.scoring import BASELINE_PREDICTION, model_columns, score
+from monitoring.scoring import model_columns, score, score_chunks
 from tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
 from tasks.links import mlflow_run_url
 from tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
@@ -57,7 +57,8 @@ from training.summary import SUMMARY_FILE, TrainingSummary
 
 __all__ = [  # the names the flow and the tests import from here (some defined in monitoring/)
     "Batch", "ChampionInfo", "MonitoringError", "Reference", "RerunAction", "act", "event_payload",
-    "finish_monitoring_run", "last_monitored_month", "load_batch", "load_reference", "log_monitoring_run",
+    "finish_monitoring_run", "last_monitored_month", "load_batch", "load_reference", "log_batch_dataset",
+    "log_monitoring_run",
     "observe", "publish_artifacts", "rerun_base_config", "rerun_history", "resolve_champion", "run_reports",
     "score_batch", "start_monitoring_run", "training_health",
 ]
@@ -118,8 +119,11 @@ def load_batch(cfg: PipelineConfig, batch: str, champion: ChampionInfo, last_mon
         batch = next_batch_month(test_end, last_monitored)
         log.info("batch 'next' -> %s (champion test window ends %s, last monitored %s)", batch, test_end, last_monitored)
     if re.fullmatch(r"\d{4}-\d{2}", batch):
-        return month_batch(cfg, batch)
-    return file_batch(cfg, Path(batch), log=log)
+        found = describe_month(cfg, batch)
+    else:
+        found = describe_file(cfg, Path(batch), log=log)
+    log.info("batch %s: %d rows%s", found.label, found.rows, "" if found.labelled else " (no labels)")
+    return found
 
 
 def _data_key(cfg: PipelineConfig) -> bytes | None:
@@ -178,28 +182,38 @@ def champion_baseline(champion: ChampionInfo):
 
 
 @task(name="score-batch", cache_policy=NO_CACHE)
-def score_batch(champion: ChampionInfo, batch: Batch, reference: Reference, feature_columns: list[str]):
+def score_batch(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference):
+    """Score every row of the batch with the champion (and its baseline) chunk by chunk; keep the
+    scores, labels and counts the exact metrics need, and a sample of ``max_current_rows`` rows
+    for Evidently. The reference (already a sample) is scored whole."""
     _tracking()
     model = mlflow.pyfunc.load_model(champion.model_uri)
-    columns = model_columns(model, batch.frame.columns, feature_columns)
-    batch.frame[PREDICTION] = score(model, batch.frame, columns)
+    d, pre = cfg.data, reference.preprocessor
+    columns = model_columns(model, [d.timestamp_column, *d.feature_columns], d.feature_columns)
     reference.frame[PREDICTION] = score(model, reference.frame, columns)
     baseline = champion_baseline(champion)
+    base_score = None
     if baseline is not None:  # scored next to the champion: which of the two degrades more?
-        model, threshold, test_auc = baseline
-        pre = reference.preprocessor
-        batch.frame[BASELINE_PREDICTION] = baseline_proba(model, batch.frame, pre.numeric, pre.categorical)
+        base_model, threshold, test_auc = baseline
         batch.baseline = {"threshold": threshold, "test_roc_auc": test_auc}
+
+        def base_score(chunk):
+            return baseline_proba(base_model, chunk, pre.numeric, pre.categorical)
+    batch.scores = score_chunks(
+        batch_chunks(batch, cfg), batch.rows, lambda chunk: score(model, chunk, columns),
+        features=d.feature_columns, vocabulary={c: pre.vocab[c] for c in pre.categorical},
+        target=TARGET if batch.labelled else None, baseline=base_score, sample_rows=cfg.monitoring.max_current_rows,
+    )
     return batch, reference
 
 
 @task(name="evidently-reports", cache_policy=NO_CACHE)
 def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir: str) -> ReportSummary:
     d, m = cfg.data, cfg.monitoring
-    labelled = TARGET in batch.frame.columns
+    labelled = batch.labelled
     window_start = batch.window.start if batch.window else None
     return build_reports(
-        reference.frame, batch.frame, d.numeric_features, d.categorical_features, out_dir,
+        reference.frame, batch.scores.sample, d.numeric_features, d.categorical_features, out_dir,
         target=TARGET if labelled else None, drift_share=m.drift_share,
         reference_rows=m.reference_sample_rows, current_rows=m.max_current_rows,
         # the numbers the anomaly rules decide on, with their thresholds, in the report itself
@@ -306,27 +320,32 @@ def start_monitoring_run(cfg: PipelineConfig, champion: ChampionInfo, batch: Bat
     except Exception:  # noqa: BLE001 - outside a flow run there is nothing to link
         pass
     run = client.create_run(exp_id, tags=run_tags)
-    if batch.frame is not None:
-        log_batch_dataset(client, run.info.run_id, cfg, batch)
     return run.info.run_id
 
 
-def log_batch_dataset(client: MlflowClient, run_id: str, cfg: PipelineConfig, batch: Batch) -> None:
-    """The monitored batch as a dataset input of its monitoring run (context ``monitoring``)."""
+@task(name="log-batch-dataset", cache_policy=NO_CACHE)
+def log_batch_dataset(cfg: PipelineConfig, run_id: str, batch: Batch) -> None:
+    """The monitored batch as a dataset input of its monitoring run (context ``monitoring``).
+
+    Described by its Evidently sample (schema and digest; the same rows for the same batch) with
+    the whole batch's row count in the profile: a batch of millions of rows is never one frame."""
     import warnings
 
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    labelled = TARGET in batch.frame.columns
+    sample = batch.scores.sample.drop(columns=[PREDICTION])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MLflow's note on its source registry
         dataset = mlflow.data.from_pandas(
-            batch.frame, source=str(cfg.data.source) if batch.month else batch.label,
-            targets=TARGET if labelled else None, name=f"{cfg.name}-batch-{batch.month or batch.label}",
+            sample, source=str(cfg.data.source) if batch.month else batch.label,
+            targets=TARGET if batch.labelled else None, name=f"{cfg.name}-batch-{batch.month or batch.label}",
         )
-    client.log_inputs(run_id, datasets=[DatasetInput(
-        dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "monitoring")])])
+    entity = dataset._to_mlflow_entity()
+    profile = {"num_rows": batch.rows, "num_elements": batch.rows * sample.shape[1], "sampled_rows": len(sample)}
+    entity = Dataset(name=entity.name, digest=entity.digest, source_type=entity.source_type, source=entity.source,
+                     schema=entity.schema, profile=json.dumps(profile))
+    _tracking().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "monitoring")])])
 
 
 @task(name="log-monitoring-run", cache_policy=NO_CACHE)

@@ -290,6 +290,33 @@ def test_unlabelled_csv_batch(prefect_harness, ringflow_home, cfg, champion, fli
     assert r.rerun_overrides["data.windows.test"]["end"] == "2013-07-01"
 
 
+def test_a_month_of_a_directory_source_is_streamed_with_exact_metrics(prefect_harness, ringflow_home, cfg, champion,
+                                                                     flights, tmp_path):
+    """A data lake (one Parquet file per month): the month is read in chunks with a time filter,
+    every row is scored, Evidently reads a sample of ``max_current_rows``; the metrics are those of
+    the whole month scored at once, and the run's dataset input counts every row."""
+    from flows.monitoring import monitoring_flow
+    from training.metrics import classification_metrics
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    raw = flights.drop(columns=[TARGET])
+    for month, part in raw.groupby(raw["time_hour"].dt.month):
+        part.to_parquet(lake / f"flights-2013-{month:02d}.parquet", index=False)
+    r = monitoring_flow(with_overrides(cfg, {"data.source": str(lake)}), batch="2013-07", trigger_rerun=False)
+
+    july = flights[in_window(flights, cfg.data, "2013-07-01", "2013-08-01")]
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{champion['version']}")
+    whole = classification_metrics(july[TARGET], model.predict(july[NUMERIC]))
+    assert r.rows == len(july) > cfg.monitoring.max_current_rows
+    assert r.metrics["roc_auc"] == pytest.approx(whole["roc_auc"], abs=1e-12)
+    assert r.metrics["log_loss"] == pytest.approx(whole["log_loss"], abs=1e-12)
+    assert "data_drift" in {a.type.value for a in r.anomalies}
+    [dataset] = MlflowClient().get_run(r.monitoring_run_id).inputs.dataset_inputs
+    profile = json.loads(dataset.dataset.profile)
+    assert profile["num_rows"] == r.rows and profile["sampled_rows"] == cfg.monitoring.max_current_rows
+
+
 def test_no_champion_is_a_clear_error(prefect_harness, ringflow_home, cfg):
     from flows.monitoring import monitoring_flow
     from tasks.monitor import MonitoringError

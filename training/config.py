@@ -378,8 +378,11 @@ class RegistryConfig(_Strict):
 class MonitoringConfig(_Strict):
     reference_sample_rows: int = Field(20_000, ge=100)
     """Rows sampled from the champion's training window as Evidently's reference."""
-    max_current_rows: int | None = Field(200_000, ge=100)
-    """Rows of the batch given to Evidently (sampled above this); scoring uses every row."""
+    max_current_rows: int | None = Field(50_000, ge=100)
+    """Rows of the batch given to Evidently: a seeded uniform sample kept while the batch streams
+    by (all rows when the batch is smaller; null: every row, memory then grows with the batch).
+    AUC, PSI, row counts, missing and unseen shares are computed on every row whatever this is;
+    the sample bounds the memory of a batch of millions of rows and Evidently's time."""
     performance_drop_abs: float = Field(0.03, ge=0)
     """Anomaly when AUC falls this much below the champion's own test AUC."""
     performance_drop_rel: float | None = Field(None, ge=0)

@@ -13,7 +13,8 @@ the runner is gone none is left Running or Pending; no two trainings ever ran at
 registry has exactly one model version per completed run (no lost or duplicated version) and one
 ``@champion``, and the champion alias moved in one chain (each promotion replaced the champion
 of the moment, so no promotion was decided against a stale champion and silently overwritten).
-Each run gets its own seed, so later runs can beat the first champion.
+Each run gets its own seed, so later runs can beat the first champion. Once on the SQLite stack,
+once on ringflow's PostgreSQL (``--database postgresql``; skipped without Debian's postgresql).
 
 The deployment's limit keeps the stack's own runs from registering together; pipelines outside
 it (two ``ringflow run``, a CLI run next to a deployment run) are serialised at the alias
@@ -24,14 +25,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import statistics
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.test_stack import SMOKE, Stack, _start, _stop
+from tests.test_stack import SMOKE, Stack, _free_port, _start, _stop
+from tests.test_team_stack import needs_postgres
 from training.config import load_config
 
 RUNS = 20
@@ -40,16 +45,21 @@ WAIT_S = 240
 """Reading the states after this long even if fewer than ENOUGH_COMPLETED runs completed."""
 FIRST_COMPLETION_WAIT_S = 600
 """But never before one run has completed (a test of the registry needs one)."""
-QUEUED = {"SCHEDULED", "PENDING"}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("stack-load") / "home",
-              {"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""})
-    _start(s)
-    yield s
-    _stop(s)
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
+def stack(request):
+    # Not pytest's tmp_path: its parents are 0700, and PostgreSQL runs as user postgres.
+    base = Path(tempfile.mkdtemp(prefix="ringflow-load-"))
+    base.chmod(0o755)
+    s = Stack(base / "home", {"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": "",
+                              "RINGFLOW_POSTGRES_PORT": str(_free_port())})
+    try:
+        _start(s, "--database", request.param)
+        yield s
+    finally:
+        _stop(s)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _submit_all(api: str, deployment_id, parameters: list[dict]) -> tuple[list, list[float]]:

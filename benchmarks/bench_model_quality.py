@@ -1,13 +1,13 @@
 """Model quality: the pipeline's network against the baseline, before and after issue 17's changes.
 
-    .venv/bin/python benchmarks/bench_model_quality.py            # both variants, ~5-10 min on 2 cores
+    .venv/bin/python benchmarks/bench_model_quality.py            # three variants, ~10-15 min on 2 cores
     .venv/bin/python benchmarks/bench_model_quality.py --only after
 
 Each variant runs the real training pipeline (shard -> horovodrun np=2 -> evaluate) on the default
 config, in its own RINGFLOW_HOME, with only the listed overrides. The candidate it logs and the
 baseline its evaluation fitted (same train window, January-April 2013) are then scored on three
 windows neither saw: the default test window (June 1-15), the rest of June and July. The
-baseline is the same model in both variants (same train rows, same seed), a sanity check.
+baseline is the same model in every variant (same train rows, same seed), a sanity check.
 Results: ``benchmarks/results/model_quality.json`` and a Markdown table on stdout (README).
 """
 
@@ -36,9 +36,11 @@ VARIANTS = {
         "data.features.crosses": [], "data.features.missing_indicators": False,
         "data.features.clip_quantile": 0.0, "data.features.numeric_scaling": "standard",
         "data.features.calendar": False, "training.lr_schedule": "constant", "training.epochs": 8,
-        "training.early_stopping_patience": 3,
+        "training.early_stopping_patience": 3, "training.model.additive_features": [],
     },
-    "after": {},  # the defaults (configs/flights.yaml)
+    # derived inputs, quantile scaling and the cosine schedule, but every input through the MLP
+    "all deep": {"training.model.additive_features": []},
+    "after": {},  # the defaults (configs/flights.yaml): carrier, airports, route, distance, minute additive
 }
 METRICS = ["roc_auc", "pr_auc", "log_loss"]
 
@@ -100,7 +102,7 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", help="comma-separated variants (before, after)")
+    p.add_argument("--only", help=f"comma-separated variants ({', '.join(VARIANTS)})")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "model_quality.json")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(VARIANTS)

@@ -15,7 +15,7 @@ from monitoring.reports import sample_rows
 from monitoring.sampling import RowSample
 from training.config import PipelineConfig
 from training.data import in_window, read_source, validate_contract
-from training.manifest import Manifest
+from training.manifest import Manifest, ShardEntry, ShardIntegrityError, sha256_file
 from training.preprocess import Preprocessor
 
 
@@ -35,13 +35,31 @@ def reference_from_manifest(manifest: Manifest, key: bytes | None, rows: int) ->
     parts = []
     for shard in manifest.shards:
         sample = RowSample(per_shard, seed=shard.index)
-        for batch in manifest.open(shard, key).iter_batches(batch_size=CHUNK_ROWS):
+        for batch in _row_groups(manifest, shard, key):
             sample.add(batch.to_pandas())
         parts.append(sample.frame())
     frame = pd.concat(parts, ignore_index=True)
     train = manifest.windows["train"]
     return _sampled(frame, rows, preprocessor=manifest.read_preprocessor(), schema_=dict(manifest.schema_),
                     origin=f"manifest {manifest.path} (train {train.start}..{train.end})")
+
+
+def _row_groups(manifest: Manifest, shard: ShardEntry, key: bytes | None):
+    """The shard's record batches. An encrypted shard is decrypted whole in memory
+    (``Manifest.open``); a plain one is checked by streaming its sha256 and then read from disk
+    row group by row group, so its bytes (125 MB a shard at 30x the flights) are never all held."""
+    if manifest.encrypted:
+        return manifest.open(shard, key).iter_batches(batch_size=CHUNK_ROWS)
+    import pyarrow.parquet as pq
+
+    path = manifest.file_path(shard)
+    if not path.is_file():
+        raise ShardIntegrityError(f"data file missing: {path}")
+    digest = sha256_file(path)
+    if digest != shard.sha256:
+        raise ShardIntegrityError(f"checksum mismatch for {path}: manifest sha256 {shard.sha256[:12]}..., "
+                                  f"file {digest[:12]}... (the file changed after sharding)")
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=CHUNK_ROWS)
 
 
 def reference_from_source(base: PipelineConfig, rows: int) -> Reference:

@@ -4,9 +4,9 @@ chunks and checked against the data contract.
 A batch of several million rows is never one frame: :func:`describe_month` / :func:`describe_file`
 make one streaming pass that counts the rows, finds the dates they cover and whether they carry
 labels, and checks the contract; :func:`batch_chunks` then yields the validated rows chunk by
-chunk (at most :data:`CHUNK_ROWS` at once) for scoring. Parquet is read with pyarrow datasets,
-filtered on the time column, so a month of a directory source skips the other months' row
-groups by their statistics. The built-in ``flights`` source is one small in-memory table: its
+chunk (at most :data:`CHUNK_ROWS` at once) for scoring. Parquet is read as pyarrow record batches
+from the row groups whose time statistics overlap the month (a month of a directory of monthly
+files reads one file), as it goes rather than a whole file or row group at once. The built-in ``flights`` source is one small in-memory table: its
 month is read once and kept.
 
 Pure (pandas/pyarrow, no Prefect, no MLflow). A file that breaks the contract is not an error
@@ -103,24 +103,32 @@ def _unreadable(path: Path, e: Exception) -> DataContractError:
     return DataContractError(f"cannot read {path}: {type(e).__name__}: {e}")
 
 
-def _time_filter(schema, column: str, start: dt.datetime | None, end: dt.datetime | None):
-    """``start <= column < end`` as a pyarrow expression, or None when the column is not a
-    timestamp in the file (text timestamps are filtered after parsing)."""
+def _row_groups_in(pf, column: str, start: dt.datetime | None, end: dt.datetime | None) -> list[int]:
+    """The row groups of a Parquet file that may hold rows in [start, end): their statistics of a
+    timestamp ``column`` rule the others out (all of them without a window, statistics or a
+    timestamp type: text timestamps are filtered after parsing)."""
     import pyarrow as pa
-    import pyarrow.dataset as ds
 
-    if start is None or column not in schema.names or not pa.types.is_timestamp(schema.field(column).type):
-        return None
-    t = schema.field(column).type
+    groups = list(range(pf.metadata.num_row_groups))
+    names = pf.schema_arrow.names
+    if start is None or column not in names or not pa.types.is_timestamp(pf.schema_arrow.field(column).type):
+        return groups
     lo, hi = _utc(start), _utc(end)
-    if t.tz is None:  # a zone-less timestamp column is read as UTC by the contract
-        lo, hi = lo.tz_localize(None), hi.tz_localize(None)
-    field = ds.field(column)
-    return (field >= pa.scalar(lo.to_pydatetime(), type=t)) & (field < pa.scalar(hi.to_pydatetime(), type=t))
+    j = names.index(column)
+    keep = []
+    for g in groups:
+        stats = pf.metadata.row_group(g).column(j).statistics
+        if stats is None or not stats.has_min_max:
+            keep.append(g)
+            continue
+        first, last = _utc(stats.min), _utc(stats.max)
+        if last >= lo and first < hi:
+            keep.append(g)
+    return keep
 
 
 def _utc(value) -> pd.Timestamp:
-    """Naive bounds are UTC, as in ``training.data.in_window``."""
+    """Naive times are UTC, as in ``training.data.in_window`` and the contract."""
     t = pd.Timestamp(value)
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
@@ -128,7 +136,7 @@ def _utc(value) -> pd.Timestamp:
 def _raw_chunks(d: DataConfig, start: dt.datetime | None, end: dt.datetime | None,
                 chunk_rows: int) -> Iterator[tuple[str, pd.DataFrame]]:
     """``(file, raw rows)`` of the contract columns each file has, at most ``chunk_rows`` at once."""
-    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
     wanted = _contract_columns(d)
     for path in source_files(d):
@@ -138,13 +146,14 @@ def _raw_chunks(d: DataConfig, start: dt.datetime | None, end: dt.datetime | Non
                 header = pd.read_csv(path, nrows=0).columns
                 parts = (c for c in pd.read_csv(path, usecols=[c for c in wanted if c in header], chunksize=chunk_rows))
             else:
-                dataset = ds.dataset(path, format="parquet")
-                batches = dataset.to_batches(columns=[c for c in wanted if c in dataset.schema.names],
-                                             filter=_time_filter(dataset.schema, d.timestamp_column, start, end),
-                                             batch_size=chunk_rows,
-                                             # one batch ahead, not 16: memory stays a few chunks
-                                             batch_readahead=1, fragment_readahead=1)
-                parts = (b.to_pandas() for b in batches)
+                # read as it goes (not the whole file, not a whole row group at once), and only the
+                # row groups whose time statistics overlap the window: a month of a directory of
+                # monthly files reads one file
+                pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+                groups = _row_groups_in(pf, d.timestamp_column, start, end)
+                columns = [c for c in wanted if c in pf.schema_arrow.names]
+                parts = (b.to_pandas() for b in (pf.iter_batches(batch_size=chunk_rows, row_groups=groups,
+                                                                 columns=columns) if groups else ()))
             for part in parts:
                 if len(part):
                     yield origin, part

@@ -128,8 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     cases = []
     with tempfile.TemporaryDirectory(prefix="ringflow-bench-") as tmp:
         home = Path(tmp)
-        env = {**os.environ, "RINGFLOW_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        from training.environment import process_defaults  # telemetry off, a patient ephemeral Prefect API
+
+        env = {**process_defaults(dict(os.environ)), "RINGFLOW_HOME": str(home),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
                "PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy shared machine
                "PREFECT_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
         prep = subprocess.run([sys.executable, __file__, "--prepare", "--rows", *map(str, a.rows)],
                               env=env, capture_output=True, text=True, timeout=1800)

@@ -271,7 +271,9 @@ def _generic(obj: Any, depth: int = 0) -> list[str]:
 
 
 def render_generic(name: str, d: dict) -> str:
-    head = [f"## {name.capitalize()} (from `benchmarks/bench_{name}.py`)", "",
+    # a follow-up run (scale_followup.json) comes from its base benchmark's script
+    script = name if (Path(__file__).parent / f"bench_{name}.py").exists() else name.split("_")[0]
+    head = [f"## {name.capitalize()} (from `benchmarks/bench_{script}.py`)", "",
             "Collected as written by its benchmark; see that script's docstring for what and how. Raw "
             f"per-repeat data: `benchmarks/results/{name}.json`.", ""]
     if isinstance(d.get("table_markdown"), str):

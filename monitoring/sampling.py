@@ -26,6 +26,8 @@ class RowSample:
         self._seen = 0
         self._threshold = np.inf
         """Largest key in a full sample: a row with a larger key can never enter it."""
+        self._text: dict[str, object] = {}
+        """Columns of Python strings, kept in Arrow buffers while sampling -> their dtype."""
 
     @property
     def seen(self) -> int:
@@ -40,7 +42,12 @@ class RowSample:
             chunk, keys, order = chunk[take], keys[take], order[take]
         if not len(chunk):
             return
-        self._parts.append(chunk.assign(_order=order))
+        # The kept rows' text lives in Arrow buffers while sampling: as Python objects, re-copied at
+        # every trim, they left 140 MiB of free but fragmented heap after a 30x month (measured;
+        # benchmarks/README.md).
+        text = {c: t for c, t in chunk.dtypes.items() if isinstance(t, pd.StringDtype) and t.storage == "python"}
+        self._text.update(text)
+        self._parts.append(chunk.assign(_order=order).astype({c: "string[pyarrow]" for c in text}))
         self._keys.append(keys)
         self._kept += len(chunk)
         if self.n is not None and self._kept > self.n:
@@ -57,5 +64,5 @@ class RowSample:
         """The sampled rows, in the order they arrived, with a fresh index."""
         if not self._parts:
             return pd.DataFrame()
-        rows = pd.concat(self._parts, ignore_index=True)
+        rows = pd.concat(self._parts, ignore_index=True).astype(self._text)
         return rows.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)

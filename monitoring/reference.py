@@ -15,7 +15,7 @@ from monitoring.reports import sample_rows
 from monitoring.sampling import RowSample
 from training.config import PipelineConfig
 from training.data import in_window, read_source, validate_contract
-from training.manifest import Manifest, ShardEntry, ShardIntegrityError, sha256_file
+from training.manifest import Manifest, ShardEntry
 from training.preprocess import Preprocessor
 
 
@@ -45,21 +45,9 @@ def reference_from_manifest(manifest: Manifest, key: bytes | None, rows: int) ->
 
 
 def _row_groups(manifest: Manifest, shard: ShardEntry, key: bytes | None):
-    """The shard's record batches. An encrypted shard is decrypted whole in memory
-    (``Manifest.open``); a plain one is checked by streaming its sha256 and then read from disk
-    row group by row group, so its bytes (125 MB a shard at 30x the flights) are never all held."""
-    if manifest.encrypted:
-        return manifest.open(shard, key).iter_batches(batch_size=CHUNK_ROWS)
-    import pyarrow.parquet as pq
-
-    path = manifest.file_path(shard)
-    if not path.is_file():
-        raise ShardIntegrityError(f"data file missing: {path}")
-    digest = sha256_file(path)
-    if digest != shard.sha256:
-        raise ShardIntegrityError(f"checksum mismatch for {path}: manifest sha256 {shard.sha256[:12]}..., "
-                                  f"file {digest[:12]}... (the file changed after sharding)")
-    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=CHUNK_ROWS)
+    """The shard's record batches, read from disk row group by row group (a plain shard: 125 MB at
+    30x the flights, never all held); an encrypted shard is decrypted whole in memory."""
+    return manifest.open(shard, key, stream=True).iter_batches(batch_size=CHUNK_ROWS)
 
 
 def reference_from_source(base: PipelineConfig, rows: int) -> Reference:

@@ -336,12 +336,13 @@ def log_batch_dataset(cfg: PipelineConfig, run_id: str, batch: Batch) -> None:
 
     sample = batch.scores.sample.drop(columns=[PREDICTION])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # MLflow's note on its source registry
+        # MLflow's notes on its source registry and, while inferring the schema, on integer columns
+        warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(
             sample, source=str(cfg.data.source) if batch.month else batch.label,
             targets=TARGET if batch.labelled else None, name=f"{cfg.name}-batch-{batch.month or batch.label}",
         )
-    entity = dataset._to_mlflow_entity()
+        entity = dataset._to_mlflow_entity()
     profile = {"num_rows": batch.rows, "num_elements": batch.rows * sample.shape[1], "sampled_rows": len(sample)}
     entity = Dataset(name=entity.name, digest=entity.digest, source_type=entity.source_type, source=entity.source,
                      schema=entity.schema, profile=json.dumps(profile))

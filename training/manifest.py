@@ -156,9 +156,19 @@ class Manifest(BaseModel):
     def read(self, entry: FileEntry, key: bytes | None = None) -> pd.DataFrame:
         return read_table(self.file_path(entry), entry, self.encrypted, key)
 
-    def open(self, entry: FileEntry, key: bytes | None = None) -> pq.ParquetFile:
-        """The entry as a ParquetFile (checksum verified, decrypted) to read by row groups."""
-        return open_parquet(self.file_path(entry), entry, self.encrypted, key)
+    def open(self, entry: FileEntry, key: bytes | None = None, stream: bool = False) -> pq.ParquetFile:
+        """The entry as a ParquetFile (checksum verified, decrypted) to read by row groups.
+
+        ``stream=True`` (a plain file only) checks the sha256 by streaming the file and then reads
+        it from disk, so its bytes are never all in memory; an encrypted file is always decrypted
+        whole in memory, which is also where its checksum is taken."""
+        path = self.file_path(entry)
+        if stream and not self.encrypted:
+            if not path.is_file():
+                raise ShardIntegrityError(f"data file missing: {path}")
+            check_digest(path, entry, sha256_file(path))
+            return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        return open_parquet(path, entry, self.encrypted, key)
 
     def files(self) -> list[FileEntry]:
         """Every data file this manifest lists: shards, validation, test, preprocessor."""
@@ -179,11 +189,7 @@ class Manifest(BaseModel):
                 raise ShardIntegrityError(f"size mismatch for {path}: manifest {entry.bytes} bytes, file {size}")
             if not checksums:
                 continue
-            digest = sha256_file(path)
-            if digest != entry.sha256:
-                raise ShardIntegrityError(
-                    f"checksum mismatch for {path}: manifest sha256 {entry.sha256[:12]}..., file {digest[:12]}..."
-                )
+            check_digest(path, entry, sha256_file(path))
 
     def read_preprocessor(self):
         from training.preprocess import Preprocessor
@@ -319,13 +325,16 @@ def read_verified_bytes(path: Path, entry: FileEntry) -> bytes:
     if not path.is_file():
         raise ShardIntegrityError(f"data file missing: {path}")
     data = path.read_bytes()
-    digest = sha256_bytes(data)
+    check_digest(path, entry, sha256_bytes(data))
+    return data
+
+
+def check_digest(path: Path, entry: FileEntry, digest: str) -> None:
     if digest != entry.sha256:
         raise ShardIntegrityError(
             f"checksum mismatch for {path}: manifest sha256 {entry.sha256[:12]}..., file {digest[:12]}... "
             "(the file changed after sharding; re-run `ringflow shard` with a fresh RINGFLOW_HOME/data entry)"
         )
-    return data
 
 
 def open_parquet(path: Path, entry: FileEntry, encrypted: bool, key: bytes | None = None) -> pq.ParquetFile:

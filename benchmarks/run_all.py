@@ -322,6 +322,11 @@ def targets(results: dict[str, dict]) -> str:
                      f"trainer defaults {fmt(e)} (vs the faster np=1 setting)"
                      + (f", dAUC {fmt(dauc)}" if dauc is not None else "") + (f"; {extra}" if extra else ""),
                      "met" if e and e >= 0.85 and (dauc is None or abs(dauc) <= 0.005) else "not met"])
+        if (e1 := der.get("efficiency_vs_one_thread_np1")) is not None:
+            spread = der.get("val_auc_spread")
+            rows.append([f"per-worker efficiency >= 0.85 (np=2 / twice one-thread np=1), val AUC within 0.005 (`{name}`)",
+                         f"{fmt(e1)}; val AUC spread {fmt(spread)}",
+                         "met" if e1 >= 0.85 and (spread is None or spread <= 0.005) else "not met"])
         r = der.get("hvd_vs_ddp_np2")
         extra = "; ".join(f"{k} {fmt(der[k])}x" for k in ("fast_step_vs_ddp_np2", "fast_pinned_vs_ddp_np2") if k in der)
         rows.append([f"Horovod trainer >= 1.0x DDP throughput at np=2 (`{name}`)",

@@ -32,7 +32,9 @@ from training.config import DataConfig, PipelineConfig
 from training.data import (
     BATCH_ROWS,
     CSV_SUFFIXES,
+    PARQUET_SUFFIXES,
     DataContractError,
+    file_suffix,
     in_window,
     month_window,
     read_source,
@@ -142,7 +144,7 @@ def _raw_chunks(d: DataConfig, start: dt.datetime | None, end: dt.datetime | Non
     for path in source_files(d):
         origin = str(path)
         try:
-            if "".join(path.suffixes[-2:]).lower() in CSV_SUFFIXES or path.suffix.lower() == ".csv":
+            if file_suffix(path) in CSV_SUFFIXES:
                 header = pd.read_csv(path, nrows=0).columns
                 parts = (c for c in pd.read_csv(path, usecols=[c for c in wanted if c in header], chunksize=chunk_rows))
             else:
@@ -257,7 +259,7 @@ def file_schema(path: Path) -> dict[str, str]:
     """The dtypes of *all* the file's columns as read (the Parquet schema, or the CSV's first
     1000 rows): the schema check sees columns the model does not read."""
     try:
-        if path.suffix.lower() in {".parquet", ".pq"}:
+        if file_suffix(path) in PARQUET_SUFFIXES:
             import pyarrow.parquet as pq
 
             head = pq.read_schema(path).empty_table().to_pandas()

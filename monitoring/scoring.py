@@ -38,13 +38,6 @@ def score(model, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     return p
 
 
-def model_columns(model, available, feature_columns: list[str]) -> list[str]:
-    """The columns the champion declares that the rows have: the feature columns, and the
-    timestamp when it derives calendar features from it."""
-    declared = model.metadata.get_input_schema().input_names()
-    return [c for c in declared if c in available] or feature_columns
-
-
 @dataclass
 class BatchScores:
     """Every row's scores and label, counts per column, and the sample Evidently reads."""

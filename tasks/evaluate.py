@@ -32,7 +32,7 @@ from training.manifest import Manifest
 from training.metrics import (
     GREATER_IS_BETTER, classification_metrics, max_f1_threshold, roc_and_calibration_figures,
 )
-from training.pyfunc import log_delay_model, predict_rows
+from training.pyfunc import log_delay_model, model_columns, predict_rows
 
 CHAMPION = "champion"
 REPORTED_METRICS = ["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "brier"]
@@ -210,12 +210,6 @@ def logged_threshold(model_id: str | None) -> float | None:
     return float(raw) if raw not in (None, "") else None
 
 
-def model_columns(model, frame: pd.DataFrame) -> list[str]:
-    """The columns a pyfunc model declares (a champion may have been trained on other features)."""
-    wanted = model.metadata.get_input_schema().input_names()
-    return [c for c in wanted if c in frame.columns]
-
-
 def _sample(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
     return frame if share >= 1.0 else frame.sample(n=max(1, round(len(frame) * share)), random_state=seed)
 
@@ -323,7 +317,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
             log.info("evaluate: scoring champion version %s on the same rows", champ_mv.version)
             # by version, not by alias again: the version scored is the one recorded as champion
             champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{champ_mv.version}")
-            champ_p = predict_rows(champion_model, test[model_columns(champion_model, test)])
+            champ_p = predict_rows(champion_model, test[model_columns(champion_model, test.columns)])
             champ_threshold = logged_threshold(getattr(champ_mv, "model_id", None)) or 0.5
             champ = classification_metrics(y, champ_p, champ_threshold)
 

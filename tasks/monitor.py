@@ -44,7 +44,7 @@ from monitoring.reference import Reference, reference_from_manifest, reference_f
 from monitoring.reports import (
     PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports,
 )
-from monitoring.scoring import model_columns, score, score_chunks
+from monitoring.scoring import score, score_chunks
 from tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
 from tasks.links import mlflow_run_url
 from tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
@@ -53,6 +53,7 @@ from training.baseline import baseline_proba
 from training.config import PipelineConfig, get_settings
 from training.data import TARGET
 from training.manifest import Manifest, key_from_env
+from training.pyfunc import model_columns
 from training.summary import SUMMARY_FILE, TrainingSummary
 
 __all__ = [  # the names the flow and the tests import from here (some defined in monitoring/)

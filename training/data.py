@@ -63,7 +63,8 @@ Small enough that a month of the 3x flights (about 81k rows, one file) already f
 memory does not step up when files grow past it."""
 
 
-def _suffix(path: Path) -> str:
+def file_suffix(path: Path) -> str:
+    """``.csv``, ``.csv.gz``, ``.parquet``, ...: the suffix that says a data file's format."""
     return "".join(path.suffixes[-2:]).lower() if path.suffix.lower() in {".gz", ".zip"} else path.suffix.lower()
 
 
@@ -84,7 +85,7 @@ def source_files(cfg: DataConfig) -> list[Path]:
             if not files:
                 raise DataContractError(f"data source not found: no file matches {path}")
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in PARQUET_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and file_suffix(p) in PARQUET_SUFFIXES)
             if not files:
                 raise DataContractError(f"data source {path} is a directory without Parquet files (*.parquet)")
         else:
@@ -92,18 +93,18 @@ def source_files(cfg: DataConfig) -> list[Path]:
         for f in files:
             if not f.is_file():
                 raise DataContractError(f"data source not found: {f}")
-            if _suffix(f) not in PARQUET_SUFFIXES | CSV_SUFFIXES:
+            if file_suffix(f) not in PARQUET_SUFFIXES | CSV_SUFFIXES:
                 raise DataContractError(
                     f"unsupported data source format {f.suffix!r} for {f}: use .csv, .csv.gz or .parquet"
                 )
-        if len(files) > 1 and any(_suffix(f) not in PARQUET_SUFFIXES for f in files):
+        if len(files) > 1 and any(file_suffix(f) not in PARQUET_SUFFIXES for f in files):
             raise DataContractError(f"data source {path}: a multi-file source must be Parquet files only")
     return files
 
 
 def _read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     try:
-        if _suffix(path) in CSV_SUFFIXES:
+        if file_suffix(path) in CSV_SUFFIXES:
             return pd.read_csv(path, usecols=lambda c: columns is None or c in columns)
         return pd.read_parquet(path, columns=_present(path, columns))
     except Exception as e:  # pandas/pyarrow raise many types for a corrupt file
@@ -149,7 +150,7 @@ def iter_source(cfg: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[tuple
 
     for path in source_files(cfg):
         origin = str(path)
-        if _suffix(path) in CSV_SUFFIXES:
+        if file_suffix(path) in CSV_SUFFIXES:
             try:
                 header = pd.read_csv(path, nrows=0).columns
             except Exception as e:  # noqa: BLE001 - not CSV, empty, ...

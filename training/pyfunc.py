@@ -86,6 +86,14 @@ def predict_rows(model, frame: pd.DataFrame) -> np.ndarray:
     return np.asarray(model.predict(rows), dtype=np.float64).ravel()
 
 
+def model_columns(model, available, fallback: list[str] | None = None) -> list[str]:
+    """The columns a loaded pyfunc ``model`` declares that are ``available`` (a champion may have
+    been trained on other features; the timestamp is declared when it derives calendar features);
+    ``fallback`` when none of them is."""
+    declared = model.metadata.get_input_schema().input_names()
+    return [c for c in declared if c in available] or list(fallback or [])
+
+
 # What the model's code (this package, shipped as code) imports when it loads and predicts.
 MODEL_DISTRIBUTIONS = ["mlflow", "torch", "numpy", "pandas", "pyarrow", "pydantic", "pydantic-settings",
                        "pyyaml", "cloudpickle"]

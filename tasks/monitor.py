@@ -181,7 +181,6 @@ def champion_baseline(champion: ChampionInfo):
     return model, threshold, run.data.metrics.get("baseline_test_roc_auc")
 
 
-
 @task(name="score-batch", cache_policy=NO_CACHE)
 def score_batch(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference):
     """Score every row of the batch with the champion (and its baseline) chunk by chunk; keep the
@@ -227,7 +226,6 @@ def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir
     )
 
 
-
 def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference,
             report: ReportSummary | None, training: TrainingObservation | None) -> tuple[MonitoringObservation, dict]:
     """Numbers on the full batch -> the rules' input; also returns the batch metrics
@@ -241,7 +239,6 @@ def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference
 def _experiment_ids(client: MlflowClient, cfg: PipelineConfig) -> list[str]:
     exp = client.get_experiment_by_name(cfg.registry.experiment)
     return [exp.experiment_id] if exp else []
-
 
 
 @task(name="training-health", cache_policy=NO_CACHE)

@@ -91,11 +91,14 @@ def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently
 
     from tasks.register import CHAMPION, HISTORY_PREFIX
 
-    base = load_config(SMOKE, ["training.world_size=1", "training.epochs=2", "training.early_stopping_patience=1"])
-    model_name = base.registry.model_name
-    params = [{"config": load_config(SMOKE, ["training.world_size=1", "training.epochs=2",
-                                             "training.early_stopping_patience=1",
-                                             f"training.seed={100 + i}"]).model_dump(mode="json"),
+    # Two epochs on one rank reach test AUC 0.55-0.63 depending on the seed (measured for seeds
+    # 100-103), across smoke's 0.6 floor; which seeds finish first is the queue's choice. The
+    # floor is lowered to chance so the first run to finish is promoted: the registry's champion
+    # chain is what this test checks, not model quality.
+    quick = ["training.world_size=1", "training.epochs=2", "training.early_stopping_patience=1",
+             "gate.floors.roc_auc=0.5"]
+    model_name = load_config(SMOKE, quick).registry.model_name
+    params = [{"config": load_config(SMOKE, [*quick, f"training.seed={100 + i}"]).model_dump(mode="json"),
                "reason": f"load test {i}"} for i in range(RUNS)]
     with stack.client() as c:
         dep = c.read_deployment_by_name("training-pipeline/training-pipeline")

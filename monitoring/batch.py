@@ -4,10 +4,11 @@ chunks and checked against the data contract.
 A batch of several million rows is never one frame: :func:`describe_month` / :func:`describe_file`
 make one streaming pass that counts the rows, finds the dates they cover and whether they carry
 labels, and checks the contract; :func:`batch_chunks` then yields the validated rows chunk by
-chunk (at most :data:`CHUNK_ROWS` at once) for scoring. Parquet is read as pyarrow record batches
-from the row groups whose time statistics overlap the month (a month of a directory of monthly
-files reads one file), as it goes rather than a whole file or row group at once. The built-in ``flights`` source is one small in-memory table: its
-month is read once and kept.
+chunk (at most :data:`CHUNK_ROWS` at once) for scoring. Files are read by
+:func:`training.data.iter_file`, the reader sharding uses: Parquet as record batches from the row
+groups whose time statistics overlap the month (a month of a directory of monthly files reads one
+file). The built-in ``flights`` source is one small in-memory table: its month is read once and
+kept.
 
 Pure (pandas/pyarrow, no Prefect, no MLflow). A file that breaks the contract is not an error
 here but a :class:`Batch` with ``contract_error`` set: the rules report it as a schema change.
@@ -31,14 +32,16 @@ from monitoring.scoring import BatchScores
 from training.config import DataConfig, PipelineConfig
 from training.data import (
     BATCH_ROWS,
-    CSV_SUFFIXES,
     PARQUET_SUFFIXES,
     DataContractError,
+    contract_columns,
     file_suffix,
     in_window,
+    iter_file,
     month_window,
     read_source,
     source_files,
+    unreadable,
     validate_contract,
     with_target,
 )
@@ -97,72 +100,14 @@ def label_rows(frame: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
 # --------------------------------------------------------------------------- reading
 
 
-def _contract_columns(d: DataConfig) -> list[str]:
-    return [d.timestamp_column, d.label_column, *d.feature_columns]
-
-
-def _unreadable(path: Path, e: Exception) -> DataContractError:
-    return DataContractError(f"cannot read {path}: {type(e).__name__}: {e}")
-
-
-def _row_groups_in(pf, column: str, start: dt.datetime | None, end: dt.datetime | None) -> list[int]:
-    """The row groups of a Parquet file that may hold rows in [start, end): their statistics of a
-    timestamp ``column`` rule the others out (all of them without a window, statistics or a
-    timestamp type: text timestamps are filtered after parsing)."""
-    import pyarrow as pa
-
-    groups = list(range(pf.metadata.num_row_groups))
-    names = pf.schema_arrow.names
-    if start is None or column not in names or not pa.types.is_timestamp(pf.schema_arrow.field(column).type):
-        return groups
-    lo, hi = _utc(start), _utc(end)
-    j = names.index(column)
-    keep = []
-    for g in groups:
-        stats = pf.metadata.row_group(g).column(j).statistics
-        if stats is None or not stats.has_min_max:
-            keep.append(g)
-            continue
-        first, last = _utc(stats.min), _utc(stats.max)
-        if last >= lo and first < hi:
-            keep.append(g)
-    return keep
-
-
-def _utc(value) -> pd.Timestamp:
-    """Naive times are UTC, as in ``training.data.in_window`` and the contract."""
-    t = pd.Timestamp(value)
-    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-
-
 def _raw_chunks(d: DataConfig, start: dt.datetime | None, end: dt.datetime | None,
                 chunk_rows: int) -> Iterator[tuple[str, pd.DataFrame]]:
-    """``(file, raw rows)`` of the contract columns each file has, at most ``chunk_rows`` at once."""
-    import pyarrow.parquet as pq
-
-    wanted = _contract_columns(d)
+    """``(file, raw rows)`` of the contract columns each file has (the label may be missing), at
+    most ``chunk_rows`` at once, from the row groups that may hold rows in [start, end)."""
+    wanted = contract_columns(d)
     for path in source_files(d):
-        origin = str(path)
-        try:
-            if file_suffix(path) in CSV_SUFFIXES:
-                header = pd.read_csv(path, nrows=0).columns
-                parts = (c for c in pd.read_csv(path, usecols=[c for c in wanted if c in header], chunksize=chunk_rows))
-            else:
-                # read as it goes (not the whole file, not a whole row group at once), and only the
-                # row groups whose time statistics overlap the window: a month of a directory of
-                # monthly files reads one file
-                pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-                groups = _row_groups_in(pf, d.timestamp_column, start, end)
-                columns = [c for c in wanted if c in pf.schema_arrow.names]
-                parts = (b.to_pandas() for b in (pf.iter_batches(batch_size=chunk_rows, row_groups=groups,
-                                                                 columns=columns) if groups else ()))
-            for part in parts:
-                if len(part):
-                    yield origin, part
-        except DataContractError:
-            raise
-        except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types for a corrupt file
-            raise _unreadable(path, e) from None
+        for part in iter_file(path, wanted, chunk_rows, within=(d.timestamp_column, start, end)):
+            yield str(path), part
 
 
 def _validated(batch: Batch, cfg: PipelineConfig, labelled: bool, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -266,7 +211,7 @@ def file_schema(path: Path) -> dict[str, str]:
         else:
             head = pd.read_csv(path, nrows=1000)
     except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types for a corrupt file
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
     return {c: str(t) for c, t in head.dtypes.items()}
 
 
@@ -279,7 +224,7 @@ def describe_month(cfg: PipelineConfig, month: str, chunk_rows: int = CHUNK_ROWS
         source = validate_contract(read_source(cfg.data), cfg.data)
         batch.in_memory = source[in_window(source, cfg.data, start, end)].reset_index(drop=True)
         schema = {c: str(t) for c, t in source.dtypes.items()}
-        batch.in_memory = batch.in_memory[_contract_columns(cfg.data)]
+        batch.in_memory = batch.in_memory[contract_columns(cfg.data)]
         del source
     else:
         schema = file_schema(source_files(cfg.data)[0])

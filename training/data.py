@@ -191,12 +191,11 @@ def iter_file(path: Path, columns: list[str], batch_rows: int = BATCH_ROWS,
     import pyarrow.parquet as pq
 
     try:
-        have = set(file_columns(path))
-        present = [c for c in columns if c in have]
         if file_suffix(path) in CSV_SUFFIXES:
-            parts = pd.read_csv(path, usecols=present, chunksize=batch_rows)
+            parts = pd.read_csv(path, usecols=lambda c: c in columns, chunksize=batch_rows)
         else:
             pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+            present = [c for c in columns if c in pf.schema_arrow.names]
             groups = row_groups_within(pf, *within) if within else list(range(pf.metadata.num_row_groups))
             parts = (b.to_pandas() for b in (pf.iter_batches(batch_size=batch_rows, row_groups=groups,
                                                              columns=present) if groups else ()))

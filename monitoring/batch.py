@@ -34,6 +34,7 @@ from training.data import (
     BATCH_ROWS,
     PARQUET_SUFFIXES,
     DataContractError,
+    check_columns,
     contract_columns,
     file_suffix,
     in_window,
@@ -248,10 +249,9 @@ def describe_file(cfg: PipelineConfig, path: Path, log: logging.Logger | logging
     d = cfg.data
     if d.label_column not in schema and schema:
         log.info("batch %s has no label column %r: monitoring without performance", path, d.label_column)
-    missing = [c for c in [d.timestamp_column, *d.feature_columns] if c not in schema]
     try:
-        if missing:  # the contract's own message, without reading a row
-            raise DataContractError(f"{path}: missing column(s) {missing} (have {list(schema)[:30]})")
+        # the label is optional in a batch; the contract's own message, without reading a row
+        check_columns(schema, [d.timestamp_column, *d.feature_columns], str(path))
         ext = _extent(batch, cfg, chunk_rows)
     except DataContractError as e:  # reported as a schema-change anomaly, not a crash
         if not schema:

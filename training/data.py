@@ -154,7 +154,7 @@ def iter_source(cfg: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[tuple
         return
     for path in source_files(cfg):
         origin = str(path)
-        _check_columns(file_columns(path), wanted, origin)
+        check_columns(file_columns(path), wanted, origin)
         empty = True
         for chunk in iter_file(path, wanted, batch_rows):
             empty = False
@@ -238,7 +238,8 @@ def _utc(value) -> pd.Timestamp:
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 
-def _check_columns(have, wanted: list[str], origin: str) -> None:
+def check_columns(have, wanted: list[str], origin: str) -> None:
+    """The contract's error naming ``origin`` when a ``wanted`` column is not among ``have``."""
     missing = [c for c in wanted if c not in set(have)]
     if missing:
         raise DataContractError(f"{origin}: missing column(s) {missing} (have {list(have)[:30]})")
@@ -250,7 +251,7 @@ def validate_contract(df: pd.DataFrame, cfg: DataConfig, origin: str | None = No
     Categorical columns are cast to string (missing stays missing).
     """
     origin = origin or source_label(cfg)
-    _check_columns(df.columns, contract_columns(cfg), origin)
+    check_columns(df.columns, contract_columns(cfg), origin)
     if df.empty:
         raise DataContractError(f"{origin}: no rows (only a header?); the data contract needs labelled rows")
     out = df.copy()

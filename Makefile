@@ -12,20 +12,26 @@ TORCH_INDEX ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install run test bench up down deploy clean browser-deps postgres-deps cluster-deps
+.PHONY: install lock run test bench up down deploy clean browser-deps postgres-deps cluster-deps
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 
-# Re-runs only when the dependency spec or the install script changes.
-$(STAMP): pyproject.toml infra/install_horovod.sh | $(PY)
+# Re-runs only when the dependency spec, the lock or the install script changes. Every package
+# comes from requirements.lock (the tested versions); ringflow itself is installed editable on top.
+$(STAMP): pyproject.toml requirements.lock infra/install_horovod.sh | $(PY)
 	$(PY) -m pip install --quiet "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	infra/install_horovod.sh $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve requirements.lock after a change to pyproject.toml's dependencies (pip-tools).
+lock: | $(PY)
+	infra/lock.sh $(PY)
 
 run: install
 	$(VENV)/bin/ringflow run --config $(CONFIG)

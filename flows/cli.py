@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -25,6 +25,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(cluster_app, name="cluster")  # ringflow cluster up|status|down|run
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from training.version import source_commit, version
+
+        typer.echo(f"ringflow {version()} (commit {source_commit() or 'unknown'})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print ringflow's version and source commit, and exit.",
+    )] = False,
+) -> None:
+    """Workflow-driven MLOps: shard -> Horovod training -> evaluation -> MLflow registry, plus monitoring."""
 
 DEFAULT_CONFIG = Path("configs/flights.yaml")
 
@@ -75,10 +92,21 @@ def _fail(stage_error: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _require_horovod() -> None:
+    """Before any work (and before Prefect starts): the train stage needs a working Horovod."""
+    from training.launch import HorovodUnavailable, check_horovod
+
+    try:
+        check_horovod()
+    except HorovodUnavailable as e:
+        _fail(e)
+
+
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the training pipeline once: shard -> train (horovodrun) -> evaluate -> register."""
     cfg = _config(config, set_)
+    _require_horovod()
     _prepare_environment()
     from flows.training_pipeline import print_summary, training_pipeline
 
@@ -116,6 +144,7 @@ def train(
         overrides.append(f"training.world_size={np_}")
     cfg = _config(config, overrides)
     _prepare_environment()
+    _require_horovod()
     from tasks.train import train_model
 
     try:
@@ -130,15 +159,19 @@ def up(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     serve: Annotated[bool, typer.Option(help="Also start the process that runs deployments.")] = True,
-    database: Annotated[Optional[str], typer.Option(
-        help="sqlite or postgresql (ringflow starts its own PostgreSQL under $RINGFLOW_HOME/postgres). "
+    database: Annotated[Optional[Literal["sqlite", "postgresql"]], typer.Option(
+        help="The servers' database: sqlite (files under $RINGFLOW_HOME) or postgresql (ringflow starts "
+             "its own PostgreSQL server, two databases with their own owners). "
              "Default: RINGFLOW_DATABASE, else what the last up of this home used, else sqlite.",
     )] = None,
     rotate_mlflow_admin_password: Annotated[bool, typer.Option(
         help="Make MLFLOW_AUTH_ADMIN_PASSWORD the MLflow admin's password (it is otherwise used only on the first up).",
     )] = False,
 ) -> None:
-    """Start Prefect server, MLflow server and the deployment runner (idempotent); deploy."""
+    """Start the local team stack (idempotent): Prefect server and UI, MLflow tracking server and UI,
+    the Evidently UI (monitoring snapshots and their trend dashboard), optionally ringflow's own
+    PostgreSQL, and the supervised runner that executes deployment runs; then deploy the training
+    and monitoring flows with their schedules and the rerun-on-anomaly automation."""
     cfg = _config(config, set_)
     _prepare_environment(local_store=False)
     from flows.stack import StackError, StackSettings
@@ -248,8 +281,9 @@ def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create: one Parquet file per month.")],
     seed: Annotated[int, typer.Option(help="Seed of the resampling and the jitter (same seed, same rows).")] = 0,
 ) -> None:
-    """Make a K-times-larger flights-like dataset (a scale workload for throughput and memory,
-    not new information): rows resampled per month from the real flights, weather jittered."""
+    """Make a K-times-larger flights-like dataset: one Parquet file per month, rows resampled per
+    month from the real 2013 flights with the weather jittered. It is a scale workload for
+    throughput and memory, not new information; train on it with --set data.source=OUT."""
     from training.synth import synthesize
 
     try:

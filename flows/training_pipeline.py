@@ -21,6 +21,7 @@ from tasks.shard import shard_data
 from tasks.train import train_model
 from training import tags
 from training.config import PipelineConfig, get_settings
+from training.launch import check_horovod
 
 
 class PipelineStageError(RuntimeError):
@@ -86,6 +87,7 @@ def training_pipeline(
     if anomaly_id:
         run_tags[tags.ANOMALY_ID] = anomaly_id
 
+    check_horovod()  # before any work: the train stage cannot run without it
     manifest_path = _stage("shard", shard_data.with_options(**cached), config)
     trained = _stage("train", train_model.with_options(**cached), config, manifest_path,
                      parent_run_id=parent_run_id, run_tags=run_tags)

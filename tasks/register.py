@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -30,6 +28,7 @@ from tasks.evaluate import CHAMPION, EvaluationResult, current_champion, version
 from training import tags
 from training.config import PipelineConfig, get_settings
 from training.manifest import Manifest
+from training.version import source_commit
 
 PREVIOUS_CHAMPION = "previous-champion"
 CHALLENGER = "challenger"
@@ -46,17 +45,6 @@ class RegistrationResult(BaseModel):
     champion_version: str | None
     """The version behind @champion after this stage."""
     alias_moves: list[dict]
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-            capture_output=True, text=True, timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def move_alias(client: MlflowClient, name: str, alias: str, version: str | None, reason: str) -> dict | None:
@@ -164,7 +152,7 @@ def register_candidate(
         tags.DATA_FINGERPRINT: manifest.fingerprint,
         tags.MANIFEST_PATH: str(manifest.path),
         tags.CONFIG_HASH: cfg.config_hash(),
-        tags.GIT_COMMIT: git_commit(),
+        tags.GIT_COMMIT: source_commit() or "unknown",
         tags.WORLD_SIZE: str(train_result.world_size),
         tags.TEST_ROC_AUC: f"{evaluation.candidate_metrics['roc_auc']:.6f}",
         tags.GATE_DECISION: "promote" if evaluation.decision.promote else "reject",

@@ -56,6 +56,13 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     deps = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}@champion")).read_text()
     assert "torch==" in deps and "ringflow" not in deps  # installable from an index
+    # the exact torch build of this environment, from the index that serves it (not PyPI's CUDA build)
+    from importlib.metadata import version
+
+    torch_build = version("torch")
+    assert f"torch=={torch_build}" in deps.splitlines()
+    if "+" in torch_build:
+        assert f"--extra-index-url https://download.pytorch.org/whl/{torch_build.split('+')[1]}" in deps.splitlines()
     raw = load_flights().query("month == 2").head(200)
     p = predict_rows(model, raw)  # the source's int64 hour/minute/distance become the declared doubles
     assert p.shape == (200,)

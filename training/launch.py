@@ -61,6 +61,30 @@ def horovodrun_path(python: str | None = None) -> str:
     return str(Path(python or sys.executable).with_name("horovodrun"))
 
 
+class HorovodUnavailable(RuntimeError):
+    """No working Horovod beside this interpreter: found before any work, with what to run."""
+
+
+INSTALL_HOROVOD = "infra/install_horovod.sh"
+
+
+def check_horovod(python: str | None = None) -> None:
+    """Refuse to start a pipeline whose train stage cannot run: ``horovodrun`` must sit next to
+    the interpreter and ``horovod.torch`` must import with Gloo built in (what ``horovodrun
+    --check-build`` lists, without its 9 s start-up). Raises :class:`HorovodUnavailable`."""
+    fix = (f"build and install it with `{INSTALL_HOROVOD} {python or sys.executable}` (`make install` runs it; "
+           "PyPI's horovod 0.28.1 does not build against torch >= 2.1 as shipped)")
+    runner = Path(horovodrun_path(python))
+    if not runner.is_file():
+        raise HorovodUnavailable(f"horovodrun not found at {runner}: Horovod is not installed; {fix}")
+    try:
+        import horovod.torch as hvd
+    except ImportError as e:
+        raise HorovodUnavailable(f"horovod.torch does not import ({e}); {fix}") from None
+    if not hvd.gloo_built():
+        raise HorovodUnavailable(f"this Horovod was built without Gloo (horovodrun --gloo cannot run); {fix}")
+
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 """Two names of this machine that Horovod treats as two local hosts (both resolve to a local
 address, so no ssh). Horovod blacklists the whole host of a failed worker: with one host name a

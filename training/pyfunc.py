@@ -99,15 +99,32 @@ MODEL_DISTRIBUTIONS = ["mlflow", "torch", "numpy", "pandas", "pyarrow", "pydanti
                        "pyyaml", "cloudpickle"]
 
 
+PYTORCH_INDEX = "https://download.pytorch.org/whl"
+
+
+def torch_index_url() -> str | None:
+    """The index that serves this environment's torch build: PyTorch's own for a labelled build
+    (``2.13.0+cpu`` -> ``.../whl/cpu``, ``+cu128`` -> ``.../whl/cu128``), None for PyPI's."""
+    from importlib.metadata import version
+
+    label = version("torch").partition("+")[2]
+    return f"{PYTORCH_INDEX}/{label}" if label else None
+
+
 def model_requirements() -> list[str]:
-    """Pinned to this environment's versions.
+    """Pinned to this environment's versions, torch to its exact build and the index serving it
+    (MLflow writes the ``--extra-index-url`` line into requirements.txt), so an environment built
+    for the model (``mlflow models serve --env-manager virtualenv``, ``build-docker``) gets the
+    build that was tested, not PyPI's multi-GB CUDA torch.
 
     Stated, not inferred: MLflow's inference imports the model in a subprocess (5 s of every
     evaluation here) and got it wrong: it listed ``ringflow`` (not on any index) and left out torch.
     """
     from importlib.metadata import version
 
-    return [f"{d}=={version(d).split('+')[0]}" for d in MODEL_DISTRIBUTIONS]
+    index = torch_index_url()
+    pins = [f"{d}=={version(d) if d == 'torch' else version(d).split('+')[0]}" for d in MODEL_DISTRIBUTIONS]
+    return ([f"--extra-index-url {index}"] if index else []) + pins
 
 
 def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: pd.DataFrame):

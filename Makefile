@@ -39,7 +39,8 @@ run: install
 test: install browser-deps postgres-deps cluster-deps
 	$(VENV)/bin/pytest
 
-clean:
+clean:  # the home, and its PostgreSQL data where root's `up` put it (outside the home)
+	@d=$$(cat .ringflow/postgres/data-dir 2>/dev/null) && [ -n "$$d" ] && rm -rf "$$(dirname "$$d")"; true
 	rm -rf .ringflow
 
 # Benchmarks: every benchmarks/bench_*.py, then benchmarks/RESULTS.md (smoke: make bench BENCH_ARGS=--quick).
@@ -65,7 +66,7 @@ browser-deps: install
 
 # PostgreSQL for `ringflow up --database postgresql` and its tests: Debian's server binaries
 # (initdb/postgres under /usr/lib/postgresql/*/bin). Installing starts nothing here; ringflow runs
-# its own cluster under $RINGFLOW_HOME/postgres, never the system service.
+# its own cluster (data: README, Team stack), never the system service.
 postgres-deps:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

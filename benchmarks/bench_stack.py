@@ -55,7 +55,8 @@ class BenchStack:
         env = {k: v for k, v in bench_env().items() if k not in SCRUB}
         env.update(RINGFLOW_HOME=str(self.home), RINGFLOW_PREFECT_PORT=str(self.prefect_port),
                    RINGFLOW_MLFLOW_PORT=str(free_port()), RINGFLOW_EVIDENTLY_PORT=str(free_port()),
-                   RINGFLOW_POSTGRES_PORT=str(free_port()))
+                   RINGFLOW_POSTGRES_PORT=str(free_port()),
+                   RINGFLOW_POSTGRES_STATE_DIR=str(base / "pg-state"))  # as root, not /var/lib/ringflow
         self.env = env
 
     @property
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(path.read_text()) if path.is_file() else {}
 
     base = Path(tempfile.mkdtemp(prefix="ringflow-bench-stack-"))
-    base.chmod(0o755)  # PostgreSQL runs as user postgres and must reach its data directory
+    base.chmod(0o755)  # as root, PostgreSQL runs as user postgres and must reach base/pg-state
     try:
         bursts = (measure_bursts(base, 2 if a.quick else 5, a.burst) if a.part in ("bursts", "all")
                   else previous.get("bursts") or _legacy_bursts(previous))

@@ -161,7 +161,8 @@ def up(
     serve: Annotated[bool, typer.Option(help="Also start the process that runs deployments.")] = True,
     database: Annotated[Optional[Literal["sqlite", "postgresql"]], typer.Option(
         help="The servers' database: sqlite (files under $RINGFLOW_HOME) or postgresql (ringflow starts "
-             "its own PostgreSQL server, two databases with their own owners). "
+             "its own PostgreSQL server, two databases with their own owners; `ringflow status` shows its "
+             "data directory). "
              "Default: RINGFLOW_DATABASE, else what the last up of this home used, else sqlite.",
     )] = None,
     rotate_mlflow_admin_password: Annotated[bool, typer.Option(
@@ -217,6 +218,8 @@ def status() -> None:
             state += (f" (supervised: service pid {sup.get('child_pid')}, {sup.get('restarts', 0)} restarts"
                       + (f", {sup['state']}" if sup.get("state") not in (None, "running") else "") + ")")
         typer.echo(f"{name:8s} {state}{health}  {row.get('url', '')}".rstrip())
+        if row.get("data"):
+            typer.echo(f"         data {row['data']}")
         if sup.get("state") == "gave-up":
             typer.echo(f"         {sup.get('message')}; log {row['log']}")
         if row.get("leftovers"):

@@ -739,6 +739,8 @@ def status() -> dict[str, dict[str, object]]:
         sup = supervision(name, home)
         if sup:
             row["supervisor"] = sup
+        if name == "postgres":
+            row["data"] = str(postgres.data_dir(home))  # outside the home when run as root
         if name in urls:
             row["url"] = urls[name]
             row["healthy"] = bool(proc) and health[name]()

@@ -50,11 +50,12 @@ FIRST_COMPLETION_WAIT_S = 600
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
 def stack(request):
-    # Not pytest's tmp_path: its parents are 0700, and PostgreSQL runs as user postgres.
+    # As root, PostgreSQL's data goes under RINGFLOW_POSTGRES_STATE_DIR: here, not /var/lib/ringflow.
     base = Path(tempfile.mkdtemp(prefix="ringflow-load-"))
-    base.chmod(0o755)
+    base.chmod(0o755)  # user postgres passes through to base/pg-state
     s = Stack(base / "home", {"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": "",
-                              "RINGFLOW_POSTGRES_PORT": str(_free_port())})
+                              "RINGFLOW_POSTGRES_PORT": str(_free_port()),
+                              "RINGFLOW_POSTGRES_STATE_DIR": str(base / "pg-state")})
     try:
         _start(s, "--database", request.param)
         yield s

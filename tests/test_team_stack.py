@@ -1,8 +1,10 @@
 """The team stack: ``ringflow up --database postgresql`` on a real PostgreSQL that ringflow starts,
 and the supervisor that keeps the deployment runner (or any supervised service) alive.
 
-Debian's ``postgresql`` binaries (installed by ``make postgres-deps``); the cluster lives under
-the test's RINGFLOW_HOME on a free port and is stopped with the stack, even when a test fails.
+Debian's ``postgresql`` binaries (installed by ``make postgres-deps``); the stack's home is under
+a 0700 directory (root's home in a container), the cluster on a free port under the test's own
+RINGFLOW_POSTGRES_STATE_DIR (as root; in the home otherwise), stopped and removed with the stack,
+even when a test fails.
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ needs_postgres = pytest.mark.skipif(not HAVE_POSTGRES, reason="Debian's postgres
 
 @pytest.fixture(scope="module")
 def pg_stack():
-    # Not pytest's tmp_path: its parents are 0700, and PostgreSQL runs as user postgres.
-    base = Path(tempfile.mkdtemp(prefix="ringflow-pg-"))
-    base.chmod(0o755)
-    s = Stack(base / "home", {"RINGFLOW_POSTGRES_PORT": str(_free_port())})
+    private = Path(tempfile.mkdtemp(prefix="ringflow-pg-"))  # 0700, as /root: user postgres cannot enter
+    shared = Path(tempfile.mkdtemp(prefix="ringflow-pg-state-"))
+    shared.chmod(0o755)  # stands for /var/lib: the state dir (and a PostgreSQL root) below it
+    s = Stack(private / "home", {"RINGFLOW_POSTGRES_PORT": str(_free_port()),
+                                 "RINGFLOW_POSTGRES_STATE_DIR": str(shared / "state")})
     s.pg_port = int(s.env["RINGFLOW_POSTGRES_PORT"])
+    s.pg_shared = shared
     try:
         yield s
     finally:
         _stop(s)
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _connect(s: Stack, user: str, dbname: str):
@@ -62,6 +67,7 @@ def _tables(s: Stack, user: str) -> set[str]:
 @needs_postgres
 def test_up_on_postgresql_runs_both_servers_on_their_own_databases(pg_stack):
     s = pg_stack
+    assert s.home.parent.stat().st_mode & 0o777 == 0o700  # a home that user postgres cannot enter
     out = s.cli("up", "--config", str(SMOKE), "--database", "postgresql", timeout=600).stdout
     assert "postgres initialised" in out and "postgres started" in out, out
     assert set(s.pids()) == {"postgres", "prefect", "mlflow", "evidently", "serve"}
@@ -69,8 +75,19 @@ def test_up_on_postgresql_runs_both_servers_on_their_own_databases(pg_stack):
     # Our own server, as user postgres, on our port and loopback only; not the system service.
     rec = json.loads((s.home / "stack" / "postgres.pid").read_text())
     server = psutil.Process(rec["pid"])
-    assert server.username() == "postgres"
-    assert str(s.home / "postgres" / "data") in server.cmdline()
+    data = postgres.data_dir(s.home)
+    assert str(data) in server.cmdline()
+    if os.geteuid() == 0:
+        # As root: the data outside the home, where user postgres reaches it, and only postgres
+        assert server.username() == "postgres"
+        assert data == s.pg_shared / "state" / postgres.home_id(s.home) / "data", data
+        assert (s.home / "postgres" / "data-dir").read_text().strip() == str(data)
+        assert (data.parent / "home").read_text().strip() == str(s.home.resolve())  # whose, for clean-up
+        for d in (data.parent, data):
+            assert d.owner() == "postgres" and d.stat().st_mode & 0o777 == 0o700, d
+        assert not (s.home / "postgres" / "data").exists()
+    else:
+        assert data == s.home / "postgres" / "data"
     listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.pid == server.pid}
     assert listening == {("127.0.0.1", s.pg_port)}
@@ -91,9 +108,12 @@ def test_up_on_postgresql_runs_both_servers_on_their_own_databases(pg_stack):
         line = " ".join(p.info.get("cmdline") or [])
         assert creds.prefect not in line and creds.mlflow not in line and creds.superuser not in line, p.pid
     assert (s.home / "postgres" / "credentials.json").stat().st_mode & 0o077 == 0
+    assert not [f for f in data.parent.rglob("*") if f.name.startswith(".initdb-pw")]  # removed after initdb
 
     status = s.cli("status").stdout
-    assert "postgres running" in status and "deployment training-pipeline/training-pipeline: READY" in status, status
+    assert "postgres running" in status and f"data {data}" in status, status
+    assert "prefect  running" in status and "mlflow   running" in status and "NOT answering" not in status, status
+    assert "deployment training-pipeline/training-pipeline: READY" in status, status
 
 
 @pytest.mark.slow
@@ -143,6 +163,66 @@ def test_a_run_lands_in_postgresql_and_everything_survives_down_and_up(pg_stack)
         runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
         assert flow_run.id in {r.id for r in runs}
     assert "postgres running" in s.cli("status").stdout
+
+
+def _root_after_an_upgrade(under: Path, newer: str = "99") -> Path:
+    """A PostgreSQL root (RINGFLOW_POSTGRES_ROOT) as a distribution upgrade leaves it: the installed
+    version beside a newer major version. Only one major version can be installed here, so the
+    newer one is a stand-in that behaves as a real server of another major version does on this
+    data: it refuses it (the words are PostgreSQL's)."""
+    root = under / "postgresql"
+    root.mkdir()
+    for version, bins in postgres.installed_versions().items():
+        (root / version).symlink_to(bins.parent)
+    (root / newer / "bin").mkdir(parents=True)
+    for name in ("postgres", "initdb"):
+        exe = root / newer / "bin" / name
+        exe.write_text(
+            "#!/bin/sh\n"
+            f'[ "$1" = --version ] && {{ echo "{name} (PostgreSQL) {newer}.0"; exit 0; }}\n'
+            'echo "FATAL:  database files are incompatible with server" >&2\n'
+            'echo "DETAIL:  The data directory was initialized by another version, "'
+            f'"which is not compatible with this version {newer}.0." >&2\n'
+            "exit 1\n"
+        )
+        exe.chmod(0o755)
+    return root
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_up_after_a_newer_major_version_is_installed_runs_the_version_of_the_data(pg_stack):
+    s = pg_stack
+    made_by = postgres.data_version(postgres.data_dir(s.home))
+    root = _root_after_an_upgrade(s.pg_shared)
+    s.cli("down")
+    out = s.cli("up", "--config", str(SMOKE), env={"RINGFLOW_POSTGRES_ROOT": str(root)}, timeout=600).stdout
+    assert "postgres started" in out and "initialised" not in out, out
+    server = psutil.Process(s.pids()["postgres"])
+    assert server.cmdline()[0] == str(root / made_by / "bin" / "postgres"), server.cmdline()
+    assert "postgres running" in s.cli("status").stdout
+
+
+@needs_postgres
+def test_up_on_data_of_a_major_version_not_installed_says_what_to_do(tmp_path):
+    # The data directory of a cluster made by PostgreSQL 14, whose packages an upgrade to 15 removed
+    # (its PG_VERSION is all that `up` reads before it would start a server).
+    home = tmp_path / "home"
+    data = home / "postgres" / "data"
+    data.mkdir(parents=True)
+    (data / "PG_VERSION").write_text("14\n")
+    s = Stack(home, {"RINGFLOW_POSTGRES_PORT": str(_free_port())})
+    try:
+        p = s.cli("up", "--config", str(SMOKE), "--database", "postgresql", check=False)
+    finally:
+        _stop(s)
+    assert p.returncode == 1
+    msg = " ".join(p.stderr.split())
+    assert f"data directory {data} was made by PostgreSQL 14" in msg, msg
+    installed = ", ".join(postgres.installed_versions())
+    assert f"/usr/lib/postgresql has {installed}" in msg and "postgresql-14" in msg, msg
+    assert "pg_upgrade --old-bindir /usr/lib/postgresql/14/bin" in msg and "pg_dumpall" in msg, msg
+    assert s.pids() == {}  # nothing started
 
 
 @pytest.mark.slow
@@ -418,7 +498,7 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
     from training.launch import kill_tree
 
     base = Path(tempfile.mkdtemp(prefix="ringflow-compose-"))
-    base.chmod(0o755)
+    base.chmod(0o755)  # as root, user postgres reaches its data under base/pg-state
     home, data = base / "pg-home", base / "data"
     (data / "mlflow-artifacts").mkdir(parents=True)
     ports = {"postgres": _free_port(), "prefect": _free_port(), "mlflow": _free_port()}
@@ -426,7 +506,7 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
     scrub = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     try:
         # PostgreSQL with the compose init script (the official image runs it as the superuser)
-        postgres.ensure_cluster(home)
+        postgres.ensure_cluster(home, postgres.PostgresSettings(state_dir=base / "pg-state"))
         procs.append(subprocess.Popen(
             postgres.server_command(home, "127.0.0.1", ports["postgres"]), user=postgres._run_as(),
             cwd=postgres.data_dir(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))

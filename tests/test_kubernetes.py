@@ -205,3 +205,20 @@ def test_prefect_server_creates_the_kubernetes_pool_and_checks_job_variables(pre
         deploy_to_kubernetes(cfg, "ringflow-k8s-test", "registry.example/ringflow:1", {"finished_job_ttl": "a day"})
     with get_client(sync_client=True) as client:
         assert client.read_deployment(dep.id).job_variables["finished_job_ttl"] == 600  # unchanged
+
+
+def test_the_example_mpijob_validates_and_the_cli_prints_what_the_task_renders(capsys):
+    from training.mpijob import main
+
+    doc = yaml.safe_load((K8S / "mpijob.example.yaml").read_text())
+    validate_mpijob(doc)
+    for role in ("Launcher", "Worker"):
+        k8s_validate(pod_template(doc["spec"]["mpiReplicaSpecs"][role]["template"]))
+
+    main(["-c", str(ROOT / "configs" / "smoke.yaml"), "--set", "training.launcher=mpijob",
+          "--manifest", "/ringflow/data/f/manifest.json", "--output-dir", "/ringflow/runs/r", "--name", "ringflow-r-a1"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["training.launcher=mpijob"])
+    assert printed == render_mpijob(cfg, "/ringflow/data/f/manifest.json", "/ringflow/runs/r", "/ringflow", "ringflow-r-a1")
+    with pytest.raises(SystemExit, match="not under RINGFLOW_HOME=/ringflow"):
+        main(["--manifest", "/elsewhere/manifest.json", "--output-dir", "/ringflow/runs/r"])

@@ -16,6 +16,7 @@ for its end; that part needs a cluster and is not exercised by the tests (infra/
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import queue
@@ -94,10 +95,10 @@ def render_mpijob(
     worker_resources = {"cpu": mj.worker_cpu, "memory": mj.worker_memory}
 
     def pod(container: dict[str, Any]) -> dict[str, Any]:
-        return {"metadata": {"labels": dict(labels or {})},
-                "spec": {"containers": [{"image": mj.image, "imagePullPolicy": mj.image_pull_policy,
-                                         "volumeMounts": mounts, **container}],
-                         "volumes": volumes}}
+        return copy.deepcopy({"metadata": {"labels": dict(labels or {})},
+                              "spec": {"containers": [{"image": mj.image, "imagePullPolicy": mj.image_pull_policy,
+                                                       "volumeMounts": mounts, **container}],
+                                       "volumes": volumes}})
 
     return {
         "apiVersion": API_VERSION,
@@ -120,7 +121,7 @@ def render_mpijob(
                 })},
                 "Worker": {"replicas": workers, "restartPolicy": "Never", "template": pod({
                     "name": "worker", "command": ["/usr/sbin/sshd", "-De"],
-                    "resources": {"requests": worker_resources, "limits": worker_resources},
+                    "resources": {"requests": worker_resources, "limits": dict(worker_resources)},
                 })},
             },
         },
@@ -244,3 +245,36 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
         err.args = (f"MPIJob {ns}/{name} failed ({message}): {err}",)
         raise err
     return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.mpijob -c CONFIG --manifest M --output-dir O``: print the MPIJob (YAML)
+    the train task would submit, validated, for a look or a ``kubectl create -f -`` by hand."""
+    import argparse
+    import sys
+
+    import yaml
+
+    from training.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m training.mpijob", description=main.__doc__)
+    ap.add_argument("-c", "--config", type=Path)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--manifest", required=True, help="manifest.json under --home")
+    ap.add_argument("--output-dir", required=True, help="the run's output directory under --home")
+    ap.add_argument("--home", default="/ringflow", help="RINGFLOW_HOME in the pods (the claim's mount)")
+    ap.add_argument("--name", default="ringflow-example-a1")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a plain launcher variable")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = dict(e.split("=", 1) for e in args.env)
+        doc = render_mpijob(cfg, args.manifest, args.output_dir, args.home, args.name, env=env)
+        validate_mpijob(doc)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, width=120))
+
+
+if __name__ == "__main__":
+    main()

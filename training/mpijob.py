@@ -21,6 +21,7 @@ import json
 import math
 import queue
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -203,16 +204,31 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
     ``log_file`` and ``logger``, and wait for the MPIJob's end. Raises :class:`TrainingError`
     naming the first failing rank, or :class:`TrainingTimeout`; the MPIJob is deleted on timeout,
     error or cancellation (its pods with it)."""
+    if shutil.which("kubectl") is None:
+        raise TrainingError("training.launcher=mpijob needs kubectl on PATH (and a kubeconfig or in-cluster "
+                            "service account allowed to create MPIJobs)", retryable=False)
     validate_mpijob(doc)
     name, ns = doc["metadata"]["name"], doc["metadata"]["namespace"]
     output = RankOutput()
     kubectl("create", "-f", "-", input=json.dumps(doc))
     lines: queue.Queue = queue.Queue()
-    logs = subprocess.Popen(["kubectl", "logs", "-f", "-n", ns, f"job/{name}-launcher", "--pod-running-timeout=10m"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
-    threading.Thread(target=lambda: [lines.put(line) for line in logs.stdout], daemon=True).start()
+    seen = threading.Event()  # the launcher's log has started: never follow it a second time (no duplicates)
+
+    def follow() -> subprocess.Popen:
+        # the launcher Job exists only once the workers are ready: until its log starts, retry
+        p = subprocess.Popen(["kubectl", "logs", "-f", "-n", ns, f"job/{name}-launcher", "--pod-running-timeout=60s"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+
+        def pump():
+            for line in p.stdout:
+                seen.set()
+                lines.put(line)
+        threading.Thread(target=pump, daemon=True, name=f"mpijob-log-{name}").start()
+        return p
+
+    logs = follow()
     deadline = time.monotonic() + timeout_s
-    state, message, finished = None, "", False
+    state, message, finished, ended_at = None, "", False, None
     try:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "a") as sink:
@@ -227,17 +243,23 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
                     continue
                 except queue.Empty:
                     pass
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
                     raise TrainingTimeout(f"MPIJob {ns}/{name} exceeded training.timeout_s={timeout_s:g}s; deleted it")
-                if time.monotonic() >= next_poll:
+                if state is None and now >= next_poll:
                     state, message = mpijob_state(name, ns)
-                    next_poll = time.monotonic() + poll_s
-                    if state is not None and logs.poll() is not None and lines.empty():
-                        break
+                    next_poll = now + poll_s
+                    if state is not None:
+                        ended_at = now
+                    elif logs.poll() is not None and not seen.is_set():
+                        logs = follow()
+                if state is not None and ((logs.poll() is not None and lines.empty()) or now - ended_at > 30):
+                    break  # ended, and its log read to the end (or given 30 s to arrive)
         finished = True
     finally:
         if logs.poll() is None:
             logs.terminate()
+            logs.wait(5)
         if not finished or state == "Failed":
             kubectl("delete", "mpijob", name, "-n", ns, "--ignore-not-found", "--wait=false", check=False)
     if state == "Failed":

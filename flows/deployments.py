@@ -147,6 +147,47 @@ def deploy(cfg: PipelineConfig) -> dict[str, Any]:
     return ids
 
 
+KUBERNETES_TEMPLATE = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "work-pool.json"
+"""The Kubernetes work pool's base job template (prefect-kubernetes' default plus ringflow's
+claim, /dev/shm and Secret; infra/kubernetes.md)."""
+
+
+def create_kubernetes_pool(name: str, template: Path = KUBERNETES_TEMPLATE) -> Any:
+    """Create (or update) the ``kubernetes``-type work pool ``name`` from ``template``; the server
+    then checks every deployment's job variables against the template's ``variables`` schema."""
+    import json
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    base = json.loads(Path(template).read_text())
+    with get_client(sync_client=True) as client:
+        try:
+            return client.create_work_pool(WorkPoolCreate(name=name, type="kubernetes", base_job_template=base))
+        except ObjectAlreadyExists:
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=base))
+            return client.read_work_pool(name)
+
+
+def deploy_to_kubernetes(cfg: PipelineConfig, pool: str, image: str,
+                         job_variables: dict[str, Any] | None = None) -> dict[str, str]:
+    """The deployments of :func:`deploy` (parameters, schedules, rerun trigger) on the Kubernetes
+    work pool ``pool``, each flow run a Job of ``image`` (the code is in the image: no storage,
+    entrypoints by module path as in the image's /app). Returns {flow/deployment: id}."""
+    from flows.monitoring import monitoring_flow
+    from flows.training_pipeline import training_pipeline
+
+    _drop_automations_by_name()
+    modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
+    ids: dict[str, str] = {}
+    for dep in build_deployments(cfg):
+        dep.entrypoint = modules[dep.flow_name]
+        dep.job_variables = {"image": image, **(job_variables or {})}
+        ids[f"{dep.flow_name}/{dep.name}"] = str(dep.apply(work_pool_name=pool))
+    return ids
+
+
 def serve(cfg: PipelineConfig, limit: int | None = 2) -> None:
     """Deploy, then execute scheduled, UI- and automation-triggered runs until SIGTERM.
 

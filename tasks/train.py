@@ -38,7 +38,7 @@ from training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_check
 from training.config import PipelineConfig, get_settings
 from training.launch import (
     RankOutput, TrainingError, TrainingTimeout, check_launchable, horovodrun_command, kill_tree, launch_env,
-    rank_hosts,
+    rank_hosts, read_hostfile, write_hostfile,
 )
 from training.manifest import KEY_ENV, Manifest
 from training.result import SUMMARY_FILE, TrainResult
@@ -161,6 +161,23 @@ def _has_children(pid: int) -> bool:
         return False
 
 
+def _run_mpijob(cfg: PipelineConfig, manifest: Manifest, out: Path, run_id: str, attempt: int, resume: bool,
+                tracking_uri: str, home: Path, progress, log) -> None:
+    """``training.launcher: mpijob``: the same run as an MPIJob (training/mpijob.py). Its pods
+    mount RINGFLOW_HOME from the shared claim, so the summary and checkpoints land in ``out`` as
+    with horovodrun; the data key and credentials come from the Secret ``training.mpijob.secret``."""
+    from training.mpijob import mpijob_name, render_mpijob, run_mpijob
+
+    doc = render_mpijob(cfg, manifest.path.resolve(), out, home, mpijob_name(run_id, attempt), resume=resume,
+                        env={"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id, **timeline_env(cfg, out)},
+                        labels={"ringflow/mlflow-run-id": run_id})
+    log.info("attempt %d: MPIJob %s/%s, %d ranks: %s%s", attempt, doc["metadata"]["namespace"],
+             doc["metadata"]["name"], cfg.training.world_size,
+             _display(doc["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]),
+             " (resuming from the last checkpoint)" if resume else "")
+    run_mpijob(doc, cfg.training.timeout_s, out / LOG_FILE, progress, poll_s=cfg.training.mpijob.poll_s)
+
+
 def retryable(task, task_run, state) -> bool:
     """Retry what a second attempt can fix (a killed rank, a lost host, I/O, the tracking server);
     not a bad config, bad or missing data, a missing key, a program bug or the run's own timeout,
@@ -243,21 +260,28 @@ def train_model(
             _log_lineage(cfg, manifest, key)
         resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
         mlflow.set_tags({tags.OUTPUT_DIR: str(out), tags.CHECKPOINT_DIR: str(out / CHECKPOINT_DIR)})
-        cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume)
-        env = launch_env(
-            cfg, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_RUN_ID=run_id, RINGFLOW_HOME=str(settings.home),
-            **timeline_env(cfg, out),
-            **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
-        )
-        log.info("attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else "")
         t0 = time.monotonic()
+        # the Prefect UI shows epoch k of N live, from rank 0's epoch lines
+        progress = EpochProgress(log, f"epochs done of {tc.epochs} (MLflow run {run_id})")
         try:
-            # the Prefect UI shows epoch k of N live, from rank 0's epoch lines
-            progress = EpochProgress(log, f"epochs done of {tc.epochs} (MLflow run {run_id})")
-            # horovodrun copies its environment into every rank's argv: the data key and any
-            # credential go to the ranks in a 0600 file instead (training/secrets.py)
-            with secrets_file(env, out) as env:
-                run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
+            if tc.launcher == "mpijob":
+                _run_mpijob(cfg, manifest, out, run_id, attempt, resume, tracking_uri, settings.home, progress, log)
+            else:
+                # a hostfile (Slurm's bare node names too) is given to horovodrun in its own format
+                hostfile = (write_hostfile(read_hostfile(tc.horovod.hostfile, tc.world_size), out)
+                            if tc.horovod.hostfile is not None and not tc.elastic.enabled else None)
+                cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume, hostfile=hostfile)
+                env = launch_env(
+                    cfg, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_RUN_ID=run_id, RINGFLOW_HOME=str(settings.home),
+                    **timeline_env(cfg, out),
+                    **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
+                )
+                log.info("attempt %d: %s%s", attempt, _display(cmd),
+                         " (resuming from the last checkpoint)" if resume else "")
+                # horovodrun copies its environment into every rank's argv: the data key and any
+                # credential go to the ranks in a 0600 file instead (training/secrets.py)
+                with secrets_file(env, out) as env:
+                    run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
         except TrainingError as e:
             mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
             raise

@@ -321,6 +321,31 @@ def ringflow_processes_on(state) -> list[str]:
 
 
 @pytest.mark.slow
+def test_hostfile_from_a_node_list_places_the_ranks(stack_cluster):
+    # A Slurm allocation's node list (`scontrol show hostnames > hosts`): bare names, one a line
+    home, state, _ = stack_cluster
+    if not list(home.glob("data/*/manifest.json")):  # run alone: shard first, on h1 as the worker would
+        from flows.cluster import client_env
+        from tasks.cluster import host_argv
+
+        env = {**os.environ, **SECRET_ENV, **client_env(state), "RINGFLOW_HOME": str(home)}
+        p = subprocess.run(host_argv(state.host("h1"), [RINGFLOW, "shard", "-c", "configs/smoke.yaml"]), env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    hosts = home / "hosts"
+    hosts.write_text("h2\nh1\n")
+    rc, out = train_on_h1(home, state, ["training.horovod.hosts=", f"training.horovod.hostfile={hosts}"],
+                          when=r"^$never", action=lambda: None)
+    assert rc == 0, out[-5000:]
+    run_dir = next(p for p in (home / "runs").iterdir() if (p / "hostfile").is_file())
+    assert (run_dir / "hostfile").read_text() == "h2 slots=1\nh1 slots=1\n"
+    assert f"--hostfile {run_dir / 'hostfile'}" in out and " -H " not in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["host"] for r in sorted(summary["per_rank"], key=lambda r: r["rank"])] == ["h2", "h1"]
+    assert ringflow_processes_on(state) == []
+
+
+@pytest.mark.slow
 def test_elastic_training_goes_on_without_h2_and_h2_rejoins(stack_cluster):
     home, state, _ = stack_cluster
     rc, out = train_on_h1(

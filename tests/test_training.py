@@ -580,3 +580,53 @@ def test_concurrent_first_use_of_a_new_store(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outs
+
+
+# --------------------------------------------------------------------------- training.horovod.hostfile
+
+
+def test_hostfile_takes_slurm_node_lists_and_mpi_hostfiles(tmp_path, smoke_config):
+    from training.config import ConfigError, load_config
+    from training.launch import check_launchable, rank_hosts, read_hostfile, write_hostfile
+
+    slurm = tmp_path / "hosts"
+    slurm.write_text("node-a\nnode-b\n\n# spare\nnode-c\n")  # `scontrol show hostnames > hosts`
+    assert read_hostfile(slurm, 4) == [("node-a", 2), ("node-b", 2), ("node-c", 2)]
+    mpi = tmp_path / "mpi-hosts"
+    mpi.write_text("w-0.job.ns.svc slots=2\nw-1.job.ns.svc slots=1\n")  # an MPI Operator's /etc/mpi/hostfile
+    assert read_hostfile(mpi, 3) == [("w-0.job.ns.svc", 2), ("w-1.job.ns.svc", 1)]
+
+    cfg = with_overrides(smoke_config, {"training.horovod.hostfile": str(mpi), "training.world_size": 3})
+    cmd = horovodrun_command(cfg, "/m.json", tmp_path / "out")
+    assert cmd[cmd.index("--hostfile") + 1] == str(mpi) and "-H" not in cmd
+    assert rank_hosts(cmd) == {0: "w-0.job.ns.svc", 1: "w-0.job.ns.svc", 2: "w-1.job.ns.svc"}
+    assert launch_env(cfg, base={})["RINGFLOW_HOSTS"] == "w-0.job.ns.svc:2,w-1.job.ns.svc:1"
+    # horovodrun reads only `host slots=N`: the task gives it that form of a bare node list
+    written = write_hostfile(read_hostfile(slurm, 2), tmp_path / "out")
+    assert written.read_text() == "node-a slots=1\nnode-b slots=1\nnode-c slots=1\n"
+
+    with pytest.raises(ValueError, match=r"world_size=4 exceeds the 3 slots of training.horovod.hostfile=.*mpi-hosts"):
+        check_launchable(with_overrides(cfg, {"training.world_size": 4, "sharding.num_shards": 4}), 4)
+    bad = tmp_path / "bad"
+    bad.write_text("node-a slots=2\nnode-b slots=two\n")
+    with pytest.raises(ValueError, match=r"hostfile=.*bad line 2: 'node-b slots=two'"):
+        read_hostfile(bad, 2)
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_hostfile(tmp_path / "missing", 2)
+    with pytest.raises(ConfigError, match="hosts and training.horovod.hostfile both set"):
+        load_config(None, ["training.horovod.hosts=a:1", f"training.horovod.hostfile={mpi}"])
+
+
+@pytest.mark.horovod
+def test_train_task_runs_horovodrun_on_a_bare_hostfile(prefect_harness, ringflow_home, smoke_config, smoke_manifest,
+                                                        tmp_path):
+    from tasks.train import train_model
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost\n")  # one node, as `scontrol show hostnames` lists it: both ranks on it
+    cfg = with_overrides(smoke_config, {"training.horovod.hostfile": str(hosts), "training.epochs": 1})
+    result = train_model(cfg, str(smoke_manifest.path))
+    out = Path(result.output_dir)
+    assert (out / "hostfile").read_text() == "localhost slots=2\n"
+    assert f"--hostfile {out / 'hostfile'}" in (out / "horovodrun.log").read_text()
+    assert result.world_size == 2

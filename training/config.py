@@ -262,7 +262,12 @@ class HorovodConfig(_Strict):
     ``chrome://tracing`` or Perfetto) to ``<run output>/horovod-timeline.json`` and log it to the
     MLflow run. Costs a little time per step; for diagnosing, not for every run."""
     hosts: str | None = None
-    """``-H`` host list (``host1:2,host2:2``); ``null`` = ``localhost:<world_size>``."""
+    """``-H`` host list (``host1:2,host2:2``); ``null`` = ``localhost:<world_size>`` (or ``hostfile``)."""
+    hostfile: Path | None = None
+    """``--hostfile``: a file listing the hosts, one a line, as ``host slots=N`` (an MPI
+    Operator's ``/etc/mpi/hostfile``) or a bare host name (``scontrol show hostnames > hosts`` in a
+    Slurm allocation), which gets an even share of ``world_size`` (rounded up). Read when the run
+    starts, on the launching host; excludes ``hosts``."""
     network_interface: str | None = None
     """``--network-interface``; elastic mode on one host needs ``lo`` and gets it by default.
     Across hosts: the interface every host reaches the others on (``eth0`` on cluster hosts)."""
@@ -273,6 +278,13 @@ class HorovodConfig(_Strict):
     """``--ssh-port`` of the other hosts' sshd; ``null`` = ssh's default (22 or ssh_config)."""
     start_timeout_s: int = Field(60, ge=5)
     """Seconds horovodrun waits for every rank to start (``--start-timeout``; elastic: ``--elastic-timeout``)."""
+
+    @model_validator(mode="after")
+    def _one_host_list(self) -> HorovodConfig:
+        if self.hosts and self.hostfile is not None:
+            raise ValueError("training.horovod.hosts and training.horovod.hostfile both set: give one host list "
+                             "(set the other to null)")
+        return self
 
 
 class ElasticConfig(_Strict):
@@ -295,6 +307,39 @@ class ElasticConfig(_Strict):
         if v is not None and not 0 <= v[0] <= v[1]:
             raise ValueError(f"needs 0 <= MIN <= MAX seconds, got {list(v)}")
         return v
+
+
+class MPIJobConfig(_Strict):
+    """``training.launcher: mpijob``: the Kubeflow MPI Operator's ``MPIJob`` the train task submits
+    (infra/kubernetes.md). Its launcher runs the same horovodrun command on the operator's
+    hostfile; the run's output directory must be on storage the flow pod shares (``pvc``)."""
+
+    image: str = "ringflow:latest"
+    """Container image of the launcher and the workers (``infra/Dockerfile``)."""
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    """Kubernetes image pull policy of the launcher and worker containers."""
+    namespace: str = Field("ringflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Namespace the MPIJob is created in (the flow pod's service account may create MPIJobs there)."""
+    python: str = "/usr/local/bin/python"
+    """The interpreter in the image; ``horovodrun`` is taken from the same directory."""
+    slots_per_worker: int = Field(1, ge=1)
+    """Ranks per worker pod; workers = ceil(world_size / slots_per_worker)."""
+    worker_cpu: str = "2"
+    """CPU request and limit of each worker pod (Kubernetes quantity); one per rank thread."""
+    worker_memory: str = "4Gi"
+    """Memory request and limit of each worker pod (Kubernetes quantity)."""
+    shm_size: str = "1Gi"
+    """Size of the memory-backed ``/dev/shm`` of each pod."""
+    pvc: str = "ringflow-home"
+    """ReadWriteMany PersistentVolumeClaim mounted at ``RINGFLOW_HOME`` in the launcher and workers
+    (shards, run outputs, ``summary.json``), the same claim the flow pod mounts."""
+    secret: str = "ringflow-training-secrets"
+    """Kubernetes Secret whose key ``secrets.json`` (a JSON object of the secret variables: data key,
+    MLflow credentials) is mounted read-only (0400) as ``RINGFLOW_SECRETS_FILE``; never env or args."""
+    ssh_auth_mount_path: str = "/root/.ssh"
+    """Where the operator mounts its generated ssh key (the image's user's ``~/.ssh``)."""
+    poll_s: float = Field(5.0, gt=0)
+    """Seconds between two looks at the MPIJob's status while it runs."""
 
 
 class TrainingConfig(_Strict):
@@ -334,6 +379,11 @@ class TrainingConfig(_Strict):
     """Horovod launcher and allreduce settings."""
     elastic: ElasticConfig = ElasticConfig()
     """Elastic training: survive lost workers."""
+    launcher: Literal["horovodrun", "mpijob"] = "horovodrun"
+    """How the train task starts the ranks: ``horovodrun`` from the task's own process, or an
+    ``mpijob`` submitted to a Kubernetes cluster's MPI Operator (``training.mpijob``)."""
+    mpijob: MPIJobConfig = MPIJobConfig()
+    """The MPIJob for ``launcher: mpijob``."""
     resume_from: str | None = None
     """Checkpoint directory (or MLflow run id) to resume from, e.g. after divergence."""
 

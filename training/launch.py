@@ -97,10 +97,49 @@ def one_host_elastic_slots(max_np: int) -> list[tuple[str, int]]:
     return [(name, n) for name, n in zip(LOOPBACK_NAMES, (first, max_np - first)) if n > 0]
 
 
+_HOSTFILE_LINE = re.compile(r"^([\w.-]+)(?:\s+slots\s*=\s*(\d+))?$")
+
+
+def read_hostfile(path: str | Path, world_size: int) -> list[tuple[str, int]]:
+    """The (host, slots) of a hostfile (``training.horovod.hostfile``): ``host slots=N`` lines, or
+    bare host names (``scontrol show hostnames``), which share ``world_size`` evenly (rounded up).
+    Blank lines and ``#`` comments are skipped. ValueError naming the file and line otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"training.horovod.hostfile={path}: cannot read it ({e.strerror or e})") from None
+    entries: list[tuple[str, int | None]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _HOSTFILE_LINE.match(line)
+        if not m or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise ValueError(f"training.horovod.hostfile={path} line {n}: {line!r} is neither a host name nor "
+                             "'host slots=N' (N >= 1)")
+        entries.append((m.group(1), int(m.group(2)) if m.group(2) else None))
+    if not entries:
+        raise ValueError(f"training.horovod.hostfile={path} lists no host")
+    share = -(-world_size // len(entries))
+    return [(h, n if n is not None else share) for h, n in entries]
+
+
+def write_hostfile(hosts: list[tuple[str, int]], directory: Path) -> Path:
+    """``directory/hostfile`` in horovodrun's own format (``host slots=N``), written atomically."""
+    from training.manifest import atomic_write_bytes
+
+    path = Path(directory) / "hostfile"
+    atomic_write_bytes(path, "".join(f"{h} slots={n}\n" for h, n in hosts).encode())
+    return path
+
+
 def hosts_for(cfg: PipelineConfig) -> str:
     tc = cfg.training
     if tc.horovod.hosts:
         return tc.horovod.hosts
+    if tc.horovod.hostfile is not None and not tc.elastic.enabled and tc.horovod.hostfile.is_file():
+        return ",".join(f"{h}:{n}" for h, n in read_hostfile(tc.horovod.hostfile, tc.world_size))
     if tc.elastic.enabled:
         return ",".join(f"{h}:{n}" for h, n in one_host_elastic_slots(tc.elastic.max_np or tc.world_size))
     return f"localhost:{tc.world_size}"
@@ -117,6 +156,14 @@ def check_launchable(cfg: PipelineConfig, num_shards: int) -> None:
             + f" exceeds the {num_shards} shards of the manifest: a rank would have no data. Use at most "
             f"{num_shards} ranks, or re-shard with sharding.num_shards >= {most}"
         )
+    if tc.launcher == "mpijob" and tc.elastic.enabled:
+        raise ValueError("training.elastic.enabled with training.launcher=mpijob: the MPIJob has a fixed number "
+                         "of workers; use launcher horovodrun for elastic training")
+    if tc.horovod.hostfile is not None and not tc.elastic.enabled and tc.launcher == "horovodrun":
+        slots = sum(n for _, n in read_hostfile(tc.horovod.hostfile, tc.world_size))
+        if slots < tc.world_size:
+            raise ValueError(f"training.world_size={tc.world_size} exceeds the {slots} slots of "
+                             f"training.horovod.hostfile={tc.horovod.hostfile}")
     if tc.elastic.enabled and not tc.horovod.hosts:
         slots = one_host_elastic_slots(most)
         survivors = min(n for _, n in slots) if len(slots) > 1 else 0
@@ -131,12 +178,15 @@ def check_launchable(cfg: PipelineConfig, num_shards: int) -> None:
 
 def horovodrun_command(
     cfg: PipelineConfig, manifest_path: str | Path, output_dir: str | Path, resume: bool = False,
-    python: str | None = None,
+    python: str | None = None, hostfile: str | Path | None = None,
 ) -> list[str]:
     """The full horovodrun command line for this config.
 
     Fusion threshold, cycle time and autotune are horovodrun flags (they configure the background
     thread of every rank); compression and backward passes per step are read by the program.
+    ``hostfile`` (default ``training.horovod.hostfile``) is passed as ``--hostfile``: the train task
+    gives the copy it wrote in horovodrun's format (:func:`write_hostfile`), an MPIJob the
+    operator's ``/etc/mpi/hostfile``.
     """
     tc, hv, el = cfg.training, cfg.training.horovod, cfg.training.elastic
     python = python or sys.executable
@@ -150,7 +200,8 @@ def horovodrun_command(
         if el.blacklist_cooldown_s is not None:
             cmd += ["--blacklist-cooldown-range", *(str(s) for s in el.blacklist_cooldown_s)]
     else:
-        cmd += ["-H", hosts_for(cfg)]
+        hostfile = hostfile if hostfile is not None else hv.hostfile
+        cmd += ["--hostfile", str(hostfile)] if hostfile is not None else ["-H", hosts_for(cfg)]
         if hv.network_interface:
             cmd += ["--network-interface", hv.network_interface]
     cmd += ["--gloo", "--start-timeout", str(hv.start_timeout_s)]
@@ -197,11 +248,21 @@ SSH_FAILED = 255
 
 def rank_hosts(command: list[str]) -> dict[int, str]:
     """The host of every rank of a fixed-size horovodrun command: Horovod fills the ``-H`` slots
-    in order. Empty for an elastic command, whose ranks move between hosts."""
-    if "-H" not in command or "-np" not in command:
+    in order (``-H`` or a readable ``--hostfile``). Empty for an elastic command, whose ranks move
+    between hosts."""
+    if "-np" not in command:
+        return {}
+    if "-H" in command:
+        items = command[command.index("-H") + 1].split(",")
+    elif "--hostfile" in command:
+        try:
+            items = [f"{h}:{n}" for h, n in read_hostfile(command[command.index("--hostfile") + 1], 1)]
+        except ValueError:
+            return {}
+    else:
         return {}
     hosts: list[str] = []
-    for item in command[command.index("-H") + 1].split(","):
+    for item in items:
         name, sep, slots = item.strip().rpartition(":")
         hosts += [name] * int(slots) if sep else [slots]
     return dict(enumerate(hosts[: int(command[command.index("-np") + 1])]))

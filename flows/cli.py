@@ -92,10 +92,13 @@ def _fail(stage_error: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _require_horovod() -> None:
-    """Before any work (and before Prefect starts): the train stage needs a working Horovod."""
+def _require_horovod(cfg: PipelineConfig) -> None:
+    """Before any work (and before Prefect starts): a train stage run by horovodrun here needs a
+    working Horovod (an MPIJob's image has its own)."""
     from training.launch import HorovodUnavailable, check_horovod
 
+    if cfg.training.launcher != "horovodrun":
+        return
     try:
         check_horovod()
     except HorovodUnavailable as e:
@@ -106,7 +109,7 @@ def _require_horovod() -> None:
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the training pipeline once: shard -> train (horovodrun) -> evaluate -> register."""
     cfg = _config(config, set_)
-    _require_horovod()
+    _require_horovod(cfg)
     _prepare_environment()
     from flows.training_pipeline import print_summary, training_pipeline
 
@@ -144,7 +147,7 @@ def train(
         overrides.append(f"training.world_size={np_}")
     cfg = _config(config, overrides)
     _prepare_environment()
-    _require_horovod()
+    _require_horovod(cfg)
     from tasks.train import train_model
 
     try:

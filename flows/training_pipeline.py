@@ -87,7 +87,8 @@ def training_pipeline(
     if anomaly_id:
         run_tags[tags.ANOMALY_ID] = anomaly_id
 
-    check_horovod()  # before any work: the train stage cannot run without it
+    if config.training.launcher == "horovodrun":
+        check_horovod()  # before any work: the train stage cannot run without it (an MPIJob's image has its own)
     manifest_path = _stage("shard", shard_data.with_options(**cached), config)
     trained = _stage("train", train_model.with_options(**cached), config, manifest_path,
                      parent_run_id=parent_run_id, run_tags=run_tags)

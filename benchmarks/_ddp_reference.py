@@ -40,11 +40,11 @@ def main() -> int:
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from training.config import PipelineConfig
-    from training.manifest import Manifest
-    from training.metrics import classification_metrics
-    from training.model import TabularNet, predict_logits
-    from training.train import epoch_order, learning_rate, load_frame
+    from ringflow.training.config import PipelineConfig
+    from ringflow.training.manifest import Manifest
+    from ringflow.training.metrics import classification_metrics
+    from ringflow.training.model import TabularNet, predict_logits
+    from ringflow.training.train import epoch_order, learning_rate, load_frame
 
     raw = args.config_json
     cfg = PipelineConfig.model_validate_json(Path(raw[1:]).read_text() if raw.startswith("@") else raw)

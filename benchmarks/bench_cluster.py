@@ -45,7 +45,7 @@ def worker(args) -> None:
     import horovod.torch as hvd
     import torch
 
-    from training.model import TabularNet
+    from ringflow.training.model import TabularNet
 
     hvd.init()
     torch.set_num_threads(1)
@@ -95,7 +95,7 @@ def worker(args) -> None:
 
 
 def run_job(state, placement: str, key: Path, repeats: int, quick: bool) -> list[dict]:
-    from tasks.cluster import host_argv
+    from ringflow.infra.hosts import host_argv
 
     # one host: Horovod resolves a single local host to 127.0.0.1 and insists on its interface (lo)
     hosts, nic = ("h1:2", "lo") if placement == "one_host" else ("h1:1,h2:1", "eth0")
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_cluster: needs root (it builds network-namespace hosts); skipped", file=sys.stderr)
         return 0
-    from flows.cluster import up
-    from tasks.cluster import down, identity_file
+    from ringflow.flows.cluster import up
+    from ringflow.infra.hosts import down, identity_file
 
     repeats = args.repeats or (3 if args.quick else 7)
     rounds = args.rounds or (1 if args.quick else 3)

@@ -50,12 +50,12 @@ def run_variant(name: str, overrides: dict) -> dict:
     import numpy as np
     from mlflow import MlflowClient
 
-    from flows.training_pipeline import training_pipeline
-    from training.baseline import baseline_proba
-    from training.config import load_config, with_overrides
-    from training.data import in_window, load_labelled
-    from training.metrics import classification_metrics
-    from training.pyfunc import predict_rows
+    from ringflow.flows.training_pipeline import training_pipeline
+    from ringflow.training.baseline import baseline_proba
+    from ringflow.training.config import load_config, with_overrides
+    from ringflow.training.data import in_window, load_labelled
+    from ringflow.training.metrics import classification_metrics
+    from ringflow.training.pyfunc import predict_rows
 
     home = Path(tempfile.mkdtemp(prefix=f"ringflow-quality-{name}-"))
     os.environ["RINGFLOW_HOME"] = str(home)

@@ -30,7 +30,7 @@ JULY_ROWS = 28_280
 
 
 def _rss_mb() -> float:
-    from training.memory import peak_rss_mb  # VmHWM: ru_maxrss carries the forking process's mark
+    from ringflow.training.memory import peak_rss_mb  # VmHWM: ru_maxrss carries the forking process's mark
 
     return peak_rss_mb()
 
@@ -45,8 +45,8 @@ def prepare(rows_list: list[int], home: Path) -> None:
     import mlflow
 
     from tests.test_monitoring_flow import register_champion
-    from training.config import load_config
-    from training.data import in_window, load_labelled
+    from ringflow.training.config import load_config
+    from ringflow.training.data import in_window, load_labelled
 
     cfg = load_config(ROOT / "configs" / "flights.yaml")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
@@ -67,8 +67,8 @@ def run_case(rows: int, max_current_rows: int | None, home: Path) -> dict:
     from prefect import flow, get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.monitoring import monitoring_flow
-    from training.config import load_config, with_overrides
+    from ringflow.flows.monitoring import monitoring_flow
+    from ringflow.training.config import load_config, with_overrides
 
     cfg = load_config(ROOT / "configs" / "flights.yaml")
     cfg = with_overrides(cfg, {"monitoring.max_current_rows": max_current_rows})
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.max_current_rows is None:
-        from training.config import MonitoringConfig
+        from ringflow.training.config import MonitoringConfig
 
         a.max_current_rows = MonitoringConfig().max_current_rows
     mcr = a.max_current_rows or None
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = []
     with tempfile.TemporaryDirectory(prefix="ringflow-bench-") as tmp:
         home = Path(tmp)
-        from training.environment import process_defaults  # telemetry off, a patient ephemeral Prefect API
+        from ringflow.training.environment import process_defaults  # telemetry off, a patient ephemeral Prefect API
 
         env = {**process_defaults(dict(os.environ)), "RINGFLOW_HOME": str(home),
                "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",

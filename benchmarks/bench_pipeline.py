@@ -49,8 +49,8 @@ def child_flow(cfg_path: str, out: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.training_pipeline import training_pipeline
-    from training.config import load_config
+    from ringflow.flows.training_pipeline import training_pipeline
+    from ringflow.training.config import load_config
 
     imports_s = time.perf_counter() - t_imp
     cfg = load_config(cfg_path)
@@ -70,7 +70,7 @@ def child_flow(cfg_path: str, out: Path) -> None:
     import mlflow
 
     run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(result.training_run_id)
-    from training.summary import TrainingSummary
+    from ringflow.training.summary import TrainingSummary
 
     summary = TrainingSummary.load(Path(os.environ["RINGFLOW_HOME"]) / "runs" / result.training_run_id)
     out.write_text(json.dumps({
@@ -86,12 +86,12 @@ def child_flow(cfg_path: str, out: Path) -> None:
 
 def child_bare(cfg_path: str, out: Path) -> None:
     t_imp = time.perf_counter()
-    from training.config import load_config
-    from training.launch import horovodrun_command, launch_env
-    from training.metrics import classification_metrics
-    from training.model import load_model, predict_proba
-    from training.sharding import shard_dataset
-    from training.summary import TrainingSummary
+    from ringflow.training.config import load_config
+    from ringflow.training.launch import horovodrun_command, launch_env
+    from ringflow.training.metrics import classification_metrics
+    from ringflow.training.model import load_model, predict_proba
+    from ringflow.training.sharding import shard_dataset
+    from ringflow.training.summary import TrainingSummary
 
     imports_s = time.perf_counter() - t_imp
     home = Path(os.environ["RINGFLOW_HOME"])

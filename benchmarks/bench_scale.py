@@ -43,9 +43,9 @@ STAGES = ("shard", "train", "evaluate", "monitor")
 
 SHARD = """
 import json, sys, time
-from training.memory import peak_rss_mb
-from training.config import load_config
-from training.sharding import shard_dataset
+from ringflow.training.memory import peak_rss_mb
+from ringflow.training.config import load_config
+from ringflow.training.sharding import shard_dataset
 cfg = load_config(sys.argv[1], ["data.source=" + sys.argv[2]])
 t0 = time.perf_counter()
 m = shard_dataset(cfg, sys.argv[3], progress=lambda *a: None)
@@ -55,11 +55,11 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb(),
 
 EVALUATE = """
 import json, sys, time
-from training.memory import peak_rss_mb
+from ringflow.training.memory import peak_rss_mb
 t0 = time.perf_counter()
-from training.manifest import Manifest
-from training.metrics import classification_metrics
-from training.model import load_model, predict_proba
+from ringflow.training.manifest import Manifest
+from ringflow.training.metrics import classification_metrics
+from ringflow.training.model import load_model, predict_proba
 m = Manifest.load(sys.argv[1])
 net, pre = load_model(sys.argv[2])
 test = m.read(m.test)
@@ -70,17 +70,17 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb(),
 
 MONITOR = """
 import json, sys, time
-from training.memory import peak_rss_mb
+from ringflow.training.memory import peak_rss_mb
 t0 = time.perf_counter()
-from monitoring.batch import batch_chunks, describe_month
-from monitoring.reference import reference_from_manifest
-from monitoring.reports import PREDICTION, build_reports
-from monitoring.scoring import score_chunks
-from training.config import load_config
-from training.data import TARGET
-from training.manifest import Manifest
-from training.metrics import classification_metrics
-from training.model import load_model, predict_proba
+from ringflow.monitoring.batch import batch_chunks, describe_month
+from ringflow.monitoring.reference import reference_from_manifest
+from ringflow.monitoring.reports import PREDICTION, build_reports
+from ringflow.monitoring.scoring import score_chunks
+from ringflow.training.config import load_config
+from ringflow.training.data import TARGET
+from ringflow.training.manifest import Manifest
+from ringflow.training.metrics import classification_metrics
+from ringflow.training.model import load_model, predict_proba
 cfg = load_config(sys.argv[1], ["data.source=" + sys.argv[4]])
 d, m = cfg.data, cfg.monitoring
 net, pre = load_model(sys.argv[3])
@@ -107,21 +107,21 @@ def _child(code: str, *args: str, timeout: int = 3600) -> dict:
 
 def make_data(factor: int, out: Path) -> None:
     if factor == 1:  # the real rows, as monthly files
-        from training.data import load_flights
+        from ringflow.training.data import load_flights
 
         out.mkdir(parents=True)
         df = load_flights()
         for month, part in df.groupby("month"):
             part.to_parquet(out / f"flights-2013-{month:02d}.parquet", index=False)
     else:
-        from training.synth import synthesize
+        from ringflow.training.synth import synthesize
 
         synthesize(factor, out, progress=lambda *a: None)
 
 
 def train(cfg_path: Path, manifest: str, out: Path) -> dict:
-    from training.config import load_config, with_overrides
-    from training.launch import horovodrun_command, launch_env
+    from ringflow.training.config import load_config, with_overrides
+    from ringflow.training.launch import horovodrun_command, launch_env
 
     cfg = with_overrides(load_config(cfg_path), {"training.epochs": 1, "training.timeout_s": 3600})
     cmd = horovodrun_command(cfg, manifest, out)

@@ -48,14 +48,14 @@ def _peak_rss_mb() -> float:
 
 def _config(shards: int):
     sys.path.insert(0, str(ROOT))
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     return load_config(ROOT / "configs" / "flights.yaml",
                        {"data.windows": FULL_YEAR, "sharding.num_shards": shards})
 
 
 def child_shard(shards: int, encrypted: bool) -> dict:
-    from training.sharding import shard_dataset
+    from ringflow.training.sharding import shard_dataset
 
     cfg = _config(shards)
     key = os.urandom(32) if encrypted else None
@@ -89,8 +89,8 @@ def child_reference(shards: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from training.data import in_window, load_labelled
-    from training.sharding import stored_columns
+    from ringflow.training.data import in_window, load_labelled
+    from ringflow.training.sharding import stored_columns
 
     cfg = _config(shards)
     df, _ = load_labelled(cfg.data)

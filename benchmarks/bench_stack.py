@@ -152,7 +152,7 @@ PROBE_SIZE = 5
 
 def load_parameters(i: int) -> dict:
     """The i-th of the 20 training runs: smoke config, one rank, 2 epochs, its own seed."""
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     cfg = load_config(SMOKE, ["training.world_size=1", "training.epochs=2", "training.early_stopping_patience=1",
                               f"training.seed={100 + i}"])

@@ -110,14 +110,14 @@ QUALITY_CASES = [
 
 
 def ensure_manifest(cfg) -> Path:
-    from training.sharding import shard_dataset
+    from ringflow.training.sharding import shard_dataset
 
     m = shard_dataset(cfg, SCRATCH / "data", key=None, progress=lambda s: None)
     return Path(m.path)
 
 
 def _cfg_for(base, case: Case, epochs: int, throughput: bool):
-    from training.config import with_overrides
+    from ringflow.training.config import with_overrides
 
     ov = dict(case.overrides)
     ov["training.world_size"] = case.np
@@ -128,7 +128,7 @@ def _cfg_for(base, case: Case, epochs: int, throughput: bool):
 
 
 def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = True, timeout: int = 900) -> dict:
-    from training.launch import horovodrun_command
+    from ringflow.training.launch import horovodrun_command
 
     cfg = _cfg_for(base, case, epochs, throughput)
     out = Path(tempfile.mkdtemp(prefix=f"{case.name}-", dir=SCRATCH))
@@ -153,7 +153,7 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
     if p.returncode != 0:
         raise RuntimeError(f"case {case.name} failed (exit {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     if case.kind == "horovod":
-        from training.summary import TrainingSummary
+        from ringflow.training.summary import TrainingSummary
 
         summary = TrainingSummary.load(out)
         hist = summary.history
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     SCRATCH.mkdir(parents=True, exist_ok=True)
     base = load_config(args.config, args.set)

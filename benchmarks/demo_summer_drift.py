@@ -37,12 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.monitoring import monitoring_flow, print_result
-    from flows.training_pipeline import print_summary, training_pipeline
-    from training.config import PipelineConfig, get_settings, load_config
-    from training.data import TARGET, in_window, load_labelled, month_window
-    from training.metrics import classification_metrics
-    from training.pyfunc import predict_rows
+    from ringflow.flows.monitoring import monitoring_flow, print_result
+    from ringflow.flows.training_pipeline import print_summary, training_pipeline
+    from ringflow.training.config import PipelineConfig, get_settings, load_config
+    from ringflow.training.data import TARGET, in_window, load_labelled, month_window
+    from ringflow.training.metrics import classification_metrics
+    from ringflow.training.pyfunc import predict_rows
 
     cfg = load_config(a.config, a.overrides)
     settings = get_settings()

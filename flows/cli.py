@@ -14,8 +14,8 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from flows.cluster import cluster_app
-from training.config import ConfigError, PipelineConfig, load_config
+from ringflow.flows.cluster import cluster_app
+from ringflow.training.config import ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(
     name="ringflow",
@@ -29,7 +29,7 @@ app.add_typer(cluster_app, name="cluster")  # ringflow cluster up|status|down|ru
 
 def _print_version(value: bool) -> None:
     if value:
-        from training.version import source_commit, version
+        from ringflow.training.version import source_commit, version
 
         typer.echo(f"ringflow {version()} (commit {source_commit() or 'unknown'})")
         raise typer.Exit()
@@ -70,19 +70,19 @@ def _prepare_environment(local_store: bool = True) -> None:
     ``local_store``: the command logs to MLflow itself, so a local SQLite store is created here
     when no server is named (not for up/down/status/deploy: the stack chooses its own store).
     """
-    from training.environment import process_defaults
+    from ringflow.training.environment import process_defaults
 
     process_defaults()  # telemetry off, quiet stage logs, patient ephemeral API (user's values win)
-    from training.config import get_settings
+    from ringflow.training.config import get_settings
 
     s = get_settings()
     s.home.mkdir(parents=True, exist_ok=True)
-    from flows.stack import apply_stack_env
+    from ringflow.infra.stack import apply_stack_env
 
     apply_stack_env(s.home)  # stack up (`ringflow up`): report to its servers unless env says otherwise
     os.environ.setdefault("MLFLOW_TRACKING_URI", s.tracking_uri)
     if local_store:
-        from tasks.tracking import ensure_store
+        from ringflow.tasks.tracking import ensure_store
 
         ensure_store(os.environ["MLFLOW_TRACKING_URI"])  # once, under a lock: concurrent runs on a new home
 
@@ -95,7 +95,7 @@ def _fail(stage_error: Exception) -> None:
 def _require_horovod(cfg: PipelineConfig) -> None:
     """Before any work (and before Prefect starts): a train stage run by horovodrun here needs a
     working Horovod (an MPIJob's image has its own)."""
-    from training.launch import HorovodUnavailable, check_horovod
+    from ringflow.training.launch import HorovodUnavailable, check_horovod
 
     if cfg.training.launcher != "horovodrun":
         return
@@ -111,7 +111,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     cfg = _config(config, set_)
     _require_horovod(cfg)
     _prepare_environment()
-    from flows.training_pipeline import print_summary, training_pipeline
+    from ringflow.flows.training_pipeline import print_summary, training_pipeline
 
     try:
         result = training_pipeline(cfg)
@@ -125,7 +125,7 @@ def shard(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run only the sharding stage and print the manifest path."""
     cfg = _config(config, set_)
     _prepare_environment()
-    from tasks.shard import shard_data
+    from ringflow.tasks.shard import shard_data
 
     try:
         manifest_path = shard_data(cfg)  # a Prefect task run on its own, outside a flow
@@ -148,7 +148,7 @@ def train(
     cfg = _config(config, overrides)
     _prepare_environment()
     _require_horovod(cfg)
-    from tasks.train import train_model
+    from ringflow.tasks.train import train_model
 
     try:
         result = train_model(cfg, str(manifest))  # a Prefect task run on its own, outside a flow
@@ -178,8 +178,8 @@ def up(
     and monitoring flows with their schedules and the rerun-on-anomaly automation."""
     cfg = _config(config, set_)
     _prepare_environment(local_store=False)
-    from flows.stack import StackError, StackSettings
-    from flows.stack import up as stack_up
+    from ringflow.infra.stack import StackError, StackSettings
+    from ringflow.infra.stack import up as stack_up
 
     try:
         result = stack_up(cfg, serve=serve, database=database,
@@ -199,7 +199,7 @@ def up(
 @app.command()
 def down() -> None:
     """Stop exactly the processes `ringflow up` started."""
-    from flows.stack import down as stack_down
+    from ringflow.infra.stack import down as stack_down
 
     for name, state in stack_down(echo=lambda _: None).items():
         typer.echo(f"{name:8s} {state}")
@@ -209,8 +209,8 @@ def down() -> None:
 def status() -> None:
     """Show the stack's processes, health, deployments, schedules and the rerun automation."""
     _prepare_environment(local_store=False)
-    from flows.stack import StackError, deployment_summary
-    from flows.stack import status as stack_status
+    from ringflow.infra.stack import StackError, deployment_summary
+    from ringflow.infra.stack import status as stack_status
 
     rows = stack_status()
     for name, row in rows.items():
@@ -245,13 +245,13 @@ def deploy(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         typer.secho("no Prefect server: run `ringflow up` or set PREFECT_API_URL", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    from flows.deployments import deploy as apply_deployments
+    from ringflow.flows.deployments import deploy as apply_deployments
 
     try:
         ids = apply_deployments(cfg)
     except Exception as e:
         _fail(e)
-    from flows.stack import remember_config
+    from ringflow.infra.stack import remember_config
 
     remember_config(cfg)  # the running stack's serve process re-deploys this config on restart
     for name, ident in ids.items():
@@ -268,7 +268,7 @@ def monitor(
     """Score a batch with the champion; Evidently drift/quality; anomalies -> rerun decision."""
     cfg = _config(config, set_)
     _prepare_environment()
-    from flows.monitoring import MonitoringAlert, monitoring_flow, print_result
+    from ringflow.flows.monitoring import MonitoringAlert, monitoring_flow, print_result
 
     try:
         result = monitoring_flow(cfg, batch=batch, trigger_rerun=not no_rerun)
@@ -290,7 +290,7 @@ def synth(
     """Make a K-times-larger flights-like dataset: one Parquet file per month, rows resampled per
     month from the real 2013 flights with the weather jittered. It is a scale workload for
     throughput and memory, not new information; train on it with --set data.source=OUT."""
-    from training.synth import synthesize
+    from ringflow.training.synth import synthesize
 
     try:
         files = synthesize(factor, out, seed=seed, progress=typer.echo)

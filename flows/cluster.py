@@ -1,9 +1,9 @@
 """``ringflow cluster up | status | down | run``: the pipeline on a multi-host cluster.
 
-The hosts are network namespaces on this machine (``tasks/cluster.py`` builds them); this module
+The hosts are network namespaces on this machine (``infra/hosts.py`` builds them); this module
 puts the team's services on them and submits work:
 
-- ``h0`` runs the stack, ``ringflow up --no-serve`` inside h0 (flows/stack.py), bound to h0's
+- ``h0`` runs the stack, ``ringflow up --no-serve`` inside h0 (infra/stack.py), bound to h0's
   address; MLflow serves artifacts over HTTP, so no host needs a path on h0's disk;
 - ``h1`` runs a real ``prefect worker`` of the process pool ``ringflow-cluster``; the training
   and monitoring deployments (from this repository's source) and the rerun automation go to it;
@@ -22,12 +22,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from tasks.cluster import (
+from ringflow.infra.hosts import (
     BIN, ClusterError, ClusterSettings, ClusterState, cluster_dir, identity_file, is_running, load_state,
     log_dir, netns_names, plan, preflight, save_state, start_process, start_sshd, build_network,
     write_ssh_files, wait_for, host_argv, tail,
 )
-from tasks.cluster import down as remove_cluster
+from ringflow.infra.hosts import down as remove_cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK_POOL = "ringflow-cluster"
@@ -55,9 +55,9 @@ def urls(state: ClusterState) -> dict[str, str]:
 
 def client_env(state: ClusterState) -> dict[str, str]:
     """How any host (and this machine) reaches the stack on h0: URLs, plus credentials from the
-    environment (flows/stack.py derives client credentials from server ones)."""
-    from flows.stack import StackSettings
-    from flows.stack import client_env as stack_client_env
+    environment (infra/stack.py derives client credentials from server ones)."""
+    from ringflow.infra.stack import StackSettings
+    from ringflow.infra.stack import client_env as stack_client_env
 
     return stack_client_env(StackSettings(host=state.host("h0").address, prefect_port=PREFECT_PORT,
                                           mlflow_port=MLFLOW_PORT))
@@ -185,14 +185,14 @@ def deploy_to_pool(state: ClusterState, config: Path | None) -> dict[str, str]:
     """The deployments ``ringflow deploy`` makes (flows/deployments.py: parameters, schedules,
     the rerun trigger), sent to the worker's process pool instead of the serve process, with the
     cluster's training settings in the default config."""
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     use_stack(state)
     from prefect.runner.storage import LocalStorage
 
-    from flows.deployments import build_deployments
-    from flows.monitoring import monitoring_flow
-    from flows.training_pipeline import training_pipeline
+    from ringflow.flows.deployments import build_deployments
+    from ringflow.flows.monitoring import monitoring_flow
+    from ringflow.flows.training_pipeline import training_pipeline
 
     cfg = load_config(config, cluster_overrides(state))
     # By *module path*, not the file path a deployment records: a file entrypoint is loaded as a
@@ -283,7 +283,7 @@ def print_status(state: ClusterState, echo=print) -> None:
 def run(home: Path, config: Path | None, overrides: list[str], echo=print):
     """Submit the training pipeline to the stack on h0; the worker on h1 runs it; wait; return its
     :class:`~flows.training_pipeline.PipelineResult`."""
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     state = load_state(home)
     if state is None:
@@ -295,7 +295,7 @@ def run(home: Path, config: Path | None, overrides: list[str], echo=print):
     use_stack(state)
     from prefect.deployments import run_deployment
 
-    from flows.deployments import REASON_MANUAL, TRAINING
+    from ringflow.flows.deployments import REASON_MANUAL, TRAINING
 
     fr = run_deployment(name=f"{TRAINING}/{TRAINING}", parameters={"config": cfg.model_dump(mode="json"),
                         "reason": REASON_MANUAL}, timeout=0)
@@ -349,7 +349,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 
 
 def _home() -> Path:
-    from training.config import get_settings
+    from ringflow.training.config import get_settings
 
     home = get_settings().home
     home.mkdir(parents=True, exist_ok=True)
@@ -409,14 +409,14 @@ def down_cmd() -> None:
 @cluster_app.command("run")
 def run_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Submit the training pipeline to the cluster's stack; the worker on h1 runs it across the hosts."""
-    from training.config import ConfigError
+    from ringflow.training.config import ConfigError
 
     home = _home()
     try:
         result = run(home, _default_config(config), set_ or [], echo=typer.echo)
     except (ClusterError, ConfigError) as e:
         _fail(e)
-    from flows.training_pipeline import print_summary
+    from ringflow.flows.training_pipeline import print_summary
 
     print_summary(result)
 

@@ -9,7 +9,7 @@
   Prefect creates it as an automation owned by the deployment and replaces it on every apply.
 
 Everything is create-or-update by name, so ``deploy`` can run any number of times.
-``python -m flows.deployments serve`` (started by ``ringflow up``) deploys, then executes the runs.
+``python -m ringflow.flows.deployments serve`` (started by ``ringflow up``) deploys, then executes the runs.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from monitoring.events import ANOMALY_EVENT, CAUSE_LABEL, RERUN_TRIGGER, TRAINING_DEPLOYMENT, rerun_parameters
-from monitoring.events import model_resource_id as event_resource_id
-from training.config import PipelineConfig, load_config
-from training.environment import process_defaults
+from ringflow.monitoring.events import ANOMALY_EVENT, CAUSE_LABEL, RERUN_TRIGGER, TRAINING_DEPLOYMENT, rerun_parameters
+from ringflow.monitoring.events import model_resource_id as event_resource_id
+from ringflow.training.config import PipelineConfig, load_config
+from ringflow.training.environment import process_defaults
 
 TRAINING = "training-pipeline"
 MONITORING = "monitoring"
@@ -76,8 +76,8 @@ def build_deployments(cfg: PipelineConfig) -> list:
     """The two RunnerDeployments (not yet sent to the server)."""
     from prefect.schedules import Cron
 
-    from flows.monitoring import monitoring_flow
-    from flows.training_pipeline import training_pipeline
+    from ringflow.flows.monitoring import monitoring_flow
+    from ringflow.flows.training_pipeline import training_pipeline
 
     tz = cfg.schedules.timezone
     config = cfg.model_dump(mode="json")
@@ -175,8 +175,8 @@ def deploy_to_kubernetes(cfg: PipelineConfig, pool: str, image: str,
     """The deployments of :func:`deploy` (parameters, schedules, rerun trigger) on the Kubernetes
     work pool ``pool``, each flow run a Job of ``image`` (the code is in the image: no storage,
     entrypoints by module path as in the image's /app). Returns {flow/deployment: id}."""
-    from flows.monitoring import monitoring_flow
-    from flows.training_pipeline import training_pipeline
+    from ringflow.flows.monitoring import monitoring_flow
+    from ringflow.flows.training_pipeline import training_pipeline
 
     _drop_automations_by_name()
     modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
@@ -231,7 +231,7 @@ def _load(config_json: Path | None, config: Path | None) -> PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flows.deployments")
+    p = argparse.ArgumentParser(prog="python -m ringflow.flows.deployments")
     p.add_argument("command", choices=["serve", "deploy", "health"])
     p.add_argument("--config-json", type=Path, help="resolved config written by `ringflow up`")
     p.add_argument("--config", type=Path, help="config YAML (default: built-in defaults)")

@@ -18,9 +18,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from monitoring.anomalies import Anomaly, Severity, default_rules
-from monitoring.policy import BatchWindow, RerunRecord, decide
-from tasks.monitor import (
+from ringflow.monitoring.anomalies import Anomaly, Severity, default_rules
+from ringflow.monitoring.policy import BatchWindow, RerunRecord, decide
+from ringflow.tasks.monitor import (
     RerunAction,
     act,
     event_payload,
@@ -40,8 +40,8 @@ from tasks.monitor import (
     start_monitoring_run,
     training_health,
 )
-from training import tags
-from training.config import PipelineConfig, get_settings
+from ringflow.training import tags
+from ringflow.training.config import PipelineConfig, get_settings
 
 
 class MonitoringAlert(RuntimeError):

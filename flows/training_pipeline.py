@@ -14,14 +14,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import DEFAULT
 from pydantic import BaseModel
 
-from tasks.evaluate import REPORTED_METRICS, evaluate_candidate
-from tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
-from tasks.register import register_candidate
-from tasks.shard import shard_data
-from tasks.train import train_model
-from training import tags
-from training.config import PipelineConfig, get_settings
-from training.launch import check_horovod
+from ringflow.tasks.evaluate import REPORTED_METRICS, evaluate_candidate
+from ringflow.tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
+from ringflow.tasks.register import register_candidate
+from ringflow.tasks.shard import shard_data
+from ringflow.tasks.train import train_model
+from ringflow.training import tags
+from ringflow.training.config import PipelineConfig, get_settings
+from ringflow.training.launch import check_horovod
 
 
 class PipelineStageError(RuntimeError):

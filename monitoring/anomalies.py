@@ -23,8 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, Field, computed_field
 
-from training.config import MonitoringConfig
-from training.summary import RankThroughput
+from ringflow.training.config import MonitoringConfig
+from ringflow.training.summary import RankThroughput
 
 
 class AnomalyType(str, Enum):

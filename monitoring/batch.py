@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from monitoring.errors import MonitoringError
-from monitoring.policy import BatchWindow
-from monitoring.scoring import BatchScores
-from training.config import DataConfig, PipelineConfig
-from training.data import (
+from ringflow.monitoring.errors import MonitoringError
+from ringflow.monitoring.policy import BatchWindow
+from ringflow.monitoring.scoring import BatchScores
+from ringflow.training.config import DataConfig, PipelineConfig
+from ringflow.training.data import (
     BATCH_ROWS,
     PARQUET_SUFFIXES,
     DataContractError,
@@ -46,7 +46,7 @@ from training.data import (
     validate_contract,
     with_target,
 )
-from training.manifest import sha256_file
+from ringflow.training.manifest import sha256_file
 
 CHUNK_ROWS = BATCH_ROWS
 """Rows read, validated and scored at once: the batch's memory does not grow with its rows."""

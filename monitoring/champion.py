@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from training.config import PipelineConfig, with_overrides
-from training.manifest import Manifest
+from ringflow.training.config import PipelineConfig, with_overrides
+from ringflow.training.manifest import Manifest
 
 CHAMPION = "champion"
 """The registry alias of the model in production."""

@@ -12,16 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from monitoring.anomalies import MonitoringObservation, SchemaDiff, TrainingObservation, psi, schema_diff
-from monitoring.batch import Batch
-from monitoring.champion import ChampionInfo
-from monitoring.reference import Reference
-from monitoring.reports import PREDICTION, ReportSummary
-from training import tags
-from training.config import PipelineConfig
-from training.data import TARGET
-from training.metrics import classification_metrics
-from training.summary import TrainingSummary
+from ringflow.monitoring.anomalies import MonitoringObservation, SchemaDiff, TrainingObservation, psi, schema_diff
+from ringflow.monitoring.batch import Batch
+from ringflow.monitoring.champion import ChampionInfo
+from ringflow.monitoring.reference import Reference
+from ringflow.monitoring.reports import PREDICTION, ReportSummary
+from ringflow.training import tags
+from ringflow.training.config import PipelineConfig
+from ringflow.training.data import TARGET
+from ringflow.training.metrics import classification_metrics
+from ringflow.training.summary import TrainingSummary
 
 
 def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference,

@@ -27,9 +27,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from monitoring.anomalies import Anomaly, AnomalyType, Severity, TrainingObservation
-from training import tags
-from training.config import ConfigError, PipelineConfig, Window, Windows, with_overrides
+from ringflow.monitoring.anomalies import Anomaly, AnomalyType, Severity, TrainingObservation
+from ringflow.training import tags
+from ringflow.training.config import ConfigError, PipelineConfig, Window, Windows, with_overrides
 
 RETRAIN_RECENT = {
     AnomalyType.PERFORMANCE_DROP, AnomalyType.DATA_DRIFT, AnomalyType.PREDICTION_SHIFT,

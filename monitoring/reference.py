@@ -10,13 +10,13 @@ import math
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from monitoring.batch import CHUNK_ROWS, label_rows
-from monitoring.reports import sample_rows
-from monitoring.sampling import RowSample
-from training.config import PipelineConfig
-from training.data import in_window, read_source, validate_contract
-from training.manifest import Manifest, ShardEntry
-from training.preprocess import Preprocessor
+from ringflow.monitoring.batch import CHUNK_ROWS, label_rows
+from ringflow.monitoring.reports import sample_rows
+from ringflow.monitoring.sampling import RowSample
+from ringflow.training.config import PipelineConfig
+from ringflow.training.data import in_window, read_source, validate_contract
+from ringflow.training.manifest import Manifest, ShardEntry
+from ringflow.training.preprocess import Preprocessor
 
 
 class Reference(BaseModel):

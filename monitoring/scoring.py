@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from monitoring.errors import MonitoringError
-from monitoring.reports import PREDICTION
-from monitoring.sampling import RowSample
-from training.pyfunc import predict_rows
+from ringflow.monitoring.errors import MonitoringError
+from ringflow.monitoring.reports import PREDICTION
+from ringflow.monitoring.sampling import RowSample
+from ringflow.training.pyfunc import predict_rows
 
 SCORE_CHUNK = 200_000
 """Rows given to the model at once."""

@@ -25,14 +25,14 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from training import tags
-from training.baseline import BASELINE_MAX_ROWS, baseline_proba, fit_baseline
-from training.config import GateConfig, PipelineConfig, get_settings
-from training.manifest import Manifest
-from training.metrics import (
+from ringflow.training import tags
+from ringflow.training.baseline import BASELINE_MAX_ROWS, baseline_proba, fit_baseline
+from ringflow.training.config import GateConfig, PipelineConfig, get_settings
+from ringflow.training.manifest import Manifest
+from ringflow.training.metrics import (
     GREATER_IS_BETTER, classification_metrics, max_f1_threshold, roc_and_calibration_figures,
 )
-from training.pyfunc import log_delay_model, model_columns, predict_rows
+from ringflow.training.pyfunc import log_delay_model, model_columns, predict_rows
 
 CHAMPION = "champion"
 REPORTED_METRICS = ["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "brier"]
@@ -244,7 +244,7 @@ def log_baseline_model(model, manifest: Manifest, example: pd.DataFrame, thresho
     """Log the fitted baseline into the active run (a LoggedModel; never registered)."""
     from importlib.metadata import version
 
-    from training.baseline import baseline_frame
+    from ringflow.training.baseline import baseline_frame
 
     frame = baseline_frame(example, manifest.numeric_features, manifest.categorical_features)
     info = mlflow.sklearn.log_model(
@@ -276,8 +276,8 @@ def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame):
 def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) -> EvaluationResult:
     """Log the candidate as a pyfunc model; score it, the champion and the baseline on the test
     window; gate."""
-    from tasks.shard import resolve_data_key
-    from training.model import read_decision_threshold
+    from ringflow.tasks.shard import resolve_data_key
+    from ringflow.training.model import read_decision_threshold
 
     log = get_run_logger()
     mlflow.set_tracking_uri(get_settings().tracking_uri)

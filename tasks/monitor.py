@@ -22,11 +22,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from monitoring.anomalies import Anomaly, MonitoringObservation, TrainingObservation
-from monitoring.batch import Batch, batch_chunks, describe_file, describe_month
-from monitoring.champion import CHAMPION, ChampionInfo, champion_test_end, rerun_base_config
-from monitoring.errors import MonitoringError
-from monitoring.events import (
+from ringflow.monitoring.anomalies import Anomaly, MonitoringObservation, TrainingObservation
+from ringflow.monitoring.batch import Batch, batch_chunks, describe_file, describe_month
+from ringflow.monitoring.champion import CHAMPION, ChampionInfo, champion_test_end, rerun_base_config
+from ringflow.monitoring.errors import MonitoringError
+from ringflow.monitoring.events import (
     ANOMALY_EVENT,
     CAUSE_LABEL,
     REPORT_EVENT,
@@ -37,24 +37,24 @@ from monitoring.events import (
     RerunRequest,
     model_resource_id,
 )
-from monitoring.observation import observe as _observe
-from monitoring.observation import training_observation
-from monitoring.policy import PolicyDecision, RerunPlan, RerunRecord, next_batch_month
-from monitoring.reference import Reference, reference_from_manifest, reference_from_source
-from monitoring.reports import (
+from ringflow.monitoring.observation import observe as _observe
+from ringflow.monitoring.observation import training_observation
+from ringflow.monitoring.policy import PolicyDecision, RerunPlan, RerunRecord, next_batch_month
+from ringflow.monitoring.reference import Reference, reference_from_manifest, reference_from_source
+from ringflow.monitoring.reports import (
     PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports,
 )
-from monitoring.scoring import score, score_chunks
-from tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
-from tasks.links import mlflow_run_url
-from tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
-from training import tags
-from training.baseline import baseline_proba
-from training.config import PipelineConfig, get_settings
-from training.data import TARGET
-from training.manifest import Manifest, key_from_env
-from training.pyfunc import model_columns
-from training.summary import SUMMARY_FILE, TrainingSummary
+from ringflow.monitoring.scoring import score, score_chunks
+from ringflow.tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
+from ringflow.tasks.links import mlflow_run_url
+from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
+from ringflow.training import tags
+from ringflow.training.baseline import baseline_proba
+from ringflow.training.config import PipelineConfig, get_settings
+from ringflow.training.data import TARGET
+from ringflow.training.manifest import Manifest, key_from_env
+from ringflow.training.pyfunc import model_columns
+from ringflow.training.summary import SUMMARY_FILE, TrainingSummary
 
 __all__ = [  # the names the flow and the tests import from here (some defined in monitoring/)
     "Batch", "ChampionInfo", "MonitoringError", "Reference", "RerunAction", "act", "event_payload",
@@ -129,7 +129,7 @@ def load_batch(cfg: PipelineConfig, batch: str, champion: ChampionInfo, last_mon
 
 def _data_key(cfg: PipelineConfig) -> bytes | None:
     try:
-        from tasks.shard import resolve_data_key  # the sharding stage owns key lookup (Secret block)
+        from ringflow.tasks.shard import resolve_data_key  # the sharding stage owns key lookup (Secret block)
     except ImportError:
         return key_from_env()
     return resolve_data_key(cfg)

@@ -24,11 +24,11 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.evaluate import CHAMPION, EvaluationResult, current_champion, version_by_alias
-from training import tags
-from training.config import PipelineConfig, get_settings
-from training.manifest import Manifest
-from training.version import source_commit
+from ringflow.tasks.evaluate import CHAMPION, EvaluationResult, current_champion, version_by_alias
+from ringflow.training import tags
+from ringflow.training.config import PipelineConfig, get_settings
+from ringflow.training.manifest import Manifest
+from ringflow.training.version import source_commit
 
 PREVIOUS_CHAMPION = "previous-champion"
 CHALLENGER = "challenger"

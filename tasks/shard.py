@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from training.config import PipelineConfig, get_settings
-from training.manifest import KEY_ENV, Manifest, MissingKeyError, key_from_env, parse_key
-from training.sharding import shard_dataset
+from ringflow.training.config import PipelineConfig, get_settings
+from ringflow.training.manifest import KEY_ENV, Manifest, MissingKeyError, key_from_env, parse_key
+from ringflow.training.sharding import shard_dataset
 
 ARTIFACT_KEY = "shard-manifest"
 

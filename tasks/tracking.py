@@ -11,9 +11,9 @@ from urllib.parse import urlparse
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from training import tags
-from training.launch import start_ticks
-from training.config import get_settings
+from ringflow.training import tags
+from ringflow.training.launch import start_ticks
+from ringflow.training.config import get_settings
 
 # Tracking servers keep artifacts where their operator said (`mlflow server --artifacts-destination`).
 _SERVERS = {"http", "https", "databricks"}

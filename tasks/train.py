@@ -30,19 +30,19 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.shard import resolve_data_key
-from tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
-from tasks.training_artifacts import EpochProgress, log_horovod_files, publish_rank_table, timeline_env
-from training import tags
-from training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
-from training.config import PipelineConfig, get_settings
-from training.launch import (
+from ringflow.tasks.shard import resolve_data_key
+from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
+from ringflow.tasks.training_artifacts import EpochProgress, log_horovod_files, publish_rank_table, timeline_env
+from ringflow.training import tags
+from ringflow.training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
+from ringflow.training.config import PipelineConfig, get_settings
+from ringflow.training.launch import (
     RankOutput, TrainingError, TrainingTimeout, check_launchable, horovodrun_command, kill_tree, launch_env,
     rank_hosts, read_hostfile, write_hostfile,
 )
-from training.manifest import KEY_ENV, Manifest
-from training.result import SUMMARY_FILE, TrainResult
-from training.secrets import secrets_file
+from ringflow.training.manifest import KEY_ENV, Manifest
+from ringflow.training.result import SUMMARY_FILE, TrainResult
+from ringflow.training.secrets import secrets_file
 
 __all__ = ["TrainResult", "TrainingError", "TrainingTimeout", "train_model"]
 
@@ -166,7 +166,7 @@ def _run_mpijob(cfg: PipelineConfig, manifest: Manifest, out: Path, run_id: str,
     """``training.launcher: mpijob``: the same run as an MPIJob (training/mpijob.py). Its pods
     mount RINGFLOW_HOME from the shared claim, so the summary and checkpoints land in ``out`` as
     with horovodrun; the data key and credentials come from the Secret ``training.mpijob.secret``."""
-    from training.mpijob import mpijob_name, render_mpijob, run_mpijob
+    from ringflow.training.mpijob import mpijob_name, render_mpijob, run_mpijob
 
     doc = render_mpijob(cfg, manifest.path.resolve(), out, home, mpijob_name(run_id, attempt), resume=resume,
                         env={"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id, **timeline_env(cfg, out)},

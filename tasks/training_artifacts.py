@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 
-from training.config import PipelineConfig
+from ringflow.training.config import PipelineConfig
 
 PROGRESS_KEY = "training-progress"
 RANK_TABLE_KEY = "rank-throughput"

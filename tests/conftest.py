@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import PipelineConfig, load_config
-from training.environment import process_defaults
+from ringflow.training.config import PipelineConfig, load_config
+from ringflow.training.environment import process_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 # A loaded 2-core machine starts the ephemeral Prefect API (`ringflow run` in a subprocess) slowly.

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from training.baseline import baseline_proba, fit_baseline
-from training.config import with_overrides
-from training.metrics import classification_metrics
+from ringflow.training.baseline import baseline_proba, fit_baseline
+from ringflow.training.config import with_overrides
+from ringflow.training.metrics import classification_metrics
 
 
 def _frame(n: int, seed: int) -> pd.DataFrame:
@@ -47,7 +47,7 @@ def test_baseline_errors_name_the_problem():
 @pytest.mark.horovod
 @pytest.mark.slow
 def test_gate_refuses_a_network_the_baseline_beats(prefect_harness, ringflow_home, smoke_config):
-    from flows.training_pipeline import print_summary, training_pipeline
+    from ringflow.flows.training_pipeline import print_summary, training_pipeline
 
     # A deliberately weak network: one epoch of a tiny model at a tiny learning rate. No floors,
     # so the baseline is the only reason to refuse it; a minimum test size it cannot reach.
@@ -106,9 +106,9 @@ def test_default_network_beats_the_baseline_on_the_default_config(prefect_harnes
     """Issue 17 on the default config (six smoke weeks are too few for the network to beat the
     baseline): the default pipeline's candidate passes the baseline gate and is promoted.
     Measured margin on the default test window: +0.022 ROC AUC (README, Model quality)."""
-    from flows.training_pipeline import training_pipeline
+    from ringflow.flows.training_pipeline import training_pipeline
     from tests.conftest import ROOT
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     cfg = load_config(ROOT / "configs" / "flights.yaml")
     assert cfg.gate.must_beat_baseline and cfg.gate.baseline == "hgb"

@@ -163,7 +163,7 @@ def test_evidently_ui_shows_the_monitoring_trend_dashboard(stack, page):
     in the stack's Evidently UI with the trend panels: drift share, prediction PSI, AUC per batch."""
     import datetime as dt
 
-    from monitoring.reports import DASHBOARD_PANELS, WORKSPACE_DIR, EvidentlyWorkspace, RuleThresholds, build_reports
+    from ringflow.monitoring.reports import DASHBOARD_PANELS, WORKSPACE_DIR, EvidentlyWorkspace, RuleThresholds, build_reports
     from tests.test_conventions import _batch
 
     import numpy as np

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.cluster import CLUSTER_RANGE, link_names, load_state, netns_names, netns_pids, prefix_for
+from ringflow.infra.hosts import CLUSTER_RANGE, link_names, load_state, netns_names, netns_pids, prefix_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RINGFLOW = str(Path(sys.executable).with_name("ringflow"))
@@ -197,7 +197,7 @@ class CmdlineSampler(threading.Thread):
                 if any(n in cmd for n in needles):
                     shown = cmd.replace(bytes(1), b" ")[:300]
                     self.leaks.append(f"{d.name}: {shown!r}")
-                if b"training.train" in cmd and b"horovodrun" not in cmd:
+                if b"ringflow.training.train" in cmd and b"horovodrun" not in cmd:
                     try:
                         host = self.inode_to_host.get(os.stat(d / "ns" / "net").st_ino)
                     except OSError:
@@ -274,8 +274,8 @@ def test_cluster_run_trains_across_hosts_with_no_secret_on_any_command_line(stac
 def train_on_h1(home: Path, state, overrides: list[str], when, action) -> tuple[int, str]:
     """``ringflow train`` launched on h1 (as the worker's flow would) on the cluster run's shards;
     ``action()`` runs once when an output line matches the regex ``when``."""
-    from flows.cluster import client_env, cluster_overrides
-    from tasks.cluster import host_argv
+    from ringflow.flows.cluster import client_env, cluster_overrides
+    from ringflow.infra.hosts import host_argv
 
     manifest = next(home.glob("data/*/manifest.json"))
     argv = [RINGFLOW, "train", "--manifest", str(manifest), "-c", "configs/smoke.yaml"]
@@ -300,7 +300,7 @@ def kill_ranks_on(state, host: str) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"training.train" in cmd:
+        if b"ringflow.training.train" in cmd:
             os.kill(pid, 9)
             pids.append(pid)
     assert pids, f"no training rank found on {host}"
@@ -315,7 +315,7 @@ def ringflow_processes_on(state) -> list[str]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(bytes(1), b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "training.train" in cmd or "horovodrun" in cmd or "ringflow train" in cmd:
+            if "ringflow.training.train" in cmd or "horovodrun" in cmd or "ringflow train" in cmd:
                 left.append(f"{h.name} {pid}: {cmd[:150]}")
     return left
 
@@ -325,8 +325,8 @@ def test_hostfile_from_a_node_list_places_the_ranks(stack_cluster):
     # A Slurm allocation's node list (`scontrol show hostnames > hosts`): bare names, one a line
     home, state, _ = stack_cluster
     if not list(home.glob("data/*/manifest.json")):  # run alone: shard first, on h1 as the worker would
-        from flows.cluster import client_env
-        from tasks.cluster import host_argv
+        from ringflow.flows.cluster import client_env
+        from ringflow.infra.hosts import host_argv
 
         env = {**os.environ, **SECRET_ENV, **client_env(state), "RINGFLOW_HOME": str(home)}
         p = subprocess.run(host_argv(state.host("h1"), [RINGFLOW, "shard", "-c", "configs/smoke.yaml"]), env=env,

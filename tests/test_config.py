@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from training.config import ConfigError, PipelineConfig, get_settings, load_config, with_overrides
+from ringflow.training.config import ConfigError, PipelineConfig, get_settings, load_config, with_overrides
 from tests.conftest import ROOT
 
 

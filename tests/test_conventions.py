@@ -80,7 +80,7 @@ def _env_without(*prefixes: str) -> dict[str, str]:
 
 def test_cli_turns_library_telemetry_off(tmp_path):
     probe = (
-        "from flows.cli import _prepare_environment; _prepare_environment()\n"
+        "from ringflow.flows.cli import _prepare_environment; _prepare_environment()\n"
         "from mlflow.telemetry.utils import is_telemetry_disabled\n"
         "import os; print(is_telemetry_disabled(), os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'],"
         " os.environ['DO_NOT_TRACK'])\n"
@@ -93,14 +93,14 @@ def test_cli_turns_library_telemetry_off(tmp_path):
 
     # a user who opts in keeps the choice
     env["MLFLOW_DISABLE_TELEMETRY"] = "false"
-    out = subprocess.run([sys.executable, "-c", "from flows.cli import _prepare_environment; "
+    out = subprocess.run([sys.executable, "-c", "from ringflow.flows.cli import _prepare_environment; "
                           "_prepare_environment(); import os; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "false", out.stderr
 
 
 def test_stack_services_send_no_telemetry(tmp_path, monkeypatch):
-    from flows.stack import StackSettings, _services
+    from ringflow.infra.stack import StackSettings, _services
 
     for key in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED"):
         monkeypatch.delenv(key, raising=False)
@@ -132,7 +132,7 @@ def _batch(rng, n: int, shift: float, unseen: float, missing: float):
     import numpy as np
     import pandas as pd
 
-    from monitoring.reports import PREDICTION
+    from ringflow.monitoring.reports import PREDICTION
 
     df = pd.DataFrame({"x": rng.normal(shift, 1, n), "c": rng.choice(["a", "b"], n),
                        PREDICTION: rng.beta(2, 5 + 4 * shift, n), "target": rng.integers(0, 2, n)})
@@ -151,7 +151,7 @@ def test_evidently_report_shows_the_rule_values_and_the_workspace_trends_them(tm
     import httpx
     import numpy as np
 
-    from monitoring.reports import DASHBOARD_PANELS, EvidentlyWorkspace, RuleThresholds, build_reports
+    from ringflow.monitoring.reports import DASHBOARD_PANELS, EvidentlyWorkspace, RuleThresholds, build_reports
 
     rng = np.random.default_rng(0)
     reference = _batch(rng, 2000, 0.0, 0.0, 0.1)
@@ -244,7 +244,7 @@ def test_progress_artifact_follows_rank_zero_epoch_lines(prefect_harness):
 
     from prefect import flow
 
-    from tasks.training_artifacts import PROGRESS_KEY, EpochProgress
+    from ringflow.tasks.training_artifacts import PROGRESS_KEY, EpochProgress
 
     seen = []
 
@@ -268,10 +268,10 @@ def test_training_publishes_progress_rank_table_and_horovod_files(prefect_harnes
     the per-rank table has both ranks, the timeline and the autotune log are in the MLflow run."""
     from mlflow import MlflowClient
 
-    from tasks.train import train_model
-    from tasks.training_artifacts import PROGRESS_KEY, RANK_TABLE_KEY
-    from training.config import with_overrides
-    from training.sharding import shard_dataset
+    from ringflow.tasks.train import train_model
+    from ringflow.tasks.training_artifacts import PROGRESS_KEY, RANK_TABLE_KEY
+    from ringflow.training.config import with_overrides
+    from ringflow.training.sharding import shard_dataset
 
     cfg = with_overrides(smoke_config, {"training.epochs": 2, "training.horovod.timeline": True,
                                         "training.horovod.autotune": True})

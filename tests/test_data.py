@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from training.config import DataConfig
-from training.data import DataContractError, TARGET, load_flights, load_labelled, month_window
+from ringflow.training.config import DataConfig
+from ringflow.training.data import DataContractError, TARGET, load_flights, load_labelled, month_window
 
 
 @pytest.fixture(scope="module")

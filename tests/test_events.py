@@ -8,14 +8,14 @@ import inspect
 
 import pytest
 
-from monitoring import events
-from monitoring.anomalies import Anomaly, AnomalyType, Severity
-from monitoring.policy import BatchWindow, decide
-from training.config import PipelineConfig
+from ringflow.monitoring import events
+from ringflow.monitoring.anomalies import Anomaly, AnomalyType, Severity
+from ringflow.monitoring.policy import BatchWindow, decide
+from ringflow.training.config import PipelineConfig
 
 
 def _payload() -> dict:
-    from tasks.monitor import ChampionInfo, event_payload
+    from ringflow.tasks.monitor import ChampionInfo, event_payload
 
     cfg = PipelineConfig()
     anomaly = Anomaly(type=AnomalyType.DATA_DRIFT, severity=Severity.WARNING, message="drift",
@@ -37,8 +37,8 @@ def test_every_trigger_parameter_resolves_on_the_emitters_payload():
 
 
 def test_trigger_parameters_are_the_training_flows_parameters():
-    from flows.deployments import RERUN_PARAMETERS, TRAINING_DEPLOYMENT
-    from flows.training_pipeline import training_pipeline
+    from ringflow.flows.deployments import RERUN_PARAMETERS, TRAINING_DEPLOYMENT
+    from ringflow.flows.training_pipeline import training_pipeline
 
     flow_params = set(inspect.signature(training_pipeline.fn).parameters)
     assert set(RERUN_PARAMETERS) <= flow_params
@@ -60,7 +60,7 @@ def test_tag_keys_are_declared_once():
     import re
     from pathlib import Path
 
-    from training import tags
+    from ringflow.training import tags
 
     keys = {v for k, v in vars(tags).items() if k.isupper() and isinstance(v, str) and "{" not in v}
     root = Path(__file__).resolve().parents[1]

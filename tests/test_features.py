@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.config import DataConfig, FeatureConfig, load_config
-from training.metrics import classification_metrics, max_f1_threshold
-from training.model import TabularNet, load_model, read_decision_threshold, save_model
-from training.preprocess import Preprocessor, calendar_frame
+from ringflow.training.config import DataConfig, FeatureConfig, load_config
+from ringflow.training.metrics import classification_metrics, max_f1_threshold
+from ringflow.training.model import TabularNet, load_model, read_decision_threshold, save_model
+from ringflow.training.preprocess import Preprocessor, calendar_frame
 
 
 def _rows() -> pd.DataFrame:
@@ -94,8 +94,8 @@ def test_threshold_is_saved_with_the_model(tmp_path):
 
 
 def test_learning_rate_warms_up_then_follows_the_schedule():
-    from training.config import TrainingConfig
-    from training.train import learning_rate
+    from ringflow.training.config import TrainingConfig
+    from ringflow.training.train import learning_rate
 
     tc = TrainingConfig(learning_rate=0.001, warmup_epochs=1, epochs=4, lr_schedule="cosine", min_lr_fraction=0.1)
     steps = 10
@@ -123,7 +123,7 @@ def test_additive_inputs_bypass_the_mlp(tmp_path):
     """Listed feature columns enter the logit additively: two rows that differ only in an
     additive category differ by the same amount whatever the weather (no learnt interaction),
     while a deep input may interact."""
-    from training.config import ModelConfig
+    from ringflow.training.config import ModelConfig
 
     train = _rows().assign(carrier=pd.array(["AA", "UA", "AA", "UA"], dtype="string"))
     pre = Preprocessor.fit(train, ["temp", "wind_gust"], ["origin", "dest", "carrier"],
@@ -155,7 +155,7 @@ def test_additive_inputs_bypass_the_mlp(tmp_path):
 
 
 def test_default_additive_features_follow_the_data_columns():
-    from training.config import PipelineConfig
+    from ringflow.training.config import PipelineConfig
 
     assert PipelineConfig().training.model.additive_features == ["carrier", "origin", "dest", "distance", "minute"]
     own = PipelineConfig(data={"numeric_features": ["temp"], "categorical_features": ["carrier"]})

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tasks.evaluate import decide
-from tasks.register import alias_history, move_alias
-from training.config import GateConfig
+from ringflow.tasks.evaluate import decide
+from ringflow.tasks.register import alias_history, move_alias
+from ringflow.training.config import GateConfig
 
 GOOD = {"roc_auc": 0.72, "pr_auc": 0.4, "log_loss": 0.45, "accuracy": 0.8, "f1": 0.2, "brier": 0.14}
 

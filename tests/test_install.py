@@ -40,7 +40,7 @@ def _ringflow(*args: str, **kw) -> subprocess.CompletedProcess:
 def test_cli_version_names_release_and_commit():
     out = _ringflow("--version")
     assert out.returncode == 0, out.stderr
-    from training.version import source_commit, version
+    from ringflow.training.version import source_commit, version
 
     assert out.stdout.strip() == f"ringflow {version()} (commit {source_commit()})"
     assert version() != "unknown" and len(source_commit() or "") == 40  # this checkout's HEAD
@@ -57,7 +57,7 @@ def test_every_subcommand_help_is_complete():
     """Each command's help is whole sentences (the synth help once stopped mid-sentence)."""
     from typer.main import get_command
 
-    from flows.cli import app
+    from ringflow.flows.cli import app
 
     root = get_command(app)
     groups = [(name, cmd) for name, cmd in root.commands.items()]
@@ -79,7 +79,7 @@ def test_run_without_horovod_fails_before_any_work(tmp_path):
     nothing (no shards, no Prefect or MLflow state)."""
     home = tmp_path / "h"
     code = ("import sys; sys.modules['horovod'] = None  # as if horovod were not installed\n"
-            "from flows.cli import app; app(['run', '-c', 'configs/smoke.yaml'])")
+            "from ringflow.flows.cli import app; app(['run', '-c', 'configs/smoke.yaml'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parents[1], env={**os.environ, "RINGFLOW_HOME": str(home)})
     assert out.returncode == 1, out.stdout + out.stderr

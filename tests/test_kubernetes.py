@@ -13,9 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from training.config import ConfigError, load_config
-from training.launch import check_launchable
-from training.mpijob import (
+from ringflow.training.config import ConfigError, load_config
+from ringflow.training.launch import check_launchable
+from ringflow.training.mpijob import (
     CRD_FILE, OPERATOR_HOSTFILE, SECRETS_PATH, MPIJobError, mpijob_name, render_mpijob, validate_mpijob,
 )
 
@@ -112,7 +112,7 @@ def test_the_mpijob_the_train_task_submits_validates_and_keeps_secrets_in_a_file
     cmd = launcher["command"]
     assert cmd[0] == "/usr/local/bin/horovodrun" and cmd[cmd.index("-np") + 1] == "4"
     assert cmd[cmd.index("--hostfile") + 1] == OPERATOR_HOSTFILE and "-H" not in cmd
-    assert cmd[cmd.index("-m") + 1] == "training.train" and cmd[-1] == "--resume"
+    assert cmd[cmd.index("-m") + 1] == "ringflow.training.train" and cmd[-1] == "--resume"
     assert load_config(None).model_validate_json(cmd[cmd.index("--config-json") + 1]) == cfg
     env = {e["name"]: e["value"] for e in launcher["env"]}
     assert env["RINGFLOW_SECRETS_FILE"] == SECRETS_PATH and env["MLFLOW_RUN_ID"] == run_id
@@ -183,7 +183,7 @@ def test_prefect_server_creates_the_kubernetes_pool_and_checks_job_variables(pre
     from prefect import get_client
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from flows.deployments import create_kubernetes_pool, deploy_to_kubernetes
+    from ringflow.flows.deployments import create_kubernetes_pool, deploy_to_kubernetes
 
     pool = create_kubernetes_pool("ringflow-k8s-test")
     assert pool.type == "kubernetes"
@@ -208,7 +208,7 @@ def test_prefect_server_creates_the_kubernetes_pool_and_checks_job_variables(pre
 
 
 def test_the_example_mpijob_validates_and_the_cli_prints_what_the_task_renders(capsys):
-    from training.mpijob import main
+    from ringflow.training.mpijob import main
 
     doc = yaml.safe_load((K8S / "mpijob.example.yaml").read_text())
     validate_mpijob(doc)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.anomalies import (
+from ringflow.monitoring.anomalies import (
     AnomalyType,
     DivergedRule,
     DriftShareRule,
@@ -34,10 +34,10 @@ from monitoring.anomalies import (
     psi,
     schema_diff,
 )
-from monitoring.policy import BatchWindow, RerunRecord, decide, recent_windows
-from monitoring.reports import PREDICTION, build_reports
-from training.config import PipelineConfig, Windows, with_overrides
-from training.data import TARGET, in_window, load_labelled
+from ringflow.monitoring.policy import BatchWindow, RerunRecord, decide, recent_windows
+from ringflow.monitoring.reports import PREDICTION, build_reports
+from ringflow.training.config import PipelineConfig, Windows, with_overrides
+from ringflow.training.data import TARGET, in_window, load_labelled
 
 ROOT = Path(__file__).resolve().parents[1]
 UTC = dt.timezone.utc
@@ -333,7 +333,7 @@ def test_combined_anomalies_make_one_plan():
 
 
 def test_next_batch_month():
-    from monitoring.policy import next_batch_month
+    from ringflow.monitoring.policy import next_batch_month
 
     # the first whole month after the test window: June overlaps a window ending June 16
     assert next_batch_month(dt.date(2013, 6, 16)) == "2013-07"
@@ -359,7 +359,7 @@ def _baseline_score(frame):
 @pytest.fixture(scope="module")
 def synth_lake(tmp_path_factory):
     """``ringflow synth --factor 1``: the flights resampled into one Parquet file per month."""
-    from training.synth import synthesize
+    from ringflow.training.synth import synthesize
 
     out = tmp_path_factory.mktemp("synth") / "x1"
     synthesize(1, out, progress=lambda *a: None)
@@ -369,7 +369,7 @@ def synth_lake(tmp_path_factory):
 def test_row_sample_is_bounded_seeded_and_keeps_small_inputs_whole():
     import pandas as pd
 
-    from monitoring.sampling import RowSample
+    from ringflow.monitoring.sampling import RowSample
 
     rows = pd.DataFrame({"i": np.arange(10_000)})
     chunks = [rows.iloc[a:b] for a, b in [(0, 1), (1, 3000), (3000, 3001), (3001, 10_000)]]
@@ -394,11 +394,11 @@ def test_row_sample_is_bounded_seeded_and_keeps_small_inputs_whole():
 def test_a_month_of_a_multi_file_source_streams_to_the_exact_metrics_of_the_in_memory_path(synth_lake, smoke_config):
     """A month of ``ringflow synth`` data, read in small chunks from the directory, scored chunk by
     chunk and sampled for Evidently, gives every exact number the whole-frame path gives."""
-    from monitoring.batch import batch_chunks, describe_month
-    from monitoring.scoring import score_chunks
-    from training.data import read_source, validate_contract, with_target
-    from training.metrics import classification_metrics
-    from training.preprocess import Preprocessor
+    from ringflow.monitoring.batch import batch_chunks, describe_month
+    from ringflow.monitoring.scoring import score_chunks
+    from ringflow.training.data import read_source, validate_contract, with_target
+    from ringflow.training.metrics import classification_metrics
+    from ringflow.training.preprocess import Preprocessor
 
     cfg = with_overrides(smoke_config, {"data.source": str(synth_lake)})
     d = cfg.data
@@ -440,9 +440,9 @@ def test_a_month_of_a_multi_file_source_streams_to_the_exact_metrics_of_the_in_m
 
 
 def test_a_month_without_rows_and_a_changed_batch_are_clear_errors(synth_lake, smoke_config):
-    from monitoring.batch import batch_chunks, describe_month
-    from monitoring.errors import MonitoringError
-    from monitoring.scoring import score_chunks
+    from ringflow.monitoring.batch import batch_chunks, describe_month
+    from ringflow.monitoring.errors import MonitoringError
+    from ringflow.monitoring.scoring import score_chunks
 
     cfg = with_overrides(smoke_config, {"data.source": str(synth_lake)})
     with pytest.raises(MonitoringError, match=r"no rows for batch 2015-01 .*\[2015-01-01, 2015-02-01\)"):
@@ -457,13 +457,13 @@ MONITOR_BIG_FILE = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from training.memory import peak_rss_mb
-from monitoring.batch import batch_chunks, describe_file
-from monitoring.reports import PREDICTION, build_reports
-from monitoring.scoring import score_chunks
-from training.config import PipelineConfig
-from training.data import TARGET
-from training.metrics import classification_metrics
+from ringflow.training.memory import peak_rss_mb
+from ringflow.monitoring.batch import batch_chunks, describe_file
+from ringflow.monitoring.reports import PREDICTION, build_reports
+from ringflow.monitoring.scoring import score_chunks
+from ringflow.training.config import PipelineConfig
+from ringflow.training.data import TARGET
+from ringflow.training.metrics import classification_metrics
 
 def champion(frame):
     x = (frame["hour"].to_numpy(float) - 15) / 3 + frame["temp"].fillna(55).to_numpy(float) / 40

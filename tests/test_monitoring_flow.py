@@ -20,9 +20,9 @@ from mlflow import MlflowClient
 from prefect import flow
 from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noqa: F401  (pytest fixture)
 
-from monitoring.anomalies import MonitoringObservation
-from training.config import PipelineConfig, with_overrides
-from training.data import TARGET, in_window, load_labelled
+from ringflow.monitoring.anomalies import MonitoringObservation
+from ringflow.training.config import PipelineConfig, with_overrides
+from ringflow.training.data import TARGET, in_window, load_labelled
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMERIC = ["hour", "distance", "temp", "dewp", "humid", "visib", "precip"]
@@ -50,7 +50,7 @@ def register_champion(cfg: PipelineConfig, df: pd.DataFrame, version_tags: dict 
     """Train, log and register a real pyfunc model with the registration stage's tags."""
     from sklearn.linear_model import LogisticRegression
 
-    from training.metrics import classification_metrics
+    from ringflow.training.metrics import classification_metrics
 
     w = cfg.data.windows
     train = df[in_window(df, cfg.data, w.train.start, w.train.end)]
@@ -63,7 +63,7 @@ def register_champion(cfg: PipelineConfig, df: pd.DataFrame, version_tags: dict 
     model = TinyDelayModel(coef, lr.intercept_[0] - float(coef @ mu), means)
     test_auc = classification_metrics(test[TARGET], model.predict(None, test))["roc_auc"]
 
-    from tasks.tracking import ensure_experiment
+    from ringflow.tasks.tracking import ensure_experiment
 
     mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(), cfg.registry.experiment))
     with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": "2"}) as run:
@@ -139,7 +139,7 @@ def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champio
     # records every event AND sends it to the harness server, where the automation reacts
     from prefect.events.clients import AssertingPassthroughEventsClient as AssertingEventsClient
 
-    from flows.monitoring import monitoring_flow
+    from ringflow.flows.monitoring import monitoring_flow
 
     _delete_automation()
     _delete_training_deployment()
@@ -204,7 +204,7 @@ def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champio
         assert len(_flow_runs_of(dep_id)) == 1
 
         # 4. the automation exists: the flow only emits the event (the automation's action runs it)
-        from flows.deployments import apply_automation
+        from ringflow.flows.deployments import apply_automation
 
         apply_automation(cfg, dep_id)
         cooled = with_overrides(cfg, {"monitoring.cooldown_hours": 0, "monitoring.max_reruns_per_period": 10})
@@ -233,7 +233,7 @@ def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champio
 
 
 def test_monitoring_next_batch_and_no_rerun(prefect_harness, ringflow_home, cfg, champion):
-    from flows.monitoring import monitoring_flow
+    from ringflow.flows.monitoring import monitoring_flow
 
     r = monitoring_flow(cfg, batch="next", trigger_rerun=False)
     # smoke test window ends 2013-02-26 (exclusive): February holds the champion's own windows
@@ -244,13 +244,13 @@ def test_monitoring_next_batch_and_no_rerun(prefect_harness, ringflow_home, cfg,
 
 
 def test_file_batch_with_a_schema_change(prefect_harness, ringflow_home, cfg, champion, flights, tmp_path):
-    from flows.monitoring import monitoring_flow
+    from ringflow.flows.monitoring import monitoring_flow
 
     rows = flights[in_window(flights, cfg.data, "2013-03-01", "2013-03-08")].drop(columns=[TARGET])
     broken = rows.rename(columns={"temp": "temperature"})
     path = tmp_path / "batch.parquet"
     broken.to_parquet(path)
-    from flows.monitoring import MonitoringAlert
+    from ringflow.flows.monitoring import MonitoringAlert
 
     state = monitoring_flow(cfg, batch=str(path), return_state=True)
     assert state.is_failed()  # the schedule and the UI show it: a person must look
@@ -267,7 +267,7 @@ def test_file_batch_with_a_schema_change(prefect_harness, ringflow_home, cfg, ch
     # the CLI exits non-zero, after printing what it found
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from ringflow.flows.cli import app
 
     out = CliRunner().invoke(app, ["monitor", "--config", str(ROOT / "configs" / "smoke.yaml"),
                                    "--set", "monitoring.reference_sample_rows=3000", "--batch", str(path)])
@@ -275,7 +275,7 @@ def test_file_batch_with_a_schema_change(prefect_harness, ringflow_home, cfg, ch
 
 
 def test_unlabelled_csv_batch(prefect_harness, ringflow_home, cfg, champion, flights, tmp_path):
-    from flows.monitoring import monitoring_flow
+    from ringflow.flows.monitoring import monitoring_flow
 
     rows = flights[in_window(flights, cfg.data, "2013-07-01", "2013-07-08")]
     rows = rows.drop(columns=[TARGET, cfg.data.label_column]).assign(time_hour=lambda f: f.time_hour.astype(str))
@@ -295,8 +295,8 @@ def test_a_month_of_a_directory_source_is_streamed_with_exact_metrics(prefect_ha
     """A data lake (one Parquet file per month): the month is read in chunks with a time filter,
     every row is scored, Evidently reads a sample of ``max_current_rows``; the metrics are those of
     the whole month scored at once, and the run's dataset input counts every row."""
-    from flows.monitoring import monitoring_flow
-    from training.metrics import classification_metrics
+    from ringflow.flows.monitoring import monitoring_flow
+    from ringflow.training.metrics import classification_metrics
 
     lake = tmp_path / "lake"
     lake.mkdir()
@@ -318,8 +318,8 @@ def test_a_month_of_a_directory_source_is_streamed_with_exact_metrics(prefect_ha
 
 
 def test_no_champion_is_a_clear_error(prefect_harness, ringflow_home, cfg):
-    from flows.monitoring import monitoring_flow
-    from tasks.monitor import MonitoringError
+    from ringflow.flows.monitoring import monitoring_flow
+    from ringflow.tasks.monitor import MonitoringError
 
     with pytest.raises(MonitoringError, match="no model version of 'flights-delay' has the alias @champion"):
         monitoring_flow(cfg, batch="2013-07")
@@ -327,7 +327,7 @@ def test_no_champion_is_a_clear_error(prefect_harness, ringflow_home, cfg):
 
 def _summary(**fields) -> dict:
     """A training summary.json as rank 0 writes it (the typed contract), with these fields set."""
-    from training.summary import TrainingSummary
+    from ringflow.training.summary import TrainingSummary
 
     base = {"epochs": 1, "epochs_planned": 1, "world_size": 2, "model_written": True, "seed": 0, "wall_time_s": 1.0}
     return TrainingSummary(**{**base, **fields}).model_dump(mode="json")
@@ -345,9 +345,9 @@ def _training_run(status: str, summary: dict | None, world_size: int = 2, cfg: P
 
 
 def test_training_health_reads_the_runs_from_mlflow(ringflow_home, cfg, champion):
-    from monitoring.anomalies import default_rules
-    from monitoring.policy import decide
-    from tasks.monitor import training_health
+    from ringflow.monitoring.anomalies import default_rules
+    from ringflow.monitoring.policy import decide
+    from ringflow.tasks.monitor import training_health
 
     def ranks(*pairs):
         return [{"rank": i, "samples_per_s": s, "step_time_ms": t} for i, (s, t) in enumerate(pairs)]
@@ -384,8 +384,8 @@ def test_training_health_reads_the_runs_from_mlflow(ringflow_home, cfg, champion
 
 def write_manifest(cfg: PipelineConfig, df: pd.DataFrame, directory: Path, shards: int = 2) -> Path:
     """A real sharding manifest (Parquet shards + sha256 + preprocessor), as the shard stage writes it."""
-    from training.manifest import FileEntry, Manifest, ShardEntry, WindowEntry, sha256_file
-    from training.preprocess import Preprocessor
+    from ringflow.training.manifest import FileEntry, Manifest, ShardEntry, WindowEntry, sha256_file
+    from ringflow.training.preprocess import Preprocessor
 
     directory.mkdir(parents=True, exist_ok=True)
     d, w = cfg.data, cfg.data.windows
@@ -420,8 +420,8 @@ def write_manifest(cfg: PipelineConfig, df: pd.DataFrame, directory: Path, shard
 def test_reference_comes_from_the_champions_manifest(ringflow_home, cfg, flights):
     from prefect.logging import disable_run_logger
 
-    from monitoring.champion import champion_test_end
-    from tasks.monitor import ChampionInfo, load_reference
+    from ringflow.monitoring.champion import champion_test_end
+    from ringflow.tasks.monitor import ChampionInfo, load_reference
 
     manifest = write_manifest(cfg, flights, ringflow_home / "data" / "test")
     champ = ChampionInfo(model_name="m", version="1", model_uri="models:/m/1", manifest_path=str(manifest))
@@ -445,7 +445,7 @@ def test_reference_comes_from_the_champions_manifest(ringflow_home, cfg, flights
 def test_cli_monitor(prefect_harness, ringflow_home, champion):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from ringflow.flows.cli import app
 
     args = ["monitor", "--config", str(ROOT / "configs" / "smoke.yaml"),
             "--set", "monitoring.reference_sample_rows=3000", "--set", "monitoring.max_current_rows=5000"]

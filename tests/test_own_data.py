@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT
-from training.config import PipelineConfig, load_config
+from ringflow.training.config import PipelineConfig, load_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -88,7 +88,7 @@ def test_property_any_valid_config_survives_json(overrides):
 @pytest.fixture(scope="module")
 def smoke_rows():
     """Flights + weather rows of the smoke config's dates: a correct user file's content."""
-    from training.data import load_flights
+    from ringflow.training.data import load_flights
 
     df = load_flights()
     return df[df["time_hour"] < "2013-03-01"].reset_index(drop=True)
@@ -127,7 +127,7 @@ def test_own_parquet_trains_from_a_deployment_run(prefect_harness, tmp_path, smo
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    from flows.training_pipeline import training_pipeline
+    from ringflow.flows.training_pipeline import training_pipeline
 
     source = tmp_path / "own.parquet"
     smoke_rows.to_parquet(source, index=False)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.training_pipeline import training_pipeline
-from tasks.register import alias_history
-from training.config import with_overrides
-from training.data import load_flights
-from training.pyfunc import predict_rows
+from ringflow.flows.training_pipeline import training_pipeline
+from ringflow.tasks.register import alias_history
+from ringflow.training.config import with_overrides
+from ringflow.training.data import load_flights
+from ringflow.training.pyfunc import predict_rows
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
@@ -70,7 +70,7 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
 
     # Monitoring with the pipeline's own champion (not a stand-in model): the next month after the
     # test window is scored through the pyfunc, Evidently writes its reports, a decision is logged.
-    from flows.monitoring import monitoring_flow
+    from ringflow.flows.monitoring import monitoring_flow
 
     mon = monitoring_flow(smoke_config, batch="2013-03", trigger_rerun=False)
     assert (mon.model_name, mon.model_version) == (name, "1")
@@ -97,7 +97,7 @@ def test_retry_after_a_failed_stage_does_not_retrain(prefect_harness, ringflow_h
     from prefect.flow_engine import run_flow
     from prefect.states import AwaitingRetry
 
-    from flows.training_pipeline import PipelineStageError
+    from ringflow.flows.training_pipeline import PipelineStageError
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

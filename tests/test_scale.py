@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT
-from training.config import with_overrides
-from training.data import DataContractError, load_flights
-from training.sharding import shard_dataset
+from ringflow.training.config import with_overrides
+from ringflow.training.data import DataContractError, load_flights
+from ringflow.training.sharding import shard_dataset
 
 quiet = lambda *_: None  # noqa: E731
 
@@ -84,7 +84,7 @@ def test_bad_files_in_a_directory_are_named(tmp_path, smoke_config, smoke_rows, 
 
 
 def test_synth_is_deterministic_keeps_months_and_refuses_to_overwrite(tmp_path):
-    from training.synth import synthesize
+    from ringflow.training.synth import synthesize
 
     a = synthesize(2, tmp_path / "a", seed=7, progress=quiet)
     b = synthesize(2, tmp_path / "b", seed=7, progress=quiet)
@@ -106,14 +106,14 @@ def test_sharding_3x_stays_under_a_memory_ceiling(tmp_path):
     """Streaming sharding of a 3x dataset (about 1M rows) in a process of its own: its peak RSS
     stays under a generous ceiling (holding the rows as one DataFrame took about 2.4 GB at 3x;
     benchmarks/bench_scale.py holds the real target, flat from 3x to 30x)."""
-    from training.synth import synthesize
+    from ringflow.training.synth import synthesize
 
     synthesize(3, tmp_path / "x3", progress=quiet)
     code = (
         "import json, sys\n"
-        "from training.memory import peak_rss_mb\n"
-        "from training.config import load_config\n"
-        "from training.sharding import shard_dataset\n"
+        "from ringflow.training.memory import peak_rss_mb\n"
+        "from ringflow.training.config import load_config\n"
+        "from ringflow.training.sharding import shard_dataset\n"
         f"cfg = load_config({str(ROOT / 'configs' / 'flights.yaml')!r}, ['data.source={tmp_path / 'x3'}'])\n"
         f"m = shard_dataset(cfg, {str(tmp_path / 'data')!r}, progress=lambda *a: None)\n"
         "print(json.dumps({'rows': m.rows_total, 'peak_mb': peak_rss_mb()}))\n"

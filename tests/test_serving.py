@@ -23,9 +23,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from training.config import load_config
-from training.data import load_flights
-from training.pyfunc import predict_rows
+from ringflow.training.config import load_config
+from ringflow.training.data import load_flights
+from ringflow.training.pyfunc import predict_rows
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ RAW_COLUMNS = ["time_hour", "carrier", "origin", "dest", "hour", "minute", "dist
 @pytest.fixture(scope="module")
 def served_home(tmp_path_factory, prefect_harness):
     """A store whose @champion is a model the real pipeline trained and registered."""
-    from flows.training_pipeline import training_pipeline
+    from ringflow.flows.training_pipeline import training_pipeline
 
     config = load_config(ROOT / "configs" / "smoke.yaml")
     home = tmp_path_factory.mktemp("serving") / "home"
@@ -191,7 +191,7 @@ def test_lineage_and_system_metrics(served_home):
     """The evaluation logs the test window as a dataset input and links the test metrics to the
     model and that dataset; the training run has its host's system metrics; a monitoring run has
     its batch as a dataset input."""
-    from flows.monitoring import monitoring_flow
+    from ringflow.flows.monitoring import monitoring_flow
 
     home, uri, model_uri = served_home
     client = MlflowClient(tracking_uri=uri)

@@ -17,11 +17,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from training.config import DataConfig, PipelineConfig, ShardingConfig, TrainingConfig, with_overrides
-from training.data import TARGET, DataContractError, in_window, load_labelled
-from training.manifest import Manifest, MissingKeyError, ShardIntegrityError
-from training.preprocess import Preprocessor
-from training.sharding import ShardingError, shard_dataset, shard_sizes
+from ringflow.training.config import DataConfig, PipelineConfig, ShardingConfig, TrainingConfig, with_overrides
+from ringflow.training.data import TARGET, DataContractError, in_window, load_labelled
+from ringflow.training.manifest import Manifest, MissingKeyError, ShardIntegrityError
+from ringflow.training.preprocess import Preprocessor
+from ringflow.training.sharding import ShardingError, shard_dataset, shard_sizes
 
 quiet = lambda *_: None  # noqa: E731
 
@@ -49,7 +49,7 @@ def data_dir_is_empty(data_dir) -> bool:
 @pytest.fixture(scope="module")
 def smoke_cfg() -> PipelineConfig:
     from tests.conftest import ROOT
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     return load_config(ROOT / "configs" / "smoke.yaml")
 
@@ -389,7 +389,7 @@ def test_shard_task_under_prefect(prefect_harness, ringflow_home, smoke_config, 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.shard import ARTIFACT_KEY, DataKeyError, resolve_data_key, shard_data
+    from ringflow.tasks.shard import ARTIFACT_KEY, DataKeyError, resolve_data_key, shard_data
 
     key = os.urandom(32)
     key_b64 = base64.b64encode(key).decode()
@@ -432,7 +432,7 @@ def test_shard_task_under_prefect(prefect_harness, ringflow_home, smoke_config, 
 def test_only_io_errors_are_retried():
     from prefect.states import Failed
 
-    from tasks.shard import DataKeyError, _retryable
+    from ringflow.tasks.shard import DataKeyError, _retryable
 
     assert _retryable(None, None, Failed(data=OSError("NFS hiccup")))
     for permanent in (ShardingError("empty window"), DataContractError("missing column"),
@@ -443,7 +443,7 @@ def test_only_io_errors_are_retried():
 def test_concurrent_publisher_keeps_the_first_complete_copy(csv_source, data_dir):
     import shutil
 
-    from training.sharding import _publish
+    from ringflow.training.sharding import _publish
 
     first = shard_dataset(make_cfg(csv_source), data_dir, progress=quiet)
     mtimes = {p.name: p.stat().st_mtime_ns for p in first.dir.iterdir()}

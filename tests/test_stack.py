@@ -230,7 +230,7 @@ def test_anomaly_event_starts_exactly_one_training_run(stack):
     from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelled
 
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     cfg = load_config(SMOKE).model_dump(mode="json")
     cfg["training"]["epochs"] = 1
@@ -350,7 +350,7 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.objects import StateType
 
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     state_file = stack.home / "stack" / "serve.state.json"
     before = json.loads(state_file.read_text())
@@ -398,7 +398,7 @@ def test_a_storm_of_anomaly_events_for_one_cause_starts_one_rerun(stack):
     from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelled
 
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     cfg = load_config(SMOKE).model_dump(mode="json")
     cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")  # a run that is started fails at once

@@ -38,7 +38,7 @@ import pytest
 
 from tests.test_stack import SMOKE, Stack, _free_port, _start, _stop
 from tests.test_team_stack import needs_postgres
-from training.config import load_config
+from ringflow.training.config import load_config
 
 RUNS = 20
 ENOUGH_COMPLETED = 2
@@ -90,7 +90,7 @@ def _states(client, ids) -> dict:
 def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently(stack):
     from mlflow import MlflowClient
 
-    from tasks.register import CHAMPION, HISTORY_PREFIX
+    from ringflow.tasks.register import CHAMPION, HISTORY_PREFIX
 
     # Two epochs on one rank reach test AUC 0.55-0.63 depending on the seed (measured for seeds
     # 100-103), across smoke's 0.6 floor; which seeds finish first is the queue's choice. The
@@ -188,7 +188,7 @@ def test_concurrent_promotions_are_decided_one_at_a_time(prefect_harness, ringfl
 
     from mlflow import MlflowClient
 
-    from tasks.register import (
+    from ringflow.tasks.register import (
         CHALLENGER,
         CHAMPION,
         alias_history,

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows import postgres
+from ringflow.infra import postgres
 from tests.test_stack import ROOT, SMOKE, Stack, _free_port, _stop
 
 try:
@@ -280,14 +280,14 @@ def _supervise(tmp_path: Path, code: str, **env: str) -> subprocess.Popen:
     import sys
 
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.supervisor", "--name", "svc", "--state", str(tmp_path / "svc.state.json"),
+        [sys.executable, "-m", "ringflow.infra.supervisor", "--name", "svc", "--state", str(tmp_path / "svc.state.json"),
          "--log", str(tmp_path / "svc.log"), "--", sys.executable, "-u", "-c", code],
         cwd=ROOT, env={**os.environ, "RINGFLOW_SUPERVISE_BACKOFF": "0.2", **env}, start_new_session=True,
     )
 
 
 def _state(tmp_path: Path) -> dict:
-    from flows.supervisor import read_state
+    from ringflow.infra.supervisor import read_state
 
     return read_state(tmp_path / "svc.state.json")
 
@@ -436,7 +436,7 @@ def test_compose_without_auth_sets_no_auth_variable_and_needs_no_object_store():
     serve = services["serve"]
     assert serve["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert serve["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert serve["healthcheck"]["test"] == ["CMD", "python", "-m", "flows.deployments", "health"]
+    assert serve["healthcheck"]["test"] == ["CMD", "python", "-m", "ringflow.flows.deployments", "health"]
     assert serve["command"][-1] == "configs/flights.yaml"
     with pytest.raises(ComposeError, match="POSTGRES_PASSWORD"):
         render_compose({}, COMPOSE)
@@ -495,7 +495,7 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
 
     import httpx
 
-    from training.launch import kill_tree
+    from ringflow.training.launch import kill_tree
 
     base = Path(tempfile.mkdtemp(prefix="ringflow-compose-"))
     base.chmod(0o755)  # as root, user postgres reaches its data under base/pg-state
@@ -529,7 +529,7 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
             _until(lambda: _ok(httpx, ready), 180)
         cmd, senv = services["serve"]
         serve_env = {**common, **senv}
-        health = [sys.executable, "-m", "flows.deployments", "health"]
+        health = [sys.executable, "-m", "ringflow.flows.deployments", "health"]
         assert subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True).returncode == 1  # no runner yet
         with open(base / "serve.log", "wb") as log:
             procs.append(subprocess.Popen(cmd, env=serve_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -540,7 +540,7 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
         from prefect.client.orchestration import get_client
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        from training.config import load_config
+        from ringflow.training.config import load_config
 
         cfg = load_config(SMOKE, ["training.epochs=1", "training.world_size=1"])
         with temporary_settings({PREFECT_API_URL: senv["PREFECT_API_URL"]}), get_client(sync_client=True) as c:

@@ -20,20 +20,20 @@ import psutil
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.config import PipelineConfig, with_overrides
-from training.launch import RankOutput, horovodrun_command, launch_env
-from training.manifest import KEY_ENV, Manifest
-from training.metrics import classification_metrics
-from training.model import load_model, predict_proba
-from training.result import TrainResult
+from ringflow.training.checkpoint import load_checkpoint
+from ringflow.training.config import PipelineConfig, with_overrides
+from ringflow.training.launch import RankOutput, horovodrun_command, launch_env
+from ringflow.training.manifest import KEY_ENV, Manifest
+from ringflow.training.metrics import classification_metrics
+from ringflow.training.model import load_model, predict_proba
+from ringflow.training.result import TrainResult
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
 def smoke_manifest(tmp_path_factory, smoke_config_module) -> Manifest:
-    from training.sharding import shard_dataset
+    from ringflow.training.sharding import shard_dataset
 
     return shard_dataset(smoke_config_module, tmp_path_factory.mktemp("data"), progress=lambda *a: None)
 
@@ -41,7 +41,7 @@ def smoke_manifest(tmp_path_factory, smoke_config_module) -> Manifest:
 @pytest.fixture(scope="module")
 def smoke_config_module() -> PipelineConfig:
     from tests.conftest import ROOT
-    from training.config import load_config
+    from ringflow.training.config import load_config
 
     return load_config(ROOT / "configs" / "smoke.yaml")
 
@@ -132,7 +132,7 @@ class CommandLineWatch(threading.Thread):
                     cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue
-                self.rank_cmdlines += "training.train" in cmd
+                self.rank_cmdlines += "ringflow.training.train" in cmd
                 self.leaks += [f"pid {d.name}: {cmd[:200]}" for s in self.secrets if s in cmd]
             self.secret_file_modes |= {f.stat().st_mode & 0o777 for f in self.home.glob("runs/*/.secrets-*")
                                        if f.exists()}
@@ -141,8 +141,8 @@ class CommandLineWatch(threading.Thread):
 
 
 def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, smoke_config, tmp_path, monkeypatch):
-    from tasks.train import train_model
-    from training.sharding import shard_dataset
+    from ringflow.tasks.train import train_model
+    from ringflow.training.sharding import shard_dataset
 
     # encrypted shards, and credentials in the environment: none of them may reach a command line
     # (horovodrun copies its environment into every rank's argv), yet the ranks decrypt
@@ -203,7 +203,7 @@ def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, 
 
 
 def test_absurd_learning_rate_returns_diverged(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
-    from tasks.train import train_model
+    from ringflow.tasks.train import train_model
 
     cfg = with_overrides(smoke_config, {"training.learning_rate": 1e6})
     r = train_model.with_options(retries=0)(cfg, str(smoke_manifest.path))
@@ -222,7 +222,7 @@ def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int 
             for p in psutil.process_iter(["cmdline"]):
                 try:
                     cmd = " ".join(p.info["cmdline"] or [])
-                    if "training.train" in cmd and str(home) in cmd and "horovodrun" not in cmd \
+                    if "ringflow.training.train" in cmd and str(home) in cmd and "horovodrun" not in cmd \
                             and p.environ().get("HOROVOD_RANK") == str(rank) and "sh -c" not in cmd:
                         p.send_signal(signal.SIGKILL)
                         killed.append(p.pid)
@@ -233,7 +233,7 @@ def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int 
 
 
 def test_killed_rank_fails_naming_it_and_the_retry_resumes(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
-    from tasks.train import train_model
+    from ringflow.tasks.train import train_model
 
     # small batches: epochs long enough to kill a rank in the middle of the run
     cfg = with_overrides(smoke_config, {"training.batch_size": 64, "training.epochs": 4,
@@ -255,7 +255,7 @@ def test_killed_rank_fails_naming_it_and_the_retry_resumes(prefect_harness, ring
 
 
 def test_timeout_kills_every_process(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
-    from tasks.train import TrainingTimeout, train_model
+    from ringflow.tasks.train import TrainingTimeout, train_model
 
     cfg = with_overrides(smoke_config, {"training.batch_size": 8, "training.epochs": 200, "training.timeout_s": 10})
     t0 = time.monotonic()
@@ -284,7 +284,7 @@ def test_failure_message_names_first_failing_rank():
 def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_manifest):
     """A run killed after its second epoch and resumed ends with the weights of an uninterrupted
     run (same config, so the same learning-rate schedule over the planned epochs)."""
-    from training.launch import kill_tree
+    from ringflow.training.launch import kill_tree
 
     three = with_overrides(smoke_config, {"training.epochs": 3, "training.early_stopping_patience": 5,
                                           "training.batch_size": 128})  # epochs long enough to kill in
@@ -309,7 +309,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_ma
 
 
 def test_uneven_shards_do_not_hang(tmp_path, smoke_config):
-    from training.sharding import shard_dataset
+    from ringflow.training.sharding import shard_dataset
 
     cfg = with_overrides(smoke_config, {"sharding.num_shards": 3, "training.epochs": 1})
     manifest = shard_dataset(cfg, tmp_path / "data", progress=lambda *a: None)
@@ -395,8 +395,8 @@ def test_progress_is_replaced_never_changed_so_an_elastic_commit_holds(tmp_path)
     committed progress as it was. Early stopping keeps the best weights; a checkpoint round-trips."""
     from torch import nn
 
-    from training.checkpoint import save_checkpoint
-    from training.state import Progress
+    from ringflow.training.checkpoint import save_checkpoint
+    from ringflow.training.state import Progress
 
     net = nn.Linear(2, 1)
     committed = Progress()
@@ -421,7 +421,7 @@ def test_progress_is_replaced_never_changed_so_an_elastic_commit_holds(tmp_path)
 def test_one_host_elastic_ranks_share_one_machine_s_cores():
     """Thread count per rank = cores // ranks on the machine. A one-host elastic job runs its
     ranks under two names of this machine, one slot each, so Horovod's local size says 1."""
-    from training.train import ranks_sharing_host
+    from ringflow.training.train import ranks_sharing_host
 
     cfg = with_overrides(PipelineConfig(), {"training.world_size": 2, "training.elastic.enabled": True,
                                             "training.elastic.min_np": 1})
@@ -437,7 +437,7 @@ def test_ranks_are_pinned_only_when_they_fit_the_host():
     """``training.pin_ranks``: rank r of n gets its own cores, all of its threads included;
     ranks that would share cores are left to the OS."""
     cores = sorted(os.sched_getaffinity(0))
-    probe = ("import os, sys, json; from training.train import pin_to_cores; "
+    probe = ("import os, sys, json; from ringflow.training.train import pin_to_cores; "
              "pin_to_cores(*map(int, sys.argv[1:4])); "
              "print(json.dumps([sorted(os.sched_getaffinity(0)), "
              "[sorted(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')]]))")
@@ -466,8 +466,8 @@ def _broken_copy(manifest: Manifest, dest: Path) -> Manifest:
 
 def test_a_deleted_shard_is_named_before_anything_starts(prefect_harness, ringflow_home, smoke_config,
                                                          smoke_manifest, tmp_path):
-    from tasks.train import train_model
-    from training.manifest import ShardIntegrityError
+    from ringflow.tasks.train import train_model
+    from ringflow.training.manifest import ShardIntegrityError
 
     m = _broken_copy(smoke_manifest, tmp_path / "copy")
     (m.dir / m.shards[1].file).unlink()
@@ -480,14 +480,14 @@ def test_a_deleted_shard_is_named_before_anything_starts(prefect_harness, ringfl
 
 def test_a_corrupt_shard_stops_its_rank_with_that_cause_and_is_not_retried(prefect_harness, ringflow_home,
                                                                           smoke_config, smoke_manifest, tmp_path):
-    from tasks.train import train_model
+    from ringflow.tasks.train import train_model
 
     m = _broken_copy(smoke_manifest, tmp_path / "copy")
     shard = m.dir / m.shards[1].file
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # same size: only the rank's sha256 check can see it
     shard.write_bytes(bytes(blob))
-    from training.manifest import ShardIntegrityError
+    from ringflow.training.manifest import ShardIntegrityError
 
     with pytest.raises(ShardIntegrityError, match=r"checksum mismatch for .*shard-00001"):
         train_model(smoke_config, str(m.path))
@@ -509,7 +509,7 @@ def test_a_corrupt_shard_stops_its_rank_with_that_cause_and_is_not_retried(prefe
 
 
 def test_more_ranks_than_shards_is_refused_before_launch(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
-    from tasks.train import train_model
+    from ringflow.tasks.train import train_model
 
     cfg = with_overrides(smoke_config, {"training.world_size": 8})
     t0 = time.monotonic()
@@ -520,7 +520,7 @@ def test_more_ranks_than_shards_is_refused_before_launch(prefect_harness, ringfl
 
 
 def test_one_host_elastic_refuses_a_min_np_a_lost_rank_would_break():
-    from training.launch import check_launchable
+    from ringflow.training.launch import check_launchable
 
     cfg = with_overrides(PipelineConfig(), {"training.elastic.enabled": True, "training.world_size": 2,
                                             "training.elastic.min_np": 2})
@@ -552,9 +552,9 @@ def test_failures_are_classified_retryable_or_not(lines, code, retryable):
 def test_a_run_left_running_by_a_dead_launcher_is_marked_killed(ringflow_home):
     from mlflow import MlflowClient
 
-    from tasks.tracking import ensure_experiment, mark_stale_runs
-    from training.launch import start_ticks as _start_ticks
-    from training.tags import LAUNCHER as LAUNCHER_TAG
+    from ringflow.tasks.tracking import ensure_experiment, mark_stale_runs
+    from ringflow.training.launch import start_ticks as _start_ticks
+    from ringflow.training.tags import LAUNCHER as LAUNCHER_TAG
 
     client = MlflowClient(f"sqlite:///{ringflow_home / 'mlflow.db'}")
     exp = ensure_experiment(client, "ringflow")
@@ -575,7 +575,7 @@ def test_a_run_left_running_by_a_dead_launcher_is_marked_killed(ringflow_home):
 def test_concurrent_first_use_of_a_new_store(tmp_path):
     """Two processes open a fresh SQLite store at once (two `ringflow run` on a new home)."""
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
-    code = f"from tasks.tracking import ensure_store; ensure_store({uri!r}); print('ok')"
+    code = f"from ringflow.tasks.tracking import ensure_store; ensure_store({uri!r}); print('ok')"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -586,8 +586,8 @@ def test_concurrent_first_use_of_a_new_store(tmp_path):
 
 
 def test_hostfile_takes_slurm_node_lists_and_mpi_hostfiles(tmp_path, smoke_config):
-    from training.config import ConfigError, load_config
-    from training.launch import check_launchable, rank_hosts, read_hostfile, write_hostfile
+    from ringflow.training.config import ConfigError, load_config
+    from ringflow.training.launch import check_launchable, rank_hosts, read_hostfile, write_hostfile
 
     slurm = tmp_path / "hosts"
     slurm.write_text("node-a\nnode-b\n\n# spare\nnode-c\n")  # `scontrol show hostnames > hosts`
@@ -620,7 +620,7 @@ def test_hostfile_takes_slurm_node_lists_and_mpi_hostfiles(tmp_path, smoke_confi
 @pytest.mark.horovod
 def test_train_task_runs_horovodrun_on_a_bare_hostfile(prefect_harness, ringflow_home, smoke_config, smoke_manifest,
                                                         tmp_path):
-    from tasks.train import train_model
+    from ringflow.tasks.train import train_model
 
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost\n")  # one node, as `scontrol show hostnames` lists it: both ranks on it

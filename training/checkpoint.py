@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from training.manifest import atomic_write_bytes
+from ringflow.training.manifest import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{4,})\.pt$")

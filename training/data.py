@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.config import DataConfig
+from ringflow.training.config import DataConfig
 
 TARGET = "target"
 """Name of the derived binary target column."""

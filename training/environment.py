@@ -1,10 +1,10 @@
 """Process-wide defaults for the libraries ringflow drives, set in one place.
 
 Every ringflow process calls :func:`process_defaults` first: the CLI, the deployment runner
-(``python -m flows.deployments``), the services ``ringflow up`` starts and the tests. Each value is
+(``python -m ringflow.flows.deployments``), the services ``ringflow up`` starts and the tests. Each value is
 a default (``setdefault``): a variable the user exported wins. ringflow's own settings are typed
-pydantic-settings models per subsystem (``training.config.Settings``, ``flows.stack.StackSettings``,
-``flows.postgres``, ``flows.supervisor``, ``tasks.cluster``), each variable declared once there.
+pydantic-settings models per subsystem (``training.config.Settings``, ``infra.stack.StackSettings``,
+``infra.postgres``, ``infra.supervisor``, ``infra.hosts``), each variable declared once there.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-from training.telemetry import TELEMETRY_OFF
+from ringflow.training.telemetry import TELEMETRY_OFF
 
 LIBRARY_DEFAULTS: dict[str, str] = {
     **TELEMETRY_OFF,

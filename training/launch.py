@@ -15,7 +15,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from training.config import PipelineConfig
+from ringflow.training.config import PipelineConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DISCOVER_HOSTS = REPO_ROOT / "infra" / "discover_hosts.sh"
@@ -127,7 +127,7 @@ def read_hostfile(path: str | Path, world_size: int) -> list[tuple[str, int]]:
 
 def write_hostfile(hosts: list[tuple[str, int]], directory: Path) -> Path:
     """``directory/hostfile`` in horovodrun's own format (``host slots=N``), written atomically."""
-    from training.manifest import atomic_write_bytes
+    from ringflow.training.manifest import atomic_write_bytes
 
     path = Path(directory) / "hostfile"
     atomic_write_bytes(path, "".join(f"{h} slots={n}\n" for h, n in hosts).encode())
@@ -215,7 +215,7 @@ def horovodrun_command(
         cmd += ["--cycle-time-ms", str(hv.cycle_time_ms)]
     if hv.autotune:
         cmd += ["--autotune", "--autotune-log-file", str(Path(output_dir) / "autotune.csv")]
-    cmd += [python, "-m", "training.train", "--manifest", str(manifest_path),
+    cmd += [python, "-m", "ringflow.training.train", "--manifest", str(manifest_path),
             "--config-json", cfg.model_dump_json(), "--output-dir", str(output_dir)]
     if resume:
         cmd.append("--resume")

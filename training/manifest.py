@@ -192,7 +192,7 @@ class Manifest(BaseModel):
             check_digest(path, entry, sha256_file(path))
 
     def read_preprocessor(self):
-        from training.preprocess import Preprocessor
+        from ringflow.training.preprocess import Preprocessor
 
         raw = read_verified_bytes(self.file_path(self.preprocessor), self.preprocessor)
         return Preprocessor.from_dict(json.loads(raw))

@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from training.config import ModelConfig
-from training.manifest import atomic_write_bytes
-from training.preprocess import Preprocessor
+from ringflow.training.config import ModelConfig
+from ringflow.training.manifest import atomic_write_bytes
+from ringflow.training.preprocess import Preprocessor
 
 MODEL_FILE = "model.pt"
 PREPROCESSOR_FILE = "preprocessor.json"

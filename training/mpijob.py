@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.config import PipelineConfig
-from training.launch import REPO_ROOT, RankOutput, TrainingError, TrainingTimeout, horovodrun_command
-from training.secrets import SECRETS_FILE_ENV, is_secret
+from ringflow.training.config import PipelineConfig
+from ringflow.training.launch import REPO_ROOT, RankOutput, TrainingError, TrainingTimeout, horovodrun_command
+from ringflow.training.secrets import SECRETS_FILE_ENV, is_secret
 
 API_VERSION = "kubeflow.org/v2beta1"
 CRD_FILE = REPO_ROOT / "infra" / "k8s" / "schemas" / "kubeflow.org_mpijobs.yaml"
@@ -270,16 +270,16 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m training.mpijob -c CONFIG --manifest M --output-dir O``: print the MPIJob (YAML)
+    """``python -m ringflow.training.mpijob -c CONFIG --manifest M --output-dir O``: print the MPIJob (YAML)
     the train task would submit, validated, for a look or a ``kubectl create -f -`` by hand."""
     import argparse
     import sys
 
     import yaml
 
-    from training.config import ConfigError, load_config
+    from ringflow.training.config import ConfigError, load_config
 
-    ap = argparse.ArgumentParser(prog="python -m training.mpijob", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m ringflow.training.mpijob", description=main.__doc__)
     ap.add_argument("-c", "--config", type=Path)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--manifest", required=True, help="manifest.json under --home")

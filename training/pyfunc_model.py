@@ -18,12 +18,12 @@ class DelayModel(PythonModel):
     """Preprocessor + TabularNet, loaded from the model's ``model_dir`` artifact."""
 
     def load_context(self, context) -> None:
-        from training.model import load_model
+        from ringflow.training.model import load_model
 
         self.net, self.preprocessor = load_model(context.artifacts["model_dir"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        from training.model import predict_proba
+        from ringflow.training.model import predict_proba
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return np.asarray(predict_proba(self.net, self.preprocessor, frame), dtype=np.float64)

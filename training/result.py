@@ -6,9 +6,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from training.checkpoint import CHECKPOINT_DIR
-from training.model import MODEL_FILE, PREPROCESSOR_FILE
-from training.summary import SUMMARY_FILE, RankThroughput, Status, TrainingSummary  # noqa: F401
+from ringflow.training.checkpoint import CHECKPOINT_DIR
+from ringflow.training.model import MODEL_FILE, PREPROCESSOR_FILE
+from ringflow.training.summary import SUMMARY_FILE, RankThroughput, Status, TrainingSummary  # noqa: F401
 
 
 class TrainResult(BaseModel):

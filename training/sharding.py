@@ -41,8 +41,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.config import PipelineConfig
-from training.data import (
+from ringflow.training.config import PipelineConfig
+from ringflow.training.data import (
     BATCH_ROWS,
     TARGET,
     DataContractError,
@@ -53,7 +53,7 @@ from training.data import (
     validate_contract,
     with_target,
 )
-from training.manifest import (
+from ringflow.training.manifest import (
     KEY_ENV,
     MANIFEST_NAME,
     FileEntry,
@@ -66,7 +66,7 @@ from training.manifest import (
     atomic_write_bytes,
     sha256_file,
 )
-from training.preprocess import StreamingFit
+from ringflow.training.preprocess import StreamingFit
 
 FORMAT_VERSION = 1
 """Bump when the on-disk layout changes: it is part of the fingerprint, so old versions are not reused."""

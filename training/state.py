@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.checkpoint import CheckpointError
-from training.summary import Status
+from ringflow.training.checkpoint import CheckpointError
+from ringflow.training.summary import Status
 
 
 @dataclass(frozen=True)

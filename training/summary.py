@@ -60,7 +60,7 @@ class TrainingSummary(BaseModel):
     """Every epoch's record (loss, lr, time, throughput, ``per_rank``, ``val_*``)."""
 
     def write(self, output_dir: str | Path) -> Path:
-        from training.manifest import atomic_write_bytes
+        from ringflow.training.manifest import atomic_write_bytes
 
         path = Path(output_dir) / SUMMARY_FILE
         atomic_write_bytes(path, self.model_dump_json(indent=1).encode())

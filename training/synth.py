@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.data import WEATHER_COLUMNS, load_flights
+from ringflow.training.data import WEATHER_COLUMNS, load_flights
 
 BOUNDS = {"humid": (0.0, 100.0), "precip": (0.0, None), "wind_speed": (0.0, None), "wind_gust": (0.0, None),
           "visib": (0.0, 10.0), "wind_dir": (0.0, 360.0)}

@@ -1,6 +1,6 @@
 """The Horovod training program (one process per rank; never imports Prefect).
 
-    horovodrun -np N -H localhost:N --gloo python -m training.train \\
+    horovodrun -np N -H localhost:N --gloo python -m ringflow.training.train \\
         --manifest M --config-json '<PipelineConfig json>' --output-dir DIR [--resume]
 
 Each rank reads its own shards (checksums verified, decrypted in memory with RINGFLOW_DATA_KEY),
@@ -33,20 +33,20 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from training import tags
-from training.checkpoint import (
+from ringflow.training import tags
+from ringflow.training.checkpoint import (
     CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
 )
-from training.config import PipelineConfig, TrainingConfig, get_settings
-from training.launch import FATAL_EXIT, FATAL_PREFIX
-from training.manifest import Manifest, MissingKeyError, ShardIntegrityError
-from training.memory import peak_rss_mb
-from training.metrics import classification_metrics, max_f1_threshold
-from training.model import TabularNet, predict_logits, save_model
-from training.result import TrainingSummary
-from training.secrets import SecretsFileError, load_secrets
-from training.state import FixedState, Outcome, Progress, restore
-from training.system_metrics import host_system_metrics
+from ringflow.training.config import PipelineConfig, TrainingConfig, get_settings
+from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX
+from ringflow.training.manifest import Manifest, MissingKeyError, ShardIntegrityError
+from ringflow.training.memory import peak_rss_mb
+from ringflow.training.metrics import classification_metrics, max_f1_threshold
+from ringflow.training.model import TabularNet, predict_logits, save_model
+from ringflow.training.result import TrainingSummary
+from ringflow.training.secrets import SecretsFileError, load_secrets
+from ringflow.training.state import FixedState, Outcome, Progress, restore
+from ringflow.training.system_metrics import host_system_metrics
 
 
 def log(msg: str) -> None:
@@ -603,7 +603,7 @@ def run(args, cfg: PipelineConfig) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ringflow.training.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", required=True, help="manifest.json (or its directory) written by the sharding stage")
     p.add_argument("--config-json", required=True, help="PipelineConfig as JSON, or @path to a JSON file")
     p.add_argument("--output-dir", required=True, help="where model.pt, summary.json and checkpoints/ go")

@@ -7,7 +7,7 @@ it with everything it spawned (uvicorn workers, flow-run subprocesses):
   ``$RINGFLOW_HOME/prefect/``, PostgreSQL when ``PREFECT_API_DATABASE_CONNECTION_URL`` is set),
 - ``mlflow``: ``mlflow server`` (SQLite ``$RINGFLOW_HOME/mlflow.db`` + proxied artifacts under
   ``$RINGFLOW_HOME/artifacts``, or the backend/artifact URIs from the environment),
-- ``serve``: ``python -m flows.deployments serve``: creates the deployments, schedules and the
+- ``serve``: ``python -m ringflow.flows.deployments serve``: creates the deployments, schedules and the
   rerun automation, then executes the runs that the UI, the schedules and the automation create.
 
 Every process has a pid file (pid + start time + command line, so a reused pid is never
@@ -34,11 +34,11 @@ import psutil
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows import postgres
-from training.config import PipelineConfig, get_settings
-from training.launch import kill_tree  # also reaches flow runs' horovodrun ranks in their own sessions
-from training.launch import start_ticks as _start_ticks
-from training.environment import process_defaults
+from ringflow.infra import postgres
+from ringflow.training.config import PipelineConfig, get_settings
+from ringflow.training.launch import kill_tree  # also reaches flow runs' horovodrun ranks in their own sessions
+from ringflow.training.launch import start_ticks as _start_ticks
+from ringflow.training.environment import process_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts (prefect, mlflow)
@@ -77,7 +77,7 @@ class StackSettings(BaseSettings):
     mlflow_admin_password: SecretStr | None = Field(None, alias="MLFLOW_AUTH_ADMIN_PASSWORD")
     """Set = MLflow runs with ``--app-name basic-auth``; this is the admin's first password."""
     database: Literal["sqlite", "postgresql"] | None = Field(None, alias="RINGFLOW_DATABASE")
-    """``postgresql``: ringflow starts its own PostgreSQL (flows/postgres.py) for both servers;
+    """``postgresql``: ringflow starts its own PostgreSQL (infra/postgres.py) for both servers;
     unset = what the last ``up`` of this RINGFLOW_HOME used, else SQLite."""
     startup_timeout_s: float = Field(180, alias="RINGFLOW_STACK_STARTUP_TIMEOUT")
     stop_grace_s: float = Field(15, alias="RINGFLOW_STACK_STOP_GRACE")
@@ -143,7 +143,7 @@ class Service:
     after_ready: Callable[[], None] | None = None
     """Runs once the service answers, before the next one starts (PostgreSQL: roles, databases)."""
     supervised: bool = False
-    """Run under ``flows.supervisor``: restarted when it dies (back-off, loop limit), log rotated."""
+    """Run under ``infra.supervisor``: restarted when it dies (back-off, loop limit), log rotated."""
 
 
 def stack_dir(home: Path | None = None) -> Path:
@@ -159,13 +159,13 @@ def _log_file(name: str, home: Path | None = None) -> Path:
 
 
 def _state_file(name: str, home: Path | None = None) -> Path:
-    """A supervised service's restart count, current pid and last exit (flows/supervisor.py)."""
+    """A supervised service's restart count, current pid and last exit (infra/supervisor.py)."""
     return stack_dir(home) / f"{name}.state.json"
 
 
 def supervision(name: str, home: Path | None = None) -> dict:
     """What the supervisor last wrote: state, restarts, child_pid, last_exit, message ({} if none)."""
-    from flows.supervisor import read_state
+    from ringflow.infra.supervisor import read_state
 
     return read_state(_state_file(name, home))
 
@@ -440,10 +440,10 @@ def _services(st: StackSettings, home: Path, config_json: Path | None, database:
     cenv = {**base, **client_env(st)}
     for k in ("PREFECT_SERVER_API_AUTH_STRING", "MLFLOW_AUTH_ADMIN_PASSWORD"):
         cenv.pop(k, None)  # the runner and its flow runs are clients: no server secrets
-    scmd = [sys.executable, "-m", "flows.deployments", "serve"]
+    scmd = [sys.executable, "-m", "ringflow.flows.deployments", "serve"]
     if config_json is not None:
         scmd += ["--config-json", str(config_json)]
-    from flows.deployments import DEPLOYMENT_NAMES
+    from ringflow.flows.deployments import DEPLOYMENT_NAMES
 
     auth = _prefect_auth_tuple(cenv)
     serve = Service(
@@ -454,7 +454,7 @@ def _services(st: StackSettings, home: Path, config_json: Path | None, database:
         needs=["prefect", "mlflow"],
         supervised=True,  # schedules and reruns stop silently without it
     )
-    from monitoring.reports import WORKSPACE_DIR
+    from ringflow.monitoring.reports import WORKSPACE_DIR
 
     # Evidently's UI over the workspace that every monitoring run adds its snapshots to
     evidently = Service(
@@ -475,7 +475,7 @@ def _start(svc: Service, home: Path) -> psutil.Process:
     if svc.supervised:
         # the supervisor writes (and rotates) the service's log; its own rare output goes beside it
         _state_file(svc.name, home).unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "flows.supervisor", "--name", svc.name,
+        cmd = [sys.executable, "-m", "ringflow.infra.supervisor", "--name", svc.name,
                "--state", str(_state_file(svc.name, home)), "--log", str(log), "--", *svc.cmd]
         log = stack_dir(home) / f"{svc.name}.supervisor.log"
     with open(log, "ab") as out:
@@ -580,7 +580,7 @@ def _local_experiment(config_json: Path | None, home: Path, tracking_uri: str | 
     """
     from mlflow import MlflowClient
 
-    from tasks.tracking import ensure_experiment
+    from ringflow.tasks.tracking import ensure_experiment
 
     cfg = PipelineConfig.model_validate_json(config_json.read_text()) if config_json else PipelineConfig()
     ensure_experiment(MlflowClient(tracking_uri or f"sqlite:///{home / 'mlflow.db'}"), cfg.registry.experiment)
@@ -809,7 +809,7 @@ def deployment_summary() -> list[str]:
     """Deployments (status, schedules, last poll) and the automation, read from the server."""
     from prefect import get_client
 
-    from flows.deployments import AUTOMATION_NAME, DEPLOYMENT_NAMES
+    from ringflow.flows.deployments import AUTOMATION_NAME, DEPLOYMENT_NAMES
 
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.launch import start_ticks as _start_ticks
+from ringflow.training.launch import start_ticks as _start_ticks
 
 CLUSTER_RANGE = ipaddress.ip_network("198.18.0.0/15")
 """RFC 2544 benchmarking range: the only addresses cluster hosts may have."""

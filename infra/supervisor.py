@@ -1,6 +1,6 @@
 """Keep one stack service running: restart it when it dies, with back-off and a loop limit.
 
-``python -m flows.supervisor --name serve --state FILE --log FILE -- CMD ...`` runs CMD in its
+``python -m ringflow.infra.supervisor --name serve --state FILE --log FILE -- CMD ...`` runs CMD in its
 own session, writes its output to a size-rotated log and restarts it when it exits, waiting
 ``backoff_s`` doubled per quick failure (capped at ``backoff_max_s``). A run that lasted
 ``healthy_after_s`` resets the back-off. After ``max_quick_failures`` failures in a row that each
@@ -9,7 +9,7 @@ time needs a person, not more restarts. The state file (restart count, child pid
 why it gave up) is what ``ringflow status`` shows. SIGTERM stops the child's whole tree, then
 the supervisor.
 
-Generic over services: ``flows/stack.py`` supervises the deployment runner, and any service
+Generic over services: ``infra/stack.py`` supervises the deployment runner, and any service
 declared with ``supervised=True`` (e.g. a Prefect worker).
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.launch import kill_tree
+from ringflow.training.launch import kill_tree
 
 
 class SupervisorSettings(BaseSettings):
@@ -138,7 +138,7 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.supervisor")
+    p = argparse.ArgumentParser(prog="python -m ringflow.infra.supervisor")
     p.add_argument("--name", required=True)
     p.add_argument("--state", type=Path, required=True, help="JSON state file (restarts, child pid)")
     p.add_argument("--log", type=Path, required=True, help="the service's log, rotated by size")

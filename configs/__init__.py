@@ -1,0 +1,1 @@
+"""The example configs, shipped with the package: ``ringflow run -c smoke`` finds them by name."""

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_cluster: needs root (it builds network-namespace hosts); skipped", file=sys.stderr)
         return 0
-    from ringflow.flows.cluster import up
+    from ringflow.infra.cluster import up
     from ringflow.infra.hosts import down, identity_file
 
     repeats = args.repeats or (3 if args.quick else 7)

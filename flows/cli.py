@@ -14,8 +14,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ringflow.flows.cluster import cluster_app
-from ringflow.training.config import ConfigError, PipelineConfig, load_config
+from ringflow.training.config import ConfigError, PipelineConfig, default_config_path, load_config
 
 app = typer.Typer(
     name="ringflow",
@@ -24,7 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(cluster_app, name="cluster")  # ringflow cluster up|status|down|run
 
 
 def _print_version(value: bool) -> None:
@@ -43,11 +41,10 @@ def _options(
 ) -> None:
     """Workflow-driven MLOps: shard -> Horovod training -> evaluation -> MLflow registry, plus monitoring."""
 
-DEFAULT_CONFIG = Path("configs/flights.yaml")
-
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="Pipeline config YAML (default: configs/flights.yaml if present, else built-in defaults)."),
+    typer.Option("--config", "-c", help="Pipeline config YAML, or the name of a packaged one (flights, smoke, "
+                 "flights-x10). Default: configs/flights.yaml if present, else the packaged flights."),
 ]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -56,7 +53,7 @@ SetOpt = Annotated[
 
 
 def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
-    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    path = config if config is not None else default_config_path()
     try:
         return load_config(path, overrides or [])
     except ConfigError as e:
@@ -298,6 +295,98 @@ def synth(
         typer.secho(str(e), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{len(files)} files in {out}: use it with --set data.source={out}")
+
+
+# --------------------------------------------------------------------------- ringflow cluster
+
+cluster_app = typer.Typer(
+    help="A multi-host cluster on this machine (network-namespace hosts with sshd): stack on h0, "
+         "Prefect worker on h1, horovodrun across h1..hN.",
+    no_args_is_help=True,
+)
+
+
+def _cluster_home() -> Path:
+    from ringflow.training.config import get_settings
+
+    home = get_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def _default_config(config: Path | None) -> Path:
+    from ringflow.training.config import default_config_path, resolve_config_path
+
+    return resolve_config_path(config) if config is not None else default_config_path()
+
+
+@cluster_app.command("up")
+def up_cmd(
+    hosts: Annotated[int, typer.Option(help="Hosts: h0 runs the stack, h1 the worker, h1.. training ranks.")] = 3,
+    config: ConfigOpt = None,
+    stack: Annotated[bool, typer.Option(help="Also start the stack on h0 and the worker on h1.")] = True,
+) -> None:
+    """Build the cluster (idempotent) and print its hosts, addresses, roles and URLs."""
+    from ringflow.flows.deployments import deploy_to_pool
+    from ringflow.infra.cluster import print_status, up
+    from ringflow.infra.hosts import ClusterError, preflight
+
+    cfg_path = _default_config(config)
+    try:
+        preflight()  # before anything is written: not root, no `ip netns`, no sshd
+        home = _cluster_home()
+        state = up(home, hosts, cfg_path, stack=stack, deploy=lambda st: deploy_to_pool(st, cfg_path),
+                   echo=typer.echo)
+    except (ClusterError, OSError) as e:
+        _fail(e)
+    print_status(state, echo=typer.echo)
+    typer.echo("Remove with `ringflow cluster down`.")
+
+
+@cluster_app.command("status")
+def status_cmd() -> None:
+    """Show the hosts, their services and the URLs."""
+    from ringflow.infra.cluster import print_status
+    from ringflow.infra.hosts import load_state
+
+    state = load_state(_cluster_home())
+    if state is None:
+        typer.echo("no cluster (`ringflow cluster up` builds one)")
+        raise typer.Exit(1)
+    print_status(state, echo=typer.echo)
+
+
+@cluster_app.command("down")
+def down_cmd() -> None:
+    """Remove every namespace, link, /etc/netns entry and process the cluster made, and nothing else."""
+    from ringflow.infra.hosts import ClusterError
+    from ringflow.infra.hosts import down as remove_cluster
+
+    try:
+        removed = remove_cluster(_cluster_home(), echo=typer.echo)
+    except ClusterError as e:
+        _fail(e)
+    if not removed:
+        typer.echo("nothing to remove: no cluster")
+
+
+@cluster_app.command("run")
+def run_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Submit the training pipeline to the cluster's stack; the worker on h1 runs it across the hosts."""
+    from ringflow.flows.deployments import run_on_cluster
+    from ringflow.infra.hosts import ClusterError
+
+    home = _cluster_home()
+    try:
+        result = run_on_cluster(home, _default_config(config), set_ or [], echo=typer.echo)
+    except (ClusterError, ConfigError) as e:
+        _fail(e)
+    from ringflow.flows.training_pipeline import print_summary
+
+    print_summary(result)
+
+
+app.add_typer(cluster_app, name="cluster")  # ringflow cluster up|status|down|run
 
 
 def main() -> None:  # pragma: no cover

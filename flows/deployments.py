@@ -19,23 +19,26 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ringflow.monitoring.events import ANOMALY_EVENT, CAUSE_LABEL, RERUN_TRIGGER, TRAINING_DEPLOYMENT, rerun_parameters
+from ringflow.monitoring.events import (
+    ANOMALY_EVENT, CAUSE_LABEL, DEPLOYMENT_NAMES, MONITORING_FLOW, RERUN_TRIGGER, TRAINING_DEPLOYMENT, TRAINING_FLOW,
+    rerun_parameters,
+)
 from ringflow.monitoring.events import model_resource_id as event_resource_id
 from ringflow.training.config import PipelineConfig, load_config
 from ringflow.training.environment import process_defaults
 
-TRAINING = "training-pipeline"
-MONITORING = "monitoring"
-DEPLOYMENT_NAMES = [f"{TRAINING}/{TRAINING}", f"{MONITORING}/{MONITORING}"]
+if TYPE_CHECKING:
+    from ringflow.infra.hosts import ClusterState
+
+TRAINING = TRAINING_FLOW
+MONITORING = MONITORING_FLOW
 AUTOMATION_NAME = RERUN_TRIGGER
 REASON_MANUAL = "manual"
 REASON_SCHEDULED = "scheduled"
 RERUN_PARAMETERS: dict[str, Any] = rerun_parameters()
 """The training run's parameters, read from the event (paths checked against the payload model)."""
-
-assert DEPLOYMENT_NAMES[0] == TRAINING_DEPLOYMENT, "the rerun runs the training deployment declared here"
 
 
 def model_resource_id(cfg: PipelineConfig) -> str:
@@ -222,6 +225,91 @@ def runner_health() -> str | None:
         if r.json().get("status") != "READY":
             return f"deployment {name} is {r.json().get('status')}: no runner has polled it lately"
     return None
+
+
+# --------------------------------------------------------------------------- the namespace cluster
+
+
+def deploy_to_pool(state: ClusterState, config: Path | None) -> dict[str, str]:
+    """The deployments ``ringflow deploy`` makes (parameters, schedules, the rerun trigger), sent
+    to the cluster worker's process pool instead of the serve process, with the cluster's
+    training settings in the default config."""
+    from ringflow.infra.cluster import REPO_ROOT, WORK_POOL, cluster_overrides, use_stack
+
+    use_stack(state)
+    from prefect.runner.storage import LocalStorage
+
+    from ringflow.flows.monitoring import monitoring_flow
+    from ringflow.flows.training_pipeline import training_pipeline
+
+    cfg = load_config(config, cluster_overrides(state))
+    # By *module path*, not the file path a deployment records: a file entrypoint is loaded as a
+    # top-level module (`training_pipeline`), its result then pickles under that name and `cluster
+    # run` could not read it back. The storage's pull step starts each run in this repository.
+    modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
+    ids: dict[str, str] = {}
+    for dep in build_deployments(cfg):
+        dep.entrypoint = modules[dep.flow_name]
+        dep.storage = LocalStorage(str(REPO_ROOT))
+        dep.tags = [*dep.tags, "cluster"]
+        ids[f"{dep.flow_name}/{dep.name}"] = str(dep.apply(work_pool_name=WORK_POOL))  # also its trigger
+    return ids
+
+
+def run_on_cluster(home: Path, config: Path | None, overrides: list[str], echo=print):
+    """Submit the training pipeline to the stack on h0; the worker on h1 runs it; wait; return its
+    :class:`~flows.training_pipeline.PipelineResult`."""
+    from ringflow.infra.cluster import cluster_overrides, urls, use_stack
+    from ringflow.infra.hosts import ClusterError, is_running, load_state
+
+    state = load_state(home)
+    if state is None:
+        raise ClusterError("no cluster: run `ringflow cluster up` first")
+    worker = state.processes.get("h1/worker")
+    if worker is None or not is_running(worker):
+        raise ClusterError("the cluster has no running worker on h1: run `ringflow cluster up` (with the stack)")
+    cfg = load_config(config, cluster_overrides(state) + list(overrides))
+    use_stack(state)
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(name=TRAINING_DEPLOYMENT, parameters={"config": cfg.model_dump(mode="json"),
+                        "reason": REASON_MANUAL}, timeout=0)
+    echo(f"submitted flow run {fr.name}: {urls(state)['prefect']}/runs/flow-run/{fr.id}")
+    fr = follow_flow_run(fr.id, timeout_s=cfg.training.timeout_s + 1800, echo=echo)
+    if not fr.state.is_completed():
+        raise ClusterError(f"flow run {fr.name} ended {fr.state.name}: {fr.state.message} "
+                           f"({urls(state)['prefect']}/runs/flow-run/{fr.id})")
+    return fr.state.result()
+
+
+def follow_flow_run(flow_run_id, timeout_s: float, echo=print, poll_s: float = 2.0):
+    """Echo the flow run's log lines (the worker on h1 sends them to the API) until it ends."""
+    import time
+
+    from ringflow.infra.hosts import ClusterError
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            fr = client.read_flow_run(flow_run_id)
+            final = fr.state is not None and fr.state.is_final()
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    sort=LogSort.TIMESTAMP_ASC, offset=seen, limit=200)
+            for entry in logs:
+                echo(f"  {entry.message}")
+            seen += len(logs)
+            if final and len(logs) < 200:
+                return fr
+            if time.monotonic() > deadline:
+                raise ClusterError(f"flow run {fr.name} still {fr.state.name if fr.state else 'pending'} after "
+                                   f"{timeout_s:.0f}s")
+            if len(logs) < 200:
+                time.sleep(poll_s)
 
 
 def _load(config_json: Path | None, config: Path | None) -> PipelineConfig:

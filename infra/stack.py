@@ -443,7 +443,7 @@ def _services(st: StackSettings, home: Path, config_json: Path | None, database:
     scmd = [sys.executable, "-m", "ringflow.flows.deployments", "serve"]
     if config_json is not None:
         scmd += ["--config-json", str(config_json)]
-    from ringflow.flows.deployments import DEPLOYMENT_NAMES
+    from ringflow.monitoring.events import DEPLOYMENT_NAMES
 
     auth = _prefect_auth_tuple(cenv)
     serve = Service(
@@ -809,7 +809,8 @@ def deployment_summary() -> list[str]:
     """Deployments (status, schedules, last poll) and the automation, read from the server."""
     from prefect import get_client
 
-    from ringflow.flows.deployments import AUTOMATION_NAME, DEPLOYMENT_NAMES
+    from ringflow.monitoring.events import DEPLOYMENT_NAMES
+    from ringflow.monitoring.events import RERUN_TRIGGER as AUTOMATION_NAME
 
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 

@@ -24,8 +24,13 @@ CAUSE_LABEL = "ringflow.anomaly.cause"
 cooldown, whatever number of events arrives."""
 RERUN_TRIGGER = "ringflow-rerun-on-anomaly"
 """Name of the trigger (an automation in the UI) declared with the training deployment."""
-TRAINING_DEPLOYMENT = "training-pipeline/training-pipeline"
-"""The deployment a rerun runs (flow name / deployment name)."""
+TRAINING_FLOW = "training-pipeline"
+MONITORING_FLOW = "monitoring"
+TRAINING_DEPLOYMENT = f"{TRAINING_FLOW}/{TRAINING_FLOW}"
+MONITORING_DEPLOYMENT = f"{MONITORING_FLOW}/{MONITORING_FLOW}"
+DEPLOYMENT_NAMES = [TRAINING_DEPLOYMENT, MONITORING_DEPLOYMENT]
+"""``flow/deployment`` names: each flow's one deployment is named after it (flows/deployments.py
+creates them, the stack waits for them, a rerun runs TRAINING_DEPLOYMENT)."""
 
 
 def model_resource_id(model_name: str) -> str:

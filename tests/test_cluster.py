@@ -274,7 +274,7 @@ def test_cluster_run_trains_across_hosts_with_no_secret_on_any_command_line(stac
 def train_on_h1(home: Path, state, overrides: list[str], when, action) -> tuple[int, str]:
     """``ringflow train`` launched on h1 (as the worker's flow would) on the cluster run's shards;
     ``action()`` runs once when an output line matches the regex ``when``."""
-    from ringflow.flows.cluster import client_env, cluster_overrides
+    from ringflow.infra.cluster import client_env, cluster_overrides
     from ringflow.infra.hosts import host_argv
 
     manifest = next(home.glob("data/*/manifest.json"))

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_PACKAGES = ["flows", "tasks", "training", "monitoring"]
-LOCAL_MODULES = {*RUNTIME_PACKAGES, "tests", "benchmarks"}
+RUNTIME_PACKAGES = ["flows", "infra", "tasks", "monitoring", "training"]
+"""The floors, top to bottom: a module imports its own floor and those below, never one above."""
+LOCAL_MODULES = {"ringflow", "tests", "benchmarks"}
 NOT_FROM_AN_INDEX = {
     # built from a patched sdist by infra/install_horovod.sh (make install), see pyproject.toml
     "horovod",
@@ -59,6 +60,37 @@ def _undeclared(paths: list[Path], declared: set[str]) -> list[str]:
         if not provided_by & declared:
             missing.append(f"{module} ({' or '.join(sorted(provided_by))}, imported by {where.relative_to(ROOT)})")
     return missing
+
+
+def _ringflow_imports(path: Path) -> set[str]:
+    """The ringflow floors a module imports (``ringflow.<floor>``), also inside functions."""
+    floors = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+        for name in names:
+            parts = name.split(".")
+            if parts[0] in RUNTIME_PACKAGES:
+                raise AssertionError(f"{path.relative_to(ROOT)} imports {name!r}: the installed name is ringflow.{name}")
+            if parts[0] == "ringflow" and len(parts) > 1:
+                floors.add(parts[1])
+    return floors
+
+
+def test_imports_follow_the_floors():
+    """flows -> infra -> tasks -> monitoring -> training: no arrow runs up (and so no cycle between
+    floors); training never imports Prefect; every import uses the installed name ``ringflow.*``."""
+    rank = {pkg: i for i, pkg in enumerate(RUNTIME_PACKAGES)}
+    upward = []
+    for pkg in RUNTIME_PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            upward += [f"{path.relative_to(ROOT)} -> ringflow.{floor}" for floor in _ringflow_imports(path)
+                       if floor in rank and rank[floor] < rank[pkg]]
+    assert not upward, "imports against the floors: " + ", ".join(sorted(upward))
+    for path in (ROOT / "training").rglob("*.py"):
+        assert "prefect" not in _imported_modules([path]), f"{path.relative_to(ROOT)} imports Prefect"
+    for path in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]:
+        _ringflow_imports(path)  # no old top-level names in helpers either
 
 
 def test_every_directly_imported_package_is_declared():

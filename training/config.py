@@ -595,6 +595,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
     return data
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The example configs shipped with ringflow (``configs/`` of the repository), by name."""
+    from importlib import resources
+
+    folder = resources.files("ringflow.configs")
+    return {f.name.removesuffix(".yaml"): Path(str(f)) for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` when that file exists, else the packaged config of that name (``smoke`` or
+    ``smoke.yaml``: ``ringflow run -c smoke`` works from any directory, wheel installs included)."""
+    p = Path(path)
+    if p.is_file() or p.parent != Path("."):
+        return p
+    return packaged_configs().get(p.name.removesuffix(".yaml"), p)
+
+
+def default_config_path() -> Path:
+    """``configs/flights.yaml`` of the working directory (a checkout) if present, else the packaged one."""
+    local = Path("configs/flights.yaml")
+    return local if local.is_file() else packaged_configs()["flights"]
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> PipelineConfig:
@@ -605,10 +628,11 @@ def load_config(
     data: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         origin = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p} (the packaged configs, usable by name: "
+                              f"{', '.join(sorted(packaged_configs()))})")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -13,12 +13,13 @@ import re
 import signal
 import sys
 from collections import deque
+from importlib import resources
 from pathlib import Path
 
 from ringflow.training.config import PipelineConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DISCOVER_HOSTS = REPO_ROOT / "infra" / "discover_hosts.sh"
+DISCOVER_HOSTS = Path(str(resources.files("ringflow.infra") / "discover_hosts.sh"))
+"""Elastic mode's host discovery script, shipped as package data (a wheel has no checkout)."""
 HOSTS_ENV = "RINGFLOW_HOSTS"
 
 
@@ -223,11 +224,11 @@ def horovodrun_command(
 
 
 def launch_env(cfg: PipelineConfig, base: dict[str, str] | None = None, **extra: str | None) -> dict[str, str]:
-    """Environment for horovodrun and its ranks: unbuffered output, the repo importable, the
-    elastic host list for discover_hosts.sh; ``extra`` values of None are removed."""
+    """Environment for horovodrun and its ranks: unbuffered output, the elastic host list for
+    discover_hosts.sh; ``extra`` values of None are removed. Ranks import ringflow from the same
+    environment as the launcher (``python -m ringflow.training.train`` with its interpreter)."""
     env = dict(os.environ if base is None else base)
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
     env.setdefault(HOSTS_ENV, hosts_for(cfg))
     for k, v in extra.items():
         if v is None:

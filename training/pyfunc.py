@@ -127,6 +127,20 @@ def model_requirements() -> list[str]:
     return ([f"--extra-index-url {index}"] if index else []) + pins
 
 
+def shipped_code(scratch: Path) -> Path:
+    """``scratch/ringflow/training``: this package under its import name, for ``code_paths``.
+
+    MLflow copies a code path's folder into the model and puts its parent on ``sys.path`` at load,
+    so the folder must be ``ringflow`` (a namespace package) holding ``training``, whose modules
+    import each other as ``ringflow.training.*``."""
+    import shutil
+
+    root = scratch / "ringflow"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(TRAINING_PACKAGE, root / "training", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
 def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: pd.DataFrame):
     """Log the pyfunc model (from code) into the active run; returns MLflow's ModelInfo.
 
@@ -138,7 +152,7 @@ def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: 
         python_model=str(MODEL_CODE),
         artifacts={"model_dir": str(model_dir)},
         # ship the model code with the model so it loads where ringflow is not installed
-        code_paths=[str(TRAINING_PACKAGE)],
+        code_paths=[str(shipped_code(model_dir.parent / "code"))],
         signature=signature,
         input_example=conform(input_example, signature),
         pip_requirements=model_requirements(),

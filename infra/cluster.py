@@ -1,7 +1,8 @@
-"""``ringflow cluster up | status | down | run``: the pipeline on a multi-host cluster.
+"""The team's services on the namespace cluster (``ringflow cluster up | status | down``).
 
 The hosts are network namespaces on this machine (``infra/hosts.py`` builds them); this module
-puts the team's services on them and submits work:
+puts the team's services on them (``flows/deployments.py`` sends the deployments to the worker's
+pool and submits work; ``flows/cli.py`` holds the commands):
 
 - ``h0`` runs the stack, ``ringflow up --no-serve`` inside h0 (infra/stack.py), bound to h0's
   address; MLflow serves artifacts over HTTP, so no host needs a path on h0's disk;
@@ -16,11 +17,8 @@ The same settings describe real machines (README "Scale out").
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
+from typing import Callable
 
 from ringflow.infra.hosts import (
     BIN, ClusterError, ClusterSettings, ClusterState, cluster_dir, identity_file, is_running, load_state,
@@ -28,8 +26,8 @@ from ringflow.infra.hosts import (
     write_ssh_files, wait_for, host_argv, tail,
 )
 from ringflow.infra.hosts import down as remove_cluster
+from ringflow.training.version import SOURCE_ROOT as REPO_ROOT  # the checkout (or the installed package)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK_POOL = "ringflow-cluster"
 PREFECT_PORT = 4200
 MLFLOW_PORT = 5000
@@ -181,38 +179,11 @@ def cluster_overrides(state: ClusterState) -> list[str]:
     ]
 
 
-def deploy_to_pool(state: ClusterState, config: Path | None) -> dict[str, str]:
-    """The deployments ``ringflow deploy`` makes (flows/deployments.py: parameters, schedules,
-    the rerun trigger), sent to the worker's process pool instead of the serve process, with the
-    cluster's training settings in the default config."""
-    from ringflow.training.config import load_config
+def up(home: Path, n_hosts: int, config: Path | None = None, *, stack: bool = True,
+       deploy: Callable[[ClusterState], object] | None = None, echo=print) -> ClusterState:
+    """Build (or complete) the cluster; idempotent. A first ``up`` that fails removes what it made.
 
-    use_stack(state)
-    from prefect.runner.storage import LocalStorage
-
-    from ringflow.flows.deployments import build_deployments
-    from ringflow.flows.monitoring import monitoring_flow
-    from ringflow.flows.training_pipeline import training_pipeline
-
-    cfg = load_config(config, cluster_overrides(state))
-    # By *module path*, not the file path a deployment records: a file entrypoint is loaded as a
-    # top-level module (`training_pipeline`), its result then pickles under that name and `cluster
-    # run` could not read it back. The storage's pull step starts each run in this repository.
-    modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
-    ids: dict[str, str] = {}
-    for dep in build_deployments(cfg):
-        dep.entrypoint = modules[dep.flow_name]
-        dep.storage = LocalStorage(str(REPO_ROOT))
-        dep.tags = [*dep.tags, "cluster"]
-        ids[f"{dep.flow_name}/{dep.name}"] = str(dep.apply(work_pool_name=WORK_POOL))  # also its trigger
-    return ids
-
-
-# --------------------------------------------------------------------------- commands
-
-
-def up(home: Path, n_hosts: int, config: Path | None = None, *, stack: bool = True, echo=print) -> ClusterState:
-    """Build (or complete) the cluster; idempotent. A first ``up`` that fails removes what it made."""
+    ``deploy``: called once the worker is online (flows/deployments.py ``deploy_to_pool``)."""
     settings = ClusterSettings()
     preflight(settings)
     state = load_state(home)
@@ -234,7 +205,8 @@ def up(home: Path, n_hosts: int, config: Path | None = None, *, stack: bool = Tr
             echo("starting the stack on h0 (Prefect server, MLflow server) ...")
             start_stack(state, config, settings)
             start_worker(state, settings)
-            deploy_to_pool(state, config)
+            if deploy is not None:
+                deploy(state)
     except BaseException:
         if fresh:
             remove_cluster(home, settings, echo=lambda _: None)
@@ -278,148 +250,3 @@ def print_status(state: ClusterState, echo=print) -> None:
         u = urls(state)
         echo(f"Prefect UI  {u['prefect']}   (work pool {WORK_POOL}, worker on h1)")
         echo(f"MLflow UI   {u['mlflow']}")
-
-
-def run(home: Path, config: Path | None, overrides: list[str], echo=print):
-    """Submit the training pipeline to the stack on h0; the worker on h1 runs it; wait; return its
-    :class:`~flows.training_pipeline.PipelineResult`."""
-    from ringflow.training.config import load_config
-
-    state = load_state(home)
-    if state is None:
-        raise ClusterError("no cluster: run `ringflow cluster up` first")
-    worker = state.processes.get("h1/worker")
-    if worker is None or not is_running(worker):
-        raise ClusterError("the cluster has no running worker on h1: run `ringflow cluster up` (with the stack)")
-    cfg = load_config(config, cluster_overrides(state) + list(overrides))
-    use_stack(state)
-    from prefect.deployments import run_deployment
-
-    from ringflow.flows.deployments import REASON_MANUAL, TRAINING
-
-    fr = run_deployment(name=f"{TRAINING}/{TRAINING}", parameters={"config": cfg.model_dump(mode="json"),
-                        "reason": REASON_MANUAL}, timeout=0)
-    echo(f"submitted flow run {fr.name}: {urls(state)['prefect']}/runs/flow-run/{fr.id}")
-    fr = follow_flow_run(fr.id, timeout_s=cfg.training.timeout_s + 1800, echo=echo)
-    if not fr.state.is_completed():
-        raise ClusterError(f"flow run {fr.name} ended {fr.state.name}: {fr.state.message} "
-                           f"({urls(state)['prefect']}/runs/flow-run/{fr.id})")
-    return fr.state.result()
-
-
-def follow_flow_run(flow_run_id, timeout_s: float, echo=print, poll_s: float = 2.0):
-    """Echo the flow run's log lines (the worker on h1 sends them to the API) until it ends."""
-    import time
-
-    from prefect import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import LogSort
-
-    seen = 0
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while True:
-            fr = client.read_flow_run(flow_run_id)
-            final = fr.state is not None and fr.state.is_final()
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                    sort=LogSort.TIMESTAMP_ASC, offset=seen, limit=200)
-            for entry in logs:
-                echo(f"  {entry.message}")
-            seen += len(logs)
-            if final and len(logs) < 200:
-                return fr
-            if time.monotonic() > deadline:
-                raise ClusterError(f"flow run {fr.name} still {fr.state.name if fr.state else 'pending'} after "
-                                   f"{timeout_s:.0f}s")
-            if len(logs) < 200:
-                time.sleep(poll_s)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-cluster_app = typer.Typer(
-    help="A multi-host cluster on this machine (network-namespace hosts with sshd): stack on h0, "
-         "Prefect worker on h1, horovodrun across h1..hN.",
-    no_args_is_help=True,
-)
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline config YAML.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config value: key.path=value (repeatable).")]
-
-
-def _home() -> Path:
-    from ringflow.training.config import get_settings
-
-    home = get_settings().home
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"FAILED: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
-def _default_config(config: Path | None) -> Path | None:
-    if config is not None:
-        return config
-    default = Path("configs/flights.yaml")
-    return default if default.is_file() else None
-
-
-@cluster_app.command("up")
-def up_cmd(
-    hosts: Annotated[int, typer.Option(help="Hosts: h0 runs the stack, h1 the worker, h1.. training ranks.")] = 3,
-    config: ConfigOpt = None,
-    stack: Annotated[bool, typer.Option(help="Also start the stack on h0 and the worker on h1.")] = True,
-) -> None:
-    """Build the cluster (idempotent) and print its hosts, addresses, roles and URLs."""
-    try:
-        preflight()  # before anything is written: not root, no `ip netns`, no sshd
-        home = _home()
-        state = up(home, hosts, _default_config(config), stack=stack, echo=typer.echo)
-    except (ClusterError, OSError) as e:
-        _fail(e)
-    print_status(state, echo=typer.echo)
-    typer.echo("Remove with `ringflow cluster down`.")
-
-
-@cluster_app.command("status")
-def status_cmd() -> None:
-    """Show the hosts, their services and the URLs."""
-    state = load_state(_home())
-    if state is None:
-        typer.echo("no cluster (`ringflow cluster up` builds one)")
-        raise typer.Exit(1)
-    print_status(state, echo=typer.echo)
-
-
-@cluster_app.command("down")
-def down_cmd() -> None:
-    """Remove every namespace, link, /etc/netns entry and process the cluster made, and nothing else."""
-    try:
-        removed = remove_cluster(_home(), echo=typer.echo)
-    except ClusterError as e:
-        _fail(e)
-    if not removed:
-        typer.echo("nothing to remove: no cluster")
-
-
-@cluster_app.command("run")
-def run_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Submit the training pipeline to the cluster's stack; the worker on h1 runs it across the hosts."""
-    from ringflow.training.config import ConfigError
-
-    home = _home()
-    try:
-        result = run(home, _default_config(config), set_ or [], echo=typer.echo)
-    except (ClusterError, ConfigError) as e:
-        _fail(e)
-    from ringflow.flows.training_pipeline import print_summary
-
-    print_summary(result)
-
-
-def main() -> None:  # pragma: no cover
-    sys.exit(cluster_app())

@@ -297,6 +297,17 @@ def synth(
     typer.echo(f"{len(files)} files in {out}: use it with --set data.source={out}")
 
 
+@app.command("install-horovod")
+def install_horovod() -> None:
+    """Build Horovod 0.28.1 (PyTorch + Gloo) into this environment, or reuse the cached wheel:
+    the script make install runs, shipped with the package for installs without a checkout."""
+    import subprocess
+    from importlib import resources
+
+    script = resources.files("ringflow.infra") / "install_horovod.sh"
+    raise typer.Exit(subprocess.run(["bash", str(script), sys.executable]).returncode)
+
+
 # --------------------------------------------------------------------------- ringflow cluster
 
 cluster_app = typer.Typer(

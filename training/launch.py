@@ -73,8 +73,8 @@ def check_horovod(python: str | None = None) -> None:
     """Refuse to start a pipeline whose train stage cannot run: ``horovodrun`` must sit next to
     the interpreter and ``horovod.torch`` must import with Gloo built in (what ``horovodrun
     --check-build`` lists, without its 9 s start-up). Raises :class:`HorovodUnavailable`."""
-    fix = (f"build and install it with `{INSTALL_HOROVOD} {python or sys.executable}` (`make install` runs it; "
-           "PyPI's horovod 0.28.1 does not build against torch >= 2.1 as shipped)")
+    fix = (f"build and install it with `ringflow install-horovod` ({INSTALL_HOROVOD}; `make install` runs it "
+           "in a checkout): PyPI's horovod 0.28.1 does not build against torch >= 2.1 as shipped")
     runner = Path(horovodrun_path(python))
     if not runner.is_file():
         raise HorovodUnavailable(f"horovodrun not found at {runner}: Horovod is not installed; {fix}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import resources
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,7 +151,7 @@ def deploy(cfg: PipelineConfig) -> dict[str, Any]:
     return ids
 
 
-KUBERNETES_TEMPLATE = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "work-pool.json"
+KUBERNETES_TEMPLATE = Path(str(resources.files("ringflow.infra") / "k8s" / "work-pool.json"))
 """The Kubernetes work pool's base job template (prefect-kubernetes' default plus ringflow's
 claim, /dev/shm and Secret; infra/kubernetes.md)."""
 

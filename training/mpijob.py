@@ -25,15 +25,16 @@ import shutil
 import subprocess
 import threading
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ringflow.training.config import PipelineConfig
-from ringflow.training.launch import REPO_ROOT, RankOutput, TrainingError, TrainingTimeout, horovodrun_command
+from ringflow.training.launch import RankOutput, TrainingError, TrainingTimeout, horovodrun_command
 from ringflow.training.secrets import SECRETS_FILE_ENV, is_secret
 
 API_VERSION = "kubeflow.org/v2beta1"
-CRD_FILE = REPO_ROOT / "infra" / "k8s" / "schemas" / "kubeflow.org_mpijobs.yaml"
+CRD_FILE = Path(str(resources.files("ringflow.infra") / "k8s" / "schemas" / "kubeflow.org_mpijobs.yaml"))
 OPERATOR_HOSTFILE = "/etc/mpi/hostfile"
 """Where the MPI Operator mounts the hostfile it writes for the launcher (``host slots=N``)."""
 SECRETS_DIR = "/etc/ringflow/secrets"

@@ -277,22 +277,18 @@ def clear_stale_pid_file(home: Path) -> bool:
 
     A killed postmaster leaves its pid file, and PostgreSQL refuses to start while that pid
     answers a signal. In a container nobody may reap the orphaned postmaster, so its zombie keeps
-    answering and the next start fails with "lock file postmaster.pid already exists".
+    answering and the next start fails with "lock file postmaster.pid already exists". ``up``
+    calls this before the first start; the supervisor does the same before each restart
+    (``--stale-pid-file``, :func:`postmaster_pid_file`).
     """
-    import psutil
+    from ringflow.infra.supervisor import remove_stale_pid_file
 
-    pid_file = data_dir(home) / "postmaster.pid"
-    try:
-        pid = int(pid_file.read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return False
-    try:
-        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-            return False  # a live postmaster: leave it alone
-    except psutil.NoSuchProcess:
-        pass
-    pid_file.unlink(missing_ok=True)
-    return True
+    return remove_stale_pid_file(postmaster_pid_file(home))
+
+
+def postmaster_pid_file(home: Path) -> Path:
+    """The postmaster's lock file, left behind when it is killed."""
+    return data_dir(home) / "postmaster.pid"
 
 
 def server_command(home: Path, host: str, port: int, settings: PostgresSettings | None = None) -> list[str]:

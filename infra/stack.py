@@ -1,17 +1,21 @@
 """``ringflow up`` / ``down`` / ``status``: the real servers on one box.
 
-Three long-lived processes, each in its own session (process group) so that ``down`` can stop
-it with everything it spawned (uvicorn workers, flow-run subprocesses):
+Long-lived processes, each under its own ``infra.supervisor`` (restart with back-off, gives up
+on a restart loop) and in its own session (process group) so that ``down`` can stop it with
+everything it spawned (uvicorn workers, flow-run subprocesses):
 
+- ``postgres`` (with ``--database postgresql``): ringflow's own PostgreSQL (infra/postgres.py),
 - ``prefect``: ``prefect server start`` (UI + API + services; SQLite under
   ``$RINGFLOW_HOME/prefect/``, PostgreSQL when ``PREFECT_API_DATABASE_CONNECTION_URL`` is set),
 - ``mlflow``: ``mlflow server`` (SQLite ``$RINGFLOW_HOME/mlflow.db`` + proxied artifacts under
   ``$RINGFLOW_HOME/artifacts``, or the backend/artifact URIs from the environment),
 - ``serve``: ``python -m ringflow.flows.deployments serve``: creates the deployments, schedules and the
-  rerun automation, then executes the runs that the UI, the schedules and the automation create.
+  rerun automation, then executes the runs that the UI, the schedules and the automation create,
+- ``evidently``: ``evidently ui`` over the monitoring workspace.
 
-Every process has a pid file (pid + start time + command line, so a reused pid is never
-signalled) and a log under ``$RINGFLOW_HOME/stack/``. ``$RINGFLOW_HOME/stack/env`` names the
+Every supervisor has a pid file (pid + start time + command line, so a reused pid is never
+signalled), a state file (the service's pid, restarts, gave-up message) and the service's log
+under ``$RINGFLOW_HOME/stack/``. ``$RINGFLOW_HOME/stack/env`` names the
 server URLs (never credentials) for CLI commands started while the stack is up.
 """
 
@@ -142,8 +146,12 @@ class Service:
     """Sent to the first process before the tree is stopped (PostgreSQL: SIGINT = fast shutdown)."""
     after_ready: Callable[[], None] | None = None
     """Runs once the service answers, before the next one starts (PostgreSQL: roles, databases)."""
-    supervised: bool = False
-    """Run under ``infra.supervisor``: restarted when it dies (back-off, loop limit), log rotated."""
+    supervised: bool = True
+    """Run under ``infra.supervisor``: restarted when it dies (back-off, loop limit), log rotated.
+    The pid file then names the supervisor; the service's own pid is in its state file."""
+    stale_pid_file: Path | None = None
+    """A pid file the service leaves when killed; the supervisor removes it before each restart
+    when the process it names is gone (PostgreSQL's ``postmaster.pid``)."""
 
 
 def stack_dir(home: Path | None = None) -> Path:
@@ -377,6 +385,7 @@ def _services(st: StackSettings, home: Path, config_json: Path | None, database:
             user=postgres.SYSTEM_USER if os.geteuid() == 0 else None,
             stop_signal=signal.SIGINT,  # fast shutdown: clients cut, a clean checkpoint
             after_ready=_prepare_databases,
+            stale_pid_file=postgres.postmaster_pid_file(home),
         ))
 
     prefect_home = home / "prefect"
@@ -469,22 +478,39 @@ def _services(st: StackSettings, home: Path, config_json: Path | None, database:
     return [*services, prefect, mlflow, evidently, serve]
 
 
+SUPERVISOR_ENV_PREFIXES = ("RINGFLOW_SUPERVISE_", "RINGFLOW_STACK_LOG_", "RINGFLOW_STACK_STOP_GRACE")
+"""The supervisor's settings (infra/supervisor.py), passed even to a service with a minimal env."""
+
+
 def _start(svc: Service, home: Path) -> psutil.Process:
     log = _log_file(svc.name, home)
-    cmd = svc.cmd
+    cmd, env, cwd, user = svc.cmd, svc.env, svc.cwd, svc.user
     if svc.supervised:
         # the supervisor writes (and rotates) the service's log; its own rare output goes beside it
         _state_file(svc.name, home).unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "ringflow.infra.supervisor", "--name", svc.name,
-               "--state", str(_state_file(svc.name, home)), "--log", str(log), "--", *svc.cmd]
+               "--state", str(_state_file(svc.name, home)), "--log", str(log)]
+        # the supervisor runs as us in the repository (it imports infra.supervisor and writes
+        # the state file and log); the user and directory are the service's
+        if svc.cwd != ROOT:
+            cmd += ["--cwd", str(svc.cwd)]
+        if svc.user:
+            cmd += ["--user", svc.user]
+        if svc.stop_signal:
+            cmd += ["--stop-signal", str(int(svc.stop_signal))]
+        if svc.stale_pid_file:
+            cmd += ["--stale-pid-file", str(svc.stale_pid_file)]
+        cmd += ["--", *svc.cmd]
+        env = {**{k: v for k, v in os.environ.items() if k.startswith(SUPERVISOR_ENV_PREFIXES)}, **svc.env}
+        cwd, user = ROOT, None
         log = stack_dir(home) / f"{svc.name}.supervisor.log"
     with open(log, "ab") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {svc.name}\n".encode())
         out.flush()
         tag = f"{svc.name}:{secrets.token_hex(8)}"
         p = subprocess.Popen(
-            cmd, env={**svc.env, SERVICE_TAG_ENV: tag}, cwd=svc.cwd if not svc.supervised else ROOT,
-            user=svc.user, stdin=subprocess.DEVNULL, stdout=out,
+            cmd, env={**env, SERVICE_TAG_ENV: tag}, cwd=cwd,
+            user=user, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,  # own group: down stops its children too
         )
     proc = psutil.Process(p.pid)

@@ -7,10 +7,14 @@ own session, writes its output to a size-rotated log and restarts it when it exi
 came within ``healthy_after_s`` of the start, it gives up: a service that dies at once every
 time needs a person, not more restarts. The state file (restart count, child pid, last exit,
 why it gave up) is what ``ringflow status`` shows. SIGTERM stops the child's whole tree, then
-the supervisor.
+the supervisor (after ``--stop-signal``, when given, had ``stop_grace_s`` to shut it down
+cleanly: PostgreSQL's fast shutdown is SIGINT).
 
-Generic over services: ``infra/stack.py`` supervises the deployment runner, and any service
-declared with ``supervised=True`` (e.g. a Prefect worker).
+Generic over services: ``infra/stack.py`` runs every service of the stack under it (PostgreSQL,
+Prefect, MLflow, Evidently UI, the deployment runner). ``--user``/``--cwd`` apply to the child
+only (PostgreSQL runs as ``postgres``; the supervisor stays the caller, so it can write its state
+file and log), and ``--stale-pid-file`` is removed before each start when the process it names is
+gone (a killed postmaster leaves ``postmaster.pid``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,28 @@ def read_state(path: Path) -> dict:
         return {}
 
 
+def remove_stale_pid_file(path: Path) -> bool:
+    """Remove a pid file (pid on its first line) whose process is gone or a zombie; True if removed.
+
+    A killed postmaster leaves its pid file, and PostgreSQL refuses to start while that pid
+    answers a signal. In a container nobody may reap an orphaned process, so its zombie keeps
+    answering and the next start fails with "lock file postmaster.pid already exists".
+    """
+    import psutil
+
+    try:
+        pid = int(path.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return False
+    try:
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            return False  # a live process: leave it alone
+    except psutil.NoSuchProcess:
+        pass
+    path.unlink(missing_ok=True)
+    return True
+
+
 def _write_state(path: Path, **state) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({**state, "updated": time.time()}))
@@ -65,9 +91,12 @@ def _write_state(path: Path, **state) -> None:
 
 class Supervisor:
     def __init__(self, name: str, cmd: list[str], state_file: Path, log_file: Path,
-                 settings: SupervisorSettings | None = None):
+                 settings: SupervisorSettings | None = None, *, cwd: Path | None = None,
+                 user: str | None = None, stop_signal: int | None = None,
+                 stale_pid_file: Path | None = None):
         self.name, self.cmd, self.state_file = name, cmd, state_file
         self.settings = settings or SupervisorSettings()
+        self.cwd, self.user, self.stop_signal, self.stale_pid_file = cwd, user, stop_signal, stale_pid_file
         handler = logging.handlers.RotatingFileHandler(
             log_file, maxBytes=self.settings.log_max_bytes, backupCount=self.settings.log_backups)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -92,17 +121,32 @@ class Supervisor:
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
-        if self.child is not None and self.child.poll() is None:
-            kill_tree(self.child.pid, grace_s=self.settings.stop_grace_s)
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        if self.stop_signal is not None:
+            import psutil
+
+            try:  # its own clean shutdown first (PostgreSQL checkpoints), the tree kill after
+                proc = psutil.Process(child.pid)
+                proc.send_signal(self.stop_signal)
+                # psutil, not child.wait(): run() is blocked in child.wait() under this handler
+                psutil.wait_procs([proc], timeout=self.settings.stop_grace_s)
+            except psutil.NoSuchProcess:
+                pass
+        kill_tree(child.pid, grace_s=self.settings.stop_grace_s)
 
     def run(self) -> int:
         s = self.settings
         backoff, quick_failures, last_exit = s.backoff_s, 0, None
         while not self.stopping.is_set():
+            if self.stale_pid_file is not None and remove_stale_pid_file(self.stale_pid_file):
+                self._note(f"removed {self.stale_pid_file}: the process it names is gone")
             started = time.monotonic()
             self.child = subprocess.Popen(
                 self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: its flow runs go with it when it is stopped
+                cwd=self.cwd, user=self.user,
+                start_new_session=True,  # its own group: its workers and flow runs go with it
             )
             self._note(f"started {self.name} pid {self.child.pid} (restarts so far: {self.restarts})")
             self._state("running", last_exit=last_exit)
@@ -137,17 +181,35 @@ class Supervisor:
         return 0
 
 
+def _signal_number(value: str) -> int:
+    """``2``, ``INT`` or ``SIGINT``."""
+    if value.isdigit():
+        return signal.Signals(int(value)).value
+    name = value.upper()
+    try:
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"].value
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"--stop-signal {value!r}: not a signal name or number") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ringflow.infra.supervisor")
     p.add_argument("--name", required=True)
     p.add_argument("--state", type=Path, required=True, help="JSON state file (restarts, child pid)")
     p.add_argument("--log", type=Path, required=True, help="the service's log, rotated by size")
+    p.add_argument("--cwd", type=Path, help="the service's working directory (default: ours)")
+    p.add_argument("--user", help="run the service as this user (the supervisor stays who it is)")
+    p.add_argument("--stop-signal", type=_signal_number,
+                   help="sent to the service first when stopping (name or number; then SIGTERM, SIGKILL)")
+    p.add_argument("--stale-pid-file", type=Path,
+                   help="removed before each start when the process it names is gone or a zombie")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the service's command")
     a = p.parse_args(argv)
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     if not cmd:
         p.error("no command to supervise (put it after --)")
-    sup = Supervisor(a.name, cmd, a.state, a.log)
+    sup = Supervisor(a.name, cmd, a.state, a.log, cwd=a.cwd, user=a.user, stop_signal=a.stop_signal,
+                     stale_pid_file=a.stale_pid_file)
     signal.signal(signal.SIGTERM, sup.stop)
     signal.signal(signal.SIGINT, sup.stop)
     return sup.run()

@@ -153,7 +153,9 @@ def test_up_started_all_three_and_wrote_urls(stack):
     # Evidently's UI over the monitoring workspace, on its own port, in status
     assert httpx.get(f"http://127.0.0.1:{stack.evidently_port}/api/version").json()["application"] == "Evidently UI"
     status = stack.cli("status").stdout
-    assert f"evidently running pid {stack.pids()['evidently']}  healthy  http://127.0.0.1:{stack.evidently_port}" in status, status
+    sup = json.loads((stack.home / "stack" / "evidently.state.json").read_text())
+    assert (f"evidently running pid {stack.pids()['evidently']} (supervised: service pid {sup['child_pid']}, "
+            f"0 restarts)  healthy  http://127.0.0.1:{stack.evidently_port}") in status, status
     env_file = (stack.home / "stack" / "env").read_text()
     assert f"PREFECT_API_URL={stack.api}" in env_file
     assert f"MLFLOW_TRACKING_URI={stack.mlflow}" in env_file
@@ -327,10 +329,10 @@ def _tagged(tag: str) -> list[psutil.Process]:
 def test_kill_9_of_a_service_pid_is_caught_by_status_and_up(stack):
     rec = json.loads((stack.home / "stack" / "mlflow.pid").read_text())
     old_tree = _tagged(rec["tag"])
-    assert len(old_tree) >= 2, "mlflow server runs uvicorn in a child process"
-    os.kill(rec["pid"], 9)
+    assert len(old_tree) >= 3, "supervisor, mlflow server and its uvicorn in a child process"
+    os.kill(rec["pid"], 9)  # the supervisor: nothing restarts its orphaned service
     _wait_dead(rec["pid"])
-    # The orphaned uvicorn still serves the port: that is what status must not hide.
+    # The orphaned server and uvicorn still serve the port: that is what status must not hide.
     assert httpx.get(f"{stack.mlflow}/health").text == "OK"
     out = stack.cli("status").stdout
     assert "mlflow   stopped" in out and "leftover process(es) still running" in out, out
@@ -435,6 +437,47 @@ def test_a_storm_of_anomaly_events_for_one_cause_starts_one_rerun(stack):
                 c.set_flow_run_state(r.id, Cancelled(), force=True)
 
 
+def test_each_server_killed_by_pid_is_restarted_by_its_supervisor(stack):
+    # kill -9 of the server itself (not its supervisor): back without `ringflow up`, on its port
+    def ok(url: str) -> bool:
+        try:
+            return httpx.get(url, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    health = {
+        "mlflow": f"{stack.mlflow}/health",
+        "prefect": f"{stack.api}/health",
+        "evidently": f"http://127.0.0.1:{stack.evidently_port}/api/version",
+    }
+    for name, url in health.items():
+        state_file = stack.home / "stack" / f"{name}.state.json"
+        supervisor = stack.pids()[name]
+        before = json.loads(state_file.read_text())
+        assert before["state"] == "running" and before["supervisor_pid"] == supervisor, before
+        child = psutil.Process(before["child_pid"])
+        old_tree = [child, *child.children(recursive=True)]  # MLflow: its uvicorn holds the port
+        os.kill(child.pid, 9)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            now = json.loads(state_file.read_text())
+            if now["child_pid"] != before["child_pid"] and now["state"] == "running":
+                break
+            time.sleep(0.5)
+        assert now["child_pid"] != before["child_pid"] and now["state"] == "running", (name, now)
+        assert now["restarts"] == before["restarts"] + 1 and now["last_exit"] == -9, (name, now)
+        for p in old_tree:  # the supervisor stopped what the killed server left
+            _wait_dead(p.pid)
+        deadline = time.monotonic() + 180
+        while not ok(url) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert ok(url), f"{name} does not answer {url} after its restart"
+        assert stack.pids()[name] == supervisor  # the same supervisor; `up` was not needed
+        out = stack.cli("status").stdout
+        assert (f"{name:8s} running pid {supervisor} (supervised: service pid {now['child_pid']}, "
+                f"{now['restarts']} restarts)  healthy") in out, out
+
+
 # --------------------------------------------------------------------------- down / restart
 
 
@@ -449,6 +492,8 @@ def test_down_stops_everything_and_state_survives_a_restart(stack):
     assert "mlflow   stopped 1 leftover process" in out or "mlflow   stopped 2 leftover process" in out, out
     gone, alive = psutil.wait_procs(family, timeout=5)
     assert not alive, [p.pid for p in alive]
+    # supervisors, servers and workers, also those restarted by a supervisor (tests above)
+    assert not _tagged_in_home(stack.home)
     assert not (stack.home / "stack" / "env").exists()
     assert stack.pids() == {}
     listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}

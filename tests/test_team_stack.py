@@ -37,8 +37,10 @@ def pg_stack():
     private = Path(tempfile.mkdtemp(prefix="ringflow-pg-"))  # 0700, as /root: user postgres cannot enter
     shared = Path(tempfile.mkdtemp(prefix="ringflow-pg-state-"))
     shared.chmod(0o755)  # stands for /var/lib: the state dir (and a PostgreSQL root) below it
+    # a 3 s restart back-off: a killed PostgreSQL stays down long enough for a client to see it
     s = Stack(private / "home", {"RINGFLOW_POSTGRES_PORT": str(_free_port()),
-                                 "RINGFLOW_POSTGRES_STATE_DIR": str(shared / "state")})
+                                 "RINGFLOW_POSTGRES_STATE_DIR": str(shared / "state"),
+                                 "RINGFLOW_SUPERVISE_BACKOFF": "3"})
     s.pg_port = int(s.env["RINGFLOW_POSTGRES_PORT"])
     s.pg_shared = shared
     try:
@@ -73,10 +75,13 @@ def test_up_on_postgresql_runs_both_servers_on_their_own_databases(pg_stack):
     assert set(s.pids()) == {"postgres", "prefect", "mlflow", "evidently", "serve"}
 
     # Our own server, as user postgres, on our port and loopback only; not the system service.
+    # The pid file names its supervisor (as us), the state file the postmaster.
     rec = json.loads((s.home / "stack" / "postgres.pid").read_text())
-    server = psutil.Process(rec["pid"])
+    sup = json.loads((s.home / "stack" / "postgres.state.json").read_text())
+    server = psutil.Process(sup["child_pid"])
+    assert server.ppid() == rec["pid"] and sup["state"] == "running"
     data = postgres.data_dir(s.home)
-    assert str(data) in server.cmdline()
+    assert server.cwd() == str(data) and str(data) in server.cmdline()
     if os.geteuid() == 0:
         # As root: the data outside the home, where user postgres reaches it, and only postgres
         assert server.username() == "postgres"
@@ -143,10 +148,11 @@ def test_a_run_lands_in_postgresql_and_everything_survives_down_and_up(pg_stack)
         cur.execute("SELECT count(*) FROM model_versions WHERE name = 'pg-check'")
         assert cur.fetchone()[0] == 1
 
-    pg_pid = s.pids()["postgres"]
+    pg_pids = [s.pids()["postgres"], json.loads((s.home / "stack" / "postgres.state.json").read_text())["child_pid"]]
     out = s.cli("down").stdout
     assert "postgres stopped" in out, out
-    assert not psutil.pid_exists(pg_pid) or psutil.Process(pg_pid).status() == psutil.STATUS_ZOMBIE
+    for pid in pg_pids:  # the supervisor and the postmaster
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     log = (s.home / "stack" / "postgres.log").read_text()
     assert "database system is shut down" in log  # a clean (fast) shutdown, not a crash
 
@@ -227,9 +233,11 @@ def test_up_on_data_of_a_major_version_not_installed_says_what_to_do(tmp_path):
 
 @pytest.mark.slow
 @needs_postgres
-def test_postgresql_killed_while_a_run_logs_then_up_recovers_it(pg_stack, monkeypatch):
+def test_postgresql_killed_while_a_run_logs_is_restarted_by_its_supervisor(pg_stack, monkeypatch):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from ringflow.infra.supervisor import read_state
 
     s = pg_stack
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the error now, not after minutes of retries
@@ -237,8 +245,9 @@ def test_postgresql_killed_while_a_run_logs_then_up_recovers_it(pg_stack, monkey
     exp = client.get_experiment_by_name("ringflow")
     run = client.create_run(exp.experiment_id)
     versions_before = len(client.search_model_versions("name='pg-check'"))
-    pg_pid = s.pids()["postgres"]
-    os.kill(pg_pid, signal.SIGKILL)  # while the run logs
+    state_file = s.home / "stack" / "postgres.state.json"
+    before = read_state(state_file)
+    os.kill(before["child_pid"], signal.SIGKILL)  # the postmaster (not its supervisor), while the run logs
     error = None
     for step in range(100):
         try:
@@ -252,8 +261,11 @@ def test_postgresql_killed_while_a_run_logs_then_up_recovers_it(pg_stack, monkey
     # run rides out a short outage; here, with none, the request fails and says why
     assert "503" in error, error
 
-    out = s.cli("up", "--config", str(SMOKE)).stdout  # replaces PostgreSQL (crash recovery), keeps the rest
-    assert "postgres started" in out and "prefect  already running" in out, out
+    # Its supervisor starts it again (crash recovery), without `ringflow up`.
+    now = _until(lambda: (st := read_state(state_file)).get("state") == "running"
+                 and st.get("child_pid") != before["child_pid"] and st, 120)
+    assert now["restarts"] == before["restarts"] + 1 and now["last_exit"] == -signal.SIGKILL, now
+    assert psutil.Process(now["child_pid"]).username() == "postgres"
 
     def registry_loads():
         try:
@@ -261,7 +273,7 @@ def test_postgresql_killed_while_a_run_logs_then_up_recovers_it(pg_stack, monkey
         except MlflowException:  # a pooled connection from before the restart, dropped once
             return None
 
-    versions = _until(registry_loads, 60)
+    versions = _until(registry_loads, 120)
     assert len(versions) == versions_before  # no half-written version
     assert client.get_model_version_by_alias("pg-check", "champion").version == "1"
     run2 = client.create_run(exp.experiment_id)  # the next run works
@@ -270,18 +282,23 @@ def test_postgresql_killed_while_a_run_logs_then_up_recovers_it(pg_stack, monkey
     assert client.get_run(run2.info.run_id).data.metrics == {"loss": 0.5}
     log = (s.home / "stack" / "postgres.log").read_text()
     assert "database system was interrupted" in log or "not properly shut down" in log
+    # the lock file of the killed postmaster, removed before the restart
+    assert f"removed {s.home / 'postgres' / 'data' / 'postmaster.pid'}: the process it names is gone" in log, log[-3000:]
+    out = s.cli("status").stdout
+    assert (f"postgres running pid {s.pids()['postgres']} (supervised: service pid {now['child_pid']}, "
+            f"{now['restarts']} restarts)") in out, out
 
 
 # --------------------------------------------------------------------------- supervisor
 
 
-def _supervise(tmp_path: Path, code: str, **env: str) -> subprocess.Popen:
+def _supervise(tmp_path: Path, code: str, *options: str, **env: str) -> subprocess.Popen:
     import os
     import sys
 
     return subprocess.Popen(
         [sys.executable, "-m", "ringflow.infra.supervisor", "--name", "svc", "--state", str(tmp_path / "svc.state.json"),
-         "--log", str(tmp_path / "svc.log"), "--", sys.executable, "-u", "-c", code],
+         "--log", str(tmp_path / "svc.log"), *options, "--", sys.executable, "-u", "-c", code],
         cwd=ROOT, env={**os.environ, "RINGFLOW_SUPERVISE_BACKOFF": "0.2", **env}, start_new_session=True,
     )
 
@@ -330,6 +347,42 @@ def test_supervisor_gives_up_on_a_restart_loop_with_a_clear_message(tmp_path):
     st = _state(tmp_path)
     assert st["state"] == "gave-up" and st["restarts"] == 2 and st["last_exit"] == 3
     assert "exited 3 times in a row" in st["message"] and "last exit code 3" in st["message"]
+
+
+def test_supervisor_stops_with_the_services_own_signal_in_its_directory_after_a_stale_pid_file(tmp_path):
+    # What PostgreSQL needs: its lock file removed when the pid in it is gone, its data directory
+    # as working directory, SIGINT (fast shutdown) rather than SIGTERM when stopped.
+    workdir = tmp_path / "data"
+    workdir.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = workdir / "service.pid"
+    stale.write_text(f"{dead.pid}\n/some/data/dir\n")
+    code = ("import os, signal, sys, time\n"
+            "def bye(signum, _): print('clean shutdown on', signal.Signals(signum).name, flush=True); sys.exit(0)\n"
+            "signal.signal(signal.SIGINT, bye)\n"
+            "signal.signal(signal.SIGTERM, lambda *_: None)  # SIGTERM alone would not stop it\n"
+            "print('cwd', os.getcwd(), flush=True)\n"
+            "time.sleep(600)")
+    sup = _supervise(tmp_path, code, "--cwd", str(workdir), "--stop-signal", "SIGINT",
+                     "--stale-pid-file", str(stale), RINGFLOW_STACK_STOP_GRACE="30")
+    try:
+        child = _until(lambda: _state(tmp_path).get("child_pid"))
+        _until(lambda: f"cwd {workdir}" in (tmp_path / "svc.log").read_text())
+        assert not stale.exists()
+        sup.terminate()
+        assert sup.wait(60) == 0
+    finally:
+        sup.kill()
+    log = (tmp_path / "svc.log").read_text()
+    assert f"removed {stale}: the process it names is gone" in log, log
+    assert "clean shutdown on SIGINT" in log, log
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    live = workdir / "live.pid"
+    live.write_text(f"{os.getpid()}\n")  # a live process: its pid file stays
+    from ringflow.infra.supervisor import remove_stale_pid_file
+
+    assert not remove_stale_pid_file(live) and live.exists()
 
 
 def test_supervisor_rotates_the_service_log(tmp_path):

@@ -5,7 +5,9 @@ puts the team's services on them (``flows/deployments.py`` sends the deployments
 pool and submits work; ``flows/cli.py`` holds the commands):
 
 - ``h0`` runs the stack, ``ringflow up --no-serve`` inside h0 (infra/stack.py), bound to h0's
-  address; MLflow serves artifacts over HTTP, so no host needs a path on h0's disk;
+  address; MLflow serves artifacts over HTTP, so no host needs a path on h0's disk; its Evidently
+  UI reads the one workspace on the shared filesystem (:func:`evidently_workspace`) that the
+  worker's monitoring runs write;
 - ``h1`` runs a real ``prefect worker`` of the process pool ``ringflow-cluster``; the training
   and monitoring deployments (from this repository's source) and the rerun automation go to it;
 - ``h1..hN`` run sshd: the worker's flow runs launch ``horovodrun`` from h1 across them with
@@ -31,6 +33,7 @@ from ringflow.training.version import SOURCE_ROOT as REPO_ROOT  # the checkout (
 WORK_POOL = "ringflow-cluster"
 PREFECT_PORT = 4200
 MLFLOW_PORT = 5000
+EVIDENTLY_PORT = 8000
 NETWORK_INTERFACE = "eth0"
 """Every namespace host's interface (``ip link add ... peer name eth0``)."""
 SERVER_SECRETS = ("PREFECT_SERVER_API_AUTH_STRING", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
@@ -46,9 +49,23 @@ def results_dir(home: Path) -> Path:
     return cluster_dir(home) / "results"
 
 
+def evidently_workspace(home: Path) -> Path:
+    """The cluster's one Evidently workspace, ``<home>/evidently`` on the shared filesystem: h0's
+    ``evidently ui`` reads it and the worker's monitoring runs write it (both are given it as
+    RINGFLOW_EVIDENTLY_WORKSPACE), as does ``ringflow monitor`` on this machine with the same
+    RINGFLOW_HOME."""
+    from ringflow.monitoring.reports import WORKSPACE_DIR
+
+    return home / WORKSPACE_DIR
+
+
 def urls(state: ClusterState) -> dict[str, str]:
     h0 = state.host("h0")
-    return {"prefect": f"http://{h0.address}:{PREFECT_PORT}", "mlflow": f"http://{h0.address}:{MLFLOW_PORT}"}
+    return {"prefect": f"http://{h0.address}:{PREFECT_PORT}", "mlflow": f"http://{h0.address}:{MLFLOW_PORT}",
+            "evidently": f"http://{h0.address}:{EVIDENTLY_PORT}"}
+
+
+HEALTH_PATHS = {"prefect": "/api/health", "mlflow": "/health", "evidently": "/api/version"}
 
 
 def client_env(state: ClusterState) -> dict[str, str]:
@@ -86,6 +103,9 @@ def start_stack(state: ClusterState, config: Path | None, settings: ClusterSetti
     env.update(
         RINGFLOW_HOME=str(stack_home), RINGFLOW_HOST=h0.address,
         RINGFLOW_PREFECT_PORT=str(PREFECT_PORT), RINGFLOW_MLFLOW_PORT=str(MLFLOW_PORT),
+        RINGFLOW_EVIDENTLY_PORT=str(EVIDENTLY_PORT),
+        # the UI reads the workspace on the shared filesystem, not one under h0's own home
+        RINGFLOW_EVIDENTLY_WORKSPACE=str(evidently_workspace(home)),
         # served artifacts (mlflow-artifacts:/ URIs): ranks and flows upload over HTTP
         RINGFLOW_MLFLOW_ARTIFACTS_DESTINATION=str(stack_home / "artifacts"),
         # MLflow's host check admits loopback and private ranges only; 198.18/15 is neither
@@ -102,8 +122,7 @@ def start_stack(state: ClusterState, config: Path | None, settings: ClusterSetti
         raise ClusterError(f"the stack did not start on h0 (`ringflow up` exited {p.returncode}); last lines of "
                            f"{log}:\n{tail(log)}")
     u = urls(state)
-    for name in ("prefect", "mlflow"):
-        path = "/api/health" if name == "prefect" else "/health"
+    for name, path in HEALTH_PATHS.items():
         try:
             ok = httpx.get(u[name] + path, timeout=5, auth=prefect_auth(state) if name == "prefect" else None
                            ).status_code == 200
@@ -126,6 +145,7 @@ def start_worker(state: ClusterState, settings: ClusterSettings) -> None:
         env.update(client_env(state))
         env.update(
             RINGFLOW_HOME=str(home), PREFECT_HOME=str(cluster_dir(home) / "h1" / "prefect"),
+            RINGFLOW_EVIDENTLY_WORKSPACE=str(evidently_workspace(home)),  # the one h0's UI reads
             PREFECT_RESULTS_PERSIST_BY_DEFAULT="true", PREFECT_LOCAL_STORAGE_PATH=str(results_dir(home)),
         )
         argv = [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
@@ -226,7 +246,7 @@ def status_rows(state: ClusterState) -> list[dict[str, str]]:
             if key.startswith(f"{h.name}/"):
                 services.append(f"{key.split('/', 1)[1]} {'running' if is_running(rec) else 'STOPPED'}")
         if "stack" in h.roles and state.stack:
-            for name, path in (("prefect", "/api/health"), ("mlflow", "/health")):
+            for name, path in HEALTH_PATHS.items():
                 try:
                     auth = prefect_auth(state) if name == "prefect" else None
                     ok = h.netns in present and httpx.get(u[name] + path, timeout=3, auth=auth).status_code == 200
@@ -250,3 +270,4 @@ def print_status(state: ClusterState, echo=print) -> None:
         u = urls(state)
         echo(f"Prefect UI  {u['prefect']}   (work pool {WORK_POOL}, worker on h1)")
         echo(f"MLflow UI   {u['mlflow']}")
+        echo(f"Evidently UI {u['evidently']}   (workspace {evidently_workspace(Path(state.shared_home))})")

@@ -1,6 +1,6 @@
 """Several hosts on one machine: network namespaces with their own address, hostname, /etc and sshd.
 
-``ringflow cluster up`` (flows/cluster.py) builds, for ``--hosts N``:
+``ringflow cluster up`` (infra/cluster.py, its command in flows/cli.py) builds, for ``--hosts N``:
 
 - a bridge ``<prefix>br`` holding ``<subnet>.1`` in the root namespace (so this machine, its
   browser and the CLI reach every host) and, per host ``h<i>``, a network namespace
@@ -8,7 +8,7 @@
   198.18.0.0/15 (RFC 2544, never a private or public range);
 - per host, ``/etc/netns/<ns>/hosts`` (every host's name -> its address, so a host's own name
   resolves to its own address: Horovod's process-set context resolves the hostname, trap 2 in
-  notes/cluster.md) and ``/etc/netns/<ns>/ssh/ssh_config`` (the cluster's key and known_hosts,
+  docs/cluster.md) and ``/etc/netns/<ns>/ssh/ssh_config`` (the cluster's key and known_hosts,
   so ssh never reads or writes root's ``~/.ssh``); ``ip netns exec`` mounts both over /etc;
 - every process of a host runs in that namespace and in its own UTS namespace whose hostname is
   the host's name (``h1``), as on a real machine;
@@ -21,7 +21,7 @@ be incomplete. The namespaces share the filesystem, as cluster hosts share an NF
 ``$RINGFLOW_HOME`` (data, run outputs) is the shared directory.
 
 Plain Python, no Prefect: the stack, the worker and the deployments are composed in
-``flows/cluster.py``.
+``infra/cluster.py``.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ class StackSettings(BaseSettings):
     prefect_port: int = Field(4200, alias="RINGFLOW_PREFECT_PORT")
     mlflow_port: int = Field(5000, alias="RINGFLOW_MLFLOW_PORT")
     evidently_port: int = Field(8000, alias="RINGFLOW_EVIDENTLY_PORT")
-    """``evidently ui`` over the monitoring workspace ``$RINGFLOW_HOME/evidently``."""
+    """``evidently ui`` over the monitoring workspace (``RINGFLOW_EVIDENTLY_WORKSPACE``, default
+    ``$RINGFLOW_HOME/evidently``)."""
     prefect_database_url: str | None = Field(
         None,
         validation_alias=AliasChoices(
@@ -354,11 +355,18 @@ def _deployments_ready(api_url: str, auth: tuple[str, str] | None, names: list[s
         return False
 
 
-def _services(st: StackSettings, home: Path, config_json: Path | None, database: str = "sqlite") -> list[Service]:
+def _services(st: StackSettings, home: Path, config_json: Path | None, database: str = "sqlite",
+              workspace: Path | None = None) -> list[Service]:
+    """``workspace``: the Evidently workspace (``Settings.evidently_workspace``; None =
+    ``home/evidently``), the one the UI reads and the serve process's monitoring runs write."""
+    from ringflow.monitoring.reports import WORKSPACE_DIR
+
+    workspace = workspace or home / WORKSPACE_DIR
     base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_KEY")}
     base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     process_defaults(base)  # servers, the runner and its flow runs: no telemetry, quiet logs (as the CLI)
     base["RINGFLOW_HOME"] = str(home)
+    base["RINGFLOW_EVIDENTLY_WORKSPACE"] = str(workspace)
     base["PYTHONUNBUFFERED"] = "1"
 
     services: list[Service] = []
@@ -463,12 +471,10 @@ def _services(st: StackSettings, home: Path, config_json: Path | None, database:
         needs=["prefect", "mlflow"],
         supervised=True,  # schedules and reruns stop silently without it
     )
-    from ringflow.monitoring.reports import WORKSPACE_DIR
-
     # Evidently's UI over the workspace that every monitoring run adds its snapshots to
     evidently = Service(
         name="evidently",
-        cmd=[str(BIN / "evidently"), "ui", "--workspace", str(home / WORKSPACE_DIR),
+        cmd=[str(BIN / "evidently"), "ui", "--workspace", str(workspace),
              "--host", st.host, "--port", str(st.evidently_port)],
         env=dict(base),
         ready=lambda: _http_ok(f"{st.evidently_url}/api/version"),
@@ -658,7 +664,7 @@ def up(
     result: dict[str, str] = {}
     started: list[tuple[str, psutil.Process]] = []
     try:
-        for svc in _services(st, home, config_json, database):
+        for svc in _services(st, home, config_json, database, get_settings().evidently_workspace):
             if svc.name == "serve" and not serve:
                 continue
             proc = _running(svc.name, home)

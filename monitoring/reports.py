@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from ringflow.training.config import EVIDENTLY_WORKSPACE_DIR
+
 PREDICTION = "prediction"
 """Column holding the champion's predicted delay probability in both frames."""
 
@@ -72,8 +74,9 @@ class EvidentlyWorkspace(BaseModel):
     """Project name: one per pipeline config (e.g. ``ringflow flights``)."""
 
 
-WORKSPACE_DIR = "evidently"
-"""The Evidently workspace under ``$RINGFLOW_HOME`` (monitoring writes it, ``evidently ui`` reads it)."""
+WORKSPACE_DIR = EVIDENTLY_WORKSPACE_DIR
+"""The Evidently workspace under ``$RINGFLOW_HOME`` (monitoring writes it, ``evidently ui`` reads it)
+unless ``RINGFLOW_EVIDENTLY_WORKSPACE`` names another (``Settings.evidently_workspace``)."""
 
 DASHBOARD_PANELS = ["Drift share per batch", "Prediction PSI per batch", "ROC AUC per batch"]
 

@@ -42,7 +42,7 @@ from ringflow.monitoring.observation import training_observation
 from ringflow.monitoring.policy import PolicyDecision, RerunPlan, RerunRecord, next_batch_month
 from ringflow.monitoring.reference import Reference, reference_from_manifest, reference_from_source
 from ringflow.monitoring.reports import (
-    PREDICTION, WORKSPACE_DIR, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports,
+    PREDICTION, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports,
 )
 from ringflow.monitoring.scoring import score, score_chunks
 from ringflow.tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
@@ -220,7 +220,7 @@ def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir
         rules=RuleThresholds(prediction_psi=m.prediction_psi, max_missing_increase=m.max_missing_share,
                              max_unseen_share=m.max_unseen_category_share, vocabulary=reference.preprocessor.vocab),
         # every snapshot also goes to the workspace `evidently ui` shows (trend across batches)
-        workspace=EvidentlyWorkspace(path=str(get_settings().home / WORKSPACE_DIR), project=cfg.registry.model_name),
+        workspace=EvidentlyWorkspace(path=str(get_settings().evidently_workspace), project=cfg.registry.model_name),
         batch_label=batch.label,
         batch_time=dt.datetime.combine(window_start, dt.time()) if window_start else None,
     )

@@ -325,7 +325,7 @@ def test_hostfile_from_a_node_list_places_the_ranks(stack_cluster):
     # A Slurm allocation's node list (`scontrol show hostnames > hosts`): bare names, one a line
     home, state, _ = stack_cluster
     if not list(home.glob("data/*/manifest.json")):  # run alone: shard first, on h1 as the worker would
-        from ringflow.flows.cluster import client_env
+        from ringflow.infra.cluster import client_env
         from ringflow.infra.hosts import host_argv
 
         env = {**os.environ, **SECRET_ENV, **client_env(state), "RINGFLOW_HOME": str(home)}
@@ -381,6 +381,52 @@ def test_lost_host_without_elastic_fails_naming_host_and_rank(stack_cluster):
     failed = [line for line in out.splitlines() if line.startswith("FAILED:")]
     assert failed and "rank 1" in failed[0] and "host h2" in failed[0], out[-3000:]
     assert ringflow_processes_on(state) == []
+
+
+MONITOR_ON_THE_WORKER = """
+import sys
+from pathlib import Path
+
+from ringflow.flows.deployments import follow_flow_run
+from ringflow.infra.cluster import use_stack
+from ringflow.infra.hosts import load_state
+
+use_stack(load_state(Path(sys.argv[1])))
+from prefect.deployments import run_deployment
+
+fr = run_deployment(name="monitoring/monitoring", parameters={"batch": sys.argv[2], "trigger_rerun": False}, timeout=0)
+fr = follow_flow_run(fr.id, timeout_s=1200)
+print(f"flow run {fr.name} ended {fr.state.name}: {fr.state.message}")
+sys.exit(0 if fr.state.is_completed() else 1)
+"""
+
+
+@pytest.mark.slow
+def test_monitoring_on_the_worker_shows_in_the_evidently_ui_on_h0(stack_cluster):
+    """The worker on h1 writes the snapshots and h0's ``evidently ui`` reads them: one workspace."""
+    from ringflow.training.config import load_config
+
+    home, state, _ = stack_cluster
+    if not list(home.glob("runs/*/summary.json")):  # run alone: the champion comes from a cluster run
+        cli(home, "run", "-c", "configs/smoke.yaml", "--set", "gate.baseline=none", env=SECRET_ENV)
+    env = {**os.environ, **SECRET_ENV, "RINGFLOW_HOME": str(home)}
+    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RINGFLOW_EVIDENTLY_WORKSPACE"):
+        env.pop(k, None)
+    # the monitoring deployment, run by the worker on h1 (as its schedule or the Prefect UI would)
+    p = subprocess.run([sys.executable, "-c", MONITOR_ON_THE_WORKER, str(home), "2013-03"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+
+    ui = f"http://{state.host('h0').address}:8000"
+    name = load_config(ROOT / "configs/smoke.yaml").registry.model_name
+    projects = httpx.get(f"{ui}/api/projects", timeout=10).json()
+    found = [pr for pr in projects if pr["name"] == name]
+    assert found, f"no project {name!r} in the Evidently UI on h0: {[pr['name'] for pr in projects]}"
+    snapshots = httpx.get(f"{ui}/api/projects/{found[0]['id']}/snapshots", timeout=10).json()
+    # the batch's snapshots, stamped with its start (drift, and quality: 2013-03 is labelled)
+    assert [s["timestamp"][:10] for s in snapshots].count("2013-03-01") == 2, snapshots
+    status = cli(home, "status").stdout
+    assert re.search(rf"^Evidently UI {re.escape(ui)}\s", status, re.M) and "evidently healthy" in status, status
 
 
 def test_down_after_training_leaves_the_machine_as_before(stack_cluster):

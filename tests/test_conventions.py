@@ -145,6 +145,21 @@ def test_stack_services_send_no_telemetry(tmp_path, monkeypatch):
         assert svc.env["DO_NOT_TRACK"] == "true", svc.name
 
 
+def test_stack_evidently_ui_reads_the_workspace_its_flow_runs_write(tmp_path):
+    """``RINGFLOW_EVIDENTLY_WORKSPACE`` (``ringflow cluster`` sets it) reaches the UI and, through
+    the serve process's environment, every monitoring run it executes."""
+    from ringflow.infra.stack import StackSettings, _services
+
+    (tmp_path / "stack").mkdir()
+    workspace = tmp_path / "shared" / "evidently"
+    services = {s.name: s for s in _services(StackSettings(), tmp_path / "home", None, workspace=workspace)}
+    ui = services["evidently"].cmd
+    assert ui[ui.index("--workspace") + 1] == str(workspace)
+    assert services["serve"].env["RINGFLOW_EVIDENTLY_WORKSPACE"] == str(workspace)
+    default = {s.name: s for s in _services(StackSettings(), tmp_path, None)}["evidently"].cmd
+    assert default[default.index("--workspace") + 1] == str(tmp_path / "evidently")
+
+
 def _install_recipe(*make_args: str) -> str:
     out = subprocess.run(["make", "-n", "-B", "-f", "Makefile", ".venv/.ringflow-installed", *make_args],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -659,6 +659,10 @@ def with_overrides(cfg: PipelineConfig, overrides: dict[str, Any]) -> PipelineCo
 # --------------------------------------------------------------------------- environment
 
 
+EVIDENTLY_WORKSPACE_DIR = "evidently"
+"""The Evidently workspace's default place under ``$RINGFLOW_HOME``."""
+
+
 class Settings(BaseSettings):
     """Where state lives and which servers to talk to. Read from the environment once.
 
@@ -671,10 +675,24 @@ class Settings(BaseSettings):
     ringflow_home: Path = Field(Path(".ringflow"), alias="RINGFLOW_HOME")
     mlflow_tracking_uri: str | None = Field(None, alias="MLFLOW_TRACKING_URI")
     prefect_api_url: str | None = Field(None, alias="PREFECT_API_URL")
+    ringflow_evidently_workspace: Path | None = Field(None, alias="RINGFLOW_EVIDENTLY_WORKSPACE")
+    """The Evidently workspace that monitoring writes and ``evidently ui`` reads; unset =
+    ``$RINGFLOW_HOME/evidently``. ``ringflow cluster`` sets it for both sides (h0's UI, h1's runs)."""
+
+    @field_validator("ringflow_evidently_workspace", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value  # not the CWD
 
     @property
     def home(self) -> Path:
         return self.ringflow_home.expanduser().resolve()
+
+    @property
+    def evidently_workspace(self) -> Path:
+        if self.ringflow_evidently_workspace is not None:
+            return self.ringflow_evidently_workspace.expanduser().resolve()
+        return self.home / EVIDENTLY_WORKSPACE_DIR
 
     @property
     def tracking_uri(self) -> str:

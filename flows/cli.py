@@ -175,7 +175,7 @@ def up(
     and monitoring flows with their schedules and the rerun-on-anomaly automation."""
     cfg = _config(config, set_)
     _prepare_environment(local_store=False)
-    from ringflow.infra.stack import StackError, StackSettings
+    from ringflow.infra.stack_settings import StackError, StackSettings
     from ringflow.infra.stack import up as stack_up
 
     try:
@@ -206,7 +206,8 @@ def down() -> None:
 def status() -> None:
     """Show the stack's processes, health, deployments, schedules and the rerun automation."""
     _prepare_environment(local_store=False)
-    from ringflow.infra.stack import StackError, deployment_summary
+    from ringflow.infra.stack import deployment_summary
+    from ringflow.infra.stack_settings import StackError
     from ringflow.infra.stack import status as stack_status
 
     rows = stack_status()

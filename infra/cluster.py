@@ -71,8 +71,8 @@ HEALTH_PATHS = {"prefect": "/api/health", "mlflow": "/health", "evidently": "/ap
 def client_env(state: ClusterState) -> dict[str, str]:
     """How any host (and this machine) reaches the stack on h0: URLs, plus credentials from the
     environment (infra/stack.py derives client credentials from server ones)."""
-    from ringflow.infra.stack import StackSettings
-    from ringflow.infra.stack import client_env as stack_client_env
+    from ringflow.infra.stack_settings import StackSettings
+    from ringflow.infra.stack_settings import client_env as stack_client_env
 
     return stack_client_env(StackSettings(host=state.host("h0").address, prefect_port=PREFECT_PORT,
                                           mlflow_port=MLFLOW_PORT))

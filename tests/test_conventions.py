@@ -132,12 +132,13 @@ def test_cli_turns_library_telemetry_off(tmp_path):
 
 
 def test_stack_services_send_no_telemetry(tmp_path, monkeypatch):
-    from ringflow.infra.stack import StackSettings, _services
+    from ringflow.infra.services import stack_services
+    from ringflow.infra.stack_settings import StackSettings
 
     for key in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED"):
         monkeypatch.delenv(key, raising=False)
     (tmp_path / "stack").mkdir()
-    services = _services(StackSettings(), tmp_path, None)
+    services = stack_services(StackSettings(), tmp_path, None)
     assert services
     for svc in services:
         assert svc.env["MLFLOW_DISABLE_TELEMETRY"] == "true", svc.name
@@ -148,15 +149,16 @@ def test_stack_services_send_no_telemetry(tmp_path, monkeypatch):
 def test_stack_evidently_ui_reads_the_workspace_its_flow_runs_write(tmp_path):
     """``RINGFLOW_EVIDENTLY_WORKSPACE`` (``ringflow cluster`` sets it) reaches the UI and, through
     the serve process's environment, every monitoring run it executes."""
-    from ringflow.infra.stack import StackSettings, _services
+    from ringflow.infra.services import stack_services
+    from ringflow.infra.stack_settings import StackSettings
 
     (tmp_path / "stack").mkdir()
     workspace = tmp_path / "shared" / "evidently"
-    services = {s.name: s for s in _services(StackSettings(), tmp_path / "home", None, workspace=workspace)}
+    services = {s.name: s for s in stack_services(StackSettings(), tmp_path / "home", None, workspace=workspace)}
     ui = services["evidently"].cmd
     assert ui[ui.index("--workspace") + 1] == str(workspace)
     assert services["serve"].env["RINGFLOW_EVIDENTLY_WORKSPACE"] == str(workspace)
-    default = {s.name: s for s in _services(StackSettings(), tmp_path, None)}["evidently"].cmd
+    default = {s.name: s for s in stack_services(StackSettings(), tmp_path, None)}["evidently"].cmd
     assert default[default.index("--workspace") + 1] == str(tmp_path / "evidently")
 
 

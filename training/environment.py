@@ -3,7 +3,7 @@
 Every ringflow process calls :func:`process_defaults` first: the CLI, the deployment runner
 (``python -m ringflow.flows.deployments``), the services ``ringflow up`` starts and the tests. Each value is
 a default (``setdefault``): a variable the user exported wins. ringflow's own settings are typed
-pydantic-settings models per subsystem (``training.config.Settings``, ``infra.stack.StackSettings``,
+pydantic-settings models per subsystem (``training.config.Settings``, ``infra.stack_settings.StackSettings``,
 ``infra.postgres``, ``infra.supervisor``, ``infra.hosts``), each variable declared once there.
 """
 

@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install lock run test bench up down deploy clean browser-deps postgres-deps cluster-deps
+.PHONY: install lock run test bench up down deploy clean browser-deps postgres-deps cluster-deps docs docs-serve docs-deps docs-reference
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -42,6 +42,24 @@ test: install browser-deps postgres-deps cluster-deps
 clean:  # the home, and its PostgreSQL data where root's `up` put it (outside the home)
 	@d=$$(cat .ringflow/postgres/data-dir 2>/dev/null) && [ -n "$$d" ] && rm -rf "$$(dirname "$$d")"; true
 	rm -rf .ringflow
+
+# The docs site (mkdocs.yml, docs/): built strictly (a broken link or a missing page fails) into
+# site/, served at http://127.0.0.1:8001 (8000 is Evidently's UI). docs-reference regenerates the
+# configuration and CLI references from the code (tests/test_docs.py fails when they are stale).
+MKDOCS ?= $(VENV)/bin/mkdocs
+DOCS_PORT ?= 8001
+
+docs-deps: install
+	@$(PY) -c "import mkdocs, material" 2>/dev/null || $(PY) -m pip install --quiet "mkdocs==1.6.1" "mkdocs-material==9.8.2"
+
+docs: docs-deps
+	NO_MKDOCS_2_WARNING=1 $(MKDOCS) build --strict
+
+docs-serve: docs-deps
+	NO_MKDOCS_2_WARNING=1 $(MKDOCS) serve --strict --dev-addr 127.0.0.1:$(DOCS_PORT)
+
+docs-reference: install
+	$(PY) docs/gen_reference.py
 
 # Benchmarks: every benchmarks/bench_*.py, then benchmarks/RESULTS.md (smoke: make bench BENCH_ARGS=--quick).
 bench: install

@@ -89,7 +89,7 @@ class FeatureConfig(_Strict):
     calendar: bool = False
     """Derive from the timestamp: local time of day (cyclic), day of week, days to and since the
     nearest US federal holiday. Off by default: trained on January-April they lowered the test
-    AUC on June and July (README, Model quality)."""
+    AUC on June and July (docs/results/model-quality.md)."""
     calendar_timezone: str = "America/New_York"
     """Time zone of the calendar features (the schedule's local time at the flights' airports)."""
     missing_indicators: bool = True
@@ -227,7 +227,7 @@ class ModelConfig(_Strict):
     level per category (the route origin+dest too, when both are listed), a linear term per
     numeric column. The MLP then combines only the others (weather and departure hour): trained
     on January-April, a network that may combine carrier or route with the weather learns winter
-    interactions that cost 0.02-0.03 AUC in June and July (README, Model quality). Columns not
+    interactions that cost 0.02-0.03 AUC in June and July (docs/results/model-quality.md). Columns not
     among the data's features are dropped when this is left at its default; ``[]``: every input
     goes through the MLP."""
     level_weight_decay: float = Field(3.0, ge=0)

@@ -30,7 +30,7 @@ class TabularNet(nn.Module):
     the preprocessor's numeric and categorical inputs) bypass the MLP: each category adds a
     learnt level to the logit and each numeric a linear term, so the MLP cannot combine them
     with the other inputs. Trained on winter months, the MLP otherwise learns carrier x weather
-    and route x weather effects that do not carry over to summer (README, Model quality).
+    and route x weather effects that do not carry over to summer (docs/results/model-quality.md).
     """
 
     def __init__(

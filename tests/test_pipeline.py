@@ -64,7 +64,7 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     if "+" in torch_build:
         assert f"--extra-index-url https://download.pytorch.org/whl/{torch_build.split('+')[1]}" in deps.splitlines()
     raw = load_flights().query("month == 2").head(200)
-    p = predict_rows(model, raw)  # the source's int64 hour/minute/distance become the declared doubles
+    p = predict_rows(model, raw)  # the source's int64 hour/minute/distance as they are
     assert p.shape == (200,)
     assert np.all((p >= 0) & (p <= 1)) and p.std() > 0
 

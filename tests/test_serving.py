@@ -1,5 +1,7 @@
 """The registered model served the way MLflow users serve models: ``mlflow models serve`` and
-``mlflow models predict`` (``--env-manager local``) on raw flights+weather rows, as JSON and CSV.
+``mlflow models predict`` (``--env-manager local``) on raw flights+weather rows, as JSON and CSV,
+and ``mlflow.pyfunc.load_model(...).predict`` / ``mlflow.models.predict`` on frames as pandas reads
+them from CSV and Parquet (int64 and int32 columns, floats, missing values).
 
 The model comes from the real pipeline (shard -> horovodrun np=2 -> evaluate -> register) on the
 smoke slice; the servers are the venv's own ``mlflow`` console script, run with the venv's bin
@@ -25,7 +27,7 @@ from mlflow import MlflowClient
 
 from ringflow.training.config import load_config
 from ringflow.training.data import load_flights
-from ringflow.training.pyfunc import predict_rows
+from ringflow.training.pyfunc import model_columns, predict_rows
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
@@ -162,6 +164,8 @@ def test_a_value_that_is_not_a_number_is_a_400_naming_the_column(server):
     csv = bad.to_csv(index=False)
     r = httpx.post(f"{server}/invocations", content=csv, headers={"Content-Type": "text/csv"}, timeout=60)
     assert r.status_code == 400, r.text
+    message = r.json()["message"]
+    assert "column hour: 'abc' is not a number" in message, message
 
 
 @pytest.mark.parametrize("content_type", ["json", "csv"])
@@ -171,11 +175,8 @@ def test_mlflow_models_predict_on_raw_rows(served_home, expected, tmp_path, cont
     path = tmp_path / f"rows.{content_type}"
     if content_type == "json":
         path.write_text(_records(rows))
-    else:
-        # `mlflow models predict` reads CSV without the signature's types (`serve` uses them):
-        # numbers must be written as decimals there (README, "Serve the model")
-        numeric = [c for c in rows.columns if rows[c].dtype.kind in "iuf"]
-        rows.astype({c: "float64" for c in numeric}).to_csv(path, index=False)
+    else:  # as pandas writes it: integers (hour 21) stay integers, read back as int64
+        rows.to_csv(path, index=False)
     out = tmp_path / "predictions.json"
     proc = subprocess.run(
         [str(BIN / "mlflow"), "models", "predict", "-m", model_uri, "--env-manager", "local",
@@ -185,6 +186,96 @@ def test_mlflow_models_predict_on_raw_rows(served_home, expected, tmp_path, cont
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.asarray(json.loads(out.read_text())["predictions"], dtype=np.float64).ravel()
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def _read_back(rows: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``rows`` written to ``path`` (.csv or .parquet) and read back by pandas, as a user has them."""
+    if path.suffix == ".csv":
+        rows.to_csv(path, index=False)
+        return pd.read_csv(path)
+    rows.to_parquet(path, index=False)
+    return pd.read_parquet(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_pyfunc_predicts_frames_as_pandas_reads_them(served_home, server, expected, tmp_path, suffix):
+    """``mlflow.pyfunc.load_model(...).predict(df)`` on what ``pd.read_csv``/``pd.read_parquet``
+    return (int64, int32, floats, missing values) gives the served predictions; a value that is
+    not a number is refused, naming its column."""
+    _, uri, model_uri = served_home
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    rows = _raw_rows()
+    # MLflow checks no input type (training/pyfunc.py says why); the MLmodel lists the columns read
+    declared = model.metadata.metadata["input_columns"]
+    assert model.metadata.get_input_schema() is None
+    assert {"name": "hour", "type": "double", "required": True} in declared
+    assert model_columns(model, rows.columns) == [c["name"] for c in declared]
+
+    frame = _read_back(rows, tmp_path / f"ints{suffix}")
+    assert {frame[c].dtype.name for c in ("hour", "minute", "distance")} == {"int64"}
+    assert frame["wind_gust"].dtype.name == "float64" and frame["wind_gust"].isna().any()
+    np.testing.assert_allclose(np.ravel(model.predict(frame)), expected, rtol=1e-6)
+
+    narrow = frame.astype({"hour": "int32", "minute": "int32", "distance": "float64", "wind_dir": "float32"})
+    np.testing.assert_allclose(np.ravel(model.predict(narrow)), expected, rtol=1e-6)
+
+    # a missing hour or distance makes pandas read those columns as float64
+    holes = rows.astype({"hour": "float64", "distance": "float64"})
+    holes.loc[[0, 7], "hour"] = np.nan
+    holes.loc[3, "distance"] = np.nan
+    frame = _read_back(holes, tmp_path / f"holes{suffix}")
+    assert frame["hour"].dtype.name == "float64" and frame["hour"].isna().sum() == 2
+    served = _predictions(httpx.post(f"{server}/invocations", content=_records(holes),
+                                     headers={"Content-Type": "application/json"}, timeout=60))
+    np.testing.assert_allclose(np.ravel(model.predict(frame)), served, rtol=1e-6)
+    intact = ~holes.index.isin([0, 3, 7])
+    np.testing.assert_allclose(served[intact], expected[intact], rtol=1e-6)
+
+    bad = rows.astype({"distance": str})  # a text column (Parquet stores no mix of ints and text)
+    bad.loc[2, "distance"] = "abc"
+    frame = _read_back(bad, tmp_path / f"bad{suffix}")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="column distance: 'abc' is not a number"):
+        model.predict(frame)
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"lack the model's input column\(s\) \['hour'\]"):
+        model.predict(rows.drop(columns=["hour"]))
+
+
+def test_mlflow_models_predict_api_on_a_csv_pandas_wrote(served_home, expected, tmp_path, monkeypatch):
+    """``mlflow.models.predict`` (env_manager="local") on a CSV as ``DataFrame.to_csv`` writes it
+    (integers as integers, a missing hour), and on a DataFrame with int64 columns."""
+    _, uri, model_uri = served_home
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    rows = _raw_rows()
+    path = tmp_path / "rows.csv"
+    rows.to_csv(path, index=False)
+    out = tmp_path / "predictions.json"
+    mlflow.models.predict(model_uri, input_path=str(path), content_type="csv", env_manager="local",
+                          output_path=str(out))
+    got = np.asarray(json.loads(out.read_text())["predictions"], dtype=np.float64).ravel()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+    out = tmp_path / "from-frame.json"
+    mlflow.models.predict(model_uri, input_data=rows, content_type="json", env_manager="local",
+                          output_path=str(out))
+    got = np.asarray(json.loads(out.read_text())["predictions"], dtype=np.float64).ravel()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_mlflow_models_predict_cli_refuses_text_naming_the_column(served_home, tmp_path):
+    _, uri, model_uri = served_home
+    bad = _raw_rows(5).astype({"distance": object})
+    bad.loc[2, "distance"] = "abc"
+    path = tmp_path / "bad.csv"
+    bad.to_csv(path, index=False)
+    proc = subprocess.run(
+        [str(BIN / "mlflow"), "models", "predict", "-m", model_uri, "--env-manager", "local",
+         "-i", str(path), "-t", "csv"],
+        env=_env(uri), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "column distance: 'abc' is not a number" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_lineage_and_system_metrics(served_home):

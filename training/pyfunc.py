@@ -1,15 +1,19 @@
 """The registered model: an MLflow pyfunc that carries its preprocessing, logged from code.
 
 The model is ``training/pyfunc_model.py`` (MLflow "models from code": the file, not a pickled
-object). Its signature types every input column, which is what ``mlflow models serve`` parses
-requests with: numeric features are ``double`` (JSON and CSV integers are accepted and converted;
-a value that is not a number is a 400, in JSON naming the column), everything else is ``string``
-(categoricals, and timestamps as ISO-8601 text). ``signature_for`` is the one place that decides
-a column's type.
+object). It takes raw rows as users have them: a numeric column may be ``int64`` (pandas reading
+CSV or Parquet), ``int32``, ``float64`` (a missing value makes pandas use floats) or, from JSON
+and CSV requests, numbers and text; the model itself converts and checks them
+(:func:`check_rows`): a value that is not a number is an ``MlflowException`` (HTTP 400 when
+served) that names the column, and so is a missing column.
 
-In Python, ``predict_rows(model, frame)`` scores raw rows: it picks the columns the model declares
-and converts them to the declared types (MLflow's own schema check refuses an int64 column where
-the signature says double, e.g. flights' ``hour`` as read from the source).
+Its signature therefore declares the output only. No input type would do: MLflow's schema check
+(``mlflow.models.utils._enforce_mlflow_datatype``) refuses ``int64`` where a column is ``double``
+(it converts ints of at most 6 bytes) and ``float64`` where it is ``long``, and a column typed
+``AnyType`` makes ``mlflow models serve`` refuse every CSV request (its parser asks the schema for
+pandas types). The columns the model reads, with the type of their values, are in the MLmodel's
+``metadata`` (:data:`INPUT_COLUMNS`); :func:`model_columns` reads them (or, for a model logged
+before, its typed signature).
 """
 
 from __future__ import annotations
@@ -19,36 +23,61 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, Schema, TensorSpec
 
 TRAINING_PACKAGE = Path(__file__).resolve().parent
 MODEL_CODE = TRAINING_PACKAGE / "pyfunc_model.py"
 OUTPUT_NAME = "delay_probability"
+INPUT_COLUMNS = "input_columns"
+"""Key of the MLmodel ``metadata`` entry: the columns the model reads, in MLflow's schema format
+(``Schema.to_dict()``: [{"type": "double" | "string", "name": ..., "required": true}, ...])."""
 
 
 def column_type(values: pd.Series) -> DataType:
-    """``double`` for numbers (ints, floats, booleans), ``string`` for the rest.
-
-    Not ``long`` for integer columns: a missing value turns them into floats, which MLflow would
-    then refuse; not ``datetime`` for timestamps: MLflow refuses time-zone-aware values and the
-    CSV parser cannot read a datetime dtype, while ISO text works in JSON, CSV and Python.
-    """
+    """``double`` for numbers (ints, floats, booleans), ``string`` for the rest (categoricals,
+    and timestamps as ISO-8601 text: JSON and CSV carry no datetime type)."""
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_datetime64_any_dtype(values):
         return DataType.double
     return DataType.string
 
 
-def signature_for(feature_columns: list[str], example: pd.DataFrame) -> ModelSignature:
-    """Input: each of ``feature_columns`` with the type of its values in ``example`` (rows as the
-    model is trained on them); output: one delay probability per row."""
+def input_schema(feature_columns: list[str], example: pd.DataFrame) -> Schema:
+    """Each of ``feature_columns`` with the type of its values in ``example`` (rows as the model
+    is trained on them): what the model reads, recorded in the MLmodel's metadata and used to
+    write the input example, not enforced by MLflow (module docstring)."""
     missing = [c for c in feature_columns if c not in example.columns]
     if missing:
         raise ValueError(f"the input example lacks the model's columns {missing}")
-    return ModelSignature(
-        inputs=Schema([ColSpec(column_type(example[c]), c) for c in feature_columns]),
-        outputs=Schema([TensorSpec(np.dtype("float64"), (-1,), OUTPUT_NAME)]),
-    )
+    return Schema([ColSpec(column_type(example[c]), c) for c in feature_columns])
+
+
+def signature_for() -> ModelSignature:
+    """The output only: one delay probability per row (inputs: module docstring)."""
+    return ModelSignature(outputs=Schema([TensorSpec(np.dtype("float64"), (-1,), OUTPUT_NAME)]))
+
+
+def check_rows(frame: pd.DataFrame, columns: list[str], numeric: list[str]) -> pd.DataFrame:
+    """``frame`` with its ``numeric`` columns as numbers, or an ``MlflowException`` (invalid
+    parameter value: HTTP 400 when served) naming a column of ``columns`` that ``frame`` lacks or
+    a ``numeric`` column with a value that is not a number. Integer, float and boolean columns
+    are left as they are (the preprocessing casts them); text columns (JSON, CSV) are parsed."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise MlflowException.invalid_parameter_value(f"the rows lack the model's input column(s) {missing}")
+    parsed = {}
+    for c in numeric:
+        values = frame[c]
+        if pd.api.types.is_numeric_dtype(values):
+            continue
+        numbers = pd.to_numeric(values, errors="coerce")
+        bad = numbers.isna() & values.notna()
+        if bad.any():
+            raise MlflowException.invalid_parameter_value(
+                f"column {c}: {values[bad].iloc[0]!r} is not a number ({int(bad.sum())} such value(s))")
+        parsed[c] = numbers.astype("float64")
+    return frame.assign(**parsed) if parsed else frame
 
 
 def _as_text(values: pd.Series) -> pd.Series:
@@ -59,15 +88,17 @@ def _as_text(values: pd.Series) -> pd.Series:
     return text.astype(object).where(values.notna(), None)
 
 
-def conform(frame: pd.DataFrame, signature: ModelSignature) -> pd.DataFrame:
+def conform(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     """The declared columns of ``frame``, converted to the declared types where that loses nothing.
 
     Integers become floats and timestamps ISO text; values that are not numbers are left alone so
-    that MLflow's schema check names the column. Columns the signature does not declare are
-    dropped; declared columns the frame lacks are left to MLflow's check (it names them).
+    that the schema check names the column. Columns the schema does not declare are dropped;
+    declared columns the frame lacks are left to the check (it names them). For models logged
+    with a typed signature (before their inputs were declared in metadata), whose rows MLflow
+    checks against it; and for the input example.
     """
     out = {}
-    for spec in signature.inputs.inputs:
+    for spec in schema.inputs:
         if spec.name not in frame.columns:
             continue
         values = frame[spec.name]
@@ -81,8 +112,8 @@ def conform(frame: pd.DataFrame, signature: ModelSignature) -> pd.DataFrame:
 
 def predict_rows(model, frame: pd.DataFrame) -> np.ndarray:
     """Delay probabilities of a loaded pyfunc ``model`` for raw rows (source columns and dtypes)."""
-    signature = model.metadata.signature
-    rows = conform(frame, signature) if signature is not None and signature.inputs is not None else frame
+    schema = model.metadata.get_input_schema()
+    rows = conform(frame, schema) if schema is not None else frame
     return np.asarray(model.predict(rows), dtype=np.float64).ravel()
 
 
@@ -90,7 +121,11 @@ def model_columns(model, available, fallback: list[str] | None = None) -> list[s
     """The columns a loaded pyfunc ``model`` declares that are ``available`` (a champion may have
     been trained on other features; the timestamp is declared when it derives calendar features);
     ``fallback`` when none of them is."""
-    declared = model.metadata.get_input_schema().input_names()
+    schema = model.metadata.get_input_schema()
+    if schema is not None:
+        declared = schema.input_names()
+    else:
+        declared = [c["name"] for c in (model.metadata.metadata or {}).get(INPUT_COLUMNS, [])]
     return [c for c in declared if c in available] or list(fallback or [])
 
 
@@ -144,16 +179,17 @@ def shipped_code(scratch: Path) -> Path:
 def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: pd.DataFrame):
     """Log the pyfunc model (from code) into the active run; returns MLflow's ModelInfo.
 
-    ``input_example``: a few rows as the model is trained on them; they type the signature.
+    ``input_example``: a few rows as the model is trained on them; they type the declared columns.
     """
-    signature = signature_for(feature_columns, input_example)
+    schema = input_schema(feature_columns, input_example)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(MODEL_CODE),
         artifacts={"model_dir": str(model_dir)},
         # ship the model code with the model so it loads where ringflow is not installed
         code_paths=[str(shipped_code(model_dir.parent / "code"))],
-        signature=signature,
-        input_example=conform(input_example, signature),
+        signature=signature_for(),
+        input_example=conform(input_example, schema),
+        metadata={INPUT_COLUMNS: schema.to_dict()},
         pip_requirements=model_requirements(),
     )

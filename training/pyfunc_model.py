@@ -23,9 +23,13 @@ class DelayModel(PythonModel):
         self.net, self.preprocessor = load_model(context.artifacts["model_dir"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        """Rows as users have them (training/pyfunc.py): numbers of any width, missing values,
+        text from JSON and CSV; a value that is not a number is refused, naming its column."""
         from ringflow.training.model import predict_proba
+        from ringflow.training.pyfunc import check_rows
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        frame = check_rows(frame, self.preprocessor.source_columns, self.preprocessor.numeric)
         return np.asarray(predict_proba(self.net, self.preprocessor, frame), dtype=np.float64)
 
 

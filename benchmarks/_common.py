@@ -61,7 +61,7 @@ def machine_facts() -> dict[str, Any]:
         "ram_gib": ram_gib(),
         "python": platform.python_version(),
         "host": socket.gethostname(),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "load_avg_1_5_15": load_avg(),
     }
     try:

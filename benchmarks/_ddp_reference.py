@@ -76,7 +76,7 @@ def main() -> int:
         torch.manual_seed(tc.seed + epoch * 1000 + rank)
         order = torch.from_numpy(epoch_order(len(data), steps * bs, tc.seed, epoch, rank))
         if args.loader == "dataloader":
-            batches = [order[i * bs:(i + 1) * bs].tolist() for i in range(steps)]
+            batches = [order[i * bs : (i + 1) * bs].tolist() for i in range(steps)]
             loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=0)
             it = iter(loader)
         model.train()
@@ -87,7 +87,7 @@ def main() -> int:
             if loader is not None:
                 xn, xc, y = next(it)
             else:
-                idx = order[i * bs:(i + 1) * bs]
+                idx = order[i * bs : (i + 1) * bs]
                 xn, xc, y = data.x_num[idx], data.x_cat[idx], data.y[idx]
             for g in opt.param_groups:
                 g["lr"] = learning_rate(tc, size, epoch * steps + i, steps)
@@ -98,15 +98,30 @@ def main() -> int:
             loss_acc += loss.detach()
         dist.barrier()
         wall = time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "epoch_time_s": wall, "samples_per_s": steps * bs * size / wall,
-                        "train_loss": float(loss_acc) / steps})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "epoch_time_s": wall,
+                "samples_per_s": steps * bs * size / wall,
+                "train_loss": float(loss_acc) / steps,
+            }
+        )
     auc = None
     if rank == 0:
         val = load_frame(manifest, [manifest.validation], pre)
         logits = predict_logits(net, val.x_num.numpy(), val.x_cat.numpy())
         auc = classification_metrics(val.y.numpy(), 1 / (1 + np.exp(-logits)))["roc_auc"]
-        Path(args.out).write_text(json.dumps({"history": history, "val_roc_auc_last": auc, "world_size": size,
-                                              "threads": torch.get_num_threads(), "loader": args.loader}))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "history": history,
+                    "val_roc_auc_last": auc,
+                    "world_size": size,
+                    "threads": torch.get_num_threads(),
+                    "loader": args.loader,
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
     return 0

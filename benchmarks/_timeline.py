@@ -13,8 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ACTIVITIES = ("NEGOTIATE_ALLREDUCE", "ALLREDUCE", "GLOO_ALLREDUCE", "MEMCPY_IN_FUSION_BUFFER",
-              "MEMCPY_OUT_FUSION_BUFFER")
+ACTIVITIES = (
+    "NEGOTIATE_ALLREDUCE",
+    "ALLREDUCE",
+    "GLOO_ALLREDUCE",
+    "MEMCPY_IN_FUSION_BUFFER",
+    "MEMCPY_OUT_FUSION_BUFFER",
+)
 
 
 def _events(path: Path) -> list[dict]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -100,9 +99,9 @@ def worker(args) -> None:
         src, dst = torch.zeros(n), torch.empty(n)
         name = f"ar.{nbytes}"
         methods = {
-            "hvd": lambda: hvd.allreduce(x, op=hvd.Sum, name=name),
-            "hvd_inplace": lambda: hvd.allreduce_(x, op=hvd.Sum, name=name + ".i"),
-            "torch": lambda: dist.all_reduce(x),
+            "hvd": lambda x=x, name=name: hvd.allreduce(x, op=hvd.Sum, name=name),
+            "hvd_inplace": lambda x=x, name=name: hvd.allreduce_(x, op=hvd.Sum, name=name + ".i"),
+            "torch": lambda x=x: dist.all_reduce(x),
         }
         iters = _iters(nbytes, args.quick)
         for fn in methods.values():  # warm-up: Horovod negotiation cache, Gloo buffers, page faults
@@ -111,7 +110,7 @@ def worker(args) -> None:
         times: dict[str, list[float]] = {m: [] for m in [*methods, "memcpy"]}
         names = list(methods)
         for r in range(args.repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for m in order:
                 times[m].append(timed(methods[m], iters))
             # memcpy: rank 0 alone, rank 1 waits in the barrier
@@ -126,9 +125,18 @@ def worker(args) -> None:
         for m, ts in times.items():
             t = median(ts)
             bw = (nbytes if m == "memcpy" else factor * nbytes) / t / 1e9
-            rows.append({"case": "single", "bytes": nbytes, "method": m, "time_us": t * 1e6, "busbw_gbs": bw,
-                         "iters": iters, "repeats": len(ts)})
-        del x, src, dst
+            rows.append(
+                {
+                    "case": "single",
+                    "bytes": nbytes,
+                    "method": m,
+                    "time_us": t * 1e6,
+                    "busbw_gbs": bw,
+                    "iters": iters,
+                    "repeats": len(ts),
+                }
+            )
+        del x, src, dst, methods  # the lambdas hold x too
 
     # gradient-like: the default TabularNet's parameter tensors, reduced as a group
     grads = [torch.zeros(s) for s in GRAD_SHAPES]
@@ -145,7 +153,7 @@ def worker(args) -> None:
         dist.all_reduce(flat)
         off = 0
         for g in grads:
-            g.copy_(flat[off:off + g.numel()].view_as(g))
+            g.copy_(flat[off : off + g.numel()].view_as(g))
             off += g.numel()
 
     def torch_per_tensor():
@@ -158,11 +166,20 @@ def worker(args) -> None:
     gt: dict[str, list[float]] = {m: [] for m in group}
     names = list(group)
     for r in range(args.repeats):
-        for m in names[r % 3:] + names[:r % 3]:
+        for m in names[r % 3 :] + names[: r % 3]:
             gt[m].append(timed(group[m], 200 if not args.quick else 50))
     for m, ts in gt.items():
-        rows.append({"case": "grad_like", "bytes": total, "tensors": len(grads), "method": m,
-                     "time_us": median(ts) * 1e6, "busbw_gbs": total / median(ts) / 1e9, "repeats": len(ts)})
+        rows.append(
+            {
+                "case": "grad_like",
+                "bytes": total,
+                "tensors": len(grads),
+                "method": m,
+                "time_us": median(ts) * 1e6,
+                "busbw_gbs": total / median(ts) / 1e9,
+                "repeats": len(ts),
+            }
+        )
 
     dist.barrier()
     if rank == 0:
@@ -173,22 +190,47 @@ def worker(args) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def run_variant(name: str, env_extra: dict[str, str], sizes: list[int], repeats: int, quick: bool,
-                timeout: int = 900) -> dict:
+def run_variant(
+    name: str, env_extra: dict[str, str], sizes: list[int], repeats: int, quick: bool, timeout: int = 900
+) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rows.json"
-        cmd = [horovodrun(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, __file__, "--worker",
-               "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats), "--port", str(free_port()),
-               "--worker-out", str(out)] + (["--quick"] if quick else [])
+        cmd = [
+            horovodrun(),
+            "-np",
+            "2",
+            "-H",
+            "localhost:2",
+            "--gloo",
+            sys.executable,
+            __file__,
+            "--worker",
+            "--sizes",
+            ",".join(map(str, sizes)),
+            "--repeats",
+            str(repeats),
+            "--port",
+            str(free_port()),
+            "--worker-out",
+            str(out),
+        ] + (["--quick"] if quick else [])
         load_before = load_avg()
         t0 = time.perf_counter()
         p = subprocess.run(cmd, env=bench_env(**env_extra), capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - t0
         if p.returncode != 0 or not out.exists():
-            raise RuntimeError(f"allreduce variant {name} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+            raise RuntimeError(
+                f"allreduce variant {name} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+            )
         rows = json.loads(out.read_text())
-    return {"variant": name, "env": env_extra, "rows": rows, "wall_s": round(wall, 1),
-            "load_before": load_before, "load_after": load_avg()}
+    return {
+        "variant": name,
+        "env": env_extra,
+        "rows": rows,
+        "wall_s": round(wall, 1),
+        "load_before": load_before,
+        "load_after": load_avg(),
+    }
 
 
 def summarize(variants: list[dict]) -> dict:
@@ -200,7 +242,8 @@ def summarize(variants: list[dict]) -> dict:
         for (case, nbytes, m), r in by.items():
             if case == "single" and m in ("hvd", "hvd_inplace"):
                 ratios.setdefault(str(nbytes), {})[m + "_vs_torch"] = round(
-                    by[(case, nbytes, "torch")]["time_us"] / r["time_us"], 3)
+                    by[(case, nbytes, "torch")]["time_us"] / r["time_us"], 3
+                )
         out[v["variant"]] = ratios
     return out
 
@@ -230,12 +273,21 @@ def main(argv: list[str] | None = None) -> int:
         vs = sizes if name == "default" else [s for s in sizes if s <= 64 * MB]
         print(f"allreduce: variant {name} ({len(vs)} sizes x {repeats} repeats) ...", flush=True)
         results.append(run_variant(name, VARIANTS[name], vs, repeats, args.quick))
-    data = {"benchmark": "allreduce", "quick": args.quick, "np": 2, "repeats": repeats, "machine": facts,
-            "variants": results, "ratios": summarize(results)}
+    data = {
+        "benchmark": "allreduce",
+        "quick": args.quick,
+        "np": 2,
+        "repeats": repeats,
+        "machine": facts,
+        "variants": results,
+        "ratios": summarize(results),
+    }
     path = write_result("allreduce", data, args.out)
     print(f"wrote {path}")
     for r in (x for x in results[0]["rows"] if "time_us" in x):
-        print(f"  {r['case']:9s} {r['bytes']:>10d} {r['method']:16s} {r['time_us']:>12.1f} us {r['busbw_gbs']:8.3f} GB/s")
+        print(
+            f"  {r['case']:9s} {r['bytes']:>10d} {r['method']:16s} {r['time_us']:>12.1f} us {r['busbw_gbs']:8.3f} GB/s"
+        )
     return 0
 
 

@@ -88,8 +88,15 @@ def worker(args) -> None:
     for _ in range(steps):
         step()
     wall = time.perf_counter() - t0
-    rows.append({"case": "train_step", "batch_per_rank": batch, "steps": steps, "step_ms": wall / steps * 1e3,
-                 "samples_per_s": hvd.size() * batch * steps / wall})
+    rows.append(
+        {
+            "case": "train_step",
+            "batch_per_rank": batch,
+            "steps": steps,
+            "step_ms": wall / steps * 1e3,
+            "samples_per_s": hvd.size() * batch * steps / wall,
+        }
+    )
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(rows))
 
@@ -101,11 +108,28 @@ def run_job(state, placement: str, key: Path, repeats: int, quick: bool) -> list
     hosts, nic = ("h1:2", "lo") if placement == "one_host" else ("h1:1,h2:1", "eth0")
     with tempfile.TemporaryDirectory(dir=state.shared_home) as d:  # shared: rank 0 writes it
         out = Path(d) / "rows.json"
-        cmd = [horovodrun(), "-np", "2", "-H", hosts, "--gloo", "--network-interface", nic,
-               "--ssh-identity-file", str(key), sys.executable, __file__, "--worker", "--repeats", str(repeats),
-               "--worker-out", str(out)] + (["--quick"] if quick else [])
-        p = subprocess.run(host_argv(state.host("h1"), cmd), env=bench_env(), cwd=ROOT, capture_output=True,
-                           text=True, timeout=900)
+        cmd = [
+            horovodrun(),
+            "-np",
+            "2",
+            "-H",
+            hosts,
+            "--gloo",
+            "--network-interface",
+            nic,
+            "--ssh-identity-file",
+            str(key),
+            sys.executable,
+            __file__,
+            "--worker",
+            "--repeats",
+            str(repeats),
+            "--worker-out",
+            str(out),
+        ] + (["--quick"] if quick else [])
+        p = subprocess.run(
+            host_argv(state.host("h1"), cmd), env=bench_env(), cwd=ROOT, capture_output=True, text=True, timeout=900
+        )
         if p.returncode != 0 or not out.exists():
             raise RuntimeError(f"{placement} job failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -118,14 +142,21 @@ def summarize(jobs: dict[str, list[list[dict]]]) -> dict:
         ar = {}
         for nbytes in SIZES:
             sel = [r for r in rows if r["case"] == "allreduce" and r["bytes"] == nbytes]
-            ar[str(nbytes)] = {"busbw_gbs": median([r["busbw_gbs"] for r in sel]),
-                               "time_us": median([r["time_us"] for r in sel])}
+            ar[str(nbytes)] = {
+                "busbw_gbs": median([r["busbw_gbs"] for r in sel]),
+                "time_us": median([r["time_us"] for r in sel]),
+            }
         tr = [r for r in rows if r["case"] == "train_step"]
-        out[placement] = {"allreduce": ar, "train_samples_per_s": median([r["samples_per_s"] for r in tr]),
-                          "train_step_ms": median([r["step_ms"] for r in tr])}
+        out[placement] = {
+            "allreduce": ar,
+            "train_samples_per_s": median([r["samples_per_s"] for r in tr]),
+            "train_step_ms": median([r["step_ms"] for r in tr]),
+        }
     one, two = out["one_host"], out["two_hosts"]
     out["two_vs_one"] = {
-        "allreduce_busbw": {k: two["allreduce"][k]["busbw_gbs"] / one["allreduce"][k]["busbw_gbs"] for k in one["allreduce"]},
+        "allreduce_busbw": {
+            k: two["allreduce"][k]["busbw_gbs"] / one["allreduce"][k]["busbw_gbs"] for k in one["allreduce"]
+        },
         "train_samples_per_s": two["train_samples_per_s"] / one["train_samples_per_s"],
     }
     return out
@@ -135,22 +166,32 @@ def render(result: dict) -> str:
     """RESULTS.md section: the two placements side by side and what the veth hop costs."""
     s = result["summary"]
     one, two, ratio = s["one_host"], s["two_hosts"], s["two_vs_one"]
-    lines = ["| measure | np=2 on one host (h1:2) | np=2 across hosts (h1:1,h2:1) | across / one |", "|---|---|---|---|"]
+    lines = [
+        "| measure | np=2 on one host (h1:2) | np=2 across hosts (h1:1,h2:1) | across / one |",
+        "|---|---|---|---|",
+    ]
     for k in one["allreduce"]:
         n = int(k)
         size = f"{n // MB} MiB" if n >= MB else f"{n // KB} KiB"
-        lines.append(f"| allreduce {size}, bus bandwidth GB/s | {one['allreduce'][k]['busbw_gbs']:.3f} | "
-                     f"{two['allreduce'][k]['busbw_gbs']:.3f} | {ratio['allreduce_busbw'][k]:.2f}x |")
-    lines.append(f"| TabularNet step, samples/s (batch 1024/rank) | {one['train_samples_per_s']:.0f} | "
-                 f"{two['train_samples_per_s']:.0f} | {ratio['train_samples_per_s']:.2f}x |")
+        lines.append(
+            f"| allreduce {size}, bus bandwidth GB/s | {one['allreduce'][k]['busbw_gbs']:.3f} | "
+            f"{two['allreduce'][k]['busbw_gbs']:.3f} | {ratio['allreduce_busbw'][k]:.2f}x |"
+        )
+    lines.append(
+        f"| TabularNet step, samples/s (batch 1024/rank) | {one['train_samples_per_s']:.0f} | "
+        f"{two['train_samples_per_s']:.0f} | {ratio['train_samples_per_s']:.2f}x |"
+    )
     big = max(one["allreduce"], key=int)
-    lines += ["", f"Measured {result['machine']['date']} ({'quick' if result['quick'] else 'full'}: {result['rounds']} "
-              f"A/B rounds, medians; load {result['load_before']} -> {result['load_after']}). The veth path "
-              f"(namespace -> bridge -> namespace) carries {ratio['allreduce_busbw'][big]:.2f}x the bus bandwidth "
-              f"of the one-host path for {int(big) // MB} MiB messages; the trainer's step, whose gradients "
-              f"are ~60 KB, runs at {ratio['train_samples_per_s']:.2f}x. Both placements share the same cores, "
-              "so this is the cost of the network path alone, not of a second machine's compute. The load "
-              "average says how much other work shared the cores: above their count, repeat before relying on a ratio."]
+    lines += [
+        "",
+        f"Measured {result['machine']['date']} ({'quick' if result['quick'] else 'full'}: {result['rounds']} "
+        f"A/B rounds, medians; load {result['load_before']} -> {result['load_after']}). The veth path "
+        f"(namespace -> bridge -> namespace) carries {ratio['allreduce_busbw'][big]:.2f}x the bus bandwidth "
+        f"of the one-host path for {int(big) // MB} MiB messages; the trainer's step, whose gradients "
+        f"are ~60 KB, runs at {ratio['train_samples_per_s']:.2f}x. Both placements share the same cores, "
+        "so this is the cost of the network path alone, not of a second machine's compute. The load "
+        "average says how much other work shared the cores: above their count, repeat before relying on a ratio.",
+    ]
     return "\n".join(lines)
 
 
@@ -191,18 +232,30 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - t0
         finally:
             down(home, echo=lambda _: None)
-    result = {"machine": facts, "quick": args.quick, "rounds": rounds, "repeats": repeats,
-              "load_before": load_before, "load_after": load_avg(), "wall_s": round(wall, 1),
-              "summary": summarize(jobs), "jobs": jobs}
+    result = {
+        "machine": facts,
+        "quick": args.quick,
+        "rounds": rounds,
+        "repeats": repeats,
+        "load_before": load_before,
+        "load_after": load_avg(),
+        "wall_s": round(wall, 1),
+        "summary": summarize(jobs),
+        "jobs": jobs,
+    }
     result["table_markdown"] = render(result)
     path = write_result("cluster", result, Path(args.out) if args.out else None)
     s = result["summary"]
     print(f"bench_cluster: wrote {path}")
     for k, v in s["two_vs_one"]["allreduce_busbw"].items():
-        print(f"  allreduce {int(k) // KB:>6d} KiB  one host {s['one_host']['allreduce'][k]['busbw_gbs']:.3f} GB/s  "
-              f"two hosts {s['two_hosts']['allreduce'][k]['busbw_gbs']:.3f} GB/s  ({v:.2f}x)")
-    print(f"  train step  one host {s['one_host']['train_samples_per_s']:.0f} samples/s  two hosts "
-          f"{s['two_hosts']['train_samples_per_s']:.0f} samples/s  ({s['two_vs_one']['train_samples_per_s']:.2f}x)")
+        print(
+            f"  allreduce {int(k) // KB:>6d} KiB  one host {s['one_host']['allreduce'][k]['busbw_gbs']:.3f} GB/s  "
+            f"two hosts {s['two_hosts']['allreduce'][k]['busbw_gbs']:.3f} GB/s  ({v:.2f}x)"
+        )
+    print(
+        f"  train step  one host {s['one_host']['train_samples_per_s']:.0f} samples/s  two hosts "
+        f"{s['two_hosts']['train_samples_per_s']:.0f} samples/s  ({s['two_vs_one']['train_samples_per_s']:.2f}x)"
+    )
     return 0
 
 

@@ -33,10 +33,15 @@ WINDOWS = {
 VARIANTS = {
     # the network as it was before issue 17: the source columns only, constant LR after warm-up
     "before": {
-        "data.features.crosses": [], "data.features.missing_indicators": False,
-        "data.features.clip_quantile": 0.0, "data.features.numeric_scaling": "standard",
-        "data.features.calendar": False, "training.lr_schedule": "constant", "training.epochs": 8,
-        "training.early_stopping_patience": 3, "training.model.additive_features": [],
+        "data.features.crosses": [],
+        "data.features.missing_indicators": False,
+        "data.features.clip_quantile": 0.0,
+        "data.features.numeric_scaling": "standard",
+        "data.features.calendar": False,
+        "training.lr_schedule": "constant",
+        "training.epochs": 8,
+        "training.early_stopping_patience": 3,
+        "training.model.additive_features": [],
     },
     # derived inputs, quantile scaling and the cosine schedule, but every input through the MLP
     "all deep": {"training.model.additive_features": []},
@@ -67,8 +72,11 @@ def run_variant(name: str, overrides: dict) -> dict:
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     run = client.get_run(result.training_run_id)
-    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                         filter_string=f"source_run_id = '{result.training_run_id}'")
+    logged = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        output_format="list",
+        filter_string=f"source_run_id = '{result.training_run_id}'",
+    )
     newest = {m.name: m for m in sorted(logged, key=lambda m: m.creation_timestamp)}
     network = mlflow.pyfunc.load_model(f"models:/{newest['model'].model_id}")
     baseline = mlflow.sklearn.load_model(f"models:/{newest['baseline'].model_id}")
@@ -80,12 +88,20 @@ def run_variant(name: str, overrides: dict) -> dict:
         y = rows["target"].to_numpy()
         net = classification_metrics(y, np.asarray(predict_rows(network, rows)))
         base = classification_metrics(y, baseline_proba(baseline, rows, num, cat))
-        windows[label] = {"rows": len(rows), "candidate": {k: net[k] for k in METRICS},
-                          "baseline": {k: base[k] for k in METRICS}}
+        windows[label] = {
+            "rows": len(rows),
+            "candidate": {k: net[k] for k in METRICS},
+            "baseline": {k: base[k] for k in METRICS},
+        }
     return {
-        "overrides": overrides, "pipeline_seconds": round(seconds, 1), "training_status": result.training_status,
-        "epochs": run.data.params.get("training.epochs"), "decision": result.decision, "windows": windows,
-        "training_run_id": result.training_run_id, "ringflow_home": str(home),
+        "overrides": overrides,
+        "pipeline_seconds": round(seconds, 1),
+        "training_status": result.training_status,
+        "epochs": run.data.params.get("training.epochs"),
+        "decision": result.decision,
+        "windows": windows,
+        "training_run_id": result.training_run_id,
+        "ringflow_home": str(home),
     }
 
 
@@ -94,7 +110,9 @@ def table(results: dict) -> str:
     for label in WINDOWS:
         for variant, r in results.items():
             w = r["windows"][label]
-            lines.append(f"| {label} | network, {variant} | " + " | ".join(f"{w['candidate'][k]:.4f}" for k in METRICS) + " |")
+            lines.append(
+                f"| {label} | network, {variant} | " + " | ".join(f"{w['candidate'][k]:.4f}" for k in METRICS) + " |"
+            )
         w = next(iter(results.values()))["windows"][label]
         lines.append(f"| {label} | baseline hgb | " + " | ".join(f"{w['baseline'][k]:.4f}" for k in METRICS) + " |")
     return "\n".join(lines)
@@ -114,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     load_before = load_avg()
     results = {n: run_variant(n, VARIANTS[n]) for n in names}
-    out = {"benchmark": "model_quality", "machine": machine_facts(), "load_before": load_before,
-           "load_after": load_avg(), "results": results, "table_markdown": table(results)}
+    out = {
+        "benchmark": "model_quality",
+        "machine": machine_facts(),
+        "load_before": load_before,
+        "load_after": load_avg(),
+        "results": results,
+        "table_markdown": table(results),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(out["table_markdown"])

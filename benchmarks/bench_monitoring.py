@@ -44,9 +44,9 @@ def prepare(rows_list: list[int], home: Path) -> None:
     sys.path.insert(0, str(ROOT))
     import mlflow
 
-    from tests.test_monitoring_flow import register_champion
     from ringflow.training.config import load_config
     from ringflow.training.data import in_window, load_labelled
+    from tests.test_monitoring_flow import register_champion
 
     cfg = load_config(ROOT / "configs" / "flights.yaml")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
@@ -86,7 +86,9 @@ def run_case(rows: int, max_current_rows: int | None, home: Path) -> dict:
     wall = time.perf_counter() - t0
     result = state.result()
     with get_client(sync_client=True) as c:
-        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        tasks = c.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     per_task = {}
     for t in tasks:
         name = t.name.rsplit("-", 1)[0]
@@ -95,22 +97,36 @@ def run_case(rows: int, max_current_rows: int | None, home: Path) -> dict:
     evidently_s = float(m.get("evidently_seconds", np.nan))
     import_s = float(m.get("evidently_import_seconds", np.nan))
     return {
-        "batch_rows": result.rows, "evidently_current_rows": min(result.rows, max_current_rows or result.rows),
-        "reference_rows": cfg.monitoring.reference_sample_rows, "wall_s": round(wall, 2),
-        "evidently_s": round(evidently_s, 2), "evidently_share": round(evidently_s / wall, 3),
+        "batch_rows": result.rows,
+        "evidently_current_rows": min(result.rows, max_current_rows or result.rows),
+        "reference_rows": cfg.monitoring.reference_sample_rows,
+        "wall_s": round(wall, 2),
+        "evidently_s": round(evidently_s, 2),
+        "evidently_share": round(evidently_s / wall, 3),
         "evidently_import_s": round(import_s, 2),
-        "peak_rss_mb": round(_rss_mb(), 0), "rss_before_flow_mb": round(rss_before, 0),
+        "peak_rss_mb": round(_rss_mb(), 0),
+        "rss_before_flow_mb": round(rss_before, 0),
         "per_task_s": {k: round(v, 2) for k, v in sorted(per_task.items(), key=lambda kv: -kv[1])},
-        "anomalies": [a.type.value for a in result.anomalies], "drifted_share": result.drifted_share,
+        "anomalies": [a.type.value for a in result.anomalies],
+        "drifted_share": result.drifted_share,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, nargs="*", default=[28_280, 1_000_000, 3_000_000],
-                   help="batch sizes (28280 = July 2013 as is; others resample July)")
-    p.add_argument("--max-current-rows", type=int, default=None,
-                   help="Evidently's sample of the batch (default: the config's); 0 = every row")
+    p.add_argument(
+        "--rows",
+        type=int,
+        nargs="*",
+        default=[28_280, 1_000_000, 3_000_000],
+        help="batch sizes (28280 = July 2013 as is; others resample July)",
+    )
+    p.add_argument(
+        "--max-current-rows",
+        type=int,
+        default=None,
+        help="Evidently's sample of the batch (default: the config's); 0 = every row",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -130,40 +146,70 @@ def main(argv: list[str] | None = None) -> None:
         home = Path(tmp)
         from ringflow.training.environment import process_defaults  # telemetry off, a patient ephemeral Prefect API
 
-        env = {**process_defaults(dict(os.environ)), "RINGFLOW_HOME": str(home),
-               "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-               "PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy shared machine
-               "PREFECT_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-        prep = subprocess.run([sys.executable, __file__, "--prepare", "--rows", *map(str, a.rows)],
-                              env=env, capture_output=True, text=True, timeout=1800)
+        env = {
+            **process_defaults(dict(os.environ)),
+            "RINGFLOW_HOME": str(home),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy shared machine
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
+        prep = subprocess.run(
+            [sys.executable, __file__, "--prepare", "--rows", *map(str, a.rows)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if prep.returncode != 0:
             sys.stderr.write(prep.stdout[-3000:] + prep.stderr[-5000:])
             raise SystemExit(f"preparing the champion and batches failed (exit {prep.returncode})")
         for rows in a.rows:
-            out = subprocess.run([sys.executable, __file__, "--child", "--rows", str(rows),
-                                  "--max-current-rows", str(a.max_current_rows)],
-                                 env=env, capture_output=True, text=True, timeout=3600)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--rows",
+                    str(rows),
+                    "--max-current-rows",
+                    str(a.max_current_rows),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:
                 sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
                 raise SystemExit(f"case rows={rows} failed (exit {out.returncode})")
-            cases.append(json.loads(line[len("RESULT "):]))
-    meta = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "max_current_rows": mcr,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            cases.append(json.loads(line[len("RESULT ") :]))
+    meta = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "max_current_rows": mcr,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     key = "sampled" if mcr else "unsampled"
     previous[key] = {"meta": meta, "cases": cases}
     RESULTS.write_text(json.dumps(previous, indent=1))
-    print(f"\nmonitoring benchmark ({meta['cpus']} CPUs, batch sampled to {mcr} rows for Evidently, "
-          f"reference {cases[0]['reference_rows']} rows)\n")
+    print(
+        f"\nmonitoring benchmark ({meta['cpus']} CPUs, batch sampled to {mcr} rows for Evidently, "
+        f"reference {cases[0]['reference_rows']} rows)\n"
+    )
     print("| batch rows | Evidently rows | wall s | Evidently s (share) | + import s | peak RSS MB | slowest tasks |")
     print("|---:|---:|---:|---:|---:|---:|---|")
     for c in cases:
         slow = ", ".join(f"{k} {v}s" for k, v in list(c["per_task_s"].items())[:3])
-        print(f"| {c['batch_rows']:,} | {c['evidently_current_rows']:,} | {c['wall_s']} | {c['evidently_s']} "
-              f"({c['evidently_share']:.0%}) | {c['evidently_import_s']} | {c['peak_rss_mb']:.0f} | {slow} |")
+        print(
+            f"| {c['batch_rows']:,} | {c['evidently_current_rows']:,} | {c['wall_s']} | {c['evidently_s']} "
+            f"({c['evidently_share']:.0%}) | {c['evidently_import_s']} | {c['peak_rss_mb']:.0f} | {slow} |"
+        )
     print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
 
 

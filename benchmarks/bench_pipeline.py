@@ -62,26 +62,41 @@ def child_flow(cfg_path: str, out: Path) -> None:
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(fr_id)
         trs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr_id])))
-    tasks = [{"name": t.name, "task_key": t.task_key, "state": t.state_type.value if t.state_type else None,
-              "start": t.start_time.timestamp() if t.start_time else None,
-              "end": t.end_time.timestamp() if t.end_time else None,
-              "total_run_time_s": t.total_run_time.total_seconds() if t.total_run_time else None}
-             for t in trs]
+    tasks = [
+        {
+            "name": t.name,
+            "task_key": t.task_key,
+            "state": t.state_type.value if t.state_type else None,
+            "start": t.start_time.timestamp() if t.start_time else None,
+            "end": t.end_time.timestamp() if t.end_time else None,
+            "total_run_time_s": t.total_run_time.total_seconds() if t.total_run_time else None,
+        }
+        for t in trs
+    ]
     import mlflow
 
     run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(result.training_run_id)
     from ringflow.training.summary import TrainingSummary
 
     summary = TrainingSummary.load(Path(os.environ["RINGFLOW_HOME"]) / "runs" / result.training_run_id)
-    out.write_text(json.dumps({
-        "imports_s": imports_s, "flow_call_s": flow_s,
-        "flow_run_s": fr.total_run_time.total_seconds() if fr.total_run_time else None,
-        "flow_start": fr.start_time.timestamp() if fr.start_time else None,
-        "flow_end": fr.end_time.timestamp() if fr.end_time else None,
-        "tasks": tasks, "horovodrun_s": run.data.metrics.get("training_wall_time_s"),
-        "train_program_s": summary.wall_time_s, "epochs": summary.epochs,
-        "train_status": summary.status, "promoted": result.promoted, "process_to_end_s": time.perf_counter() - T_PROCESS,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "imports_s": imports_s,
+                "flow_call_s": flow_s,
+                "flow_run_s": fr.total_run_time.total_seconds() if fr.total_run_time else None,
+                "flow_start": fr.start_time.timestamp() if fr.start_time else None,
+                "flow_end": fr.end_time.timestamp() if fr.end_time else None,
+                "tasks": tasks,
+                "horovodrun_s": run.data.metrics.get("training_wall_time_s"),
+                "train_program_s": summary.wall_time_s,
+                "epochs": summary.epochs,
+                "train_status": summary.status,
+                "promoted": result.promoted,
+                "process_to_end_s": time.perf_counter() - T_PROCESS,
+            }
+        )
+    )
 
 
 def child_bare(cfg_path: str, out: Path) -> None:
@@ -112,10 +127,21 @@ def child_bare(cfg_path: str, out: Path) -> None:
     p = predict_proba(net, pre, test)
     metrics = classification_metrics(test[manifest.target_column].to_numpy(), p)
     eval_s = time.perf_counter() - t0
-    out.write_text(json.dumps({"imports_s": imports_s, "shard_s": shard_s, "train_s": train_s,
-                               "train_program_s": summary.wall_time_s, "epochs": summary.epochs,
-                               "evaluate_s": eval_s, "register_s": 0.0, "test_auc": metrics["roc_auc"],
-                               "process_to_end_s": time.perf_counter() - T_PROCESS}))
+    out.write_text(
+        json.dumps(
+            {
+                "imports_s": imports_s,
+                "shard_s": shard_s,
+                "train_s": train_s,
+                "train_program_s": summary.wall_time_s,
+                "epochs": summary.epochs,
+                "evaluate_s": eval_s,
+                "register_s": 0.0,
+                "test_auc": metrics["roc_auc"],
+                "process_to_end_s": time.perf_counter() - T_PROCESS,
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------- driver
@@ -124,14 +150,24 @@ def child_bare(cfg_path: str, out: Path) -> None:
 def run_child(kind: str, cfg_path: str, prefect_home: Path, timeout: int = 1800) -> dict:
     home = Path(tempfile.mkdtemp(prefix=f"pipe-{kind}-", dir=SCRATCH))
     out = home / "result.json"
-    env = bench_env(RINGFLOW_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
-                    PREFECT_HOME=str(prefect_home), PREFECT_LOGGING_LEVEL="WARNING")
+    env = bench_env(
+        RINGFLOW_HOME=str(home),
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
     for k in ("PREFECT_API_URL", "MLFLOW_RUN_ID", "RINGFLOW_DATA_KEY"):
         env.pop(k, None)
     load0 = load_avg()
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--child", kind, "--config", cfg_path, "--child-out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--config", cfg_path, "--child-out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     wall = time.perf_counter() - t0
     if p.returncode != 0 or not out.exists():
         raise RuntimeError(f"pipeline {kind} run failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -154,8 +190,12 @@ def stage_times(flow: dict) -> dict[str, float]:
 
 def analyse(flows: list[dict], bares: list[dict]) -> dict:
     st = [stage_times(f) for f in flows]
-    bare = {"shard": median([b["shard_s"] for b in bares]), "train": median([b["train_s"] for b in bares]),
-            "evaluate": median([b["evaluate_s"] for b in bares]), "register": 0.0}
+    bare = {
+        "shard": median([b["shard_s"] for b in bares]),
+        "train": median([b["train_s"] for b in bares]),
+        "evaluate": median([b["evaluate_s"] for b in bares]),
+        "register": 0.0,
+    }
     stages = []
     for s in STAGES:
         task_s = median([x[s] for x in st])
@@ -182,8 +222,8 @@ def analyse(flows: list[dict], bares: list[dict]) -> dict:
         "mlflow_in_ranks_s (horovodrun in flow - bare horovodrun)": hvd - bare["train"],
         "evaluate_mlflow_s (evaluate task - bare scoring)": median([x["evaluate"] for x in st]) - bare["evaluate"],
         "orchestration_overhead_share_of_flow_run (persistent Prefect server case)": (flow_run - work) / flow_run,
-        "horovodrun_launch_s (bare horovodrun - training program wall)": bare["train"] - median(
-            [b["train_program_s"] for b in bares]),
+        "horovodrun_launch_s (bare horovodrun - training program wall)": bare["train"]
+        - median([b["train_program_s"] for b in bares]),
         "bare_process_wall_s": median([b["process_wall_s"] for b in bares]),
         "bare_horovodrun_s": bare["train"],
         "train_epochs_flow / bare": f"{flows[0]['epochs']} / {bares[0]['epochs']}",
@@ -218,24 +258,44 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 2)
     facts = machine_facts()
     # warm-up (not measured): creates the Prefect database, fills OS caches for both kinds
-    subprocess.run([sys.executable, "-c", "from prefect import flow\n@flow\ndef w(): return 1\nw()"],
-                   env=bench_env(PREFECT_HOME=str(prefect_home)), capture_output=True, timeout=600, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", "from prefect import flow\n@flow\ndef w(): return 1\nw()"],
+        env=bench_env(PREFECT_HOME=str(prefect_home)),
+        capture_output=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     flows, bares = [], []
     for r in range(rounds):
-        for kind in (("bare", "flow") if r % 2 == 0 else ("flow", "bare")):
+        for kind in ("bare", "flow") if r % 2 == 0 else ("flow", "bare"):
             res = run_child(kind, cfg_path, prefect_home)
             (flows if kind == "flow" else bares).append(res)
-            print(f"round {r} {kind}: process {res['process_wall_s']:.1f}s"
-                  + (f", flow {res['flow_call_s']:.1f}s, horovodrun {res['horovodrun_s']:.1f}s" if kind == "flow"
-                     else f", shard {res['shard_s']:.1f}s, horovodrun {res['train_s']:.1f}s, evaluate {res['evaluate_s']:.2f}s"),
-                  flush=True)
+            print(
+                f"round {r} {kind}: process {res['process_wall_s']:.1f}s"
+                + (
+                    f", flow {res['flow_call_s']:.1f}s, horovodrun {res['horovodrun_s']:.1f}s"
+                    if kind == "flow"
+                    else f", shard {res['shard_s']:.1f}s, horovodrun {res['train_s']:.1f}s, evaluate {res['evaluate_s']:.2f}s"
+                ),
+                flush=True,
+            )
     a = analyse(flows, bares)
-    data = {"benchmark": "pipeline", "quick": args.quick, "config": os.path.relpath(cfg_path, ROOT), "rounds": rounds,
-            "machine": facts, "load_after": load_avg(),
-            "how": (f"{rounds} round(s) of one `flow` and one `bare` run each, alternating order, each in a fresh "
-                    "process and RINGFLOW_HOME; medians. Stage = Prefect task run end - start. Overhead = flow "
-                    "wall - (bare shard + horovodrun wall inside the flow + bare evaluate)."),
-            **a, "flow_runs": flows, "bare_runs": bares}
+    data = {
+        "benchmark": "pipeline",
+        "quick": args.quick,
+        "config": os.path.relpath(cfg_path, ROOT),
+        "rounds": rounds,
+        "machine": facts,
+        "load_after": load_avg(),
+        "how": (
+            f"{rounds} round(s) of one `flow` and one `bare` run each, alternating order, each in a fresh "
+            "process and RINGFLOW_HOME; medians. Stage = Prefect task run end - start. Overhead = flow "
+            "wall - (bare shard + horovodrun wall inside the flow + bare evaluate)."
+        ),
+        **a,
+        "flow_runs": flows,
+        "bare_runs": bares,
+    }
     path = write_result("pipeline", data, args.out)
     print(f"wrote {path}")
     for s in a["stages"]:

@@ -98,8 +98,9 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb(),
 
 
 def _child(code: str, *args: str, timeout: int = 3600) -> dict:
-    p = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=bench_env(), capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=timeout
+    )
     if p.returncode != 0:
         raise RuntimeError(f"stage failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -127,20 +128,25 @@ def train(cfg_path: Path, manifest: str, out: Path) -> dict:
     cmd = horovodrun_command(cfg, manifest, out)
     cmd[0] = horovodrun()
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, env=launch_env(cfg, MLFLOW_RUN_ID=None), capture_output=True, text=True,
-                       timeout=3600)
+    p = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(cfg, MLFLOW_RUN_ID=None), capture_output=True, text=True, timeout=3600
+    )
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"training failed:\n{p.stdout[-3000:]}\n{p.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
     epoch = s["history"][0]
-    return {"seconds": epoch["epoch_time_s"], "launch_wall_s": wall,
-            "peak_mb": max(r["peak_rss_mb"] for r in s["per_rank"]), "samples_per_s": epoch["samples_per_s"],
-            "val_roc_auc": epoch.get("val_roc_auc")}
+    return {
+        "seconds": epoch["epoch_time_s"],
+        "launch_wall_s": wall,
+        "peak_mb": max(r["peak_rss_mb"] for r in s["per_rank"]),
+        "samples_per_s": epoch["samples_per_s"],
+        "val_roc_auc": epoch.get("val_roc_auc"),
+    }
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x and y and x > 0 and y > 0]
     if len(pts) < 2:
         return None
     mx = sum(p[0] for p in pts) / len(pts)
@@ -203,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {k}x: evaluate", flush=True)
             row["evaluate"] = _child(EVALUATE, manifest, str(run_dir))
             print(f"== {k}x: monitor", flush=True)
-            row["monitor"] = _child(MONITOR, str(cfg_path), manifest, str(run_dir), str(src),
-                                    str(work / f"reports-x{k}"))
+            row["monitor"] = _child(
+                MONITOR, str(cfg_path), manifest, str(run_dir), str(src), str(work / f"reports-x{k}")
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -212,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     xs = [r["rows"] for r in rows]
-    slopes = {s: {"time": slope(xs, [r[s]["seconds"] for r in rows]),
-                  "memory": slope(xs, [r[s]["peak_mb"] for r in rows])} for s in STAGES}
+    slopes = {
+        s: {"time": slope(xs, [r[s]["seconds"] for r in rows]), "memory": slope(xs, [r[s]["peak_mb"] for r in rows])}
+        for s in STAGES
+    }
     png = HERE / ("scale.png" if a.out is None else "scale-quick.png")
     if a.out is not None:
         png = a.out.with_suffix(".png")
@@ -225,13 +234,19 @@ def main(argv: list[str] | None = None) -> int:
         for s in STAGES:
             cells += [f"{r[s]['seconds']:.1f}", f"{r[s]['peak_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("| log-log slope | | " + " | ".join(
-        f"{_f(slopes[s]['time'])} | {_f(slopes[s]['memory'])}" for s in STAGES) + " |")
+    lines.append(
+        "| log-log slope | | "
+        + " | ".join(f"{_f(slopes[s]['time'])} | {_f(slopes[s]['memory'])}" for s in STAGES)
+        + " |"
+    )
     mem = {s: (rows[-1][s]["peak_mb"] / rows[1][s]["peak_mb"]) if len(rows) > 1 else None for s in STAGES}
     result = {
         "how": "one process per stage; peak RSS = VmHWM of that process (train: the larger rank); "
-               "train = one epoch of the default model at np=2",
-        "factors": factors, "rows": rows, "slopes": slopes, "plot": str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png),
+        "train = one epoch of the default model at np=2",
+        "factors": factors,
+        "rows": rows,
+        "slopes": slopes,
+        "plot": str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png),
         "memory_ratio_last_vs_3x": mem,
         "targets": {"time_slope_max": 1.05, "shard_memory_ratio_30x_vs_3x_max": 1.2},
         "table_markdown": "\n".join(lines) + f"\n\n![cost growth]({png.name})\n",

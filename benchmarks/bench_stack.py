@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -42,9 +41,19 @@ from benchmarks._common import RESULTS_DIR, ROOT, VENV_BIN, bench_env, free_port
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
 TRAINING_DEPLOYMENT = "training-pipeline/training-pipeline"
-SCRUB = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
-         "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_HOME",
-         "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD")
+SCRUB = (
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_HOME",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+)
 
 
 class BenchStack:
@@ -53,10 +62,14 @@ class BenchStack:
         self.home = base / database
         self.prefect_port = free_port()
         env = {k: v for k, v in bench_env().items() if k not in SCRUB}
-        env.update(RINGFLOW_HOME=str(self.home), RINGFLOW_PREFECT_PORT=str(self.prefect_port),
-                   RINGFLOW_MLFLOW_PORT=str(free_port()), RINGFLOW_EVIDENTLY_PORT=str(free_port()),
-                   RINGFLOW_POSTGRES_PORT=str(free_port()),
-                   RINGFLOW_POSTGRES_STATE_DIR=str(base / "pg-state"))  # as root, not /var/lib/ringflow
+        env.update(
+            RINGFLOW_HOME=str(self.home),
+            RINGFLOW_PREFECT_PORT=str(self.prefect_port),
+            RINGFLOW_MLFLOW_PORT=str(free_port()),
+            RINGFLOW_EVIDENTLY_PORT=str(free_port()),
+            RINGFLOW_POSTGRES_PORT=str(free_port()),
+            RINGFLOW_POSTGRES_STATE_DIR=str(base / "pg-state"),
+        )  # as root, not /var/lib/ringflow
         self.env = env
 
     @property
@@ -64,8 +77,9 @@ class BenchStack:
         return f"http://127.0.0.1:{self.prefect_port}/api"
 
     def cli(self, *args: str) -> None:
-        p = subprocess.run([str(VENV_BIN / "ringflow"), *args], cwd=ROOT, env=self.env,
-                           capture_output=True, text=True, timeout=900)
+        p = subprocess.run(
+            [str(VENV_BIN / "ringflow"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=900
+        )
         if p.returncode != 0:
             raise RuntimeError(f"ringflow {' '.join(args)} ({self.database}): {p.stdout[-2000:]}\n{p.stderr[-2000:]}")
 
@@ -77,8 +91,7 @@ class BenchStack:
             self.cli("deploy", "--config", str(SMOKE))
 
     def down(self) -> None:
-        subprocess.run([str(VENV_BIN / "ringflow"), "down"], cwd=ROOT, env=self.env,
-                       capture_output=True, timeout=300)
+        subprocess.run([str(VENV_BIN / "ringflow"), "down"], cwd=ROOT, env=self.env, capture_output=True, timeout=300)
 
 
 def _burst(api: str, deployment_id, n: int) -> tuple[list[float], float]:
@@ -120,7 +133,7 @@ def measure_bursts(base: Path, bursts: int, burst: int) -> dict:
         lat: dict[str, list[float]] = {s.database: [] for s in stacks}
         rates: dict[str, list[float]] = {s.database: [] for s in stacks}
         for i in range(bursts):
-            for s in (stacks if i % 2 == 0 else list(reversed(stacks))):  # alternate who goes first
+            for s in stacks if i % 2 == 0 else list(reversed(stacks)):  # alternate who goes first
                 xs, wall = _burst(s.api, deployments[s.database], burst)
                 lat[s.database] += xs
                 rates[s.database].append(burst / wall * 60)
@@ -129,8 +142,10 @@ def measure_bursts(base: Path, bursts: int, burst: int) -> dict:
                 created = len(c.read_flow_runs(limit=200))
             xs = lat[s.database]
             results[s.database] = {
-                "submissions": len(xs), "flow_runs_in_api": created,
-                "p50_ms": round(statistics.median(xs) * 1000, 1), "p95_ms": round(_pct(xs, 0.95) * 1000, 1),
+                "submissions": len(xs),
+                "flow_runs_in_api": created,
+                "p50_ms": round(statistics.median(xs) * 1000, 1),
+                "p95_ms": round(_pct(xs, 0.95) * 1000, 1),
                 "max_ms": round(max(xs) * 1000, 1),
                 "submissions_per_min_median": round(statistics.median(rates[s.database])),
             }
@@ -139,9 +154,14 @@ def measure_bursts(base: Path, bursts: int, burst: int) -> dict:
             s.down()
     return {
         "what": "flow-run submissions through the Prefect API of `ringflow up`, bursts of concurrent clients, SQLite vs PostgreSQL",
-        "how": (f"{bursts} bursts of {burst} concurrent create_flow_run_from_deployment calls per database, "
-                "alternating databases; no runner (runs stay Scheduled): the API and its database only"),
-        "machine": machine_facts(), "load_before": load_before, "load_after": load_avg(), "results": results,
+        "how": (
+            f"{bursts} bursts of {burst} concurrent create_flow_run_from_deployment calls per database, "
+            "alternating databases; no runner (runs stay Scheduled): the API and its database only"
+        ),
+        "machine": machine_facts(),
+        "load_before": load_before,
+        "load_after": load_avg(),
+        "results": results,
     }
 
 
@@ -154,8 +174,15 @@ def load_parameters(i: int) -> dict:
     """The i-th of the 20 training runs: smoke config, one rank, 2 epochs, its own seed."""
     from ringflow.training.config import load_config
 
-    cfg = load_config(SMOKE, ["training.world_size=1", "training.epochs=2", "training.early_stopping_patience=1",
-                              f"training.seed={100 + i}"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "training.world_size=1",
+            "training.epochs=2",
+            "training.early_stopping_patience=1",
+            f"training.seed={100 + i}",
+        ],
+    )
     return {"config": cfg.model_dump(mode="json"), "reason": f"load bench {i}"}
 
 
@@ -201,7 +228,9 @@ def measure_under_load(base: Path, window_min: float) -> dict:
                 probe_lat += xs
                 loads.append(load_avg())
                 with SyncPrefectClient(s.api) as c:
-                    runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=LOAD_RUNS)
+                    runs = c.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=LOAD_RUNS
+                    )
                 for r in runs:
                     if r.state.is_completed() and r.id not in completed_at:
                         completed_at[r.id] = time.monotonic() - t0
@@ -214,14 +243,19 @@ def measure_under_load(base: Path, window_min: float) -> dict:
             done = sorted(completed_at.values())
             every = burst_lat + probe_lat
             results[database] = {
-                "window_s": round(window_s), "runs_submitted": LOAD_RUNS, "runs_completed": len(done),
+                "window_s": round(window_s),
+                "runs_submitted": LOAD_RUNS,
+                "runs_completed": len(done),
                 "runs_per_min": round(len(done) / (window_s / 60), 2),
-                "steady_runs_per_min": (round((len(done) - 1) / ((done[-1] - done[0]) / 60), 2)
-                                        if len(done) >= 2 else None),
+                "steady_runs_per_min": (
+                    round((len(done) - 1) / ((done[-1] - done[0]) / 60), 2) if len(done) >= 2 else None
+                ),
                 "first_completion_s": round(done[0]) if done else None,
-                "states_at_end": states, "most_running_at_once": most_running,
+                "states_at_end": states,
+                "most_running_at_once": most_running,
                 "submissions": len(every),
-                "p50_ms": round(statistics.median(every) * 1000, 1), "p95_ms": round(_pct(every, 0.95) * 1000, 1),
+                "p50_ms": round(statistics.median(every) * 1000, 1),
+                "p95_ms": round(_pct(every, 0.95) * 1000, 1),
                 "burst20_p50_ms": round(statistics.median(burst_lat) * 1000, 1),
                 "burst20_p95_ms": round(_pct(burst_lat, 0.95) * 1000, 1),
                 "probes_p50_ms": round(statistics.median(probe_lat) * 1000, 1) if probe_lat else None,
@@ -233,13 +267,19 @@ def measure_under_load(base: Path, window_min: float) -> dict:
         finally:
             s.down()
     return {
-        "what": ("20 training-pipeline runs submitted at once to a full `ringflow up` stack (runner "
-                 "included), SQLite vs PostgreSQL, one after the other"),
-        "how": (f"smoke config, one rank, 2 epochs, a seed per run; the runner trains them one at a time "
-                f"(deployment concurrency limit 1) for {window_min:g} min per database; every {PROBE_EVERY_S} s "
-                f"{PROBE_SIZE} concurrent probe submissions scheduled far ahead (same API call, never run); "
-                "latency = the 20 plus every probe; load average sampled at every probe"),
-        "window_min": window_min, "machine": machine_facts(), "results": results,
+        "what": (
+            "20 training-pipeline runs submitted at once to a full `ringflow up` stack (runner "
+            "included), SQLite vs PostgreSQL, one after the other"
+        ),
+        "how": (
+            f"smoke config, one rank, 2 epochs, a seed per run; the runner trains them one at a time "
+            f"(deployment concurrency limit 1) for {window_min:g} min per database; every {PROBE_EVERY_S} s "
+            f"{PROBE_SIZE} concurrent probe submissions scheduled far ahead (same API call, never run); "
+            "latency = the 20 plus every probe; load average sampled at every probe"
+        ),
+        "window_min": window_min,
+        "machine": machine_facts(),
+        "results": results,
     }
 
 
@@ -247,23 +287,38 @@ def _table(bursts: dict | None, under_load: dict | None) -> str:
     rows = []
     if bursts:
         before, after = (", ".join(map(str, bursts[k])) for k in ("load_before", "load_after"))
-        rows += [f"Submissions alone (no runner, {bursts['machine']['date']}, load before/after {before} / {after}):", "",
-                 "| database | submissions | p50 latency | p95 latency | max | submissions/min (burst of 20, median) |",
-                 "|---|---|---|---|---|---|"]
+        rows += [
+            f"Submissions alone (no runner, {bursts['machine']['date']}, load before/after {before} / {after}):",
+            "",
+            "| database | submissions | p50 latency | p95 latency | max | submissions/min (burst of 20, median) |",
+            "|---|---|---|---|---|---|",
+        ]
         for db, r in bursts["results"].items():
-            rows.append(f"| {db} | {r['submissions']} | {r['p50_ms']} ms | {r['p95_ms']} ms | {r['max_ms']} ms | "
-                        f"{r['submissions_per_min_median']} |")
+            rows.append(
+                f"| {db} | {r['submissions']} | {r['p50_ms']} ms | {r['p95_ms']} ms | {r['max_ms']} ms | "
+                f"{r['submissions_per_min_median']} |"
+            )
     if under_load:
-        rows += ["", (f"Under load: 20 training runs at once, the runner training them ({under_load['machine']['date']}; "
-                      "the machine is shared with other jobs, load average sampled during each window):"), "",
-                 ("| database | window | runs completed | runs/min held | submission p50 | submission p95 | "
-                  "burst of 20 p50/p95 | probes p50/p95 | load avg (1 min) mean / max |"),
-                 "|---|---|---|---|---|---|---|---|---|"]
+        rows += [
+            "",
+            (
+                f"Under load: 20 training runs at once, the runner training them ({under_load['machine']['date']}; "
+                "the machine is shared with other jobs, load average sampled during each window):"
+            ),
+            "",
+            (
+                "| database | window | runs completed | runs/min held | submission p50 | submission p95 | "
+                "burst of 20 p50/p95 | probes p50/p95 | load avg (1 min) mean / max |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for db, r in under_load["results"].items():
-            rows.append(f"| {db} | {r['window_s']} s | {r['runs_completed']} of {r['runs_submitted']} | "
-                        f"{r['runs_per_min']} | {r['p50_ms']} ms | {r['p95_ms']} ms | "
-                        f"{r['burst20_p50_ms']} / {r['burst20_p95_ms']} ms | "
-                        f"{r['probes_p50_ms']} / {r['probes_p95_ms']} ms | {r['load_1min_mean']} / {r['load_1min_max']} |")
+            rows.append(
+                f"| {db} | {r['window_s']} s | {r['runs_completed']} of {r['runs_submitted']} | "
+                f"{r['runs_per_min']} | {r['p50_ms']} ms | {r['p95_ms']} ms | "
+                f"{r['burst20_p50_ms']} / {r['burst20_p95_ms']} ms | "
+                f"{r['probes_p50_ms']} / {r['probes_p95_ms']} ms | {r['load_1min_mean']} / {r['load_1min_max']} |"
+            )
     return "\n".join(rows).strip()
 
 
@@ -282,18 +337,22 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="ringflow-bench-stack-"))
     base.chmod(0o755)  # as root, PostgreSQL runs as user postgres and must reach base/pg-state
     try:
-        bursts = (measure_bursts(base, 2 if a.quick else 5, a.burst) if a.part in ("bursts", "all")
-                  else previous.get("bursts") or _legacy_bursts(previous))
-        under_load = (measure_under_load(base, window) if a.part in ("load", "all")
-                      else previous.get("under_load"))
+        bursts = (
+            measure_bursts(base, 2 if a.quick else 5, a.burst)
+            if a.part in ("bursts", "all")
+            else previous.get("bursts") or _legacy_bursts(previous)
+        )
+        under_load = measure_under_load(base, window) if a.part in ("load", "all") else previous.get("under_load")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
     data = {
         "benchmark": "stack",
         "what": "flow-run submission latency through the Prefect API of `ringflow up` (alone, and with 20 "
-                "training runs in flight) and runs/min held, SQLite vs PostgreSQL",
-        "quick": a.quick, "bursts": bursts, "under_load": under_load,
+        "training runs in flight) and runs/min held, SQLite vs PostgreSQL",
+        "quick": a.quick,
+        "bursts": bursts,
+        "under_load": under_load,
         "table_markdown": _table(bursts, under_load),
     }
     path = write_result("stack", data, a.out)

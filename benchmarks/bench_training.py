@@ -72,29 +72,50 @@ def cases(quick: bool) -> list[Case]:
     ]
     levers = [
         Case("np2_unpinned", 2, {"training.pin_ranks": False}, what="np=2, ranks not pinned to cores"),
-        Case("np2_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004},
-             what="np=2, batch 2048/rank, LR x2 (linear scaling)"),
-        Case("np2_bpps2", 2, {"training.horovod.backward_passes_per_step": 2},
-             what="np=2, backward_passes_per_step=2"),
+        Case(
+            "np2_batch2048_lr2x",
+            2,
+            {"training.batch_size": 2048, "training.learning_rate": 0.004},
+            what="np=2, batch 2048/rank, LR x2 (linear scaling)",
+        ),
+        Case("np2_bpps2", 2, {"training.horovod.backward_passes_per_step": 2}, what="np=2, backward_passes_per_step=2"),
         Case("np2_cycle_0.1ms", 2, {"training.horovod.cycle_time_ms": 0.1}, what="np=2, cycle time 0.1 ms"),
         Case("np2_cycle_5ms", 2, {"training.horovod.cycle_time_ms": 5}, what="np=2, cycle time 5 ms"),
         Case("np2_fusion_off", 2, {"training.horovod.fusion_threshold_mb": 0}, what="np=2, tensor fusion off"),
         Case("np2_autotune", 2, {"training.horovod.autotune": True}, what="np=2, Horovod autotune"),
         Case("np2_threads2", 2, {"training.threads_per_rank": 2}, what="np=2, 2 threads/rank (oversubscribed)"),
         Case("np2_fp16", 2, {"training.horovod.compression": "fp16"}, what="np=2, fp16 gradient compression"),
-        Case("hvd_np1_t1_batch2048_lr2x", 1, {"training.threads_per_rank": 1, "training.batch_size": 2048,
-                                               "training.learning_rate": 0.004},
-             what="trainer np=1, 1 thread, batch 2048, LR x2 (the np=1 side of the batch lever)"),
-        Case("hvd_np2_timeline", 2, env={"RFBENCH_TIMELINE": "1"},
-             what="np=2 with the Horovod timeline on: where the step time goes"),
-        Case("ddp_np2_dataloader", 2, kind="ddp", env={"RFBENCH_LOADER": "dataloader"},
-             what="DDP np=2 fed by a DataLoader instead of in-memory indexing"),
+        Case(
+            "hvd_np1_t1_batch2048_lr2x",
+            1,
+            {"training.threads_per_rank": 1, "training.batch_size": 2048, "training.learning_rate": 0.004},
+            what="trainer np=1, 1 thread, batch 2048, LR x2 (the np=1 side of the batch lever)",
+        ),
+        Case(
+            "hvd_np2_timeline",
+            2,
+            env={"RFBENCH_TIMELINE": "1"},
+            what="np=2 with the Horovod timeline on: where the step time goes",
+        ),
+        Case(
+            "ddp_np2_dataloader",
+            2,
+            kind="ddp",
+            env={"RFBENCH_LOADER": "dataloader"},
+            what="DDP np=2 fed by a DataLoader instead of in-memory indexing",
+        ),
     ]
     if _mpi_built():
         # the MPI controller (shared memory within a host) needs a Horovod built with MPI
         # (HOROVOD_WITH_MPI=1 and Open MPI); the project's install builds Gloo only
-        levers.append(Case("np2_mpi", 2, env={"RFBENCH_CONTROLLER": "mpi"},
-                           what="np=2, MPI controller and CPU ops (Horovod built with MPI)"))
+        levers.append(
+            Case(
+                "np2_mpi",
+                2,
+                env={"RFBENCH_CONTROLLER": "mpi"},
+                what="np=2, MPI controller and CPU ops (Horovod built with MPI)",
+            )
+        )
     if quick:
         return [c for c in core if c.name in ("hvd_np1_t1", "hvd_np2", "ddp_np2")]
     return core + levers
@@ -103,8 +124,11 @@ def cases(quick: bool) -> list[Case]:
 QUALITY_CASES = [
     Case("quality_np1", 1, {"training.threads_per_rank": 1}),
     Case("quality_np2", 2),
-    Case("quality_np1_batch2048_lr2x", 1, {"training.threads_per_rank": 1, "training.batch_size": 2048,
-                                           "training.learning_rate": 0.004}),
+    Case(
+        "quality_np1_batch2048_lr2x",
+        1,
+        {"training.threads_per_rank": 1, "training.batch_size": 2048, "training.learning_rate": 0.004},
+    ),
     Case("quality_np2_batch2048_lr2x", 2, {"training.batch_size": 2048, "training.learning_rate": 0.004}),
 ]
 
@@ -143,9 +167,23 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
             cmd[cmd.index("--gloo")] = "--mpi"
             env.update(HOROVOD_CPU_OPERATIONS="MPI", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(case.np),
-               str(HERE / "_ddp_reference.py"), "--manifest", str(manifest), "--config-json", cfg.model_dump_json(),
-               "--out", str(out / "ddp.json"), "--loader", case.env.get("RFBENCH_LOADER", "memory")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(case.np),
+            str(HERE / "_ddp_reference.py"),
+            "--manifest",
+            str(manifest),
+            "--config-json",
+            cfg.model_dump_json(),
+            "--out",
+            str(out / "ddp.json"),
+            "--loader",
+            case.env.get("RFBENCH_LOADER", "memory"),
+        ]
     load0 = load_avg()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -159,9 +197,12 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
         hist = summary.history
         # the last epoch's, like the DDP reference's (throughput runs keep every epoch)
         auc = hist[-1].get("val_roc_auc", summary.best_val_roc_auc) if hist else summary.best_val_roc_auc
-        extra = {"status": summary.status, "best_epoch": summary.best_epoch,
-                 "step_time_ms_per_rank": [r.step_time_ms for r in summary.per_rank],
-                 "train_wall_s": summary.wall_time_s}
+        extra = {
+            "status": summary.status,
+            "best_epoch": summary.best_epoch,
+            "step_time_ms_per_rank": [r.step_time_ms for r in summary.per_rank],
+            "train_wall_s": summary.wall_time_s,
+        }
     else:
         s = json.loads((out / "ddp.json").read_text())
         hist = s["history"]
@@ -173,11 +214,21 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
     steady = thr[1:] if len(thr) > 1 else thr
     # per-step wall time (all of a step: data, forward, backward, allreduce waits, optimizer)
     bs = cfg.training.batch_size
-    step_ms = [h["epoch_time_s"] * 1000 / max(1, round(h["samples_per_s"] * h["epoch_time_s"] / (case.np * bs)))
-               for h in hist]
+    step_ms = [
+        h["epoch_time_s"] * 1000 / max(1, round(h["samples_per_s"] * h["epoch_time_s"] / (case.np * bs))) for h in hist
+    ]
     extra["step_wall_ms"] = median(step_ms[1:] if len(step_ms) > 1 else step_ms)
-    return {"case": case.name, "np": case.np, "samples_per_s": median(steady), "per_epoch_samples_per_s": thr,
-            "epochs": len(hist), "val_auc": auc, "launch_wall_s": round(wall, 2), "load_before": load0, **extra}
+    return {
+        "case": case.name,
+        "np": case.np,
+        "samples_per_s": median(steady),
+        "per_epoch_samples_per_s": thr,
+        "epochs": len(hist),
+        "val_auc": auc,
+        "launch_wall_s": round(wall, 2),
+        "load_before": load0,
+        **extra,
+    }
 
 
 def summarize(runs: list[dict], all_cases: list[Case]) -> dict:
@@ -189,19 +240,24 @@ def summarize(runs: list[dict], all_cases: list[Case]) -> dict:
         rs = by.get(c.name, [])
         if not rs:
             continue
-        table[c.name] = {"what": c.what, "np": c.np, "kind": c.kind, "rounds": len(rs),
-                         "samples_per_s": median([r["samples_per_s"] for r in rs]),
-                         "samples_per_s_each_round": [round(r["samples_per_s"]) for r in rs],
-                         "launch_wall_s": median([r["launch_wall_s"] for r in rs]),
-                         "step_wall_ms": median([r["step_wall_ms"] for r in rs]),
-                         "val_auc": median([r["val_auc"] for r in rs if r.get("val_auc") is not None] or [math.nan])}
+        table[c.name] = {
+            "what": c.what,
+            "np": c.np,
+            "kind": c.kind,
+            "rounds": len(rs),
+            "samples_per_s": median([r["samples_per_s"] for r in rs]),
+            "samples_per_s_each_round": [round(r["samples_per_s"]) for r in rs],
+            "launch_wall_s": median([r["launch_wall_s"] for r in rs]),
+            "step_wall_ms": median([r["step_wall_ms"] for r in rs]),
+            "val_auc": median([r["val_auc"] for r in rs if r.get("val_auc") is not None] or [math.nan]),
+        }
         fwd_bwd = [x for r in rs for x in r.get("step_time_ms_per_rank", [])]
         if fwd_bwd:
             table[c.name]["fwd_bwd_ms"] = median(fwd_bwd)
         if timelines := [r["timeline_ms_per_step"] for r in rs if "timeline_ms_per_step" in r]:
             table[c.name]["timeline_ms_per_step"] = {k: median([t[k] for t in timelines]) for k in timelines[0]}
     base = table.get("hvd_np2", {}).get("samples_per_s")
-    for name, row in table.items():
+    for row in table.values():
         if base and row["np"] == 2:
             row["vs_hvd_np2"] = row["samples_per_s"] / base
     derived: dict[str, Any] = {}
@@ -215,8 +271,9 @@ def summarize(runs: list[dict], all_cases: list[Case]) -> dict:
     if thr("hvd_np2") and thr("hvd_np1"):
         derived["efficiency_vs_default_np1"] = thr("hvd_np2") / (2 * thr("hvd_np1"))
     if thr("np2_batch2048_lr2x") and thr("hvd_np1_t1_batch2048_lr2x"):
-        derived["efficiency_batch2048_vs_np1_batch2048"] = (
-            thr("np2_batch2048_lr2x") / (2 * thr("hvd_np1_t1_batch2048_lr2x")))
+        derived["efficiency_batch2048_vs_np1_batch2048"] = thr("np2_batch2048_lr2x") / (
+            2 * thr("hvd_np1_t1_batch2048_lr2x")
+        )
     if thr("hvd_np2") and thr("np2_unpinned"):
         derived["pinned_vs_unpinned"] = thr("hvd_np2") / thr("np2_unpinned")
     ddp1 = thr("ddp_np1_t1")
@@ -236,8 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 cases, 1 round, 2 epochs, no quality runs")
     p.add_argument("--config", default=str(ROOT / "configs" / "flights.yaml"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. data.source=/tmp/flights-x10 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. data.source=/tmp/flights-x10 (repeatable)",
+    )
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="epochs per throughput run (default 3; quick 2)")
     p.add_argument("--cases", default=None, help="comma list of case names (default: all)")
@@ -268,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
             res = run_case(base, case, manifest, epochs)
             res["round"] = r
             runs.append(res)
-            print(f"round {r} {case.name:22s} {res['samples_per_s']:>9.0f} samples/s  "
-                  f"(epochs {[round(x) for x in res['per_epoch_samples_per_s']]}, load {res['load_before']})", flush=True)
+            print(
+                f"round {r} {case.name:22s} {res['samples_per_s']:>9.0f} samples/s  "
+                f"(epochs {[round(x) for x in res['per_epoch_samples_per_s']]}, load {res['load_before']})",
+                flush=True,
+            )
     quality = []
     qcases = {c.name: c for c in QUALITY_CASES}
     qnames = args.quality.split(",") if args.quality else list(qcases)
@@ -277,8 +342,21 @@ def main(argv: list[str] | None = None) -> int:
         # full default runs; np=1 with 1 thread (threads change speed, not the math)
         for case in (qcases[n] for n in qnames):
             res = run_case(base, case, manifest, epochs=base.training.epochs, throughput=False)
-            quality.append({k: res[k] for k in ("case", "np", "val_auc", "epochs", "status", "best_epoch",
-                                                 "samples_per_s", "launch_wall_s")})
+            quality.append(
+                {
+                    k: res[k]
+                    for k in (
+                        "case",
+                        "np",
+                        "val_auc",
+                        "epochs",
+                        "status",
+                        "best_epoch",
+                        "samples_per_s",
+                        "launch_wall_s",
+                    )
+                }
+            )
             print(f"quality {case.name}: best val AUC {res['val_auc']:.4f} after {res['epochs']} epochs", flush=True)
     summary = summarize(runs, all_cases)
     q = {x["case"]: x["val_auc"] for x in quality}
@@ -287,17 +365,29 @@ def main(argv: list[str] | None = None) -> int:
         summary["derived"]["auc_np2"] = q["quality_np2"]
         summary["derived"]["auc_np2_minus_np1"] = q["quality_np2"] - q["quality_np1"]
     if "quality_np1_batch2048_lr2x" in q and "quality_np2_batch2048_lr2x" in q:
-        summary["derived"]["auc_np2_minus_np1_batch2048"] = q["quality_np2_batch2048_lr2x"] - q["quality_np1_batch2048_lr2x"]
-    data = {"benchmark": "training", "quick": args.quick, "config": str(Path(args.config).relative_to(ROOT))
-            if Path(args.config).is_relative_to(ROOT) else args.config,
-            "overrides": args.set,
-            "epochs_per_throughput_run": epochs, "rounds": rounds, "machine": facts, "load_after": load_avg(),
-            "train_rows": json.loads(Path(manifest).read_text())["windows"]["train"]["rows"],
-            **summary, "quality": quality, "runs": runs}
+        summary["derived"]["auc_np2_minus_np1_batch2048"] = (
+            q["quality_np2_batch2048_lr2x"] - q["quality_np1_batch2048_lr2x"]
+        )
+    data = {
+        "benchmark": "training",
+        "quick": args.quick,
+        "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
+        "overrides": args.set,
+        "epochs_per_throughput_run": epochs,
+        "rounds": rounds,
+        "machine": facts,
+        "load_after": load_avg(),
+        "train_rows": json.loads(Path(manifest).read_text())["windows"]["train"]["rows"],
+        **summary,
+        "quality": quality,
+        "runs": runs,
+    }
     path = write_result("training", data, args.out)
     print(f"wrote {path}")
     for name, row in summary["cases"].items():
-        print(f"  {name:24s} {row['samples_per_s']:>9.0f} samples/s {row.get('vs_hvd_np2', float('nan')):6.2f}x  {row['what']}")
+        print(
+            f"  {name:24s} {row['samples_per_s']:>9.0f} samples/s {row.get('vs_hvd_np2', float('nan')):6.2f}x  {row['what']}"
+        )
     for k, v in summary["derived"].items():
         print(f"  {k}: {v:.3f}")
     return 0

@@ -64,9 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
     for month in a.months:
         r = monitoring_flow(cfg, batch=month, trigger_rerun=False)
         print_result(r)
-        out["months"][month] = {"roc_auc": r.metrics.get("roc_auc"), "drop": r.roc_auc_drop,
-                                "drifted_share": r.drifted_share, "anomalies": [x.type.value for x in r.anomalies],
-                                "decision": r.decision}
+        out["months"][month] = {
+            "roc_auc": r.metrics.get("roc_auc"),
+            "drop": r.roc_auc_drop,
+            "drifted_share": r.drifted_share,
+            "anomalies": [x.type.value for x in r.anomalies],
+            "decision": r.decision,
+        }
         if r.rerun_overrides and flagged is None:
             flagged = r
             break
@@ -76,8 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # exactly the parameters the automation passes: rerun.config, rerun.reason, monitoring run, anomaly id
     rerun_cfg = PipelineConfig.model_validate(flagged.rerun_config)
-    rerun = training_pipeline(rerun_cfg, reason=flagged.rerun_reason, parent_run_id=flagged.monitoring_run_id,
-                              anomaly_id=flagged.anomaly_id)
+    rerun = training_pipeline(
+        rerun_cfg, reason=flagged.rerun_reason, parent_run_id=flagged.monitoring_run_id, anomaly_id=flagged.anomaly_id
+    )
     print_summary(rerun)
     if not rerun.model_version:
         print("the rerun registered no model (training did not complete)")
@@ -95,8 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         old_auc = classification_metrics(rows[TARGET], predict_rows(old_model, rows))["roc_auc"]
         new_auc = classification_metrics(rows[TARGET], predict_rows(new_model, rows))["roc_auc"]
         out["comparison"][label] = {"old_champion": old_auc, "rerun": new_auc, "rows": len(rows)}
-        print(f"{label:45s} old champion v{old.version} AUC {old_auc:.4f}  rerun v{rerun.model_version} AUC "
-              f"{new_auc:.4f}  ({new_auc - old_auc:+.4f})")
+        print(
+            f"{label:45s} old champion v{old.version} AUC {old_auc:.4f}  rerun v{rerun.model_version} AUC "
+            f"{new_auc:.4f}  ({new_auc - old_auc:+.4f})"
+        )
     out["rerun_version"], out["rerun_promoted"] = rerun.model_version, rerun.promoted
     (settings.home / "demo_summer_drift.json").write_text(json.dumps(out, indent=1, default=str))
     return out

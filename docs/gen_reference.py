@@ -112,13 +112,16 @@ def _sections(model, prefix: str = ""):
 def config_markdown() -> str:
     from ringflow.training.config import PipelineConfig, Settings
 
-    out = [HEADER.format(src="training/config.py"), "# Configuration reference\n",
-           "Every field of the pipeline config (`training.config.PipelineConfig`), loaded from YAML "
-           "(`--config`) and overridden per run with `--set key.path=value` (values are parsed as "
-           "YAML). An unknown key or a bad value is refused before any work, naming the field. "
-           "Defaults are those of the built-in config (no `--config`; `configs/*.yaml` set some of "
-           "them), shown as JSON (what YAML and `--set` accept); a section's own fields follow in "
-           "its table.\n"]
+    out = [
+        HEADER.format(src="training/config.py"),
+        "# Configuration reference\n",
+        "Every field of the pipeline config (`training.config.PipelineConfig`), loaded from YAML "
+        "(`--config`) and overridden per run with `--set key.path=value` (values are parsed as "
+        "YAML). An unknown key or a bad value is refused before any work, naming the field. "
+        "Defaults are those of the built-in config (no `--config`; `configs/*.yaml` set some of "
+        "them), shown as JSON (what YAML and `--set` accept); a section's own fields follow in "
+        "its table.\n",
+    ]
     defaults = PipelineConfig()
     for prefix, model in _sections(PipelineConfig):
         section = functools.reduce(getattr, [p for p in prefix.split(".") if p], defaults)
@@ -129,17 +132,21 @@ def config_markdown() -> str:
         out.append("| key | type | default | description |\n|---|---|---|---|")
         for name, field in model.model_fields.items():
             key = f"{prefix}{name}"
-            kind = f"section [`{key}`](#{key.replace('.', '')})" if _is_section(field.annotation) \
+            kind = (
+                f"section [`{key}`](#{key.replace('.', '')})"
+                if _is_section(field.annotation)
                 else _cell(f"`{_type_name(field.annotation)}`")
-            default = "(its fields below)" if _is_section(field.annotation) \
-                else _default(field, getattr(section, name))
+            )
+            default = "(its fields below)" if _is_section(field.annotation) else _default(field, getattr(section, name))
             out.append(f"| `{key}` | {kind} | {default} | {_cell(field.description)} |")
         out.append("")
     from ringflow.infra.stack_settings import StackSettings
 
     out.append("## Environment\n")
-    out.append("Not part of the per-run config: read from the environment by the CLI, the flows and "
-               "the stack (`ringflow up`).\n")
+    out.append(
+        "Not part of the per-run config: read from the environment by the CLI, the flows and "
+        "the stack (`ringflow up`).\n"
+    )
     for model in (Settings, StackSettings):
         out += _env_table(model)
     return "\n".join(out)
@@ -154,10 +161,14 @@ def _attribute_docs(cls) -> dict[str, str]:
 
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
 
@@ -172,12 +183,17 @@ def _env_names(name: str, field) -> list[str]:
 
 def _env_table(model) -> list[str]:
     docs = _attribute_docs(model)
-    out = [f"### `{model.__module__}.{model.__name__}`\n", _cell(model.__doc__) + "\n",
-           "| variable | type | default | description |\n|---|---|---|---|"]
+    out = [
+        f"### `{model.__module__}.{model.__name__}`\n",
+        _cell(model.__doc__) + "\n",
+        "| variable | type | default | description |\n|---|---|---|---|",
+    ]
     for name, field in model.model_fields.items():
         names = " or ".join(f"`{n}`" for n in _env_names(name, field))
-        out.append(f"| {names} | {_cell(f'`{_type_name(field.annotation)}`')} | {_default(field)} | "
-                   f"{_cell(field.description or docs.get(name))} |")
+        out.append(
+            f"| {names} | {_cell(f'`{_type_name(field.annotation)}`')} | {_default(field)} | "
+            f"{_cell(field.description or docs.get(name))} |"
+        )
     out.append("")
     return out
 
@@ -224,9 +240,12 @@ def cli_markdown() -> str:
     from ringflow.flows.cli import app
 
     root = typer.main.get_command(app)
-    out = [HEADER.format(src="flows/cli.py"), "# CLI reference\n",
-           "The `ringflow` command (installed in the venv: `.venv/bin/ringflow`, or on `PATH` after "
-           "`source .venv/bin/activate`). `ringflow COMMAND --help` prints the same.\n"]
+    out = [
+        HEADER.format(src="flows/cli.py"),
+        "# CLI reference\n",
+        "The `ringflow` command (installed in the venv: `.venv/bin/ringflow`, or on `PATH` after "
+        "`source .venv/bin/activate`). `ringflow COMMAND --help` prints the same.\n",
+    ]
     _command_section(root, ["ringflow"], out)
     return "\n".join(out).rstrip() + "\n"
 

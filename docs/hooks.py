@@ -20,6 +20,12 @@ def on_files(files, config):
         for path in sorted(ROOT.glob(pattern)):
             uri = path.relative_to(ROOT).as_posix()
             if files.get_file_from_path(uri) is None:
-                files.append(File(uri, src_dir=str(ROOT), dest_dir=config["site_dir"],
-                                  use_directory_urls=config["use_directory_urls"]))
+                files.append(
+                    File(
+                        uri,
+                        src_dir=str(ROOT),
+                        dest_dir=config["site_dir"],
+                        use_directory_urls=config["use_directory_urls"],
+                    )
+                )
     return files

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import typer
 
@@ -35,19 +35,30 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_print_version, is_eager=True, help="Print ringflow's version and source commit, and exit.",
-    )] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print ringflow's version and source commit, and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Workflow-driven MLOps: shard -> Horovod training -> evaluation -> MLflow registry, plus monitoring."""
 
+
 ConfigOpt = Annotated[
-    Optional[Path],
-    typer.Option("--config", "-c", help="Pipeline config YAML, or the name of a packaged one (flights, smoke, "
-                 "flights-x10). Default: configs/flights.yaml if present, else the packaged flights."),
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Pipeline config YAML, or the name of a packaged one (flights, smoke, "
+        "flights-x10). Default: configs/flights.yaml if present, else the packaged flights.",
+    ),
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config value: key.path=value (repeatable), e.g. training.epochs=3."),
 ]
 
@@ -134,7 +145,7 @@ def shard(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def train(
     manifest: Annotated[Path, typer.Option(help="manifest.json written by `ringflow shard`.")],
-    np_: Annotated[Optional[int], typer.Option("--np", help="Horovod ranks (default: training.world_size).")] = None,
+    np_: Annotated[int | None, typer.Option("--np", help="Horovod ranks (default: training.world_size).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -159,15 +170,21 @@ def up(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     serve: Annotated[bool, typer.Option(help="Also start the process that runs deployments.")] = True,
-    database: Annotated[Optional[Literal["sqlite", "postgresql"]], typer.Option(
-        help="The servers' database: sqlite (files under $RINGFLOW_HOME) or postgresql (ringflow starts "
-             "its own PostgreSQL server, two databases with their own owners; `ringflow status` shows its "
-             "data directory). "
-             "Default: RINGFLOW_DATABASE, else what the last up of this home used, else sqlite.",
-    )] = None,
-    rotate_mlflow_admin_password: Annotated[bool, typer.Option(
-        help="Make MLFLOW_AUTH_ADMIN_PASSWORD the MLflow admin's password (it is otherwise used only on the first up).",
-    )] = False,
+    database: Annotated[
+        Literal["sqlite", "postgresql"] | None,
+        typer.Option(
+            help="The servers' database: sqlite (files under $RINGFLOW_HOME) or postgresql (ringflow starts "
+            "its own PostgreSQL server, two databases with their own owners; `ringflow status` shows its "
+            "data directory). "
+            "Default: RINGFLOW_DATABASE, else what the last up of this home used, else sqlite.",
+        ),
+    ] = None,
+    rotate_mlflow_admin_password: Annotated[
+        bool,
+        typer.Option(
+            help="Make MLFLOW_AUTH_ADMIN_PASSWORD the MLflow admin's password (it is otherwise used only on the first up).",
+        ),
+    ] = False,
 ) -> None:
     """Start the local team stack (idempotent): Prefect server and UI, MLflow tracking server and UI,
     the Evidently UI (monitoring snapshots and their trend dashboard), optionally ringflow's own
@@ -175,13 +192,17 @@ def up(
     and monitoring flows with their schedules and the rerun-on-anomaly automation."""
     cfg = _config(config, set_)
     _prepare_environment(local_store=False)
-    from ringflow.infra.stack_settings import StackError, StackSettings
     from ringflow.infra.stack import up as stack_up
+    from ringflow.infra.stack_settings import StackError, StackSettings
 
     try:
-        result = stack_up(cfg, serve=serve, database=database,
-                          rotate_mlflow_admin_password=rotate_mlflow_admin_password,
-                          echo=typer.echo)
+        result = stack_up(
+            cfg,
+            serve=serve,
+            database=database,
+            rotate_mlflow_admin_password=rotate_mlflow_admin_password,
+            echo=typer.echo,
+        )
     except StackError as e:
         _fail(e)
     st = StackSettings()
@@ -207,8 +228,8 @@ def status() -> None:
     """Show the stack's processes, health, deployments, schedules and the rerun automation."""
     _prepare_environment(local_store=False)
     from ringflow.infra.stack import deployment_summary
-    from ringflow.infra.stack_settings import StackError
     from ringflow.infra.stack import status as stack_status
+    from ringflow.infra.stack_settings import StackError
 
     rows = stack_status()
     for name, row in rows.items():
@@ -216,16 +237,21 @@ def status() -> None:
         health = "" if "healthy" not in row else ("  healthy" if row["healthy"] else "  NOT answering")
         sup = row.get("supervisor") or {}
         if row["running"] and sup:
-            state += (f" (supervised: service pid {sup.get('child_pid')}, {sup.get('restarts', 0)} restarts"
-                      + (f", {sup['state']}" if sup.get("state") not in (None, "running") else "") + ")")
+            state += (
+                f" (supervised: service pid {sup.get('child_pid')}, {sup.get('restarts', 0)} restarts"
+                + (f", {sup['state']}" if sup.get("state") not in (None, "running") else "")
+                + ")"
+            )
         typer.echo(f"{name:8s} {state}{health}  {row.get('url', '')}".rstrip())
         if row.get("data"):
             typer.echo(f"         data {row['data']}")
         if sup.get("state") == "gave-up":
             typer.echo(f"         {sup.get('message')}; log {row['log']}")
         if row.get("leftovers"):
-            typer.echo(f"         its first process died; leftover process(es) still running: pid "
-                       f"{', '.join(map(str, row['leftovers']))} (`ringflow up` replaces them, `ringflow down` stops them)")
+            typer.echo(
+                f"         its first process died; leftover process(es) still running: pid "
+                f"{', '.join(map(str, row['leftovers']))} (`ringflow up` replaces them, `ringflow down` stops them)"
+            )
     if rows["prefect"].get("healthy"):
         try:
             lines = deployment_summary()
@@ -258,7 +284,9 @@ def deploy(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def monitor(
-    batch: Annotated[str, typer.Option(help="A month (YYYY-MM) of the configured source, a CSV/Parquet path, or 'next'.")] = "next",
+    batch: Annotated[
+        str, typer.Option(help="A month (YYYY-MM) of the configured source, a CSV/Parquet path, or 'next'.")
+    ] = "next",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     no_rerun: Annotated[bool, typer.Option("--no-rerun", help="Report the rerun plan; trigger nothing.")] = False,
@@ -281,7 +309,9 @@ def monitor(
 
 @app.command()
 def synth(
-    factor: Annotated[int, typer.Option("--factor", "-k", min=1, help="How many times the 2013 flights (1x = 336,776 rows).")],
+    factor: Annotated[
+        int, typer.Option("--factor", "-k", min=1, help="How many times the 2013 flights (1x = 336,776 rows).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create: one Parquet file per month.")],
     seed: Annotated[int, typer.Option(help="Seed of the resampling and the jitter (same seed, same rows).")] = 0,
 ) -> None:
@@ -313,7 +343,7 @@ def install_horovod() -> None:
 
 cluster_app = typer.Typer(
     help="A multi-host cluster on this machine (network-namespace hosts with sshd): stack on h0, "
-         "Prefect worker on h1, horovodrun across h1..hN.",
+    "Prefect worker on h1, horovodrun across h1..hN.",
     no_args_is_help=True,
 )
 
@@ -347,8 +377,7 @@ def up_cmd(
     try:
         preflight()  # before anything is written: not root, no `ip netns`, no sshd
         home = _cluster_home()
-        state = up(home, hosts, cfg_path, stack=stack, deploy=lambda st: deploy_to_pool(st, cfg_path),
-                   echo=typer.echo)
+        state = up(home, hosts, cfg_path, stack=stack, deploy=lambda st: deploy_to_pool(st, cfg_path), echo=typer.echo)
     except (ClusterError, OSError) as e:
         _fail(e)
     print_status(state, echo=typer.echo)

@@ -17,13 +17,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ringflow.monitoring.events import (
-    ANOMALY_EVENT, CAUSE_LABEL, DEPLOYMENT_NAMES, MONITORING_FLOW, RERUN_TRIGGER, TRAINING_DEPLOYMENT, TRAINING_FLOW,
+    ANOMALY_EVENT,
+    CAUSE_LABEL,
+    DEPLOYMENT_NAMES,
+    MONITORING_FLOW,
+    RERUN_TRIGGER,
+    TRAINING_DEPLOYMENT,
+    TRAINING_FLOW,
     rerun_parameters,
 )
 from ringflow.monitoring.events import model_resource_id as event_resource_id
@@ -92,8 +98,11 @@ def build_deployments(cfg: PipelineConfig) -> list:
         # A run from the UI, the CLI or run_deployment is "manual"; the schedule says "scheduled"
         # (Prefect merges a schedule's parameters over the deployment's for the runs it creates).
         parameters={"config": config, "reason": REASON_MANUAL},
-        schedules=[Cron(cfg.schedules.training_cron, timezone=tz, slug="training-cron",
-                        parameters={"reason": REASON_SCHEDULED})],
+        schedules=[
+            Cron(
+                cfg.schedules.training_cron, timezone=tz, slug="training-cron", parameters={"reason": REASON_SCHEDULED}
+            )
+        ],
         tags=tags,
         concurrency_limit=1,  # two trainings would share the 2 cores and the champion alias
         triggers=[rerun_trigger(cfg)],
@@ -174,8 +183,9 @@ def create_kubernetes_pool(name: str, template: Path = KUBERNETES_TEMPLATE) -> A
             return client.read_work_pool(name)
 
 
-def deploy_to_kubernetes(cfg: PipelineConfig, pool: str, image: str,
-                         job_variables: dict[str, Any] | None = None) -> dict[str, str]:
+def deploy_to_kubernetes(
+    cfg: PipelineConfig, pool: str, image: str, job_variables: dict[str, Any] | None = None
+) -> dict[str, str]:
     """The deployments of :func:`deploy` (parameters, schedules, rerun trigger) on the Kubernetes
     work pool ``pool``, each flow run a Job of ``image`` (the code is in the image: no storage,
     entrypoints by module path as in the image's /app). Returns {flow/deployment: id}."""
@@ -273,13 +283,16 @@ def run_on_cluster(home: Path, config: Path | None, overrides: list[str], echo=p
     use_stack(state)
     from prefect.deployments import run_deployment
 
-    fr = run_deployment(name=TRAINING_DEPLOYMENT, parameters={"config": cfg.model_dump(mode="json"),
-                        "reason": REASON_MANUAL}, timeout=0)
+    fr = run_deployment(
+        name=TRAINING_DEPLOYMENT, parameters={"config": cfg.model_dump(mode="json"), "reason": REASON_MANUAL}, timeout=0
+    )
     echo(f"submitted flow run {fr.name}: {urls(state)['prefect']}/runs/flow-run/{fr.id}")
     fr = follow_flow_run(fr.id, timeout_s=cfg.training.timeout_s + 1800, echo=echo)
     if not fr.state.is_completed():
-        raise ClusterError(f"flow run {fr.name} ended {fr.state.name}: {fr.state.message} "
-                           f"({urls(state)['prefect']}/runs/flow-run/{fr.id})")
+        raise ClusterError(
+            f"flow run {fr.name} ended {fr.state.name}: {fr.state.message} "
+            f"({urls(state)['prefect']}/runs/flow-run/{fr.id})"
+        )
     return fr.state.result()
 
 
@@ -287,11 +300,11 @@ def follow_flow_run(flow_run_id, timeout_s: float, echo=print, poll_s: float = 2
     """Echo the flow run's log lines (the worker on h1 sends them to the API) until it ends."""
     import time
 
-    from ringflow.infra.hosts import ClusterError
-
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
+
+    from ringflow.infra.hosts import ClusterError
 
     seen = 0
     deadline = time.monotonic() + timeout_s
@@ -299,16 +312,21 @@ def follow_flow_run(flow_run_id, timeout_s: float, echo=print, poll_s: float = 2
         while True:
             fr = client.read_flow_run(flow_run_id)
             final = fr.state is not None and fr.state.is_final()
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                    sort=LogSort.TIMESTAMP_ASC, offset=seen, limit=200)
+            logs = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                sort=LogSort.TIMESTAMP_ASC,
+                offset=seen,
+                limit=200,
+            )
             for entry in logs:
                 echo(f"  {entry.message}")
             seen += len(logs)
             if final and len(logs) < 200:
                 return fr
             if time.monotonic() > deadline:
-                raise ClusterError(f"flow run {fr.name} still {fr.state.name if fr.state else 'pending'} after "
-                                   f"{timeout_s:.0f}s")
+                raise ClusterError(
+                    f"flow run {fr.name} still {fr.state.name if fr.state else 'pending'} after {timeout_s:.0f}s"
+                )
             if len(logs) < 200:
                 time.sleep(poll_s)
 

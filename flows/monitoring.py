@@ -87,8 +87,11 @@ class MonitoringResult(BaseModel):
 
 
 @flow(name="monitoring", log_prints=True)
-def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "next",
-                    trigger_rerun: bool = True) -> MonitoringResult:
+def monitoring_flow(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008  (the deployment's form shows the defaults)
+    batch: str = "next",
+    trigger_rerun: bool = True,
+) -> MonitoringResult:
     """Monitor one batch (``YYYY-MM``, a CSV/Parquet path, or ``next``) against the champion."""
     log = get_run_logger()
     settings = get_settings()
@@ -113,9 +116,13 @@ def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "nex
         anomalies = default_rules(cfg.monitoring).check(obs)
         history = rerun_history(cfg)
         decision = decide(
-            anomalies, rerun_base_config(cfg, champion), history=history, batch=data.window,
-            training=obs.training, model_label=f"{champion.model_name} v{champion.version}",
-            now=dt.datetime.now(dt.timezone.utc),
+            anomalies,
+            rerun_base_config(cfg, champion),
+            history=history,
+            batch=data.window,
+            training=obs.training,
+            model_label=f"{champion.model_name} v{champion.version}",
+            now=dt.datetime.now(dt.UTC),
         )
         log_monitoring_run(run_id, report, metrics, obs, anomalies, decision, str(report_dir))
         plan = decision.plan
@@ -125,8 +132,13 @@ def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "nex
             action = act(cfg, payload, plan, trigger_rerun)
         run_tags = {tags.DECISION: decision.summary()[:5000], tags.ACTION: action.mode}
         if action.mode in ("automation", "run_deployment"):
-            record = RerunRecord(time=dt.datetime.now(dt.timezone.utc), monitoring_run_id=run_id,
-                                 anomaly_ids=plan.anomaly_ids, anomaly_types=plan.anomaly_types, reason=plan.reason)
+            record = RerunRecord(
+                time=dt.datetime.now(dt.UTC),
+                monitoring_run_id=run_id,
+                anomaly_ids=plan.anomaly_ids,
+                anomaly_types=plan.anomaly_types,
+                reason=plan.reason,
+            )
             run_tags.update(record.to_tags())
             run_tags[tags.RERUN_ANOMALY_ID] = plan.anomaly_id
             if action.event_id:
@@ -139,23 +151,39 @@ def monitoring_flow(config: PipelineConfig = PipelineConfig(), batch: str = "nex
         raise
 
     result = MonitoringResult(
-        model_name=champion.model_name, model_version=champion.version, batch=data.label, window=data.window,
-        rows=obs.rows, monitoring_run_id=run_id, tracking_uri=settings.tracking_uri, metrics=metrics,
+        model_name=champion.model_name,
+        model_version=champion.version,
+        batch=data.label,
+        window=data.window,
+        rows=obs.rows,
+        monitoring_run_id=run_id,
+        tracking_uri=settings.tracking_uri,
+        metrics=metrics,
         reference_roc_auc=champion.test_roc_auc,
-        roc_auc_drop=(champion.test_roc_auc - obs.roc_auc) if obs.roc_auc is not None and champion.test_roc_auc else None,
-        drifted_share=obs.drifted_share, drifted_columns=obs.drifted_columns, prediction_psi=obs.prediction_psi,
-        anomalies=anomalies, decision=decision.summary(),
+        roc_auc_drop=(champion.test_roc_auc - obs.roc_auc)
+        if obs.roc_auc is not None and champion.test_roc_auc
+        else None,
+        drifted_share=obs.drifted_share,
+        drifted_columns=obs.drifted_columns,
+        prediction_psi=obs.prediction_psi,
+        anomalies=anomalies,
+        decision=decision.summary(),
         rerun_overrides=plan.overrides if plan else None,
-        rerun_config=plan.config.model_dump(mode="json") if plan else None, rerun_reason=plan.reason if plan else None,
-        anomaly_id=plan.anomaly_id if plan else None, action=action,
-        drift_html=report.drift_html if report else None, quality_html=report.quality_html if report else None,
+        rerun_config=plan.config.model_dump(mode="json") if plan else None,
+        rerun_reason=plan.reason if plan else None,
+        anomaly_id=plan.anomaly_id if plan else None,
+        action=action,
+        drift_html=report.drift_html if report else None,
+        quality_html=report.quality_html if report else None,
         report_dir=str(report_dir),
     )
     publish_artifacts(result)
     critical_alerts = [a for a in anomalies if a.severity == Severity.CRITICAL and a.id in decision.alerts]
     if critical_alerts:
-        log.error("critical anomalies need a person (no rerun fixes them): %s",
-                  ", ".join(a.type.value for a in critical_alerts))
+        log.error(
+            "critical anomalies need a person (no rerun fixes them): %s",
+            ", ".join(a.type.value for a in critical_alerts),
+        )
         raise MonitoringAlert(result, critical_alerts)
     return result
 
@@ -165,12 +193,17 @@ def print_result(r: MonitoringResult) -> None:
     print(f"ringflow: monitored {r.model_name} v{r.model_version} on {r.batch} ({r.rows} rows)")
     if r.metrics:
         auc = r.metrics.get("roc_auc")
-        print(f"  roc_auc        {auc:.4f} (champion test {r.reference_roc_auc:.4f}, drop {r.roc_auc_drop:+.4f})"
-              if auc is not None and r.roc_auc_drop is not None else f"  roc_auc        {auc}")
+        print(
+            f"  roc_auc        {auc:.4f} (champion test {r.reference_roc_auc:.4f}, drop {r.roc_auc_drop:+.4f})"
+            if auc is not None and r.roc_auc_drop is not None
+            else f"  roc_auc        {auc}"
+        )
         base, base_test = r.metrics.get("baseline_roc_auc"), r.metrics.get("baseline_test_roc_auc")
         if base is not None:  # the same rows: which of the two degrades more
-            print(f"  baseline auc   {base:.4f}" + (f" (baseline test {base_test:.4f}, drop {base_test - base:+.4f})"
-                                                   if base_test is not None else ""))
+            print(
+                f"  baseline auc   {base:.4f}"
+                + (f" (baseline test {base_test:.4f}, drop {base_test - base:+.4f})" if base_test is not None else "")
+            )
     if r.drifted_share is not None:
         print(f"  drift          {r.drifted_share:.0%} of features: {', '.join(r.drifted_columns) or '-'}")
     if r.prediction_psi is not None:
@@ -179,7 +212,9 @@ def print_result(r: MonitoringResult) -> None:
     for a in r.anomalies:
         print(f"    - {a.type.value} [{a.severity.value}] {a.id}: {a.message}")
     print(f"  decision       {r.decision}")
-    print(f"  action         {r.action.mode} {r.action.detail}"
-          + (f" (flow run {r.action.flow_run_id})" if r.action.flow_run_id else ""))
+    print(
+        f"  action         {r.action.mode} {r.action.detail}"
+        + (f" (flow run {r.action.flow_run_id})" if r.action.flow_run_id else "")
+    )
     print(f"  MLflow run     {r.monitoring_run_id} in {r.tracking_uri}")
     print(f"  reports        {Path(r.report_dir)}")

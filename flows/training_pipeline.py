@@ -71,7 +71,7 @@ def _stage(name: str, fn, *args, **kwargs):
 
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
-    config: PipelineConfig = PipelineConfig(),
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008  (the deployment's form shows the defaults)
     reason: str = "manual",
     parent_run_id: str | None = None,
     anomaly_id: str | None = None,
@@ -90,11 +90,21 @@ def training_pipeline(
     if config.training.launcher == "horovodrun":
         check_horovod()  # before any work: the train stage cannot run without it (an MPIJob's image has its own)
     manifest_path = _stage("shard", shard_data.with_options(**cached), config)
-    trained = _stage("train", train_model.with_options(**cached), config, manifest_path,
-                     parent_run_id=parent_run_id, run_tags=run_tags)
+    trained = _stage(
+        "train",
+        train_model.with_options(**cached),
+        config,
+        manifest_path,
+        parent_run_id=parent_run_id,
+        run_tags=run_tags,
+    )
     result = PipelineResult(
-        config_name=config.name, reason=reason, manifest_path=manifest_path,
-        training_run_id=trained.run_id, training_status=trained.status, tracking_uri=settings.tracking_uri,
+        config_name=config.name,
+        reason=reason,
+        manifest_path=manifest_path,
+        training_run_id=trained.run_id,
+        training_status=trained.status,
+        tracking_uri=settings.tracking_uri,
     )
     if trained.status == "diverged":
         # Nothing to evaluate: the monitoring policy reads the diverged status from MLflow and
@@ -105,8 +115,9 @@ def training_pipeline(
         return result
 
     evaluation = _stage("evaluate", evaluate_candidate.with_options(**cached), config, trained, manifest_path)
-    registered = _stage("register", register_candidate, config, trained, evaluation, manifest_path,
-                        parent_run_id=parent_run_id)
+    registered = _stage(
+        "register", register_candidate, config, trained, evaluation, manifest_path, parent_run_id=parent_run_id
+    )
     result.model_name = registered.model_name
     result.model_version = registered.version
     result.promoted = registered.promoted
@@ -118,8 +129,11 @@ def training_pipeline(
     result.baseline_metrics = _reported(evaluation.baseline_metrics)
     result.test_window, result.test_rows = evaluation.test_window, evaluation.test_rows
     result.warnings = list(evaluation.decision.warnings)
-    result.decision = evaluation.decision.summary if registered.promoted == evaluation.decision.promote else (
-        "not promoted: the champion moved during evaluation")
+    result.decision = (
+        evaluation.decision.summary
+        if registered.promoted == evaluation.decision.promote
+        else ("not promoted: the champion moved during evaluation")
+    )
     _summary_artifact(config, result)
     return result
 
@@ -145,7 +159,8 @@ def _metric_columns(r: PipelineResult) -> list[tuple[str, dict[str, float]]]:
 def _summary_artifact(config: PipelineConfig, r: PipelineResult) -> None:
     cols = _metric_columns(r)
     metrics = "\n".join(
-        f"| {k} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for _, m in cols) + " |" for k in r.metrics)
+        f"| {k} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for _, m in cols) + " |" for k in r.metrics
+    )
     header = "| metric | " + " | ".join(label for label, _ in cols) + " |\n|---|" + "---|" * len(cols)
     warnings = "".join(f"\n**Warning:** {w}\n" for w in r.warnings)
     version = f"`{r.model_name}` v{r.model_version}" if r.model_version else "none"
@@ -176,8 +191,11 @@ def print_summary(r: PipelineResult) -> None:
         cols = _metric_columns(r)
         width = max(len(label) for label, _ in cols)
         for i, (label, m) in enumerate(cols):
-            print(("  test metrics   " if i == 0 else " " * 17) + f"{label:<{width}}  "
-                  + "  ".join(f"{k}={m[k]:.4f}" for k in r.metrics if k in m))
+            print(
+                ("  test metrics   " if i == 0 else " " * 17)
+                + f"{label:<{width}}  "
+                + "  ".join(f"{k}={m[k]:.4f}" for k in r.metrics if k in m)
+            )
         for w in r.warnings:
             print(f"  WARNING        {w}")
         print(f"  decision       {r.decision}")

@@ -19,13 +19,30 @@ The same settings describe real machines (README "Scale out").
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ringflow.infra.hosts import (
-    BIN, ClusterError, ClusterSettings, ClusterState, cluster_dir, identity_file, is_running, load_state,
-    log_dir, netns_names, plan, preflight, save_state, start_process, start_sshd, build_network,
-    write_ssh_files, wait_for, host_argv, tail,
+    BIN,
+    ClusterError,
+    ClusterSettings,
+    ClusterState,
+    build_network,
+    cluster_dir,
+    host_argv,
+    identity_file,
+    is_running,
+    load_state,
+    log_dir,
+    netns_names,
+    plan,
+    preflight,
+    save_state,
+    start_process,
+    start_sshd,
+    tail,
+    wait_for,
+    write_ssh_files,
 )
 from ringflow.infra.hosts import down as remove_cluster
 from ringflow.training.version import SOURCE_ROOT as REPO_ROOT  # the checkout (or the installed package)
@@ -61,8 +78,11 @@ def evidently_workspace(home: Path) -> Path:
 
 def urls(state: ClusterState) -> dict[str, str]:
     h0 = state.host("h0")
-    return {"prefect": f"http://{h0.address}:{PREFECT_PORT}", "mlflow": f"http://{h0.address}:{MLFLOW_PORT}",
-            "evidently": f"http://{h0.address}:{EVIDENTLY_PORT}"}
+    return {
+        "prefect": f"http://{h0.address}:{PREFECT_PORT}",
+        "mlflow": f"http://{h0.address}:{MLFLOW_PORT}",
+        "evidently": f"http://{h0.address}:{EVIDENTLY_PORT}",
+    }
 
 
 HEALTH_PATHS = {"prefect": "/api/health", "mlflow": "/health", "evidently": "/api/version"}
@@ -74,15 +94,20 @@ def client_env(state: ClusterState) -> dict[str, str]:
     from ringflow.infra.stack_settings import StackSettings
     from ringflow.infra.stack_settings import client_env as stack_client_env
 
-    return stack_client_env(StackSettings(host=state.host("h0").address, prefect_port=PREFECT_PORT,
-                                          mlflow_port=MLFLOW_PORT))
+    return stack_client_env(
+        StackSettings(host=state.host("h0").address, prefect_port=PREFECT_PORT, mlflow_port=MLFLOW_PORT)
+    )
 
 
 def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_KEY", "RINGFLOW_HOSTS_FILE")}
-    env.update(PYTHONUNBUFFERED="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_KEY", "RINGFLOW_HOSTS_FILE")
+    }
+    env.update(
+        PYTHONUNBUFFERED="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"
+    )
     return env
 
 
@@ -101,31 +126,46 @@ def start_stack(state: ClusterState, config: Path | None, settings: ClusterSetti
     (stack_home / "artifacts").mkdir(parents=True, exist_ok=True)
     env = _base_env()
     env.update(
-        RINGFLOW_HOME=str(stack_home), RINGFLOW_HOST=h0.address,
-        RINGFLOW_PREFECT_PORT=str(PREFECT_PORT), RINGFLOW_MLFLOW_PORT=str(MLFLOW_PORT),
+        RINGFLOW_HOME=str(stack_home),
+        RINGFLOW_HOST=h0.address,
+        RINGFLOW_PREFECT_PORT=str(PREFECT_PORT),
+        RINGFLOW_MLFLOW_PORT=str(MLFLOW_PORT),
         RINGFLOW_EVIDENTLY_PORT=str(EVIDENTLY_PORT),
         # the UI reads the workspace on the shared filesystem, not one under h0's own home
         RINGFLOW_EVIDENTLY_WORKSPACE=str(evidently_workspace(home)),
         # served artifacts (mlflow-artifacts:/ URIs): ranks and flows upload over HTTP
         RINGFLOW_MLFLOW_ARTIFACTS_DESTINATION=str(stack_home / "artifacts"),
         # MLflow's host check admits loopback and private ranges only; 198.18/15 is neither
-        MLFLOW_SERVER_ALLOWED_HOSTS=",".join([f"{h0.address}:{MLFLOW_PORT}", h0.address, f"h0:{MLFLOW_PORT}", "h0",
-                                              "localhost:*", "127.0.0.1:*"]),
+        MLFLOW_SERVER_ALLOWED_HOSTS=",".join(
+            [f"{h0.address}:{MLFLOW_PORT}", h0.address, f"h0:{MLFLOW_PORT}", "h0", "localhost:*", "127.0.0.1:*"]
+        ),
     )
     argv = [str(BIN / "ringflow"), "up", "--no-serve"] + (["--config", str(Path(config).resolve())] if config else [])
     log = log_dir(home) / "h0-stack.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        p = subprocess.run(host_argv(h0, argv), env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out,
-                           stderr=subprocess.STDOUT, timeout=settings.startup_timeout_s)
+        p = subprocess.run(
+            host_argv(h0, argv),
+            env=env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=settings.startup_timeout_s,
+        )
     if p.returncode != 0:
-        raise ClusterError(f"the stack did not start on h0 (`ringflow up` exited {p.returncode}); last lines of "
-                           f"{log}:\n{tail(log)}")
+        raise ClusterError(
+            f"the stack did not start on h0 (`ringflow up` exited {p.returncode}); last lines of {log}:\n{tail(log)}"
+        )
     u = urls(state)
     for name, path in HEALTH_PATHS.items():
         try:
-            ok = httpx.get(u[name] + path, timeout=5, auth=prefect_auth(state) if name == "prefect" else None
-                           ).status_code == 200
+            ok = (
+                httpx.get(
+                    u[name] + path, timeout=5, auth=prefect_auth(state) if name == "prefect" else None
+                ).status_code
+                == 200
+            )
         except httpx.HTTPError:
             ok = False
         if not ok:
@@ -144,18 +184,34 @@ def start_worker(state: ClusterState, settings: ClusterSettings) -> None:
             env.pop(k, None)  # a client: no server secrets
         env.update(client_env(state))
         env.update(
-            RINGFLOW_HOME=str(home), PREFECT_HOME=str(cluster_dir(home) / "h1" / "prefect"),
+            RINGFLOW_HOME=str(home),
+            PREFECT_HOME=str(cluster_dir(home) / "h1" / "prefect"),
             RINGFLOW_EVIDENTLY_WORKSPACE=str(evidently_workspace(home)),  # the one h0's UI reads
-            PREFECT_RESULTS_PERSIST_BY_DEFAULT="true", PREFECT_LOCAL_STORAGE_PATH=str(results_dir(home)),
+            PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
+            PREFECT_LOCAL_STORAGE_PATH=str(results_dir(home)),
         )
-        argv = [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-                "--name", f"{state.prefix}-h1"]
+        argv = [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            WORK_POOL,
+            "--type",
+            "process",
+            "--name",
+            f"{state.prefix}-h1",
+        ]
         (cluster_dir(home) / "h1" / "prefect").mkdir(parents=True, exist_ok=True)
         rec = start_process(h1, argv, env, log_dir(home) / "h1-worker.log", cwd=REPO_ROOT)
         state.processes[key] = rec
         save_state(home, state)
-    wait_for("prefect worker on h1", lambda: _worker_online(state), settings.startup_timeout_s, Path(rec.log),
-             alive=lambda: is_running(rec))
+    wait_for(
+        "prefect worker on h1",
+        lambda: _worker_online(state),
+        settings.startup_timeout_s,
+        Path(rec.log),
+        alive=lambda: is_running(rec),
+    )
 
 
 def prefect_auth(state: ClusterState) -> tuple[str, str] | None:
@@ -171,10 +227,15 @@ def _worker_online(state: ClusterState) -> bool:
     import httpx
 
     try:
-        r = httpx.post(f"{urls(state)['prefect']}/api/work_pools/{WORK_POOL}/workers/filter", json={},
-                       auth=prefect_auth(state), timeout=5)
+        r = httpx.post(
+            f"{urls(state)['prefect']}/api/work_pools/{WORK_POOL}/workers/filter",
+            json={},
+            auth=prefect_auth(state),
+            timeout=5,
+        )
         return r.status_code == 200 and any(
-            w["name"] == f"{state.prefix}-h1" and w.get("status") == "ONLINE" for w in r.json())
+            w["name"] == f"{state.prefix}-h1" and w.get("status") == "ONLINE" for w in r.json()
+        )
     except (httpx.HTTPError, ValueError):
         return False
 
@@ -199,8 +260,15 @@ def cluster_overrides(state: ClusterState) -> list[str]:
     ]
 
 
-def up(home: Path, n_hosts: int, config: Path | None = None, *, stack: bool = True,
-       deploy: Callable[[ClusterState], object] | None = None, echo=print) -> ClusterState:
+def up(
+    home: Path,
+    n_hosts: int,
+    config: Path | None = None,
+    *,
+    stack: bool = True,
+    deploy: Callable[[ClusterState], object] | None = None,
+    echo=print,
+) -> ClusterState:
     """Build (or complete) the cluster; idempotent. A first ``up`` that fails removes what it made.
 
     ``deploy``: called once the worker is online (flows/deployments.py ``deploy_to_pool``)."""
@@ -208,8 +276,10 @@ def up(home: Path, n_hosts: int, config: Path | None = None, *, stack: bool = Tr
     preflight(settings)
     state = load_state(home)
     if state is not None and len(state.hosts) != n_hosts:
-        raise ClusterError(f"a cluster of {len(state.hosts)} hosts exists under {cluster_dir(home)}; "
-                           "`ringflow cluster down` first to build one of another size")
+        raise ClusterError(
+            f"a cluster of {len(state.hosts)} hosts exists under {cluster_dir(home)}; "
+            "`ringflow cluster down` first to build one of another size"
+        )
     fresh = state is None or any(h.netns not in netns_names() for h in state.hosts)
     if state is None:
         state = plan(home, n_hosts)
@@ -253,8 +323,15 @@ def status_rows(state: ClusterState) -> list[dict[str, str]]:
                 except httpx.HTTPError:
                     ok = False
                 services.append(f"{name} {'healthy' if ok else 'DOWN'}")
-        rows.append({"host": h.name, "address": h.address, "netns": h.netns + ("" if h.netns in present else " (MISSING)"),
-                     "roles": ",".join(h.roles), "services": ", ".join(services) or "-"})
+        rows.append(
+            {
+                "host": h.name,
+                "address": h.address,
+                "netns": h.netns + ("" if h.netns in present else " (MISSING)"),
+                "roles": ",".join(h.roles),
+                "services": ", ".join(services) or "-",
+            }
+        )
     return rows
 
 

@@ -171,14 +171,18 @@ def preflight(settings: ClusterSettings | None = None) -> None:
     """Refuse clearly where namespace hosts cannot be built."""
     settings = settings or ClusterSettings()
     if os.geteuid() != 0:
-        raise ClusterError("ringflow cluster needs root: it creates network namespaces, veth links and "
-                           "/etc/netns entries (run it as root, e.g. with sudo)")
+        raise ClusterError(
+            "ringflow cluster needs root: it creates network namespaces, veth links and "
+            "/etc/netns entries (run it as root, e.g. with sudo)"
+        )
     for tool in ("ip", "unshare", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             raise ClusterError(f"`{tool}` not found: install iproute2, util-linux and openssh-client")
     if not os.access(settings.sshd, os.X_OK):
-        raise ClusterError(f"sshd not found at {settings.sshd}: install Debian's openssh-server (`make install` "
-                           "does) or point RINGFLOW_CLUSTER_SSHD at it")
+        raise ClusterError(
+            f"sshd not found at {settings.sshd}: install Debian's openssh-server (`make install` "
+            "does) or point RINGFLOW_CLUSTER_SSHD at it"
+        )
     p = _run("ip", "netns", "list", check=False)
     if p.returncode != 0:
         raise ClusterError(f"`ip netns` does not work here ({p.stderr.strip()}): network namespaces are needed")
@@ -225,8 +229,20 @@ def pick_subnet(prefix: str) -> ipaddress.IPv4Network:
 def host_argv(host: Host, argv: list[str]) -> list[str]:
     """``argv`` run on ``host``: inside its network namespace (with its /etc/netns files mounted
     over /etc) and a UTS namespace whose hostname is the host's name. Same pid: every layer execs."""
-    return ["ip", "netns", "exec", host.netns, "unshare", "--uts", "--", "sh", "-c",
-            'hostname "$0" && exec "$@"', host.name, *argv]
+    return [
+        "ip",
+        "netns",
+        "exec",
+        host.netns,
+        "unshare",
+        "--uts",
+        "--",
+        "sh",
+        "-c",
+        'hostname "$0" && exec "$@"',
+        host.name,
+        *argv,
+    ]
 
 
 def is_running(rec: ProcessRecord) -> bool:
@@ -241,13 +257,22 @@ def is_running(rec: ProcessRecord) -> bool:
     return state != "Z"
 
 
-def start_process(host: Host, argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> ProcessRecord:
+def start_process(
+    host: Host, argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> ProcessRecord:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         out.flush()
-        p = subprocess.Popen(host_argv(host, argv), env=env, stdin=subprocess.DEVNULL, stdout=out,
-                             stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+        p = subprocess.Popen(
+            host_argv(host, argv),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=cwd,
+        )
     return ProcessRecord(pid=p.pid, start_ticks=_start_ticks(p.pid), argv=argv, log=str(log))
 
 
@@ -270,10 +295,14 @@ def wait_for(what: str, ready, timeout: float, log: Path | None = None, alive=No
         if ready():
             return
         if alive is not None and not alive():
-            raise ClusterError(f"{what} exited during start-up" + (f"; last lines of {log}:\n{tail(log)}" if log else ""))
+            raise ClusterError(
+                f"{what} exited during start-up" + (f"; last lines of {log}:\n{tail(log)}" if log else "")
+            )
         time.sleep(0.5)
-    raise ClusterError(f"{what} not ready within {timeout:.0f}s (RINGFLOW_CLUSTER_STARTUP_TIMEOUT)"
-                       + (f"; last lines of {log}:\n{tail(log)}" if log else ""))
+    raise ClusterError(
+        f"{what} not ready within {timeout:.0f}s (RINGFLOW_CLUSTER_STARTUP_TIMEOUT)"
+        + (f"; last lines of {log}:\n{tail(log)}" if log else "")
+    )
 
 
 def tail(path: Path, n: int = 20) -> str:
@@ -289,8 +318,9 @@ def tail(path: Path, n: int = 20) -> str:
 def plan(home: Path, n_hosts: int) -> ClusterState:
     """Names and addresses for a new cluster of ``n_hosts`` (h0 = stack, h1 = worker + ranks, h2.. = ranks)."""
     if not 2 <= n_hosts <= MAX_HOSTS:
-        raise ClusterError(f"--hosts {n_hosts}: a cluster has 2 to {MAX_HOSTS} hosts (h0 runs the stack, "
-                           "h1.. run training ranks)")
+        raise ClusterError(
+            f"--hosts {n_hosts}: a cluster has 2 to {MAX_HOSTS} hosts (h0 runs the stack, h1.. run training ranks)"
+        )
     prefix = prefix_for(home)
     net = pick_subnet(prefix)
     base = net.network_address
@@ -298,8 +328,14 @@ def plan(home: Path, n_hosts: int) -> ClusterState:
     for i in range(n_hosts):
         roles = ["stack"] if i == 0 else (["worker", "ranks"] if i == 1 else ["ranks"])
         hosts.append(Host(name=f"h{i}", netns=f"{prefix}h{i}", address=str(base + HOST_OFFSET + i), roles=roles))
-    return ClusterState(prefix=prefix, subnet=str(net), bridge=f"{prefix}br", bridge_address=str(base + 1),
-                        hosts=hosts, shared_home=str(home))
+    return ClusterState(
+        prefix=prefix,
+        subnet=str(net),
+        bridge=f"{prefix}br",
+        bridge_address=str(base + 1),
+        hosts=hosts,
+        shared_home=str(home),
+    )
 
 
 def build_network(state: ClusterState) -> None:
@@ -355,8 +391,7 @@ def write_ssh_files(state: ClusterState) -> None:
             _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key))
     (d / "authorized_keys").write_text(identity_file(home).with_suffix(".pub").read_text())
     pub = host_key.with_suffix(".pub").read_text().split()
-    (d / "known_hosts").write_text(
-        "".join(f"{h.name},{h.address} {pub[0]} {pub[1]}\n" for h in state.hosts))
+    (d / "known_hosts").write_text("".join(f"{h.name},{h.address} {pub[0]} {pub[1]}\n" for h in state.hosts))
     (d / "sshd_config").write_text(
         "# ringflow cluster sshd (one per host, started with -o ListenAddress=<host address>)\n"
         "Port 22\n"
@@ -382,13 +417,26 @@ def start_sshd(state: ClusterState, host: Host, settings: ClusterSettings) -> No
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
     home = Path(state.shared_home)
     log = log_dir(home) / f"{host.name}-sshd.log"
-    argv = [settings.sshd, "-D", "-f", str(ssh_dir(home) / "sshd_config"), "-o", f"ListenAddress={host.address}",
-            "-E", str(log)]
+    argv = [
+        settings.sshd,
+        "-D",
+        "-f",
+        str(ssh_dir(home) / "sshd_config"),
+        "-o",
+        f"ListenAddress={host.address}",
+        "-E",
+        str(log),
+    ]
     rec = start_process(host, argv, {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}, log)
     state.processes[key] = rec
     save_state(home, state)
-    wait_for(f"sshd on {host.name} ({host.address}:22)", lambda: tcp_open(host.address, 22), settings.startup_timeout_s,
-             log, alive=lambda: is_running(rec))
+    wait_for(
+        f"sshd on {host.name} ({host.address}:22)",
+        lambda: tcp_open(host.address, 22),
+        settings.startup_timeout_s,
+        log,
+        alive=lambda: is_running(rec),
+    )
 
 
 # --------------------------------------------------------------------------- teardown

@@ -106,8 +106,11 @@ def _major_key(version: str) -> tuple[int, ...]:
 def installed_versions(settings: PostgresSettings | None = None) -> dict[str, Path]:
     """``{major: bin directory}`` of the versions under the root, oldest first."""
     settings = settings or PostgresSettings()
-    found = {d.parent.name: d for d in settings.root.glob("*/bin")
-             if _MAJOR.fullmatch(d.parent.name) and (d / "initdb").is_file() and (d / "postgres").is_file()}
+    found = {
+        d.parent.name: d
+        for d in settings.root.glob("*/bin")
+        if _MAJOR.fullmatch(d.parent.name) and (d / "initdb").is_file() and (d / "postgres").is_file()
+    }
     return dict(sorted(found.items(), key=lambda kv: _major_key(kv[0])))
 
 
@@ -258,9 +261,24 @@ def ensure_cluster(home: Path, settings: PostgresSettings | None = None) -> bool
     _chown(pwfile)
     try:
         p = subprocess.run(
-            [str(bins / "initdb"), "-D", str(data), "-U", SYSTEM_USER, f"--pwfile={pwfile}",
-             "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8", "--no-locale"],
-            user=_run_as(), cwd=data, capture_output=True, text=True, timeout=300,
+            [
+                str(bins / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                SYSTEM_USER,
+                f"--pwfile={pwfile}",
+                "--auth-host=scram-sha-256",
+                "--auth-local=peer",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ],
+            user=_run_as(),
+            cwd=data,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     finally:
         pwfile.unlink(missing_ok=True)
@@ -294,19 +312,25 @@ def postmaster_pid_file(home: Path) -> Path:
 def server_command(home: Path, host: str, port: int, settings: PostgresSettings | None = None) -> list[str]:
     """The foreground ``postgres`` command: TCP on ``host:port`` only, no Unix socket."""
     return [
-        str(bin_dir(settings, data_dir(home, settings)) / "postgres"), "-D", str(data_dir(home, settings)),
-        "-p", str(port),
-        "-c", f"listen_addresses={host}", "-c", "unix_socket_directories=",
+        str(bin_dir(settings, data_dir(home, settings)) / "postgres"),
+        "-D",
+        str(data_dir(home, settings)),
+        "-p",
+        str(port),
+        "-c",
+        f"listen_addresses={host}",
+        "-c",
+        "unix_socket_directories=",
         # the stack's clients: two servers with small pools, the runner's flow runs
-        "-c", "max_connections=200",
+        "-c",
+        "max_connections=200",
     ]
 
 
 def _connect(host: str, port: int, user: str, password: str, dbname: str = "postgres"):
     import psycopg2
 
-    return psycopg2.connect(host=host, port=port, user=user, password=password, dbname=dbname,
-                            connect_timeout=3)
+    return psycopg2.connect(host=host, port=port, user=user, password=password, dbname=dbname, connect_timeout=3)
 
 
 def is_ready(home: Path, host: str, port: int) -> bool:

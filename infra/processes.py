@@ -15,9 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import psutil
@@ -114,7 +114,7 @@ def leader_process(rec: dict) -> psutil.Process | None:
         launched = rec.get("cmd")
         cmdline = proc.cmdline()
         # a script's shebang puts its interpreter in front of the argv we launched
-        same = same_start and (cmdline[-len(launched):] == launched if launched else cmdline == rec["cmdline"])
+        same = same_start and (cmdline[-len(launched) :] == launched if launched else cmdline == rec["cmdline"])
         if same and proc.status() != psutil.STATUS_ZOMBIE:
             return proc
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, KeyError, TypeError):
@@ -222,8 +222,17 @@ def start_service(svc: Service, home: Path) -> psutil.Process:
     if svc.supervised:
         # the supervisor writes (and rotates) the service's log; its own rare output goes beside it
         state_file(svc.name, home).unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "ringflow.infra.supervisor", "--name", svc.name,
-               "--state", str(state_file(svc.name, home)), "--log", str(log)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ringflow.infra.supervisor",
+            "--name",
+            svc.name,
+            "--state",
+            str(state_file(svc.name, home)),
+            "--log",
+            str(log),
+        ]
         # the supervisor runs as us in the repository (it imports infra.supervisor and writes
         # the state file and log); the user and directory are the service's
         if svc.cwd != ROOT:
@@ -243,15 +252,26 @@ def start_service(svc: Service, home: Path) -> psutil.Process:
         out.flush()
         tag = f"{svc.name}:{secrets.token_hex(8)}"
         p = subprocess.Popen(
-            cmd, env={**env, SERVICE_TAG_ENV: tag}, cwd=cwd,
-            user=user, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,  # own group: down stops its children too
+            cmd,
+            env={**env, SERVICE_TAG_ENV: tag},
+            cwd=cwd,
+            user=user,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own group: down stops its children too
         )
     proc = psutil.Process(p.pid)
     # The argv we launched, not /proc's cmdline: read right after the fork, that can still be
     # ours (`ringflow up`) if the child has not exec'd yet, and the service then looks foreign.
-    rec = {"pid": p.pid, "create_time": proc.create_time(), "start_ticks": _start_ticks(p.pid),
-           "cmd": [str(a) for a in cmd], "tag": tag, "stop_signal": svc.stop_signal}
+    rec = {
+        "pid": p.pid,
+        "create_time": proc.create_time(),
+        "start_ticks": _start_ticks(p.pid),
+        "cmd": [str(a) for a in cmd],
+        "tag": tag,
+        "stop_signal": svc.stop_signal,
+    }
     pid_file(svc.name, home).write_text(json.dumps(rec))
     return proc
 

@@ -54,6 +54,7 @@ def local_experiment(config_json: Path | None, home: Path, tracking_uri: str | N
     directory the server serves, so runs work with the stack up or down.
     """
     from mlflow import MlflowClient
+
     from ringflow.tasks.tracking import ensure_experiment
 
     cfg = PipelineConfig.model_validate_json(config_json.read_text()) if config_json else PipelineConfig()
@@ -132,9 +133,16 @@ def mlflow_service(st: StackSettings, home: Path, base: dict[str, str], backend:
     # pipeline never uses; on a 2-core box they cost start-up time and memory.
     menv.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     mcmd = [
-        str(BIN / "mlflow"), "server",
-        "--artifacts-destination", artifacts,
-        "--host", st.host, "--port", str(st.mlflow_port), "--workers", "1",
+        str(BIN / "mlflow"),
+        "server",
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        st.host,
+        "--port",
+        str(st.mlflow_port),
+        "--workers",
+        "1",
     ]
     if st.mlflow_auth:
         mcmd += ["--app-name", "basic-auth"]
@@ -148,9 +156,9 @@ def mlflow_service(st: StackSettings, home: Path, base: dict[str, str], backend:
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         )
         menv["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
-        menv["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.environ.get(
-            "MLFLOW_FLASK_SERVER_SECRET_KEY"
-        ) or mlflow_secret_key(home)
+        menv["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or mlflow_secret_key(
+            home
+        )
     return Service(
         name="mlflow",
         cmd=mcmd,
@@ -187,8 +195,16 @@ def evidently_service(st: StackSettings, base: dict[str, str], workspace: Path) 
     """``evidently ui`` over the workspace every monitoring run adds its snapshots to."""
     return Service(
         name="evidently",
-        cmd=[str(BIN / "evidently"), "ui", "--workspace", str(workspace),
-             "--host", st.host, "--port", str(st.evidently_port)],
+        cmd=[
+            str(BIN / "evidently"),
+            "ui",
+            "--workspace",
+            str(workspace),
+            "--host",
+            st.host,
+            "--port",
+            str(st.evidently_port),
+        ],
         env=dict(base),
         ready=lambda: http_ok(f"{st.evidently_url}/api/version"),
         url=st.evidently_url,
@@ -196,8 +212,9 @@ def evidently_service(st: StackSettings, base: dict[str, str], workspace: Path) 
     )
 
 
-def stack_services(st: StackSettings, home: Path, config_json: Path | None, database: str = "sqlite",
-                   workspace: Path | None = None) -> list[Service]:
+def stack_services(
+    st: StackSettings, home: Path, config_json: Path | None, database: str = "sqlite", workspace: Path | None = None
+) -> list[Service]:
     """The stack's services in start order. ``workspace``: the Evidently workspace
     (``Settings.evidently_workspace``; None = ``home/evidently``), the one the UI reads and the
     runner's monitoring runs write."""
@@ -212,5 +229,10 @@ def stack_services(st: StackSettings, home: Path, config_json: Path | None, data
         pg_host, port = url_host(st.host), postgres.PostgresSettings().port
         prefect_db, backend = postgres.prefect_url(home, pg_host, port), postgres.mlflow_url(home, pg_host, port)
         services.append(postgres_service(st, home, base, config_json))
-    return [*services, prefect_service(st, home, base, prefect_db), mlflow_service(st, home, base, backend),
-            evidently_service(st, base, workspace), runner_service(st, base, config_json)]
+    return [
+        *services,
+        prefect_service(st, home, base, prefect_db),
+        mlflow_service(st, home, base, backend),
+        evidently_service(st, base, workspace),
+        runner_service(st, base, config_json),
+    ]

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import psutil
@@ -63,8 +63,14 @@ def write_env_file(st: StackSettings, home: Path) -> Path:
 
 
 EMPTY_MEANS_UNSET = (
-    "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY", "PREFECT_API_URL",
-    "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI",
+    "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_API_KEY",
+    "PREFECT_API_URL",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_URI",
 )
 
 
@@ -131,10 +137,10 @@ def up(
             raise StackError(str(e)) from None
     (stack_dir(home) / "database").write_text(database + "\n")
 
-    if st.mlflow_auth and check_mlflow_admin_password(st, home, rotate=rotate_mlflow_admin_password, echo=echo):
+    rotated = st.mlflow_auth and check_mlflow_admin_password(st, home, rotate=rotate_mlflow_admin_password, echo=echo)
+    if rotated and pid_record("serve", home) is not None:
         # the runner and its flow runs carry the old password: restart them with the new one
-        if pid_record("serve", home) is not None:
-            stop_service("serve", home, st.stop_grace_s)
+        stop_service("serve", home, st.stop_grace_s)
 
     result: dict[str, str] = {}
     started: list[tuple[str, psutil.Process]] = []
@@ -152,8 +158,10 @@ def up(
             leftovers = leftover_processes(svc.name, home)
             if leftovers:
                 stop_service(svc.name, home, st.stop_grace_s)
-                echo(f"{svc.name:8s} its first process had died; stopped {len(leftovers)} leftover "
-                     f"process(es) still running: pid {', '.join(str(p.pid) for p in leftovers)}")
+                echo(
+                    f"{svc.name:8s} its first process had died; stopped {len(leftovers)} leftover "
+                    f"process(es) still running: pid {', '.join(str(p.pid) for p in leftovers)}"
+                )
             if svc.port is not None and not port_free(st.host, svc.port):
                 raise StackError(
                     f"port {svc.port} on {st.host} is in use by a process ringflow did not start; "
@@ -171,9 +179,7 @@ def up(
         for name, _ in reversed(started):
             stop_service(name, home, st.stop_grace_s)
         if started and isinstance(e, StackError):
-            raise StackError(
-                f"{e}\n(stopped what this `up` had started: {', '.join(n for n, _ in started)})"
-            ) from None
+            raise StackError(f"{e}\n(stopped what this `up` had started: {', '.join(n for n, _ in started)})") from None
         raise
     write_env_file(st, home)
     return result
@@ -239,8 +245,11 @@ def status() -> dict[str, dict[str, object]]:
         if name == "postgres" and not on_postgres and pid_record(name, home) is None:
             continue  # the SQLite stack has no database server
         proc = running_leader(name, home)
-        row: dict[str, object] = {"running": proc is not None, "pid": proc.pid if proc else None,
-                                  "log": str(log_file(name, home))}
+        row: dict[str, object] = {
+            "running": proc is not None,
+            "pid": proc.pid if proc else None,
+            "log": str(log_file(name, home)),
+        }
         if proc is None:
             row["leftovers"] = [p.pid for p in leftover_processes(name, home)]
         sup = supervision(name, home)
@@ -295,8 +304,9 @@ def check_prefect_login(api_url: str, auth_string: str | None) -> None:
     """Raise a StackError naming the variable to set when the Prefect API refuses this client."""
     user, _, pw = (auth_string or "").partition(":")
     try:
-        r = httpx.post(f"{api_url}/deployments/filter", json={"limit": 1}, timeout=10,
-                       auth=(user, pw) if auth_string else None)
+        r = httpx.post(
+            f"{api_url}/deployments/filter", json={"limit": 1}, timeout=10, auth=(user, pw) if auth_string else None
+        )
     except httpx.HTTPError as e:
         raise StackError(f"the Prefect API at {api_url} does not answer: {e}") from None
     if r.status_code != 401:
@@ -320,6 +330,7 @@ def deployment_summary() -> list[str]:
         PREFECT_API_URL,
         temporary_settings,
     )
+
     from ringflow.monitoring.events import DEPLOYMENT_NAMES
     from ringflow.monitoring.events import RERUN_TRIGGER as AUTOMATION_NAME
 
@@ -334,18 +345,23 @@ def deployment_summary() -> list[str]:
             except Exception:
                 lines.append(f"deployment {name}: not deployed (run `ringflow deploy`)")
                 continue
-            scheds = ", ".join(
-                f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', '')}"
-                f"{'' if s.active else ' (paused)'}"
-                for s in d.schedules
-            ) or "no schedule"
+            scheds = (
+                ", ".join(
+                    f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', '')}"
+                    f"{'' if s.active else ' (paused)'}"
+                    for s in d.schedules
+                )
+                or "no schedule"
+            )
             status = getattr(d.status, "value", d.status)
             lines.append(f"deployment {name}: {status}; schedule {scheds}")
         autos = client.read_automations_by_name(AUTOMATION_NAME)
         if autos:
             a = autos[0]
-            lines.append(f"automation {AUTOMATION_NAME}: {'enabled' if a.enabled else 'DISABLED'}; "
-                         f"on {', '.join(sorted(a.trigger.expect))}")
+            lines.append(
+                f"automation {AUTOMATION_NAME}: {'enabled' if a.enabled else 'DISABLED'}; "
+                f"on {', '.join(sorted(a.trigger.expect))}"
+            )
         else:
             lines.append(f"automation {AUTOMATION_NAME}: missing (run `ringflow deploy`)")
     return lines

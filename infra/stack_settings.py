@@ -28,9 +28,7 @@ class StackSettings(BaseSettings):
     ``$RINGFLOW_HOME/evidently``)."""
     prefect_database_url: str | None = Field(
         None,
-        validation_alias=AliasChoices(
-            "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"
-        ),
+        validation_alias=AliasChoices("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"),
     )
     """``postgresql+asyncpg://user:pw@host:5432/prefect``; unset = SQLite under RINGFLOW_HOME."""
     mlflow_backend_store_uri: str | None = Field(None, alias="RINGFLOW_MLFLOW_BACKEND_STORE_URI")
@@ -50,8 +48,13 @@ class StackSettings(BaseSettings):
     stop_grace_s: float = Field(15, alias="RINGFLOW_STACK_STOP_GRACE")
 
     @field_validator(
-        "prefect_database_url", "mlflow_backend_store_uri", "mlflow_artifacts_destination",
-        "prefect_auth_string", "mlflow_admin_password", "database", mode="before",
+        "prefect_database_url",
+        "mlflow_backend_store_uri",
+        "mlflow_artifacts_destination",
+        "prefect_auth_string",
+        "mlflow_admin_password",
+        "database",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -90,15 +90,25 @@ def _write_state(path: Path, **state) -> None:
 
 
 class Supervisor:
-    def __init__(self, name: str, cmd: list[str], state_file: Path, log_file: Path,
-                 settings: SupervisorSettings | None = None, *, cwd: Path | None = None,
-                 user: str | None = None, stop_signal: int | None = None,
-                 stale_pid_file: Path | None = None):
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        state_file: Path,
+        log_file: Path,
+        settings: SupervisorSettings | None = None,
+        *,
+        cwd: Path | None = None,
+        user: str | None = None,
+        stop_signal: int | None = None,
+        stale_pid_file: Path | None = None,
+    ):
         self.name, self.cmd, self.state_file = name, cmd, state_file
         self.settings = settings or SupervisorSettings()
         self.cwd, self.user, self.stop_signal, self.stale_pid_file = cwd, user, stop_signal, stale_pid_file
         handler = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=self.settings.log_max_bytes, backupCount=self.settings.log_backups)
+            log_file, maxBytes=self.settings.log_max_bytes, backupCount=self.settings.log_backups
+        )
         handler.setFormatter(logging.Formatter("%(message)s"))
         self.log = logging.getLogger(f"ringflow.supervisor.{name}")
         self.log.propagate = False
@@ -116,8 +126,15 @@ class Supervisor:
             self.log.info(line.decode(errors="replace").rstrip("\n"))
 
     def _state(self, state: str, **extra) -> None:
-        _write_state(self.state_file, name=self.name, state=state, supervisor_pid=os.getpid(),
-                     child_pid=self.child.pid if self.child else None, restarts=self.restarts, **extra)
+        _write_state(
+            self.state_file,
+            name=self.name,
+            state=state,
+            supervisor_pid=os.getpid(),
+            child_pid=self.child.pid if self.child else None,
+            restarts=self.restarts,
+            **extra,
+        )
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
@@ -144,8 +161,12 @@ class Supervisor:
                 self._note(f"removed {self.stale_pid_file}: the process it names is gone")
             started = time.monotonic()
             self.child = subprocess.Popen(
-                self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                cwd=self.cwd, user=self.user,
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                user=self.user,
                 start_new_session=True,  # its own group: its workers and flow runs go with it
             )
             self._note(f"started {self.name} pid {self.child.pid} (restarts so far: {self.restarts})")
@@ -164,14 +185,17 @@ class Supervisor:
             else:
                 quick_failures += 1
             if quick_failures >= s.max_quick_failures:
-                msg = (f"gave up: {self.name} exited {quick_failures} times in a row within "
-                       f"{s.healthy_after_s:.0f}s of starting (last exit code {rc}); fix the cause "
-                       "in its log, then `ringflow up`")
+                msg = (
+                    f"gave up: {self.name} exited {quick_failures} times in a row within "
+                    f"{s.healthy_after_s:.0f}s of starting (last exit code {rc}); fix the cause "
+                    "in its log, then `ringflow up`"
+                )
                 self._note(msg)
                 self._state("gave-up", last_exit=rc, message=msg)
                 return 1
-            self._note(f"{self.name} pid {self.child.pid} exited with {rc} after {uptime:.1f}s; "
-                       f"restarting in {backoff:.1f}s")
+            self._note(
+                f"{self.name} pid {self.child.pid} exited with {rc} after {uptime:.1f}s; restarting in {backoff:.1f}s"
+            )
             self._state("backoff", last_exit=rc, next_start_in_s=backoff)
             if self.stopping.wait(backoff):
                 break
@@ -199,17 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, required=True, help="the service's log, rotated by size")
     p.add_argument("--cwd", type=Path, help="the service's working directory (default: ours)")
     p.add_argument("--user", help="run the service as this user (the supervisor stays who it is)")
-    p.add_argument("--stop-signal", type=_signal_number,
-                   help="sent to the service first when stopping (name or number; then SIGTERM, SIGKILL)")
-    p.add_argument("--stale-pid-file", type=Path,
-                   help="removed before each start when the process it names is gone or a zombie")
+    p.add_argument(
+        "--stop-signal",
+        type=_signal_number,
+        help="sent to the service first when stopping (name or number; then SIGTERM, SIGKILL)",
+    )
+    p.add_argument(
+        "--stale-pid-file", type=Path, help="removed before each start when the process it names is gone or a zombie"
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the service's command")
     a = p.parse_args(argv)
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     if not cmd:
         p.error("no command to supervise (put it after --)")
-    sup = Supervisor(a.name, cmd, a.state, a.log, cwd=a.cwd, user=a.user, stop_signal=a.stop_signal,
-                     stale_pid_file=a.stale_pid_file)
+    sup = Supervisor(
+        a.name, cmd, a.state, a.log, cwd=a.cwd, user=a.user, stop_signal=a.stop_signal, stale_pid_file=a.stale_pid_file
+    )
     signal.signal(signal.SIGTERM, sup.stop)
     signal.signal(signal.SIGINT, sup.stop)
     return sup.run()

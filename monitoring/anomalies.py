@@ -60,7 +60,7 @@ class Anomaly(BaseModel):
     """Everything a person needs to judge it (numbers, thresholds, columns)."""
     key: dict[str, Any]
     """The part of the evidence that identifies it (hashed into ``id``)."""
-    detected_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    detected_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -168,13 +168,15 @@ def schema_diff(actual: dict[str, Any], expected: dict[str, Any], required: list
     """Compare column -> dtype maps. ``required``: the columns whose absence matters (default:
     all of ``expected``); ``extra`` lists columns ``expected`` does not know."""
     required = list(expected) if required is None else required
+
     def compatible(exp: str, act: str) -> bool:
         # CSV carries timestamps as text; unparseable ones fail the data contract separately
         return exp == act or (exp == "datetime" and act == "string")
 
     changed = {
         c: {"expected": dtype_kind(expected[c]), "actual": dtype_kind(actual[c])}
-        for c in expected if c in actual and not compatible(dtype_kind(expected[c]), dtype_kind(actual[c]))
+        for c in expected
+        if c in actual and not compatible(dtype_kind(expected[c]), dtype_kind(actual[c]))
     }
     return SchemaDiff(
         missing=[c for c in required if c not in actual],
@@ -210,16 +212,24 @@ class PerformanceDropRule:
         by_rel = self.rel_drop is not None and rel > self.rel_drop
         if not (by_abs or by_rel):
             return []
-        return [Anomaly(
-            type=AnomalyType.PERFORMANCE_DROP,
-            severity=Severity.CRITICAL if drop > 2 * self.abs_drop else Severity.WARNING,
-            message=f"ROC AUC {obs.roc_auc:.4f} on {obs.batch} is {drop:.4f} below the champion's "
-                    f"test AUC {obs.reference_roc_auc:.4f}",
-            evidence={"roc_auc": obs.roc_auc, "reference_roc_auc": obs.reference_roc_auc,
-                      "drop_abs": drop, "drop_rel": rel, "threshold_abs": self.abs_drop,
-                      "threshold_rel": self.rel_drop, "rows": obs.rows},
-            key=_batch_key(obs),
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.PERFORMANCE_DROP,
+                severity=Severity.CRITICAL if drop > 2 * self.abs_drop else Severity.WARNING,
+                message=f"ROC AUC {obs.roc_auc:.4f} on {obs.batch} is {drop:.4f} below the champion's "
+                f"test AUC {obs.reference_roc_auc:.4f}",
+                evidence={
+                    "roc_auc": obs.roc_auc,
+                    "reference_roc_auc": obs.reference_roc_auc,
+                    "drop_abs": drop,
+                    "drop_rel": rel,
+                    "threshold_abs": self.abs_drop,
+                    "threshold_rel": self.rel_drop,
+                    "rows": obs.rows,
+                },
+                key=_batch_key(obs),
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -231,15 +241,22 @@ class DriftShareRule:
     def check(self, obs: MonitoringObservation) -> list[Anomaly]:
         if obs.drifted_share is None or obs.drifted_share < self.drift_share:
             return []
-        return [Anomaly(
-            type=AnomalyType.DATA_DRIFT,
-            severity=Severity.CRITICAL if obs.drifted_share >= min(1.0, 1.5 * self.drift_share) else Severity.WARNING,
-            message=f"{obs.drifted_share:.0%} of features drifted on {obs.batch} "
-                    f"(threshold {self.drift_share:.0%}): {', '.join(obs.drifted_columns)}",
-            evidence={"drifted_share": obs.drifted_share, "drifted_columns": obs.drifted_columns,
-                      "threshold": self.drift_share},
-            key=_batch_key(obs, columns=sorted(obs.drifted_columns)),
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.DATA_DRIFT,
+                severity=Severity.CRITICAL
+                if obs.drifted_share >= min(1.0, 1.5 * self.drift_share)
+                else Severity.WARNING,
+                message=f"{obs.drifted_share:.0%} of features drifted on {obs.batch} "
+                f"(threshold {self.drift_share:.0%}): {', '.join(obs.drifted_columns)}",
+                evidence={
+                    "drifted_share": obs.drifted_share,
+                    "drifted_columns": obs.drifted_columns,
+                    "threshold": self.drift_share,
+                },
+                key=_batch_key(obs, columns=sorted(obs.drifted_columns)),
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -251,13 +268,15 @@ class PredictionShiftRule:
     def check(self, obs: MonitoringObservation) -> list[Anomaly]:
         if obs.prediction_psi is None or obs.prediction_psi <= self.max_psi:
             return []
-        return [Anomaly(
-            type=AnomalyType.PREDICTION_SHIFT,
-            severity=Severity.CRITICAL if obs.prediction_psi > 2 * self.max_psi else Severity.WARNING,
-            message=f"prediction PSI {obs.prediction_psi:.3f} on {obs.batch} exceeds {self.max_psi}",
-            evidence={"psi": obs.prediction_psi, "threshold": self.max_psi},
-            key=_batch_key(obs),
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.PREDICTION_SHIFT,
+                severity=Severity.CRITICAL if obs.prediction_psi > 2 * self.max_psi else Severity.WARNING,
+                message=f"prediction PSI {obs.prediction_psi:.3f} on {obs.batch} exceeds {self.max_psi}",
+                evidence={"psi": obs.prediction_psi, "threshold": self.max_psi},
+                key=_batch_key(obs),
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -278,12 +297,15 @@ class MissingValuesRule:
         }
         if not bad:
             return []
-        return [Anomaly(
-            type=AnomalyType.MISSING_VALUES, severity=Severity.WARNING,
-            message=f"missing values rose by more than {self.max_increase:.0%} in {sorted(bad)} on {obs.batch}",
-            evidence={"columns": bad, "threshold": self.max_increase},
-            key=_batch_key(obs, columns=sorted(bad)),
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.MISSING_VALUES,
+                severity=Severity.WARNING,
+                message=f"missing values rose by more than {self.max_increase:.0%} in {sorted(bad)} on {obs.batch}",
+                evidence={"columns": bad, "threshold": self.max_increase},
+                key=_batch_key(obs, columns=sorted(bad)),
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -296,13 +318,16 @@ class UnseenCategoriesRule:
         bad = {c: s for c, s in obs.unseen_share.items() if s > self.max_share}
         if not bad:
             return []
-        return [Anomaly(
-            type=AnomalyType.UNSEEN_CATEGORIES, severity=Severity.WARNING,
-            message=f"unseen categories above {self.max_share:.0%} on {obs.batch}: "
-                    + ", ".join(f"{c}={s:.1%}" for c, s in sorted(bad.items())),
-            evidence={"unseen_share": bad, "threshold": self.max_share},
-            key=_batch_key(obs, columns=sorted(bad)),
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.UNSEEN_CATEGORIES,
+                severity=Severity.WARNING,
+                message=f"unseen categories above {self.max_share:.0%} on {obs.batch}: "
+                + ", ".join(f"{c}={s:.1%}" for c, s in sorted(bad.items())),
+                evidence={"unseen_share": bad, "threshold": self.max_share},
+                key=_batch_key(obs, columns=sorted(bad)),
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -320,14 +345,16 @@ class SchemaChangeRule:
         s = obs.schema_changes
         if not (s.missing or s.dtype_changed or (self.flag_extra and s.extra)):
             return []
-        return [Anomaly(
-            type=AnomalyType.SCHEMA_CHANGE,
-            severity=Severity.CRITICAL if (s.missing or s.dtype_changed) else Severity.WARNING,
-            message=f"schema of {obs.batch} changed: missing {s.missing}, extra {s.extra}, "
-                    f"dtype changed {sorted(s.dtype_changed)}",
-            evidence={"missing": s.missing, "extra": s.extra, "dtype_changed": s.dtype_changed},
-            key=_batch_key(obs, missing=s.missing, extra=s.extra, changed=sorted(s.dtype_changed)),
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.SCHEMA_CHANGE,
+                severity=Severity.CRITICAL if (s.missing or s.dtype_changed) else Severity.WARNING,
+                message=f"schema of {obs.batch} changed: missing {s.missing}, extra {s.extra}, "
+                f"dtype changed {sorted(s.dtype_changed)}",
+                evidence={"missing": s.missing, "extra": s.extra, "dtype_changed": s.dtype_changed},
+                key=_batch_key(obs, missing=s.missing, extra=s.extra, changed=sorted(s.dtype_changed)),
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -338,12 +365,15 @@ class DivergedRule:
         t = obs.training
         if t is None or t.status != "diverged":
             return []
-        return [Anomaly(
-            type=AnomalyType.TRAINING_DIVERGED, severity=Severity.CRITICAL,
-            message=f"training run {t.run_id} diverged",
-            evidence={"run_id": t.run_id, "world_size": t.world_size, "checkpoint_dir": t.checkpoint_dir},
-            key={"run_id": t.run_id},
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.TRAINING_DIVERGED,
+                severity=Severity.CRITICAL,
+                message=f"training run {t.run_id} diverged",
+                evidence={"run_id": t.run_id, "world_size": t.world_size, "checkpoint_dir": t.checkpoint_dir},
+                key={"run_id": t.run_id},
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -360,21 +390,30 @@ class StragglerRule:
         t = obs.training
         if t is None or len(t.per_rank) < 2:
             return []
+
         def others_median(r):
             return statistics.median(o.step_time_ms for o in t.per_rank if o is not r)
+
         slow = [r for r in t.per_rank if others_median(r) > 0 and r.step_time_ms > self.factor * others_median(r)]
         median = statistics.median(r.step_time_ms for r in t.per_rank)
         if not slow:
             return []
-        return [Anomaly(
-            type=AnomalyType.STRAGGLER, severity=Severity.WARNING,
-            message=f"training run {t.run_id}: rank(s) {[r.rank for r in slow]} step time above "
-                    f"{self.factor}x the median {median:.1f} ms",
-            evidence={"run_id": t.run_id, "median_step_time_ms": median, "factor": self.factor,
-                      "slow_ranks": [r.model_dump() for r in slow],
-                      "per_rank": [r.model_dump() for r in t.per_rank]},
-            key={"run_id": t.run_id, "ranks": sorted(r.rank for r in slow)},
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.STRAGGLER,
+                severity=Severity.WARNING,
+                message=f"training run {t.run_id}: rank(s) {[r.rank for r in slow]} step time above "
+                f"{self.factor}x the median {median:.1f} ms",
+                evidence={
+                    "run_id": t.run_id,
+                    "median_step_time_ms": median,
+                    "factor": self.factor,
+                    "slow_ranks": [r.model_dump() for r in slow],
+                    "per_rank": [r.model_dump() for r in t.per_rank],
+                },
+                key={"run_id": t.run_id, "ranks": sorted(r.rank for r in slow)},
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -390,16 +429,23 @@ class ThroughputDropRule:
         ratio = t.samples_per_s / t.previous_samples_per_s
         if ratio >= self.min_ratio:
             return []
-        return [Anomaly(
-            type=AnomalyType.THROUGHPUT_DROP, severity=Severity.WARNING,
-            message=f"training run {t.run_id}: {t.samples_per_s:.0f} samples/s is {ratio:.0%} of the "
-                    f"previous run's {t.previous_samples_per_s:.0f}",
-            evidence={"run_id": t.run_id, "samples_per_s": t.samples_per_s,
-                      "previous_run_id": t.previous_run_id,
-                      "previous_samples_per_s": t.previous_samples_per_s, "ratio": ratio,
-                      "threshold": self.min_ratio},
-            key={"run_id": t.run_id, "previous_run_id": t.previous_run_id},
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.THROUGHPUT_DROP,
+                severity=Severity.WARNING,
+                message=f"training run {t.run_id}: {t.samples_per_s:.0f} samples/s is {ratio:.0%} of the "
+                f"previous run's {t.previous_samples_per_s:.0f}",
+                evidence={
+                    "run_id": t.run_id,
+                    "samples_per_s": t.samples_per_s,
+                    "previous_run_id": t.previous_run_id,
+                    "previous_samples_per_s": t.previous_samples_per_s,
+                    "ratio": ratio,
+                    "threshold": self.min_ratio,
+                },
+                key={"run_id": t.run_id, "previous_run_id": t.previous_run_id},
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -412,13 +458,19 @@ class RepeatedFailureRule:
         t = obs.training
         if t is None or t.status != "failed" or t.consecutive_failures < self.min_failures:
             return []
-        return [Anomaly(
-            type=AnomalyType.TRAINING_FAILED, severity=Severity.CRITICAL,
-            message=f"{t.consecutive_failures} training runs in a row failed at world_size={t.world_size}",
-            evidence={"run_id": t.run_id, "world_size": t.world_size,
-                      "consecutive_failures": t.consecutive_failures},
-            key={"run_id": t.run_id, "world_size": t.world_size},
-        )]
+        return [
+            Anomaly(
+                type=AnomalyType.TRAINING_FAILED,
+                severity=Severity.CRITICAL,
+                message=f"{t.consecutive_failures} training runs in a row failed at world_size={t.world_size}",
+                evidence={
+                    "run_id": t.run_id,
+                    "world_size": t.world_size,
+                    "consecutive_failures": t.consecutive_failures,
+                },
+                key={"run_id": t.run_id, "world_size": t.world_size},
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -442,15 +494,17 @@ class RuleSet:
 
 def default_rules(m: MonitoringConfig) -> RuleSet:
     """Every rule, thresholds from the config."""
-    return RuleSet((
-        SchemaChangeRule(),
-        PerformanceDropRule(abs_drop=m.performance_drop_abs, rel_drop=m.performance_drop_rel),
-        DriftShareRule(drift_share=m.drift_share),
-        PredictionShiftRule(max_psi=m.prediction_psi),
-        MissingValuesRule(max_increase=m.max_missing_share),
-        UnseenCategoriesRule(max_share=m.max_unseen_category_share),
-        DivergedRule(),
-        StragglerRule(factor=m.straggler_factor),
-        ThroughputDropRule(min_ratio=m.throughput_drop),
-        RepeatedFailureRule(),
-    ))
+    return RuleSet(
+        (
+            SchemaChangeRule(),
+            PerformanceDropRule(abs_drop=m.performance_drop_abs, rel_drop=m.performance_drop_rel),
+            DriftShareRule(drift_share=m.drift_share),
+            PredictionShiftRule(max_psi=m.prediction_psi),
+            MissingValuesRule(max_increase=m.max_missing_share),
+            UnseenCategoriesRule(max_share=m.max_unseen_category_share),
+            DivergedRule(),
+            StragglerRule(factor=m.straggler_factor),
+            ThroughputDropRule(min_ratio=m.throughput_drop),
+            RepeatedFailureRule(),
+        )
+    )

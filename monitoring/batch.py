@@ -101,8 +101,9 @@ def label_rows(frame: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
 # --------------------------------------------------------------------------- reading
 
 
-def _raw_chunks(d: DataConfig, start: dt.datetime | None, end: dt.datetime | None,
-                chunk_rows: int) -> Iterator[tuple[str, pd.DataFrame]]:
+def _raw_chunks(
+    d: DataConfig, start: dt.datetime | None, end: dt.datetime | None, chunk_rows: int
+) -> Iterator[tuple[str, pd.DataFrame]]:
     """``(file, raw rows)`` of the contract columns each file has (the label may be missing), at
     most ``chunk_rows`` at once, from the row groups that may hold rows in [start, end)."""
     wanted = contract_columns(d)
@@ -115,11 +116,12 @@ def _validated(batch: Batch, cfg: PipelineConfig, labelled: bool, chunk_rows: in
     d = cfg.data
     if batch.in_memory is not None:
         rows = batch.in_memory
-        chunks = (rows.iloc[i:i + chunk_rows] for i in range(0, len(rows), chunk_rows))
+        chunks = (rows.iloc[i : i + chunk_rows] for i in range(0, len(rows), chunk_rows))
     else:
         source = d if batch.month else d.model_copy(update={"source": Path(batch.source)})
-        chunks = (_validate(raw, d, origin, batch) for origin, raw in _raw_chunks(source, batch.start, batch.end,
-                                                                                  chunk_rows))
+        chunks = (
+            _validate(raw, d, origin, batch) for origin, raw in _raw_chunks(source, batch.start, batch.end, chunk_rows)
+        )
     for frame in chunks:
         if labelled:
             frame, _ = with_target(frame, d)
@@ -219,8 +221,9 @@ def file_schema(path: Path) -> dict[str, str]:
 def describe_month(cfg: PipelineConfig, month: str, chunk_rows: int = CHUNK_ROWS) -> Batch:
     """The rows of ``month`` (``YYYY-MM``) in the configured source."""
     start, end = month_window(month)
-    batch = Batch(label=month, month=month, source=str(cfg.data.source), start=start.to_pydatetime(),
-                  end=end.to_pydatetime())
+    batch = Batch(
+        label=month, month=month, source=str(cfg.data.source), start=start.to_pydatetime(), end=end.to_pydatetime()
+    )
     if cfg.data.source == "flights":  # one small in-memory table: read it once, keep the month
         source = validate_contract(read_source(cfg.data), cfg.data)
         batch.in_memory = source[in_window(source, cfg.data, start, end)].reset_index(drop=True)
@@ -231,16 +234,19 @@ def describe_month(cfg: PipelineConfig, month: str, chunk_rows: int = CHUNK_ROWS
         schema = file_schema(source_files(cfg.data)[0])
     ext = _extent(batch, cfg, chunk_rows)
     if ext.rows == 0:
-        raise MonitoringError(f"no rows for batch {month} in the source {cfg.data.source} "
-                              f"(no {cfg.data.timestamp_column} in [{start.date()}, {end.date()}))")
+        raise MonitoringError(
+            f"no rows for batch {month} in the source {cfg.data.source} "
+            f"(no {cfg.data.timestamp_column} in [{start.date()}, {end.date()}))"
+        )
     batch.rows, batch.labelled = ext.monitored_rows, ext.labelled
     batch.window = BatchWindow(start=start.date(), end=end.date(), labelled=ext.labelled)
     batch.raw_schema = {**schema, **(ext.dtypes or {})}  # the contract's columns as validated
     return batch
 
 
-def describe_file(cfg: PipelineConfig, path: Path, log: logging.Logger | logging.LoggerAdapter = _log,
-                  chunk_rows: int = CHUNK_ROWS) -> Batch:
+def describe_file(
+    cfg: PipelineConfig, path: Path, log: logging.Logger | logging.LoggerAdapter = _log, chunk_rows: int = CHUNK_ROWS
+) -> Batch:
     """The rows of a CSV or Parquet file; a file that breaks the contract gives ``contract_error``."""
     if not path.is_file():
         raise MonitoringError(f"batch {str(path)!r} is neither 'next', a month (YYYY-MM) nor an existing file")

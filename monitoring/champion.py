@@ -42,11 +42,14 @@ def rerun_base_config(cfg: PipelineConfig, champion: ChampionInfo) -> PipelineCo
         base = PipelineConfig.model_validate(champion.training_config)
     except ValueError:
         return cfg
-    return with_overrides(base, {
-        "monitoring": cfg.monitoring.model_dump(mode="json"),
-        "registry": cfg.registry.model_dump(mode="json"),
-        "schedules": cfg.schedules.model_dump(mode="json"),
-    })
+    return with_overrides(
+        base,
+        {
+            "monitoring": cfg.monitoring.model_dump(mode="json"),
+            "registry": cfg.registry.model_dump(mode="json"),
+            "schedules": cfg.schedules.model_dump(mode="json"),
+        },
+    )
 
 
 def champion_test_end(cfg: PipelineConfig, champion: ChampionInfo) -> dt.date:

@@ -84,11 +84,13 @@ RERUN_PARAMETER_PATHS: dict[str, tuple[str, ...]] = {
 def _field_type(model: type[BaseModel], path: tuple[str, ...]) -> None:
     """Raise unless ``path`` names fields of ``model`` all the way down."""
     current: Any = model
-    for i, name in enumerate(path):
+    for name in path:
         fields = getattr(current, "model_fields", None)
         if fields is None or name not in fields:
-            raise AttributeError(f"rerun trigger parameter path {'.'.join(path)}: {name!r} is not a field of "
-                                 f"{getattr(current, '__name__', current)} (payload contract: monitoring/events.py)")
+            raise AttributeError(
+                f"rerun trigger parameter path {'.'.join(path)}: {name!r} is not a field of "
+                f"{getattr(current, '__name__', current)} (payload contract: monitoring/events.py)"
+            )
         annotation = fields[name].annotation
         # Optional[Model] -> Model
         args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]

@@ -24,9 +24,15 @@ from ringflow.training.metrics import classification_metrics
 from ringflow.training.summary import TrainingSummary
 
 
-def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference,
-            report: ReportSummary | None, training: TrainingObservation | None,
-            baseline_metrics: Sequence[str] = ()) -> tuple[MonitoringObservation, dict]:
+def observe(
+    cfg: PipelineConfig,
+    champion: ChampionInfo,
+    batch: Batch,
+    reference: Reference,
+    report: ReportSummary | None,
+    training: TrainingObservation | None,
+    baseline_metrics: Sequence[str] = (),
+) -> tuple[MonitoringObservation, dict]:
     """Numbers on every row of the batch -> the rules' input; also returns the batch metrics
     (the champion's, and the baseline's ``baseline_metrics`` when it was scored). Only the
     drift verdicts come from Evidently, on its sample (``report``)."""
@@ -37,8 +43,12 @@ def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference
     if batch.contract_error and diff.empty:  # e.g. an unparseable timestamp
         diff = SchemaDiff(dtype_changed={"contract": {"expected": "valid", "actual": batch.contract_error[:200]}})
     obs = MonitoringObservation(
-        model_name=champion.model_name, model_version=champion.version, batch=batch.label,
-        reference_roc_auc=champion.test_roc_auc, schema_changes=diff, training=training,
+        model_name=champion.model_name,
+        model_version=champion.version,
+        batch=batch.label,
+        reference_roc_auc=champion.test_roc_auc,
+        schema_changes=diff,
+        training=training,
     )
     metrics: dict[str, float] = {}
     scores = batch.scores
@@ -65,8 +75,11 @@ def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference
     return obs, metrics
 
 
-def training_observation(runs: Sequence, load_summary: Callable[[str], TrainingSummary | None],
-                         load_config: Callable[[str], dict[str, Any] | None]) -> TrainingObservation | None:
+def training_observation(
+    runs: Sequence,
+    load_summary: Callable[[str], TrainingSummary | None],
+    load_config: Callable[[str], dict[str, Any] | None],
+) -> TrainingObservation | None:
     """The newest finished training run (any outcome) with its summary, the previous run's
     throughput and the count of consecutive failures at its world size.
 
@@ -84,8 +97,13 @@ def training_observation(runs: Sequence, load_summary: Callable[[str], TrainingS
             if r.info.status != "FAILED" or int(r.data.tags.get(tags.WORLD_SIZE) or 0) != ws:
                 break
             failures += 1
-        return TrainingObservation(run_id=last.info.run_id, status="failed", world_size=ws, consecutive_failures=failures,
-                                   config=load_config(last.info.run_id))
+        return TrainingObservation(
+            run_id=last.info.run_id,
+            status="failed",
+            world_size=ws,
+            consecutive_failures=failures,
+            config=load_config(last.info.run_id),
+        )
     summary = load_summary(last.info.run_id)
     ws = (summary.world_size if summary else 0) or ws or 1
     prev_id = prev_tput = None
@@ -97,9 +115,12 @@ def training_observation(runs: Sequence, load_summary: Callable[[str], TrainingS
             prev_id, prev_tput = r.info.run_id, s.total_samples_per_s
             break
     return TrainingObservation(
-        run_id=last.info.run_id, status=summary.status if summary else "completed", world_size=ws,
+        run_id=last.info.run_id,
+        status=summary.status if summary else "completed",
+        world_size=ws,
         per_rank=summary.per_rank if summary else [],
-        previous_run_id=prev_id, previous_samples_per_s=prev_tput,
+        previous_run_id=prev_id,
+        previous_samples_per_s=prev_tput,
         checkpoint_dir=(summary and (summary.checkpoint_dir or summary.last_good_checkpoint))
         or last.data.tags.get(tags.CHECKPOINT_DIR),
         config=load_config(last.info.run_id),

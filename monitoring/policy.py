@@ -32,7 +32,9 @@ from ringflow.training import tags
 from ringflow.training.config import ConfigError, PipelineConfig, Window, Windows, with_overrides
 
 RETRAIN_RECENT = {
-    AnomalyType.PERFORMANCE_DROP, AnomalyType.DATA_DRIFT, AnomalyType.PREDICTION_SHIFT,
+    AnomalyType.PERFORMANCE_DROP,
+    AnomalyType.DATA_DRIFT,
+    AnomalyType.PREDICTION_SHIFT,
     AnomalyType.UNSEEN_CATEGORIES,
 }
 TRAINING_FIXES = {AnomalyType.TRAINING_DIVERGED, AnomalyType.STRAGGLER, AnomalyType.TRAINING_FAILED}
@@ -72,8 +74,13 @@ class RerunRecord(BaseModel):
     @classmethod
     def from_tags(cls, run_tags: dict[str, str], time: dt.datetime, run_id: str | None = None) -> RerunRecord:
         split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
-        return cls(time=time, monitoring_run_id=run_id, anomaly_ids=split(run_tags.get(TAG_ANOMALY_IDS)),
-                   anomaly_types=split(run_tags.get(TAG_ANOMALY_TYPES)), reason=run_tags.get(TAG_REASON, ""))
+        return cls(
+            time=time,
+            monitoring_run_id=run_id,
+            anomaly_ids=split(run_tags.get(TAG_ANOMALY_IDS)),
+            anomaly_types=split(run_tags.get(TAG_ANOMALY_TYPES)),
+            reason=run_tags.get(TAG_REASON, ""),
+        )
 
 
 class RerunPlan(BaseModel):
@@ -114,8 +121,9 @@ def recent_windows(w: Windows, newest_end: dt.date) -> Windows:
     train_len = w.train.end - w.train.start
     test = Window(start=newest_end - test_len, end=newest_end)
     validation = Window(start=test.start - val_len, end=test.start)
-    return Windows(train=Window(start=validation.start - train_len, end=validation.start),
-                   validation=validation, test=test)
+    return Windows(
+        train=Window(start=validation.start - train_len, end=validation.start), validation=validation, test=test
+    )
 
 
 def window_overrides(cfg: PipelineConfig, batch: BatchWindow) -> tuple[dict[str, Any], str | None]:
@@ -123,8 +131,10 @@ def window_overrides(cfg: PipelineConfig, batch: BatchWindow) -> tuple[dict[str,
     newest_end = batch.end if batch.labelled else batch.start
     current = cfg.data.windows
     if newest_end <= current.test.end:
-        return {}, (f"batch [{batch.start}, {batch.end}) brings no labelled data after the champion's "
-                    f"test window {current.test}: retraining on it would not move the windows")
+        return {}, (
+            f"batch [{batch.start}, {batch.end}) brings no labelled data after the champion's "
+            f"test window {current.test}: retraining on it would not move the windows"
+        )
     w = recent_windows(current, newest_end)
     return {
         "data.windows.train": w.train.model_dump(mode="json"),
@@ -185,7 +195,7 @@ def decide(
     ``base_config`` is the champion's training config; fixes of a training run (divergence,
     straggler, failures) start from that run's own config when ``training.config`` is known.
     """
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     m = base_config.monitoring
     decision = PolicyDecision()
     handled = {i: r for r in history for i in r.anomaly_ids}
@@ -201,18 +211,23 @@ def decide(
             decision.suppressed[a.id] = f"{a.type.value} is alert-only (needs a person, not a retrain)"
         elif a.id in handled:
             r = handled[a.id]
-            decision.suppressed[a.id] = (f"duplicate: {a.type.value} {a.id} already triggered a rerun at "
-                                         f"{r.time.isoformat(timespec='seconds')} (monitoring run {r.monitoring_run_id})")
+            decision.suppressed[a.id] = (
+                f"duplicate: {a.type.value} {a.id} already triggered a rerun at "
+                f"{r.time.isoformat(timespec='seconds')} (monitoring run {r.monitoring_run_id})"
+            )
         elif a.type.value in recent_types:
             r = recent_types[a.type.value]
-            decision.suppressed[a.id] = (f"cooldown: a rerun for {a.type.value} was triggered at "
-                                         f"{r.time.isoformat(timespec='seconds')} (< {m.cooldown_hours:g} h ago)")
+            decision.suppressed[a.id] = (
+                f"cooldown: a rerun for {a.type.value} was triggered at "
+                f"{r.time.isoformat(timespec='seconds')} (< {m.cooldown_hours:g} h ago)"
+            )
         else:
             actionable.append(a)
     if actionable and len(in_period) >= m.max_reruns_per_period:
         for a in actionable:
-            decision.suppressed[a.id] = (f"budget: {len(in_period)} reruns in the last {m.period_hours:g} h "
-                                         f"(max {m.max_reruns_per_period})")
+            decision.suppressed[a.id] = (
+                f"budget: {len(in_period)} reruns in the last {m.period_hours:g} h (max {m.max_reruns_per_period})"
+            )
         return decision
     if not actionable:
         return decision
@@ -258,8 +273,11 @@ def decide(
         # A checkpoint holds embeddings sized by the old window's vocabulary; start fresh.
         overrides["training.resume_from"] = None
         notes.append("not resuming from the diverged run's checkpoint: the training window moves")
-    if "training.world_size" in overrides and "sharding.weights" in overrides and \
-            len(overrides["sharding.weights"] or []) != overrides["training.world_size"]:
+    if (
+        "training.world_size" in overrides
+        and "sharding.weights" in overrides
+        and len(overrides["sharding.weights"] or []) != overrides["training.world_size"]
+    ):
         overrides["sharding.weights"] = None
         overrides.pop("sharding.num_shards", None)
         notes.append("straggler weights dropped: the world size shrinks after repeated failures")
@@ -275,10 +293,13 @@ def decide(
     names = ", ".join(dict.fromkeys(a.type.value for a in used))
     where = f" on {batch.start}..{batch.end}" if batch and types & RETRAIN_RECENT else ""
     decision.plan = RerunPlan(
-        overrides=overrides, config=config,
+        overrides=overrides,
+        config=config,
         reason=f"anomaly: {names}{where}" + (f" ({model_label})" if model_label else ""),
-        anomaly_id=used[0].id, anomaly_ids=[a.id for a in used],
-        anomaly_types=list(dict.fromkeys(a.type.value for a in used)), notes=notes,
+        anomaly_id=used[0].id,
+        anomaly_ids=[a.id for a in used],
+        anomaly_types=list(dict.fromkeys(a.type.value for a in used)),
+        notes=notes,
     )
     return decision
 

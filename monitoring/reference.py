@@ -40,8 +40,13 @@ def reference_from_manifest(manifest: Manifest, key: bytes | None, rows: int) ->
         parts.append(sample.frame())
     frame = pd.concat(parts, ignore_index=True)
     train = manifest.windows["train"]
-    return _sampled(frame, rows, preprocessor=manifest.read_preprocessor(), schema_=dict(manifest.schema_),
-                    origin=f"manifest {manifest.path} (train {train.start}..{train.end})")
+    return _sampled(
+        frame,
+        rows,
+        preprocessor=manifest.read_preprocessor(),
+        schema_=dict(manifest.schema_),
+        origin=f"manifest {manifest.path} (train {train.start}..{train.end})",
+    )
 
 
 def _row_groups(manifest: Manifest, shard: ShardEntry, key: bytes | None):
@@ -56,8 +61,13 @@ def reference_from_source(base: PipelineConfig, rows: int) -> Reference:
     src = validate_contract(read_source(base.data), base.data)
     frame = label_rows(src[in_window(src, base.data, w.start, w.end)], base)
     pre = Preprocessor.fit(frame, base.data.numeric_features, base.data.categorical_features)
-    return _sampled(frame, rows, preprocessor=pre, schema_={c: str(t) for c, t in frame.dtypes.items()},
-                    origin=f"source {base.data.source} window {w}")
+    return _sampled(
+        frame,
+        rows,
+        preprocessor=pre,
+        schema_={c: str(t) for c, t in frame.dtypes.items()},
+        origin=f"source {base.data.source} window {w}",
+    )
 
 
 def _sampled(frame: pd.DataFrame, rows: int, **fields) -> Reference:

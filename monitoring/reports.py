@@ -88,14 +88,30 @@ def _dashboard(project) -> None:
 
     have = {p.title for p in project.dashboard.model().panels}
     panels = [
-        line_plot_panel(DASHBOARD_PANELS[0], [PanelMetric(legend="drifted share of features", metric="DriftedColumnsCount",
-                                                          metric_labels={"value_type": "share"})],
-                        description="DataDriftPreset: share of feature columns whose distribution drifted", size="half"),
-        line_plot_panel(DASHBOARD_PANELS[1], [PanelMetric(legend="PSI", metric="ValueDrift",
-                                                          metric_labels={"column": PREDICTION})],
-                        description="PSI of the champion's predicted probabilities, batch vs reference", size="half"),
-        line_plot_panel(DASHBOARD_PANELS[2], [PanelMetric(legend="ROC AUC", metric="RocAuc")],
-                        description="the champion's ROC AUC on each labelled batch", size="full"),
+        line_plot_panel(
+            DASHBOARD_PANELS[0],
+            [
+                PanelMetric(
+                    legend="drifted share of features",
+                    metric="DriftedColumnsCount",
+                    metric_labels={"value_type": "share"},
+                )
+            ],
+            description="DataDriftPreset: share of feature columns whose distribution drifted",
+            size="half",
+        ),
+        line_plot_panel(
+            DASHBOARD_PANELS[1],
+            [PanelMetric(legend="PSI", metric="ValueDrift", metric_labels={"column": PREDICTION})],
+            description="PSI of the champion's predicted probabilities, batch vs reference",
+            size="half",
+        ),
+        line_plot_panel(
+            DASHBOARD_PANELS[2],
+            [PanelMetric(legend="ROC AUC", metric="RocAuc")],
+            description="the champion's ROC AUC on each labelled batch",
+            size="full",
+        ),
     ]
     for panel in panels:
         if panel.title not in have:
@@ -108,8 +124,13 @@ def workspace_project(workspace: EvidentlyWorkspace):
 
     ws = Workspace.create(workspace.path)
     found = ws.search_project(workspace.project)
-    project = found[0] if found else ws.create_project(
-        workspace.project, description="ringflow monitoring: one drift and one quality snapshot per batch")
+    project = (
+        found[0]
+        if found
+        else ws.create_project(
+            workspace.project, description="ringflow monitoring: one drift and one quality snapshot per batch"
+        )
+    )
     _dashboard(project)
     return ws, project
 
@@ -242,8 +263,8 @@ def build_reports(
     t_import = time.perf_counter()
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.metrics import MissingValueCount, OutListValueCount, ValueDrift
-    from evidently.tests import lte
     from evidently.presets import ClassificationPreset, DataDriftPreset
+    from evidently.tests import lte
 
     import_seconds = time.perf_counter() - t_import  # ~3.5 s on first use in a process, then 0
 
@@ -263,20 +284,31 @@ def build_reports(
     ref_missing = {c: float(ref[c].isna().mean()) for c in features}
     evidence = [
         ValueDrift(column=PREDICTION, method="psi", threshold=rules.prediction_psi),
-        *[MissingValueCount(column=c, share_tests=[lte(round(min(1.0, ref_missing[c] + rules.max_missing_increase), 6))])
-          for c in features],
-        *[OutListValueCount(column=c, values=list(rules.vocabulary[c]), share_tests=[lte(rules.max_unseen_share)])
-          for c in categorical if c in rules.vocabulary],
+        *[
+            MissingValueCount(
+                column=c, share_tests=[lte(round(min(1.0, ref_missing[c] + rules.max_missing_increase), 6))]
+            )
+            for c in features
+        ],
+        *[
+            OutListValueCount(column=c, values=list(rules.vocabulary[c]), share_tests=[lte(rules.max_unseen_share)])
+            for c in categorical
+            if c in rules.vocabulary
+        ],
     ]
     drift_report = Report(
         [DataDriftPreset(columns=features, drift_share=drift_share), *evidence],
         include_tests=True,  # per-column tests carry Evidently's own drifted / not-drifted verdict
     )
-    stamp = {"timestamp": batch_time, "tags": [batch_label] if batch_label else None,
-             "metadata": {"batch": batch_label} if batch_label else None}
+    stamp = {
+        "timestamp": batch_time,
+        "tags": [batch_label] if batch_label else None,
+        "metadata": {"batch": batch_label} if batch_label else None,
+    }
     drift_snap = drift_report.run(
         current_data=Dataset.from_pandas(cur, data_definition=drift_def),
-        reference_data=Dataset.from_pandas(ref, data_definition=drift_def), name=f"drift {batch_label}".strip(),
+        reference_data=Dataset.from_pandas(ref, data_definition=drift_def),
+        name=f"drift {batch_label}".strip(),
         **stamp,
     )
     drift_html, drift_json = out / "drift.html", out / "drift.json"
@@ -292,19 +324,23 @@ def build_reports(
             classification = {}
         else:
             quality_def = DataDefinition(
-                numerical_columns=[*numeric, PREDICTION], categorical_columns=categorical,
+                numerical_columns=[*numeric, PREDICTION],
+                categorical_columns=categorical,
                 classification=[BinaryClassification(target=target, prediction_probas=PREDICTION)],
             )
             quality_snap = Report([ClassificationPreset()]).run(
-                current_data=Dataset.from_pandas(labelled, data_definition=quality_def), reference_data=None,
-                name=f"quality {batch_label}".strip(), **stamp,
+                current_data=Dataset.from_pandas(labelled, data_definition=quality_def),
+                reference_data=None,
+                name=f"quality {batch_label}".strip(),
+                **stamp,
             )
             quality_html, quality_json = out / "quality.html", out / "quality.json"
             quality_snap.save_html(str(quality_html))
             quality_snap.save_json(str(quality_json))
             qm = quality_snap.dict()["metrics"]
             classification = {
-                name: float(v) for t, name in _CLASSIFICATION_METRICS.items()
+                name: float(v)
+                for t, name in _CLASSIFICATION_METRICS.items()
                 if isinstance(v := _metric_value(qm, t), (int, float))
             }
     if workspace is not None:
@@ -317,7 +353,8 @@ def build_reports(
     d = drift_snap.dict()
     verdicts = {  # column -> Evidently's verdict, from the per-column ValueDrift tests
         t["metric_config"]["params"]["column"]: t["status"] == "FAIL"
-        for t in d["tests"] if t["metric_config"].get("params", {}).get("type") == _VALUE_DRIFT
+        for t in d["tests"]
+        if t["metric_config"].get("params", {}).get("type") == _VALUE_DRIFT
     }
     columns: list[ColumnDrift] = []
     prediction_drift = None
@@ -327,8 +364,11 @@ def build_reports(
             continue
         col = cfg["column"]
         item = ColumnDrift(
-            column=col, method=str(cfg.get("method")), threshold=float(cfg.get("threshold") or np.nan),
-            score=float(m["value"]), drifted=verdicts.get(col, _drifted_by_score(cfg, float(m["value"]))),
+            column=col,
+            method=str(cfg.get("method")),
+            threshold=float(cfg.get("threshold") or np.nan),
+            score=float(m["value"]),
+            drifted=verdicts.get(col, _drifted_by_score(cfg, float(m["value"]))),
         )
         if col == PREDICTION:
             prediction_drift = item
@@ -338,13 +378,21 @@ def build_reports(
     drifted = [c.column for c in columns if c.drifted]
     share = float(counted.get("share", len(drifted) / max(len(features), 1)))
     return ReportSummary(
-        reference_rows=len(ref), current_rows=len(cur), drift_share_threshold=drift_share,
-        drifted_count=int(counted.get("count", len(drifted))), drifted_share=share,
-        dataset_drift=share >= drift_share, drifted_columns=drifted, columns=columns,
-        prediction_drift=prediction_drift, rule_checks=_rule_checks(d["metrics"], rules, ref_missing),
+        reference_rows=len(ref),
+        current_rows=len(cur),
+        drift_share_threshold=drift_share,
+        drifted_count=int(counted.get("count", len(drifted))),
+        drifted_share=share,
+        dataset_drift=share >= drift_share,
+        drifted_columns=drifted,
+        columns=columns,
+        prediction_drift=prediction_drift,
+        rule_checks=_rule_checks(d["metrics"], rules, ref_missing),
         classification=classification,
-        drift_html=str(drift_html), drift_json=str(drift_json),
+        drift_html=str(drift_html),
+        drift_json=str(drift_json),
         quality_html=str(quality_html) if quality_html else None,
         quality_json=str(quality_json) if quality_json else None,
-        evidently_seconds=evidently_seconds, evidently_import_seconds=import_seconds,
+        evidently_seconds=evidently_seconds,
+        evidently_import_seconds=import_seconds,
     )

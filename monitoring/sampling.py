@@ -56,7 +56,7 @@ class RowSample:
     def _trim(self) -> None:
         rows = pd.concat(self._parts, ignore_index=True)
         keys = np.concatenate(self._keys)
-        keep = np.sort(np.argpartition(keys, self.n - 1)[:self.n])
+        keep = np.sort(np.argpartition(keys, self.n - 1)[: self.n])
         self._parts, self._keys, self._kept = [rows.iloc[keep]], [keys[keep]], self.n
         self._threshold = float(keys[keep].max())
 

@@ -30,8 +30,7 @@ BASELINE_PREDICTION = "baseline_prediction"
 
 def score(model, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Champion probabilities of ``frame[columns]``, in chunks of :data:`SCORE_CHUNK` rows."""
-    out = [predict_rows(model, frame.iloc[i:i + SCORE_CHUNK][columns])
-           for i in range(0, len(frame), SCORE_CHUNK)]
+    out = [predict_rows(model, frame.iloc[i : i + SCORE_CHUNK][columns]) for i in range(0, len(frame), SCORE_CHUNK)]
     p = np.concatenate(out) if out else np.empty(0)
     if len(p) != len(frame):
         raise MonitoringError(f"the champion returned {len(p)} predictions for {len(frame)} rows")
@@ -95,16 +94,18 @@ def score_chunks(
     for chunk in chunks:
         n = len(chunk)
         if at + n > rows:
-            raise MonitoringError(f"the batch has more rows than the {rows} counted before scoring: did its files "
-                                  "change while it was monitored?")
+            raise MonitoringError(
+                f"the batch has more rows than the {rows} counted before scoring: did its files "
+                "change while it was monitored?"
+            )
         p = champion(chunk)
         if len(p) != n:
             raise MonitoringError(f"the champion returned {len(p)} predictions for {n} rows")
-        prediction[at:at + n] = p
+        prediction[at : at + n] = p
         if labels is not None:
-            labels[at:at + n] = chunk[target].to_numpy()
+            labels[at : at + n] = chunk[target].to_numpy()
         if base is not None:
-            base[at:at + n] = baseline(chunk)
+            base[at : at + n] = baseline(chunk)
         for c in features:
             missing[c] += int(chunk[c].isna().sum())
         for c in known:
@@ -114,7 +115,17 @@ def score_chunks(
         sample.add(chunk.assign(**{PREDICTION: p}))
         at += n
     if at != rows:
-        raise MonitoringError(f"the batch has {at} rows, not the {rows} counted before scoring: did its files "
-                              "change while it was monitored?")
-    return BatchScores(rows=rows, prediction=prediction, target=labels, baseline_prediction=base,
-                       missing=missing, present=present, unseen=unseen, sample=sample.frame())
+        raise MonitoringError(
+            f"the batch has {at} rows, not the {rows} counted before scoring: did its files "
+            "change while it was monitored?"
+        )
+    return BatchScores(
+        rows=rows,
+        prediction=prediction,
+        target=labels,
+        baseline_prediction=base,
+        missing=missing,
+        present=present,
+        unseen=unseen,
+        sample=sample.frame(),
+    )

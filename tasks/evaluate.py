@@ -30,7 +30,10 @@ from ringflow.training.baseline import BASELINE_MAX_ROWS, baseline_proba, fit_ba
 from ringflow.training.config import GateConfig, PipelineConfig, get_settings
 from ringflow.training.manifest import Manifest
 from ringflow.training.metrics import (
-    GREATER_IS_BETTER, classification_metrics, max_f1_threshold, roc_and_calibration_figures,
+    GREATER_IS_BETTER,
+    classification_metrics,
+    max_f1_threshold,
+    roc_and_calibration_figures,
 )
 from ringflow.training.pyfunc import log_delay_model, model_columns, predict_rows
 
@@ -67,8 +70,10 @@ class GateDecision(BaseModel):
     @property
     def summary(self) -> str:
         failed = [v.reason for v in self.verdicts if not v.passed]
-        return "promote: " + "; ".join(v.reason for v in self.verdicts) if self.promote else (
-            "reject: " + "; ".join(failed)
+        return (
+            "promote: " + "; ".join(v.reason for v in self.verdicts)
+            if self.promote
+            else ("reject: " + "; ".join(failed))
         )
 
 
@@ -93,8 +98,13 @@ class EvaluationResult(BaseModel):
     decision: GateDecision
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate: GateConfig,
-           baseline: dict[str, float] | None = None, test_rows: int | None = None) -> GateDecision:
+def decide(
+    candidate: dict[str, float],
+    champion: dict[str, float] | None,
+    gate: GateConfig,
+    baseline: dict[str, float] | None = None,
+    test_rows: int | None = None,
+) -> GateDecision:
     """Pure gate: floors, then the primary metric against the champion (if there is one) and
     against the baseline (if one was scored and ``gate.must_beat_baseline``).
 
@@ -108,25 +118,43 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
         higher = GREATER_IS_BETTER.get(metric, True)
         ok = (value >= floor) if higher else (value <= floor)
         op = ">=" if higher else "<="
-        verdicts.append(MetricVerdict(
-            metric=metric, candidate=value, floor=floor, passed=bool(ok),
-            reason=f"{metric} {value:.4f} {op} floor {floor}" if ok else f"{metric} {value:.4f} fails floor {op} {floor}",
-        ))
+        verdicts.append(
+            MetricVerdict(
+                metric=metric,
+                candidate=value,
+                floor=floor,
+                passed=bool(ok),
+                reason=f"{metric} {value:.4f} {op} floor {floor}"
+                if ok
+                else f"{metric} {value:.4f} fails floor {op} {floor}",
+            )
+        )
     m = gate.primary_metric
     value = candidate.get(m, math.nan)
     higher = GREATER_IS_BETTER[m]
     if champion is None:
-        verdicts.append(MetricVerdict(metric=m, check="champion", candidate=value, passed=True,
-                                      reason=f"no champion yet: {m} {value:.4f}"))
+        verdicts.append(
+            MetricVerdict(
+                metric=m, check="champion", candidate=value, passed=True, reason=f"no champion yet: {m} {value:.4f}"
+            )
+        )
     else:
         best = champion.get(m, math.nan)
         delta = (value - best) if higher else (best - value)
         ok = delta > gate.min_improvement if gate.min_improvement == 0 else delta >= gate.min_improvement
-        verdicts.append(MetricVerdict(
-            metric=m, check="champion", candidate=value, champion=best, passed=bool(ok),
-            reason=(f"{m} {value:.4f} vs champion {best:.4f} ({delta:+.4f}, needs "
-                    f"{'>' if gate.min_improvement == 0 else '>='} {gate.min_improvement})"),
-        ))
+        verdicts.append(
+            MetricVerdict(
+                metric=m,
+                check="champion",
+                candidate=value,
+                champion=best,
+                passed=bool(ok),
+                reason=(
+                    f"{m} {value:.4f} vs champion {best:.4f} ({delta:+.4f}, needs "
+                    f"{'>' if gate.min_improvement == 0 else '>='} {gate.min_improvement})"
+                ),
+            )
+        )
     if baseline is not None:
         ref = baseline.get(m, math.nan)
         ahead = (ref - value) if higher else (value - ref)  # how far the baseline is ahead
@@ -134,18 +162,22 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
         if ahead <= gate.baseline_margin:
             reason = f"{m} {value:.4f} vs baseline {gate.baseline} {ref:.4f} ({-ahead:+.4f})"
         else:
-            reason = (f"{m} {value:.4f} vs baseline {gate.baseline} {ref:.4f}: the baseline is ahead by "
-                      f"{ahead:.4f} (margin {gate.baseline_margin})")
+            reason = (
+                f"{m} {value:.4f} vs baseline {gate.baseline} {ref:.4f}: the baseline is ahead by "
+                f"{ahead:.4f} (margin {gate.baseline_margin})"
+            )
             if not gate.must_beat_baseline:
                 reason += ", not enforced (gate.must_beat_baseline=false)"
-        verdicts.append(MetricVerdict(metric=m, check="baseline", candidate=value, baseline=ref,
-                                      passed=bool(ok), reason=reason))
+        verdicts.append(
+            MetricVerdict(metric=m, check="baseline", candidate=value, baseline=ref, passed=bool(ok), reason=reason)
+        )
     warnings = []
     if test_rows is not None and test_rows < gate.min_test_rows:
-        warnings.append(f"the test window has only {test_rows} rows (gate.min_test_rows={gate.min_test_rows}): "
-                        "its metrics are noisy; widen data.windows.test")
-    return GateDecision(promote=all(v.passed for v in verdicts), primary_metric=m, verdicts=verdicts,
-                        warnings=warnings)
+        warnings.append(
+            f"the test window has only {test_rows} rows (gate.min_test_rows={gate.min_test_rows}): "
+            "its metrics are noisy; widen data.windows.test"
+        )
+    return GateDecision(promote=all(v.passed for v in verdicts), primary_metric=m, verdicts=verdicts, warnings=warnings)
 
 
 # What the registry answers for "no such model" and "no such alias" (store and REST alike).
@@ -181,10 +213,14 @@ def _decision_markdown(cfg: PipelineConfig, ev: EvaluationResult) -> str:
     baseline_col = f"baseline {ev.baseline}"
     rows = [f"| metric | candidate | {champion_col} | {baseline_col} |", "|---|---|---|---|"]
     for k in REPORTED_METRICS:
-        rows.append(f"| {k} | {_fmt(ev.candidate_metrics.get(k))} | "
-                    f"{_fmt((ev.champion_metrics or {}).get(k))} | {_fmt((ev.baseline_metrics or {}).get(k))} |")
-    rows.append(f"| decision threshold | {_fmt(ev.candidate_threshold)} | {_fmt(ev.champion_threshold)} | "
-                f"{_fmt(ev.baseline_threshold)} |")
+        rows.append(
+            f"| {k} | {_fmt(ev.candidate_metrics.get(k))} | "
+            f"{_fmt((ev.champion_metrics or {}).get(k))} | {_fmt((ev.baseline_metrics or {}).get(k))} |"
+        )
+    rows.append(
+        f"| decision threshold | {_fmt(ev.candidate_threshold)} | {_fmt(ev.champion_threshold)} | "
+        f"{_fmt(ev.baseline_threshold)} |"
+    )
     reasons = "\n".join(f"- {'PASS' if v.passed else 'FAIL'}: {v.reason}" for v in d.verdicts)
     warnings = "".join(f"\n**Warning:** {w}\n" for w in d.warnings)
     champion = f"version {ev.champion_version}" if ev.champion_version else "none yet"
@@ -195,7 +231,12 @@ def _decision_markdown(cfg: PipelineConfig, ev: EvaluationResult) -> str:
         f"{cfg.gate.baseline_margin} ({'enforced' if cfg.gate.must_beat_baseline else 'not enforced'}).\n\n"
         f"Test window {ev.test_window}, {ev.test_rows} rows. Accuracy and F1 at each model's decision "
         "threshold (chosen on the validation window).\n"
-        + warnings + "\n" + "\n".join(rows) + "\n\n### Reasons\n" + reasons + "\n"
+        + warnings
+        + "\n"
+        + "\n".join(rows)
+        + "\n\n### Reasons\n"
+        + reasons
+        + "\n"
     )
 
 
@@ -222,12 +263,15 @@ def score_baseline(cfg: PipelineConfig, manifest: Manifest, key: bytes | None, t
     num, cat = manifest.numeric_features, manifest.categorical_features
     total = sum(s.rows for s in manifest.shards)
     share = min(1.0, BASELINE_MAX_ROWS / max(total, 1))  # big windows: a uniform sample, one shard at a time
-    train = pd.concat([_sample(manifest.read(s, key), share, seed=s.index) for s in manifest.shards],
-                      ignore_index=True)
+    train = pd.concat([_sample(manifest.read(s, key), share, seed=s.index) for s in manifest.shards], ignore_index=True)
     t0 = time.perf_counter()
     model = fit_baseline(cfg.gate.baseline, train, manifest.target_column, num, cat, seed=cfg.training.seed)
-    log.info("evaluate: baseline %s fitted on %d train rows in %.1fs", cfg.gate.baseline, len(train),
-             time.perf_counter() - t0)
+    log.info(
+        "evaluate: baseline %s fitted on %d train rows in %.1fs",
+        cfg.gate.baseline,
+        len(train),
+        time.perf_counter() - t0,
+    )
     val = manifest.read(manifest.validation, key)
     threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), baseline_proba(model, val, num, cat))
     return model, baseline_proba(model, test, num, cat), threshold
@@ -248,10 +292,14 @@ def log_baseline_model(model, manifest: Manifest, example: pd.DataFrame, thresho
 
     frame = baseline_frame(example, manifest.numeric_features, manifest.categorical_features)
     info = mlflow.sklearn.log_model(
-        model, name="baseline", input_example=frame, pyfunc_predict_fn="predict_proba",
+        model,
+        name="baseline",
+        input_example=frame,
+        pyfunc_predict_fn="predict_proba",
         # stated, not inferred: inference imports the model in a subprocess (seconds per evaluation)
         pip_requirements=[f"{d}=={version(d).split('+')[0]}" for d in ("scikit-learn", "numpy", "pandas")],
-        params={THRESHOLD_PARAM: f"{threshold:.6f}"}, tags={tags.ROLE: "baseline"},
+        params={THRESHOLD_PARAM: f"{threshold:.6f}"},
+        tags={tags.ROLE: "baseline"},
         # skops refuses types it cannot vet; this model was fitted in this process, and these are
         # exactly the ones the fitted pipeline holds (the trees' node arrays, the encoder's checks)
         skops_trusted_types=SKOPS_TRUSTED_TYPES,
@@ -267,8 +315,11 @@ def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MLflow's note on its source registry
         return mlflow.data.from_pandas(
-            test, source=str(manifest.dir / manifest.test.file), targets=manifest.target_column,
-            name=f"{cfg.name}-{manifest.fingerprint[:12]}-test", digest=manifest.test.sha256[:16],
+            test,
+            source=str(manifest.dir / manifest.test.file),
+            targets=manifest.target_column,
+            name=f"{cfg.name}-{manifest.fingerprint[:12]}-test",
+            digest=manifest.test.sha256[:16],
         )
 
 
@@ -294,8 +345,12 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
     test_window = f"[{window.start[:10]}, {window.end[:10]})"
     log.info("evaluate: %d test rows %s, candidate from run %s", len(test), test_window, run_id)
     if len(test) < cfg.gate.min_test_rows:
-        log.warning("evaluate: the test window %s has only %d rows (gate.min_test_rows=%d): its metrics are noisy",
-                    test_window, len(test), cfg.gate.min_test_rows)
+        log.warning(
+            "evaluate: the test window %s has only %d rows (gate.min_test_rows=%d): its metrics are noisy",
+            test_window,
+            len(test),
+            cfg.gate.min_test_rows,
+        )
 
     with mlflow.start_run(run_id=run_id):
         # Only the files the model needs travel with it (not the checkpoints).
@@ -332,8 +387,9 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
         # scored on which data
         test_data = test_dataset(cfg, manifest, test)
         mlflow.log_input(test_data, context="testing")
-        mlflow.log_metrics({f"test_{k}": v for k, v in cand.items() if not math.isnan(v)},
-                           model_id=info.model_id, dataset=test_data)
+        mlflow.log_metrics(
+            {f"test_{k}": v for k, v in cand.items() if not math.isnan(v)}, model_id=info.model_id, dataset=test_data
+        )
         mlflow.log_metric("decision_threshold", threshold)
         if champ:
             mlflow.log_metrics({f"champion_test_{k}": v for k, v in champ.items() if not math.isnan(v)})
@@ -347,23 +403,35 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
         roc, cal = roc_and_calibration_figures(y, curves)
         mlflow.log_figure(roc, "evaluation/roc_pr_curves.png")
         mlflow.log_figure(cal, "evaluation/calibration_curve.png")
-        mlflow.set_tags({
-            tags.GATE_DECISION_RUN: "promote" if decision.promote else "reject",
-            tags.GATE_PRIMARY_METRIC: decision.primary_metric,
-            tags.GATE_CHAMPION_VERSION: str(champ_mv.version) if champ_mv else "none",
-            tags.GATE_BASELINE: cfg.gate.baseline,
-            **{v.tag: ("PASS " if v.passed else "FAIL ") + v.reason for v in decision.verdicts},
-            **({tags.GATE_WARNING: " | ".join(decision.warnings)[:5000]} if decision.warnings else {}),
-        })
+        mlflow.set_tags(
+            {
+                tags.GATE_DECISION_RUN: "promote" if decision.promote else "reject",
+                tags.GATE_PRIMARY_METRIC: decision.primary_metric,
+                tags.GATE_CHAMPION_VERSION: str(champ_mv.version) if champ_mv else "none",
+                tags.GATE_BASELINE: cfg.gate.baseline,
+                **{v.tag: ("PASS " if v.passed else "FAIL ") + v.reason for v in decision.verdicts},
+                **({tags.GATE_WARNING: " | ".join(decision.warnings)[:5000]} if decision.warnings else {}),
+            }
+        )
         ev = EvaluationResult(
-            training_run_id=run_id, model_uri=info.model_uri, candidate_metrics=cand, candidate_threshold=threshold,
-            champion_version=str(champ_mv.version) if champ_mv else None, champion_metrics=champ,
-            champion_threshold=champ_threshold, baseline=cfg.gate.baseline, baseline_metrics=base,
-            baseline_threshold=base_threshold, baseline_model_uri=base_uri, test_window=test_window,
-            test_rows=len(test), decision=decision,
+            training_run_id=run_id,
+            model_uri=info.model_uri,
+            candidate_metrics=cand,
+            candidate_threshold=threshold,
+            champion_version=str(champ_mv.version) if champ_mv else None,
+            champion_metrics=champ,
+            champion_threshold=champ_threshold,
+            baseline=cfg.gate.baseline,
+            baseline_metrics=base,
+            baseline_threshold=base_threshold,
+            baseline_model_uri=base_uri,
+            test_window=test_window,
+            test_rows=len(test),
+            decision=decision,
         )
         mlflow.log_text(_decision_markdown(cfg, ev), "evaluation/gate.md")
-    create_markdown_artifact(_decision_markdown(cfg, ev), key="gate-decision",
-                             description="candidate vs champion vs baseline")
+    create_markdown_artifact(
+        _decision_markdown(cfg, ev), key="gate-decision", description="candidate vs champion vs baseline"
+    )
     log.info("evaluate: %s", decision.summary)
     return ev

@@ -42,7 +42,11 @@ from ringflow.monitoring.observation import training_observation
 from ringflow.monitoring.policy import PolicyDecision, RerunPlan, RerunRecord, next_batch_month
 from ringflow.monitoring.reference import Reference, reference_from_manifest, reference_from_source
 from ringflow.monitoring.reports import (
-    PREDICTION, EvidentlyWorkspace, ReportSummary, RuleThresholds, build_reports,
+    PREDICTION,
+    EvidentlyWorkspace,
+    ReportSummary,
+    RuleThresholds,
+    build_reports,
 )
 from ringflow.monitoring.scoring import score, score_chunks
 from ringflow.tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
@@ -57,11 +61,28 @@ from ringflow.training.pyfunc import model_columns
 from ringflow.training.summary import SUMMARY_FILE, TrainingSummary
 
 __all__ = [  # the names the flow and the tests import from here (some defined in monitoring/)
-    "Batch", "ChampionInfo", "MonitoringError", "Reference", "RerunAction", "act", "event_payload",
-    "finish_monitoring_run", "last_monitored_month", "load_batch", "load_reference", "log_batch_dataset",
+    "Batch",
+    "ChampionInfo",
+    "MonitoringError",
+    "Reference",
+    "RerunAction",
+    "act",
+    "event_payload",
+    "finish_monitoring_run",
+    "last_monitored_month",
+    "load_batch",
+    "load_reference",
+    "log_batch_dataset",
     "log_monitoring_run",
-    "observe", "publish_artifacts", "rerun_base_config", "rerun_history", "resolve_champion", "run_reports",
-    "score_batch", "start_monitoring_run", "training_health",
+    "observe",
+    "publish_artifacts",
+    "rerun_base_config",
+    "rerun_history",
+    "resolve_champion",
+    "run_reports",
+    "score_batch",
+    "start_monitoring_run",
+    "training_health",
 ]
 
 AUTOMATION_NAME = RERUN_TRIGGER
@@ -101,9 +122,13 @@ def resolve_champion(cfg: PipelineConfig) -> ChampionInfo:
     auc = version_tags.get(tags.TEST_ROC_AUC)
     return ChampionInfo(
         decision_threshold=logged_threshold(getattr(mv, "model_id", None)) or 0.5,
-        model_name=name, version=str(mv.version), model_uri=f"models:/{name}/{mv.version}",
-        training_run_id=run_id, manifest_path=version_tags.get(tags.MANIFEST_PATH),
-        test_roc_auc=float(auc) if auc not in (None, "") else None, tags=version_tags,
+        model_name=name,
+        version=str(mv.version),
+        model_uri=f"models:/{name}/{mv.version}",
+        training_run_id=run_id,
+        manifest_path=version_tags.get(tags.MANIFEST_PATH),
+        test_roc_auc=float(auc) if auc not in (None, "") else None,
+        tags=version_tags,
         training_config=_load_run_json(run_id, "config/pipeline_config.json") if run_id else None,
     )
 
@@ -118,7 +143,9 @@ def load_batch(cfg: PipelineConfig, batch: str, champion: ChampionInfo, last_mon
     if batch == "next":
         test_end = champion_test_end(cfg, champion)
         batch = next_batch_month(test_end, last_monitored)
-        log.info("batch 'next' -> %s (champion test window ends %s, last monitored %s)", batch, test_end, last_monitored)
+        log.info(
+            "batch 'next' -> %s (champion test window ends %s, last monitored %s)", batch, test_end, last_monitored
+        )
     if re.fullmatch(r"\d{4}-\d{2}", batch):
         found = describe_month(cfg, batch)
     else:
@@ -149,8 +176,11 @@ def load_reference(cfg: PipelineConfig, champion: ChampionInfo) -> Reference:
         ref = reference_from_manifest(manifest, _data_key(cfg) if manifest.encrypted else None, rows)
     else:
         base = rerun_base_config(cfg, champion)
-        log.warning("champion manifest %s not found: reference = training window %s read from the source",
-                    champion.manifest_path, base.data.windows.train)
+        log.warning(
+            "champion manifest %s not found: reference = training window %s read from the source",
+            champion.manifest_path,
+            base.data.windows.train,
+        )
         ref = reference_from_source(base, rows)
     log.info("reference: %d rows from %s", len(ref.frame), ref.origin)
     return ref
@@ -168,8 +198,10 @@ def champion_baseline(champion: ChampionInfo):
     try:
         run = client.get_run(champion.training_run_id)
         logged = mlflow.search_logged_models(
-            experiment_ids=[run.info.experiment_id], output_format="list",
-            filter_string=f"source_run_id = '{champion.training_run_id}'")
+            experiment_ids=[run.info.experiment_id],
+            output_format="list",
+            filter_string=f"source_run_id = '{champion.training_run_id}'",
+        )
     except MlflowException:
         return None
     baselines = sorted((m for m in logged if m.name == "baseline"), key=lambda m: m.creation_timestamp)
@@ -199,10 +231,16 @@ def score_batch(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, refer
 
         def base_score(chunk):
             return baseline_proba(base_model, chunk, pre.numeric, pre.categorical)
+
     batch.scores = score_chunks(
-        batch_chunks(batch, cfg), batch.rows, lambda chunk: score(model, chunk, columns),
-        features=d.feature_columns, vocabulary={c: pre.vocab[c] for c in pre.categorical},
-        target=TARGET if batch.labelled else None, baseline=base_score, sample_rows=cfg.monitoring.max_current_rows,
+        batch_chunks(batch, cfg),
+        batch.rows,
+        lambda chunk: score(model, chunk, columns),
+        features=d.feature_columns,
+        vocabulary={c: pre.vocab[c] for c in pre.categorical},
+        target=TARGET if batch.labelled else None,
+        baseline=base_score,
+        sample_rows=cfg.monitoring.max_current_rows,
     )
     return batch, reference
 
@@ -213,12 +251,22 @@ def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir
     labelled = batch.labelled
     window_start = batch.window.start if batch.window else None
     return build_reports(
-        reference.frame, batch.scores.sample, d.numeric_features, d.categorical_features, out_dir,
-        target=TARGET if labelled else None, drift_share=m.drift_share,
-        reference_rows=m.reference_sample_rows, current_rows=m.max_current_rows,
+        reference.frame,
+        batch.scores.sample,
+        d.numeric_features,
+        d.categorical_features,
+        out_dir,
+        target=TARGET if labelled else None,
+        drift_share=m.drift_share,
+        reference_rows=m.reference_sample_rows,
+        current_rows=m.max_current_rows,
         # the numbers the anomaly rules decide on, with their thresholds, in the report itself
-        rules=RuleThresholds(prediction_psi=m.prediction_psi, max_missing_increase=m.max_missing_share,
-                             max_unseen_share=m.max_unseen_category_share, vocabulary=reference.preprocessor.vocab),
+        rules=RuleThresholds(
+            prediction_psi=m.prediction_psi,
+            max_missing_increase=m.max_missing_share,
+            max_unseen_share=m.max_unseen_category_share,
+            vocabulary=reference.preprocessor.vocab,
+        ),
         # every snapshot also goes to the workspace `evidently ui` shows (trend across batches)
         workspace=EvidentlyWorkspace(path=str(get_settings().evidently_workspace), project=cfg.registry.model_name),
         batch_label=batch.label,
@@ -226,8 +274,14 @@ def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir
     )
 
 
-def observe(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference,
-            report: ReportSummary | None, training: TrainingObservation | None) -> tuple[MonitoringObservation, dict]:
+def observe(
+    cfg: PipelineConfig,
+    champion: ChampionInfo,
+    batch: Batch,
+    reference: Reference,
+    report: ReportSummary | None,
+    training: TrainingObservation | None,
+) -> tuple[MonitoringObservation, dict]:
     """Numbers on the full batch -> the rules' input; also returns the batch metrics
     (``monitoring/observation.py``, with the evaluation's metric names for the baseline)."""
     return _observe(cfg, champion, batch, reference, report, training, baseline_metrics=REPORTED_METRICS)
@@ -249,10 +303,12 @@ def training_health(cfg: PipelineConfig) -> TrainingObservation | None:
     ids = _experiment_ids(client, cfg)
     if not ids:
         return None
-    runs = client.search_runs(ids, tags.tag_filter(tags.KIND, tags.KIND_TRAINING), order_by=["attributes.start_time DESC"],
-                              max_results=50)
-    return training_observation(runs, _load_summary,
-                                lambda run_id: _load_run_json(run_id, "config/pipeline_config.json"))
+    runs = client.search_runs(
+        ids, tags.tag_filter(tags.KIND, tags.KIND_TRAINING), order_by=["attributes.start_time DESC"], max_results=50
+    )
+    return training_observation(
+        runs, _load_summary, lambda run_id: _load_run_json(run_id, "config/pipeline_config.json")
+    )
 
 
 def _load_summary(run_id: str) -> TrainingSummary | None:
@@ -268,8 +324,12 @@ def _monitoring_runs(client: MlflowClient, cfg: PipelineConfig, extra: str = "",
     ids = _experiment_ids(client, cfg)
     if not ids:
         return []
-    f = (tags.tag_filter(tags.KIND, tags.KIND_MONITORING) + " and "
-         + tags.tag_filter(tags.MODEL_NAME, cfg.registry.model_name) + extra)
+    f = (
+        tags.tag_filter(tags.KIND, tags.KIND_MONITORING)
+        + " and "
+        + tags.tag_filter(tags.MODEL_NAME, cfg.registry.model_name)
+        + extra
+    )
     return client.search_runs(ids, f, order_by=["attributes.start_time DESC"], max_results=n)
 
 
@@ -278,8 +338,10 @@ def rerun_history(cfg: PipelineConfig) -> list[RerunRecord]:
     """Past reruns: monitoring runs tagged ``ringflow.rerun_triggered=true`` (newest first)."""
     client = _tracking()
     runs = _monitoring_runs(client, cfg, " and " + tags.tag_filter(tags.RERUN_TRIGGERED, "true"))
-    return [RerunRecord.from_tags(r.data.tags, dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.timezone.utc),
-                                  r.info.run_id) for r in runs]
+    return [
+        RerunRecord.from_tags(r.data.tags, dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.UTC), r.info.run_id)
+        for r in runs
+    ]
 
 
 @task(name="last-monitored-month", cache_policy=NO_CACHE)
@@ -299,9 +361,12 @@ def start_monitoring_run(cfg: PipelineConfig, champion: ChampionInfo, batch: Bat
     exp_id = ensure_experiment(client, cfg.registry.experiment)
     mark_stale_runs(client, exp_id, "monitoring")  # left RUNNING by a monitoring process that died
     run_tags = {
-        tags.KIND: tags.KIND_MONITORING, tags.LAUNCHER: launcher_tag(),
-        tags.MODEL_NAME: champion.model_name, tags.MODEL_VERSION: champion.version,
-        tags.BATCH: batch.label, tags.RERUN_TRIGGERED: "false",
+        tags.KIND: tags.KIND_MONITORING,
+        tags.LAUNCHER: launcher_tag(),
+        tags.MODEL_NAME: champion.model_name,
+        tags.MODEL_VERSION: champion.version,
+        tags.BATCH: batch.label,
+        tags.RERUN_TRIGGERED: "false",
         "mlflow.runName": f"monitor-{champion.model_name}-v{champion.version}-{batch.month or 'file'}",
     }
     if champion.training_run_id:
@@ -337,27 +402,48 @@ def log_batch_dataset(cfg: PipelineConfig, run_id: str, batch: Batch) -> None:
         # MLflow's notes on its source registry and, while inferring the schema, on integer columns
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(
-            sample, source=str(cfg.data.source) if batch.month else batch.label,
-            targets=TARGET if batch.labelled else None, name=f"{cfg.name}-batch-{batch.month or batch.label}",
+            sample,
+            source=str(cfg.data.source) if batch.month else batch.label,
+            targets=TARGET if batch.labelled else None,
+            name=f"{cfg.name}-batch-{batch.month or batch.label}",
         )
         entity = dataset._to_mlflow_entity()
     profile = {"num_rows": batch.rows, "num_elements": batch.rows * sample.shape[1], "sampled_rows": len(sample)}
-    entity = Dataset(name=entity.name, digest=entity.digest, source_type=entity.source_type, source=entity.source,
-                     schema=entity.schema, profile=json.dumps(profile))
-    _tracking().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "monitoring")])])
+    entity = Dataset(
+        name=entity.name,
+        digest=entity.digest,
+        source_type=entity.source_type,
+        source=entity.source,
+        schema=entity.schema,
+        profile=json.dumps(profile),
+    )
+    _tracking().log_inputs(
+        run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "monitoring")])]
+    )
 
 
 @task(name="log-monitoring-run", cache_policy=NO_CACHE)
-def log_monitoring_run(run_id: str, report: ReportSummary | None, metrics: dict[str, float],
-                       obs: MonitoringObservation, anomalies: list[Anomaly], decision: PolicyDecision,
-                       out_dir: str) -> None:
+def log_monitoring_run(
+    run_id: str,
+    report: ReportSummary | None,
+    metrics: dict[str, float],
+    obs: MonitoringObservation,
+    anomalies: list[Anomaly],
+    decision: PolicyDecision,
+    out_dir: str,
+) -> None:
     client = _tracking()
     values = {f"batch_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
     values.update({"rows": obs.rows, "anomalies": len(anomalies)})
     if report is not None:
-        values.update({"drifted_share": report.drifted_share, "drifted_count": report.drifted_count,
-                       "evidently_seconds": report.evidently_seconds,
-                       "evidently_import_seconds": report.evidently_import_seconds})
+        values.update(
+            {
+                "drifted_share": report.drifted_share,
+                "drifted_count": report.drifted_count,
+                "evidently_seconds": report.evidently_seconds,
+                "evidently_import_seconds": report.evidently_import_seconds,
+            }
+        )
     if obs.roc_auc is not None and obs.reference_roc_auc is not None:
         values["roc_auc_drop"] = obs.reference_roc_auc - obs.roc_auc
     if obs.prediction_psi is not None:
@@ -396,8 +482,14 @@ class RerunAction(BaseModel):
     detail: str = ""
 
 
-def event_payload(plan: RerunPlan | None, anomalies: list[Anomaly], monitoring_run_id: str,
-                  champion: ChampionInfo, batch_label: str, decision: PolicyDecision) -> dict[str, Any]:
+def event_payload(
+    plan: RerunPlan | None,
+    anomalies: list[Anomaly],
+    monitoring_run_id: str,
+    champion: ChampionInfo,
+    batch_label: str,
+    decision: PolicyDecision,
+) -> dict[str, Any]:
     """The anomaly event's payload (the typed contract in ``monitoring/events.py``), as JSON."""
     return AnomalyEventPayload(
         anomaly_id=plan.anomaly_id if plan else (anomalies[0].id if anomalies else None),
@@ -405,9 +497,15 @@ def event_payload(plan: RerunPlan | None, anomalies: list[Anomaly], monitoring_r
         model=ModelRef(name=champion.model_name, version=champion.version, training_run_id=champion.training_run_id),
         batch=batch_label,
         anomalies=[a.model_dump(mode="json") for a in anomalies],
-        rerun=None if plan is None else RerunRequest(
-            config=plan.config.model_dump(mode="json"), reason=plan.reason, overrides=plan.overrides,
-            anomaly_ids=plan.anomaly_ids, anomaly_types=plan.anomaly_types, notes=plan.notes,
+        rerun=None
+        if plan is None
+        else RerunRequest(
+            config=plan.config.model_dump(mode="json"),
+            reason=plan.reason,
+            overrides=plan.overrides,
+            anomaly_ids=plan.anomaly_ids,
+            anomaly_types=plan.anomaly_types,
+            notes=plan.notes,
         ),
         suppressed=decision.suppressed,
     ).model_dump(mode="json")
@@ -439,31 +537,47 @@ def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, tr
     from prefect.events import emit_event
 
     log = get_run_logger()
-    resource = {"prefect.resource.id": _resource_id(cfg), "prefect.resource.name": cfg.registry.model_name,
-                "ringflow.model.version": str(payload["model"]["version"])}
-    related = [{"prefect.resource.id": f"mlflow.run.{payload['monitoring_run_id']}",
-                "prefect.resource.role": "monitoring-run"}]
+    resource = {
+        "prefect.resource.id": _resource_id(cfg),
+        "prefect.resource.name": cfg.registry.model_name,
+        "ringflow.model.version": str(payload["model"]["version"]),
+    }
+    related = [
+        {"prefect.resource.id": f"mlflow.run.{payload['monitoring_run_id']}", "prefect.resource.role": "monitoring-run"}
+    ]
     if plan is None or not trigger_rerun:
         ev = emit_event(REPORT_EVENT, resource=resource, payload=payload, related=related)
-        return RerunAction(mode="plan-only" if plan else "none", event_id=str(ev.id) if ev else None,
-                           detail="trigger_rerun=False" if plan else "no rerun plan")
+        return RerunAction(
+            mode="plan-only" if plan else "none",
+            event_id=str(ev.id) if ev else None,
+            detail="trigger_rerun=False" if plan else "no rerun plan",
+        )
     automation = _automation_enabled(AUTOMATION_NAME)
     deployment = not automation and _deployment_exists(TRAINING_DEPLOYMENT)
     if not (automation or deployment):
         ev = emit_event(REPORT_EVENT, resource=resource, payload=payload, related=related)
-        return RerunAction(mode="plan-only", event_id=str(ev.id) if ev else None,
-                           detail=f"neither automation {AUTOMATION_NAME!r} nor deployment {TRAINING_DEPLOYMENT!r} exists")
+        return RerunAction(
+            mode="plan-only",
+            event_id=str(ev.id) if ev else None,
+            detail=f"neither automation {AUTOMATION_NAME!r} nor deployment {TRAINING_DEPLOYMENT!r} exists",
+        )
     resource[CAUSE_LABEL] = ",".join(sorted(plan.anomaly_types))
     ev = emit_event(ANOMALY_EVENT, resource=resource, payload=payload, related=related)
     if automation:
-        log.info("rerun: event %s emitted; automation %s starts the training run", ev.id if ev else None, AUTOMATION_NAME)
+        log.info(
+            "rerun: event %s emitted; automation %s starts the training run", ev.id if ev else None, AUTOMATION_NAME
+        )
         return RerunAction(mode="automation", event_id=str(ev.id) if ev else None, detail=AUTOMATION_NAME)
     from prefect.deployments import run_deployment
 
     fr = run_deployment(
         name=TRAINING_DEPLOYMENT,
-        parameters={"config": payload["rerun"]["config"], "reason": plan.reason,
-                    "parent_run_id": payload["monitoring_run_id"], "anomaly_id": plan.anomaly_id},
+        parameters={
+            "config": payload["rerun"]["config"],
+            "reason": plan.reason,
+            "parent_run_id": payload["monitoring_run_id"],
+            "anomaly_id": plan.anomaly_id,
+        },
         timeout=0,  # fire and forget: the rerun is its own flow run, linked as a child of this one
         tags=["ringflow", "rerun", f"anomaly-{plan.anomaly_id}"],
         # one rerun per anomaly, even if this monitoring run is retried
@@ -471,8 +585,9 @@ def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, tr
         flow_run_name=f"rerun-{plan.anomaly_types[0]}-{plan.anomaly_id[:8]}",
     )
     log.info("rerun: started %s flow run %s", TRAINING_DEPLOYMENT, fr.id)
-    return RerunAction(mode="run_deployment", event_id=str(ev.id) if ev else None, flow_run_id=str(fr.id),
-                       detail=TRAINING_DEPLOYMENT)
+    return RerunAction(
+        mode="run_deployment", event_id=str(ev.id) if ev else None, flow_run_id=str(fr.id), detail=TRAINING_DEPLOYMENT
+    )
 
 
 @task(name="monitoring-artifacts", cache_policy=NO_CACHE)
@@ -496,19 +611,26 @@ def publish_artifacts(result) -> None:
         {"metric": "decision", "value": r.decision},
         {"metric": "action", "value": r.action.mode},
     ]
-    create_table_artifact(rows, key="monitoring-summary",
-                          description=f"monitoring {r.model_name} v{r.model_version} on {r.batch}")
+    create_table_artifact(
+        rows, key="monitoring-summary", description=f"monitoring {r.model_name} v{r.model_version} on {r.batch}"
+    )
     ui = mlflow_run_url(r.tracking_uri, r.monitoring_run_id)
-    create_link_artifact(ui, link_text=f"MLflow monitoring run {r.monitoring_run_id} (Evidently HTML under monitoring/)",
-                         key="monitoring-run", description="MLflow run with the Evidently reports")
+    create_link_artifact(
+        ui,
+        link_text=f"MLflow monitoring run {r.monitoring_run_id} (Evidently HTML under monitoring/)",
+        key="monitoring-run",
+        description="MLflow run with the Evidently reports",
+    )
     reports = "\n".join(f"- `{p}`" for p in (r.drift_html, r.quality_html) if p)
     anomalies = "\n".join(f"- **{a.type.value}** ({a.severity.value}, `{a.id}`): {a.message}" for a in r.anomalies)
     create_markdown_artifact(
         key="monitoring-anomalies",
-        markdown=(f"# Monitoring `{r.model_name}` v{r.model_version} on `{r.batch}`\n\n"
-                  f"MLflow run: {ui}\n\nEvidently reports (local copies):\n{reports}\n\n"
-                  f"## Anomalies\n{anomalies or 'none'}\n\n## Decision\n{r.decision}\n\nAction: `{r.action.mode}` "
-                  f"{r.action.detail}\n"),
+        markdown=(
+            f"# Monitoring `{r.model_name}` v{r.model_version} on `{r.batch}`\n\n"
+            f"MLflow run: {ui}\n\nEvidently reports (local copies):\n{reports}\n\n"
+            f"## Anomalies\n{anomalies or 'none'}\n\n## Decision\n{r.decision}\n\nAction: `{r.action.mode}` "
+            f"{r.action.detail}\n"
+        ),
     )
 
 

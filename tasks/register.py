@@ -57,7 +57,7 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str | None,
         client.delete_registered_model_alias(name, alias)
     else:
         client.set_registered_model_alias(name, alias, version)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     move = {"time": now.isoformat(timespec="seconds"), "alias": alias, "from": before, "to": version, "reason": reason}
     client.set_registered_model_tag(
         name, f"{HISTORY_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%f')}.{alias}", json.dumps(move)
@@ -105,8 +105,9 @@ def _v(version: str | None) -> str:
     return f"v{version}" if version else "none"
 
 
-def settle_aliases(client: MlflowClient, name: str, version: str, promote: bool,
-                   evaluated_champion: str | None, reason: str, log) -> tuple[bool, str, list[dict]]:
+def settle_aliases(
+    client: MlflowClient, name: str, version: str, promote: bool, evaluated_champion: str | None, reason: str, log
+) -> tuple[bool, str, list[dict]]:
     """Move the aliases for a registered candidate; returns (promoted, reason, moves).
 
     A promotion decided against ``evaluated_champion`` stands only if that is still the
@@ -119,14 +120,15 @@ def settle_aliases(client: MlflowClient, name: str, version: str, promote: bool,
     if promote and champion_now_version not in (evaluated_champion, version):
         # Another pipeline promoted a model after we evaluated: our comparison is stale.
         promote = False
-        reason = (f"champion moved from {_v(evaluated_champion)} to {_v(champion_now_version)} during "
-                  "evaluation; re-run the pipeline to compare against the new champion")
+        reason = (
+            f"champion moved from {_v(evaluated_champion)} to {_v(champion_now_version)} during "
+            "evaluation; re-run the pipeline to compare against the new champion"
+        )
         client.set_model_version_tag(name, version, tags.GATE_DECISION, "reject")
         log.warning("register: %s", reason)
     if promote:
         if champion_now_version and champion_now_version != version:
-            moves.append(move_alias(client, name, PREVIOUS_CHAMPION, champion_now_version,
-                                    f"replaced by v{version}"))
+            moves.append(move_alias(client, name, PREVIOUS_CHAMPION, champion_now_version, f"replaced by v{version}"))
         moves.append(move_alias(client, name, CHAMPION, version, reason))
     else:
         moves.append(move_alias(client, name, CHALLENGER, version, reason))
@@ -172,13 +174,26 @@ def register_candidate(
 
     with registry_lock(name):
         promote, _, moves = settle_aliases(
-            client, name, version, evaluation.decision.promote, evaluation.champion_version,
-            evaluation.decision.summary, log)
+            client,
+            name,
+            version,
+            evaluation.decision.promote,
+            evaluation.champion_version,
+            evaluation.decision.summary,
+            log,
+        )
     champion = current_champion(client, name)
     for m in moves:
-        log.info("register: alias %s: %s -> %s", m["alias"], f"v{m['from']}" if m["from"] else "none",
-                 f"v{m['to']}" if m["to"] else "none")
+        log.info(
+            "register: alias %s: %s -> %s",
+            m["alias"],
+            f"v{m['from']}" if m["from"] else "none",
+            f"v{m['to']}" if m["to"] else "none",
+        )
     return RegistrationResult(
-        model_name=name, version=version, promoted=promote,
-        champion_version=str(champion.version) if champion else None, alias_moves=moves,
+        model_name=name,
+        version=version,
+        promoted=promote,
+        champion_version=str(champion.version) if champion else None,
+        alias_moves=moves,
     )

@@ -45,9 +45,7 @@ def resolve_data_key(cfg: PipelineConfig) -> bytes | None:
     # The raw value, not Secret.get(): that JSON-decodes strings, which could turn a key into a number.
     raw = block.value.get_secret_value()
     if not isinstance(raw, str):
-        raise DataKeyError(
-            f"Prefect Secret block {block_name!r} must hold a base64 string, not a {type(raw).__name__}"
-        )
+        raise DataKeyError(f"Prefect Secret block {block_name!r} must hold a base64 string, not a {type(raw).__name__}")
     try:
         return parse_key(raw, origin=f"Prefect Secret block {block_name!r}")
     except ValueError as e:

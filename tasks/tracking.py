@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ringflow.training import tags
-from ringflow.training.launch import start_ticks
 from ringflow.training.config import get_settings
+from ringflow.training.launch import start_ticks
 
 # Tracking servers keep artifacts where their operator said (`mlflow server --artifacts-destination`).
 _SERVERS = {"http", "https", "databricks"}
@@ -43,7 +43,6 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 # --------------------------------------------------------------------------- the store and stale runs
 
 
-
 def ensure_store(tracking_uri: str) -> None:
     """Create a local SQLite store once, under a file lock.
 
@@ -54,7 +53,7 @@ def ensure_store(tracking_uri: str) -> None:
 
     if not tracking_uri.startswith("sqlite:///"):
         return
-    db = Path(unquote(tracking_uri[len("sqlite:///"):]))
+    db = Path(unquote(tracking_uri[len("sqlite:///") :]))
     if not db.is_absolute():
         db = Path("/") / db
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -79,12 +78,12 @@ def _launcher_alive(tag: str) -> bool:
 def mark_stale_runs(client: MlflowClient, experiment_id: str, kind: str) -> list[str]:
     """Runs of ``kind`` left RUNNING by a launcher on this host that no longer exists -> KILLED."""
     stale = []
-    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING' and " + tags.tag_filter(tags.KIND, kind),
-                                  max_results=200):
+    for run in client.search_runs(
+        [experiment_id], "attributes.status = 'RUNNING' and " + tags.tag_filter(tags.KIND, kind), max_results=200
+    ):
         tag = run.data.tags.get(tags.LAUNCHER)
         if tag and not _launcher_alive(tag):
-            client.set_tag(run.info.run_id, tags.STALE,
-                           f"launcher {tag} is gone; marked KILLED by {launcher_tag()}")
+            client.set_tag(run.info.run_id, tags.STALE, f"launcher {tag} is gone; marked KILLED by {launcher_tag()}")
             client.set_terminated(run.info.run_id, "KILLED")
             stale.append(run.info.run_id)
     return stale

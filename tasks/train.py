@@ -37,8 +37,16 @@ from ringflow.training import tags
 from ringflow.training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.launch import (
-    RankOutput, TrainingError, TrainingTimeout, check_launchable, horovodrun_command, kill_tree, launch_env,
-    rank_hosts, read_hostfile, write_hostfile,
+    RankOutput,
+    TrainingError,
+    TrainingTimeout,
+    check_launchable,
+    horovodrun_command,
+    kill_tree,
+    launch_env,
+    rank_hosts,
+    read_hostfile,
+    write_hostfile,
 )
 from ringflow.training.manifest import KEY_ENV, Manifest
 from ringflow.training.result import SUMMARY_FILE, TrainResult
@@ -86,10 +94,18 @@ def _log_lineage(cfg: PipelineConfig, manifest: Manifest, key: bytes | None) -> 
         # MLflow's notes on its own source registry and int columns in an inferred schema: not
         # actionable for a logged dataset, and they would repeat in every training log.
         warnings.simplefilter("ignore", UserWarning)
-        mlflow.log_input(mlflow.data.from_pandas(train, source=str(manifest.dir), targets=manifest.target_column,
-                                                 name=f"{name}-train"), context="training")
-        mlflow.log_input(mlflow.data.from_pandas(val, source=str(manifest.dir), targets=manifest.target_column,
-                                                 name=f"{name}-validation"), context="validation")
+        mlflow.log_input(
+            mlflow.data.from_pandas(
+                train, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-train"
+            ),
+            context="training",
+        )
+        mlflow.log_input(
+            mlflow.data.from_pandas(
+                val, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-validation"
+            ),
+            context="validation",
+        )
 
 
 def _display(cmd: list[str]) -> str:
@@ -106,8 +122,16 @@ def run_horovod(cmd: list[str], env: dict[str, str], timeout_s: float, log_file:
     """
     output = RankOutput(hosts=rank_hosts(cmd))  # a failure names the rank's host too
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(_die_with_parent(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        _die_with_parent(cmd),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
     _running[proc.pid] = proc
     lines: queue.Queue = queue.Queue()
     done = object()
@@ -137,7 +161,8 @@ def run_horovod(cmd: list[str], env: dict[str, str], timeout_s: float, log_file:
                     killed = kill_tree(proc.pid)
                     raise TrainingTimeout(
                         f"training exceeded training.timeout_s={timeout_s:g}s; killed horovodrun and all ranks "
-                        f"({len(killed)} needed SIGKILL). Last lines of rank 0:\n  " + "\n  ".join(output.tail(0)))
+                        f"({len(killed)} needed SIGKILL). Last lines of rank 0:\n  " + "\n  ".join(output.tail(0))
+                    )
         rc = proc.wait()
     except BaseException:
         kill_tree(proc.pid)
@@ -161,20 +186,42 @@ def _has_children(pid: int) -> bool:
         return False
 
 
-def _run_mpijob(cfg: PipelineConfig, manifest: Manifest, out: Path, run_id: str, attempt: int, resume: bool,
-                tracking_uri: str, home: Path, progress, log) -> None:
+def _run_mpijob(
+    cfg: PipelineConfig,
+    manifest: Manifest,
+    out: Path,
+    run_id: str,
+    attempt: int,
+    resume: bool,
+    tracking_uri: str,
+    home: Path,
+    progress,
+    log,
+) -> None:
     """``training.launcher: mpijob``: the same run as an MPIJob (training/mpijob.py). Its pods
     mount RINGFLOW_HOME from the shared claim, so the summary and checkpoints land in ``out`` as
     with horovodrun; the data key and credentials come from the Secret ``training.mpijob.secret``."""
     from ringflow.training.mpijob import mpijob_name, render_mpijob, run_mpijob
 
-    doc = render_mpijob(cfg, manifest.path.resolve(), out, home, mpijob_name(run_id, attempt), resume=resume,
-                        env={"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id, **timeline_env(cfg, out)},
-                        labels={"ringflow/mlflow-run-id": run_id})
-    log.info("attempt %d: MPIJob %s/%s, %d ranks: %s%s", attempt, doc["metadata"]["namespace"],
-             doc["metadata"]["name"], cfg.training.world_size,
-             _display(doc["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]),
-             " (resuming from the last checkpoint)" if resume else "")
+    doc = render_mpijob(
+        cfg,
+        manifest.path.resolve(),
+        out,
+        home,
+        mpijob_name(run_id, attempt),
+        resume=resume,
+        env={"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id, **timeline_env(cfg, out)},
+        labels={"ringflow/mlflow-run-id": run_id},
+    )
+    log.info(
+        "attempt %d: MPIJob %s/%s, %d ranks: %s%s",
+        attempt,
+        doc["metadata"]["namespace"],
+        doc["metadata"]["name"],
+        cfg.training.world_size,
+        _display(doc["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]),
+        " (resuming from the last checkpoint)" if resume else "",
+    )
     run_mpijob(doc, cfg.training.timeout_s, out / LOG_FILE, progress, poll_s=cfg.training.mpijob.poll_s)
 
 
@@ -239,10 +286,15 @@ def train_model(
         log.info("attempt %d: continuing MLflow run %s", attempt, run.info.run_id)
     else:
         new_tags = {
-            tags.KIND: tags.KIND_TRAINING, tags.DATA_FINGERPRINT: manifest.fingerprint,
-            tags.MANIFEST_PATH: str(manifest.path), tags.CONFIG_HASH: cfg.config_hash(),
-            tags.WORLD_SIZE: str(tc.world_size), tags.CONFIG_NAME: cfg.name,
-            tags.ELASTIC: str(tc.elastic.enabled).lower(), tags.LAUNCHER: launcher_tag(), **(run_tags or {}),
+            tags.KIND: tags.KIND_TRAINING,
+            tags.DATA_FINGERPRINT: manifest.fingerprint,
+            tags.MANIFEST_PATH: str(manifest.path),
+            tags.CONFIG_HASH: cfg.config_hash(),
+            tags.WORLD_SIZE: str(tc.world_size),
+            tags.CONFIG_NAME: cfg.name,
+            tags.ELASTIC: str(tc.elastic.enabled).lower(),
+            tags.LAUNCHER: launcher_tag(),
+            **(run_tags or {}),
         }
         if task_run_id:
             new_tags[tags.TASK_RUN_ID] = task_run_id
@@ -250,8 +302,9 @@ def train_model(
             new_tags[tags.FLOW_RUN_ID] = str(runtime.flow_run.id)
         if parent_run_id:
             new_tags[tags.PARENT_RUN_ID] = parent_run_id
-        run = mlflow.start_run(experiment_id=experiment_id, tags=new_tags,
-                               run_name=run_name(cfg, (run_tags or {}).get(tags.REASON)))
+        run = mlflow.start_run(
+            experiment_id=experiment_id, tags=new_tags, run_name=run_name(cfg, (run_tags or {}).get(tags.REASON))
+        )
     run_id = run.info.run_id
     out = settings.runs_dir / run_id
     status = "FAILED"
@@ -268,16 +321,23 @@ def train_model(
                 _run_mpijob(cfg, manifest, out, run_id, attempt, resume, tracking_uri, settings.home, progress, log)
             else:
                 # a hostfile (Slurm's bare node names too) is given to horovodrun in its own format
-                hostfile = (write_hostfile(read_hostfile(tc.horovod.hostfile, tc.world_size), out)
-                            if tc.horovod.hostfile is not None and not tc.elastic.enabled else None)
+                hostfile = (
+                    write_hostfile(read_hostfile(tc.horovod.hostfile, tc.world_size), out)
+                    if tc.horovod.hostfile is not None and not tc.elastic.enabled
+                    else None
+                )
                 cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume, hostfile=hostfile)
                 env = launch_env(
-                    cfg, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_RUN_ID=run_id, RINGFLOW_HOME=str(settings.home),
+                    cfg,
+                    MLFLOW_TRACKING_URI=tracking_uri,
+                    MLFLOW_RUN_ID=run_id,
+                    RINGFLOW_HOME=str(settings.home),
                     **timeline_env(cfg, out),
                     **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
                 )
-                log.info("attempt %d: %s%s", attempt, _display(cmd),
-                         " (resuming from the last checkpoint)" if resume else "")
+                log.info(
+                    "attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else ""
+                )
                 # horovodrun copies its environment into every rank's argv: the data key and any
                 # credential go to the ranks in a 0600 file instead (training/secrets.py)
                 with secrets_file(env, out) as env:
@@ -300,11 +360,17 @@ def train_model(
         if result.checkpoint_dir is None:
             mlflow.set_tag(tags.CHECKPOINT_DIR, "")
         if result.status == "diverged":
-            log.warning("training diverged (%s); returning status 'diverged' for the monitoring policy",
-                        result.checkpoint_dir or "no checkpoint yet")
+            log.warning(
+                "training diverged (%s); returning status 'diverged' for the monitoring policy",
+                result.checkpoint_dir or "no checkpoint yet",
+            )
         else:
-            log.info("training %s: best epoch %s, val AUC %.4f", result.status, result.best_epoch,
-                     result.metrics.get("val_roc_auc", float("nan")))
+            log.info(
+                "training %s: best epoch %s, val AUC %.4f",
+                result.status,
+                result.best_epoch,
+                result.metrics.get("val_roc_auc", float("nan")),
+            )
         status = "FINISHED"
         return result
     except BaseException as e:

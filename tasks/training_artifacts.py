@@ -77,9 +77,13 @@ def log_horovod_files(output_dir: Path) -> list[str]:
 def rank_table(result) -> list[dict]:
     """One row per rank of a TrainResult: host, speed, step time, memory."""
     return [
-        {"rank": r.rank, "host": r.host or "", "samples/s": round(r.samples_per_s, 1),
-         "step time (ms)": round(r.step_time_ms, 2),
-         "peak RSS (MiB)": None if r.peak_rss_mb is None else round(r.peak_rss_mb, 1)}
+        {
+            "rank": r.rank,
+            "host": r.host or "",
+            "samples/s": round(r.samples_per_s, 1),
+            "step time (ms)": round(r.step_time_ms, 2),
+            "peak RSS (MiB)": None if r.peak_rss_mb is None else round(r.peak_rss_mb, 1),
+        }
         for r in sorted(result.per_rank, key=lambda r: r.rank)
     ]
 
@@ -88,8 +92,11 @@ def publish_rank_table(result, logger) -> None:
     try:
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(rank_table(result), key=RANK_TABLE_KEY,
-                              description=f"per-rank throughput of MLflow run {result.run_id} "
-                                          f"({result.world_size} ranks, mean over epochs)")
+        create_table_artifact(
+            rank_table(result),
+            key=RANK_TABLE_KEY,
+            description=f"per-rank throughput of MLflow run {result.run_id} "
+            f"({result.world_size} ranks, mean over epochs)",
+        )
     except Exception as e:  # noqa: BLE001
         logger.warning("no per-rank throughput artifact: %s", e)

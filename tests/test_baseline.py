@@ -20,8 +20,13 @@ def _frame(n: int, seed: int) -> pd.DataFrame:
     carrier = rng.choice(["AA", "B6", "UA"], n)
     x = rng.normal(size=n)
     logit = 1.5 * x + np.where(carrier == "B6", 1.0, -0.5)
-    df = pd.DataFrame({"x": x, "carrier": pd.array(carrier, dtype="string"),
-                       "target": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype("int8")})
+    df = pd.DataFrame(
+        {
+            "x": x,
+            "carrier": pd.array(carrier, dtype="string"),
+            "target": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype("int8"),
+        }
+    )
     df.loc[::17, "x"] = np.nan
     df.loc[::13, "carrier"] = pd.NA
     return df
@@ -51,11 +56,18 @@ def test_gate_refuses_a_network_the_baseline_beats(prefect_harness, ringflow_hom
 
     # A deliberately weak network: one epoch of a tiny model at a tiny learning rate. No floors,
     # so the baseline is the only reason to refuse it; a minimum test size it cannot reach.
-    weak = with_overrides(smoke_config, {
-        "training.epochs": 1, "training.learning_rate": 1e-5,
-        "training.model.hidden_sizes": [2], "training.model.embedding_dim": 1,
-        "gate.floors": {}, "gate.must_beat_baseline": True, "gate.min_test_rows": 1_000_000,
-    })
+    weak = with_overrides(
+        smoke_config,
+        {
+            "training.epochs": 1,
+            "training.learning_rate": 1e-5,
+            "training.model.hidden_sizes": [2],
+            "training.model.embedding_dim": 1,
+            "gate.floors": {},
+            "gate.must_beat_baseline": True,
+            "gate.min_test_rows": 1_000_000,
+        },
+    )
     result = training_pipeline(weak, reason="test-weak")
     assert not result.promoted and result.champion_version is None
     cand, base = result.metrics["roc_auc"], result.baseline_metrics["roc_auc"]
@@ -89,8 +101,11 @@ def test_gate_refuses_a_network_the_baseline_beats(prefect_harness, ringflow_hom
 
     # The baseline model is logged with the run (loadable, same scores) and never registered.
     mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")
-    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                         filter_string=f"source_run_id = '{result.training_run_id}'")
+    logged = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        output_format="list",
+        filter_string=f"source_run_id = '{result.training_run_id}'",
+    )
     baseline = [m for m in logged if m.name == "baseline"]
     assert len(baseline) == 1 and float(baseline[0].params["decision_threshold"]) > 0
     [candidate] = [m for m in logged if m.name == "model"]
@@ -107,8 +122,8 @@ def test_default_network_beats_the_baseline_on_the_default_config(prefect_harnes
     baseline): the default pipeline's candidate passes the baseline gate and is promoted.
     Measured margin on the default test window: +0.022 ROC AUC (README, Model quality)."""
     from ringflow.flows.training_pipeline import training_pipeline
-    from tests.conftest import ROOT
     from ringflow.training.config import load_config
+    from tests.conftest import ROOT
 
     cfg = load_config(ROOT / "configs" / "flights.yaml")
     assert cfg.gate.must_beat_baseline and cfg.gate.baseline == "hgb"

@@ -22,16 +22,35 @@ def test_allreduce_quick_measures_every_method(tmp_path):
     _run([str(BENCH / "bench_allreduce.py"), "--quick", "--repeats", "1", "--out", str(out)])
     d = json.loads(out.read_text())
     methods = {(r["case"], r["method"]) for r in d["variants"][0]["rows"]}
-    assert {("single", "hvd"), ("single", "hvd_inplace"), ("single", "torch"), ("single", "memcpy"),
-            ("grad_like", "hvd_fused"), ("grad_like", "torch_bucket")} <= methods
+    assert {
+        ("single", "hvd"),
+        ("single", "hvd_inplace"),
+        ("single", "torch"),
+        ("single", "memcpy"),
+        ("grad_like", "hvd_fused"),
+        ("grad_like", "torch_bucket"),
+    } <= methods
     assert d["machine"]["cores"] >= 1 and d["machine"]["horovod"]
 
 
 def test_training_bench_runs_trainer_and_ddp_reference(tmp_path):
     out = tmp_path / "training.json"
-    _run([str(BENCH / "bench_training.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
-          "--cases", "hvd_np2,np2_unpinned,ddp_np2", "--rounds", "1", "--epochs", "2", "--no-quality",
-          "--out", str(out)])
+    _run(
+        [
+            str(BENCH / "bench_training.py"),
+            "--config",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--cases",
+            "hvd_np2,np2_unpinned,ddp_np2",
+            "--rounds",
+            "1",
+            "--epochs",
+            "2",
+            "--no-quality",
+            "--out",
+            str(out),
+        ]
+    )
     d = json.loads(out.read_text())
     assert set(d["cases"]) == {"hvd_np2", "np2_unpinned", "ddp_np2"}
     assert all(c["samples_per_s"] > 0 for c in d["cases"].values())

@@ -26,8 +26,14 @@ SHOTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = os.environ.get("RINGFLOW_CHROMIUM", "/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps dialling Google on a closed network.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
 ]
 RUN_TIMEOUT_S = float(os.environ.get("RINGFLOW_E2E_RUN_TIMEOUT", "900"))
 
@@ -40,7 +46,10 @@ def browser():
     profile = tempfile.mkdtemp(prefix="ringflow-chromium-")
     with sync_api.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": 1440, "height": 1000},
         )
         ctx.set_default_timeout(30_000)
@@ -66,9 +75,13 @@ def _shot(page, name: str) -> None:
 
 def _form_field(page, label: str):
     """The input of a schema-form property by its exact label (nested forms repeat the markup)."""
-    return page.locator(
-        f"div.schema-form-property:has(> .p-label__header .schema-form-property__label:text-is('{label}'))"
-    ).locator("input, textarea").first
+    return (
+        page.locator(
+            f"div.schema-form-property:has(> .p-label__header .schema-form-property__label:text-is('{label}'))"
+        )
+        .locator("input, textarea")
+        .first
+    )
 
 
 @pytest.fixture
@@ -130,16 +143,30 @@ def test_custom_run_from_prefect_ui_shows_up_in_mlflow_ui(stack, page):
 
     # --- MLflow: the training run of that flow run (tagged with the reason, else the newest one)
     ml = f"http://127.0.0.1:{stack.mlflow_port}"
-    exp = httpx.get(f"{ml}/api/2.0/mlflow/experiments/get-by-name",
-                    params={"experiment_name": fr["parameters"]["config"]["registry"]["experiment"]}).json()
+    exp = httpx.get(
+        f"{ml}/api/2.0/mlflow/experiments/get-by-name",
+        params={"experiment_name": fr["parameters"]["config"]["registry"]["experiment"]},
+    ).json()
     exp_id = exp["experiment"]["experiment_id"]
-    runs = httpx.post(f"{ml}/api/2.0/mlflow/runs/search", json={
-        "experiment_ids": [exp_id], "filter": f"attributes.start_time >= {started}",
-        "order_by": ["attributes.start_time DESC"], "max_results": 50,
-    }).json().get("runs", [])
+    runs = (
+        httpx.post(
+            f"{ml}/api/2.0/mlflow/runs/search",
+            json={
+                "experiment_ids": [exp_id],
+                "filter": f"attributes.start_time >= {started}",
+                "order_by": ["attributes.start_time DESC"],
+                "max_results": 50,
+            },
+        )
+        .json()
+        .get("runs", [])
+    )
     assert runs, "no MLflow run was started by the flow run"
-    tagged = [r for r in runs if any(t["key"] == "ringflow.reason" and t["value"] == reason
-                                     for t in r["data"].get("tags", []))]
+    tagged = [
+        r
+        for r in runs
+        if any(t["key"] == "ringflow.reason" and t["value"] == reason for t in r["data"].get("tags", []))
+    ]
     run = (tagged or runs)[0]
     run_id = run["info"]["run_id"]
     metric_keys = sorted(m["key"] for m in run["data"].get("metrics", []))
@@ -150,8 +177,9 @@ def test_custom_run_from_prefect_ui_shows_up_in_mlflow_ui(stack, page):
     _shot(page, "04-mlflow-run")
 
     model = fr["parameters"]["config"]["registry"]["model_name"]
-    champion = httpx.get(f"{ml}/api/2.0/mlflow/registered-models/alias",
-                         params={"name": model, "alias": "champion"}).json()
+    champion = httpx.get(
+        f"{ml}/api/2.0/mlflow/registered-models/alias", params={"name": model, "alias": "champion"}
+    ).json()
     assert "model_version" in champion, f"no @champion alias on {model}: {champion}"
     page.goto(f"{ml}/#/models/{model}")
     page.get_by_text("champion").first.wait_for()
@@ -163,18 +191,33 @@ def test_evidently_ui_shows_the_monitoring_trend_dashboard(stack, page):
     in the stack's Evidently UI with the trend panels: drift share, prediction PSI, AUC per batch."""
     import datetime as dt
 
-    from ringflow.monitoring.reports import DASHBOARD_PANELS, WORKSPACE_DIR, EvidentlyWorkspace, RuleThresholds, build_reports
-    from tests.test_conventions import _batch
-
     import numpy as np
+
+    from ringflow.monitoring.reports import (
+        DASHBOARD_PANELS,
+        WORKSPACE_DIR,
+        EvidentlyWorkspace,
+        RuleThresholds,
+        build_reports,
+    )
+    from tests.test_conventions import _batch
 
     rng = np.random.default_rng(1)
     reference = _batch(rng, 2000, 0.0, 0.0, 0.1)
     workspace = EvidentlyWorkspace(path=str(stack.home / WORKSPACE_DIR), project="flights-delay")
     for month, (shift, unseen, missing) in enumerate([(0.0, 0.0, 0.1), (0.5, 0.05, 0.2), (1.0, 0.2, 0.5)], start=3):
-        build_reports(reference, _batch(rng, 2000, shift, unseen, missing), ["x"], ["c"], stack.home / f"report-{month}",
-                      target="target", rules=RuleThresholds(vocabulary={"c": ["a", "b"]}), workspace=workspace,
-                      batch_label=f"2013-{month:02d}", batch_time=dt.datetime(2013, month, 1))
+        build_reports(
+            reference,
+            _batch(rng, 2000, shift, unseen, missing),
+            ["x"],
+            ["c"],
+            stack.home / f"report-{month}",
+            target="target",
+            rules=RuleThresholds(vocabulary={"c": ["a", "b"]}),
+            workspace=workspace,
+            batch_label=f"2013-{month:02d}",
+            batch_time=dt.datetime(2013, month, 1),
+        )
     ui = f"http://127.0.0.1:{stack.evidently_port}"
     projects = httpx.get(f"{ui}/api/projects", timeout=30).json()
     project_id = next(p["id"] for p in projects if p["name"] == "flights-delay")

@@ -119,8 +119,12 @@ def test_up_status_down_leaves_the_machine_as_before(cluster_home, tmp_path):
 
     # a host is a host: its own hostname, its own address, passwordless ssh with the cluster's key
     h1 = state.host("h1")
-    ssh = subprocess.run(["ip", "netns", "exec", h1.netns, "ssh", "h2", "hostname; hostname -i; ip -4 -o addr show eth0"],
-                         capture_output=True, text=True, timeout=60)
+    ssh = subprocess.run(
+        ["ip", "netns", "exec", h1.netns, "ssh", "h2", "hostname; hostname -i; ip -4 -o addr show eth0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ssh.returncode == 0, ssh.stderr
     lines = ssh.stdout.splitlines()
     assert lines[0] == "h2" and lines[1].strip() == state.host("h2").address
@@ -227,8 +231,12 @@ def stack_cluster(tmp_path_factory):
 
 def mlflow_run(state, run_id: str) -> dict:
     h0 = state.host("h0")
-    r = httpx.get(f"http://{h0.address}:5000/api/2.0/mlflow/runs/get", params={"run_id": run_id},
-                  auth=("admin", SECRET_ENV["MLFLOW_AUTH_ADMIN_PASSWORD"]), timeout=10)
+    r = httpx.get(
+        f"http://{h0.address}:5000/api/2.0/mlflow/runs/get",
+        params={"run_id": run_id},
+        auth=("admin", SECRET_ENV["MLFLOW_AUTH_ADMIN_PASSWORD"]),
+        timeout=10,
+    )
     r.raise_for_status()
     return r.json()["run"]
 
@@ -244,13 +252,25 @@ def test_cluster_run_trains_across_hosts_with_no_secret_on_any_command_line(stac
     try:
         # rank 0 on h2, not on h1 where the worker launches horovodrun: the task must find its
         # outputs on the shared filesystem and rank 0 must reach MLflow at h0's address
-        p = cli(home, "run", "-c", "configs/smoke.yaml", "--set", "training.horovod.hosts=h2:1,h1:1",
-                "--set", "gate.baseline=none", env=SECRET_ENV, check=False)
+        p = cli(
+            home,
+            "run",
+            "-c",
+            "configs/smoke.yaml",
+            "--set",
+            "training.horovod.hosts=h2:1,h1:1",
+            "--set",
+            "gate.baseline=none",
+            env=SECRET_ENV,
+            check=False,
+        )
     finally:
         sampler.stop()
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert sampler.leaks == [], "secret values on a command line:\n" + "\n".join(sampler.leaks[:5])
-    assert sampler.rank_hosts == {"h1", "h2"}, f"sampled training ranks on {sampler.rank_hosts} ({sampler.samples} samples)"
+    assert sampler.rank_hosts == {"h1", "h2"}, (
+        f"sampled training ranks on {sampler.rank_hosts} ({sampler.samples} samples)"
+    )
 
     h0 = state.host("h0").address
     assert "training pipeline 'smoke' finished" in p.stdout
@@ -282,8 +302,14 @@ def train_on_h1(home: Path, state, overrides: list[str], when, action) -> tuple[
     for s in cluster_overrides(state) + overrides:
         argv += ["--set", s]
     env = {**os.environ, **SECRET_ENV, **client_env(state), "RINGFLOW_HOME": str(home)}
-    p = subprocess.Popen(host_argv(state.host("h1"), argv), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        host_argv(state.host("h1"), argv),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, done = [], False
     for line in p.stdout:
         lines.append(line)
@@ -329,13 +355,24 @@ def test_hostfile_from_a_node_list_places_the_ranks(stack_cluster):
         from ringflow.infra.hosts import host_argv
 
         env = {**os.environ, **SECRET_ENV, **client_env(state), "RINGFLOW_HOME": str(home)}
-        p = subprocess.run(host_argv(state.host("h1"), [RINGFLOW, "shard", "-c", "configs/smoke.yaml"]), env=env,
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            host_argv(state.host("h1"), [RINGFLOW, "shard", "-c", "configs/smoke.yaml"]),
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     hosts = home / "hosts"
     hosts.write_text("h2\nh1\n")
-    rc, out = train_on_h1(home, state, ["training.horovod.hosts=", f"training.horovod.hostfile={hosts}"],
-                          when=r"^$never", action=lambda: None)
+    rc, out = train_on_h1(
+        home,
+        state,
+        ["training.horovod.hosts=", f"training.horovod.hostfile={hosts}"],
+        when=r"^$never",
+        action=lambda: None,
+    )
     assert rc == 0, out[-5000:]
     run_dir = next(p for p in (home / "runs").iterdir() if (p / "hostfile").is_file())
     assert (run_dir / "hostfile").read_text() == "h2 slots=1\nh1 slots=1\n"
@@ -349,15 +386,24 @@ def test_hostfile_from_a_node_list_places_the_ranks(stack_cluster):
 def test_elastic_training_goes_on_without_h2_and_h2_rejoins(stack_cluster):
     home, state, _ = stack_cluster
     rc, out = train_on_h1(
-        home, state,
-        ["training.epochs=40", "training.early_stopping_patience=40", "training.elastic.enabled=true",
-         "training.elastic.min_np=1", "training.elastic.max_np=2", "training.elastic.blacklist_cooldown_s=[2,4]"],
-        when=r"epoch 3/40 \(size 2\)", action=lambda: kill_ranks_on(state, "h2"))
+        home,
+        state,
+        [
+            "training.epochs=40",
+            "training.early_stopping_patience=40",
+            "training.elastic.enabled=true",
+            "training.elastic.min_np=1",
+            "training.elastic.max_np=2",
+            "training.elastic.blacklist_cooldown_s=[2,4]",
+        ],
+        when=r"epoch 3/40 \(size 2\)",
+        action=lambda: kill_ranks_on(state, "h2"),
+    )
     assert rc == 0, out[-5000:]
     sizes = re.findall(r"epoch (\d+)/40 \(size (\d)\)", out)
     seq = [int(s) for _, s in sizes]
     assert 1 in seq, f"never went on at size 1 after losing h2: {sizes}"
-    assert 2 in seq[seq.index(1):], f"h2 never rejoined: {sizes}"
+    assert 2 in seq[seq.index(1) :], f"h2 never rejoined: {sizes}"
     assert int(sizes[-1][0]) == 40  # finished every epoch, from the last commit on
     assert "elastic reset: now rank 0 of 1" in out
     assert ringflow_processes_on(state) == []
@@ -373,8 +419,13 @@ def test_lost_host_without_elastic_fails_naming_host_and_rank(stack_cluster):
         subprocess.run(["ip", "link", "set", veth, "down"], check=True)
 
     try:
-        rc, out = train_on_h1(home, state, ["training.epochs=40", "training.early_stopping_patience=40"],
-                              when=r"epoch 3/40", action=lose_h2)
+        rc, out = train_on_h1(
+            home,
+            state,
+            ["training.epochs=40", "training.early_stopping_patience=40"],
+            when=r"epoch 3/40",
+            action=lose_h2,
+        )
     finally:
         subprocess.run(["ip", "link", "set", veth, "up"], check=False)
     assert rc == 1, out[-5000:]
@@ -413,8 +464,14 @@ def test_monitoring_on_the_worker_shows_in_the_evidently_ui_on_h0(stack_cluster)
     for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RINGFLOW_EVIDENTLY_WORKSPACE"):
         env.pop(k, None)
     # the monitoring deployment, run by the worker on h1 (as its schedule or the Prefect UI would)
-    p = subprocess.run([sys.executable, "-c", MONITOR_ON_THE_WORKER, str(home), "2013-03"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1500)
+    p = subprocess.run(
+        [sys.executable, "-c", MONITOR_ON_THE_WORKER, str(home), "2013-03"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
 
     ui = f"http://{state.host('h0').address}:8000"

@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 
 def test_default_yaml_matches_the_model_defaults():
     assert load_config(ROOT / "configs" / "flights.yaml").model_dump() == {
-        **PipelineConfig().model_dump(), "name": "flights"
+        **PipelineConfig().model_dump(),
+        "name": "flights",
     }
 
 
@@ -21,22 +22,27 @@ def test_smoke_config_is_small_and_valid(smoke_config):
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(ROOT / "configs" / "smoke.yaml",
-                      ["training.epochs=5", "training.model.hidden_sizes=[8, 4]", "data.windows.test.end=2013-02-24"])
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        ["training.epochs=5", "training.model.hidden_sizes=[8, 4]", "data.windows.test.end=2013-02-24"],
+    )
     assert cfg.training.epochs == 5
     assert cfg.training.model.hidden_sizes == [8, 4]
     assert cfg.data.windows.test.end == dt.date(2013, 2, 24)
 
 
-@pytest.mark.parametrize("override, field", [
-    ("training.epochs=zero", "training.epochs"),
-    ("training.epochs=0", "training.epochs"),
-    ("training.learning_rate=-1", "training.learning_rate"),
-    ("training.epoch=2", "training.epoch"),
-    ("sharding.weights=[1, 2, 3]", "sharding.weights"),
-    ("data.windows.validation.start=2013-01-15", "data.windows"),
-    ("registry.model_name=bad name!", "registry.model_name"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("training.epochs=zero", "training.epochs"),
+        ("training.epochs=0", "training.epochs"),
+        ("training.learning_rate=-1", "training.learning_rate"),
+        ("training.epoch=2", "training.epoch"),
+        ("sharding.weights=[1, 2, 3]", "sharding.weights"),
+        ("data.windows.validation.start=2013-01-15", "data.windows"),
+        ("registry.model_name=bad name!", "registry.model_name"),
+    ],
+)
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "smoke.yaml", [override])
@@ -71,11 +77,14 @@ def test_settings_default_home_and_env_wins(tmp_path, monkeypatch):
     assert get_settings().tracking_uri == "http://127.0.0.1:5999"
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("model.hidden_sizes=[2]", "did you mean training.model.hidden_sizes?"),
-    ("training.epoch=3", "did you mean training.epochs?"),
-    ("data.sourc=own.csv", "did you mean data.source?"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("model.hidden_sizes=[2]", "did you mean training.model.hidden_sizes?"),
+        ("training.epoch=3", "did you mean training.epochs?"),
+        ("data.sourc=own.csv", "did you mean data.source?"),
+    ],
+)
 def test_an_unknown_key_suggests_the_one_meant(override, hint):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "smoke.yaml", [override])
@@ -86,7 +95,11 @@ def test_every_field_is_documented_in_the_schema_the_ui_renders():
     """The Prefect UI's run form shows each field's JSON-schema description: the field docstrings."""
     schema = PipelineConfig.model_json_schema()
     models = {"PipelineConfig": schema, **schema["$defs"]}
-    undocumented = [f"{m}.{f}" for m, d in models.items() for f, prop in d.get("properties", {}).items()
-                    if not prop.get("description")]
+    undocumented = [
+        f"{m}.{f}"
+        for m, d in models.items()
+        for f, prop in d.get("properties", {}).items()
+        if not prop.get("description")
+    ]
     assert undocumented == []
     assert schema["$defs"]["TrainingConfig"]["properties"]["epochs"]["description"].startswith("Most epochs")

@@ -66,12 +66,19 @@ def _ringflow_imports(path: Path) -> set[str]:
     """The ringflow floors a module imports (``ringflow.<floor>``), also inside functions."""
     floors = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+            else []
+        )
         for name in names:
             parts = name.split(".")
             if parts[0] in RUNTIME_PACKAGES:
-                raise AssertionError(f"{path.relative_to(ROOT)} imports {name!r}: the installed name is ringflow.{name}")
+                raise AssertionError(
+                    f"{path.relative_to(ROOT)} imports {name!r}: the installed name is ringflow.{name}"
+                )
             if parts[0] == "ringflow" and len(parts) > 1:
                 floors.add(parts[1])
     return floors
@@ -84,8 +91,11 @@ def test_imports_follow_the_floors():
     upward = []
     for pkg in RUNTIME_PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
-            upward += [f"{path.relative_to(ROOT)} -> ringflow.{floor}" for floor in _ringflow_imports(path)
-                       if floor in rank and rank[floor] < rank[pkg]]
+            upward += [
+                f"{path.relative_to(ROOT)} -> ringflow.{floor}"
+                for floor in _ringflow_imports(path)
+                if floor in rank and rank[floor] < rank[pkg]
+            ]
     assert not upward, "imports against the floors: " + ", ".join(sorted(upward))
     for path in (ROOT / "training").rglob("*.py"):
         assert "prefect" not in _imported_modules([path]), f"{path.relative_to(ROOT)} imports Prefect"
@@ -105,8 +115,15 @@ def test_every_directly_imported_package_is_declared():
 
 def _env_without(*prefixes: str) -> dict[str, str]:
     # MLflow also stays quiet under pytest or CI: drop those markers to see what the CLI does alone
-    drop = ("PYTEST_", "CI", "GITHUB_", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
-            "PREFECT_SERVER_ANALYTICS", *prefixes)
+    drop = (
+        "PYTEST_",
+        "CI",
+        "GITHUB_",
+        "MLFLOW_DISABLE_TELEMETRY",
+        "DO_NOT_TRACK",
+        "PREFECT_SERVER_ANALYTICS",
+        *prefixes,
+    )
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
@@ -118,16 +135,25 @@ def test_cli_turns_library_telemetry_off(tmp_path):
         " os.environ['DO_NOT_TRACK'])\n"
     )
     env = {**_env_without(), "RINGFLOW_HOME": str(tmp_path / "home")}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "false", "true"]
 
     # a user who opts in keeps the choice
     env["MLFLOW_DISABLE_TELEMETRY"] = "false"
-    out = subprocess.run([sys.executable, "-c", "from ringflow.flows.cli import _prepare_environment; "
-                          "_prepare_environment(); import os; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ringflow.flows.cli import _prepare_environment; "
+            "_prepare_environment(); import os; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.stdout.strip() == "false", out.stderr
 
 
@@ -163,8 +189,13 @@ def test_stack_evidently_ui_reads_the_workspace_its_flow_runs_write(tmp_path):
 
 
 def _install_recipe(*make_args: str) -> str:
-    out = subprocess.run(["make", "-n", "-B", "-f", "Makefile", ".venv/.ringflow-installed", *make_args],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["make", "-n", "-B", "-f", "Makefile", ".venv/.ringflow-installed", *make_args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return next(line for line in out.stdout.splitlines() if "pip install" in line and "torch==" in line)
 
@@ -177,14 +208,21 @@ def test_torch_source_is_a_makefile_variable():
 
 # --------------------------------------------------------------------------- Evidently
 
+
 def _batch(rng, n: int, shift: float, unseen: float, missing: float):
     import numpy as np
     import pandas as pd
 
     from ringflow.monitoring.reports import PREDICTION
 
-    df = pd.DataFrame({"x": rng.normal(shift, 1, n), "c": rng.choice(["a", "b"], n),
-                       PREDICTION: rng.beta(2, 5 + 4 * shift, n), "target": rng.integers(0, 2, n)})
+    df = pd.DataFrame(
+        {
+            "x": rng.normal(shift, 1, n),
+            "c": rng.choice(["a", "b"], n),
+            PREDICTION: rng.beta(2, 5 + 4 * shift, n),
+            "target": rng.integers(0, 2, n),
+        }
+    )
     df.loc[: int(n * unseen) - 1, "c"] = "zzz"
     df.loc[: int(n * missing) - 1, "x"] = np.nan
     return df
@@ -204,15 +242,34 @@ def test_evidently_report_shows_the_rule_values_and_the_workspace_trends_them(tm
 
     rng = np.random.default_rng(0)
     reference = _batch(rng, 2000, 0.0, 0.0, 0.1)
-    rules = RuleThresholds(prediction_psi=0.2, max_missing_increase=0.2, max_unseen_share=0.05,
-                           vocabulary={"c": ["a", "b"]})
+    rules = RuleThresholds(
+        prediction_psi=0.2, max_missing_increase=0.2, max_unseen_share=0.05, vocabulary={"c": ["a", "b"]}
+    )
     workspace = EvidentlyWorkspace(path=str(tmp_path / "evidently"), project="flights-delay")
-    calm = build_reports(reference, _batch(rng, 2000, 0.0, 0.0, 0.1), ["x"], ["c"], tmp_path / "calm",
-                         target="target", rules=rules, workspace=workspace, batch_label="2013-03",
-                         batch_time=dt.datetime(2013, 3, 1))
-    shifted = build_reports(reference, _batch(rng, 2000, 1.0, 0.2, 0.5), ["x"], ["c"], tmp_path / "shifted",
-                            target="target", rules=rules, workspace=workspace, batch_label="2013-04",
-                            batch_time=dt.datetime(2013, 4, 1))
+    calm = build_reports(
+        reference,
+        _batch(rng, 2000, 0.0, 0.0, 0.1),
+        ["x"],
+        ["c"],
+        tmp_path / "calm",
+        target="target",
+        rules=rules,
+        workspace=workspace,
+        batch_label="2013-03",
+        batch_time=dt.datetime(2013, 3, 1),
+    )
+    shifted = build_reports(
+        reference,
+        _batch(rng, 2000, 1.0, 0.2, 0.5),
+        ["x"],
+        ["c"],
+        tmp_path / "shifted",
+        target="target",
+        rules=rules,
+        workspace=workspace,
+        batch_label="2013-04",
+        batch_time=dt.datetime(2013, 4, 1),
+    )
 
     assert all(c.passed for c in calm.rule_checks), calm.rule_checks
     failed = {(c.rule, c.column): c for c in shifted.rule_checks if not c.passed}
@@ -227,9 +284,22 @@ def test_evidently_report_shows_the_rule_values_and_the_workspace_trends_them(tm
 
     port = _free_port()
     env = {**os.environ, "DO_NOT_TRACK": "true"}
-    ui = subprocess.Popen([str(Path(sys.executable).with_name("evidently")), "ui", "--workspace", workspace.path,
-                           "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.STDOUT, start_new_session=True)
+    ui = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("evidently")),
+            "ui",
+            "--workspace",
+            workspace.path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}/api"
     try:
         _wait_for(lambda: httpx.get(f"{base}/version", timeout=2).status_code == 200, ui)
@@ -240,8 +310,11 @@ def test_evidently_report_shows_the_rule_values_and_the_workspace_trends_them(tm
         assert set(DASHBOARD_PANELS) <= set(panels)
         for title in DASHBOARD_PANELS:
             (value,) = panels[title]["values"]
-            query = {"series_filter": [{"tags": [], "metadata": {}, "metric": value["metric"],
-                                        "metric_labels": value["metric_labels"]}]}
+            query = {
+                "series_filter": [
+                    {"tags": [], "metadata": {}, "metric": value["metric"], "metric_labels": value["metric_labels"]}
+                ]
+            }
             data = httpx.post(f"{base}/v2/snapshots/{project['id']}/data_series_batch", json=query, timeout=30).json()
             assert [s["timestamp"][:10] for s in data["sources"]] == ["2013-03-01", "2013-04-01"], title
             (series,) = data["series"]
@@ -300,8 +373,12 @@ def test_progress_artifact_follows_rank_zero_epoch_lines(prefect_harness):
     @flow
     def follow() -> list:
         progress = EpochProgress(logging.getLogger("test"), "epochs done of 4")
-        for line in ["[1]<stdout>:epoch 1/4: from rank 1, ignored", "[0]<stdout>:training: world_size=2",
-                     "[0]<stdout>:epoch 1/4: train_loss=0.5", "[0]<stdout>:epoch 3/4 (size 2): train_loss=0.4"]:
+        for line in [
+            "[1]<stdout>:epoch 1/4: from rank 1, ignored",
+            "[0]<stdout>:training: world_size=2",
+            "[0]<stdout>:epoch 1/4: train_loss=0.5",
+            "[0]<stdout>:epoch 3/4 (size 2): train_loss=0.4",
+        ]:
             progress.info(line)
             seen.append(_artifact(PROGRESS_KEY).data)
         return seen
@@ -311,8 +388,9 @@ def test_progress_artifact_follows_rank_zero_epoch_lines(prefect_harness):
 
 @pytest.mark.horovod
 @pytest.mark.slow
-def test_training_publishes_progress_rank_table_and_horovod_files(prefect_harness, ringflow_home, smoke_config,
-                                                                   tmp_path):
+def test_training_publishes_progress_rank_table_and_horovod_files(
+    prefect_harness, ringflow_home, smoke_config, tmp_path
+):
     """A real np=2 training with the timeline and autotune on: the progress artifact ends at 100,
     the per-rank table has both ranks, the timeline and the autotune log are in the MLflow run."""
     from mlflow import MlflowClient
@@ -322,8 +400,9 @@ def test_training_publishes_progress_rank_table_and_horovod_files(prefect_harnes
     from ringflow.training.config import with_overrides
     from ringflow.training.sharding import shard_dataset
 
-    cfg = with_overrides(smoke_config, {"training.epochs": 2, "training.horovod.timeline": True,
-                                        "training.horovod.autotune": True})
+    cfg = with_overrides(
+        smoke_config, {"training.epochs": 2, "training.horovod.timeline": True, "training.horovod.autotune": True}
+    )
     manifest = shard_dataset(cfg, tmp_path / "data", progress=lambda *a: None)
     result = train_model.with_options(retries=0)(cfg, str(manifest.path))
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from ringflow.training.config import DataConfig
-from ringflow.training.data import DataContractError, TARGET, load_flights, load_labelled, month_window
+from ringflow.training.data import TARGET, DataContractError, load_flights, load_labelled, month_window
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,16 @@ def _mkdocs_command() -> list[str]:
     exe = os.environ.get("RINGFLOW_MKDOCS") or shutil.which("mkdocs")
     if exe:
         return [exe]
-    pytest.skip("mkdocs and mkdocs-material are not installed in this interpreter (the dev extra "
-                "pins them; `make docs` installs them), and RINGFLOW_MKDOCS names no mkdocs")
+    pytest.skip(
+        "mkdocs and mkdocs-material are not installed in this interpreter (the dev extra "
+        "pins them; `make docs` installs them), and RINGFLOW_MKDOCS names no mkdocs"
+    )
 
 
 def _nav_pages(nav) -> list[str]:
     pages = []
     for item in nav:
-        for value in (item.values() if isinstance(item, dict) else [item]):
+        for value in item.values() if isinstance(item, dict) else [item]:
             pages += _nav_pages(value) if isinstance(value, list) else [value]
     return pages
 
@@ -59,9 +61,14 @@ def _page_html(site: Path, page: str) -> Path:
 
 def test_site_builds_strictly_and_every_page_renders(tmp_path):
     site = tmp_path / "site"
-    p = subprocess.run([*_mkdocs_command(), "build", "--strict", "--site-dir", str(site)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    p = subprocess.run(
+        [*_mkdocs_command(), "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert p.returncode == 0, f"mkdocs build --strict failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
     nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
     pages = _nav_pages(nav)
@@ -81,8 +88,10 @@ def test_site_builds_strictly_and_every_page_renders(tmp_path):
 def test_generated_references_are_up_to_date():
     gen = _gen_reference()
     stale = [str(p.relative_to(ROOT)) for p in gen.stale_pages()]
-    assert not stale, f"{stale} differ from what the code generates: run `make docs-reference` " \
-                      f"(python docs/gen_reference.py) and commit the result"
+    assert not stale, (
+        f"{stale} differ from what the code generates: run `make docs-reference` "
+        f"(python docs/gen_reference.py) and commit the result"
+    )
 
 
 def test_config_reference_lists_every_field():
@@ -146,8 +155,9 @@ def test_every_readme_link_resolves():
     broken = []
     for link in links:
         if re.match(r"[a-z]+://", link):
-            assert re.match(r"https?://(127\.0\.0\.1|localhost)[:/]", link), \
+            assert re.match(r"https?://(127\.0\.0\.1|localhost)[:/]", link), (
                 f"README links outside the machine ({link}): it cannot be checked offline"
+            )
             continue
         target, _, anchor = link.partition("#")
         path = (README.parent / target).resolve() if target else README
@@ -192,23 +202,41 @@ def test_getting_started_commands_run_as_written(tmp_path):
     stopped whatever happens."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_", "RINGFLOW_"))}
-    env.update(RINGFLOW_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               RINGFLOW_PREFECT_PORT=str(_free_port()), RINGFLOW_MLFLOW_PORT=str(_free_port()),
-               RINGFLOW_EVIDENTLY_PORT=str(_free_port()))
+    env.update(
+        RINGFLOW_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        RINGFLOW_PREFECT_PORT=str(_free_port()),
+        RINGFLOW_MLFLOW_PORT=str(_free_port()),
+        RINGFLOW_EVIDENTLY_PORT=str(_free_port()),
+    )
     blocks = _runnable_blocks()
     outputs = []
     try:
         for i, block in enumerate(blocks, start=1):
-            p = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=1200)
+            p = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", block],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
             outputs.append(p.stdout)
-            assert p.returncode == 0, (f"docs/getting-started.md runnable block {i} exited {p.returncode}:\n"
-                                       f"{block}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}")
+            assert p.returncode == 0, (
+                f"docs/getting-started.md runnable block {i} exited {p.returncode}:\n"
+                f"{block}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+            )
     finally:
         if (home / "stack").is_dir():
-            subprocess.run([str(Path(sys.executable).with_name("ringflow")), "down"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+            subprocess.run(
+                [str(Path(sys.executable).with_name("ringflow")), "down"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
     text = "\n".join(outputs)
     assert "PROMOTED to @champion" in text, text[-3000:]
     assert "ringflow: monitored flights-delay v1 on 2013-03" in text, text[-3000:]

@@ -18,12 +18,15 @@ def _payload() -> dict:
     from ringflow.tasks.monitor import ChampionInfo, event_payload
 
     cfg = PipelineConfig()
-    anomaly = Anomaly(type=AnomalyType.DATA_DRIFT, severity=Severity.WARNING, message="drift",
-                      evidence={}, key={"batch": "2013-07"})
-    decision = decide([anomaly], cfg, batch=BatchWindow(start=dt.date(2013, 7, 1), end=dt.date(2013, 8, 1),
-                                                         labelled=True))
-    champion = ChampionInfo(model_name="flights-delay", version="3", model_uri="models:/flights-delay/3",
-                            training_run_id="r1")
+    anomaly = Anomaly(
+        type=AnomalyType.DATA_DRIFT, severity=Severity.WARNING, message="drift", evidence={}, key={"batch": "2013-07"}
+    )
+    decision = decide(
+        [anomaly], cfg, batch=BatchWindow(start=dt.date(2013, 7, 1), end=dt.date(2013, 8, 1), labelled=True)
+    )
+    champion = ChampionInfo(
+        model_name="flights-delay", version="3", model_uri="models:/flights-delay/3", training_run_id="r1"
+    )
     return event_payload(decision.plan, [anomaly], "mon-run-1", champion, "2013-07", decision)
 
 
@@ -65,8 +68,12 @@ def test_tag_keys_are_declared_once():
     keys = {v for k, v in vars(tags).items() if k.isupper() and isinstance(v, str) and "{" not in v}
     root = Path(__file__).resolve().parents[1]
     offenders = []
-    for path in [*root.glob("flows/*.py"), *root.glob("tasks/*.py"), *root.glob("training/*.py"),
-                 *root.glob("monitoring/*.py")]:
+    for path in [
+        *root.glob("flows/*.py"),
+        *root.glob("tasks/*.py"),
+        *root.glob("training/*.py"),
+        *root.glob("monitoring/*.py"),
+    ]:
         if path.name == "tags.py":
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):

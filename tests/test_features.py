@@ -12,26 +12,40 @@ from ringflow.training.preprocess import Preprocessor, calendar_frame
 
 
 def _rows() -> pd.DataFrame:
-    return pd.DataFrame({
-        "time_hour": pd.to_datetime(["2013-07-03 22:00", "2013-07-04 12:00", "2013-07-06 04:00", None], utc=True),
-        "temp": [60.0, 70.0, 80.0, np.nan],
-        "wind_gust": [np.nan, 20.0, np.nan, 30.0],
-        "origin": pd.array(["EWR", "JFK", "EWR", None], dtype="string"),
-        "dest": pd.array(["ORD", "ORD", "LAX", "ORD"], dtype="string"),
-    })
+    return pd.DataFrame(
+        {
+            "time_hour": pd.to_datetime(["2013-07-03 22:00", "2013-07-04 12:00", "2013-07-06 04:00", None], utc=True),
+            "temp": [60.0, 70.0, 80.0, np.nan],
+            "wind_gust": [np.nan, 20.0, np.nan, 30.0],
+            "origin": pd.array(["EWR", "JFK", "EWR", None], dtype="string"),
+            "dest": pd.array(["ORD", "ORD", "LAX", "ORD"], dtype="string"),
+        }
+    )
 
 
 def test_route_cross_indicators_and_clipping():
     train = _rows()
-    pre = Preprocessor.fit(train, ["temp", "wind_gust"], ["origin", "dest"], crosses=[["origin", "dest"]],
-                           indicators=True, clip_quantile=0.1)
+    pre = Preprocessor.fit(
+        train,
+        ["temp", "wind_gust"],
+        ["origin", "dest"],
+        crosses=[["origin", "dest"]],
+        indicators=True,
+        clip_quantile=0.1,
+    )
     assert pre.categorical_inputs == ["origin", "dest", "origin+dest"]
     assert pre.vocab["origin+dest"] == ["EWR|LAX", "EWR|ORD", "JFK|ORD"]  # a missing part: no route
     assert pre.numeric_inputs == ["temp", "wind_gust", "temp_missing", "wind_gust_missing"]
     lo, hi = pre.clip["temp"]
     assert 60 < lo < hi < 80
-    new = pd.DataFrame({"temp": [200.0, -50.0], "wind_gust": [np.nan, 25.0],
-                        "origin": pd.array(["JFK", "LGA"], dtype="string"), "dest": pd.array(["LAX", "ORD"], dtype="string")})
+    new = pd.DataFrame(
+        {
+            "temp": [200.0, -50.0],
+            "wind_gust": [np.nan, 25.0],
+            "origin": pd.array(["JFK", "LGA"], dtype="string"),
+            "dest": pd.array(["LAX", "ORD"], dtype="string"),
+        }
+    )
     x_num, x_cat = pre.transform(new)
     # far outside the train range -> the clipped edges, not a linear extrapolation
     assert x_num[0, 0] == pytest.approx((hi - pre.means["temp"]) / pre.stds["temp"], rel=1e-5)
@@ -56,8 +70,13 @@ def test_calendar_features_in_local_time():
 
 
 def test_preprocessor_files_from_before_the_derived_inputs_still_load(tmp_path):
-    old = {"numeric": ["temp"], "categorical": ["origin"], "means": {"temp": 1.0}, "stds": {"temp": 2.0},
-           "vocab": {"origin": ["EWR"]}}
+    old = {
+        "numeric": ["temp"],
+        "categorical": ["origin"],
+        "means": {"temp": 1.0},
+        "stds": {"temp": 2.0},
+        "vocab": {"origin": ["EWR"]},
+    }
     pre = Preprocessor.from_dict(old)
     assert pre.numeric_inputs == ["temp"] and pre.categorical_inputs == ["origin"]
     x_num, x_cat = pre.transform(pd.DataFrame({"temp": [3.0], "origin": ["EWR"]}))
@@ -102,7 +121,7 @@ def test_learning_rate_warms_up_then_follows_the_schedule():
     lrs = [learning_rate(tc, 2, s, steps) for s in range(4 * steps)]
     assert lrs[0] == pytest.approx(0.001) and lrs[steps] == pytest.approx(0.002)  # warm-up to size x base
     after = lrs[steps:]
-    assert all(a > b for a, b in zip(after, after[1:]))  # then strictly decaying
+    assert all(a > b for a, b in zip(after, after[1:], strict=False))  # then strictly decaying
     assert learning_rate(tc, 2, 4 * steps, steps) == pytest.approx(0.0002)  # the floor at the end
     constant = tc.model_copy(update={"lr_schedule": "constant"})
     assert {learning_rate(constant, 2, s, steps) for s in range(steps, 4 * steps)} == {0.002}
@@ -126,8 +145,9 @@ def test_additive_inputs_bypass_the_mlp(tmp_path):
     from ringflow.training.config import ModelConfig
 
     train = _rows().assign(carrier=pd.array(["AA", "UA", "AA", "UA"], dtype="string"))
-    pre = Preprocessor.fit(train, ["temp", "wind_gust"], ["origin", "dest", "carrier"],
-                           crosses=[["origin", "dest"]], indicators=True)
+    pre = Preprocessor.fit(
+        train, ["temp", "wind_gust"], ["origin", "dest", "carrier"], crosses=[["origin", "dest"]], indicators=True
+    )
     cfg = ModelConfig(hidden_sizes=[16], dropout=0.0, additive_features=["carrier", "origin", "dest"])
     import torch
 
@@ -138,8 +158,13 @@ def test_additive_inputs_bypass_the_mlp(tmp_path):
     for level in net.levels:  # as after training: levels away from their zero start
         torch.nn.init.normal_(level.weight)
     # each row twice, once per carrier, at four temperatures and routes
-    pairs = train.loc[np.repeat(train.index, 2)].reset_index(drop=True).assign(
-        temp=[40.0, 40.0, 90.0, 90.0, 60.0, 60.0, 75.0, 75.0], carrier=pd.array(["AA", "UA"] * 4, dtype="string"))
+    pairs = (
+        train.loc[np.repeat(train.index, 2)]
+        .reset_index(drop=True)
+        .assign(
+            temp=[40.0, 40.0, 90.0, 90.0, 60.0, 60.0, 75.0, 75.0], carrier=pd.array(["AA", "UA"] * 4, dtype="string")
+        )
+    )
     x_num, x_cat = pre.transform(pairs)
     logits = net(torch.from_numpy(x_num), torch.from_numpy(x_cat)).detach().numpy()
     gaps = logits[1::2] - logits[0::2]  # UA minus AA
@@ -175,5 +200,7 @@ def test_models_saved_before_additive_inputs_still_load(tmp_path):
     save_model(tmp_path, old, pre)
     net, _ = load_model(tmp_path)
     x_num, x_cat = pre.transform(_rows())
-    assert torch.equal(net(torch.from_numpy(x_num), torch.from_numpy(x_cat)),
-                       old.eval()(torch.from_numpy(x_num), torch.from_numpy(x_cat)))
+    assert torch.equal(
+        net(torch.from_numpy(x_num), torch.from_numpy(x_cat)),
+        old.eval()(torch.from_numpy(x_num), torch.from_numpy(x_cat)),
+    )

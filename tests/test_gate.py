@@ -31,20 +31,31 @@ def test_lower_is_better_floor():
     assert not d.promote and "fails floor <= 0.5" in d.summary
 
 
-@pytest.mark.parametrize("candidate, margin, promote", [
-    (0.73, 0.0, True), (0.72, 0.0, False),  # equal is not "beats"
-    (0.73, 0.02, False), (0.75, 0.02, True),
-])
+@pytest.mark.parametrize(
+    "candidate, margin, promote",
+    [
+        (0.73, 0.0, True),
+        (0.72, 0.0, False),  # equal is not "beats"
+        (0.73, 0.02, False),
+        (0.75, 0.02, True),
+    ],
+)
 def test_candidate_must_beat_champion_by_margin(candidate, margin, promote):
     d = decide({**GOOD, "roc_auc": candidate}, GOOD, GateConfig(min_improvement=margin, floors={}))
     assert d.promote is promote
     assert "vs champion 0.7200" in d.verdicts[-1].reason
 
 
-@pytest.mark.parametrize("baseline_auc, margin, promote", [
-    (0.70, 0.0, True), (0.72, 0.0, True),  # equal: the baseline is not ahead
-    (0.73, 0.0, False), (0.73, 0.02, True), (0.75, 0.02, False),
-])
+@pytest.mark.parametrize(
+    "baseline_auc, margin, promote",
+    [
+        (0.70, 0.0, True),
+        (0.72, 0.0, True),  # equal: the baseline is not ahead
+        (0.73, 0.0, False),
+        (0.73, 0.02, True),
+        (0.75, 0.02, False),
+    ],
+)
 def test_baseline_ahead_by_more_than_the_margin_refuses(baseline_auc, margin, promote):
     d = decide(GOOD, None, GateConfig(floors={}, baseline_margin=margin), {**GOOD, "roc_auc": baseline_auc})
     assert d.promote is promote
@@ -102,5 +113,8 @@ def test_alias_moves_are_recorded(ringflow_home):
     move_alias(client, name, "champion", v2, "better")
     hist = alias_history(client, name)
     assert [(h["alias"], h["from"], h["to"]) for h in hist] == [
-        ("champion", None, v1), ("previous-champion", None, v1), ("champion", v1, v2)]
+        ("champion", None, v1),
+        ("previous-champion", None, v1),
+        ("champion", v1, v2),
+    ]
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2

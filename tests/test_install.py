@@ -24,9 +24,14 @@ def test_cli_help_lists_commands():
 
 def test_cli_rejects_invalid_config_before_work(tmp_path):
     ringflow = Path(sys.executable).with_name("ringflow")
-    out = subprocess.run([str(ringflow), "run", "--set", "training.world_size=0"],
-                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
-                         env={"RINGFLOW_HOME": str(tmp_path / "h"), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [str(ringflow), "run", "--set", "training.world_size=0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+        env={"RINGFLOW_HOME": str(tmp_path / "h"), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 2
     assert "training.world_size" in out.stderr
     assert not (tmp_path / "h").exists()  # nothing was created
@@ -78,10 +83,18 @@ def test_run_without_horovod_fails_before_any_work(tmp_path):
     """A Python where horovod does not import: `ringflow run` names the install script and writes
     nothing (no shards, no Prefect or MLflow state)."""
     home = tmp_path / "h"
-    code = ("import sys; sys.modules['horovod'] = None  # as if horovod were not installed\n"
-            "from ringflow.flows.cli import app; app(['run', '-c', 'configs/smoke.yaml'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).parents[1], env={**os.environ, "RINGFLOW_HOME": str(home)})
+    code = (
+        "import sys; sys.modules['horovod'] = None  # as if horovod were not installed\n"
+        "from ringflow.flows.cli import app; app(['run', '-c', 'configs/smoke.yaml'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "RINGFLOW_HOME": str(home)},
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "infra/install_horovod.sh" in out.stderr and "horovod.torch does not import" in out.stderr
     assert not home.exists() or not any(home.rglob("*.parquet"))

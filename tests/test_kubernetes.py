@@ -16,7 +16,13 @@ import yaml
 from ringflow.training.config import ConfigError, load_config
 from ringflow.training.launch import check_launchable
 from ringflow.training.mpijob import (
-    CRD_FILE, OPERATOR_HOSTFILE, SECRETS_PATH, MPIJobError, mpijob_name, render_mpijob, validate_mpijob,
+    CRD_FILE,
+    OPERATOR_HOSTFILE,
+    SECRETS_PATH,
+    MPIJobError,
+    mpijob_name,
+    render_mpijob,
+    validate_mpijob,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +66,7 @@ def test_every_server_manifest_validates():
     # no password in any manifest: every one comes from the Secret, by reference
     text = (K8S / "servers.yaml").read_text()
     for d in docs:
-        for c in (d.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []):
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []:
             for e in c.get("env", []):
                 if "PASSWORD" in e["name"]:
                     assert "secretKeyRef" in e.get("valueFrom", {}), (d["metadata"]["name"], e)
@@ -81,9 +87,9 @@ def test_the_crd_schema_refuses_what_the_operator_would(tmp_path):
     validate_mpijob(good)
     bad = copy.deepcopy(good)
     worker = bad["spec"]["mpiReplicaSpecs"]["Worker"]
-    worker["template"]["spec"]["containers"][0]["volumeMount"] = []       # misspelled field
-    worker["replicas"] = "two"                                              # wrong type
-    bad["spec"]["mpiImplementation"] = "OpenMPI4"                           # not in the enum
+    worker["template"]["spec"]["containers"][0]["volumeMount"] = []  # misspelled field
+    worker["replicas"] = "two"  # wrong type
+    bad["spec"]["mpiImplementation"] = "OpenMPI4"  # not in the enum
     with pytest.raises(MPIJobError) as e:
         validate_mpijob(bad)
     msg = str(e.value)
@@ -91,15 +97,30 @@ def test_the_crd_schema_refuses_what_the_operator_would(tmp_path):
 
 
 def test_the_mpijob_the_train_task_submits_validates_and_keeps_secrets_in_a_file():
-    cfg = load_config(ROOT / "configs" / "flights.yaml",
-                      ["training.launcher=mpijob", "training.world_size=4", "training.mpijob.slots_per_worker=2",
-                       "training.mpijob.image=registry.example/ringflow:1"])
+    cfg = load_config(
+        ROOT / "configs" / "flights.yaml",
+        [
+            "training.launcher=mpijob",
+            "training.world_size=4",
+            "training.mpijob.slots_per_worker=2",
+            "training.mpijob.image=registry.example/ringflow:1",
+        ],
+    )
     run_id = "0123456789abcdef0123456789abcdef"
-    doc = render_mpijob(cfg, "/ringflow/data/abc/manifest.json", f"/ringflow/runs/{run_id}", "/ringflow",
-                        mpijob_name(run_id, 2), resume=True,
-                        env={"MLFLOW_TRACKING_URI": "http://mlflow.ringflow.svc:5000", "MLFLOW_RUN_ID": run_id,
-                             "HOROVOD_TIMELINE": None},
-                        labels={"ringflow/mlflow-run-id": run_id})
+    doc = render_mpijob(
+        cfg,
+        "/ringflow/data/abc/manifest.json",
+        f"/ringflow/runs/{run_id}",
+        "/ringflow",
+        mpijob_name(run_id, 2),
+        resume=True,
+        env={
+            "MLFLOW_TRACKING_URI": "http://mlflow.ringflow.svc:5000",
+            "MLFLOW_RUN_ID": run_id,
+            "HOROVOD_TIMELINE": None,
+        },
+        labels={"ringflow/mlflow-run-id": run_id},
+    )
     validate_mpijob(doc)
     assert doc["metadata"]["name"] == "ringflow-0123456789ab-a2"
     spec = doc["spec"]
@@ -121,8 +142,11 @@ def test_the_mpijob_the_train_task_submits_validates_and_keeps_secrets_in_a_file
     for role in ("Launcher", "Worker"):
         pod = spec["mpiReplicaSpecs"][role]["template"]["spec"]
         secret = next(v["secret"] for v in pod["volumes"] if "secret" in v)
-        assert secret == {"secretName": "ringflow-training-secrets", "defaultMode": 0o400,
-                          "items": [{"key": "secrets.json", "path": "secrets.json"}]}
+        assert secret == {
+            "secretName": "ringflow-training-secrets",
+            "defaultMode": 0o400,
+            "items": [{"key": "secrets.json", "path": "secrets.json"}],
+        }
         c = pod["containers"][0]
         assert all("valueFrom" not in e for e in c.get("env", [])) and "envFrom" not in c
         assert {"name": "ringflow-home", "mountPath": "/ringflow"} in c["volumeMounts"]
@@ -134,7 +158,9 @@ def test_render_refuses_what_the_mpijob_cannot_run():
         render_mpijob(cfg, "/h/m.json", "/h/out", "/h", "ringflow-x-a1", env={"RINGFLOW_DATA_KEY": "k"})
     with pytest.raises(ValueError, match="not under RINGFLOW_HOME=/h"):
         render_mpijob(cfg, "/elsewhere/m.json", "/h/out", "/h", "ringflow-x-a1")
-    elastic = load_config(ROOT / "configs" / "smoke.yaml", ["training.launcher=mpijob", "training.elastic.enabled=true"])
+    elastic = load_config(
+        ROOT / "configs" / "smoke.yaml", ["training.launcher=mpijob", "training.elastic.enabled=true"]
+    )
     with pytest.raises(ValueError, match="training.elastic.enabled"):
         render_mpijob(elastic, "/h/m.json", "/h/out", "/h", "ringflow-x-a1")
     with pytest.raises(ValueError, match="training.elastic.enabled"):
@@ -191,8 +217,12 @@ def test_prefect_server_creates_the_kubernetes_pool_and_checks_job_variables(pre
     create_kubernetes_pool("ringflow-k8s-test")  # again: updated, not refused
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", ["training.launcher=mpijob"])
-    ids = deploy_to_kubernetes(cfg, "ringflow-k8s-test", "registry.example/ringflow:1",
-                               {"cpu_request": "4", "memory_request": "8Gi", "finished_job_ttl": 600})
+    ids = deploy_to_kubernetes(
+        cfg,
+        "ringflow-k8s-test",
+        "registry.example/ringflow:1",
+        {"cpu_request": "4", "memory_request": "8Gi", "finished_job_ttl": 600},
+    )
     assert set(ids) == {"training-pipeline/training-pipeline", "monitoring/monitoring"}
     with get_client(sync_client=True) as client:
         dep = client.read_deployment(ids["training-pipeline/training-pipeline"])
@@ -215,10 +245,24 @@ def test_the_example_mpijob_validates_and_the_cli_prints_what_the_task_renders(c
     for role in ("Launcher", "Worker"):
         k8s_validate(pod_template(doc["spec"]["mpiReplicaSpecs"][role]["template"]))
 
-    main(["-c", str(ROOT / "configs" / "smoke.yaml"), "--set", "training.launcher=mpijob",
-          "--manifest", "/ringflow/data/f/manifest.json", "--output-dir", "/ringflow/runs/r", "--name", "ringflow-r-a1"])
+    main(
+        [
+            "-c",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--set",
+            "training.launcher=mpijob",
+            "--manifest",
+            "/ringflow/data/f/manifest.json",
+            "--output-dir",
+            "/ringflow/runs/r",
+            "--name",
+            "ringflow-r-a1",
+        ]
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     cfg = load_config(ROOT / "configs" / "smoke.yaml", ["training.launcher=mpijob"])
-    assert printed == render_mpijob(cfg, "/ringflow/data/f/manifest.json", "/ringflow/runs/r", "/ringflow", "ringflow-r-a1")
+    assert printed == render_mpijob(
+        cfg, "/ringflow/data/f/manifest.json", "/ringflow/runs/r", "/ringflow", "ringflow-r-a1"
+    )
     with pytest.raises(SystemExit, match="not under RINGFLOW_HOME=/ringflow"):
         main(["--manifest", "/elsewhere/manifest.json", "--output-dir", "/ringflow/runs/r"])

@@ -40,7 +40,7 @@ from ringflow.training.config import PipelineConfig, Windows, with_overrides
 from ringflow.training.data import TARGET, in_window, load_labelled
 
 ROOT = Path(__file__).resolve().parents[1]
-UTC = dt.timezone.utc
+UTC = dt.UTC
 NOW = dt.datetime(2026, 1, 10, 12, tzinfo=UTC)
 
 
@@ -65,8 +65,17 @@ def test_drift_found_on_a_shifted_batch(flights, tmp_path):
     d = cfg.data
     reference = _window(df, cfg, "2013-01-01", "2013-05-01")
     july = _window(df, cfg, "2013-07-01", "2013-08-01")
-    s = build_reports(reference, july, d.numeric_features, d.categorical_features, tmp_path,
-                      target=TARGET, drift_share=0.5, reference_rows=5000, current_rows=5000)
+    s = build_reports(
+        reference,
+        july,
+        d.numeric_features,
+        d.categorical_features,
+        tmp_path,
+        target=TARGET,
+        drift_share=0.5,
+        reference_rows=5000,
+        current_rows=5000,
+    )
     assert s.dataset_drift and s.drifted_share >= 0.5
     assert {"temp", "dewp"} <= set(s.drifted_columns)  # winter -> summer weather
     assert s.reference_rows == 5000 and s.current_rows == 5000
@@ -82,8 +91,17 @@ def test_no_drift_on_a_sample_of_the_reference_window(flights, tmp_path):
     d = cfg.data
     window = _window(df, cfg, "2013-01-01", "2013-05-01").sample(frac=1.0, random_state=1)
     half = len(window) // 2
-    s = build_reports(window.iloc[:half], window.iloc[half:], d.numeric_features, d.categorical_features,
-                      tmp_path, drift_share=0.5, reference_rows=5000, current_rows=5000, seed=3)
+    s = build_reports(
+        window.iloc[:half],
+        window.iloc[half:],
+        d.numeric_features,
+        d.categorical_features,
+        tmp_path,
+        drift_share=0.5,
+        reference_rows=5000,
+        current_rows=5000,
+        seed=3,
+    )
     assert not s.dataset_drift
     assert s.drifted_share < 0.2, s.drifted_columns
     assert s.classification is None and s.quality_html is None  # no target given
@@ -114,9 +132,14 @@ def test_schema_diff_kinds():
     expected = {"a": "float64", "b": "string", "t": "datetime64[ns, UTC]"}
     assert schema_diff({"a": "int64", "b": "object", "t": "datetime64[ns, UTC]"}, expected).empty
     d = schema_diff({"a": "object", "t": "object", "new": "int64"}, expected)  # CSV timestamps are text
-    assert d.missing == ["b"] and d.extra == ["new"] and d.dtype_changed == {"a": {"expected": "numeric", "actual": "string"}}
+    assert (
+        d.missing == ["b"]
+        and d.extra == ["new"]
+        and d.dtype_changed == {"a": {"expected": "numeric", "actual": "string"}}
+    )
     assert schema_diff({"a": "float64", "b": "string", "t": "float64"}, expected).dtype_changed == {
-        "t": {"expected": "datetime", "actual": "numeric"}}
+        "t": {"expected": "datetime", "actual": "numeric"}
+    }
 
 
 def test_schema_rule_quiet_on_extra_columns_alone():
@@ -144,32 +167,78 @@ def _obs(**kw) -> MonitoringObservation:
 
 
 def _training(**kw) -> TrainingObservation:
-    base = dict(run_id="run-b", status="completed", world_size=2,
-                per_rank=[RankStats(rank=0, samples_per_s=1000, step_time_ms=10),
-                          RankStats(rank=1, samples_per_s=1000, step_time_ms=10)])
+    base = dict(
+        run_id="run-b",
+        status="completed",
+        world_size=2,
+        per_rank=[
+            RankStats(rank=0, samples_per_s=1000, step_time_ms=10),
+            RankStats(rank=1, samples_per_s=1000, step_time_ms=10),
+        ],
+    )
     return TrainingObservation(**{**base, **kw})
 
 
-CLEAN = _obs(roc_auc=0.70, reference_roc_auc=0.71, drifted_share=0.1, drifted_columns=["temp"],
-             prediction_psi=0.05, missing_share={"wind_gust": 0.80}, reference_missing_share={"wind_gust": 0.75},
-             unseen_share={"dest": 0.01}, training=_training(previous_samples_per_s=1900, previous_run_id="run-a"))
+CLEAN = _obs(
+    roc_auc=0.70,
+    reference_roc_auc=0.71,
+    drifted_share=0.1,
+    drifted_columns=["temp"],
+    prediction_psi=0.05,
+    missing_share={"wind_gust": 0.80},
+    reference_missing_share={"wind_gust": 0.75},
+    unseen_share={"dest": 0.01},
+    training=_training(previous_samples_per_s=1900, previous_run_id="run-a"),
+)
 
 CASES = [
     (PerformanceDropRule(abs_drop=0.03), {"roc_auc": 0.65}, AnomalyType.PERFORMANCE_DROP),
     (PerformanceDropRule(abs_drop=0.5, rel_drop=0.02), {"roc_auc": 0.68}, AnomalyType.PERFORMANCE_DROP),
-    (DriftShareRule(drift_share=0.5), {"drifted_share": 0.6, "drifted_columns": ["temp", "dewp"]}, AnomalyType.DATA_DRIFT),
+    (
+        DriftShareRule(drift_share=0.5),
+        {"drifted_share": 0.6, "drifted_columns": ["temp", "dewp"]},
+        AnomalyType.DATA_DRIFT,
+    ),
     (PredictionShiftRule(max_psi=0.2), {"prediction_psi": 0.35}, AnomalyType.PREDICTION_SHIFT),
-    (MissingValuesRule(max_increase=0.2), {"missing_share": {"wind_gust": 0.8, "temp": 0.5}}, AnomalyType.MISSING_VALUES),
+    (
+        MissingValuesRule(max_increase=0.2),
+        {"missing_share": {"wind_gust": 0.8, "temp": 0.5}},
+        AnomalyType.MISSING_VALUES,
+    ),
     (UnseenCategoriesRule(max_share=0.05), {"unseen_share": {"dest": 0.2}}, AnomalyType.UNSEEN_CATEGORIES),
-    (SchemaChangeRule(), {"schema_changes": schema_diff({"a": "object"}, {"a": "float64", "b": "string"})}, AnomalyType.SCHEMA_CHANGE),
-    (DivergedRule(), {"training": _training(status="diverged", checkpoint_dir="/ck/epoch-2")}, AnomalyType.TRAINING_DIVERGED),
-    (StragglerRule(factor=1.5), {"training": _training(per_rank=[
-        RankStats(rank=0, samples_per_s=1000, step_time_ms=10), RankStats(rank=1, samples_per_s=1000, step_time_ms=10),
-        RankStats(rank=2, samples_per_s=400, step_time_ms=25)])}, AnomalyType.STRAGGLER),
-    (ThroughputDropRule(min_ratio=0.5), {"training": _training(previous_samples_per_s=5000, previous_run_id="run-a")},
-     AnomalyType.THROUGHPUT_DROP),
-    (RepeatedFailureRule(min_failures=2), {"training": _training(status="failed", per_rank=[], consecutive_failures=2)},
-     AnomalyType.TRAINING_FAILED),
+    (
+        SchemaChangeRule(),
+        {"schema_changes": schema_diff({"a": "object"}, {"a": "float64", "b": "string"})},
+        AnomalyType.SCHEMA_CHANGE,
+    ),
+    (
+        DivergedRule(),
+        {"training": _training(status="diverged", checkpoint_dir="/ck/epoch-2")},
+        AnomalyType.TRAINING_DIVERGED,
+    ),
+    (
+        StragglerRule(factor=1.5),
+        {
+            "training": _training(
+                per_rank=[
+                    RankStats(rank=0, samples_per_s=1000, step_time_ms=10),
+                    RankStats(rank=1, samples_per_s=1000, step_time_ms=10),
+                    RankStats(rank=2, samples_per_s=400, step_time_ms=25),
+                ]
+            )
+        },
+        AnomalyType.STRAGGLER,
+    ),
+    (
+        ThroughputDropRule(min_ratio=0.5),
+        {"training": _training(previous_samples_per_s=5000, previous_run_id="run-a")},
+        AnomalyType.THROUGHPUT_DROP,
+    ),
+    (
+        RepeatedFailureRule(min_failures=2),
+        {"training": _training(status="failed", per_rank=[], consecutive_failures=2)},
+        AnomalyType.TRAINING_FAILED,
+    ),
 ]
 
 
@@ -266,8 +335,12 @@ def test_policy_diverged_lowers_lr_and_resumes_from_checkpoint():
 
 
 def test_policy_straggler_sets_shard_weights_from_throughput():
-    t = _training(per_rank=[RankStats(rank=0, samples_per_s=3000, step_time_ms=10),
-                            RankStats(rank=1, samples_per_s=1000, step_time_ms=30)])
+    t = _training(
+        per_rank=[
+            RankStats(rank=0, samples_per_s=3000, step_time_ms=10),
+            RankStats(rank=1, samples_per_s=1000, step_time_ms=30),
+        ]
+    )
     [a] = StragglerRule(1.5).check(_obs(training=t))
     p = decide([a], BASE, training=t, now=NOW).plan
     assert p.config.sharding.weights == [1.5, 0.5]
@@ -276,8 +349,9 @@ def test_policy_straggler_sets_shard_weights_from_throughput():
 
 def test_policy_repeated_failure_shrinks_world_size():
     cfg = with_overrides(BASE, {"training.world_size": 3, "sharding.weights": [1, 1, 1]})
-    t = _training(status="failed", world_size=3, per_rank=[], consecutive_failures=2,
-                  config=cfg.model_dump(mode="json"))
+    t = _training(
+        status="failed", world_size=3, per_rank=[], consecutive_failures=2, config=cfg.model_dump(mode="json")
+    )
     [a] = RepeatedFailureRule().check(_obs(training=t))
     p = decide([a], BASE, training=t, now=NOW).plan
     assert p.config.training.world_size == 2 and p.config.sharding.weights is None
@@ -291,8 +365,13 @@ def test_policy_alert_only_types_never_rerun():
 
 def test_cooldown_suppresses_a_second_rerun():
     first = decide([_drift("2013-07")], BASE, batch=JULY, now=NOW)
-    record = RerunRecord(time=NOW, monitoring_run_id="m1", anomaly_ids=first.plan.anomaly_ids,
-                         anomaly_types=first.plan.anomaly_types, reason=first.plan.reason)
+    record = RerunRecord(
+        time=NOW,
+        monitoring_run_id="m1",
+        anomaly_ids=first.plan.anomaly_ids,
+        anomaly_types=first.plan.anomaly_types,
+        reason=first.plan.reason,
+    )
     aug = BatchWindow(start=dt.date(2013, 8, 1), end=dt.date(2013, 9, 1), labelled=True)
     later = NOW + dt.timedelta(hours=2)
     second = decide([_drift("2013-08")], BASE, batch=aug, now=later, history=[record])
@@ -311,8 +390,10 @@ def test_duplicate_anomaly_is_not_rerun_even_after_cooldown():
 
 def test_rerun_budget_per_period():
     cfg = with_overrides(BASE, {"monitoring.max_reruns_per_period": 2, "monitoring.cooldown_hours": 0})
-    history = [RerunRecord(time=NOW - dt.timedelta(hours=h), anomaly_ids=[f"x{h}"], anomaly_types=["straggler"])
-               for h in (1, 2)]
+    history = [
+        RerunRecord(time=NOW - dt.timedelta(hours=h), anomaly_ids=[f"x{h}"], anomaly_types=["straggler"])
+        for h in (1, 2)
+    ]
     d = decide([_drift()], cfg, batch=JULY, now=NOW, history=history)
     assert d.plan is None and "budget" in d.summary()
     d = decide([_drift()], cfg, batch=JULY, now=NOW + dt.timedelta(days=8), history=history)
@@ -415,16 +496,25 @@ def test_a_month_of_a_multi_file_source_streams_to_the_exact_metrics_of_the_in_m
     assert batch.raw_schema["temp"] == "float64" and "year" in batch.raw_schema  # every column of the files
 
     def scan():
-        return score_chunks(batch_chunks(batch, cfg, chunk_rows=4096), batch.rows, _champion_score,
-                            features=d.feature_columns, vocabulary=pre.vocab, target=TARGET,
-                            baseline=_baseline_score, sample_rows=3000, seed=0)
+        return score_chunks(
+            batch_chunks(batch, cfg, chunk_rows=4096),
+            batch.rows,
+            _champion_score,
+            features=d.feature_columns,
+            vocabulary=pre.vocab,
+            target=TARGET,
+            baseline=_baseline_score,
+            sample_rows=3000,
+            seed=0,
+        )
 
     s = scan()
     np.testing.assert_array_equal(s.prediction, _champion_score(rows))  # the same rows, in the same order
     np.testing.assert_array_equal(s.target, rows[TARGET].to_numpy())
     assert classification_metrics(s.target, s.prediction) == classification_metrics(rows[TARGET], _champion_score(rows))
-    assert classification_metrics(s.target, s.baseline_prediction) == \
-        classification_metrics(rows[TARGET], _baseline_score(rows))
+    assert classification_metrics(s.target, s.baseline_prediction) == classification_metrics(
+        rows[TARGET], _baseline_score(rows)
+    )
     assert s.missing_share() == {c: float(rows[c].isna().mean()) for c in d.feature_columns}
     assert s.unseen_share() == pre.unseen_share(rows) and max(s.unseen_share().values()) > 0
     reference = _champion_score(january)
@@ -449,8 +539,7 @@ def test_a_month_without_rows_and_a_changed_batch_are_clear_errors(synth_lake, s
         describe_month(cfg, "2015-01")
     batch = describe_month(cfg, "2013-02")
     with pytest.raises(MonitoringError, match="more rows than the 10 counted"):
-        score_chunks(batch_chunks(batch, cfg), 10, _champion_score, features=cfg.data.feature_columns,
-                     vocabulary={})
+        score_chunks(batch_chunks(batch, cfg), 10, _champion_score, features=cfg.data.feature_columns, vocabulary={})
 
 
 MONITOR_BIG_FILE = """
@@ -502,8 +591,13 @@ def test_monitoring_a_million_row_batch_stays_under_a_memory_ceiling(synth_lake,
                 pf = pq.ParquetFile(f)
                 for g in range(pf.num_row_groups):
                     writer.write_table(pf.read_row_group(g))
-    out = subprocess.run([sys.executable, "-c", MONITOR_BIG_FILE, str(big), str(tmp_path / "reports")],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", MONITOR_BIG_FILE, str(big), str(tmp_path / "reports")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["rows"] > 1_000_000 * 0.95 and r["sample"] == 20_000 and 0.5 < r["roc_auc"] < 1

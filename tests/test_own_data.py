@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT
 from ringflow.training.config import PipelineConfig, load_config
+from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -42,8 +42,7 @@ def test_a_relative_source_is_made_absolute_at_load(tmp_path, monkeypatch):
 
 
 dates = st.dates(min_value=dt.date(2000, 1, 1), max_value=dt.date(2030, 1, 1))
-paths = st.text(alphabet="abcdefghij_-./", min_size=1, max_size=20).filter(
-    lambda s: s.strip("./") and s != "flights")
+paths = st.text(alphabet="abcdefghij_-./", min_size=1, max_size=20).filter(lambda s: s.strip("./") and s != "flights")
 
 
 @st.composite
@@ -55,15 +54,15 @@ def configs(draw) -> dict:
     v_end = t_end + dt.timedelta(days=lengths[1])
     shards = draw(st.integers(1, 4))
     return {
-        "data.source": draw(st.one_of(st.just("flights"), paths.map(lambda p: p + ".csv"),
-                                      paths.map(lambda p: "/" + p + ".parquet"))),
+        "data.source": draw(
+            st.one_of(st.just("flights"), paths.map(lambda p: p + ".csv"), paths.map(lambda p: "/" + p + ".parquet"))
+        ),
         "data.label_threshold": draw(st.one_of(st.none(), st.floats(-100, 100, allow_nan=False))),
         "data.windows.train": {"start": str(start), "end": str(t_end)},
         "data.windows.validation": {"start": str(t_end), "end": str(v_end)},
         "data.windows.test": {"start": str(v_end), "end": str(v_end + dt.timedelta(days=lengths[2]))},
         "sharding.num_shards": shards,
-        "sharding.weights": draw(st.one_of(st.none(), st.lists(st.floats(0.01, 10), min_size=shards,
-                                                                max_size=shards))),
+        "sharding.weights": draw(st.one_of(st.none(), st.lists(st.floats(0.01, 10), min_size=shards, max_size=shards))),
         "sharding.encrypt": draw(st.sampled_from(["auto", "on", "off"])),
         "training.resume_from": draw(st.one_of(st.none(), paths)),
         "training.horovod.hosts": draw(st.one_of(st.none(), st.just("h1:1,h2:1"))),
@@ -95,8 +94,7 @@ def smoke_rows():
 
 
 def _clean_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_API_", "MLFLOW_", "RINGFLOW_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_", "RINGFLOW_"))}
     env.update(RINGFLOW_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     return env
 
@@ -108,9 +106,19 @@ def test_own_csv_trains_from_the_cli(tmp_path, smoke_rows):
     smoke_rows.to_csv(source, index=False)
     home = tmp_path / "home"
     p = subprocess.run(
-        [str(Path(sys.executable).with_name("ringflow")), "run", "-c", str(ROOT / "configs" / "smoke.yaml"),
-         "--set", f"data.source={source}"],
-        cwd=tmp_path, env=_clean_env(home), capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).with_name("ringflow")),
+            "run",
+            "-c",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--set",
+            f"data.source={source}",
+        ],
+        cwd=tmp_path,
+        env=_clean_env(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "PROMOTED to @champion" in p.stdout, p.stdout[-3000:]
@@ -138,8 +146,9 @@ def test_own_parquet_trains_from_a_deployment_run(prefect_harness, tmp_path, smo
 
     home = tmp_path / "home"
     env = {**_clean_env(home), "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT__FLOW_RUN_ID": str(flow_run.id)}
-    p = subprocess.run([sys.executable, "-m", "prefect.engine"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "prefect.engine"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(flow_run.id).state
     assert state.is_completed(), f"{state}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"

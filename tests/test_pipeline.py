@@ -25,10 +25,15 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     assert first.metrics["roc_auc"] > 0.6
 
     # A deliberately worse candidate: one epoch of a tiny model with a tiny learning rate.
-    worse = with_overrides(smoke_config, {
-        "training.epochs": 1, "training.learning_rate": 1e-5,
-        "training.model.hidden_sizes": [2], "training.model.embedding_dim": 1,
-    })
+    worse = with_overrides(
+        smoke_config,
+        {
+            "training.epochs": 1,
+            "training.learning_rate": 1e-5,
+            "training.model.hidden_sizes": [2],
+            "training.model.embedding_dim": 1,
+        },
+    )
     second = training_pipeline(worse, reason="test-worse")
     assert second.model_version == "2"
     assert not second.promoted
@@ -47,7 +52,9 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     # artifacts live with the rest of the state, not in ./mlruns of wherever the command ran
     assert run.info.artifact_uri.startswith((ringflow_home / "artifacts").as_uri())
     assert run.data.tags["gate.decision"] == "promote"
-    assert {"test_roc_auc", "test_pr_auc", "test_log_loss", "test_accuracy", "test_f1", "test_brier"} <= set(run.data.metrics)
+    assert {"test_roc_auc", "test_pr_auc", "test_log_loss", "test_accuracy", "test_f1", "test_brier"} <= set(
+        run.data.metrics
+    )
     arts = {a.path for a in client.list_artifacts(first.training_run_id, "evaluation")}
     assert {"evaluation/roc_pr_curves.png", "evaluation/calibration_curve.png"} <= arts
 
@@ -79,7 +86,8 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     # the baseline logged by the champion's evaluation is scored on the same batch
     assert 0.0 < mon.metrics["baseline_roc_auc"] < 1.0 and mon.metrics["baseline_roc_auc"] != mon.metrics["roc_auc"]
     assert mon.metrics["baseline_roc_auc_drop"] == pytest.approx(
-        mon.metrics["baseline_test_roc_auc"] - mon.metrics["baseline_roc_auc"])
+        mon.metrics["baseline_test_roc_auc"] - mon.metrics["baseline_roc_auc"]
+    )
     assert "batch_baseline_roc_auc" in client.get_run(mon.monitoring_run_id).data.metrics
     for html in (mon.drift_html, mon.quality_html):
         assert html and html.endswith(".html") and Path(html).stat().st_size > 10_000

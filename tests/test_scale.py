@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT
 from ringflow.training.config import with_overrides
 from ringflow.training.data import DataContractError, load_flights
 from ringflow.training.sharding import shard_dataset
+from tests.conftest import ROOT
 
 quiet = lambda *_: None  # noqa: E731
 
@@ -40,28 +40,33 @@ def test_a_directory_source_is_the_same_dataset_as_one_file_with_its_rows(tmp_pa
     lake = _lake(tmp_path / "lake", smoke_rows, files=7)
 
     one = shard_dataset(with_overrides(smoke_config, {"data.source": str(single)}), tmp_path / "d1", progress=quiet)
-    many = shard_dataset(with_overrides(smoke_config, {"data.source": str(lake)}), tmp_path / "d2",
-                         progress=quiet, batch_rows=5_000)  # many small batches, crossing file borders
+    many = shard_dataset(
+        with_overrides(smoke_config, {"data.source": str(lake)}), tmp_path / "d2", progress=quiet, batch_rows=5_000
+    )  # many small batches, crossing file borders
 
     assert many.fingerprint == one.fingerprint and many.source_sha256 == one.source_sha256
     assert [s.rows for s in many.shards] == [s.rows for s in one.shards]
     assert {k: w.rows for k, w in many.windows.items()} == {k: w.rows for k, w in one.windows.items()}
     assert many.read_preprocessor() == one.read_preprocessor()
-    for a, b in zip(many.shards, one.shards):  # the same rows in the same shard
+    for a, b in zip(many.shards, one.shards, strict=True):  # the same rows in the same shard
         pd.testing.assert_frame_equal(many.read(a), one.read(b))
     # and the same source under a glob
-    globbed = shard_dataset(with_overrides(smoke_config, {"data.source": str(lake / "part-*.parquet")}),
-                            tmp_path / "d3", progress=quiet)
+    globbed = shard_dataset(
+        with_overrides(smoke_config, {"data.source": str(lake / "part-*.parquet")}), tmp_path / "d3", progress=quiet
+    )
     assert globbed.fingerprint == one.fingerprint
 
 
-@pytest.mark.parametrize("case, error", [
-    ("missing column", r"part-002\.parquet: missing column\(s\) \['temp'\]"),
-    ("empty file", r"part-002\.parquet: no rows \(an empty file\)"),
-    ("other schema", r"part-002\.parquet: column 'distance' must be numeric"),
-    ("not parquet", r"cannot read data source .*part-002\.parquet"),
-    ("empty directory", r"is a directory without Parquet files"),
-])
+@pytest.mark.parametrize(
+    "case, error",
+    [
+        ("missing column", r"part-002\.parquet: missing column\(s\) \['temp'\]"),
+        ("empty file", r"part-002\.parquet: no rows \(an empty file\)"),
+        ("other schema", r"part-002\.parquet: column 'distance' must be numeric"),
+        ("not parquet", r"cannot read data source .*part-002\.parquet"),
+        ("empty directory", r"is a directory without Parquet files"),
+    ],
+)
 def test_bad_files_in_a_directory_are_named(tmp_path, smoke_config, smoke_rows, case, error):
     lake = _lake(tmp_path / "lake", smoke_rows.head(3000), files=4)
     bad = lake / "part-002.parquet"
@@ -95,7 +100,9 @@ def test_synth_is_deterministic_keeps_months_and_refuses_to_overwrite(tmp_path):
     assert len(first_a) == 2 * int((real["month"] == 1).sum())
     # rows keep their own timestamps, so they stay in their (local) month: the windows keep meaning
     assert (first_a["month"] == 1).all()
-    assert first_a["time_hour"].between(pd.Timestamp("2013-01-01", tz="UTC"), pd.Timestamp("2013-02-02", tz="UTC")).all()
+    assert (
+        first_a["time_hour"].between(pd.Timestamp("2013-01-01", tz="UTC"), pd.Timestamp("2013-02-02", tz="UTC")).all()
+    )
     assert first_a["humid"].dropna().between(0, 100).all() and not first_a["temp"].isin(real["temp"]).all()  # jittered
     with pytest.raises(FileExistsError, match="not empty"):
         synthesize(1, tmp_path / "a", progress=quiet)

@@ -33,8 +33,27 @@ pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-RAW_COLUMNS = ["time_hour", "carrier", "origin", "dest", "hour", "minute", "distance", "temp", "dewp", "humid",
-               "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib", "year", "flight", "tailnum"]
+RAW_COLUMNS = [
+    "time_hour",
+    "carrier",
+    "origin",
+    "dest",
+    "hour",
+    "minute",
+    "distance",
+    "temp",
+    "dewp",
+    "humid",
+    "wind_dir",
+    "wind_speed",
+    "wind_gust",
+    "precip",
+    "pressure",
+    "visib",
+    "year",
+    "flight",
+    "tailnum",
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +106,23 @@ def server(served_home, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port)],
-            env=_env(uri), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env=_env(uri),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -131,8 +164,11 @@ def _predictions(response: httpx.Response) -> np.ndarray:
 
 def test_serves_raw_rows_as_json(server, expected):
     rows = _raw_rows()
-    got = _predictions(httpx.post(f"{server}/invocations", content=_records(rows),
-                                  headers={"Content-Type": "application/json"}, timeout=60))
+    got = _predictions(
+        httpx.post(
+            f"{server}/invocations", content=_records(rows), headers={"Content-Type": "application/json"}, timeout=60
+        )
+    )
     assert got.shape == (len(rows),) and np.all((got >= 0) & (got <= 1)) and got.std() > 0
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
@@ -146,8 +182,11 @@ def test_serves_raw_rows_as_json(server, expected):
 
 def test_serves_raw_rows_as_csv(server, expected):
     rows = _raw_rows()
-    got = _predictions(httpx.post(f"{server}/invocations", content=rows.to_csv(index=False),
-                                  headers={"Content-Type": "text/csv"}, timeout=60))
+    got = _predictions(
+        httpx.post(
+            f"{server}/invocations", content=rows.to_csv(index=False), headers={"Content-Type": "text/csv"}, timeout=60
+        )
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
@@ -179,9 +218,25 @@ def test_mlflow_models_predict_on_raw_rows(served_home, expected, tmp_path, cont
         rows.to_csv(path, index=False)
     out = tmp_path / "predictions.json"
     proc = subprocess.run(
-        [str(BIN / "mlflow"), "models", "predict", "-m", model_uri, "--env-manager", "local",
-         "-i", str(path), "-t", content_type, "-o", str(out)],
-        env=_env(uri), capture_output=True, text=True, timeout=300,
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "predict",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-i",
+            str(path),
+            "-t",
+            content_type,
+            "-o",
+            str(out),
+        ],
+        env=_env(uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.asarray(json.loads(out.read_text())["predictions"], dtype=np.float64).ravel()
@@ -226,8 +281,11 @@ def test_pyfunc_predicts_frames_as_pandas_reads_them(served_home, server, expect
     holes.loc[3, "distance"] = np.nan
     frame = _read_back(holes, tmp_path / f"holes{suffix}")
     assert frame["hour"].dtype.name == "float64" and frame["hour"].isna().sum() == 2
-    served = _predictions(httpx.post(f"{server}/invocations", content=_records(holes),
-                                     headers={"Content-Type": "application/json"}, timeout=60))
+    served = _predictions(
+        httpx.post(
+            f"{server}/invocations", content=_records(holes), headers={"Content-Type": "application/json"}, timeout=60
+        )
+    )
     np.testing.assert_allclose(np.ravel(model.predict(frame)), served, rtol=1e-6)
     intact = ~holes.index.isin([0, 3, 7])
     np.testing.assert_allclose(served[intact], expected[intact], rtol=1e-6)
@@ -251,14 +309,14 @@ def test_mlflow_models_predict_api_on_a_csv_pandas_wrote(served_home, expected, 
     path = tmp_path / "rows.csv"
     rows.to_csv(path, index=False)
     out = tmp_path / "predictions.json"
-    mlflow.models.predict(model_uri, input_path=str(path), content_type="csv", env_manager="local",
-                          output_path=str(out))
+    mlflow.models.predict(
+        model_uri, input_path=str(path), content_type="csv", env_manager="local", output_path=str(out)
+    )
     got = np.asarray(json.loads(out.read_text())["predictions"], dtype=np.float64).ravel()
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
     out = tmp_path / "from-frame.json"
-    mlflow.models.predict(model_uri, input_data=rows, content_type="json", env_manager="local",
-                          output_path=str(out))
+    mlflow.models.predict(model_uri, input_data=rows, content_type="json", env_manager="local", output_path=str(out))
     got = np.asarray(json.loads(out.read_text())["predictions"], dtype=np.float64).ravel()
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
@@ -270,9 +328,23 @@ def test_mlflow_models_predict_cli_refuses_text_naming_the_column(served_home, t
     path = tmp_path / "bad.csv"
     bad.to_csv(path, index=False)
     proc = subprocess.run(
-        [str(BIN / "mlflow"), "models", "predict", "-m", model_uri, "--env-manager", "local",
-         "-i", str(path), "-t", "csv"],
-        env=_env(uri), capture_output=True, text=True, timeout=300,
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "predict",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-i",
+            str(path),
+            "-t",
+            "csv",
+        ],
+        env=_env(uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "column distance: 'abc' is not a number" in proc.stderr, proc.stderr[-3000:]

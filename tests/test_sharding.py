@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -48,8 +49,8 @@ def data_dir_is_empty(data_dir) -> bool:
 
 @pytest.fixture(scope="module")
 def smoke_cfg() -> PipelineConfig:
-    from tests.conftest import ROOT
     from ringflow.training.config import load_config
+    from tests.conftest import ROOT
 
     return load_config(ROOT / "configs" / "smoke.yaml")
 
@@ -73,9 +74,11 @@ def test_flights_windows_respected_and_shards_cover_train_exactly(smoke_cfg, smo
     assert manifest.rows_dropped_unlabelled == dropped > 0 and manifest.rows_total == len(df)
     assert len(manifest.shards) == smoke_cfg.num_shards == 2
 
-    for name, part in [("train", pd.concat([manifest.read(s) for s in manifest.shards], ignore_index=True)),
-                       ("validation", manifest.read(manifest.validation)),
-                       ("test", manifest.read(manifest.test))]:
+    for name, part in [
+        ("train", pd.concat([manifest.read(s) for s in manifest.shards], ignore_index=True)),
+        ("validation", manifest.read(manifest.validation)),
+        ("test", manifest.read(manifest.test)),
+    ]:
         w = getattr(d.windows, name)
         assert in_window(part, d, w.start, w.end).all(), f"{name} has rows outside {w}"
         expected = df[in_window(df, d, w.start, w.end)][part.columns]
@@ -105,23 +108,31 @@ def test_flights_windows_respected_and_shards_cover_train_exactly(smoke_cfg, smo
 def make_frame(rows: int = 600, start: str = "2024-01-01") -> pd.DataFrame:
     """Rows every 2.4 h over 60 days; ``row_id`` is unique so shards can be checked row by row."""
     rng = np.random.default_rng(0)
-    return pd.DataFrame({
-        "ts": pd.date_range(start, periods=rows, freq="144min", tz="UTC").astype(str),
-        "delay": rng.normal(10, 20, rows).round(1),
-        "row_id": np.arange(rows, dtype=np.int64),
-        "x": rng.normal(0, 1, rows),
-        "c": rng.choice(["a", "b", "c"], rows),
-    })
+    return pd.DataFrame(
+        {
+            "ts": pd.date_range(start, periods=rows, freq="144min", tz="UTC").astype(str),
+            "delay": rng.normal(10, 20, rows).round(1),
+            "row_id": np.arange(rows, dtype=np.int64),
+            "x": rng.normal(0, 1, rows),
+            "c": rng.choice(["a", "b", "c"], rows),
+        }
+    )
 
 
 def make_cfg(source, **sharding) -> PipelineConfig:
     return PipelineConfig(
         data=DataConfig(
-            source=source, timestamp_column="ts", label_column="delay", label_threshold=15.0,
-            numeric_features=["row_id", "x"], categorical_features=["c"],
-            windows={"train": {"start": "2024-01-01", "end": "2024-02-01"},
-                     "validation": {"start": "2024-02-01", "end": "2024-02-15"},
-                     "test": {"start": "2024-02-15", "end": "2024-03-01"}},
+            source=source,
+            timestamp_column="ts",
+            label_column="delay",
+            label_threshold=15.0,
+            numeric_features=["row_id", "x"],
+            categorical_features=["c"],
+            windows={
+                "train": {"start": "2024-01-01", "end": "2024-02-01"},
+                "validation": {"start": "2024-02-01", "end": "2024-02-15"},
+                "test": {"start": "2024-02-15", "end": "2024-03-01"},
+            },
         ),
         sharding=ShardingConfig(**sharding),
         training=TrainingConfig(world_size=3),
@@ -163,19 +174,22 @@ def test_seed_decides_the_shuffle(csv_source, tmp_path):
     a = shard_ids(shard_dataset(make_cfg(csv_source, seed=1), tmp_path / "a", progress=quiet))
     again = shard_ids(shard_dataset(make_cfg(csv_source, seed=1), tmp_path / "b", progress=quiet))
     other = shard_ids(shard_dataset(make_cfg(csv_source, seed=2), tmp_path / "c", progress=quiet))
-    assert all(np.array_equal(x, y) for x, y in zip(a, again))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, other))
+    assert all(np.array_equal(x, y) for x, y in zip(a, again, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, other, strict=True))
 
 
-@pytest.mark.parametrize("rows, shards, weights, expected", [
-    (10, 3, None, [4, 3, 3]),
-    (9, 3, None, [3, 3, 3]),
-    (5, 5, None, [1, 1, 1, 1, 1]),
-    (100, 2, [3.0, 1.0], [75, 25]),
-    (10, 3, [1.0, 1.0, 2.0], [3, 2, 5]),   # quotas 2.5/2.5/5: one remainder row, to the first tie
-    (7, 2, [0.5, 0.5], [4, 3]),
-    (10, 3, [1000.0, 1.0, 0.001], [8, 1, 1]),  # a tiny weight still gets one row
-])
+@pytest.mark.parametrize(
+    "rows, shards, weights, expected",
+    [
+        (10, 3, None, [4, 3, 3]),
+        (9, 3, None, [3, 3, 3]),
+        (5, 5, None, [1, 1, 1, 1, 1]),
+        (100, 2, [3.0, 1.0], [75, 25]),
+        (10, 3, [1.0, 1.0, 2.0], [3, 2, 5]),  # quotas 2.5/2.5/5: one remainder row, to the first tie
+        (7, 2, [0.5, 0.5], [4, 3]),
+        (10, 3, [1000.0, 1.0, 0.001], [8, 1, 1]),  # a tiny weight still gets one row
+    ],
+)
 def test_shard_sizes(rows, shards, weights, expected):
     sizes = shard_sizes(rows, shards, weights)
     assert sizes == expected and sum(sizes) == rows
@@ -253,42 +267,73 @@ def _write(tmp_path, name, df):
 BAD_INPUTS = {
     "missing file": (lambda t: make_cfg(t / "nope.csv"), DataContractError, r"data source not found: .*nope\.csv"),
     "unreadable format": (
-        lambda t: make_cfg(_write_text(t / "rows.txt", "ts,delay\n")), DataContractError,
-        r"unsupported data source format '\.txt'"),
+        lambda t: make_cfg(_write_text(t / "rows.txt", "ts,delay\n")),
+        DataContractError,
+        r"unsupported data source format '\.txt'",
+    ),
     "corrupt parquet": (
-        lambda t: make_cfg(_write_text(t / "rows.parquet", "not parquet")), DataContractError,
-        r"cannot read data source .*rows\.parquet"),
+        lambda t: make_cfg(_write_text(t / "rows.parquet", "not parquet")),
+        DataContractError,
+        r"cannot read data source .*rows\.parquet",
+    ),
     "missing label column": (
-        lambda t: make_cfg(_write(t, "s.csv", make_frame().drop(columns=["delay"]))), DataContractError,
-        r"missing column\(s\) \['delay'\]"),
+        lambda t: make_cfg(_write(t, "s.csv", make_frame().drop(columns=["delay"]))),
+        DataContractError,
+        r"missing column\(s\) \['delay'\]",
+    ),
     "missing feature column": (
-        lambda t: make_cfg(_write(t, "s.parquet", make_frame().drop(columns=["x"]))), DataContractError,
-        r"missing column\(s\) \['x'\]"),
+        lambda t: make_cfg(_write(t, "s.parquet", make_frame().drop(columns=["x"]))),
+        DataContractError,
+        r"missing column\(s\) \['x'\]",
+    ),
     "wrong dtype": (
-        lambda t: make_cfg(_write(t, "s.csv", make_frame().assign(x="high"))), DataContractError,
-        r"column 'x' must be numeric"),
+        lambda t: make_cfg(_write(t, "s.csv", make_frame().assign(x="high"))),
+        DataContractError,
+        r"column 'x' must be numeric",
+    ),
     "empty train window": (
-        lambda t: with_overrides(make_cfg(_write(t, "s.csv", make_frame(start="2024-01-20"))),
-                                 {"data.windows.train.end": "2024-01-15"}),
-        ShardingError, r"the train window \[2024-01-01, 2024-01-15\) \(data.windows.train\) has no labelled rows "
-                       r"in .*s\.csv; its labelled rows span 2024-01-20"),
+        lambda t: with_overrides(
+            make_cfg(_write(t, "s.csv", make_frame(start="2024-01-20"))), {"data.windows.train.end": "2024-01-15"}
+        ),
+        ShardingError,
+        r"the train window \[2024-01-01, 2024-01-15\) \(data.windows.train\) has no labelled rows "
+        r"in .*s\.csv; its labelled rows span 2024-01-20",
+    ),
     "empty validation window": (
-        lambda t: with_overrides(make_cfg(_write(t, "s.csv", make_frame(rows=300))),
-                                 {"data.windows.validation": {"start": "2024-03-01", "end": "2024-03-05"},
-                                  "data.windows.test": {"start": "2024-03-05", "end": "2024-03-09"}}),
-        ShardingError, r"the validation window \[2024-03-01, 2024-03-05\) \(data.windows.validation\) has no"),
+        lambda t: with_overrides(
+            make_cfg(_write(t, "s.csv", make_frame(rows=300))),
+            {
+                "data.windows.validation": {"start": "2024-03-01", "end": "2024-03-05"},
+                "data.windows.test": {"start": "2024-03-05", "end": "2024-03-09"},
+            },
+        ),
+        ShardingError,
+        r"the validation window \[2024-03-01, 2024-03-05\) \(data.windows.validation\) has no",
+    ),
     "empty test window": (
-        lambda t: with_overrides(make_cfg(_write(t, "s.csv", make_frame())),
-                                 {"data.windows.test": {"start": "2024-04-01", "end": "2024-04-05"}}),
-        ShardingError, r"the test window \[2024-04-01, 2024-04-05\)"),
+        lambda t: with_overrides(
+            make_cfg(_write(t, "s.csv", make_frame())),
+            {"data.windows.test": {"start": "2024-04-01", "end": "2024-04-05"}},
+        ),
+        ShardingError,
+        r"the test window \[2024-04-01, 2024-04-05\)",
+    ),
     "fewer rows than shards": (
-        lambda t: with_overrides(make_cfg(_write(t, "s.csv", make_frame())),
-                                 {"data.windows.train.end": "2024-01-02",  # 10 rows a day
-                                  "sharding.num_shards": 20}),
-        ShardingError, r"the train window \[2024-01-01, 2024-01-02\) has 10 labelled rows but 20 shards"),
+        lambda t: with_overrides(
+            make_cfg(_write(t, "s.csv", make_frame())),
+            {
+                "data.windows.train.end": "2024-01-02",  # 10 rows a day
+                "sharding.num_shards": 20,
+            },
+        ),
+        ShardingError,
+        r"the train window \[2024-01-01, 2024-01-02\) has 10 labelled rows but 20 shards",
+    ),
     "encrypt on without a key": (
-        lambda t: make_cfg(_write(t, "s.csv", make_frame()), encrypt="on"), MissingKeyError,
-        r"sharding.encrypt is 'on' but no data key is available: set RINGFLOW_DATA_KEY"),
+        lambda t: make_cfg(_write(t, "s.csv", make_frame()), encrypt="on"),
+        MissingKeyError,
+        r"sharding.encrypt is 'on' but no data key is available: set RINGFLOW_DATA_KEY",
+    ),
 }
 
 
@@ -353,10 +398,12 @@ def test_encryption_round_trip_and_key_stays_secret(csv_source, data_dir, monkey
     enc = shard_dataset(make_cfg(csv_source), data_dir, key=key, progress=lines.append)  # auto + key = on
     assert enc.encrypted and not plain.encrypted and enc.fingerprint != plain.fingerprint
 
-    for p_entry, e_entry in zip([*plain.shards, plain.validation, plain.test], [*enc.shards, enc.validation, enc.test]):
+    for p_entry, e_entry in zip(
+        [*plain.shards, plain.validation, plain.test], [*enc.shards, enc.validation, enc.test], strict=True
+    ):
         raw = (enc.dir / e_entry.file).read_bytes()
         assert not raw.startswith(b"PAR1")  # ciphertext on disk, not Parquet
-        with pytest.raises(Exception):
+        with pytest.raises(pa.ArrowInvalid):  # not a Parquet file
             pq.read_table(enc.dir / e_entry.file)
         pd.testing.assert_frame_equal(enc.read(e_entry, key), plain.read(p_entry))  # same seed, same rows
     assert enc.read_preprocessor() == plain.read_preprocessor()  # stays plaintext
@@ -401,8 +448,7 @@ def test_shard_task_under_prefect(prefect_harness, ringflow_home, smoke_config, 
     assert manifest.windows["train"].rows == sum(s.rows for s in manifest.shards) == 34_653
     assert key_b64 not in manifest.path.read_text()
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
     latest = max(artifacts, key=lambda a: a.created)
     assert manifest.fingerprint in latest.data and "| train | 2013-01-01 .. 2013-02-12 | 34,653 |" in latest.data
     assert key_b64 not in latest.data and key.hex() not in latest.data
@@ -435,8 +481,12 @@ def test_only_io_errors_are_retried():
     from ringflow.tasks.shard import DataKeyError, _retryable
 
     assert _retryable(None, None, Failed(data=OSError("NFS hiccup")))
-    for permanent in (ShardingError("empty window"), DataContractError("missing column"),
-                      MissingKeyError("no key"), DataKeyError("no block")):
+    for permanent in (
+        ShardingError("empty window"),
+        DataContractError("missing column"),
+        MissingKeyError("no key"),
+        DataKeyError("no block"),
+    ):
         assert not _retryable(None, None, Failed(data=permanent)), permanent
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC
 from pathlib import Path
 
 import httpx
@@ -25,10 +26,19 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 # Variables that would point the stack or its clients somewhere else.
 _SCRUB = (
-    "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
-    "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_HOME",
-    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_AUTH_ADMIN_PASSWORD", "RINGFLOW_MLFLOW_BACKEND_STORE_URI", "RINGFLOW_MLFLOW_ARTIFACTS_DESTINATION",
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_HOME",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "RINGFLOW_MLFLOW_BACKEND_STORE_URI",
+    "RINGFLOW_MLFLOW_ARTIFACTS_DESTINATION",
 )
 
 
@@ -65,8 +75,12 @@ class Stack:
 
     def cli(self, *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300):
         p = subprocess.run(
-            [str(RINGFLOW), *args], cwd=ROOT, env={**self.env, **(env or {})},
-            capture_output=True, text=True, timeout=timeout,
+            [str(RINGFLOW), *args],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and p.returncode != 0:
             raise AssertionError(f"ringflow {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
@@ -136,8 +150,10 @@ def _stop(stack: Stack) -> None:
 def stack(tmp_path_factory):
     # Exported but empty = auth off (Prefect's server would take '' as the password: every
     # client, the runner first, got 401 and `up` failed with both servers left running).
-    s = Stack(tmp_path_factory.mktemp("stack") / "home",
-              {"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""})
+    s = Stack(
+        tmp_path_factory.mktemp("stack") / "home",
+        {"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""},
+    )
     _start(s)
     yield s
     _stop(s)
@@ -154,8 +170,10 @@ def test_up_started_all_three_and_wrote_urls(stack):
     assert httpx.get(f"http://127.0.0.1:{stack.evidently_port}/api/version").json()["application"] == "Evidently UI"
     status = stack.cli("status").stdout
     sup = json.loads((stack.home / "stack" / "evidently.state.json").read_text())
-    assert (f"evidently running pid {stack.pids()['evidently']} (supervised: service pid {sup['child_pid']}, "
-            f"0 restarts)  healthy  http://127.0.0.1:{stack.evidently_port}") in status, status
+    assert (
+        f"evidently running pid {stack.pids()['evidently']} (supervised: service pid {sup['child_pid']}, "
+        f"0 restarts)  healthy  http://127.0.0.1:{stack.evidently_port}"
+    ) in status, status
     env_file = (stack.home / "stack" / "env").read_text()
     assert f"PREFECT_API_URL={stack.api}" in env_file
     assert f"MLFLOW_TRACKING_URI={stack.mlflow}" in env_file
@@ -189,13 +207,26 @@ def test_deploy_creates_deployments_schedules_and_one_automation(stack):
     from prefect.events.schemas.automations import AutomationCore, EventTrigger
 
     with stack.client() as c:
-        c.create_automation(AutomationCore(
-            name="ringflow-rerun-on-anomaly", trigger=EventTrigger(expect={"ringflow.anomaly.detected"}),
-            actions=[DoNothing()]))
+        c.create_automation(
+            AutomationCore(
+                name="ringflow-rerun-on-anomaly",
+                trigger=EventTrigger(expect={"ringflow.anomaly.detected"}),
+                actions=[DoNothing()],
+            )
+        )
     # Twice, with changed schedules: an update, not a second schedule or automation.
     stack.cli("deploy", "--config", str(SMOKE))
-    stack.cli("deploy", "--config", str(SMOKE), "--set", "schedules.training_cron=15 4 * * 2",
-              "--set", "schedules.monitoring_cron=30 5 * * *", "--set", "schedules.timezone=Europe/Berlin")
+    stack.cli(
+        "deploy",
+        "--config",
+        str(SMOKE),
+        "--set",
+        "schedules.training_cron=15 4 * * 2",
+        "--set",
+        "schedules.monitoring_cron=30 5 * * *",
+        "--set",
+        "schedules.timezone=Europe/Berlin",
+    )
     with stack.client() as c:
         train = c.read_deployment_by_name("training-pipeline/training-pipeline")
         mon = c.read_deployment_by_name("monitoring/monitoring")
@@ -246,10 +277,22 @@ def test_anomaly_event_starts_exactly_one_training_run(stack):
         "rerun": {"config": cfg, "reason": "drift: 7/15 features", "overrides": {"training.epochs": 1}},
     }
     p = subprocess.run(
-        [str(Path(sys.executable).with_name("prefect")), "event", "emit", "ringflow.anomaly.detected",
-         "--resource-id", "ringflow.model.flights-delay", "-r", f"ringflow.anomaly.cause={anomaly_id}",
-         "--payload", json.dumps(payload)],
-        env={**stack.env, "PREFECT_API_URL": stack.api}, capture_output=True, text=True, timeout=60,
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "event",
+            "emit",
+            "ringflow.anomaly.detected",
+            "--resource-id",
+            "ringflow.model.flights-delay",
+            "-r",
+            f"ringflow.anomaly.cause={anomaly_id}",
+            "--payload",
+            json.dumps(payload),
+        ],
+        env={**stack.env, "PREFECT_API_URL": stack.api},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert p.returncode == 0, p.stderr
 
@@ -279,7 +322,7 @@ def test_anomaly_event_starts_exactly_one_training_run(stack):
 
 
 def test_runs_say_whether_a_schedule_or_a_person_started_them(stack):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.states import Scheduled
@@ -298,7 +341,8 @@ def test_runs_say_whether_a_schedule_or_a_person_started_them(stack):
         # What the UI's Run button and `prefect deployment run` do; far in the future, so the
         # runner leaves it alone.
         manual = c.create_flow_run_from_deployment(
-            dep.id, state=Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=300)))
+            dep.id, state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=300))
+        )
         try:
             assert manual.parameters["reason"] == "manual"
             assert manual.parameters["config"]["name"] == "smoke"
@@ -372,13 +416,29 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
     cfg = load_config(SMOKE).model_dump(mode="json")
     cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")
     anomaly_id = f"anomaly-{uuid.uuid4()}"
-    payload = {"anomaly_id": anomaly_id, "monitoring_run_id": "m-1", "anomalies": [],
-               "rerun": {"config": cfg, "reason": "after a runner restart", "overrides": {}}}
+    payload = {
+        "anomaly_id": anomaly_id,
+        "monitoring_run_id": "m-1",
+        "anomalies": [],
+        "rerun": {"config": cfg, "reason": "after a runner restart", "overrides": {}},
+    }
     p = subprocess.run(
-        [str(Path(sys.executable).with_name("prefect")), "event", "emit", "ringflow.anomaly.detected",
-         "--resource-id", "ringflow.model.flights-delay", "-r", f"ringflow.anomaly.cause={anomaly_id}",
-         "--payload", json.dumps(payload)],
-        env={**stack.env, "PREFECT_API_URL": stack.api}, capture_output=True, text=True, timeout=60,
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "event",
+            "emit",
+            "ringflow.anomaly.detected",
+            "--resource-id",
+            "ringflow.model.flights-delay",
+            "-r",
+            f"ringflow.anomaly.cause={anomaly_id}",
+            "--payload",
+            json.dumps(payload),
+        ],
+        env={**stack.env, "PREFECT_API_URL": stack.api},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert p.returncode == 0, p.stderr
     with stack.client() as c:
@@ -415,8 +475,13 @@ def test_a_storm_of_anomaly_events_for_one_cause_starts_one_rerun(stack):
         "               'monitoring_run_id': 'm-storm', 'rerun': {'config': cfg, 'reason': 'storm'}})\n"
         "print(time.monotonic() - t0)\n"
     )
-    p = subprocess.run([sys.executable, "-c", code, json.dumps(cfg), cause], capture_output=True, text=True,
-                       timeout=120, env={**stack.env, "PREFECT_API_URL": stack.api})
+    p = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cfg), cause],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**stack.env, "PREFECT_API_URL": stack.api},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert float(p.stdout.strip().splitlines()[-1]) < 10  # the storm: 50 events within 10 s
 
@@ -474,8 +539,10 @@ def test_each_server_killed_by_pid_is_restarted_by_its_supervisor(stack):
         assert ok(url), f"{name} does not answer {url} after its restart"
         assert stack.pids()[name] == supervisor  # the same supervisor; `up` was not needed
         out = stack.cli("status").stdout
-        assert (f"{name:8s} running pid {supervisor} (supervised: service pid {now['child_pid']}, "
-                f"{now['restarts']} restarts)  healthy") in out, out
+        assert (
+            f"{name:8s} running pid {supervisor} (supervised: service pid {now['child_pid']}, "
+            f"{now['restarts']} restarts)  healthy"
+        ) in out, out
 
 
 # --------------------------------------------------------------------------- down / restart
@@ -510,8 +577,9 @@ def test_down_stops_everything_and_state_survives_a_restart(stack):
     client = MlflowClient(f"sqlite:///{stack.home / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ringflow")
     assert exp.artifact_location == (stack.home / "artifacts" / "ringflow").as_uri()
-    [latest] = client.search_runs([exp.experiment_id], "tags.`ringflow.kind` = 'training'",
-                                  order_by=["attribute.start_time DESC"], max_results=1)
+    [latest] = client.search_runs(
+        [exp.experiment_id], "tags.`ringflow.kind` = 'training'", order_by=["attribute.start_time DESC"], max_results=1
+    )
     assert latest.info.status == "FINISHED"
     assert client.list_artifacts(latest.info.run_id, "training")
 
@@ -608,12 +676,20 @@ def test_auth_refuses_anonymous_requests_to_both_servers(auth_stack):
 def test_auth_clients_work_with_env_credentials_and_secrets_stay_out_of_files(auth_stack):
     s = auth_stack
     # The CLI as a client: only the client-side variables, found through the env file.
-    client_env = {"PREFECT_API_AUTH_STRING": s.prefect_secret, "PREFECT_SERVER_API_AUTH_STRING": "",
-                  "MLFLOW_AUTH_ADMIN_PASSWORD": ""}
+    client_env = {
+        "PREFECT_API_AUTH_STRING": s.prefect_secret,
+        "PREFECT_SERVER_API_AUTH_STRING": "",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "",
+    }
     out = s.cli("status", env=client_env).stdout
     assert "deployment training-pipeline/training-pipeline: READY" in out, out
-    anon = s.cli("deploy", "--config", str(SMOKE), check=False,
-                 env={"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""})
+    anon = s.cli(
+        "deploy",
+        "--config",
+        str(SMOKE),
+        check=False,
+        env={"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""},
+    )
     assert anon.returncode != 0 and "401" in (anon.stdout + anon.stderr)
 
     # MLflow tracking with MLFLOW_TRACKING_USERNAME/PASSWORD, in a clean process.
@@ -624,9 +700,16 @@ def test_auth_clients_work_with_env_credentials_and_secrets_stay_out_of_files(au
         "print(mlflow.get_run(r.info.run_id).data.metrics['x'])\n"
     )
     p = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**s.env, "MLFLOW_TRACKING_URI": s.mlflow, "MLFLOW_TRACKING_USERNAME": "admin",
-             "MLFLOW_TRACKING_PASSWORD": s.mlflow_password},
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **s.env,
+            "MLFLOW_TRACKING_URI": s.mlflow,
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": s.mlflow_password,
+        },
     )
     assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "1.0", p.stderr[-2000:]
 
@@ -639,14 +722,21 @@ def test_auth_clients_work_with_env_credentials_and_secrets_stay_out_of_files(au
 
 
 def test_status_without_client_credentials_names_the_variable(auth_stack):
-    p = auth_stack.cli("status", check=False,
-                       env={"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""})
+    p = auth_stack.cli(
+        "status", check=False, env={"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": ""}
+    )
     assert p.returncode == 1
     assert "requires a login: set PREFECT_API_AUTH_STRING=user:password" in p.stderr, p.stderr
     assert "Traceback" not in p.stdout + p.stderr
-    wrong = auth_stack.cli("status", check=False, env={
-        "PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": "",
-        "PREFECT_API_AUTH_STRING": "ops:wrong"})
+    wrong = auth_stack.cli(
+        "status",
+        check=False,
+        env={
+            "PREFECT_SERVER_API_AUTH_STRING": "",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": "",
+            "PREFECT_API_AUTH_STRING": "ops:wrong",
+        },
+    )
     assert wrong.returncode == 1 and "refused PREFECT_API_AUTH_STRING" in wrong.stderr, wrong.stderr
 
 
@@ -660,8 +750,9 @@ def test_a_changed_mlflow_admin_password_is_refused_or_rotated(auth_stack):
     assert "--rotate-mlflow-admin-password" in p.stderr
     assert s.pids() == before  # nothing stopped or started
 
-    out = s.cli("up", "--config", str(SMOKE), "--rotate-mlflow-admin-password",
-                env={"MLFLOW_AUTH_ADMIN_PASSWORD": new_password}).stdout
+    out = s.cli(
+        "up", "--config", str(SMOKE), "--rotate-mlflow-admin-password", env={"MLFLOW_AUTH_ADMIN_PASSWORD": new_password}
+    ).stdout
     assert "password changed" in out, out
     search = f"{s.mlflow}/api/2.0/mlflow/experiments/search?max_results=5"
     assert httpx.get(search, auth=("admin", new_password)).status_code == 200

@@ -36,9 +36,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ringflow.training.config import load_config
 from tests.test_stack import SMOKE, Stack, _free_port, _start, _stop
 from tests.test_team_stack import needs_postgres
-from ringflow.training.config import load_config
 
 RUNS = 20
 ENOUGH_COMPLETED = 2
@@ -53,9 +53,15 @@ def stack(request):
     # As root, PostgreSQL's data goes under RINGFLOW_POSTGRES_STATE_DIR: here, not /var/lib/ringflow.
     base = Path(tempfile.mkdtemp(prefix="ringflow-load-"))
     base.chmod(0o755)  # user postgres passes through to base/pg-state
-    s = Stack(base / "home", {"PREFECT_SERVER_API_AUTH_STRING": "", "MLFLOW_AUTH_ADMIN_PASSWORD": "",
-                              "RINGFLOW_POSTGRES_PORT": str(_free_port()),
-                              "RINGFLOW_POSTGRES_STATE_DIR": str(base / "pg-state")})
+    s = Stack(
+        base / "home",
+        {
+            "PREFECT_SERVER_API_AUTH_STRING": "",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": "",
+            "RINGFLOW_POSTGRES_PORT": str(_free_port()),
+            "RINGFLOW_POSTGRES_STATE_DIR": str(base / "pg-state"),
+        },
+    )
     try:
         _start(s, "--database", request.param)
         yield s
@@ -96,11 +102,20 @@ def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently
     # 100-103), across smoke's 0.6 floor; which seeds finish first is the queue's choice. The
     # floor is lowered to chance so the first run to finish is promoted: the registry's champion
     # chain is what this test checks, not model quality.
-    quick = ["training.world_size=1", "training.epochs=2", "training.early_stopping_patience=1",
-             "gate.floors.roc_auc=0.5"]
+    quick = [
+        "training.world_size=1",
+        "training.epochs=2",
+        "training.early_stopping_patience=1",
+        "gate.floors.roc_auc=0.5",
+    ]
     model_name = load_config(SMOKE, quick).registry.model_name
-    params = [{"config": load_config(SMOKE, [*quick, f"training.seed={100 + i}"]).model_dump(mode="json"),
-               "reason": f"load test {i}"} for i in range(RUNS)]
+    params = [
+        {
+            "config": load_config(SMOKE, [*quick, f"training.seed={100 + i}"]).model_dump(mode="json"),
+            "reason": f"load test {i}",
+        }
+        for i in range(RUNS)
+    ]
     with stack.client() as c:
         dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
     runs, latencies = _submit_all(stack.api, dep.id, params)
@@ -141,8 +156,7 @@ def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently
     by_type: dict[str, list] = {}
     for i, s in states.items():
         by_type.setdefault(s.type.value, []).append(i)
-    print("after the runner stopped:", {t: len(v) for t, v in by_type.items()},
-          {s.name for s in states.values()})
+    print("after the runner stopped:", {t: len(v) for t, v in by_type.items()}, {s.name for s in states.values()})
     # The run that was training when the runner stopped ends (cancelled), it is not left Running.
     interrupted = by_type.get("CANCELLED", []) + by_type.get("CRASHED", [])
     assert not by_type.get("RUNNING"), f"runs left Running after the runner is gone: {by_type['RUNNING']}"
@@ -154,8 +168,9 @@ def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently
     # The registry: one version per completed run, each from its own training run, one champion.
     client = MlflowClient(stack.mlflow)
     versions = client.search_model_versions(f"name='{model_name}'")
-    runs_of = {mv.version: client.get_run(mv.tags["training_run_id"]).data.tags.get("ringflow.flow_run_id")
-               for mv in versions}
+    runs_of = {
+        mv.version: client.get_run(mv.tags["training_run_id"]).data.tags.get("ringflow.flow_run_id") for mv in versions
+    }
     from_completed = {v for v, fr in runs_of.items() if fr in {str(i) for i in completed}}
     from_interrupted = {v for v, fr in runs_of.items() if fr in {str(i) for i in interrupted}}
     assert len(from_completed) == len(completed), runs_of  # one each: none lost, none twice
@@ -203,18 +218,21 @@ def test_concurrent_promotions_are_decided_one_at_a_time(prefect_harness, ringfl
     versions = []
     for _ in range(RACERS):
         run = client.create_run(experiment)
-        versions.append(str(client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version))
+        versions.append(
+            str(client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version)
+        )
     start = threading.Barrier(RACERS)
 
     def promote(version):
         start.wait()
         with registry_lock(name):
-            return settle_aliases(MlflowClient(), name, str(version), True, None, "first champion",
-                                  logging.getLogger("test"))
+            return settle_aliases(
+                MlflowClient(), name, str(version), True, None, "first champion", logging.getLogger("test")
+            )
 
     with ThreadPoolExecutor(RACERS) as pool:
         results = list(pool.map(promote, versions))
-    promoted = [v for v, (ok, _, _) in zip(versions, results) if ok]
+    promoted = [v for v, (ok, _, _) in zip(versions, results, strict=True) if ok]
     assert len(promoted) == 1, results
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == promoted[0]
     chain = [m for m in alias_history(client, name) if m["alias"] == CHAMPION]

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from datetime import UTC
 from pathlib import Path
 
 import psutil
@@ -29,7 +30,9 @@ try:
     HAVE_POSTGRES = True
 except postgres.PostgresError:
     HAVE_POSTGRES = False
-needs_postgres = pytest.mark.skipif(not HAVE_POSTGRES, reason="Debian's postgresql is not installed (make postgres-deps)")
+needs_postgres = pytest.mark.skipif(
+    not HAVE_POSTGRES, reason="Debian's postgresql is not installed (make postgres-deps)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,14 @@ def pg_stack():
     shared = Path(tempfile.mkdtemp(prefix="ringflow-pg-state-"))
     shared.chmod(0o755)  # stands for /var/lib: the state dir (and a PostgreSQL root) below it
     # a 3 s restart back-off: a killed PostgreSQL stays down long enough for a client to see it
-    s = Stack(private / "home", {"RINGFLOW_POSTGRES_PORT": str(_free_port()),
-                                 "RINGFLOW_POSTGRES_STATE_DIR": str(shared / "state"),
-                                 "RINGFLOW_SUPERVISE_BACKOFF": "3"})
+    s = Stack(
+        private / "home",
+        {
+            "RINGFLOW_POSTGRES_PORT": str(_free_port()),
+            "RINGFLOW_POSTGRES_STATE_DIR": str(shared / "state"),
+            "RINGFLOW_SUPERVISE_BACKOFF": "3",
+        },
+    )
     s.pg_port = int(s.env["RINGFLOW_POSTGRES_PORT"])
     s.pg_shared = shared
     try:
@@ -93,8 +101,11 @@ def test_up_on_postgresql_runs_both_servers_on_their_own_databases(pg_stack):
         assert not (s.home / "postgres" / "data").exists()
     else:
         assert data == s.home / "postgres" / "data"
-    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.pid == server.pid}
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid == server.pid
+    }
     assert listening == {("127.0.0.1", s.pg_port)}
 
     # Two databases, each owned by its own user; Prefect's and MLflow's schemas in their own.
@@ -125,7 +136,7 @@ def test_up_on_postgresql_runs_both_servers_on_their_own_databases(pg_stack):
 @needs_postgres
 def test_a_run_lands_in_postgresql_and_everything_survives_down_and_up(pg_stack):
     # (A real training run on these servers: test_the_compose_services_commands_run_a_training...)
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from mlflow import MlflowClient
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -142,7 +153,7 @@ def test_a_run_lands_in_postgresql_and_everything_survives_down_and_up(pg_stack)
     client.set_registered_model_alias("pg-check", "champion", "1")
     with s.client() as c:
         dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
-        far = datetime(2099, 1, 1, tzinfo=timezone.utc)  # persisted, never picked up
+        far = datetime(2099, 1, 1, tzinfo=UTC)  # persisted, never picked up
         flow_run = c.create_flow_run_from_deployment(dep.id, state=Scheduled(scheduled_time=far))
     with _connect(s, "mlflow", "mlflow") as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM model_versions WHERE name = 'pg-check'")
@@ -262,8 +273,14 @@ def test_postgresql_killed_while_a_run_logs_is_restarted_by_its_supervisor(pg_st
     assert "503" in error, error
 
     # Its supervisor starts it again (crash recovery), without `ringflow up`.
-    now = _until(lambda: (st := read_state(state_file)).get("state") == "running"
-                 and st.get("child_pid") != before["child_pid"] and st, 120)
+    now = _until(
+        lambda: (
+            (st := read_state(state_file)).get("state") == "running"
+            and st.get("child_pid") != before["child_pid"]
+            and st
+        ),
+        120,
+    )
     assert now["restarts"] == before["restarts"] + 1 and now["last_exit"] == -signal.SIGKILL, now
     assert psutil.Process(now["child_pid"]).username() == "postgres"
 
@@ -283,10 +300,14 @@ def test_postgresql_killed_while_a_run_logs_is_restarted_by_its_supervisor(pg_st
     log = (s.home / "stack" / "postgres.log").read_text()
     assert "database system was interrupted" in log or "not properly shut down" in log
     # the lock file of the killed postmaster, removed before the restart
-    assert f"removed {s.home / 'postgres' / 'data' / 'postmaster.pid'}: the process it names is gone" in log, log[-3000:]
+    assert f"removed {s.home / 'postgres' / 'data' / 'postmaster.pid'}: the process it names is gone" in log, log[
+        -3000:
+    ]
     out = s.cli("status").stdout
-    assert (f"postgres running pid {s.pids()['postgres']} (supervised: service pid {now['child_pid']}, "
-            f"{now['restarts']} restarts)") in out, out
+    assert (
+        f"postgres running pid {s.pids()['postgres']} (supervised: service pid {now['child_pid']}, "
+        f"{now['restarts']} restarts)"
+    ) in out, out
 
 
 # --------------------------------------------------------------------------- supervisor
@@ -297,9 +318,26 @@ def _supervise(tmp_path: Path, code: str, *options: str, **env: str) -> subproce
     import sys
 
     return subprocess.Popen(
-        [sys.executable, "-m", "ringflow.infra.supervisor", "--name", "svc", "--state", str(tmp_path / "svc.state.json"),
-         "--log", str(tmp_path / "svc.log"), *options, "--", sys.executable, "-u", "-c", code],
-        cwd=ROOT, env={**os.environ, "RINGFLOW_SUPERVISE_BACKOFF": "0.2", **env}, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "ringflow.infra.supervisor",
+            "--name",
+            "svc",
+            "--state",
+            str(tmp_path / "svc.state.json"),
+            "--log",
+            str(tmp_path / "svc.log"),
+            *options,
+            "--",
+            sys.executable,
+            "-u",
+            "-c",
+            code,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "RINGFLOW_SUPERVISE_BACKOFF": "0.2", **env},
+        start_new_session=True,
     )
 
 
@@ -312,7 +350,7 @@ def _state(tmp_path: Path) -> dict:
 def _until(cond, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (v := cond()):
+        if v := cond():
             return v
         time.sleep(0.1)
     raise AssertionError("condition not met within the timeout")
@@ -323,8 +361,11 @@ def test_supervisor_restarts_a_killed_service_and_stops_its_tree(tmp_path):
     try:
         first = _until(lambda: _state(tmp_path).get("child_pid"))
         os.kill(first, signal.SIGKILL)
-        second = _until(lambda: (p := _state(tmp_path).get("child_pid")) != first and
-                        _state(tmp_path).get("state") == "running" and p)
+        second = _until(
+            lambda: (
+                (p := _state(tmp_path).get("child_pid")) != first and _state(tmp_path).get("state") == "running" and p
+            )
+        )
         st = _state(tmp_path)
         assert st["restarts"] == 1 and st["last_exit"] == -signal.SIGKILL
         assert psutil.Process(second).is_running()
@@ -358,14 +399,25 @@ def test_supervisor_stops_with_the_services_own_signal_in_its_directory_after_a_
     dead.wait()
     stale = workdir / "service.pid"
     stale.write_text(f"{dead.pid}\n/some/data/dir\n")
-    code = ("import os, signal, sys, time\n"
-            "def bye(signum, _): print('clean shutdown on', signal.Signals(signum).name, flush=True); sys.exit(0)\n"
-            "signal.signal(signal.SIGINT, bye)\n"
-            "signal.signal(signal.SIGTERM, lambda *_: None)  # SIGTERM alone would not stop it\n"
-            "print('cwd', os.getcwd(), flush=True)\n"
-            "time.sleep(600)")
-    sup = _supervise(tmp_path, code, "--cwd", str(workdir), "--stop-signal", "SIGINT",
-                     "--stale-pid-file", str(stale), RINGFLOW_STACK_STOP_GRACE="30")
+    code = (
+        "import os, signal, sys, time\n"
+        "def bye(signum, _): print('clean shutdown on', signal.Signals(signum).name, flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGINT, bye)\n"
+        "signal.signal(signal.SIGTERM, lambda *_: None)  # SIGTERM alone would not stop it\n"
+        "print('cwd', os.getcwd(), flush=True)\n"
+        "time.sleep(600)"
+    )
+    sup = _supervise(
+        tmp_path,
+        code,
+        "--cwd",
+        str(workdir),
+        "--stop-signal",
+        "SIGINT",
+        "--stale-pid-file",
+        str(stale),
+        RINGFLOW_STACK_STOP_GRACE="30",
+    )
     try:
         child = _until(lambda: _state(tmp_path).get("child_pid"))
         _until(lambda: f"cwd {workdir}" in (tmp_path / "svc.log").read_text())
@@ -389,6 +441,7 @@ def test_supervisor_rotates_the_service_log(tmp_path):
     code = "import time\nfor i in range(400): print('line %04d ' % i + 'x' * 60)\ntime.sleep(600)"
     sup = _supervise(tmp_path, code, RINGFLOW_STACK_LOG_MAX_BYTES="4096", RINGFLOW_STACK_LOG_BACKUPS="2")
     try:
+
         def last_line_written():
             try:
                 return "line 0399" in (tmp_path / "svc.log").read_text(errors="replace")
@@ -409,8 +462,11 @@ def test_supervisor_rotates_the_service_log(tmp_path):
 COMPOSE = ROOT / "infra" / "docker-compose.yml"
 COMPOSE_AUTH = ROOT / "infra" / "docker-compose.auth.yml"
 BASE_ENV = {"POSTGRES_PASSWORD": "pg-pw", "PREFECT_DB_PASSWORD": "prefect-pw", "MLFLOW_DB_PASSWORD": "mlflow-pw"}
-AUTH_ENV = {"PREFECT_AUTH_STRING": "ops:prefect-secret", "MLFLOW_ADMIN_PASSWORD": "mlflow-admin-pw-123",
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret"}
+AUTH_ENV = {
+    "PREFECT_AUTH_STRING": "ops:prefect-secret",
+    "MLFLOW_ADMIN_PASSWORD": "mlflow-admin-pw-123",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret",
+}
 
 
 class ComposeError(ValueError):
@@ -428,7 +484,7 @@ def _interpolate(value, env: dict[str, str]):
     if not isinstance(value, str):
         return value
 
-    def sub(m: "re.Match[str]") -> str:
+    def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
         name, op, arg = m.group("name"), m.group("op"), m.group("arg") or ""
@@ -478,11 +534,15 @@ def test_compose_without_auth_sets_no_auth_variable_and_needs_no_object_store():
         env = svc.get("environment", {})
         assert not any("AUTH" in k or k.startswith("MLFLOW_TRACKING_PASSWORD") for k in env), (name, env)
     prefect_env = services["prefect-server"]["environment"]
-    assert prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] == \
-        "postgresql+asyncpg://prefect:prefect-pw@postgres:5432/prefect"
+    assert (
+        prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+        == "postgresql+asyncpg://prefect:prefect-pw@postgres:5432/prefect"
+    )
     mlflow = services["mlflow"]
-    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"] == \
-        "postgresql+psycopg2://mlflow:mlflow-pw@postgres:5432/mlflow"
+    assert (
+        mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+        == "postgresql+psycopg2://mlflow:mlflow-pw@postgres:5432/mlflow"
+    )
     assert "mlflow-pw" not in " ".join(mlflow["command"])  # never on a command line
     dest = mlflow["command"][mlflow["command"].index("--artifacts-destination") + 1]
     assert f"mlflow-artifacts:{dest}" in mlflow["volumes"] and "--app-name" not in mlflow["command"]
@@ -517,16 +577,22 @@ def _compose_on_this_machine(cfg: dict, ports: dict[str, int], data: Path) -> di
     executables of this machine: what each container would run, run here."""
     import sys
 
-    hosts = {"postgres:5432": f"127.0.0.1:{ports['postgres']}",
-             "prefect-server:4200": f"127.0.0.1:{ports['prefect']}", "mlflow:5000": f"127.0.0.1:{ports['mlflow']}"}
+    hosts = {
+        "postgres:5432": f"127.0.0.1:{ports['postgres']}",
+        "prefect-server:4200": f"127.0.0.1:{ports['prefect']}",
+        "mlflow:5000": f"127.0.0.1:{ports['mlflow']}",
+    }
 
     def local(v: str) -> str:
         for a, b in hosts.items():
             v = v.replace(a, b)
         return v.replace("/data/", f"{data}/")
 
-    bins = {"prefect": str(Path(sys.executable).with_name("prefect")),
-            "mlflow": str(Path(sys.executable).with_name("mlflow")), "python": sys.executable}
+    bins = {
+        "prefect": str(Path(sys.executable).with_name("prefect")),
+        "mlflow": str(Path(sys.executable).with_name("mlflow")),
+        "python": sys.executable,
+    }
     out = {}
     for name in ("prefect-server", "mlflow", "serve"):
         svc = cfg["services"][name]
@@ -560,33 +626,63 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
     try:
         # PostgreSQL with the compose init script (the official image runs it as the superuser)
         postgres.ensure_cluster(home, postgres.PostgresSettings(state_dir=base / "pg-state"))
-        procs.append(subprocess.Popen(
-            postgres.server_command(home, "127.0.0.1", ports["postgres"]), user=postgres._run_as(),
-            cwd=postgres.data_dir(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                postgres.server_command(home, "127.0.0.1", ports["postgres"]),
+                user=postgres._run_as(),
+                cwd=postgres.data_dir(home),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
         _until(lambda: postgres.is_ready(home, "127.0.0.1", ports["postgres"]), 60)
         init = subprocess.run(
-            ["sh", str(ROOT / "infra" / "postgres-init.sh")], capture_output=True, text=True, timeout=60,
-            env={**scrub, "POSTGRES_USER": "postgres", "PGHOST": "127.0.0.1", "PGPORT": str(ports["postgres"]),
-                 "PGPASSWORD": postgres.credentials(home).superuser, **BASE_ENV})
+            ["sh", str(ROOT / "infra" / "postgres-init.sh")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                **scrub,
+                "POSTGRES_USER": "postgres",
+                "PGHOST": "127.0.0.1",
+                "PGPORT": str(ports["postgres"]),
+                "PGPASSWORD": postgres.credentials(home).superuser,
+                **BASE_ENV,
+            },
+        )
         assert init.returncode == 0, init.stderr
 
         env = {**BASE_ENV, "RINGFLOW_CONFIG": "configs/smoke.yaml"}
         services = _compose_on_this_machine(render_compose(env, COMPOSE), ports, data)
         common = {**scrub, "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        for name, ready in (("prefect-server", f"http://127.0.0.1:{ports['prefect']}/api/health"),
-                            ("mlflow", f"http://127.0.0.1:{ports['mlflow']}/health")):
+        for name, ready in (
+            ("prefect-server", f"http://127.0.0.1:{ports['prefect']}/api/health"),
+            ("mlflow", f"http://127.0.0.1:{ports['mlflow']}/health"),
+        ):
             cmd, senv = services[name]
             with open(base / f"{name}.log", "wb") as log:
-                procs.append(subprocess.Popen(cmd, env={**common, **senv}, cwd=ROOT, stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
-            _until(lambda: _ok(httpx, ready), 180)
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        env={**common, **senv},
+                        cwd=ROOT,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            _until(lambda ready=ready: _ok(httpx, ready), 180)
         cmd, senv = services["serve"]
         serve_env = {**common, **senv}
         health = [sys.executable, "-m", "ringflow.flows.deployments", "health"]
         assert subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True).returncode == 1  # no runner yet
         with open(base / "serve.log", "wb") as log:
-            procs.append(subprocess.Popen(cmd, env=serve_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd, env=serve_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
         _until(lambda: subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True).returncode == 0, 240)
 
         # a training run through the API, executed by the compose runner, stored in PostgreSQL

@@ -40,19 +40,30 @@ def smoke_manifest(tmp_path_factory, smoke_config_module) -> Manifest:
 
 @pytest.fixture(scope="module")
 def smoke_config_module() -> PipelineConfig:
-    from tests.conftest import ROOT
     from ringflow.training.config import load_config
+    from tests.conftest import ROOT
 
     return load_config(ROOT / "configs" / "smoke.yaml")
 
 
-def _run_program(cfg: PipelineConfig, manifest: Manifest, out: Path, resume: bool = False, timeout: int = 120,
-                 tracking: dict[str, str] | None = None) -> dict:
+def _run_program(
+    cfg: PipelineConfig,
+    manifest: Manifest,
+    out: Path,
+    resume: bool = False,
+    timeout: int = 120,
+    tracking: dict[str, str] | None = None,
+) -> dict:
     """The training program under plain horovodrun (no Prefect; no MLflow run unless ``tracking``
     names one, see :func:`_tracked_run`)."""
     env = launch_env(cfg, **{"MLFLOW_RUN_ID": None, **(tracking or {})})
-    p = subprocess.run(horovodrun_command(cfg, manifest.path, out, resume=resume), env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        horovodrun_command(cfg, manifest.path, out, resume=resume),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return TrainResult.from_output_dir("none", out).model_dump()
 
@@ -134,8 +145,9 @@ class CommandLineWatch(threading.Thread):
                     continue
                 self.rank_cmdlines += "ringflow.training.train" in cmd
                 self.leaks += [f"pid {d.name}: {cmd[:200]}" for s in self.secrets if s in cmd]
-            self.secret_file_modes |= {f.stat().st_mode & 0o777 for f in self.home.glob("runs/*/.secrets-*")
-                                       if f.exists()}
+            self.secret_file_modes |= {
+                f.stat().st_mode & 0o777 for f in self.home.glob("runs/*/.secrets-*") if f.exists()
+            }
             self.samples += 1
             time.sleep(0.05)
 
@@ -171,7 +183,9 @@ def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, 
     assert r.status in {"completed", "early_stopped"} and r.world_size == 2
     # chance is 0.5; the smoke config's one validation week after six winter weeks gives 0.595
     assert r.metrics["val_roc_auc"] > 0.58, r.metrics
-    assert [p.rank for p in r.per_rank] == [0, 1] and all(p.samples_per_s > 0 and p.step_time_ms > 0 for p in r.per_rank)
+    assert [p.rank for p in r.per_rank] == [0, 1] and all(
+        p.samples_per_s > 0 and p.step_time_ms > 0 for p in r.per_rank
+    )
     out = Path(r.output_dir)
     assert out == ringflow_home.resolve() / "runs" / r.run_id
     assert {"model.pt", "preprocessor.json", "summary.json"} <= {f.name for f in out.iterdir()}
@@ -196,7 +210,12 @@ def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, 
     assert steps == list(range(1, r.epochs_completed + 1))
     assert {"rank0_samples_per_s", "rank1_step_time_ms", "train_loss"} <= set(run.data.metrics)
     arts = {a.path for d in ("training", "config", "data") for a in client.list_artifacts(r.run_id, d)}
-    assert {"training/summary.json", "training/horovodrun.log", "config/pipeline_config.json", "data/manifest.json"} <= arts
+    assert {
+        "training/summary.json",
+        "training/horovodrun.log",
+        "config/pipeline_config.json",
+        "data/manifest.json",
+    } <= arts
     contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
     assert contexts == {"training", "validation"}
     assert not _procs_of(ringflow_home)
@@ -222,8 +241,13 @@ def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int 
             for p in psutil.process_iter(["cmdline"]):
                 try:
                     cmd = " ".join(p.info["cmdline"] or [])
-                    if "ringflow.training.train" in cmd and str(home) in cmd and "horovodrun" not in cmd \
-                            and p.environ().get("HOROVOD_RANK") == str(rank) and "sh -c" not in cmd:
+                    if (
+                        "ringflow.training.train" in cmd
+                        and str(home) in cmd
+                        and "horovodrun" not in cmd
+                        and p.environ().get("HOROVOD_RANK") == str(rank)
+                        and "sh -c" not in cmd
+                    ):
                         p.send_signal(signal.SIGKILL)
                         killed.append(p.pid)
                         return
@@ -232,12 +256,15 @@ def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int 
         time.sleep(0.05)
 
 
-def test_killed_rank_fails_naming_it_and_the_retry_resumes(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
+def test_killed_rank_fails_naming_it_and_the_retry_resumes(
+    prefect_harness, ringflow_home, smoke_config, smoke_manifest
+):
     from ringflow.tasks.train import train_model
 
     # small batches: epochs long enough to kill a rank in the middle of the run
-    cfg = with_overrides(smoke_config, {"training.batch_size": 64, "training.epochs": 4,
-                                        "training.early_stopping_patience": 10})
+    cfg = with_overrides(
+        smoke_config, {"training.batch_size": 64, "training.epochs": 4, "training.early_stopping_patience": 10}
+    )
     killed: list[int] = []
     killer = threading.Thread(target=_kill_rank_after_checkpoint, args=(ringflow_home, 1, killed))
     killer.start()
@@ -269,9 +296,14 @@ def test_timeout_kills_every_process(prefect_harness, ringflow_home, smoke_confi
 
 def test_failure_message_names_first_failing_rank():
     out = RankOutput()
-    for line in ["[0]<stdout>:epoch 1/3: train_loss=0.5", "[1]<stderr>:Traceback (most recent call last):",
-                 "[1]<stderr>:RuntimeError: boom", "Process 1 exit with status code 1.",
-                 "Terminating remaining workers after failure of Process 1.", "Process 0 exit with status code 143."]:
+    for line in [
+        "[0]<stdout>:epoch 1/3: train_loss=0.5",
+        "[1]<stderr>:Traceback (most recent call last):",
+        "[1]<stderr>:RuntimeError: boom",
+        "Process 1 exit with status code 1.",
+        "Terminating remaining workers after failure of Process 1.",
+        "Process 0 exit with status code 143.",
+    ]:
         out.feed(line)
     err = out.failure_message(1)
     assert err.rank == 1 and err.exit_code == 1
@@ -286,12 +318,18 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_ma
     run (same config, so the same learning-rate schedule over the planned epochs)."""
     from ringflow.training.launch import kill_tree
 
-    three = with_overrides(smoke_config, {"training.epochs": 3, "training.early_stopping_patience": 5,
-                                          "training.batch_size": 128})  # epochs long enough to kill in
+    three = with_overrides(
+        smoke_config, {"training.epochs": 3, "training.early_stopping_patience": 5, "training.batch_size": 128}
+    )  # epochs long enough to kill in
     _run_program(three, smoke_manifest, tmp_path / "straight")
     out = tmp_path / "resumed"
-    p = subprocess.Popen(horovodrun_command(three, smoke_manifest.path, out), env=launch_env(three, MLFLOW_RUN_ID=None),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        horovodrun_command(three, smoke_manifest.path, out),
+        env=launch_env(three, MLFLOW_RUN_ID=None),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "epoch-0002.pt").exists() and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.02)
@@ -320,9 +358,17 @@ def test_uneven_shards_do_not_hang(tmp_path, smoke_config):
 
 
 def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manifest, monkeypatch):
-    cfg = with_overrides(smoke_config, {"training.epochs": 4, "training.batch_size": 256,
-                                        "training.early_stopping_patience": 10, "training.elastic.enabled": True,
-                                        "training.elastic.min_np": 1, "training.elastic.max_np": 2})
+    cfg = with_overrides(
+        smoke_config,
+        {
+            "training.epochs": 4,
+            "training.batch_size": 256,
+            "training.early_stopping_patience": 10,
+            "training.elastic.enabled": True,
+            "training.elastic.min_np": 1,
+            "training.elastic.max_np": 2,
+        },
+    )
     cmd = horovodrun_command(cfg, smoke_manifest.path, tmp_path / "out")
     assert "--host-discovery-script" in cmd and cmd[cmd.index("--network-interface") + 1] == "lo"
     # Horovod blacklists the whole host of a failed worker; with one host name nothing would be
@@ -355,8 +401,15 @@ def test_elastic_divergence_is_logged_as_a_fixed_run_s(tmp_path, smoke_config, s
     """Fixed and elastic runs go through the same epoch loop: a non-finite loss ends an elastic
     run as it ends a fixed one (test_absurd_learning_rate_returns_diverged), with the
     ``diverged`` metric at that epoch, the status and no model."""
-    cfg = with_overrides(smoke_config, {"training.learning_rate": 1e6, "training.elastic.enabled": True,
-                                        "training.elastic.min_np": 1, "training.elastic.max_np": 2})
+    cfg = with_overrides(
+        smoke_config,
+        {
+            "training.learning_rate": 1e6,
+            "training.elastic.enabled": True,
+            "training.elastic.min_np": 1,
+            "training.elastic.max_np": 2,
+        },
+    )
     client, run_id, tracking = _tracked_run(tmp_path / "mlflow")
     s = _run_program(cfg, smoke_manifest, tmp_path / "out", timeout=150, tracking=tracking)
 
@@ -371,8 +424,9 @@ def test_fixed_and_elastic_runs_log_the_same_metrics_once_per_epoch(tmp_path, sm
     """The same epoch loop under both drivers: the same metric keys, one value per epoch each
     (best_* once, at the best epoch), the same params, and the same validation results."""
     fixed = with_overrides(smoke_config, {"training.epochs": 2, "training.early_stopping_patience": 5})
-    elastic = with_overrides(fixed, {"training.elastic.enabled": True, "training.elastic.min_np": 1,
-                                     "training.elastic.max_np": 2})
+    elastic = with_overrides(
+        fixed, {"training.elastic.enabled": True, "training.elastic.min_np": 1, "training.elastic.max_np": 2}
+    )
     logged, params, results = {}, {}, {}
     for name, cfg in (("fixed", fixed), ("elastic", elastic)):
         client, run_id, tracking = _tracked_run(tmp_path / name)
@@ -386,8 +440,9 @@ def test_fixed_and_elastic_runs_log_the_same_metrics_once_per_epoch(tmp_path, sm
     assert all(v == ([best] if k.startswith("best_") else [1, 2]) for k, v in steps.items()), steps
     assert logged["elastic"] == steps
     assert set(params["elastic"]) == set(params["fixed"])
-    assert results["elastic"]["metrics"] == pytest.approx(results["fixed"]["metrics"] | {
-        "samples_per_s": results["elastic"]["metrics"]["samples_per_s"]})
+    assert results["elastic"]["metrics"] == pytest.approx(
+        results["fixed"]["metrics"] | {"samples_per_s": results["elastic"]["metrics"]["samples_per_s"]}
+    )
 
 
 def test_progress_is_replaced_never_changed_so_an_elastic_commit_holds(tmp_path):
@@ -423,8 +478,9 @@ def test_one_host_elastic_ranks_share_one_machine_s_cores():
     ranks under two names of this machine, one slot each, so Horovod's local size says 1."""
     from ringflow.training.train import ranks_sharing_host
 
-    cfg = with_overrides(PipelineConfig(), {"training.world_size": 2, "training.elastic.enabled": True,
-                                            "training.elastic.min_np": 1})
+    cfg = with_overrides(
+        PipelineConfig(), {"training.world_size": 2, "training.elastic.enabled": True, "training.elastic.min_np": 1}
+    )
     assert ranks_sharing_host(cfg, local_size=1) == 2
     assert ranks_sharing_host(with_overrides(cfg, {"training.elastic.max_np": 4}), local_size=2) == 4
     # named hosts, or a fixed-size job: Horovod's local size is right
@@ -437,14 +493,21 @@ def test_ranks_are_pinned_only_when_they_fit_the_host():
     """``training.pin_ranks``: rank r of n gets its own cores, all of its threads included;
     ranks that would share cores are left to the OS."""
     cores = sorted(os.sched_getaffinity(0))
-    probe = ("import os, sys, json; from ringflow.training.train import pin_to_cores; "
-             "pin_to_cores(*map(int, sys.argv[1:4])); "
-             "print(json.dumps([sorted(os.sched_getaffinity(0)), "
-             "[sorted(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')]]))")
+    probe = (
+        "import os, sys, json; from ringflow.training.train import pin_to_cores; "
+        "pin_to_cores(*map(int, sys.argv[1:4])); "
+        "print(json.dumps([sorted(os.sched_getaffinity(0)), "
+        "[sorted(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')]]))"
+    )
 
     def affinity(local_rank, local_size, threads):
-        out = subprocess.run([sys.executable, "-c", probe, str(local_rank), str(local_size), str(threads)],
-                             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(
+            [sys.executable, "-c", probe, str(local_rank), str(local_size), str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         return json.loads(out.stdout)
 
     if len(cores) >= 2:
@@ -464,8 +527,9 @@ def _broken_copy(manifest: Manifest, dest: Path) -> Manifest:
     return Manifest.load(dest)
 
 
-def test_a_deleted_shard_is_named_before_anything_starts(prefect_harness, ringflow_home, smoke_config,
-                                                         smoke_manifest, tmp_path):
+def test_a_deleted_shard_is_named_before_anything_starts(
+    prefect_harness, ringflow_home, smoke_config, smoke_manifest, tmp_path
+):
     from ringflow.tasks.train import train_model
     from ringflow.training.manifest import ShardIntegrityError
 
@@ -478,8 +542,9 @@ def test_a_deleted_shard_is_named_before_anything_starts(prefect_harness, ringfl
     assert not _procs_of(ringflow_home)
 
 
-def test_a_corrupt_shard_stops_its_rank_with_that_cause_and_is_not_retried(prefect_harness, ringflow_home,
-                                                                          smoke_config, smoke_manifest, tmp_path):
+def test_a_corrupt_shard_stops_its_rank_with_that_cause_and_is_not_retried(
+    prefect_harness, ringflow_home, smoke_config, smoke_manifest, tmp_path
+):
     from ringflow.tasks.train import train_model
 
     m = _broken_copy(smoke_manifest, tmp_path / "copy")
@@ -498,8 +563,9 @@ def test_a_corrupt_shard_stops_its_rank_with_that_cause_and_is_not_retried(prefe
     # The ranks check too (a retry skips the task's own reading): the rank that reads the bad
     # shard says why, and that is the error, not its peer's "Horovod has been shut down".
     env = launch_env(smoke_config, MLFLOW_RUN_ID=None)
-    p = subprocess.run(horovodrun_command(smoke_config, m.path, tmp_path / "out"), env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        horovodrun_command(smoke_config, m.path, tmp_path / "out"), env=env, capture_output=True, text=True, timeout=120
+    )
     out = RankOutput()
     for line in (p.stdout + p.stderr).splitlines():
         out.feed(line)
@@ -522,23 +588,40 @@ def test_more_ranks_than_shards_is_refused_before_launch(prefect_harness, ringfl
 def test_one_host_elastic_refuses_a_min_np_a_lost_rank_would_break():
     from ringflow.training.launch import check_launchable
 
-    cfg = with_overrides(PipelineConfig(), {"training.elastic.enabled": True, "training.world_size": 2,
-                                            "training.elastic.min_np": 2})
+    cfg = with_overrides(
+        PipelineConfig(), {"training.elastic.enabled": True, "training.world_size": 2, "training.elastic.min_np": 2}
+    )
     with pytest.raises(ValueError, match="training.elastic.min_np=2.*leaving 1"):
         check_launchable(cfg, num_shards=2)
     check_launchable(with_overrides(cfg, {"training.elastic.min_np": 1}), num_shards=2)
 
 
-@pytest.mark.parametrize("lines, code, retryable", [
-    (["[1]<stderr>:RuntimeError: a bug", "Process 1 exit with status code 1."], 1, False),
-    (["[1]<stderr>:horovod.common.exceptions.HorovodInternalError: ring broke",
-      "Process 1 exit with status code 1."], 1, True),
-    (["Process 1 exit with status code 137."], 137, True),     # SIGKILL / OOM killer
-    (["Process 1 exit with status code 255."], 255, True),     # ssh: the host went away
-    (["[0]<stderr>:horovod ... Horovod has been shut down", "Process 0 exit with status code 1.",
-      "[1]<stderr>:ringflow-error: MissingKeyError: shard-00001.parquet is encrypted",
-      "Process 1 exit with status code 78."], 78, False),      # the real cause, not the peer
-])
+@pytest.mark.parametrize(
+    "lines, code, retryable",
+    [
+        (["[1]<stderr>:RuntimeError: a bug", "Process 1 exit with status code 1."], 1, False),
+        (
+            [
+                "[1]<stderr>:horovod.common.exceptions.HorovodInternalError: ring broke",
+                "Process 1 exit with status code 1.",
+            ],
+            1,
+            True,
+        ),
+        (["Process 1 exit with status code 137."], 137, True),  # SIGKILL / OOM killer
+        (["Process 1 exit with status code 255."], 255, True),  # ssh: the host went away
+        (
+            [
+                "[0]<stderr>:horovod ... Horovod has been shut down",
+                "Process 0 exit with status code 1.",
+                "[1]<stderr>:ringflow-error: MissingKeyError: shard-00001.parquet is encrypted",
+                "Process 1 exit with status code 78.",
+            ],
+            78,
+            False,
+        ),  # the real cause, not the peer
+    ],
+)
 def test_failures_are_classified_retryable_or_not(lines, code, retryable):
     out = RankOutput()
     for line in lines:
@@ -568,7 +651,10 @@ def test_a_run_left_running_by_a_dead_launcher_is_marked_killed(ringflow_home):
     elsewhere = client.create_run(exp, tags={"ringflow.kind": "training", LAUNCHER_TAG: "other-host:1:1"}).info.run_id
 
     assert mark_stale_runs(client, exp, "training") == [orphan]
-    assert client.get_run(orphan).info.status == "KILLED" and "is gone" in client.get_run(orphan).data.tags["ringflow.stale"]
+    assert (
+        client.get_run(orphan).info.status == "KILLED"
+        and "is gone" in client.get_run(orphan).data.tags["ringflow.stale"]
+    )
     assert {client.get_run(r).info.status for r in (alive, elsewhere)} == {"RUNNING"}
 
 
@@ -576,8 +662,16 @@ def test_concurrent_first_use_of_a_new_store(tmp_path):
     """Two processes open a fresh SQLite store at once (two `ringflow run` on a new home)."""
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     code = f"from ringflow.tasks.tracking import ensure_store; ensure_store({uri!r}); print('ok')"
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outs
 
@@ -618,8 +712,9 @@ def test_hostfile_takes_slurm_node_lists_and_mpi_hostfiles(tmp_path, smoke_confi
 
 
 @pytest.mark.horovod
-def test_train_task_runs_horovodrun_on_a_bare_hostfile(prefect_harness, ringflow_home, smoke_config, smoke_manifest,
-                                                        tmp_path):
+def test_train_task_runs_horovodrun_on_a_bare_hostfile(
+    prefect_harness, ringflow_home, smoke_config, smoke_manifest, tmp_path
+):
     from ringflow.tasks.train import train_model
 
     hosts = tmp_path / "hosts"

@@ -28,10 +28,19 @@ def _readme_install_block() -> str:
 def _user_env(env_dir: Path, work: Path) -> dict[str, str]:
     """A user's shell: no project venv on PATH, nothing of the checkout importable, own homes."""
     path = [p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(sys.prefix)]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RINGFLOW_HOME")}
-    return {**env, "PATH": os.pathsep.join(path), "ENV": str(env_dir), "WORK": str(work),
-            "RINGFLOW_HOME": str(work / "home"), "PREFECT_HOME": str(work / "prefect")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RINGFLOW_HOME")
+    }
+    return {
+        **env,
+        "PATH": os.pathsep.join(path),
+        "ENV": str(env_dir),
+        "WORK": str(work),
+        "RINGFLOW_HOME": str(work / "home"),
+        "PREFECT_HOME": str(work / "prefect"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +50,14 @@ def installed(tmp_path_factory):
     env_dir, work = base / "env", base / "work"
     work.mkdir()
     env = _user_env(env_dir, work)
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", _readme_install_block()], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _readme_install_block()],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return env_dir, work, env, out.stdout
 
@@ -60,8 +75,17 @@ def test_only_ringflow_is_installed(installed):
     for generic in ("flows", "tasks", "training", "monitoring", "infra", "configs"):
         out = subprocess.run([py, "-c", f"import {generic}"], cwd=work, env=env, capture_output=True, text=True)
         assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr, generic
-    out = subprocess.run([py, "-c", "import ringflow.training, ringflow.infra.stack, ringflow.flows.cli; "
-                          "print(ringflow.training.__file__)"], cwd=work, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            py,
+            "-c",
+            "import ringflow.training, ringflow.infra.stack, ringflow.flows.cli; print(ringflow.training.__file__)",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(env_dir)) and str(ROOT) not in out.stdout
 
@@ -70,12 +94,37 @@ def test_elastic_run_finds_the_packaged_discovery_script(installed):
     """Elastic mode runs infra/discover_hosts.sh: shipped in the wheel, found through the package."""
     env_dir, work, env, _ = installed
     out = subprocess.run(
-        [str(env_dir / "bin" / "ringflow"), "run", "-c", "smoke", "--set", "training.elastic.enabled=true",
-         "--set", "training.elastic.min_np=1", "--set", "training.elastic.max_np=2", "--set", "training.epochs=2"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        [
+            str(env_dir / "bin" / "ringflow"),
+            "run",
+            "-c",
+            "smoke",
+            "--set",
+            "training.elastic.enabled=true",
+            "--set",
+            "training.elastic.min_np=1",
+            "--set",
+            "training.elastic.max_np=2",
+            "--set",
+            "training.epochs=2",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "status=completed" in out.stdout
     where = subprocess.run(
-        [str(env_dir / "bin" / "python"), "-c", "from ringflow.training.launch import DISCOVER_HOSTS as d; "
-         "print(d.is_file(), d)"], cwd=work, env=env, capture_output=True, text=True).stdout.split()
+        [
+            str(env_dir / "bin" / "python"),
+            "-c",
+            "from ringflow.training.launch import DISCOVER_HOSTS as d; print(d.is_file(), d)",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert where[0] == "True" and where[1].startswith(str(env_dir)), where

@@ -47,9 +47,14 @@ def make_baseline(kind: str, numeric: list[str], categorical: list[str], seed: i
     if kind != "hgb":
         raise ValueError(f"unknown baseline {kind!r}: choose one of {sorted(BASELINE_NAMES)} or 'none'")
     encode = ColumnTransformer(
-        [("categorical", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
-                                        encoded_missing_value=np.nan), list(categorical)),
-         ("numeric", "passthrough", list(numeric))],
+        [
+            (
+                "categorical",
+                OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan, encoded_missing_value=np.nan),
+                list(categorical),
+            ),
+            ("numeric", "passthrough", list(numeric)),
+        ],
         verbose_feature_names_out=False,
     )
     trees = HistGradientBoostingClassifier(
@@ -61,8 +66,9 @@ def make_baseline(kind: str, numeric: list[str], categorical: list[str], seed: i
     return Pipeline([("encode", encode), ("trees", trees)])
 
 
-def fit_baseline(kind: str, train: pd.DataFrame, target: str, numeric: list[str], categorical: list[str],
-                 seed: int = 0) -> Pipeline:
+def fit_baseline(
+    kind: str, train: pd.DataFrame, target: str, numeric: list[str], categorical: list[str], seed: int = 0
+) -> Pipeline:
     if train.empty:
         raise ValueError("baseline: the train window has no rows")
     model = make_baseline(kind, numeric, categorical, seed)

@@ -132,8 +132,18 @@ class DataConfig(_Strict):
     """Target = label_column >= threshold (arrival delayed by 15+ minutes). ``null`` when the
     label column is already 0/1."""
     numeric_features: list[str] = [
-        "hour", "minute", "distance",
-        "temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib",
+        "hour",
+        "minute",
+        "distance",
+        "temp",
+        "dewp",
+        "humid",
+        "wind_dir",
+        "wind_speed",
+        "wind_gust",
+        "precip",
+        "pressure",
+        "visib",
     ]
     """Numeric feature columns: standardised with training-window statistics; missing -> mean."""
     categorical_features: list[str] = ["carrier", "origin", "dest"]
@@ -167,13 +177,20 @@ class DataConfig(_Strict):
         if "crosses" not in self.features.model_fields_set:
             # The default cross is the flights' route: a source with other categorical features
             # simply has none, instead of an error about a setting the user never made.
-            self.__dict__["features"] = self.features.model_copy(update={"crosses": [
-                cross for cross in self.features.crosses if set(cross) <= set(self.categorical_features)]})
+            self.__dict__["features"] = self.features.model_copy(
+                update={
+                    "crosses": [
+                        cross for cross in self.features.crosses if set(cross) <= set(self.categorical_features)
+                    ]
+                }
+            )
         for cross in self.features.crosses:
             unknown = [c for c in cross if c not in self.categorical_features]
             if len(cross) < 2 or unknown:
-                raise ValueError(f"features.crosses entry {cross} must name two or more of the "
-                                 f"categorical_features {self.categorical_features}")
+                raise ValueError(
+                    f"features.crosses entry {cross} must name two or more of the "
+                    f"categorical_features {self.categorical_features}"
+                )
         return self
 
     @property
@@ -282,8 +299,10 @@ class HorovodConfig(_Strict):
     @model_validator(mode="after")
     def _one_host_list(self) -> HorovodConfig:
         if self.hosts and self.hostfile is not None:
-            raise ValueError("training.horovod.hosts and training.horovod.hostfile both set: give one host list "
-                             "(set the other to null)")
+            raise ValueError(
+                "training.horovod.hosts and training.horovod.hostfile both set: give one host list "
+                "(set the other to null)"
+            )
         return self
 
 
@@ -500,12 +519,15 @@ class PipelineConfig(_Strict):
         model, features = self.training.model, self.data.feature_columns
         if "additive_features" not in model.model_fields_set:
             # the default names the flights' columns: another source keeps those it has
-            model = model.model_copy(update={"additive_features": [c for c in model.additive_features if c in features]})
+            model = model.model_copy(
+                update={"additive_features": [c for c in model.additive_features if c in features]}
+            )
             self.__dict__["training"] = self.training.model_copy(update={"model": model})
         unknown = [c for c in model.additive_features if c not in features]
         if unknown:
-            raise ValueError(f"training.model.additive_features {unknown} are not among the data's "
-                             f"feature columns {features}")
+            raise ValueError(
+                f"training.model.additive_features {unknown} are not among the data's feature columns {features}"
+            )
         e = self.training.elastic
         if e.enabled and e.min_np > self.training.world_size:
             raise ValueError(f"training.elastic.min_np={e.min_np} exceeds training.world_size")
@@ -517,9 +539,7 @@ class PipelineConfig(_Strict):
 
     def config_hash(self) -> str:
         """Stable hash of the whole config (model version tag)."""
-        return hashlib.sha256(
-            json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        ).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- loading
@@ -580,9 +600,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    items = overrides.items() if isinstance(overrides, dict) else (
-        parse_override(o) for o in (overrides or [])
-    )
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in (overrides or []))
     for path, value in items:
         path = path.split(".") if isinstance(path, str) else path
         node = data
@@ -618,9 +636,7 @@ def default_config_path() -> Path:
     return local if local.is_file() else packaged_configs()["flights"]
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
-) -> PipelineConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
     """Load a config YAML (``None`` = built-in defaults) and apply ``key.path=value`` overrides.
 
     Raises :class:`ConfigError` naming the file, field and bad value before any work starts.
@@ -631,8 +647,10 @@ def load_config(
         p = resolve_config_path(path)
         origin = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (the packaged configs, usable by name: "
-                              f"{', '.join(sorted(packaged_configs()))})")
+            raise ConfigError(
+                f"config file not found: {p} (the packaged configs, usable by name: "
+                f"{', '.join(sorted(packaged_configs()))})"
+            )
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

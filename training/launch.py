@@ -29,9 +29,20 @@ config, key or checkpoint). Its reason is printed on a line starting with :data:
 FATAL_PREFIX = "ringflow-error: "
 
 # What a rank's last lines say when it died of the machine or the network, not of the program.
-_INFRA_SIGNS = ("HorovodInternalError", "ConnectionError", "ConnectionResetError", "Connection reset",
-                "Connection refused", "Broken pipe", "BrokenPipeError", "MemoryError", "OSError: [Errno",
-                "No route to host", "ssh:", "timed out")
+_INFRA_SIGNS = (
+    "HorovodInternalError",
+    "ConnectionError",
+    "ConnectionResetError",
+    "Connection reset",
+    "Connection refused",
+    "Broken pipe",
+    "BrokenPipeError",
+    "MemoryError",
+    "OSError: [Errno",
+    "No route to host",
+    "ssh:",
+    "timed out",
+)
 
 
 class TrainingError(RuntimeError):
@@ -41,8 +52,7 @@ class TrainingError(RuntimeError):
     that did not start); False for errors that would repeat (bad data, config, key, a bug).
     """
 
-    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None,
-                 retryable: bool = True):
+    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None, retryable: bool = True):
         super().__init__(message)
         self.rank = rank
         self.exit_code = exit_code
@@ -73,8 +83,10 @@ def check_horovod(python: str | None = None) -> None:
     """Refuse to start a pipeline whose train stage cannot run: ``horovodrun`` must sit next to
     the interpreter and ``horovod.torch`` must import with Gloo built in (what ``horovodrun
     --check-build`` lists, without its 9 s start-up). Raises :class:`HorovodUnavailable`."""
-    fix = (f"build and install it with `ringflow install-horovod` ({INSTALL_HOROVOD}; `make install` runs it "
-           "in a checkout): PyPI's horovod 0.28.1 does not build against torch >= 2.1 as shipped")
+    fix = (
+        f"build and install it with `ringflow install-horovod` ({INSTALL_HOROVOD}; `make install` runs it "
+        "in a checkout): PyPI's horovod 0.28.1 does not build against torch >= 2.1 as shipped"
+    )
     runner = Path(horovodrun_path(python))
     if not runner.is_file():
         raise HorovodUnavailable(f"horovodrun not found at {runner}: Horovod is not installed; {fix}")
@@ -95,7 +107,7 @@ lost rank takes every slot with it, with two the job shrinks to the other half a
 def one_host_elastic_slots(max_np: int) -> list[tuple[str, int]]:
     """The slots of a one-host elastic job split over the two loopback names (sizes differ by <= 1)."""
     first = (max_np + 1) // 2
-    return [(name, n) for name, n in zip(LOOPBACK_NAMES, (first, max_np - first)) if n > 0]
+    return [(name, n) for name, n in zip(LOOPBACK_NAMES, (first, max_np - first), strict=True) if n > 0]
 
 
 _HOSTFILE_LINE = re.compile(r"^([\w.-]+)(?:\s+slots\s*=\s*(\d+))?$")
@@ -117,8 +129,10 @@ def read_hostfile(path: str | Path, world_size: int) -> list[tuple[str, int]]:
             continue
         m = _HOSTFILE_LINE.match(line)
         if not m or (m.group(2) is not None and int(m.group(2)) < 1):
-            raise ValueError(f"training.horovod.hostfile={path} line {n}: {line!r} is neither a host name nor "
-                             "'host slots=N' (N >= 1)")
+            raise ValueError(
+                f"training.horovod.hostfile={path} line {n}: {line!r} is neither a host name nor "
+                "'host slots=N' (N >= 1)"
+            )
         entries.append((m.group(1), int(m.group(2)) if m.group(2) else None))
     if not entries:
         raise ValueError(f"training.horovod.hostfile={path} lists no host")
@@ -158,13 +172,17 @@ def check_launchable(cfg: PipelineConfig, num_shards: int) -> None:
             f"{num_shards} ranks, or re-shard with sharding.num_shards >= {most}"
         )
     if tc.launcher == "mpijob" and tc.elastic.enabled:
-        raise ValueError("training.elastic.enabled with training.launcher=mpijob: the MPIJob has a fixed number "
-                         "of workers; use launcher horovodrun for elastic training")
+        raise ValueError(
+            "training.elastic.enabled with training.launcher=mpijob: the MPIJob has a fixed number "
+            "of workers; use launcher horovodrun for elastic training"
+        )
     if tc.horovod.hostfile is not None and not tc.elastic.enabled and tc.launcher == "horovodrun":
         slots = sum(n for _, n in read_hostfile(tc.horovod.hostfile, tc.world_size))
         if slots < tc.world_size:
-            raise ValueError(f"training.world_size={tc.world_size} exceeds the {slots} slots of "
-                             f"training.horovod.hostfile={tc.horovod.hostfile}")
+            raise ValueError(
+                f"training.world_size={tc.world_size} exceeds the {slots} slots of "
+                f"training.horovod.hostfile={tc.horovod.hostfile}"
+            )
     if tc.elastic.enabled and not tc.horovod.hosts:
         slots = one_host_elastic_slots(most)
         survivors = min(n for _, n in slots) if len(slots) > 1 else 0
@@ -178,8 +196,12 @@ def check_launchable(cfg: PipelineConfig, num_shards: int) -> None:
 
 
 def horovodrun_command(
-    cfg: PipelineConfig, manifest_path: str | Path, output_dir: str | Path, resume: bool = False,
-    python: str | None = None, hostfile: str | Path | None = None,
+    cfg: PipelineConfig,
+    manifest_path: str | Path,
+    output_dir: str | Path,
+    resume: bool = False,
+    python: str | None = None,
+    hostfile: str | Path | None = None,
 ) -> list[str]:
     """The full horovodrun command line for this config.
 
@@ -194,10 +216,20 @@ def horovodrun_command(
     cmd = [horovodrun_path(python), "-np", str(tc.world_size)]
     if el.enabled:
         # a single host never agrees on common NICs without an explicit interface (stack notes §0.3)
-        cmd += ["--min-np", str(el.min_np), "--max-np", str(el.max_np or tc.world_size),
-                "--host-discovery-script", str(DISCOVER_HOSTS), "--reset-limit", str(el.reset_limit),
-                "--elastic-timeout", str(hv.start_timeout_s),
-                "--network-interface", hv.network_interface or "lo"]
+        cmd += [
+            "--min-np",
+            str(el.min_np),
+            "--max-np",
+            str(el.max_np or tc.world_size),
+            "--host-discovery-script",
+            str(DISCOVER_HOSTS),
+            "--reset-limit",
+            str(el.reset_limit),
+            "--elastic-timeout",
+            str(hv.start_timeout_s),
+            "--network-interface",
+            hv.network_interface or "lo",
+        ]
         if el.blacklist_cooldown_s is not None:
             cmd += ["--blacklist-cooldown-range", *(str(s) for s in el.blacklist_cooldown_s)]
     else:
@@ -216,8 +248,17 @@ def horovodrun_command(
         cmd += ["--cycle-time-ms", str(hv.cycle_time_ms)]
     if hv.autotune:
         cmd += ["--autotune", "--autotune-log-file", str(Path(output_dir) / "autotune.csv")]
-    cmd += [python, "-m", "ringflow.training.train", "--manifest", str(manifest_path),
-            "--config-json", cfg.model_dump_json(), "--output-dir", str(output_dir)]
+    cmd += [
+        python,
+        "-m",
+        "ringflow.training.train",
+        "--manifest",
+        str(manifest_path),
+        "--config-json",
+        cfg.model_dump_json(),
+        "--output-dir",
+        str(output_dir),
+    ]
     if resume:
         cmd.append("--resume")
     return cmd
@@ -292,7 +333,7 @@ class RankOutput:
             rank, text = int(m.group(1)), m.group(3)
             self.lines.setdefault(rank, deque(maxlen=self.keep)).append(text)
             if text.startswith(FATAL_PREFIX):
-                self.fatal.append((rank, text[len(FATAL_PREFIX):]))
+                self.fatal.append((rank, text[len(FATAL_PREFIX) :]))
             return
         self.launcher.append(line)
         e = _EXIT_LINE.search(line)
@@ -306,14 +347,19 @@ class RankOutput:
         if self.fatal:
             # The cause, whichever rank horovodrun saw exit first (the others only lost their peer).
             rank, reason = self.fatal[0]
-            return TrainingError(f"training rank {rank} stopped: {reason}", rank=rank, exit_code=FATAL_EXIT,
-                                 retryable=False)
+            return TrainingError(
+                f"training rank {rank} stopped: {reason}", rank=rank, exit_code=FATAL_EXIT, retryable=False
+            )
         if self.first_failure is None:
             last = "\n  ".join(list(self.launcher)[-15:]) or "(no output)"
-            return TrainingError(f"horovodrun exited with code {returncode} before any rank failed; "
-                                 f"last launcher lines:\n  {last}", exit_code=returncode)
+            return TrainingError(
+                f"horovodrun exited with code {returncode} before any rank failed; last launcher lines:\n  {last}",
+                exit_code=returncode,
+            )
         rank, code = self.first_failure
-        unreachable = next((m.group(1) for line in self.tail(rank, self.keep) if (m := _SSH_UNREACHABLE.search(line))), None)
+        unreachable = next(
+            (m.group(1) for line in self.tail(rank, self.keep) if (m := _SSH_UNREACHABLE.search(line))), None
+        )
         host = self.hosts.get(rank) or unreachable
         if code == SSH_FAILED:  # not a signal: ssh could not start or keep the rank on its host
             how = f"host {host or '?'} unreachable over ssh (exit {code})"
@@ -323,11 +369,19 @@ class RankOutput:
         last = "\n  ".join(self.tail(rank)) or "(no output)"
         # killed (signal, OOM), lost host (ssh 255) or a network/collective error: worth a retry;
         # a plain traceback of the program is a bug that would fail the same way again
-        retryable = code > 128 or code < 0 or code == 255 or any(
-            sign in line for line in self.tail(rank, self.keep) for sign in _INFRA_SIGNS)
-        return TrainingError(f"training rank {rank} failed first ({how}){where}; horovodrun exited {returncode} and "
-                             f"stopped the other ranks. Last lines of rank {rank}:\n  {last}",
-                             rank=rank, exit_code=code, retryable=retryable)
+        retryable = (
+            code > 128
+            or code < 0
+            or code == 255
+            or any(sign in line for line in self.tail(rank, self.keep) for sign in _INFRA_SIGNS)
+        )
+        return TrainingError(
+            f"training rank {rank} failed first ({how}){where}; horovodrun exited {returncode} and "
+            f"stopped the other ranks. Last lines of rank {rank}:\n  {last}",
+            rank=rank,
+            exit_code=code,
+            retryable=retryable,
+        )
 
 
 def _signal_name(num: int) -> str:

@@ -114,8 +114,10 @@ class Manifest(BaseModel):
             problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
             raise ShardIntegrityError(f"manifest {path} is invalid: {problems}") from None
         if m.digest is not None and m.digest != m.content_digest():
-            raise ShardIntegrityError(f"manifest {path} was modified after it was written (its digest does not "
-                                      "match its content): re-run `ringflow shard`")
+            raise ShardIntegrityError(
+                f"manifest {path} was modified after it was written (its digest does not "
+                "match its content): re-run `ringflow shard`"
+            )
         m._dir = path.parent
         return m
 
@@ -150,7 +152,9 @@ class Manifest(BaseModel):
         """Where ``entry`` lives: inside the manifest's directory, also after symlinks, or an error."""
         path = self.dir / entry.file
         if not path.resolve().is_relative_to(self.dir.resolve()):
-            raise ShardIntegrityError(f"{path} (manifest entry {entry.file!r}) resolves outside {self.dir}; refusing it")
+            raise ShardIntegrityError(
+                f"{path} (manifest entry {entry.file!r}) resolves outside {self.dir}; refusing it"
+            )
         return path
 
     def read(self, entry: FileEntry, key: bytes | None = None) -> pd.DataFrame:
@@ -265,7 +269,7 @@ class SealedWriter(io.RawIOBase):
     def __init__(self, path: Path, key: bytes | None, aad: str):
         super().__init__()
         self.path = Path(path)
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb")  # noqa: SIM115  (the writer owns the file; close() ends it)
         self._sha = hashlib.sha256()
         self._pos = 0
         self.size = 0

@@ -8,7 +8,12 @@ import numpy as np
 from sklearn import metrics as skm
 
 GREATER_IS_BETTER = {
-    "roc_auc": True, "pr_auc": True, "accuracy": True, "f1": True, "log_loss": False, "brier": False,
+    "roc_auc": True,
+    "pr_auc": True,
+    "accuracy": True,
+    "f1": True,
+    "log_loss": False,
+    "brier": False,
 }
 
 
@@ -34,7 +39,10 @@ def classification_metrics(y_true, proba, threshold: float = 0.5) -> dict[str, f
         "f1": float(skm.f1_score(y, pred, zero_division=0)),
         "brier": float(skm.brier_score_loss(y, p)),
         "positive_rate": float(y.mean()),
-        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+        "tn": int(tn),
+        "fp": int(fp),
+        "fn": int(fn),
+        "tp": int(tp),
         "rows": int(len(y)),
     }
 

@@ -49,8 +49,10 @@ class TabularNet(nn.Module):
         # Kept so the architecture can be rebuilt from the saved file alone (files saved before
         # the additive inputs existed lack them: every input deep, as then).
         self.arch = {
-            "num_numeric": int(num_numeric), "cardinalities": [int(c) for c in cardinalities],
-            "embedding_dim": int(embedding_dim), "hidden_sizes": [int(h) for h in hidden_sizes],
+            "num_numeric": int(num_numeric),
+            "cardinalities": [int(c) for c in cardinalities],
+            "embedding_dim": int(embedding_dim),
+            "hidden_sizes": [int(h) for h in hidden_sizes],
             "dropout": float(dropout),
         }
         if additive_numeric or additive_categorical:
@@ -78,8 +80,15 @@ class TabularNet(nn.Module):
         additive = set(cfg.additive_features)
         numeric = [i for i, src in enumerate(pre.numeric_input_sources) if set(src) <= additive]
         categorical = [j for j, src in enumerate(pre.categorical_input_sources) if set(src) <= additive]
-        return cls(len(pre.numeric_inputs), pre.cardinalities, cfg.embedding_dim, cfg.hidden_sizes, cfg.dropout,
-                   additive_numeric=numeric, additive_categorical=categorical)
+        return cls(
+            len(pre.numeric_inputs),
+            pre.cardinalities,
+            cfg.embedding_dim,
+            cfg.hidden_sizes,
+            cfg.dropout,
+            additive_numeric=numeric,
+            additive_categorical=categorical,
+        )
 
     def param_groups(self, weight_decay: float, level_weight_decay: float) -> list[dict]:
         """Optimizer parameter groups: the additive category levels decay with
@@ -96,17 +105,22 @@ class TabularNet(nn.Module):
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
         """-> logits of shape [n]."""
         deep_num = x_num if not self.additive_numeric else x_num[:, self.deep_numeric]
-        parts = [deep_num] + [emb(x_cat[:, j]) for j, emb in zip(self.deep_categorical, self.embeddings)]
+        parts = [deep_num] + [emb(x_cat[:, j]) for j, emb in zip(self.deep_categorical, self.embeddings, strict=True)]
         logits = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
-        for j, level in zip(self.additive_categorical, self.levels):
+        for j, level in zip(self.additive_categorical, self.levels, strict=True):
             logits = logits + level(x_cat[:, j]).squeeze(1)
         if self.linear is not None:
             logits = logits + self.linear(x_num[:, self.additive_numeric]).squeeze(1)
         return logits
 
 
-def save_model(path: str | Path, net: TabularNet, preprocessor: Preprocessor, model_cfg: ModelConfig | None = None,
-               decision_threshold: float | None = None) -> Path:
+def save_model(
+    path: str | Path,
+    net: TabularNet,
+    preprocessor: Preprocessor,
+    model_cfg: ModelConfig | None = None,
+    decision_threshold: float | None = None,
+) -> Path:
     """Write ``model.pt`` (architecture + weights + decision threshold) and ``preprocessor.json``
     into directory ``path``.
 
@@ -155,7 +169,7 @@ def predict_logits(net: TabularNet, x_num: np.ndarray, x_cat: np.ndarray, batch_
     was_training = net.training
     net.eval()
     out = [
-        net(torch.from_numpy(x_num[i:i + batch_size]), torch.from_numpy(x_cat[i:i + batch_size])).double().numpy()
+        net(torch.from_numpy(x_num[i : i + batch_size]), torch.from_numpy(x_cat[i : i + batch_size])).double().numpy()
         for i in range(0, len(x_num), batch_size)
     ]
     net.train(was_training)

@@ -54,8 +54,14 @@ def mpijob_name(run_id: str, attempt: int = 1) -> str:
 
 
 def render_mpijob(
-    cfg: PipelineConfig, manifest_path: str | Path, output_dir: str | Path, home: str | Path, name: str,
-    env: dict[str, str] | None = None, resume: bool = False, labels: dict[str, str] | None = None,
+    cfg: PipelineConfig,
+    manifest_path: str | Path,
+    output_dir: str | Path,
+    home: str | Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    resume: bool = False,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The MPIJob for this config. ``home`` (``RINGFLOW_HOME``) is where the ``training.mpijob.pvc``
     claim is mounted in every pod: the manifest, the shards and ``output_dir`` must lie under it.
@@ -63,29 +69,41 @@ def render_mpijob(
     among them is refused: secrets go in the Secret ``training.mpijob.secret``."""
     tc, mj = cfg.training, cfg.training.mpijob
     if tc.elastic.enabled:
-        raise ValueError("training.elastic.enabled with training.launcher=mpijob: the MPIJob has a fixed number "
-                         "of workers; use launcher horovodrun for elastic training")
+        raise ValueError(
+            "training.elastic.enabled with training.launcher=mpijob: the MPIJob has a fixed number "
+            "of workers; use launcher horovodrun for elastic training"
+        )
     if not _NAME.match(name):
         raise ValueError(f"MPIJob name {name!r} is not a DNS label (lower-case letters, digits, '-')")
     home = Path(home)
     for what, p in (("manifest", manifest_path), ("output directory", output_dir)):
         if not Path(p).is_relative_to(home):
-            raise ValueError(f"the {what} {p} is not under RINGFLOW_HOME={home}, the mount of "
-                             f"training.mpijob.pvc={mj.pvc}: the MPIJob's pods would not see it")
+            raise ValueError(
+                f"the {what} {p} is not under RINGFLOW_HOME={home}, the mount of "
+                f"training.mpijob.pvc={mj.pvc}: the MPIJob's pods would not see it"
+            )
     env = {k: v for k, v in (env or {}).items() if v is not None}
     leaked = sorted(k for k, v in env.items() if v and is_secret(k))
     if leaked:
-        raise ValueError(f"secret variables {leaked} would be in the MPIJob's pod spec and every rank's argv: put "
-                         f"them in the Secret training.mpijob.secret={mj.secret} (key {SECRETS_KEY}) instead")
-    command = horovodrun_command(cfg, manifest_path, output_dir, resume=resume, python=mj.python,
-                                 hostfile=OPERATOR_HOSTFILE)
-    launcher_env = {"PYTHONUNBUFFERED": "1", "RINGFLOW_HOME": str(home), **env,
-                    SECRETS_FILE_ENV: SECRETS_PATH}
+        raise ValueError(
+            f"secret variables {leaked} would be in the MPIJob's pod spec and every rank's argv: put "
+            f"them in the Secret training.mpijob.secret={mj.secret} (key {SECRETS_KEY}) instead"
+        )
+    command = horovodrun_command(
+        cfg, manifest_path, output_dir, resume=resume, python=mj.python, hostfile=OPERATOR_HOSTFILE
+    )
+    launcher_env = {"PYTHONUNBUFFERED": "1", "RINGFLOW_HOME": str(home), **env, SECRETS_FILE_ENV: SECRETS_PATH}
     volumes = [
         {"name": "ringflow-home", "persistentVolumeClaim": {"claimName": mj.pvc}},
         # 0400: training.secrets.load_secrets refuses a file others can read
-        {"name": "secrets", "secret": {"secretName": mj.secret, "defaultMode": 0o400,
-                                       "items": [{"key": SECRETS_KEY, "path": SECRETS_KEY}]}},
+        {
+            "name": "secrets",
+            "secret": {
+                "secretName": mj.secret,
+                "defaultMode": 0o400,
+                "items": [{"key": SECRETS_KEY, "path": SECRETS_KEY}],
+            },
+        },
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": mj.shm_size}},
     ]
     mounts = [
@@ -97,34 +115,65 @@ def render_mpijob(
     worker_resources = {"cpu": mj.worker_cpu, "memory": mj.worker_memory}
 
     def pod(container: dict[str, Any]) -> dict[str, Any]:
-        return copy.deepcopy({"metadata": {"labels": dict(labels or {})},
-                              "spec": {"containers": [{"image": mj.image, "imagePullPolicy": mj.image_pull_policy,
-                                                       "volumeMounts": mounts, **container}],
-                                       "volumes": volumes}})
+        return copy.deepcopy(
+            {
+                "metadata": {"labels": dict(labels or {})},
+                "spec": {
+                    "containers": [
+                        {
+                            "image": mj.image,
+                            "imagePullPolicy": mj.image_pull_policy,
+                            "volumeMounts": mounts,
+                            **container,
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            }
+        )
 
     return {
         "apiVersion": API_VERSION,
         "kind": "MPIJob",
-        "metadata": {"name": name, "namespace": mj.namespace,
-                     "labels": {"app.kubernetes.io/name": "ringflow", "app.kubernetes.io/component": "training",
-                                **(labels or {})}},
+        "metadata": {
+            "name": name,
+            "namespace": mj.namespace,
+            "labels": {
+                "app.kubernetes.io/name": "ringflow",
+                "app.kubernetes.io/component": "training",
+                **(labels or {}),
+            },
+        },
         "spec": {
             "slotsPerWorker": mj.slots_per_worker,
             "mpiImplementation": "OpenMPI",  # the hostfile format horovodrun --hostfile reads
             "launcherCreationPolicy": "WaitForWorkersReady",
             "sshAuthMountPath": mj.ssh_auth_mount_path,
-            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 0,
-                          "activeDeadlineSeconds": tc.timeout_s},
+            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 0, "activeDeadlineSeconds": tc.timeout_s},
             "mpiReplicaSpecs": {
-                "Launcher": {"replicas": 1, "restartPolicy": "Never", "template": pod({
-                    "name": "launcher", "command": command,
-                    "env": [{"name": k, "value": v} for k, v in launcher_env.items()],
-                    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
-                })},
-                "Worker": {"replicas": workers, "restartPolicy": "Never", "template": pod({
-                    "name": "worker", "command": ["/usr/sbin/sshd", "-De"],
-                    "resources": {"requests": worker_resources, "limits": dict(worker_resources)},
-                })},
+                "Launcher": {
+                    "replicas": 1,
+                    "restartPolicy": "Never",
+                    "template": pod(
+                        {
+                            "name": "launcher",
+                            "command": command,
+                            "env": [{"name": k, "value": v} for k, v in launcher_env.items()],
+                            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
+                        }
+                    ),
+                },
+                "Worker": {
+                    "replicas": workers,
+                    "restartPolicy": "Never",
+                    "template": pod(
+                        {
+                            "name": "worker",
+                            "command": ["/usr/sbin/sshd", "-De"],
+                            "resources": {"requests": worker_resources, "limits": dict(worker_resources)},
+                        }
+                    ),
+                },
             },
         },
     }
@@ -150,7 +199,11 @@ def _closed(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     out = {k: _closed(v) for k, v in node.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     if out.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
@@ -176,15 +229,17 @@ def validate_mpijob(doc: dict[str, Any], crd_file: Path = CRD_FILE) -> None:
         raise MPIJobError(f"metadata.name {name!r} is not a DNS label")
     if errors:
         lines = [f"  {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}" for e in errors[:10]]
-        raise MPIJobError(f"MPIJob {name} does not match the MPI Operator's CRD ({Path(crd_file).name}):\n"
-                          + "\n".join(lines))
+        raise MPIJobError(
+            f"MPIJob {name} does not match the MPI Operator's CRD ({Path(crd_file).name}):\n" + "\n".join(lines)
+        )
 
 
 # --------------------------------------------------------------------------- submitting (needs a cluster)
 
 
-def kubectl(*args: str, input: str | None = None, check: bool = True, kubectl_bin: str = "kubectl"
-            ) -> subprocess.CompletedProcess:
+def kubectl(
+    *args: str, input: str | None = None, check: bool = True, kubectl_bin: str = "kubectl"
+) -> subprocess.CompletedProcess:
     p = subprocess.run([kubectl_bin, *args], input=input, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise TrainingError(f"kubectl {' '.join(args[:3])} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
@@ -206,8 +261,11 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
     naming the first failing rank, or :class:`TrainingTimeout`; the MPIJob is deleted on timeout,
     error or cancellation (its pods with it)."""
     if shutil.which("kubectl") is None:
-        raise TrainingError("training.launcher=mpijob needs kubectl on PATH (and a kubeconfig or in-cluster "
-                            "service account allowed to create MPIJobs)", retryable=False)
+        raise TrainingError(
+            "training.launcher=mpijob needs kubectl on PATH (and a kubeconfig or in-cluster "
+            "service account allowed to create MPIJobs)",
+            retryable=False,
+        )
     validate_mpijob(doc)
     name, ns = doc["metadata"]["name"], doc["metadata"]["namespace"]
     output = RankOutput()
@@ -217,13 +275,19 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
 
     def follow() -> subprocess.Popen:
         # the launcher Job exists only once the workers are ready: until its log starts, retry
-        p = subprocess.Popen(["kubectl", "logs", "-f", "-n", ns, f"job/{name}-launcher", "--pod-running-timeout=60s"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+        p = subprocess.Popen(
+            ["kubectl", "logs", "-f", "-n", ns, f"job/{name}-launcher", "--pod-running-timeout=60s"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
 
         def pump():
             for line in p.stdout:
                 seen.set()
                 lines.put(line)
+
         threading.Thread(target=pump, daemon=True, name=f"mpijob-log-{name}").start()
         return p
 

@@ -63,13 +63,16 @@ def calendar_frame(timestamps: pd.Series, timezone: str) -> pd.DataFrame:
     hours = (ts.dt.hour + ts.dt.minute / 60.0).to_numpy(dtype="float64", na_value=np.nan)
     until, since = _holiday_distances(ts.dt.tz_localize(None).dt.normalize())
     dow = ts.dt.dayofweek
-    return pd.DataFrame({
-        "time_of_day_sin": np.sin(2 * np.pi * hours / 24.0),
-        "time_of_day_cos": np.cos(2 * np.pi * hours / 24.0),
-        "days_to_holiday": until / 7.0,
-        "days_since_holiday": since / 7.0,
-        "day_of_week": dow.astype("Int64").astype("string"),
-    }, index=timestamps.index)
+    return pd.DataFrame(
+        {
+            "time_of_day_sin": np.sin(2 * np.pi * hours / 24.0),
+            "time_of_day_cos": np.cos(2 * np.pi * hours / 24.0),
+            "days_to_holiday": until / 7.0,
+            "days_since_holiday": since / 7.0,
+            "day_of_week": dow.astype("Int64").astype("string"),
+        },
+        index=timestamps.index,
+    )
 
 
 QUANTILES = 65
@@ -146,16 +149,30 @@ class Preprocessor:
     something about the weather)."""
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, numeric: list[str], categorical: list[str], timestamp: str | None = None,
-            timezone: str = "UTC", crosses: list[list[str]] | None = None,
-            indicators: bool = False, clip_quantile: float = 0.0, bins: int = 0,
-            quantile_scaling: bool = False) -> Preprocessor:
+    def fit(
+        cls,
+        df: pd.DataFrame,
+        numeric: list[str],
+        categorical: list[str],
+        timestamp: str | None = None,
+        timezone: str = "UTC",
+        crosses: list[list[str]] | None = None,
+        indicators: bool = False,
+        clip_quantile: float = 0.0,
+        bins: int = 0,
+        quantile_scaling: bool = False,
+    ) -> Preprocessor:
         """Fit on ``df`` (the train window). Without the keyword arguments: the source columns
         only, standardised and embedded; each argument adds one kind of derived input."""
         if df.empty:
             raise ValueError("cannot fit preprocessing on an empty training window")
-        p = cls(numeric=list(numeric), categorical=list(categorical), timestamp=timestamp, timezone=timezone,
-                crosses=[list(c) for c in crosses or []])
+        p = cls(
+            numeric=list(numeric),
+            categorical=list(categorical),
+            timestamp=timestamp,
+            timezone=timezone,
+            crosses=[list(c) for c in crosses or []],
+        )
         p.missing_indicators = [c for c in p.numeric if df[c].isna().any()] if indicators else []
         if bins > 1:
             for c in p.numeric:
@@ -184,36 +201,57 @@ class Preprocessor:
     def for_data(cls, df: pd.DataFrame, data) -> Preprocessor:
         """Fitted on ``df`` with the feature settings of a ``DataConfig``."""
         f = data.features
-        return cls.fit(df, data.numeric_features, data.categorical_features,
-                       timestamp=data.timestamp_column if f.calendar else None, timezone=f.calendar_timezone,
-                       crosses=f.crosses, indicators=f.missing_indicators, clip_quantile=f.clip_quantile,
-                       bins=f.numeric_bins, quantile_scaling=f.numeric_scaling == "quantile")
+        return cls.fit(
+            df,
+            data.numeric_features,
+            data.categorical_features,
+            timestamp=data.timestamp_column if f.calendar else None,
+            timezone=f.calendar_timezone,
+            crosses=f.crosses,
+            indicators=f.missing_indicators,
+            clip_quantile=f.clip_quantile,
+            bins=f.numeric_bins,
+            quantile_scaling=f.numeric_scaling == "quantile",
+        )
 
     @property
     def numeric_inputs(self) -> list[str]:
         """The network's numeric inputs: source columns, missing-value indicators, then derived
         calendar features."""
-        return [*self.numeric, *(indicator_name(c) for c in self.missing_indicators),
-                *(CALENDAR_NUMERIC if self.timestamp else [])]
+        return [
+            *self.numeric,
+            *(indicator_name(c) for c in self.missing_indicators),
+            *(CALENDAR_NUMERIC if self.timestamp else []),
+        ]
 
     @property
     def categorical_inputs(self) -> list[str]:
         """The network's embedded inputs: source columns, crosses, then the day of week."""
-        return [*self.categorical, *(cross_name(c) for c in self.crosses),
-                *(CALENDAR_CATEGORICAL if self.timestamp else []), *(bin_name(c) for c in self.bin_edges)]
+        return [
+            *self.categorical,
+            *(cross_name(c) for c in self.crosses),
+            *(CALENDAR_CATEGORICAL if self.timestamp else []),
+            *(bin_name(c) for c in self.bin_edges),
+        ]
 
     @property
     def numeric_input_sources(self) -> list[list[str]]:
         """Per numeric input (in :attr:`numeric_inputs` order): the source columns it derives from."""
-        return [*([c] for c in self.numeric), *([c] for c in self.missing_indicators),
-                *([self.timestamp] for _ in (CALENDAR_NUMERIC if self.timestamp else []))]
+        return [
+            *([c] for c in self.numeric),
+            *([c] for c in self.missing_indicators),
+            *([self.timestamp] for _ in (CALENDAR_NUMERIC if self.timestamp else [])),
+        ]
 
     @property
     def categorical_input_sources(self) -> list[list[str]]:
         """Per categorical input (in :attr:`categorical_inputs` order): the source columns it derives from."""
-        return [*([c] for c in self.categorical), *(list(c) for c in self.crosses),
-                *([self.timestamp] for _ in (CALENDAR_CATEGORICAL if self.timestamp else [])),
-                *([c] for c in self.bin_edges)]
+        return [
+            *([c] for c in self.categorical),
+            *(list(c) for c in self.crosses),
+            *([self.timestamp] for _ in (CALENDAR_CATEGORICAL if self.timestamp else [])),
+            *([c] for c in self.bin_edges),
+        ]
 
     @property
     def source_columns(self) -> list[str]:
@@ -232,8 +270,12 @@ class Preprocessor:
         if not self.crosses and not self.timestamp and not self.missing_indicators and not self.bin_edges:
             return df
         derived = {cross_name(c): cross_values(df, c) for c in self.crosses}
-        derived.update({indicator_name(c): pd.to_numeric(df[c], errors="coerce").isna().astype("float64")
-                        for c in self.missing_indicators})
+        derived.update(
+            {
+                indicator_name(c): pd.to_numeric(df[c], errors="coerce").isna().astype("float64")
+                for c in self.missing_indicators
+            }
+        )
         derived.update({bin_name(c): bin_values(df[c], edges) for c, edges in self.bin_edges.items()})
         frame = df.assign(**derived) if derived else df
         if self.timestamp:
@@ -318,9 +360,12 @@ class StreamingFit:
         self.rows = 0
         self.missing = dict.fromkeys(data.numeric_features, 0)
         self.proto = Preprocessor(
-            numeric=list(data.numeric_features), categorical=list(data.categorical_features),
+            numeric=list(data.numeric_features),
+            categorical=list(data.categorical_features),
             timestamp=data.timestamp_column if data.features.calendar else None,
-            timezone=data.features.calendar_timezone, crosses=[list(c) for c in data.features.crosses])
+            timezone=data.features.calendar_timezone,
+            crosses=[list(c) for c in data.features.crosses],
+        )
         self.vocab: dict[str, set[str]] = {c: set() for c in self.proto.categorical_inputs}
 
     @classmethod
@@ -340,7 +385,7 @@ class StreamingFit:
         keys = np.concatenate([self.keys, self.rng.random(len(df))])
         sample = df if self.sample is None else pd.concat([self.sample, df], ignore_index=True)
         if len(sample) > self.capacity:
-            keep = np.sort(np.argpartition(keys, self.capacity)[:self.capacity])
+            keep = np.sort(np.argpartition(keys, self.capacity)[: self.capacity])
             sample, keys = sample.iloc[keep].reset_index(drop=True), keys[keep]
         self.sample, self.keys = sample, keys
 

@@ -75,7 +75,8 @@ def check_rows(frame: pd.DataFrame, columns: list[str], numeric: list[str]) -> p
         bad = numbers.isna() & values.notna()
         if bad.any():
             raise MlflowException.invalid_parameter_value(
-                f"column {c}: {values[bad].iloc[0]!r} is not a number ({int(bad.sum())} such value(s))")
+                f"column {c}: {values[bad].iloc[0]!r} is not a number ({int(bad.sum())} such value(s))"
+            )
         parsed[c] = numbers.astype("float64")
     return frame.assign(**parsed) if parsed else frame
 
@@ -130,8 +131,17 @@ def model_columns(model, available, fallback: list[str] | None = None) -> list[s
 
 
 # What the model's code (this package, shipped as code) imports when it loads and predicts.
-MODEL_DISTRIBUTIONS = ["mlflow", "torch", "numpy", "pandas", "pyarrow", "pydantic", "pydantic-settings",
-                       "pyyaml", "cloudpickle"]
+MODEL_DISTRIBUTIONS = [
+    "mlflow",
+    "torch",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pydantic",
+    "pydantic-settings",
+    "pyyaml",
+    "cloudpickle",
+]
 
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl"

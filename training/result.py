@@ -48,11 +48,17 @@ class TrainResult(BaseModel):
         model = out / MODEL_FILE
         have_model = s.model_written and model.is_file()
         return cls(
-            run_id=run_id, status=s.status, output_dir=str(out),
+            run_id=run_id,
+            status=s.status,
+            output_dir=str(out),
             model_path=str(model) if have_model else None,
             preprocessor_path=str(out / PREPROCESSOR_FILE) if have_model else None,
             checkpoint_dir=s.checkpoint_dir or (str(out / CHECKPOINT_DIR) if s.last_good_checkpoint else None),
-            epochs_completed=s.epochs, best_epoch=s.best_epoch,
+            epochs_completed=s.epochs,
+            best_epoch=s.best_epoch,
             metrics={k: float(v) for k, v in s.metrics.items() if v is not None},
-            per_rank=s.per_rank, world_size=s.world_size, hosts=s.hosts, resumed_from=s.resumed_from,
+            per_rank=s.per_rank,
+            world_size=s.world_size,
+            hosts=s.hosts,
+            resumed_from=s.resumed_from,
         )

@@ -48,8 +48,9 @@ class SecretsFileError(RuntimeError):
 def is_secret(name: str) -> bool:
     """A known secret, or a variable whose name says it holds one (``*_PASSWORD``, ``*_TOKEN``, ...)."""
     upper = name.upper()
-    return upper in SECRET_ENV_VARS or upper.endswith(("_PASSWORD", "_SECRET", "_SECRET_KEY", "_TOKEN",
-                                                       "_AUTH_STRING", "_API_KEY"))
+    return upper in SECRET_ENV_VARS or upper.endswith(
+        ("_PASSWORD", "_SECRET", "_SECRET_KEY", "_TOKEN", "_AUTH_STRING", "_API_KEY")
+    )
 
 
 def split_secrets(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -99,12 +100,15 @@ def load_secrets(environ: dict[str, str] | None = None) -> list[str]:
     try:
         st = path.stat()
         if st.st_mode & 0o077:
-            raise SecretsFileError(f"{SECRETS_FILE_ENV}={path} is readable by others (mode {st.st_mode & 0o777:o}); "
-                                   "refusing to use it")
+            raise SecretsFileError(
+                f"{SECRETS_FILE_ENV}={path} is readable by others (mode {st.st_mode & 0o777:o}); refusing to use it"
+            )
         values = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SecretsFileError(f"{SECRETS_FILE_ENV}={path} does not exist on this host: the run's output "
-                               "directory must be on a filesystem every host shares") from None
+        raise SecretsFileError(
+            f"{SECRETS_FILE_ENV}={path} does not exist on this host: the run's output "
+            "directory must be on a filesystem every host shares"
+        ) from None
     except (OSError, ValueError) as e:
         raise SecretsFileError(f"cannot read {SECRETS_FILE_ENV}={path}: {type(e).__name__}") from None
     for k, v in values.items():

@@ -59,8 +59,8 @@ from ringflow.training.manifest import (
     FileEntry,
     Manifest,
     MissingKeyError,
-    ShardEntry,
     SealedWriter,
+    ShardEntry,
     ShardIntegrityError,
     WindowEntry,
     atomic_write_bytes,
@@ -120,8 +120,14 @@ class SourceIndex:
 def index_key(cfg: PipelineConfig, files_sha: str) -> str:
     """What the rows digest depends on: the bytes and which columns are read as what."""
     d = cfg.data
-    parts = {"files": files_sha, "columns": stored_columns(cfg), "timestamp": d.timestamp_column,
-             "numeric": d.numeric_features, "categorical": d.categorical_features, "format": FORMAT_VERSION}
+    parts = {
+        "files": files_sha,
+        "columns": stored_columns(cfg),
+        "timestamp": d.timestamp_column,
+        "numeric": d.numeric_features,
+        "categorical": d.categorical_features,
+        "format": FORMAT_VERSION,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -257,8 +263,11 @@ def resolve_encryption(cfg: PipelineConfig, key: bytes | None) -> bytes | None:
     if mode == "off":
         return None
     if mode == "on" and key is None:
-        where = (f"the Prefect Secret block {cfg.sharding.key_secret_block!r}" if cfg.sharding.key_secret_block
-                 else "sharding.key_secret_block (a Prefect Secret block)")
+        where = (
+            f"the Prefect Secret block {cfg.sharding.key_secret_block!r}"
+            if cfg.sharding.key_secret_block
+            else "sharding.key_secret_block (a Prefect Secret block)"
+        )
         raise MissingKeyError(
             f"sharding.encrypt is 'on' but no data key is available: set {KEY_ENV} (base64 of 16/24/32 bytes) "
             f"or {where}"
@@ -310,8 +319,11 @@ class SourceScan:
         for name in WINDOW_NAMES:
             if not self.rows[name]:
                 w = getattr(self.cfg.data.windows, name)
-                span = (f"its labelled rows span {self.first_ts:%Y-%m-%d %H:%M} .. {self.last_ts:%Y-%m-%d %H:%M} UTC"
-                        if self.labelled else "it has no labelled rows at all")
+                span = (
+                    f"its labelled rows span {self.first_ts:%Y-%m-%d %H:%M} .. {self.last_ts:%Y-%m-%d %H:%M} UTC"
+                    if self.labelled
+                    else "it has no labelled rows at all"
+                )
                 raise ShardingError(
                     f"the {name} window {w} (data.windows.{name}) has no labelled rows in {origin}; {span}"
                 )
@@ -329,8 +341,10 @@ def labelled_batches(cfg: PipelineConfig, batch_rows: int):
     for origin, raw in iter_source(d, batch_rows):
         frame = validate_contract(raw, d, origin=origin)
         labelled, dropped = with_target(frame, d)
-        masks = {name: in_window(labelled, d, getattr(d.windows, name).start, getattr(d.windows, name).end)
-                 for name in WINDOW_NAMES}
+        masks = {
+            name: in_window(labelled, d, getattr(d.windows, name).start, getattr(d.windows, name).end)
+            for name in WINDOW_NAMES
+        }
         yield frame, labelled, dropped, masks
 
 
@@ -343,7 +357,7 @@ def shard_assignment(n_train: int, sizes: list[int], seed: int) -> np.ndarray:
     shard_of = np.empty(n_train, dtype=np.int16 if len(sizes) < 2**15 else np.int32)
     offset = 0
     for i, size in enumerate(sizes):
-        shard_of[order[offset:offset + size]] = i
+        shard_of[order[offset : offset + size]] = i
         offset += size
     return shard_of
 
@@ -420,8 +434,7 @@ def shard_dataset(
 
     n_shards = cfg.num_shards
     sizes = shard_sizes(scan.rows["train"], n_shards, cfg.sharding.weights)
-    progress("windows: " + ", ".join(
-        f"{n} {getattr(cfg.data.windows, n)} {scan.rows[n]:,} rows" for n in WINDOW_NAMES))
+    progress("windows: " + ", ".join(f"{n} {getattr(cfg.data.windows, n)} {scan.rows[n]:,} rows" for n in WINDOW_NAMES))
     preprocessor = scan.fit.result()
     progress(f"fitted preprocessing on the train window ({scan.rows['train']:,} rows)")
     shard_of = shard_assignment(scan.rows["train"], sizes, cfg.sharding.seed)
@@ -433,8 +446,9 @@ def shard_dataset(
     writers: dict[str, _TableWriter] = {}
     try:
         pre_path = preprocessor.save(tmp / PREPROCESSOR_FILE)
-        pre_entry = FileEntry(file=PREPROCESSOR_FILE, rows=0, bytes=pre_path.stat().st_size,
-                              sha256=sha256_file(pre_path))
+        pre_entry = FileEntry(
+            file=PREPROCESSOR_FILE, rows=0, bytes=pre_path.stat().st_size, sha256=sha256_file(pre_path)
+        )
         schema = None
         names = [shard_file_name(i) for i in range(n_shards)] + ["validation.parquet", "test.parquet"]
         for i, size in enumerate(sizes):
@@ -445,7 +459,7 @@ def shard_dataset(
                 schema = pa.Schema.from_pandas(labelled[columns].head(0), preserve_index=False)
                 writers = {name: _TableWriter(tmp / name, schema, enc_key) for name in names}
             train = labelled.loc[masks["train"], columns]
-            route = shard_of[seen:seen + len(train)]
+            route = shard_of[seen : seen + len(train)]
             seen += len(train)
             for i in np.unique(route):
                 writers[shard_file_name(int(i))].write(train.iloc[np.flatnonzero(route == i)])
@@ -454,19 +468,22 @@ def shard_dataset(
             if seen // PROGRESS_ROWS != (seen - len(train)) // PROGRESS_ROWS:
                 progress(f"written {seen:,} of {scan.rows['train']:,} train rows")
         if seen != scan.rows["train"]:
-            raise ShardingError(f"the source changed while it was sharded ({origin}: {scan.rows['train']:,} "
-                                f"train rows in the first pass, {seen:,} in the second): run it again")
+            raise ShardingError(
+                f"the source changed while it was sharded ({origin}: {scan.rows['train']:,} "
+                f"train rows in the first pass, {seen:,} in the second): run it again"
+            )
         progress("writing validation and test windows")
         entries = {name: w.close() for name, w in writers.items()}
         weights = cfg.sharding.weights or [1.0] * n_shards
-        shards = [ShardEntry(**entries[shard_file_name(i)].model_dump(), index=i, weight=weights[i])
-                  for i in range(n_shards)]
+        shards = [
+            ShardEntry(**entries[shard_file_name(i)].model_dump(), index=i, weight=weights[i]) for i in range(n_shards)
+        ]
 
         manifest = Manifest(
             fingerprint=fp,
             source=origin,
             source_sha256=scan.digest,
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             seed=cfg.sharding.seed,
             encrypted=enc_key is not None,
             schema_=scan.schema,

@@ -60,11 +60,18 @@ class Progress:
         history = (*self.history, record)
         if math.isfinite(auc) and auc > self.best_auc:
             return dataclasses.replace(
-                self, epoch=record["epoch"], history=history, best_auc=auc, best_epoch=record["epoch"],
-                bad_epochs=0, best_model={k: v.detach().clone() for k, v in net.state_dict().items()})
+                self,
+                epoch=record["epoch"],
+                history=history,
+                best_auc=auc,
+                best_epoch=record["epoch"],
+                bad_epochs=0,
+                best_model={k: v.detach().clone() for k, v in net.state_dict().items()},
+            )
         bad = self.bad_epochs + 1
-        return dataclasses.replace(self, epoch=record["epoch"], history=history, bad_epochs=bad,
-                                   stopped=bad >= patience)
+        return dataclasses.replace(
+            self, epoch=record["epoch"], history=history, bad_epochs=bad, stopped=bad >= patience
+        )
 
     def as_checkpoint(self) -> dict[str, Any]:
         """The fields as a checkpoint stores them (plain types: checkpoints load ``weights_only``)."""

@@ -13,8 +13,8 @@ a data lake holds it; ``data.source`` takes the directory.
 
 from __future__ import annotations
 
-import shutil
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +25,14 @@ import pyarrow.parquet as pq
 
 from ringflow.training.data import WEATHER_COLUMNS, load_flights
 
-BOUNDS = {"humid": (0.0, 100.0), "precip": (0.0, None), "wind_speed": (0.0, None), "wind_gust": (0.0, None),
-          "visib": (0.0, 10.0), "wind_dir": (0.0, 360.0)}
+BOUNDS = {
+    "humid": (0.0, 100.0),
+    "precip": (0.0, None),
+    "wind_speed": (0.0, None),
+    "wind_gust": (0.0, None),
+    "visib": (0.0, 10.0),
+    "wind_dir": (0.0, 360.0),
+}
 
 
 def _jittered(rows: pd.DataFrame, stds: dict[str, float], rng: np.random.Generator, jitter: float) -> pd.DataFrame:
@@ -39,8 +45,9 @@ def _jittered(rows: pd.DataFrame, stds: dict[str, float], rng: np.random.Generat
     return out
 
 
-def synthesize(factor: int, out: Path, seed: int = 0, jitter: float = 0.05,
-               progress: Callable[[str], None] = print) -> list[Path]:
+def synthesize(
+    factor: int, out: Path, seed: int = 0, jitter: float = 0.05, progress: Callable[[str], None] = print
+) -> list[Path]:
     """Write ``factor`` x the flights (per month) under ``out``; returns the files, oldest month first.
 
     Deterministic: the same (factor, seed, jitter) writes the same rows. The directory is built
@@ -67,8 +74,9 @@ def synthesize(factor: int, out: Path, seed: int = 0, jitter: float = 0.05,
                 for k in range(factor):  # one row group per copy: memory is one month, not K
                     rng = np.random.default_rng([seed, int(month), k])
                     pick = rows.iloc[np.sort(rng.integers(0, len(rows), len(rows)))]
-                    writer.write_table(pa.Table.from_pandas(_jittered(pick, stds, rng, jitter), schema=schema,
-                                                            preserve_index=False))
+                    writer.write_table(
+                        pa.Table.from_pandas(_jittered(pick, stds, rng, jitter), schema=schema, preserve_index=False)
+                    )
             files.append(out / path.name)
             progress(f"month 2013-{month:02d}: {factor * len(rows):,} rows")
         if out.exists():

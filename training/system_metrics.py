@@ -38,7 +38,9 @@ def host_system_metrics(run_id: str | None = None) -> Iterator[object | None]:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(
-        run_id, sampling_interval=DEFAULT_SAMPLING_INTERVAL_S, node_id=host_node_id(),
+        run_id,
+        sampling_interval=DEFAULT_SAMPLING_INTERVAL_S,
+        node_id=host_node_id(),
         resume_logging=True,  # a resumed run continues its system-metric steps
     )
     monitor.start()

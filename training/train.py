@@ -35,7 +35,12 @@ from torch import nn
 
 from ringflow.training import tags
 from ringflow.training.checkpoint import (
-    CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
+    CHECKPOINT_DIR,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
 )
 from ringflow.training.config import PipelineConfig, TrainingConfig, get_settings
 from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX
@@ -128,14 +133,13 @@ def load_frame(manifest: Manifest, entries, pre) -> RankData:
         for i in range(pf.num_row_groups):
             part = pf.read_row_group(i, columns=columns).to_pandas()
             k = len(part)
-            x_num[at:at + k], x_cat[at:at + k] = pre.transform(part)
-            y[at:at + k] = part[manifest.target_column].to_numpy(dtype=np.float32)
+            x_num[at : at + k], x_cat[at : at + k] = pre.transform(part)
+            y[at : at + k] = part[manifest.target_column].to_numpy(dtype=np.float32)
             at += k
         del pf
     if at != n:
         raise ShardIntegrityError(f"{[e.file for e in entries]} hold {at} rows, the manifest says {n}")
     return RankData(torch.from_numpy(x_num), torch.from_numpy(x_cat), torch.from_numpy(y))
-
 
 
 # --------------------------------------------------------------------------- MLflow (rank 0 only)
@@ -171,7 +175,7 @@ class RunLogger:
         have = self.client.get_run(self.run_id).data.params
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
         for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i:i + 100])
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.client:
@@ -196,8 +200,14 @@ def flat_params(cfg: PipelineConfig, size: int, manifest: Manifest) -> dict[str,
         return out
 
     params = flatten(cfg.training.model_dump(mode="json"), "training.")
-    params.update({"world_size": size, "data.fingerprint": manifest.fingerprint,
-                   "data.train_rows": manifest.windows["train"].rows, "data.num_shards": len(manifest.shards)})
+    params.update(
+        {
+            "world_size": size,
+            "data.fingerprint": manifest.fingerprint,
+            "data.train_rows": manifest.windows["train"].rows,
+            "data.num_shards": len(manifest.shards),
+        }
+    )
     return params
 
 
@@ -223,9 +233,11 @@ class Trainer:
         base = torch.optim.AdamW(groups, lr=self.tc.learning_rate)
         hv = self.tc.horovod
         self.opt = hvd.DistributedOptimizer(
-            base, named_parameters=self.net.named_parameters(),
+            base,
+            named_parameters=self.net.named_parameters(),
             compression=hvd.Compression.fp16 if hv.compression == "fp16" else hvd.Compression.none,
-            backward_passes_per_step=hv.backward_passes_per_step, op=hvd.Average,
+            backward_passes_per_step=hv.backward_passes_per_step,
+            op=hvd.Average,
         )
         self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
         self._layout: tuple[int, int] | None = None
@@ -260,7 +272,7 @@ class Trainer:
         # Batch size in proportion to the shard: weighted shards (straggler compensation) give a
         # slow rank fewer rows per step, and every rank still runs the same number of steps.
         self.batch = [max(1, round(self.tc.batch_size * r * size / total)) for r in rows]
-        self.steps = max(math.ceil(r / b) for r, b in zip(rows, self.batch))
+        self.steps = max(math.ceil(r / b) for r, b in zip(rows, self.batch, strict=True))
         # loss weight so the averaged gradient is the mean over the global batch
         self.loss_weight = self.batch[rank] * size / sum(self.batch)
         self.opt_steps = math.ceil(self.steps / self.tc.horovod.backward_passes_per_step)
@@ -285,7 +297,7 @@ class Trainer:
         t_epoch = time.perf_counter()
         for i in range(self.steps):
             t0 = time.perf_counter()
-            idx = order[i * bs:(i + 1) * bs]
+            idx = order[i * bs : (i + 1) * bs]
             logits = self.net(self.data.x_num[idx], self.data.x_cat[idx])
             loss = self.loss_fn(logits, self.data.y[idx])
             (loss * self.loss_weight / k).backward()
@@ -312,13 +324,15 @@ class Trainer:
                 loss_acc += window
                 window.zero_()
         wall = time.perf_counter() - t_epoch
-        steps_done = (diverged_step if diverged_step is not None else self.steps)
+        steps_done = diverged_step if diverged_step is not None else self.steps
         loss_sum = torch.stack([loss_acc * bs, torch.tensor(float(steps_done * bs), dtype=torch.float64)])
         totals = hvd.allreduce(loss_sum, name="epoch_loss", op=hvd.Sum)
         # per-rank speed measured on the rank's own compute (forward + backward), not the wait in
         # the allreduce, so a straggler stands out instead of slowing every rank's number equally
-        mine = torch.tensor([[rank, steps_done * bs / max(compute_s, 1e-9), 1000 * compute_s / max(steps_done, 1),
-                              peak_rss_mb()]], dtype=torch.float64)
+        mine = torch.tensor(
+            [[rank, steps_done * bs / max(compute_s, 1e-9), 1000 * compute_s / max(steps_done, 1), peak_rss_mb()]],
+            dtype=torch.float64,
+        )
         per_rank = hvd.allgather(mine, name="rank_speed")
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -327,8 +341,16 @@ class Trainer:
             "epoch_time_s": wall,
             "samples_per_s": float(totals[1]) / wall if wall > 0 else 0.0,
             "world_size": size,
-            "per_rank": [{"rank": int(r), "host": self.hosts[int(r)], "samples_per_s": float(s),
-                          "step_time_ms": float(t), "peak_rss_mb": float(m)} for r, s, t, m in per_rank.tolist()],
+            "per_rank": [
+                {
+                    "rank": int(r),
+                    "host": self.hosts[int(r)],
+                    "samples_per_s": float(s),
+                    "step_time_ms": float(t),
+                    "peak_rss_mb": float(m),
+                }
+                for r, s, t, m in per_rank.tolist()
+            ],
             "diverged": diverged_step is not None,
         }
         if diverged_step is not None:
@@ -350,16 +372,25 @@ class Trainer:
         # so 0.5 can predict "no delay" for every row).
         threshold = max_f1_threshold(y, p)
         m = classification_metrics(y, p, threshold)
-        return {**{k: m[k] for k in ("roc_auc", "log_loss", "pr_auc", "accuracy", "f1", "brier")},
-                "decision_threshold": threshold}
+        return {
+            **{k: m[k] for k in ("roc_auc", "log_loss", "pr_auc", "accuracy", "f1", "brier")},
+            "decision_threshold": threshold,
+        }
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
 def checkpoint_payload(progress: Progress, net: nn.Module, opt, cfg: PipelineConfig, size: int) -> dict[str, Any]:
-    return {**progress.as_checkpoint(), "model": net.state_dict(), "optimizer": opt.state_dict(), "arch": net.arch,
-            "world_size": size, "seed": cfg.training.seed, "history": json.loads(json.dumps(list(progress.history)))}
+    return {
+        **progress.as_checkpoint(),
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "arch": net.arch,
+        "world_size": size,
+        "seed": cfg.training.seed,
+        "history": json.loads(json.dumps(list(progress.history))),
+    }
 
 
 def find_resume_point(args, cfg: PipelineConfig) -> Path | None:
@@ -376,8 +407,17 @@ def find_resume_point(args, cfg: PipelineConfig) -> Path | None:
 # --------------------------------------------------------------------------- outputs
 
 
-def write_outputs(out: Path, trainer: Trainer, progress: Progress, outcome: Outcome, cfg: PipelineConfig,
-                  size: int, started: float, run_log: RunLogger, resumed_from: str | None = None) -> TrainingSummary:
+def write_outputs(
+    out: Path,
+    trainer: Trainer,
+    progress: Progress,
+    outcome: Outcome,
+    cfg: PipelineConfig,
+    size: int,
+    started: float,
+    run_log: RunLogger,
+    resumed_from: str | None = None,
+) -> TrainingSummary:
     """Best model + preprocessor + summary.json (rank 0)."""
     net = trainer.net
     status = outcome.status
@@ -396,10 +436,17 @@ def write_outputs(out: Path, trainer: Trainer, progress: Progress, outcome: Outc
     ranks = sorted({r["rank"] for h in history for r in h["per_rank"]})
     host_of = {x["rank"]: x.get("host") for h in history for x in h["per_rank"]}
     per_rank = [
-        {"rank": r, "host": host_of.get(r),
-         "samples_per_s": float(np.mean([x["samples_per_s"] for h in history for x in h["per_rank"] if x["rank"] == r])),
-         "step_time_ms": float(np.mean([x["step_time_ms"] for h in history for x in h["per_rank"] if x["rank"] == r])),
-         "peak_rss_mb": max((x.get("peak_rss_mb") or 0.0) for h in history for x in h["per_rank"] if x["rank"] == r)}
+        {
+            "rank": r,
+            "host": host_of.get(r),
+            "samples_per_s": float(
+                np.mean([x["samples_per_s"] for h in history for x in h["per_rank"] if x["rank"] == r])
+            ),
+            "step_time_ms": float(
+                np.mean([x["step_time_ms"] for h in history for x in h["per_rank"] if x["rank"] == r])
+            ),
+            "peak_rss_mb": max((x.get("peak_rss_mb") or 0.0) for h in history for x in h["per_rank"] if x["rank"] == r),
+        }
         for r in ranks
     ]
     last_ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
@@ -426,22 +473,31 @@ def write_outputs(out: Path, trainer: Trainer, progress: Progress, outcome: Outc
         elastic=cfg.training.elastic.enabled,
         seed=cfg.training.seed,
         wall_time_s=time.time() - started,
-        history=json.loads(json.dumps([{k: (_finite(v) if isinstance(v, float) else v) for k, v in h.items()}
-                                       for h in history], default=_json_default)),
+        history=json.loads(
+            json.dumps(
+                [{k: (_finite(v) if isinstance(v, float) else v) for k, v in h.items()} for h in history],
+                default=_json_default,
+            )
+        ),
     )
     summary.write(out)
     run_log.tag(tags.TRAINING_STATUS, status)
     if summary.hosts:
         run_log.tag(tags.HOSTS, ",".join(summary.hosts))
     if best_rec:
-        run_log.metrics({f"best_{k}": v for k, v in metrics.items() if k.startswith("val_") and v is not None},
-                        step=progress.best_epoch or 0)
+        run_log.metrics(
+            {f"best_{k}": v for k, v in metrics.items() if k.startswith("val_") and v is not None},
+            step=progress.best_epoch or 0,
+        )
     return summary
 
 
 def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
-    m = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-         and k not in ("epoch", "diverged_step")}
+    m = {
+        k: v
+        for k, v in record.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "diverged_step")
+    }
     for r in record["per_rank"]:
         m[f"rank{r['rank']}_samples_per_s"] = r["samples_per_s"]
         m[f"rank{r['rank']}_step_time_ms"] = r["step_time_ms"]
@@ -460,7 +516,7 @@ def pin_to_cores(local_rank: int, local_size: int, threads: int) -> None:
     cores = sorted(os.sched_getaffinity(0))
     if local_size * threads > len(cores):
         return
-    mine = set(cores[local_rank * threads:(local_rank + 1) * threads])
+    mine = set(cores[local_rank * threads : (local_rank + 1) * threads])
     os.sched_setaffinity(0, mine)
     # Every thread that exists yet (Horovod's background and Gloo threads) follows.
     for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
@@ -522,8 +578,10 @@ def train(state, trainer: Trainer, out: Path, run_log: RunLogger) -> Outcome:
     rank, size = hvd.rank(), hvd.size()
     if rank == 0:
         run_log.params(flat_params(cfg, size, trainer.manifest))  # idempotent: kept from the first start
-        log(f"training: world_size={size} rows/rank~{len(trainer.data)} batch/rank={trainer.batch} "
-            f"steps/epoch={trainer.steps} threads/rank={torch.get_num_threads()}")
+        log(
+            f"training: world_size={size} rows/rank~{len(trainer.data)} batch/rank={trainer.batch} "
+            f"steps/epoch={trainer.steps} threads/rank={torch.get_num_threads()}"
+        )
     while state.progress.epoch < tc.epochs and not state.progress.stopped:
         record = trainer.train_epoch(state.progress.epoch)
         if record["diverged"]:
@@ -536,9 +594,11 @@ def train(state, trainer: Trainer, out: Path, run_log: RunLogger) -> Outcome:
             payload = checkpoint_payload(state.progress, trainer.net, trainer.opt, cfg, size)
             save_checkpoint(out / CHECKPOINT_DIR, payload)
             run_log.metrics(epoch_metrics(record), step=record["epoch"])
-            log(f"epoch {record['epoch']}/{tc.epochs} (size {size}): train_loss={record['train_loss']:.4f} "
+            log(
+                f"epoch {record['epoch']}/{tc.epochs} (size {size}): train_loss={record['train_loss']:.4f} "
                 f"val_auc={record['val_roc_auc']:.4f} val_logloss={record['val_log_loss']:.4f} "
-                f"{record['samples_per_s']:.0f} samples/s ({record['epoch_time_s']:.2f}s)")
+                f"{record['samples_per_s']:.0f} samples/s ({record['epoch_time_s']:.2f}s)"
+            )
         state.commit()
     return Outcome("early_stopped" if state.progress.stopped else "completed")
 
@@ -594,10 +654,21 @@ def run(args, cfg: PipelineConfig) -> int:
     drive = run_elastic if cfg.training.elastic.enabled else run_fixed
     outcome, progress, resumed_from = drive(args, trainer, out, run_log)
     if hvd.rank() == 0:
-        summary = write_outputs(out, trainer, progress, outcome, cfg, hvd.size(), started, run_log,
-                                resumed_from=str(resumed_from) if resumed_from else None)
-        log(f"done: status={outcome.status} epochs={summary.epochs} best_epoch={summary.best_epoch} "
-            f"best_val_auc={summary.best_val_roc_auc}")
+        summary = write_outputs(
+            out,
+            trainer,
+            progress,
+            outcome,
+            cfg,
+            hvd.size(),
+            started,
+            run_log,
+            resumed_from=str(resumed_from) if resumed_from else None,
+        )
+        log(
+            f"done: status={outcome.status} epochs={summary.epochs} best_epoch={summary.best_epoch} "
+            f"best_val_auc={summary.best_val_roc_auc}"
+        )
     hvd.barrier()  # nobody exits (and tears down Gloo) while rank 0 is still writing
     return 0
 
@@ -613,8 +684,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Errors a second attempt would meet again: the rank says so (FATAL_PREFIX line, FATAL_EXIT) and
 # the launcher reports this reason instead of a peer's "Horovod has been shut down", and does not retry.
-FATAL_ERRORS = (ShardIntegrityError, MissingKeyError, SecretsFileError, CheckpointError, ValidationError,
-                FileNotFoundError, NoShardError)
+FATAL_ERRORS = (
+    ShardIntegrityError,
+    MissingKeyError,
+    SecretsFileError,
+    CheckpointError,
+    ValidationError,
+    FileNotFoundError,
+    NoShardError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,9 @@ def _checkout_commit() -> str | None:
     """HEAD of the checkout this code runs from; None when the code is not a checkout's root (a
     wheel in site-packages, even inside someone else's repository)."""
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=SOURCE_ROOT,
-                             capture_output=True, text=True, timeout=10)
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=SOURCE_ROOT, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = top.stdout.split()

@@ -262,22 +262,59 @@ def status() -> None:
 
 
 @app.command()
-def deploy(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Create/update the deployments, their cron schedules and the rerun-on-anomaly automation."""
+def deploy(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    work_pool: Annotated[
+        str | None,
+        typer.Option(
+            "--work-pool",
+            "-p",
+            help="Deploy to this Prefect work pool (any type; its worker runs the flows) instead of for `ringflow up`'s serve process.",
+        ),
+    ] = None,
+    job_variable: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--job-variable",
+            "-jv",
+            help="A job variable of the pool's job template, key=value (JSON or text; repeatable), e.g. "
+            "env.MLFLOW_TRACKING_URI=http://mlflow:5000 or image=ringflow:latest. Needs --work-pool.",
+        ),
+    ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --work-pool: the directory the worker runs the flows from (the repository; /app in the "
+            "image). Default: this checkout.",
+        ),
+    ] = None,
+) -> None:
+    """Create/update the deployments (cron schedules, concurrency limit, rerun-on-anomaly trigger)
+    and the notification automations."""
     cfg = _config(config, set_)
     _prepare_environment(local_store=False)
     if not os.environ.get("PREFECT_API_URL"):
         typer.secho("no Prefect server: run `ringflow up` or set PREFECT_API_URL", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
+    from ringflow.flows.deployments import REPO_ROOT, DeployError, parse_job_variables
     from ringflow.flows.deployments import deploy as apply_deployments
 
     try:
-        ids = apply_deployments(cfg)
+        if source is not None and work_pool is None:
+            raise DeployError("--source needs --work-pool (it is where the pool's worker runs the flows from)")
+        ids = apply_deployments(
+            cfg, work_pool=work_pool, job_variables=parse_job_variables(job_variable), source=source or REPO_ROOT
+        )
+    except DeployError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     except Exception as e:
         _fail(e)
-    from ringflow.infra.stack import remember_config
+    if work_pool is None:
+        from ringflow.infra.stack import remember_config
 
-    remember_config(cfg)  # the running stack's serve process re-deploys this config on restart
+        remember_config(cfg)  # the running stack's serve process re-deploys this config on restart
     for name, ident in ids.items():
         typer.echo(f"{name:40s} {ident}")
 

@@ -8,8 +8,12 @@
   flow put in the event. Declared with the training deployment (a ``DeploymentEventTrigger``):
   Prefect creates it as an automation owned by the deployment and replaces it on every apply.
 
+- The notification automations (``flows/notifications.py``) when a webhook URL is configured.
+
 Everything is create-or-update by name, so ``deploy`` can run any number of times.
-``python -m ringflow.flows.deployments serve`` (started by ``ringflow up``) deploys, then executes the runs.
+``python -m ringflow.flows.deployments serve`` (started by ``ringflow up``) deploys, then executes the runs;
+``deploy(cfg, work_pool=...)`` (``ringflow deploy --work-pool``) puts the same deployments on a work
+pool of any type, whose workers run them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ringflow.monitoring.events import (
 from ringflow.monitoring.events import model_resource_id as event_resource_id
 from ringflow.training.config import PipelineConfig, load_config
 from ringflow.training.environment import process_defaults
+from ringflow.training.version import SOURCE_ROOT
 
 if TYPE_CHECKING:
     from ringflow.infra.hosts import ClusterState
@@ -137,26 +142,105 @@ def _automation_id() -> Any:
     return found[0].id if found else None
 
 
-def apply_automation(cfg: PipelineConfig, training_deployment_id) -> Any:
-    """Attach the declared rerun trigger to a training deployment made elsewhere (a work-pool
-    deployment, a test's): what ``apply()`` does with ``triggers=``, for a deployment already
-    applied without them. Returns the automation's id."""
+REPO_ROOT = SOURCE_ROOT  # the checkout, or the installed package
+
+
+class DeployError(ValueError):
+    """A bad ``deploy`` argument (work pool, job variable), named in the message."""
+
+
+def parse_job_variables(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs (``prefect deploy --job-variable`` style) -> job variables.
+
+    A value that parses as JSON is taken as JSON (``env={"A": "1"}``, ``stream_output=false``),
+    else as a string; a dotted key sets one text entry of a dict variable
+    (``env.MLFLOW_TRACKING_URI=http://mlflow:5000``: environment values are text).
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DeployError(f"--job-variable {item!r}: expected key=value")
+        head, *rest = key.strip().split(".")
+        try:
+            value: Any = raw if rest else json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if not rest:
+            out[head] = value
+            continue
+        target = out.setdefault(head, {})
+        if not isinstance(target, dict):
+            raise DeployError(f"--job-variable {item!r}: {head!r} was already set to a non-object value")
+        for part in rest[:-1]:
+            target = target.setdefault(part, {})
+        target[rest[-1]] = value
+    return out
+
+
+def for_work_pool(deployments: list, job_variables: dict[str, Any] | None = None, source: Path = REPO_ROOT) -> list:
+    """The deployments as a worker of any pool type runs them: the flows by *module path* (a
+    file entrypoint would load as a top-level module and its persisted results would not unpickle
+    under ``flows.*``), a pull step that starts each run in ``source`` (the repository: this
+    checkout for a process pool, ``/app`` in the image), and the job variables."""
+    from prefect.runner.storage import LocalStorage
+
+    from ringflow.flows.monitoring import monitoring_flow
+    from ringflow.flows.training_pipeline import training_pipeline
+
+    modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
+    for dep in deployments:
+        dep.entrypoint = modules[dep.flow_name]
+        dep.storage = LocalStorage(str(source))
+        dep.job_variables = {**dep.job_variables, **(job_variables or {})}
+    return deployments
+
+
+def _check_work_pool(name: str) -> str:
+    """The pool's type; a clear error when it does not exist (a worker's ``--type`` or
+    ``prefect work-pool create`` makes it)."""
     from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
 
-    _drop_automations_by_name()
-    trigger = rerun_trigger(cfg)
-    trigger.set_deployment_id(training_deployment_id)
     with get_client(sync_client=True) as client:
-        client.delete_resource_owned_automations(f"prefect.deployment.{training_deployment_id}")
-        return client.create_automation(trigger.as_automation())
+        try:
+            return client.read_work_pool(name).type
+        except ObjectNotFound:
+            raise DeployError(
+                f"work pool {name!r} does not exist: create it (`prefect work-pool create {name} --type process`) "
+                f"or start its worker (`prefect worker start --pool {name} --type process`) first"
+            ) from None
 
 
-def deploy(cfg: PipelineConfig) -> dict[str, Any]:
-    """Create/update both deployments and the automation; return their ids by name."""
+def deploy(
+    cfg: PipelineConfig,
+    work_pool: str | None = None,
+    job_variables: dict[str, Any] | None = None,
+    source: Path = REPO_ROOT,
+    keep_notifications: bool = False,
+) -> dict[str, Any]:
+    """Create/update both deployments (each with its schedule, concurrency limit and, for
+    training, the rerun trigger) and the notification automations; return their ids by name.
+
+    ``work_pool``: the deployments go to that pool (any type: its worker runs them with
+    ``job_variables``); without it they are for the ``serve`` process. ``keep_notifications``:
+    without a configured webhook URL, leave the notification automations as they are.
+    """
+    if job_variables and not work_pool:
+        raise DeployError("--job-variable needs --work-pool (job variables belong to a work pool's job template)")
     deployments = build_deployments(cfg)
+    if work_pool:
+        _check_work_pool(work_pool)
+        for_work_pool(deployments, job_variables, source)
     _drop_automations_by_name()
-    ids = {d.flow_name + "/" + d.name: d.apply() for d in deployments}  # apply() (re)creates the trigger
+    # apply() (re)creates each deployment's triggers as automations it owns
+    ids = {d.flow_name + "/" + d.name: d.apply(work_pool_name=work_pool) for d in deployments}
     ids[AUTOMATION_NAME] = _automation_id()
+    from ringflow.flows.notifications import apply_notifications
+
+    ids.update(apply_notifications(cfg, keep_when_off=keep_notifications))
     return ids
 
 
@@ -209,14 +293,15 @@ def serve(cfg: PipelineConfig, limit: int | None = 2) -> None:
     """
     from prefect import serve as prefect_serve
 
-    deploy(cfg)
+    deploy(cfg, keep_notifications=True)  # the URL a person gave `ringflow deploy` is not in this env
     prefect_serve(*build_deployments(cfg), pause_on_shutdown=False, limit=limit, print_starting_message=True)
 
 
 def runner_health() -> str | None:
     """None when the runner can talk to the API and every deployment is READY (polled by a
-    runner lately); else what is wrong. The compose health check of ``serve``: green only when
-    the runner really reaches the API (a 401 from a wrong auth string turns it red)."""
+    runner lately); else what is wrong. A health check for a ``serve`` process run outside
+    ``ringflow up`` (the compose file runs a worker, checked by Prefect's own ``/health``): green
+    only when the runner really reaches the API (a 401 from a wrong auth string turns it red)."""
     import httpx
 
     api = os.environ.get("PREFECT_API_URL")
@@ -248,20 +333,9 @@ def deploy_to_pool(state: ClusterState, config: Path | None) -> dict[str, str]:
     from ringflow.infra.cluster import REPO_ROOT, WORK_POOL, cluster_overrides, use_stack
 
     use_stack(state)
-    from prefect.runner.storage import LocalStorage
-
-    from ringflow.flows.monitoring import monitoring_flow
-    from ringflow.flows.training_pipeline import training_pipeline
-
     cfg = load_config(config, cluster_overrides(state))
-    # By *module path*, not the file path a deployment records: a file entrypoint is loaded as a
-    # top-level module (`training_pipeline`), its result then pickles under that name and `cluster
-    # run` could not read it back. The storage's pull step starts each run in this repository.
-    modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
     ids: dict[str, str] = {}
-    for dep in build_deployments(cfg):
-        dep.entrypoint = modules[dep.flow_name]
-        dep.storage = LocalStorage(str(REPO_ROOT))
+    for dep in for_work_pool(build_deployments(cfg), source=REPO_ROOT):
         dep.tags = [*dep.tags, "cluster"]
         ids[f"{dep.flow_name}/{dep.name}"] = str(dep.apply(work_pool_name=WORK_POOL))  # also its trigger
     return ids

@@ -114,6 +114,7 @@ def prefect_service(st: StackSettings, home: Path, base: dict[str, str], databas
     penv["PREFECT_SERVER_API_HOST"] = st.host
     penv["PREFECT_SERVER_API_PORT"] = str(st.prefect_port)
     penv.setdefault("PREFECT_UI_API_URL", st.prefect_api_url)  # set it when behind a proxy
+    penv.setdefault("PREFECT_UI_URL", st.prefect_url)  # the links in notifications (`ui_url`)
     return Service(
         name="prefect",
         cmd=[str(BIN / "prefect"), "server", "start", "--host", st.host, "--port", str(st.prefect_port)],

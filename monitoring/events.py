@@ -22,6 +22,9 @@ the event feed, matched by no trigger."""
 CAUSE_LABEL = "ringflow.anomaly.cause"
 """Resource label of an anomaly event: its anomaly types; the trigger allows one run per cause per
 cooldown, whatever number of events arrives."""
+SEVERITY_LABEL = "ringflow.anomaly.severity"
+"""Resource label of both events: the highest severity among its anomalies (``critical`` or
+``warning``; absent for a healthy batch). The critical-anomaly notification matches on it."""
 RERUN_TRIGGER = "ringflow-rerun-on-anomaly"
 """Name of the trigger (an automation in the UI) declared with the training deployment."""
 TRAINING_FLOW = "training-pipeline"
@@ -70,6 +73,9 @@ class AnomalyEventPayload(BaseModel):
     rerun: RerunRequest | None = None
     suppressed: dict[str, str] = {}
     """anomaly id -> why it causes no rerun."""
+    links: dict[str, str] = {}
+    """``mlflow_run`` (the monitoring run's page) and ``prefect_flow_run`` (the monitoring flow
+    run's page) where known: what a notification links to."""
 
 
 # training-pipeline parameter <- path in the payload

@@ -31,6 +31,7 @@ from ringflow.monitoring.events import (
     CAUSE_LABEL,
     REPORT_EVENT,
     RERUN_TRIGGER,
+    SEVERITY_LABEL,
     TRAINING_DEPLOYMENT,
     AnomalyEventPayload,
     ModelRef,
@@ -50,7 +51,7 @@ from ringflow.monitoring.reports import (
 )
 from ringflow.monitoring.scoring import score, score_chunks
 from ringflow.tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
-from ringflow.tasks.links import mlflow_run_url
+from ringflow.tasks.links import mlflow_run_url, prefect_flow_run_url
 from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
 from ringflow.training import tags
 from ringflow.training.baseline import baseline_proba
@@ -531,6 +532,19 @@ def _deployment_exists(name: str) -> bool:
             return False
 
 
+def _links(monitoring_run_id: str) -> dict[str, str]:
+    """What a notification links to: the MLflow monitoring run and this Prefect flow run."""
+    links = {"mlflow_run": mlflow_run_url(get_settings().tracking_uri, monitoring_run_id)}
+    try:
+        from prefect import runtime
+
+        if runtime.flow_run.id and (url := prefect_flow_run_url(str(runtime.flow_run.id))):
+            links["prefect_flow_run"] = url
+    except Exception:  # noqa: BLE001 - outside a flow run (or without a UI URL) there is no page
+        pass
+    return links
+
+
 @task(name="act-on-anomalies", cache_policy=NO_CACHE)
 def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, trigger_rerun: bool) -> RerunAction:
     """Emit the event; start the rerun only when no automation will (exactly one path fires)."""
@@ -545,6 +559,10 @@ def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, tr
     related = [
         {"prefect.resource.id": f"mlflow.run.{payload['monitoring_run_id']}", "prefect.resource.role": "monitoring-run"}
     ]
+    severities = {a.get("severity") for a in payload.get("anomalies", [])}
+    if severities:
+        resource[SEVERITY_LABEL] = "critical" if "critical" in severities else "warning"
+    payload = {**payload, "links": _links(payload["monitoring_run_id"])}
     if plan is None or not trigger_rerun:
         ev = emit_event(REPORT_EVENT, resource=resource, payload=payload, related=related)
         return RerunAction(

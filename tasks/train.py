@@ -245,6 +245,24 @@ def run_name(cfg: PipelineConfig, reason: str | None) -> str:
     return f"train-{cfg.name}-{why}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
+def _label_flow_run(tracking_uri: str, run_id: str) -> None:
+    """Put the MLflow run's page on the flow run (label ``ringflow.mlflow_run_url``): the
+    failed-run notification, rendered by the server, links to it from there."""
+    from prefect import get_client
+
+    from ringflow.tasks.links import MLFLOW_RUN_URL_LABEL, mlflow_run_url
+
+    if not runtime.flow_run.id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(
+                runtime.flow_run.id, {MLFLOW_RUN_URL_LABEL: mlflow_run_url(tracking_uri, run_id)}
+            )
+    except Exception as e:  # noqa: BLE001 - a link, not a reason to fail the training
+        get_run_logger().warning("could not label the flow run with its MLflow run: %s", e)
+
+
 @task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retryable, cache_policy=NO_CACHE)
 def train_model(
     cfg: PipelineConfig,
@@ -306,6 +324,7 @@ def train_model(
             experiment_id=experiment_id, tags=new_tags, run_name=run_name(cfg, (run_tags or {}).get(tags.REASON))
         )
     run_id = run.info.run_id
+    _label_flow_run(tracking_uri, run_id)
     out = settings.runs_dir / run_id
     status = "FAILED"
     try:

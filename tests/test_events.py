@@ -81,3 +81,24 @@ def test_tag_keys_are_declared_once():
                 if literal in keys:
                     offenders.append(f"{path.relative_to(root)}:{n}: {literal}")
     assert offenders == []
+
+
+def test_the_failed_run_message_reads_the_label_the_training_task_writes(prefect_harness):
+    """The training task puts its MLflow run on the flow run (a label); the failed-run notification
+    (rendered by the server from the flow run) reads that same label."""
+    from prefect import flow, get_client, runtime
+
+    from ringflow.flows.notifications import FAILED_MESSAGE
+    from ringflow.tasks.links import MLFLOW_RUN_URL_LABEL
+    from ringflow.tasks.train import _label_flow_run
+
+    @flow
+    def labelled() -> str:
+        _label_flow_run("sqlite:///nowhere/mlflow.db", "abc123")
+        return str(runtime.flow_run.id)
+
+    flow_run_id = labelled()
+    with get_client(sync_client=True) as client:
+        labels = client.read_flow_run(flow_run_id).labels
+    assert labels[MLFLOW_RUN_URL_LABEL] == "run abc123 in sqlite:///nowhere/mlflow.db"
+    assert f'get("{MLFLOW_RUN_URL_LABEL}")' in FAILED_MESSAGE

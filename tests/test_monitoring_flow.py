@@ -215,6 +215,10 @@ def test_monitoring_flow_end_to_end(
         assert ev.payload["rerun"]["reason"] == r2.rerun_reason
         assert PipelineConfig.model_validate(ev.payload["rerun"]["config"]) == rerun_cfg
         assert {a["type"] for a in ev.payload["anomalies"]} >= {"data_drift"}
+        # what a notification reads: the highest severity as a label, the links in the payload
+        severities = {a["severity"] for a in ev.payload["anomalies"]}
+        assert ev.resource["ringflow.anomaly.severity"] == ("critical" if "critical" in severities else "warning")
+        assert r2.monitoring_run_id in ev.payload["links"]["mlflow_run"]
         json.dumps(ev.payload)  # JSON-able, as the automation's template needs
 
         tags2 = MlflowClient().get_run(r2.monitoring_run_id).data.tags
@@ -229,10 +233,14 @@ def test_monitoring_flow_end_to_end(
         assert r3.action.mode in ("none", "plan-only") and "cooldown" in r3.decision, r3.decision
         assert len(_flow_runs_of(dep_id)) == 1
 
-        # 4. the automation exists: the flow only emits the event (the automation's action runs it)
-        from ringflow.flows.deployments import apply_automation
+        # 4. the automation exists: the flow only emits the event (the automation's action runs it).
+        # The deployment carries its trigger (what `ringflow deploy` applies): re-applied with it.
+        from ringflow.flows.deployments import rerun_trigger
 
-        apply_automation(cfg, dep_id)
+        assert (
+            training_pipeline_stand_in.to_deployment(name="training-pipeline", triggers=[rerun_trigger(cfg)]).apply()
+            == dep_id
+        )
         cooled = with_overrides(cfg, {"monitoring.cooldown_hours": 0, "monitoring.max_reruns_per_period": 10})
         before = len([e for c in AssertingEventsClient.all for e in c.events if e.event == "ringflow.anomaly.detected"])
         r4 = monitoring_flow(cooled, batch="2013-10")

@@ -545,6 +545,237 @@ def test_each_server_killed_by_pid_is_restarted_by_its_supervisor(stack):
         ) in out, out
 
 
+# --------------------------------------------------------------------------- notifications
+
+
+class _Receiver:
+    """A webhook receiver on 127.0.0.1 (http.server in a thread): every POST body, parsed."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [m for m in self.received if m.get("kind") == kind]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _emit(stack: Stack, event: str, labels: dict[str, str], payload: dict) -> None:
+    code = (
+        "import json, sys\nfrom prefect.events import emit_event\n"
+        "emit_event(sys.argv[1], resource=json.loads(sys.argv[2]), payload=json.loads(sys.argv[3]))\n"
+    )
+    resource = {"prefect.resource.id": "ringflow.model.flights-delay", **labels}
+    p = subprocess.run(
+        [sys.executable, "-c", code, event, json.dumps(resource), json.dumps(payload)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**stack.env, "PREFECT_API_URL": stack.api},
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_a_critical_anomaly_and_a_failed_training_run_each_notify_once(stack):
+    from ringflow.training.config import load_config
+
+    receiver = _Receiver()
+    try:
+        out = stack.cli("deploy", "--config", str(SMOKE), env={"RINGFLOW_NOTIFY_WEBHOOK_URL": receiver.url}).stdout
+        assert "ringflow-notify-critical-anomaly" in out and "ringflow-notify-training-failed" in out, out
+
+        def payload(batch: str, anomalies: list[dict]) -> dict:
+            return {
+                "anomaly_id": anomalies[0]["id"] if anomalies else None,
+                "monitoring_run_id": f"mon-{batch}",
+                "model": {"name": "flights-delay", "version": "3"},
+                "batch": batch,
+                "anomalies": anomalies,
+                "links": {
+                    "mlflow_run": f"{stack.mlflow}/#/experiments/1/runs/mon-{batch}",
+                    "prefect_flow_run": f"http://127.0.0.1:{stack.prefect_port}/runs/flow-run/x",
+                },
+            }
+
+        # a healthy batch (no anomaly) and a warning: the report events a monitoring run emits, no message
+        _emit(stack, "ringflow.anomaly.reported", {}, payload("2013-05", []))
+        _emit(
+            stack,
+            "ringflow.anomaly.reported",
+            {"ringflow.anomaly.severity": "warning"},
+            payload(
+                "2013-06",
+                [
+                    {
+                        "id": "w1",
+                        "type": "data_drift",
+                        "severity": "warning",
+                        "message": "drift 0.4",
+                        "evidence": {"drift_share": 0.4},
+                    }
+                ],
+            ),
+        )
+        # a critical one (reported, so no rerun starts): exactly one message with evidence and links
+        critical = {
+            "id": "c1",
+            "type": "performance_drop",
+            "severity": "critical",
+            "message": "AUC fell by 0.09",
+            "evidence": {"auc": 0.61, "champion_auc": 0.70},
+        }
+        _emit(
+            stack,
+            "ringflow.anomaly.reported",
+            {"ringflow.anomaly.severity": "critical"},
+            payload("2013-07", [critical]),
+        )
+
+        # a failed training run: the serve process runs it, it fails at once on a missing source
+        cfg = load_config(SMOKE).model_dump(mode="json")
+        cfg["data"]["source"] = str(stack.home / "no-such-source.csv")
+        with stack.client() as c:
+            dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+            fr = c.create_flow_run_from_deployment(dep.id, parameters={"config": cfg, "reason": "notify-test"})
+            deadline = time.monotonic() + 180
+            while not (state := c.read_flow_run(fr.id).state).is_final() and time.monotonic() < deadline:
+                time.sleep(1)
+            # Failed (the flow's own error), not Crashed (the runner could not even load the flow)
+            assert state.is_failed(), state
+
+        deadline = time.monotonic() + 90
+        while (
+            not receiver.of_kind("critical-anomaly") or not receiver.of_kind("training-failed")
+        ) and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(10)  # a second message for either, or one for the healthy batch, would land by now
+        [anomaly] = receiver.of_kind("critical-anomaly")
+        assert anomaly["batch"] == "2013-07" and anomaly["anomalies"] == [critical]
+        assert anomaly["mlflow_run"] == f"{stack.mlflow}/#/experiments/1/runs/mon-2013-07"
+        assert anomaly["prefect_flow_run"].endswith("/runs/flow-run/x")
+        assert "AUC fell by 0.09" in anomaly["text"]
+        [failed] = receiver.of_kind("training-failed")
+        assert failed["flow_run_id"] == str(fr.id) and failed["reason"] == "notify-test"
+        assert failed["prefect_flow_run"].endswith(f"/runs/flow-run/{fr.id}"), failed
+        assert failed["state"] == "Failed" and "no-such-source.csv" in failed["message"], failed
+        assert len(receiver.received) == 2, receiver.received  # nothing for the healthy batch or the warning
+    finally:
+        stack.cli("deploy", "--config", str(SMOKE))  # no URL: the notification automations go
+        receiver.close()
+    with stack.client() as c:
+        assert not c.read_automations_by_name("ringflow-notify-critical-anomaly")
+
+
+# --------------------------------------------------------------------------- work pools
+
+
+def test_deploy_to_work_pools_of_two_types_with_job_variables(stack):
+    """`ringflow deploy --work-pool`: the same deployments (schedules, concurrency limit, rerun
+    trigger) on a pool whose worker runs them, with the job variables given on the command line."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    k8s_template = {  # the shape of a kubernetes pool's base job template (variables + job config)
+        "job_configuration": {"image": "{{ image }}", "env": "{{ env }}", "namespace": "{{ namespace }}"},
+        "variables": {
+            "type": "object",
+            "properties": {
+                "image": {"type": "string", "default": "prefecthq/prefect:3-latest"},
+                "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "namespace": {"type": "string", "default": "default"},
+            },
+        },
+    }
+    with stack.client() as c:
+        c.create_work_pool(WorkPoolCreate(name="team-process", type="process"), overwrite=True)
+        c.create_work_pool(
+            WorkPoolCreate(name="team-k8s", type="kubernetes", base_job_template=k8s_template), overwrite=True
+        )
+    try:
+        missing = stack.cli("deploy", "--config", str(SMOKE), "--work-pool", "no-such-pool", check=False)
+        assert missing.returncode == 2 and "work pool 'no-such-pool' does not exist" in missing.stderr, missing.stderr
+        bad = stack.cli(
+            "deploy", "--config", str(SMOKE), "--work-pool", "team-process", "--job-variable", "env", check=False
+        )
+        assert bad.returncode == 2 and "--job-variable 'env': expected key=value" in bad.stderr, bad.stderr
+
+        stack.cli(
+            "deploy",
+            "--config",
+            str(SMOKE),
+            "--work-pool",
+            "team-process",
+            "--job-variable",
+            "env.MLFLOW_TRACKING_URI=http://mlflow:5000",
+            "-jv",
+            "stream_output=false",
+        )
+        with stack.client() as c:
+            deps = {
+                n: c.read_deployment_by_name(n)
+                for n in ("training-pipeline/training-pipeline", "monitoring/monitoring")
+            }
+            for name, d in deps.items():
+                assert d.work_pool_name == "team-process", name
+                assert d.job_variables == {
+                    "env": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+                    "stream_output": False,
+                }, d.job_variables
+                assert d.global_concurrency_limit.limit == 1 and [s.active for s in d.schedules] == [True], name
+                # the worker imports the flow by module path, in the repository the pull step names
+                assert d.entrypoint in ("flows.training_pipeline.training_pipeline", "flows.monitoring.monitoring_flow")
+                assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+            train = deps["training-pipeline/training-pipeline"]
+            assert [s.schedule.cron for s in train.schedules] == ["0 3 * * 1"]
+            [a] = c.read_automations_by_name("ringflow-rerun-on-anomaly")  # the trigger, carried by the deployment
+            assert a.actions[0].deployment_id == train.id
+            assert a.id in {o.id for o in c.read_resource_related_automations(f"prefect.deployment.{train.id}")}
+
+        stack.cli(
+            "deploy",
+            "--config",
+            str(SMOKE),
+            "--work-pool",
+            "team-k8s",
+            "-jv",
+            "image=ringflow:latest",
+            "-jv",
+            'env={"RINGFLOW_HOME": "/data/ringflow"}',
+        )
+        with stack.client() as c:
+            train = c.read_deployment_by_name("training-pipeline/training-pipeline")
+            assert train.work_pool_name == "team-k8s"
+            # exactly what this deploy gave: nothing left over from the other pool's
+            assert train.job_variables == {"image": "ringflow:latest", "env": {"RINGFLOW_HOME": "/data/ringflow"}}
+            assert len(c.read_automations_by_name("ringflow-rerun-on-anomaly")) == 1
+    finally:
+        # back to the serve process (an update cannot take a deployment off its pool): the down/up
+        # test after this one restarts the runner on the recreated deployments
+        with stack.client() as c:
+            for name in ("training-pipeline/training-pipeline", "monitoring/monitoring"):
+                c.delete_deployment(c.read_deployment_by_name(name).id)
+        stack.cli("deploy", "--config", str(SMOKE))
+
+
 # --------------------------------------------------------------------------- down / restart
 
 

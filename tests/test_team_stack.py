@@ -528,7 +528,7 @@ def render_compose(env: dict[str, str], *files: Path) -> dict:
 def test_compose_without_auth_sets_no_auth_variable_and_needs_no_object_store():
     cfg = render_compose(BASE_ENV, COMPOSE)
     services = cfg["services"]
-    assert set(services) == {"postgres", "prefect-server", "mlflow", "serve"}
+    assert set(services) == {"postgres", "prefect-server", "mlflow", "worker", "deploy", "evidently"}
     assert not any("minio" in str(svc.get("image", "")) for svc in services.values())
     for name, svc in services.items():
         env = svc.get("environment", {})
@@ -546,11 +546,33 @@ def test_compose_without_auth_sets_no_auth_variable_and_needs_no_object_store():
     assert "mlflow-pw" not in " ".join(mlflow["command"])  # never on a command line
     dest = mlflow["command"][mlflow["command"].index("--artifacts-destination") + 1]
     assert f"mlflow-artifacts:{dest}" in mlflow["volumes"] and "--app-name" not in mlflow["command"]
-    serve = services["serve"]
-    assert serve["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    assert serve["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert serve["healthcheck"]["test"] == ["CMD", "python", "-m", "ringflow.flows.deployments", "health"]
-    assert serve["command"][-1] == "configs/flights.yaml"
+    # Prefect the way teams run it: a worker on a work pool, with Prefect's own health endpoint
+    worker, deploy = services["worker"], services["deploy"]
+    assert worker["command"] == [
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        "ringflow",
+        "--type",
+        "process",
+        "--with-healthcheck",
+    ]
+    assert "localhost:8080/health" in " ".join(worker["healthcheck"]["test"])
+    assert deploy["command"] == ["ringflow", "deploy", "--config", "configs/flights.yaml", "--work-pool", "ringflow"]
+    assert deploy["depends_on"] == {"worker": {"condition": "service_healthy"}} and deploy["restart"] == "no"
+    assert deploy["environment"]["RINGFLOW_NOTIFY_WEBHOOK_URL"] == ""  # off unless .env names one
+    for svc in (worker, deploy):
+        assert svc["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        assert svc["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        # results a retry reuses: on the volume every worker mounts, not a worker's home
+        results = svc["environment"]["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]
+        assert any(results.startswith(v.split(":")[1] + "/") for v in svc["volumes"]), (results, svc["volumes"])
+    evidently = services["evidently"]
+    assert evidently["command"][:2] == ["evidently", "ui"]
+    workspace = evidently["command"][evidently["command"].index("--workspace") + 1]
+    assert workspace == f"{worker['environment']['RINGFLOW_HOME']}/evidently"  # where monitoring writes
+    assert services["prefect-server"]["environment"]["PREFECT_UI_URL"] == "http://localhost:4200"
     with pytest.raises(ComposeError, match="POSTGRES_PASSWORD"):
         render_compose({}, COMPOSE)
 
@@ -559,10 +581,12 @@ def test_compose_auth_override_gives_servers_and_clients_the_same_credentials():
     cfg = render_compose({**BASE_ENV, **AUTH_ENV}, COMPOSE, COMPOSE_AUTH)
     s = cfg["services"]
     assert s["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == "ops:prefect-secret"
-    assert s["serve"]["environment"]["PREFECT_API_AUTH_STRING"] == "ops:prefect-secret"
+    for client in ("worker", "deploy"):
+        assert s[client]["environment"]["PREFECT_API_AUTH_STRING"] == "ops:prefect-secret"
+        assert s[client]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "mlflow-admin-pw-123"
+        assert s[client]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"  # base kept
     assert s["mlflow"]["command"][:4] == ["mlflow", "server", "--app-name", "basic-auth"]
     assert s["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "mlflow-admin-pw-123"
-    assert s["serve"]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "mlflow-admin-pw-123"
     assert s["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")  # kept
     assert any(v.startswith("mlflow-auth:") for v in s["mlflow"]["volumes"])
     assert "mlflow-auth" in cfg["volumes"] and "mlflow-artifacts" in cfg["volumes"]
@@ -588,19 +612,17 @@ def _compose_on_this_machine(cfg: dict, ports: dict[str, int], data: Path) -> di
             v = v.replace(a, b)
         return v.replace("/data/", f"{data}/")
 
-    bins = {
-        "prefect": str(Path(sys.executable).with_name("prefect")),
-        "mlflow": str(Path(sys.executable).with_name("mlflow")),
-        "python": sys.executable,
-    }
+    bins = {b: str(Path(sys.executable).with_name(b)) for b in ("prefect", "mlflow", "ringflow", "evidently")}
+    bins["python"] = sys.executable
+    port_of = {"prefect-server": "prefect", "mlflow": "mlflow", "evidently": "evidently"}
     out = {}
-    for name in ("prefect-server", "mlflow", "serve"):
+    for name in ("prefect-server", "mlflow", "worker", "deploy", "evidently"):
         svc = cfg["services"][name]
         cmd = [local(a) for a in svc["command"]]
         cmd[0] = bins[cmd[0]]
         cmd = ["127.0.0.1" if a == "0.0.0.0" else a for a in cmd]
         if "--port" in cmd:
-            cmd[cmd.index("--port") + 1] = str(ports["prefect" if name == "prefect-server" else "mlflow"])
+            cmd[cmd.index("--port") + 1] = str(ports[port_of[name]])
         env = {k: local(str(v)) for k, v in (svc.get("environment") or {}).items()}
         out[name] = (cmd, env)
     return out
@@ -610,7 +632,6 @@ def _compose_on_this_machine(cfg: dict, ports: dict[str, int], data: Path) -> di
 @needs_postgres
 def test_the_compose_services_commands_run_a_training_on_postgresql():
     import os
-    import sys
 
     import httpx
 
@@ -620,7 +641,13 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
     base.chmod(0o755)  # as root, user postgres reaches its data under base/pg-state
     home, data = base / "pg-home", base / "data"
     (data / "mlflow-artifacts").mkdir(parents=True)
-    ports = {"postgres": _free_port(), "prefect": _free_port(), "mlflow": _free_port()}
+    ports = {
+        "postgres": _free_port(),
+        "prefect": _free_port(),
+        "mlflow": _free_port(),
+        "evidently": _free_port(),
+        "worker_health": _free_port(),
+    }
     procs: list[subprocess.Popen] = []
     scrub = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     try:
@@ -673,19 +700,31 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
                     )
                 )
             _until(lambda ready=ready: _ok(httpx, ready), 180)
-        cmd, senv = services["serve"]
-        serve_env = {**common, **senv}
-        health = [sys.executable, "-m", "ringflow.flows.deployments", "health"]
-        assert subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True).returncode == 1  # no runner yet
-        with open(base / "serve.log", "wb") as log:
+        # the worker (it makes the process pool), healthy by Prefect's own endpoint; then the one-shot deploy
+        cmd, senv = services["worker"]
+        worker_env = {**common, **senv, "PREFECT_WORKER_WEBSERVER_PORT": str(ports["worker_health"])}
+        health = f"http://127.0.0.1:{ports['worker_health']}/health"
+        assert not _ok(httpx, health)
+        with open(base / "worker.log", "wb") as log:
             procs.append(
                 subprocess.Popen(
-                    cmd, env=serve_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    cmd, env=worker_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
             )
-        _until(lambda: subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True).returncode == 0, 240)
+        _until(lambda: _ok(httpx, health), 240)
+        cmd, denv = services["deploy"]
+        deployed = subprocess.run(cmd, env={**common, **denv}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        cmd, eenv = services["evidently"]
+        with open(base / "evidently.log", "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    cmd, env={**common, **eenv}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+        _until(lambda: _ok(httpx, f"http://127.0.0.1:{ports['evidently']}/api/version"), 120)
 
-        # a training run through the API, executed by the compose runner, stored in PostgreSQL
+        # a training run through the API, executed by the compose worker, stored in PostgreSQL
         from prefect.client.orchestration import get_client
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -694,6 +733,8 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
         cfg = load_config(SMOKE, ["training.epochs=1", "training.world_size=1"])
         with temporary_settings({PREFECT_API_URL: senv["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
             dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+            assert dep.work_pool_name == "ringflow" and dep.global_concurrency_limit.limit == 1 and dep.schedules
+            assert c.read_automations_by_name("ringflow-rerun-on-anomaly")
             fr = c.create_flow_run_from_deployment(dep.id, parameters={"config": cfg.model_dump(mode="json")})
             done = _until(lambda: (r := c.read_flow_run(fr.id)).state.is_final() and r, 900)
             assert done.state.is_completed(), done.state
@@ -703,10 +744,8 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
         assert len(versions) == 1
         assert any((data / "mlflow-artifacts").rglob("MLmodel"))  # artifacts served from the volume
 
-        # the health check goes red when the runner cannot reach the API
-        kill_tree(procs[1].pid, grace_s=10)
-        bad = subprocess.run(health, env=serve_env, cwd=ROOT, capture_output=True, text=True)
-        assert bad.returncode == 1 and "does not answer" in bad.stdout, bad.stdout
+        # the persisted results are on the shared volume, not in the worker's home
+        assert any((data / "ringflow" / "prefect-results").iterdir())
     finally:
         for p in reversed(procs):
             kill_tree(p.pid, grace_s=10)

@@ -487,6 +487,13 @@ class ScheduleConfig(_Strict):
     """Timezone of both cron schedules (IANA name)."""
 
 
+class NotificationConfig(_Strict):
+    webhook_url: str | None = None
+    """Where a critical anomaly and a failed training run are posted (a Slack/Teams/any JSON
+    webhook). ``RINGFLOW_NOTIFY_WEBHOOK_URL`` wins over this value: prefer it for a URL that is a
+    secret (the config is stored with the deployments and the MLflow runs). Unset: no notifications."""
+
+
 # --------------------------------------------------------------------------- the whole pipeline
 
 
@@ -509,6 +516,8 @@ class PipelineConfig(_Strict):
     """Monitoring thresholds and the rerun policy."""
     schedules: ScheduleConfig = ScheduleConfig()
     """Recurring training and monitoring."""
+    notifications: NotificationConfig = NotificationConfig()
+    """Who is told about a critical anomaly or a failed training run (``ringflow deploy`` sets it up)."""
 
     @model_validator(mode="after")
     def _cross(self) -> PipelineConfig:

@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install lock run test bench up down deploy clean browser-deps postgres-deps cluster-deps docs docs-serve docs-deps docs-reference
+.PHONY: install lock check run test bench up down deploy clean browser-deps postgres-deps cluster-deps docs docs-serve docs-deps docs-reference
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,8 +36,18 @@ lock: | $(PY)
 run: install
 	$(VENV)/bin/ringflow run --config $(CONFIG)
 
-test: install browser-deps postgres-deps cluster-deps
-	$(VENV)/bin/pytest
+# The quick check (about 2 minutes on 2 cores): lint, format, and the unit tier of the tests (no
+# horovodrun, server, browser, PostgreSQL or namespace; markers in pyproject.toml, CONTRIBUTING.md).
+UNIT_TIER := not (horovod or slow or browser or cluster or server or postgres)
+
+check: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -q -m "$(UNIT_TIER)"
+
+# The full suite CI runs: the check first, then every test it left out.
+test: check browser-deps postgres-deps cluster-deps
+	$(VENV)/bin/pytest -m "not ($(UNIT_TIER))" --durations=30
 
 clean:  # the home, and its PostgreSQL data where root's `up` put it (outside the home)
 	@d=$$(cat .ringflow/postgres/data-dir 2>/dev/null) && [ -n "$$d" ] && rm -rf "$$(dirname "$$d")"; true

@@ -21,6 +21,13 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 process_defaults()  # what the CLI sets: telemetry off (nothing sent from the tests), local task logs
 
 
+def pytest_collection_modifyitems(items):
+    # Marked by what they use, so `make check`'s unit tier (Makefile UNIT_TIER) stays true as tests are added.
+    for item in items:
+        if "prefect_harness" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

@@ -226,3 +226,45 @@ def test_evidently_ui_shows_the_monitoring_trend_dashboard(stack, page):
         page.get_by_text(title).first.wait_for(timeout=60_000)
     page.wait_for_timeout(2000)  # let the plots draw
     _shot(page, "06-evidently-dashboard")
+
+
+def test_docs_site_renders_every_page_in_the_browser(page, tmp_path):
+    """The built site, served over HTTP, in Chromium: every page of the nav shows its title and
+    content; screenshots of the home page and the configuration reference."""
+    import functools
+    import http.server
+    import subprocess
+    import threading
+
+    import yaml
+
+    from tests.test_docs import _mkdocs_command, _nav_pages, _page_html
+
+    site = tmp_path / "site"
+    built = subprocess.run(
+        [*_mkdocs_command(), "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        pages = _nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
+        for doc in pages:
+            url = base + "/" + str(_page_html(site, doc).relative_to(site).parent).strip(".") + "/"
+            response = page.goto(url.replace("//", "/").replace("http:/", "http://"))
+            assert response is not None and response.status == 200, (doc, url)
+            title = page.locator("article h1").first
+            assert title.is_visible() and title.inner_text().strip(), f"{doc}: no title at {url}"
+            if doc in ("index.md", "reference/config.md"):
+                _shot(page, "docs-" + doc.replace("/", "-").removesuffix(".md"))
+        page.goto(base + "/reference/config/")
+        assert page.get_by_text("training.world_size").first.is_visible()
+    finally:
+        server.shutdown()

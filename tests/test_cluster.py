@@ -201,7 +201,8 @@ class CmdlineSampler(threading.Thread):
                 if any(n in cmd for n in needles):
                     shown = cmd.replace(bytes(1), b" ")[:300]
                     self.leaks.append(f"{d.name}: {shown!r}")
-                if b"ringflow.training.train" in cmd and b"horovodrun" not in cmd:
+                # a rank is `python -m ringflow.training.train ...` (its --config-json names horovodrun too)
+                if cmd.split(bytes(1))[1:3] == [b"-m", b"ringflow.training.train"]:
                     try:
                         host = self.inode_to_host.get(os.stat(d / "ns" / "net").st_ino)
                     except OSError:

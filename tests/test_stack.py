@@ -742,7 +742,10 @@ def test_deploy_to_work_pools_of_two_types_with_job_variables(stack):
                 }, d.job_variables
                 assert d.global_concurrency_limit.limit == 1 and [s.active for s in d.schedules] == [True], name
                 # the worker imports the flow by module path, in the repository the pull step names
-                assert d.entrypoint in ("flows.training_pipeline.training_pipeline", "flows.monitoring.monitoring_flow")
+                assert d.entrypoint in (
+                    "ringflow.flows.training_pipeline.training_pipeline",
+                    "ringflow.flows.monitoring.monitoring_flow",
+                )
                 assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
             train = deps["training-pipeline/training-pipeline"]
             assert [s.schedule.cron for s in train.schedules] == ["0 3 * * 1"]

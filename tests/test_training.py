@@ -240,13 +240,12 @@ def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int 
         if list(home.glob(f"**/checkpoints/epoch-{epoch:04d}.pt")):
             for p in psutil.process_iter(["cmdline"]):
                 try:
-                    cmd = " ".join(p.info["cmdline"] or [])
+                    argv = p.info["cmdline"] or []
+                    # a rank is `python -m ringflow.training.train ...` (its --config-json names horovodrun too)
                     if (
-                        "ringflow.training.train" in cmd
-                        and str(home) in cmd
-                        and "horovodrun" not in cmd
+                        argv[1:3] == ["-m", "ringflow.training.train"]
+                        and str(home) in " ".join(argv)
                         and p.environ().get("HOROVOD_RANK") == str(rank)
-                        and "sh -c" not in cmd
                     ):
                         p.send_signal(signal.SIGKILL)
                         killed.append(p.pid)

@@ -24,8 +24,11 @@ process_defaults()  # what the CLI sets: telemetry off (nothing sent from the te
 def pytest_collection_modifyitems(items):
     # Marked by what they use, so `make check`'s unit tier (Makefile UNIT_TIER) stays true as tests are added.
     for item in items:
-        if "prefect_harness" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "prefect_harness" in fixtures:
             item.add_marker(pytest.mark.server)
+        if "pg_stack" in fixtures:
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(scope="session")

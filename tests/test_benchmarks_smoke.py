@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
 BENCH = ROOT / "benchmarks"
 

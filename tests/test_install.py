@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.horovod
 def test_horovodrun_check_build_lists_pytorch_and_gloo():
     horovodrun = Path(sys.executable).with_name("horovodrun")
     out = subprocess.run([str(horovodrun), "--check-build"], capture_output=True, text=True, timeout=120)

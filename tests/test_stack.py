@@ -20,6 +20,8 @@ import httpx
 import psutil
 import pytest
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 RINGFLOW = Path(sys.executable).with_name("ringflow")
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -40,6 +40,8 @@ from ringflow.training.config import load_config
 from tests.test_stack import SMOKE, Stack, _free_port, _start, _stop
 from tests.test_team_stack import needs_postgres
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 RUNS = 20
 ENOUGH_COMPLETED = 2
 WAIT_S = 240

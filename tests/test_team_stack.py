@@ -25,6 +25,8 @@ import pytest
 from ringflow.infra import postgres
 from tests.test_stack import ROOT, SMOKE, Stack, _free_port, _stop
 
+pytestmark = [pytest.mark.server]
+
 try:
     postgres.bin_dir()
     HAVE_POSTGRES = True

@@ -152,6 +152,7 @@ class CommandLineWatch(threading.Thread):
             time.sleep(0.05)
 
 
+@pytest.mark.horovod
 def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, smoke_config, tmp_path, monkeypatch):
     from ringflow.tasks.train import train_model
     from ringflow.training.sharding import shard_dataset
@@ -221,6 +222,7 @@ def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, 
     assert not _procs_of(ringflow_home)
 
 
+@pytest.mark.horovod
 def test_absurd_learning_rate_returns_diverged(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
     from ringflow.tasks.train import train_model
 
@@ -255,6 +257,7 @@ def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int 
         time.sleep(0.05)
 
 
+@pytest.mark.horovod
 def test_killed_rank_fails_naming_it_and_the_retry_resumes(
     prefect_harness, ringflow_home, smoke_config, smoke_manifest
 ):
@@ -280,6 +283,7 @@ def test_killed_rank_fails_naming_it_and_the_retry_resumes(
     assert not _procs_of(ringflow_home)
 
 
+@pytest.mark.horovod
 def test_timeout_kills_every_process(prefect_harness, ringflow_home, smoke_config, smoke_manifest):
     from ringflow.tasks.train import TrainingTimeout, train_model
 
@@ -312,6 +316,7 @@ def test_failure_message_names_first_failing_rank():
 # --------------------------------------------------------------------------- the program itself
 
 
+@pytest.mark.horovod
 def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_manifest):
     """A run killed after its second epoch and resumed ends with the weights of an uninterrupted
     run (same config, so the same learning-rate schedule over the planned epochs)."""
@@ -345,6 +350,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_ma
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
+@pytest.mark.horovod
 def test_uneven_shards_do_not_hang(tmp_path, smoke_config):
     from ringflow.training.sharding import shard_dataset
 
@@ -356,6 +362,7 @@ def test_uneven_shards_do_not_hang(tmp_path, smoke_config):
     assert s["status"] == "completed" and [p["rank"] for p in s["per_rank"]] == [0, 1]
 
 
+@pytest.mark.horovod
 def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manifest, monkeypatch):
     cfg = with_overrides(
         smoke_config,
@@ -396,6 +403,7 @@ def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manife
     assert steps["rank1_samples_per_s"] == [h["epoch"] for h in summary["history"] if h["world_size"] == 2]
 
 
+@pytest.mark.horovod
 def test_elastic_divergence_is_logged_as_a_fixed_run_s(tmp_path, smoke_config, smoke_manifest):
     """Fixed and elastic runs go through the same epoch loop: a non-finite loss ends an elastic
     run as it ends a fixed one (test_absurd_learning_rate_returns_diverged), with the
@@ -419,6 +427,7 @@ def test_elastic_divergence_is_logged_as_a_fixed_run_s(tmp_path, smoke_config, s
     assert client.get_run(run_id).data.tags["training_status"] == "diverged"
 
 
+@pytest.mark.horovod
 def test_fixed_and_elastic_runs_log_the_same_metrics_once_per_epoch(tmp_path, smoke_config, smoke_manifest):
     """The same epoch loop under both drivers: the same metric keys, one value per epoch each
     (best_* once, at the best epoch), the same params, and the same validation results."""
@@ -541,6 +550,7 @@ def test_a_deleted_shard_is_named_before_anything_starts(
     assert not _procs_of(ringflow_home)
 
 
+@pytest.mark.horovod
 def test_a_corrupt_shard_stops_its_rank_with_that_cause_and_is_not_retried(
     prefect_harness, ringflow_home, smoke_config, smoke_manifest, tmp_path
 ):

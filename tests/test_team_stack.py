@@ -217,7 +217,9 @@ def test_up_after_a_newer_major_version_is_installed_runs_the_version_of_the_dat
     s.cli("down")
     out = s.cli("up", "--config", str(SMOKE), env={"RINGFLOW_POSTGRES_ROOT": str(root)}, timeout=600).stdout
     assert "postgres started" in out and "initialised" not in out, out
-    server = psutil.Process(s.pids()["postgres"])
+    # the pid file names the supervisor; the state file the postmaster it started
+    sup = json.loads((s.home / "stack" / "postgres.state.json").read_text())
+    server = psutil.Process(sup["child_pid"])
     assert server.cmdline()[0] == str(root / made_by / "bin" / "postgres"), server.cmdline()
     assert "postgres running" in s.cli("status").stdout
 
@@ -302,9 +304,7 @@ def test_postgresql_killed_while_a_run_logs_is_restarted_by_its_supervisor(pg_st
     log = (s.home / "stack" / "postgres.log").read_text()
     assert "database system was interrupted" in log or "not properly shut down" in log
     # the lock file of the killed postmaster, removed before the restart
-    assert f"removed {s.home / 'postgres' / 'data' / 'postmaster.pid'}: the process it names is gone" in log, log[
-        -3000:
-    ]
+    assert f"removed {postgres.data_dir(s.home) / 'postmaster.pid'}: the process it names is gone" in log, log[-3000:]
     out = s.cli("status").stdout
     assert (
         f"postgres running pid {s.pids()['postgres']} (supervised: service pid {now['child_pid']}, "

@@ -233,23 +233,13 @@ def test_docs_site_renders_every_page_in_the_browser(page, tmp_path):
     content; screenshots of the home page and the configuration reference."""
     import functools
     import http.server
-    import subprocess
     import threading
 
     import yaml
 
-    from tests.test_docs import _mkdocs_command, _nav_pages, _page_html
+    from tests.test_docs import _nav_pages, _page_html, build_site
 
-    site = tmp_path / "site"
-    built = subprocess.run(
-        [*_mkdocs_command(), "build", "--strict", "--site-dir", str(site)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-    )
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    site = build_site(tmp_path / "site")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

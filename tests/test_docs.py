@@ -57,8 +57,8 @@ def _page_html(site: Path, page: str) -> Path:
     return site / stem / "index.html" if stem else site / "index.html"
 
 
-def test_site_builds_strictly_and_every_page_renders(tmp_path):
-    site = tmp_path / "site"
+def build_site(site: Path) -> Path:
+    """``mkdocs build --strict`` into ``site`` (a broken link or a missing page fails)."""
     p = subprocess.run(
         [*_mkdocs_command(), "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT,
@@ -68,6 +68,11 @@ def test_site_builds_strictly_and_every_page_renders(tmp_path):
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert p.returncode == 0, f"mkdocs build --strict failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return site
+
+
+def test_site_builds_strictly_and_every_page_renders(tmp_path):
+    site = build_site(tmp_path / "site")
     nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
     pages = _nav_pages(nav)
     assert len(pages) >= 20, pages

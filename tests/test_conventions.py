@@ -127,6 +127,22 @@ def _env_without(*prefixes: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
+def test_the_lock_pins_every_declared_dependency():
+    """make install installs from requirements.lock: a dependency added to pyproject.toml and not
+    re-locked (`make lock`) would be missing on a fresh machine, and an exact pin must agree."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.split("#")[0].strip().partition("==")
+            pins[_normalized(name)] = version
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        name = _requirement_name(spec)
+        assert name in pins, f"{spec} is declared in pyproject.toml but not in requirements.lock: run `make lock`"
+        exact = re.search(r"==\s*([^,;\s]+)", spec)
+        assert not exact or pins[name] == exact.group(1), f"requirements.lock has {name}=={pins[name]}, not {spec}"
+
+
 def test_cli_turns_library_telemetry_off(tmp_path):
     probe = (
         "from ringflow.flows.cli import _prepare_environment; _prepare_environment()\n"

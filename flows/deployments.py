@@ -180,19 +180,26 @@ def parse_job_variables(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def for_work_pool(deployments: list, job_variables: dict[str, Any] | None = None, source: Path = REPO_ROOT) -> list:
-    """The deployments as a worker of any pool type runs them: the flows by *module path* (a
-    file entrypoint would load as a top-level module and its persisted results would not unpickle
-    under ``flows.*``), a pull step that starts each run in ``source`` (the repository: this
-    checkout for a process pool, ``/app`` in the image), and the job variables."""
-    from prefect.runner.storage import LocalStorage
-
+def by_module_path(deployments: list) -> list:
+    """The flows' entrypoints by *module path* (``ringflow.flows.training_pipeline.training_pipeline``),
+    as a worker imports them: a file entrypoint would load as a top-level module and its persisted
+    results would not unpickle under ``ringflow.flows.*``."""
     from ringflow.flows.monitoring import monitoring_flow
     from ringflow.flows.training_pipeline import training_pipeline
 
     modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
     for dep in deployments:
         dep.entrypoint = modules[dep.flow_name]
+    return deployments
+
+
+def for_work_pool(deployments: list, job_variables: dict[str, Any] | None = None, source: Path = REPO_ROOT) -> list:
+    """The deployments as a worker of any pool type runs them: the flows by module path, a pull
+    step that starts each run in ``source`` (the repository: this checkout for a process pool,
+    ``/app`` in the image), and the job variables."""
+    from prefect.runner.storage import LocalStorage
+
+    for dep in by_module_path(deployments):
         dep.storage = LocalStorage(str(source))
         dep.job_variables = {**dep.job_variables, **(job_variables or {})}
     return deployments
@@ -273,14 +280,9 @@ def deploy_to_kubernetes(
     """The deployments of :func:`deploy` (parameters, schedules, rerun trigger) on the Kubernetes
     work pool ``pool``, each flow run a Job of ``image`` (the code is in the image: no storage,
     entrypoints by module path as in the image's /app). Returns {flow/deployment: id}."""
-    from ringflow.flows.monitoring import monitoring_flow
-    from ringflow.flows.training_pipeline import training_pipeline
-
     _drop_automations_by_name()
-    modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
     ids: dict[str, str] = {}
-    for dep in build_deployments(cfg):
-        dep.entrypoint = modules[dep.flow_name]
+    for dep in by_module_path(build_deployments(cfg)):
         dep.job_variables = {"image": image, **(job_variables or {})}
         ids[f"{dep.flow_name}/{dep.name}"] = str(dep.apply(work_pool_name=pool))
     return ids
@@ -330,12 +332,12 @@ def deploy_to_pool(state: ClusterState, config: Path | None) -> dict[str, str]:
     """The deployments ``ringflow deploy`` makes (parameters, schedules, the rerun trigger), sent
     to the cluster worker's process pool instead of the serve process, with the cluster's
     training settings in the default config."""
-    from ringflow.infra.cluster import REPO_ROOT, WORK_POOL, cluster_overrides, use_stack
+    from ringflow.infra.cluster import WORK_POOL, cluster_overrides, use_stack
 
     use_stack(state)
     cfg = load_config(config, cluster_overrides(state))
     ids: dict[str, str] = {}
-    for dep in for_work_pool(build_deployments(cfg), source=REPO_ROOT):
+    for dep in for_work_pool(build_deployments(cfg)):  # runs start in this checkout (source's default)
         dep.tags = [*dep.tags, "cluster"]
         ids[f"{dep.flow_name}/{dep.name}"] = str(dep.apply(work_pool_name=WORK_POOL))  # also its trigger
     return ids

@@ -260,24 +260,8 @@ def test_deploy_creates_deployments_schedules_and_one_automation(stack):
     stack.cli("deploy", "--config", str(SMOKE))
 
 
-def test_anomaly_event_starts_exactly_one_training_run(stack):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Cancelled
-
-    from ringflow.training.config import load_config
-
-    cfg = load_config(SMOKE).model_dump(mode="json")
-    cfg["training"]["epochs"] = 1
-    # A source that does not exist: if the runner picks the run up, it fails at once (no training).
-    cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")
-    anomaly_id = f"anomaly-{uuid.uuid4()}"
-    payload = {
-        "anomaly_id": anomaly_id,
-        "monitoring_run_id": "monitoring-run-42",
-        "anomalies": [{"type": "drift", "severity": "high"}],
-        "rerun": {"config": cfg, "reason": "drift: 7/15 features", "overrides": {"training.epochs": 1}},
-    }
+def _emit_anomaly(stack, anomaly_id: str, payload: dict) -> None:
+    """An anomaly event for the flights model, sent with Prefect's own CLI (as any emitter would)."""
     p = subprocess.run(
         [
             str(Path(sys.executable).with_name("prefect")),
@@ -297,6 +281,27 @@ def test_anomaly_event_starts_exactly_one_training_run(stack):
         timeout=60,
     )
     assert p.returncode == 0, p.stderr
+
+
+def test_anomaly_event_starts_exactly_one_training_run(stack):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    from ringflow.training.config import load_config
+
+    cfg = load_config(SMOKE).model_dump(mode="json")
+    cfg["training"]["epochs"] = 1
+    # A source that does not exist: if the runner picks the run up, it fails at once (no training).
+    cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")
+    anomaly_id = f"anomaly-{uuid.uuid4()}"
+    payload = {
+        "anomaly_id": anomaly_id,
+        "monitoring_run_id": "monitoring-run-42",
+        "anomalies": [{"type": "drift", "severity": "high"}],
+        "rerun": {"config": cfg, "reason": "drift: 7/15 features", "overrides": {"training.epochs": 1}},
+    }
+    _emit_anomaly(stack, anomaly_id, payload)
 
     def reruns(c):
         dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
@@ -424,25 +429,7 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
         "anomalies": [],
         "rerun": {"config": cfg, "reason": "after a runner restart", "overrides": {}},
     }
-    p = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("prefect")),
-            "event",
-            "emit",
-            "ringflow.anomaly.detected",
-            "--resource-id",
-            "ringflow.model.flights-delay",
-            "-r",
-            f"ringflow.anomaly.cause={anomaly_id}",
-            "--payload",
-            json.dumps(payload),
-        ],
-        env={**stack.env, "PREFECT_API_URL": stack.api},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert p.returncode == 0, p.stderr
+    _emit_anomaly(stack, anomaly_id, payload)
     with stack.client() as c:
         dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
         deadline = time.monotonic() + 180

@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install lock check run test bench up down deploy clean browser-deps postgres-deps cluster-deps docs docs-serve docs-deps docs-reference
+.PHONY: install lock check typecheck run test bench up down deploy clean browser-deps postgres-deps cluster-deps docs docs-serve docs-deps docs-reference
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,14 +36,21 @@ lock: | $(PY)
 run: install
 	$(VENV)/bin/ringflow run --config $(CONFIG)
 
-# The quick check (about 2 minutes on 2 cores): lint, format, and the unit tier of the tests (no
+# The quick check (about 2 minutes on 2 cores): types, lint, format, and the unit tier of the tests (no
 # horovodrun, server, browser, PostgreSQL or namespace; markers in pyproject.toml, CONTRIBUTING.md).
 UNIT_TIER := not (horovod or slow or browser or cluster or server or postgres)
 
-check: install
+check: install typecheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q -m "$(UNIT_TIER)"
+
+# Types: mypy over the package `ringflow` (config in pyproject.toml). It cannot see through the
+# editable install's finder, so the folders are linked under build/typecheck/ringflow first.
+TYPES_ROOT := build/typecheck
+typecheck: install
+	@mkdir -p $(TYPES_ROOT)/ringflow && for p in flows tasks training monitoring infra configs; do ln -sfn ../../../$$p $(TYPES_ROOT)/ringflow/$$p; done
+	$(VENV)/bin/mypy -p ringflow
 
 # The full suite CI runs: the check first, then every test it left out.
 test: check browser-deps postgres-deps cluster-deps

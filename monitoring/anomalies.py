@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 from pydantic import BaseModel, Field, computed_field
 
 from ringflow.training.config import MonitoringConfig
@@ -134,7 +135,7 @@ class MonitoringObservation(BaseModel):
 # --------------------------------------------------------------------------- pure helpers
 
 
-def psi(reference, current, bins: int = 10, eps: float = 1e-4) -> float:
+def psi(reference: ArrayLike, current: ArrayLike, bins: int = 10, eps: float = 1e-4) -> float:
     """Population stability index of ``current`` against ``reference`` (quantile bins of the
     reference; empty bins smoothed with ``eps``). 0.1 = small shift, 0.2+ = a real shift."""
     ref = np.asarray(reference, dtype=np.float64).ravel()
@@ -152,7 +153,7 @@ def psi(reference, current, bins: int = 10, eps: float = 1e-4) -> float:
     return float(np.sum((c - r) * np.log(c / r)))
 
 
-def dtype_kind(dtype) -> str:
+def dtype_kind(dtype: object) -> str:
     """Coarse dtype class for schema checks: int vs float is not a schema change."""
     s = str(dtype).lower()
     if "datetime" in s:
@@ -192,7 +193,7 @@ class Rule(Protocol):
     def check(self, obs: MonitoringObservation) -> list[Anomaly]: ...
 
 
-def _batch_key(obs: MonitoringObservation, **more) -> dict[str, Any]:
+def _batch_key(obs: MonitoringObservation, **more: object) -> dict[str, Any]:
     return {"model": obs.model_name, "version": obs.model_version, "batch": obs.batch, **more}
 
 
@@ -391,8 +392,10 @@ class StragglerRule:
         if t is None or len(t.per_rank) < 2:
             return []
 
-        def others_median(r):
-            return statistics.median(o.step_time_ms for o in t.per_rank if o is not r)
+        ranks = t.per_rank
+
+        def others_median(r: RankStats) -> float:
+            return statistics.median(o.step_time_ms for o in ranks if o is not r)
 
         slow = [r for r in t.per_rank if others_median(r) > 0 and r.step_time_ms > self.factor * others_median(r)]
         median = statistics.median(r.step_time_ms for r in t.per_rank)
@@ -477,9 +480,9 @@ class RepeatedFailureRule:
 class RuleSet:
     """Rules applied together; ``rule_a + rule_b`` and ``ruleset + rule`` build one."""
 
-    rules: tuple = field(default_factory=tuple)
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
 
-    def __add__(self, other) -> RuleSet:
+    def __add__(self, other: Rule) -> RuleSet:
         more = other.rules if isinstance(other, RuleSet) else (other,)
         return RuleSet(self.rules + more)
 

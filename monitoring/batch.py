@@ -118,7 +118,12 @@ def _validated(batch: Batch, cfg: PipelineConfig, labelled: bool, chunk_rows: in
         rows = batch.in_memory
         chunks = (rows.iloc[i : i + chunk_rows] for i in range(0, len(rows), chunk_rows))
     else:
-        source = d if batch.month else d.model_copy(update={"source": Path(batch.source)})
+        if batch.month:
+            source = d
+        elif batch.source is not None:
+            source = d.model_copy(update={"source": Path(batch.source)})
+        else:  # a file that broke the contract has no rows to read
+            raise MonitoringError(f"batch {batch.label} has no readable source: {batch.contract_error}")
         chunks = (
             _validate(raw, d, origin, batch) for origin, raw in _raw_chunks(source, batch.start, batch.end, chunk_rows)
         )
@@ -134,7 +139,9 @@ def _validate(raw: pd.DataFrame, d: DataConfig, origin: str, batch: Batch) -> pd
         # an unlabelled batch (labels arrive later): drift and data quality only, no performance
         raw[d.label_column] = np.nan
     frame = validate_contract(raw, d, origin=origin)
-    if batch.start is not None:  # text timestamps, or a row group that straddles the month's edge
+    if (
+        batch.start is not None and batch.end is not None
+    ):  # text timestamps, or a row group that straddles the month's edge
         frame = frame[in_window(frame, d, batch.start, batch.end)]
     return frame
 
@@ -164,7 +171,7 @@ class _Extent:
 
     def add(self, frame: pd.DataFrame, d: DataConfig) -> None:
         if self.dtypes is None:
-            self.dtypes = {c: str(t) for c, t in frame.dtypes.items()}
+            self.dtypes = {str(c): str(t) for c, t in frame.dtypes.items()}
         ts = frame[d.timestamp_column]
         self.rows += len(frame)
         self.first, self.last = _earliest(self.first, ts.min()), _latest(self.last, ts.max())
@@ -185,14 +192,16 @@ class _Extent:
     def window(self) -> BatchWindow:
         """The dates the monitored rows cover, [first day, day after the last)."""
         first, last = (self.first_labelled, self.last_labelled) if self.labelled else (self.first, self.last)
+        if first is None or last is None:
+            raise MonitoringError("the batch has no rows: no window")
         return BatchWindow(start=first.date(), end=last.date() + dt.timedelta(days=1), labelled=self.labelled)
 
 
-def _earliest(a, b):
+def _earliest(a: pd.Timestamp | None, b: pd.Timestamp) -> pd.Timestamp:
     return b if a is None or b < a else a
 
 
-def _latest(a, b):
+def _latest(a: pd.Timestamp | None, b: pd.Timestamp) -> pd.Timestamp:
     return b if a is None or b > a else a
 
 
@@ -227,7 +236,7 @@ def describe_month(cfg: PipelineConfig, month: str, chunk_rows: int = CHUNK_ROWS
     if cfg.data.source == "flights":  # one small in-memory table: read it once, keep the month
         source = validate_contract(read_source(cfg.data), cfg.data)
         batch.in_memory = source[in_window(source, cfg.data, start, end)].reset_index(drop=True)
-        schema = {c: str(t) for c, t in source.dtypes.items()}
+        schema = {str(c): str(t) for c, t in source.dtypes.items()}
         batch.in_memory = batch.in_memory[contract_columns(cfg.data)]
         del source
     else:
@@ -245,7 +254,10 @@ def describe_month(cfg: PipelineConfig, month: str, chunk_rows: int = CHUNK_ROWS
 
 
 def describe_file(
-    cfg: PipelineConfig, path: Path, log: logging.Logger | logging.LoggerAdapter = _log, chunk_rows: int = CHUNK_ROWS
+    cfg: PipelineConfig,
+    path: Path,
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger] = _log,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Batch:
     """The rows of a CSV or Parquet file; a file that breaks the contract gives ``contract_error``."""
     if not path.is_file():

@@ -2,10 +2,10 @@
 that turns it into a training run (in the spirit of Prefect's ``events/schemas/automations.py``).
 
 Both sides import this module: the names (event, label, trigger, deployment, resource), the
-payload model the emitter fills, and the trigger's parameter templates, which are built from
-paths into that model and checked against it when the module loads. Renaming a payload field
-without the trigger (or the reverse) fails at import, not silently at the first anomaly.
-Pure (pydantic only): no Prefect here.
+payload model the emitter fills and the rerun action reads, and the trigger's parameter
+templates, which are built from paths into that model and checked against it when the module
+loads. Renaming a payload field without the trigger (or the reverse) fails at import, not
+silently at the first anomaly. Pure (pydantic and the anomaly model): no Prefect here.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
+
+from ringflow.monitoring.anomalies import Anomaly, Severity
 
 ANOMALY_EVENT = "ringflow.anomaly.detected"
 """Emitted only with a rerun plan: the rerun trigger listens for it."""
@@ -69,13 +71,21 @@ class AnomalyEventPayload(BaseModel):
     """The MLflow monitoring run that found it (the rerun's ``parent_run_id``)."""
     model: ModelRef
     batch: str
-    anomalies: list[dict[str, Any]] = []
+    anomalies: list[Anomaly] = []
     rerun: RerunRequest | None = None
     suppressed: dict[str, str] = {}
     """anomaly id -> why it causes no rerun."""
     links: dict[str, str] = {}
     """``mlflow_run`` (the monitoring run's page) and ``prefect_flow_run`` (the monitoring flow
     run's page) where known: what a notification links to."""
+
+    @property
+    def severity(self) -> Severity | None:
+        """The highest severity among the anomalies (None for a healthy batch)."""
+        found = {a.severity for a in self.anomalies}
+        if not found:
+            return None
+        return Severity.CRITICAL if Severity.CRITICAL in found else Severity.WARNING
 
 
 # training-pipeline parameter <- path in the payload

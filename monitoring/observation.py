@@ -8,7 +8,7 @@ Pure: the scored batch, the reference and the Evidently summary in, a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from ringflow.training.data import TARGET
 from ringflow.training.metrics import classification_metrics
 from ringflow.training.summary import TrainingSummary
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
 
 def observe(
     cfg: PipelineConfig,
@@ -32,7 +35,7 @@ def observe(
     report: ReportSummary | None,
     training: TrainingObservation | None,
     baseline_metrics: Sequence[str] = (),
-) -> tuple[MonitoringObservation, dict]:
+) -> tuple[MonitoringObservation, dict[str, float]]:
     """Numbers on every row of the batch -> the rules' input; also returns the batch metrics
     (the champion's, and the baseline's ``baseline_metrics`` when it was scored). Only the
     drift verdicts come from Evidently, on its sample (``report``)."""
@@ -60,11 +63,15 @@ def observe(
         obs.roc_auc = metrics["roc_auc"]
         if scores.baseline_prediction is not None:
             info = batch.baseline or {}
-            base = classification_metrics(scores.target, scores.baseline_prediction, info.get("threshold", 0.5))
+            threshold = info.get("threshold")
+            base = classification_metrics(
+                scores.target, scores.baseline_prediction, 0.5 if threshold is None else threshold
+            )
             metrics.update({f"baseline_{k}": v for k, v in base.items() if k in baseline_metrics})
-            if info.get("test_roc_auc") is not None:
-                metrics["baseline_test_roc_auc"] = info["test_roc_auc"]
-                metrics["baseline_roc_auc_drop"] = info["test_roc_auc"] - base["roc_auc"]
+            test_auc = info.get("test_roc_auc")
+            if test_auc is not None:
+                metrics["baseline_test_roc_auc"] = test_auc
+                metrics["baseline_roc_auc_drop"] = test_auc - base["roc_auc"]
     if report is not None:
         obs.drifted_share = report.drifted_share
         obs.drifted_columns = report.drifted_columns
@@ -76,7 +83,7 @@ def observe(
 
 
 def training_observation(
-    runs: Sequence,
+    runs: Sequence[Run],
     load_summary: Callable[[str], TrainingSummary | None],
     load_config: Callable[[str], dict[str, Any] | None],
 ) -> TrainingObservation | None:

@@ -23,13 +23,17 @@ and no plan is made once ``max_reruns_per_period`` reruns happened in ``period_h
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from ringflow.monitoring.anomalies import Anomaly, AnomalyType, Severity, TrainingObservation
 from ringflow.training import tags
 from ringflow.training.config import ConfigError, PipelineConfig, Window, Windows, with_overrides
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RETRAIN_RECENT = {
     AnomalyType.PERFORMANCE_DROP,
@@ -73,7 +77,9 @@ class RerunRecord(BaseModel):
 
     @classmethod
     def from_tags(cls, run_tags: dict[str, str], time: dt.datetime, run_id: str | None = None) -> RerunRecord:
-        split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
+        def split(v: str | None) -> list[str]:
+            return [x for x in (v or "").split(",") if x]
+
         return cls(
             time=time,
             monitoring_run_id=run_id,
@@ -184,7 +190,7 @@ def decide(
     anomalies: list[Anomaly],
     base_config: PipelineConfig,
     *,
-    history: list[RerunRecord] = (),
+    history: Sequence[RerunRecord] = (),
     now: dt.datetime | None = None,
     batch: BatchWindow | None = None,
     training: TrainingObservation | None = None,
@@ -233,8 +239,8 @@ def decide(
         return decision
 
     types = {a.type for a in actionable}
-    use_run_config = bool(types & TRAINING_FIXES) and training is not None and training.config
-    base = PipelineConfig.model_validate(training.config) if use_run_config else base_config
+    run_config = training.config if training is not None and types & TRAINING_FIXES else None
+    base = PipelineConfig.model_validate(run_config) if run_config else base_config
     overrides: dict[str, Any] = {}
     notes: list[str] = []
     used: list[Anomaly] = []
@@ -260,11 +266,11 @@ def decide(
             overrides.update(straggler_overrides(training))
             used.append(a)
         elif a.type == AnomalyType.TRAINING_FAILED and training is not None:
-            o = failure_overrides(base, training)
-            if o is None:
+            smaller = failure_overrides(base, training)
+            if smaller is None:
                 decision.suppressed[a.id] = "training failed at world_size 1: nothing smaller to try"
                 continue
-            overrides.update(o)
+            overrides.update(smaller)
             used.append(a)
         else:
             decision.suppressed[a.id] = f"{a.type.value}: no remedy without training-run details"
@@ -322,7 +328,7 @@ def next_batch_month(test_window_end: dt.date, last_monitored: str | None = None
     return str(first_unseen)
 
 
-def pd_period(value) -> Any:
+def pd_period(value: dt.date | str) -> pd.Period:
     import pandas as pd
 
     return pd.Period(value, freq="M")

@@ -6,6 +6,8 @@ Pure (the manifest's files or the configured source; no Prefect, no MLflow).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
@@ -17,6 +19,9 @@ from ringflow.training.config import PipelineConfig
 from ringflow.training.data import in_window, read_source, validate_contract
 from ringflow.training.manifest import Manifest, ShardEntry
 from ringflow.training.preprocess import Preprocessor
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class Reference(BaseModel):
@@ -49,10 +54,11 @@ def reference_from_manifest(manifest: Manifest, key: bytes | None, rows: int) ->
     )
 
 
-def _row_groups(manifest: Manifest, shard: ShardEntry, key: bytes | None):
+def _row_groups(manifest: Manifest, shard: ShardEntry, key: bytes | None) -> Iterator[pa.RecordBatch]:
     """The shard's record batches, read from disk row group by row group (a plain shard: 125 MB at
     30x the flights, never all held); an encrypted shard is decrypted whole in memory."""
-    return manifest.open(shard, key, stream=True).iter_batches(batch_size=CHUNK_ROWS)
+    batches: Iterator[pa.RecordBatch] = manifest.open(shard, key, stream=True).iter_batches(batch_size=CHUNK_ROWS)
+    return batches
 
 
 def reference_from_source(base: PipelineConfig, rows: int) -> Reference:
@@ -65,10 +71,17 @@ def reference_from_source(base: PipelineConfig, rows: int) -> Reference:
         frame,
         rows,
         preprocessor=pre,
-        schema_={c: str(t) for c, t in frame.dtypes.items()},
+        schema_={str(c): str(t) for c, t in frame.dtypes.items()},
         origin=f"source {base.data.source} window {w}",
     )
 
 
-def _sampled(frame: pd.DataFrame, rows: int, **fields) -> Reference:
-    return Reference(frame=sample_rows(frame, rows, seed=0).reset_index(drop=True), **fields)
+def _sampled(
+    frame: pd.DataFrame, rows: int, *, preprocessor: Preprocessor, schema_: dict[str, str], origin: str
+) -> Reference:
+    return Reference(
+        frame=sample_rows(frame, rows, seed=0).reset_index(drop=True),
+        preprocessor=preprocessor,
+        schema_=schema_,
+        origin=origin,
+    )

@@ -20,12 +20,16 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
 from ringflow.training.config import EVIDENTLY_WORKSPACE_DIR
+
+if TYPE_CHECKING:
+    from evidently.ui.workspace import Project, Workspace
 
 PREDICTION = "prediction"
 """Column holding the champion's predicted delay probability in both frames."""
@@ -81,7 +85,7 @@ unless ``RINGFLOW_EVIDENTLY_WORKSPACE`` names another (``Settings.evidently_work
 DASHBOARD_PANELS = ["Drift share per batch", "Prediction PSI per batch", "ROC AUC per batch"]
 
 
-def _dashboard(project) -> None:
+def _dashboard(project: Project) -> None:
     """The project's trend panels: drift share, prediction PSI and AUC per batch over time."""
     from evidently.sdk.models import PanelMetric
     from evidently.sdk.panels import line_plot_panel
@@ -118,7 +122,7 @@ def _dashboard(project) -> None:
             project.dashboard.add_panel(panel)
 
 
-def workspace_project(workspace: EvidentlyWorkspace):
+def workspace_project(workspace: EvidentlyWorkspace) -> tuple[Workspace, Project]:
     """(workspace, project), creating either and the dashboard panels when missing."""
     from evidently.ui.workspace import Workspace
 
@@ -203,21 +207,27 @@ def _evidently_frame(df: pd.DataFrame, numeric: list[str], categorical: list[str
     for c in numeric:
         out[c] = pd.to_numeric(out[c], errors="coerce").astype("float64")
     for c in categorical:
-        out[c] = out[c].astype(object).where(out[c].notna(), None)
+        missing = out[c].isna()
+        out[c] = out[c].astype(object)
+        out.loc[missing, c] = None
     return out
 
 
-def _metric_value(metrics: list[dict], type_: str):
-    return next((m["value"] for m in metrics if m["config"]["type"] == type_), None)
+def _metric_value(metrics: list[dict[str, Any]], type_: str) -> object:
+    """The value of the first metric of ``type_`` in a snapshot's JSON (a number or a dict)."""
+    value: object = next((m["value"] for m in metrics if m["config"]["type"] == type_), None)
+    return value
 
 
-def _drifted_by_score(cfg: dict, score: float) -> bool:
+def _drifted_by_score(cfg: dict[str, Any], score: float) -> bool:
     # Only used when a test verdict is missing: p-value tests drift below, distances at/above.
     threshold = float(cfg.get("threshold") or 0.05)
     return score < threshold if "p_value" in str(cfg.get("method")) else score >= threshold
 
 
-def _rule_checks(metrics: list[dict], rules: RuleThresholds, ref_missing: dict[str, float]) -> list[RuleCheck]:
+def _rule_checks(
+    metrics: list[dict[str, Any]], rules: RuleThresholds, ref_missing: dict[str, float]
+) -> list[RuleCheck]:
     checks = []
     for m in metrics:
         cfg, value = m["config"], m["value"]
@@ -374,7 +384,8 @@ def build_reports(
             prediction_drift = item
         elif col in features:
             columns.append(item)
-    counted = _metric_value(d["metrics"], _DRIFTED_COUNT) or {}
+    found = _metric_value(d["metrics"], _DRIFTED_COUNT)
+    counted = found if isinstance(found, dict) else {}
     drifted = [c.column for c in columns if c.drifted]
     share = float(counted.get("share", len(drifted) / max(len(features), 1)))
     return ReportSummary(

@@ -26,7 +26,7 @@ class RowSample:
         self._seen = 0
         self._threshold = np.inf
         """Largest key in a full sample: a row with a larger key can never enter it."""
-        self._text: dict[str, object] = {}
+        self._text: dict[str, pd.StringDtype] = {}
         """Columns of Python strings, kept in Arrow buffers while sampling -> their dtype."""
 
     @property
@@ -45,19 +45,19 @@ class RowSample:
         # The kept rows' text lives in Arrow buffers while sampling: as Python objects, re-copied at
         # every trim, they left 140 MiB of free but fragmented heap after a 30x month (measured;
         # benchmarks/README.md).
-        text = {c: t for c, t in chunk.dtypes.items() if isinstance(t, pd.StringDtype) and t.storage == "python"}
+        text = {str(c): t for c, t in chunk.dtypes.items() if isinstance(t, pd.StringDtype) and t.storage == "python"}
         self._text.update(text)
         self._parts.append(chunk.assign(_order=order).astype({c: "string[pyarrow]" for c in text}))
         self._keys.append(keys)
         self._kept += len(chunk)
         if self.n is not None and self._kept > self.n:
-            self._trim()
+            self._trim(self.n)
 
-    def _trim(self) -> None:
+    def _trim(self, n: int) -> None:
         rows = pd.concat(self._parts, ignore_index=True)
         keys = np.concatenate(self._keys)
-        keep = np.sort(np.argpartition(keys, self.n - 1)[: self.n])
-        self._parts, self._keys, self._kept = [rows.iloc[keep]], [keys[keep]], self.n
+        keep = np.sort(np.argpartition(keys, n - 1)[:n])
+        self._parts, self._keys, self._kept = [rows.iloc[keep]], [keys[keep]], n
         self._threshold = float(keys[keep].max())
 
     def frame(self) -> pd.DataFrame:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,13 +23,16 @@ from ringflow.monitoring.reports import PREDICTION
 from ringflow.monitoring.sampling import RowSample
 from ringflow.training.pyfunc import predict_rows
 
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
+
 SCORE_CHUNK = 200_000
 """Rows given to the model at once."""
 BASELINE_PREDICTION = "baseline_prediction"
 """The baseline's probabilities (scored next to the champion; not given to Evidently)."""
 
 
-def score(model, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+def score(model: PyFuncModel, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Champion probabilities of ``frame[columns]``, in chunks of :data:`SCORE_CHUNK` rows."""
     out = [predict_rows(model, frame.iloc[i : i + SCORE_CHUNK][columns]) for i in range(0, len(frame), SCORE_CHUNK)]
     p = np.concatenate(out) if out else np.empty(0)
@@ -104,7 +108,7 @@ def score_chunks(
         prediction[at : at + n] = p
         if labels is not None:
             labels[at : at + n] = chunk[target].to_numpy()
-        if base is not None:
+        if base is not None and baseline is not None:
             base[at : at + n] = baseline(chunk)
         for c in features:
             missing[c] += int(chunk[c].isna().sum())

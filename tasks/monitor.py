@@ -13,7 +13,6 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -490,14 +489,14 @@ def event_payload(
     champion: ChampionInfo,
     batch_label: str,
     decision: PolicyDecision,
-) -> dict[str, Any]:
-    """The anomaly event's payload (the typed contract in ``monitoring/events.py``), as JSON."""
+) -> AnomalyEventPayload:
+    """The anomaly event's payload (the typed contract in ``monitoring/events.py``)."""
     return AnomalyEventPayload(
         anomaly_id=plan.anomaly_id if plan else (anomalies[0].id if anomalies else None),
         monitoring_run_id=monitoring_run_id,
         model=ModelRef(name=champion.model_name, version=champion.version, training_run_id=champion.training_run_id),
         batch=batch_label,
-        anomalies=[a.model_dump(mode="json") for a in anomalies],
+        anomalies=anomalies,
         rerun=None
         if plan is None
         else RerunRequest(
@@ -509,7 +508,7 @@ def event_payload(
             notes=plan.notes,
         ),
         suppressed=decision.suppressed,
-    ).model_dump(mode="json")
+    )
 
 
 def _automation_enabled(name: str) -> bool:
@@ -546,7 +545,7 @@ def _links(monitoring_run_id: str) -> dict[str, str]:
 
 
 @task(name="act-on-anomalies", cache_policy=NO_CACHE)
-def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, trigger_rerun: bool) -> RerunAction:
+def act(cfg: PipelineConfig, payload: AnomalyEventPayload, plan: RerunPlan | None, trigger_rerun: bool) -> RerunAction:
     """Emit the event; start the rerun only when no automation will (exactly one path fires)."""
     from prefect.events import emit_event
 
@@ -554,17 +553,17 @@ def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, tr
     resource = {
         "prefect.resource.id": _resource_id(cfg),
         "prefect.resource.name": cfg.registry.model_name,
-        "ringflow.model.version": str(payload["model"]["version"]),
+        "ringflow.model.version": payload.model.version,
     }
     related = [
-        {"prefect.resource.id": f"mlflow.run.{payload['monitoring_run_id']}", "prefect.resource.role": "monitoring-run"}
+        {"prefect.resource.id": f"mlflow.run.{payload.monitoring_run_id}", "prefect.resource.role": "monitoring-run"}
     ]
-    severities = {a.get("severity") for a in payload.get("anomalies", [])}
-    if severities:
-        resource[SEVERITY_LABEL] = "critical" if "critical" in severities else "warning"
-    payload = {**payload, "links": _links(payload["monitoring_run_id"])}
+    if payload.severity is not None:
+        resource[SEVERITY_LABEL] = payload.severity.value
+    payload = payload.model_copy(update={"links": _links(payload.monitoring_run_id)})
+    body = payload.model_dump(mode="json")
     if plan is None or not trigger_rerun:
-        ev = emit_event(REPORT_EVENT, resource=resource, payload=payload, related=related)
+        ev = emit_event(REPORT_EVENT, resource=resource, payload=body, related=related)
         return RerunAction(
             mode="plan-only" if plan else "none",
             event_id=str(ev.id) if ev else None,
@@ -573,14 +572,14 @@ def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, tr
     automation = _automation_enabled(AUTOMATION_NAME)
     deployment = not automation and _deployment_exists(TRAINING_DEPLOYMENT)
     if not (automation or deployment):
-        ev = emit_event(REPORT_EVENT, resource=resource, payload=payload, related=related)
+        ev = emit_event(REPORT_EVENT, resource=resource, payload=body, related=related)
         return RerunAction(
             mode="plan-only",
             event_id=str(ev.id) if ev else None,
             detail=f"neither automation {AUTOMATION_NAME!r} nor deployment {TRAINING_DEPLOYMENT!r} exists",
         )
     resource[CAUSE_LABEL] = ",".join(sorted(plan.anomaly_types))
-    ev = emit_event(ANOMALY_EVENT, resource=resource, payload=payload, related=related)
+    ev = emit_event(ANOMALY_EVENT, resource=resource, payload=body, related=related)
     if automation:
         log.info(
             "rerun: event %s emitted; automation %s starts the training run", ev.id if ev else None, AUTOMATION_NAME
@@ -591,9 +590,9 @@ def act(cfg: PipelineConfig, payload: dict[str, Any], plan: RerunPlan | None, tr
     fr = run_deployment(
         name=TRAINING_DEPLOYMENT,
         parameters={
-            "config": payload["rerun"]["config"],
+            "config": plan.config.model_dump(mode="json"),
             "reason": plan.reason,
-            "parent_run_id": payload["monitoring_run_id"],
+            "parent_run_id": payload.monitoring_run_id,
             "anomaly_id": plan.anomaly_id,
         },
         timeout=0,  # fire and forget: the rerun is its own flow run, linked as a child of this one

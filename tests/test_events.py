@@ -7,6 +7,7 @@ import datetime as dt
 import inspect
 
 import pytest
+from pydantic import ValidationError
 
 from ringflow.monitoring import events
 from ringflow.monitoring.anomalies import Anomaly, AnomalyType, Severity
@@ -14,7 +15,7 @@ from ringflow.monitoring.policy import BatchWindow, decide
 from ringflow.training.config import PipelineConfig
 
 
-def _payload() -> dict:
+def _payload() -> events.AnomalyEventPayload:
     from ringflow.tasks.monitor import ChampionInfo, event_payload
 
     cfg = PipelineConfig()
@@ -31,8 +32,9 @@ def _payload() -> dict:
 
 
 def test_every_trigger_parameter_resolves_on_the_emitters_payload():
-    payload = _payload()
-    events.AnomalyEventPayload.model_validate(payload)  # the emitter fills the typed contract
+    sent = _payload()
+    payload = sent.model_dump(mode="json")  # what the event carries
+    assert events.AnomalyEventPayload.model_validate(payload) == sent  # and reads back as the same model
     values = {param: events.resolve(payload, path) for param, path in events.RERUN_PARAMETER_PATHS.items()}
     assert all(v is not None for v in values.values()), values
     assert values["parent_run_id"] == "mon-run-1"
@@ -48,6 +50,15 @@ def test_trigger_parameters_are_the_training_flows_parameters():
     assert TRAINING_DEPLOYMENT == events.TRAINING_DEPLOYMENT == f"{training_pipeline.name}/{training_pipeline.name}"
     for param, path in events.RERUN_PARAMETER_PATHS.items():
         assert RERUN_PARAMETERS[param]["value"]["template"] == "{{ event.payload." + ".".join(path) + " | tojson }}"
+
+
+def test_a_payload_off_the_contract_is_rejected():
+    payload = _payload().model_dump(mode="json")
+    payload["anomalies"][0]["severity"] = "high"  # not a Severity
+    with pytest.raises(ValidationError, match="severity"):
+        events.AnomalyEventPayload.model_validate(payload)
+    with pytest.raises(ValidationError, match="model"):
+        events.AnomalyEventPayload.model_validate({k: v for k, v in _payload().model_dump().items() if k != "model"})
 
 
 def test_a_renamed_payload_field_fails_loudly():

@@ -21,6 +21,7 @@ from prefect import flow
 from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noqa: F401  (pytest fixture)
 
 from ringflow.monitoring.anomalies import MonitoringObservation
+from ringflow.monitoring.events import AnomalyEventPayload
 from ringflow.training.config import PipelineConfig, with_overrides
 from ringflow.training.data import TARGET, in_window, load_labelled
 
@@ -210,16 +211,16 @@ def test_monitoring_flow_end_to_end(
         assert len(events) == 1
         ev = events[0]
         assert ev.resource.id == f"ringflow.model.{cfg.registry.model_name}"
-        assert ev.payload["monitoring_run_id"] == r2.monitoring_run_id
-        assert ev.payload["anomaly_id"] == r2.anomaly_id
-        assert ev.payload["rerun"]["reason"] == r2.rerun_reason
-        assert PipelineConfig.model_validate(ev.payload["rerun"]["config"]) == rerun_cfg
-        assert {a["type"] for a in ev.payload["anomalies"]} >= {"data_drift"}
-        # what a notification reads: the highest severity as a label, the links in the payload
-        severities = {a["severity"] for a in ev.payload["anomalies"]}
-        assert ev.resource["ringflow.anomaly.severity"] == ("critical" if "critical" in severities else "warning")
-        assert r2.monitoring_run_id in ev.payload["links"]["mlflow_run"]
         json.dumps(ev.payload)  # JSON-able, as the automation's template needs
+        sent = AnomalyEventPayload.model_validate(ev.payload)  # the typed contract, as sent
+        assert sent.monitoring_run_id == r2.monitoring_run_id
+        assert sent.anomaly_id == r2.anomaly_id
+        assert sent.rerun is not None and sent.rerun.reason == r2.rerun_reason
+        assert PipelineConfig.model_validate(sent.rerun.config) == rerun_cfg
+        assert {a.type.value for a in sent.anomalies} >= {"data_drift"}
+        # what a notification reads: the highest severity as a label, the links in the payload
+        assert sent.severity is not None and ev.resource["ringflow.anomaly.severity"] == sent.severity.value
+        assert r2.monitoring_run_id in sent.links["mlflow_run"]
 
         tags2 = MlflowClient().get_run(r2.monitoring_run_id).data.tags
         assert tags2["ringflow.rerun_triggered"] == "true" and tags2["ringflow.rerun_flow_run_id"] == str(fr.id)
@@ -246,7 +247,8 @@ def test_monitoring_flow_end_to_end(
         r4 = monitoring_flow(cooled, batch="2013-10")
         assert r4.action.mode == "automation" and r4.action.flow_run_id is None
         after = [e for c in AssertingEventsClient.all for e in c.events if e.event == "ringflow.anomaly.detected"]
-        assert len(after) == before + 1 and after[-1].payload["monitoring_run_id"] == r4.monitoring_run_id
+        assert len(after) == before + 1
+        assert AnomalyEventPayload.model_validate(after[-1].payload).monitoring_run_id == r4.monitoring_run_id
         # the automation (flows/deployments.py) turns the event into exactly one training run
         deadline = time.monotonic() + 60
         while len(runs := _flow_runs_of(dep_id)) < 2 and time.monotonic() < deadline:

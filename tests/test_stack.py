@@ -20,6 +20,9 @@ import httpx
 import psutil
 import pytest
 
+from ringflow.monitoring.anomalies import Anomaly, AnomalyType, Severity
+from ringflow.monitoring.events import AnomalyEventPayload, ModelRef, RerunRequest
+
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +263,34 @@ def test_deploy_creates_deployments_schedules_and_one_automation(stack):
     stack.cli("deploy", "--config", str(SMOKE))
 
 
+def _drift(batch: str = "2013-07", message: str = "drift", severity: str = "warning") -> Anomaly:
+    return Anomaly(
+        type=AnomalyType.DATA_DRIFT, severity=Severity(severity), message=message, evidence={}, key={"batch": batch}
+    )
+
+
+def _anomaly_payload(
+    anomaly_id: str | None,
+    monitoring_run_id: str,
+    *,
+    batch: str = "2013-07",
+    anomalies: list[Anomaly] | None = None,
+    rerun: RerunRequest | None = None,
+    links: dict[str, str] | None = None,
+) -> dict:
+    """An anomaly event's payload, built by the typed contract (monitoring/events.py) as the
+    monitoring flow builds it: a payload the contract rejects cannot be sent."""
+    return AnomalyEventPayload(
+        anomaly_id=anomaly_id,
+        monitoring_run_id=monitoring_run_id,
+        model=ModelRef(name="flights-delay", version="3"),
+        batch=batch,
+        anomalies=anomalies or [],
+        rerun=rerun,
+        links=links or {},
+    ).model_dump(mode="json")
+
+
 def _emit_anomaly(stack, anomaly_id: str, payload: dict) -> None:
     """An anomaly event for the flights model, sent with Prefect's own CLI (as any emitter would)."""
     p = subprocess.run(
@@ -295,12 +326,12 @@ def test_anomaly_event_starts_exactly_one_training_run(stack):
     # A source that does not exist: if the runner picks the run up, it fails at once (no training).
     cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")
     anomaly_id = f"anomaly-{uuid.uuid4()}"
-    payload = {
-        "anomaly_id": anomaly_id,
-        "monitoring_run_id": "monitoring-run-42",
-        "anomalies": [{"type": "drift", "severity": "high"}],
-        "rerun": {"config": cfg, "reason": "drift: 7/15 features", "overrides": {"training.epochs": 1}},
-    }
+    payload = _anomaly_payload(
+        anomaly_id,
+        "monitoring-run-42",
+        anomalies=[_drift(message="drift: 7/15 features")],
+        rerun=RerunRequest(config=cfg, reason="drift: 7/15 features", overrides={"training.epochs": 1}),
+    )
     _emit_anomaly(stack, anomaly_id, payload)
 
     def reruns(c):
@@ -423,12 +454,7 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
     cfg = load_config(SMOKE).model_dump(mode="json")
     cfg["data"]["source"] = str(stack.home / "no-such-batch.csv")
     anomaly_id = f"anomaly-{uuid.uuid4()}"
-    payload = {
-        "anomaly_id": anomaly_id,
-        "monitoring_run_id": "m-1",
-        "anomalies": [],
-        "rerun": {"config": cfg, "reason": "after a runner restart", "overrides": {}},
-    }
+    payload = _anomaly_payload(anomaly_id, "m-1", rerun=RerunRequest(config=cfg, reason="after a runner restart"))
     _emit_anomaly(stack, anomaly_id, payload)
     with stack.client() as c:
         dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
@@ -457,15 +483,15 @@ def test_a_storm_of_anomaly_events_for_one_cause_starts_one_rerun(stack):
     code = (
         "import json, sys, time\n"
         "from prefect.events import emit_event\n"
-        "cfg = json.loads(sys.argv[1]); t0 = time.monotonic()\n"
+        "payload = json.loads(sys.argv[1]); t0 = time.monotonic()\n"
         "for i in range(50):\n"
         "    emit_event('ringflow.anomaly.detected', resource={'prefect.resource.id': 'ringflow.model.flights-delay',\n"
-        "               'ringflow.anomaly.cause': sys.argv[2]}, payload={'anomaly_id': f'storm-{i}',\n"
-        "               'monitoring_run_id': 'm-storm', 'rerun': {'config': cfg, 'reason': 'storm'}})\n"
+        "               'ringflow.anomaly.cause': sys.argv[2]}, payload={**payload, 'anomaly_id': f'storm-{i}'})\n"
         "print(time.monotonic() - t0)\n"
     )
+    payload = _anomaly_payload(None, "m-storm", rerun=RerunRequest(config=cfg, reason="storm"))
     p = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(cfg), cause],
+        [sys.executable, "-c", code, json.dumps(payload), cause],
         capture_output=True,
         text=True,
         timeout=120,
@@ -593,18 +619,17 @@ def test_a_critical_anomaly_and_a_failed_training_run_each_notify_once(stack):
         out = stack.cli("deploy", "--config", str(SMOKE), env={"RINGFLOW_NOTIFY_WEBHOOK_URL": receiver.url}).stdout
         assert "ringflow-notify-critical-anomaly" in out and "ringflow-notify-training-failed" in out, out
 
-        def payload(batch: str, anomalies: list[dict]) -> dict:
-            return {
-                "anomaly_id": anomalies[0]["id"] if anomalies else None,
-                "monitoring_run_id": f"mon-{batch}",
-                "model": {"name": "flights-delay", "version": "3"},
-                "batch": batch,
-                "anomalies": anomalies,
-                "links": {
+        def payload(batch: str, anomalies: list[Anomaly]) -> dict:
+            return _anomaly_payload(
+                anomalies[0].id if anomalies else None,
+                f"mon-{batch}",
+                batch=batch,
+                anomalies=anomalies,
+                links={
                     "mlflow_run": f"{stack.mlflow}/#/experiments/1/runs/mon-{batch}",
                     "prefect_flow_run": f"http://127.0.0.1:{stack.prefect_port}/runs/flow-run/x",
                 },
-            }
+            )
 
         # a healthy batch (no anomaly) and a warning: the report events a monitoring run emits, no message
         _emit(stack, "ringflow.anomaly.reported", {}, payload("2013-05", []))
@@ -612,27 +637,16 @@ def test_a_critical_anomaly_and_a_failed_training_run_each_notify_once(stack):
             stack,
             "ringflow.anomaly.reported",
             {"ringflow.anomaly.severity": "warning"},
-            payload(
-                "2013-06",
-                [
-                    {
-                        "id": "w1",
-                        "type": "data_drift",
-                        "severity": "warning",
-                        "message": "drift 0.4",
-                        "evidence": {"drift_share": 0.4},
-                    }
-                ],
-            ),
+            payload("2013-06", [_drift("2013-06", "drift 0.4")]),
         )
         # a critical one (reported, so no rerun starts): exactly one message with evidence and links
-        critical = {
-            "id": "c1",
-            "type": "performance_drop",
-            "severity": "critical",
-            "message": "AUC fell by 0.09",
-            "evidence": {"auc": 0.61, "champion_auc": 0.70},
-        }
+        critical = Anomaly(
+            type=AnomalyType.PERFORMANCE_DROP,
+            severity=Severity.CRITICAL,
+            message="AUC fell by 0.09",
+            evidence={"auc": 0.61, "champion_auc": 0.70},
+            key={"batch": "2013-07"},
+        )
         _emit(
             stack,
             "ringflow.anomaly.reported",
@@ -659,7 +673,7 @@ def test_a_critical_anomaly_and_a_failed_training_run_each_notify_once(stack):
             time.sleep(1)
         time.sleep(10)  # a second message for either, or one for the healthy batch, would land by now
         [anomaly] = receiver.of_kind("critical-anomaly")
-        assert anomaly["batch"] == "2013-07" and anomaly["anomalies"] == [critical]
+        assert anomaly["batch"] == "2013-07" and anomaly["anomalies"] == [critical.model_dump(mode="json")]
         assert anomaly["mlflow_run"] == f"{stack.mlflow}/#/experiments/1/runs/mon-2013-07"
         assert anomaly["prefect_flow_run"].endswith("/runs/flow-run/x")
         assert "AUC fell by 0.09" in anomaly["text"]

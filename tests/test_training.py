@@ -21,12 +21,14 @@ import pytest
 import torch
 
 from ringflow.training.checkpoint import load_checkpoint
-from ringflow.training.config import PipelineConfig, with_overrides
+from ringflow.training.config import HorovodConfig, PipelineConfig, with_overrides
 from ringflow.training.launch import RankOutput, horovodrun_command, launch_env
 from ringflow.training.manifest import KEY_ENV, Manifest
 from ringflow.training.metrics import classification_metrics
 from ringflow.training.model import load_model, predict_proba
 from ringflow.training.result import TrainResult
+from ringflow.training.state import Progress
+from ringflow.training.summary import EpochRecord, TrainingSummary
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -347,7 +349,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_ma
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "epoch-0003.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    assert Progress.from_checkpoint(a).history[-1].train_loss == Progress.from_checkpoint(b).history[-1].train_loss
 
 
 @pytest.mark.horovod
@@ -388,8 +390,8 @@ def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manife
     s = _run_program(cfg, smoke_manifest, tmp_path / "out", timeout=150, tracking=tracking)
     killer.join()
     assert killed, "rank 1 was never killed"
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    sizes = [h["world_size"] for h in summary["history"]]
+    summary = TrainingSummary.load(tmp_path / "out")
+    sizes = [h.world_size for h in summary.history]
     assert s["status"] == "completed" and s["epochs_completed"] == 4
     assert sizes[0] == 2 and sizes[-1] == 1, sizes  # rolled back to the last commit and went on with one rank
     assert np.isfinite(s["metrics"]["val_roc_auc"])
@@ -400,7 +402,7 @@ def test_elastic_job_survives_a_lost_worker(tmp_path, smoke_config, smoke_manife
     assert all(len(v) == len(set(v)) for v in steps.values()), steps
     assert steps["val_roc_auc"] == steps["world_size"] == [1, 2, 3, 4]
     assert [m.value for m in sorted(client.get_metric_history(run_id, "world_size"), key=lambda m: m.step)] == sizes
-    assert steps["rank1_samples_per_s"] == [h["epoch"] for h in summary["history"] if h["world_size"] == 2]
+    assert steps["rank1_samples_per_s"] == [h.epoch for h in summary.history if h.world_size == 2]
 
 
 @pytest.mark.horovod
@@ -420,9 +422,9 @@ def test_elastic_divergence_is_logged_as_a_fixed_run_s(tmp_path, smoke_config, s
     client, run_id, tracking = _tracked_run(tmp_path / "mlflow")
     s = _run_program(cfg, smoke_manifest, tmp_path / "out", timeout=150, tracking=tracking)
 
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert s["status"] == "diverged" and s["model_path"] is None
-    epoch = summary["diverged_at"]["epoch"]
+    summary = TrainingSummary.load(tmp_path / "out")
+    assert s["status"] == "diverged" and s["model_path"] is None and summary.diverged_at is not None
+    epoch = summary.diverged_at.epoch
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "diverged")] == [(epoch, 1.0)]
     assert client.get_run(run_id).data.tags["training_status"] == "diverged"
 
@@ -458,27 +460,107 @@ def test_progress_is_replaced_never_changed_so_an_elastic_commit_holds(tmp_path)
     committed progress as it was. Early stopping keeps the best weights; a checkpoint round-trips."""
     from torch import nn
 
-    from ringflow.training.checkpoint import save_checkpoint
-    from ringflow.training.state import Progress
+    from ringflow.training.checkpoint import CheckpointPayload, save_checkpoint
+    from ringflow.training.model import Arch
+
+    def record(epoch: int, auc: float) -> EpochRecord:
+        return EpochRecord(
+            epoch=epoch,
+            train_loss=0.5,
+            lr=0.01,
+            epoch_time_s=1.0,
+            samples_per_s=10.0,
+            world_size=1,
+            per_rank=[],
+            val_roc_auc=auc,
+            val_log_loss=0.6,
+        )
 
     net = nn.Linear(2, 1)
     committed = Progress()
-    first = committed.after_epoch({"epoch": 1, "val_roc_auc": 0.7}, net, patience=2)
+    first = committed.after_epoch(record(1, 0.7), net, patience=2)
     assert committed == Progress() and committed.history == ()
     best = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         net.weight.add_(1.0)
-    second = first.after_epoch({"epoch": 2, "val_roc_auc": 0.6}, net, patience=2)
-    third = second.after_epoch({"epoch": 3, "val_roc_auc": float("nan")}, net, patience=2)
+    second = first.after_epoch(record(2, 0.6), net, patience=2)
+    third = second.after_epoch(record(3, float("nan")), net, patience=2)
     assert (first.bad_epochs, second.bad_epochs, third.bad_epochs) == (0, 1, 2)
     assert not second.stopped and third.stopped and third.best_epoch == 1 and third.epoch == 3
     assert all(torch.equal(third.best_model[k], best[k]) for k in best)  # not the weights of epoch 3
-    assert [h["epoch"] for h in third.history] == [1, 2, 3] and len(first.history) == 1
+    assert [h.epoch for h in third.history] == [1, 2, 3] and len(first.history) == 1
 
-    loaded = load_checkpoint(save_checkpoint(tmp_path, third.as_checkpoint()))
+    arch = Arch(num_numeric=2, cardinalities=[], embedding_dim=1, hidden_sizes=[1], dropout=0.0)
+    payload = CheckpointPayload(
+        **third.as_checkpoint(),
+        model=net.state_dict(),
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1).state_dict(),
+        arch=arch,
+        world_size=1,
+        seed=0,
+    )
+    loaded = load_checkpoint(save_checkpoint(tmp_path, payload))
     again = Progress.from_checkpoint(loaded)
     assert (again.epoch, again.best_epoch, again.bad_epochs, again.stopped) == (3, 1, 2, True)
     assert again.history[:2] == third.history[:2] and all(torch.equal(again.best_model[k], best[k]) for k in best)
+
+
+def test_a_checkpoint_without_the_payload_s_fields_is_refused(tmp_path):
+    from ringflow.training.checkpoint import CheckpointError
+
+    path = tmp_path / "epoch-0001.pt"
+    torch.save({"epoch": 1, "model": {}}, path)
+    with pytest.raises(CheckpointError, match="not a ringflow checkpoint: it lacks .*arch"):
+        load_checkpoint(path)
+
+
+def test_a_summary_written_before_the_typed_history_still_loads(tmp_path):
+    """summary.json as the code before the typed epoch record wrote it: non-finite values as
+    null, ``diverged_at`` and ``horovod`` as plain objects."""
+    rank = {"rank": 0, "host": "localhost", "samples_per_s": 900.0, "step_time_ms": 3.5, "peak_rss_mb": 410.0}
+    old = {
+        "status": "diverged",
+        "epochs": 1,
+        "epochs_planned": 3,
+        "best_epoch": 1,
+        "best_val_roc_auc": 0.61,
+        "metrics": {"val_roc_auc": 0.61, "val_log_loss": None, "train_loss": None, "samples_per_s": 900.0},
+        "per_rank": [rank],
+        "hosts": ["localhost"],
+        "world_size": 1,
+        "model_written": True,
+        "checkpoint_dir": None,
+        "last_good_checkpoint": None,
+        "diverged_at": {"epoch": 2, "step": 7},
+        "resumed_from": None,
+        "horovod": {**HorovodConfig().model_dump(mode="json"), "compression": "fp16"},
+        "elastic": False,
+        "seed": 0,
+        "wall_time_s": 3.0,
+        "history": [
+            {
+                "epoch": 1,
+                "train_loss": None,
+                "lr": 0.01,
+                "epoch_time_s": 1.0,
+                "samples_per_s": 900.0,
+                "world_size": 1,
+                "per_rank": [rank],
+                "diverged": False,
+                "val_roc_auc": 0.61,
+                "val_log_loss": None,
+            }
+        ],
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(old))
+    s = TrainingSummary.load(tmp_path)
+    assert s.diverged_at is not None and (s.diverged_at.epoch, s.diverged_at.step) == (2, 7)
+    assert s.horovod.compression == "fp16" and s.history[0].per_rank[0].host == "localhost"
+    assert np.isnan(s.history[0].train_loss) and s.history[0].val_pr_auc is None
+    # written again (null for NaN) and read back: the same record
+    s.write(tmp_path)
+    again = TrainingSummary.load(tmp_path)
+    assert again.history[0].model_dump_json() == s.history[0].model_dump_json()
 
 
 def test_one_host_elastic_ranks_share_one_machine_s_cores():

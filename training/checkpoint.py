@@ -12,11 +12,12 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 
 from ringflow.training.manifest import atomic_write_bytes
+from ringflow.training.model import Arch
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{4,})\.pt$")
@@ -26,6 +27,35 @@ KEEP = 3
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model being trained."""
+
+
+class ProgressFields(TypedDict):
+    """The training's bookkeeping (``training.state.Progress``) as a checkpoint stores it: plain
+    types and tensors only, since checkpoints load ``weights_only``."""
+
+    epoch: int
+    """Epochs finished."""
+    best_auc: float
+    best_epoch: int
+    bad_epochs: int
+    best_model: dict[str, torch.Tensor] | None
+    history: list[dict[str, Any]]
+    """One ``training.summary.EpochRecord.model_dump()`` per finished epoch (validated on load)."""
+    stopped: bool
+
+
+class CheckpointPayload(ProgressFields):
+    """``epoch-NNNN.pt``: the progress, the model and optimizer state and what they fit."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    """Horovod's DistributedOptimizer ``state_dict()`` (a torch optimizer's)."""
+    arch: Arch
+    world_size: int
+    seed: int
+
+
+_REQUIRED = CheckpointPayload.__required_keys__
 
 
 def checkpoint_path(directory: Path, epoch: int) -> Path:
@@ -46,7 +76,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int = KEEP) -> Path:
+def save_checkpoint(directory: str | Path, state: CheckpointPayload, keep: int = KEEP) -> Path:
     """Write ``epoch-NNNN.pt`` (``state["epoch"]`` = epochs finished) atomically, prune old ones."""
     d = Path(directory)
     path = checkpoint_path(d, int(state["epoch"]))
@@ -58,13 +88,18 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int = KE
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> CheckpointPayload:
     p = Path(path)
     try:
         # weights_only: a checkpoint is data; never unpickle arbitrary objects from disk.
-        return torch.load(p, map_location="cpu", weights_only=True)
+        raw: object = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files
         raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
+    missing = sorted(_REQUIRED - set(raw)) if isinstance(raw, dict) else ["(not a dict)"]
+    if missing:
+        raise CheckpointError(f"{p} is not a ringflow checkpoint: it lacks {', '.join(missing)}")
+    # the keys are checked above; the history is validated by Progress.from_checkpoint
+    return cast(CheckpointPayload, raw)
 
 
 def resolve_checkpoint(ref: str | Path, runs_dir: Path | None = None) -> Path:

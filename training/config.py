@@ -554,7 +554,7 @@ class PipelineConfig(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-def config_paths(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+def config_paths(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
     """Every dotted key of the config (``training.model.hidden_sizes``, ...), sections included."""
     model = model or PipelineConfig
     out = []

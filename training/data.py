@@ -10,13 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ringflow.training.config import DataConfig
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
 
 TARGET = "target"
 """Name of the derived binary target column."""
@@ -129,7 +133,7 @@ def _parquet_columns(path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_schema(path).names
+        return [str(name) for name in pq.read_schema(path).names]
     except Exception as e:  # noqa: BLE001 - not Parquet, truncated, ...
         raise unreadable(path, e) from None
 
@@ -202,6 +206,7 @@ def iter_file(
     """
     import pyarrow.parquet as pq
 
+    parts: Iterable[pd.DataFrame]
     try:
         if file_suffix(path) in CSV_SUFFIXES:
             parts = pd.read_csv(path, usecols=lambda c: c in columns, chunksize=batch_rows)
@@ -222,7 +227,7 @@ def iter_file(
         raise unreadable(path, e) from None
 
 
-def row_groups_within(pf, column: str, start: dt.datetime | None, end: dt.datetime | None) -> list[int]:
+def row_groups_within(pf: pq.ParquetFile, column: str, start: dt.datetime | None, end: dt.datetime | None) -> list[int]:
     """The row groups of a Parquet file that may hold rows in [start, end): their statistics of a
     timestamp ``column`` rule the others out (all of them without a window, statistics or a
     timestamp type: text timestamps are filtered after parsing)."""
@@ -230,7 +235,9 @@ def row_groups_within(pf, column: str, start: dt.datetime | None, end: dt.dateti
 
     groups = list(range(pf.metadata.num_row_groups))
     names = pf.schema_arrow.names
-    if start is None or column not in names or not pa.types.is_timestamp(pf.schema_arrow.field(column).type):
+    if start is None or end is None or column not in names:
+        return groups
+    if not pa.types.is_timestamp(pf.schema_arrow.field(column).type):
         return groups
     lo, hi = _utc(start), _utc(end)
     j = names.index(column)
@@ -246,13 +253,13 @@ def row_groups_within(pf, column: str, start: dt.datetime | None, end: dt.dateti
     return keep
 
 
-def _utc(value) -> pd.Timestamp:
+def _utc(value: dt.datetime | pd.Timestamp) -> pd.Timestamp:
     """Naive times are UTC, as in :func:`in_window` and the contract."""
     t = pd.Timestamp(value)
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 
-def check_columns(have, wanted: list[str], origin: str) -> None:
+def check_columns(have: Iterable[str], wanted: list[str], origin: str) -> None:
     """The contract's error naming ``origin`` when a ``wanted`` column is not among ``have``."""
     missing = [c for c in wanted if c not in set(have)]
     if missing:
@@ -313,7 +320,7 @@ def load_labelled(cfg: DataConfig) -> tuple[pd.DataFrame, int]:
     return with_target(validate_contract(read_source(cfg), cfg), cfg)
 
 
-def in_window(df: pd.DataFrame, cfg: DataConfig, start, end) -> pd.Series:
+def in_window(df: pd.DataFrame, cfg: DataConfig, start: dt.date | dt.datetime, end: dt.date | dt.datetime) -> pd.Series:
     """Boolean mask of rows whose timestamp falls in [start, end) (dates at UTC midnight)."""
     ts = df[cfg.timestamp_column]
     lo = pd.Timestamp(start, tz="UTC")

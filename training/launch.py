@@ -177,10 +177,10 @@ def check_launchable(cfg: PipelineConfig, num_shards: int) -> None:
             "of workers; use launcher horovodrun for elastic training"
         )
     if tc.horovod.hostfile is not None and not tc.elastic.enabled and tc.launcher == "horovodrun":
-        slots = sum(n for _, n in read_hostfile(tc.horovod.hostfile, tc.world_size))
-        if slots < tc.world_size:
+        listed = sum(n for _, n in read_hostfile(tc.horovod.hostfile, tc.world_size))
+        if listed < tc.world_size:
             raise ValueError(
-                f"training.world_size={tc.world_size} exceeds the {slots} slots of "
+                f"training.world_size={tc.world_size} exceeds the {listed} slots of "
                 f"training.horovod.hostfile={tc.horovod.hostfile}"
             )
     if tc.elastic.enabled and not tc.horovod.hosts:

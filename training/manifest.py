@@ -14,11 +14,17 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError, field_validator
+from typing_extensions import Buffer
+
+if TYPE_CHECKING:
+    from ringflow.training.preprocess import Preprocessor
 
 KEY_ENV = "RINGFLOW_DATA_KEY"
 MANIFEST_NAME = "manifest.json"
@@ -86,7 +92,7 @@ class Manifest(BaseModel):
     validation: FileEntry
     test: FileEntry
     preprocessor: FileEntry
-    config: dict
+    config: dict[str, Any]
     """The data + sharding config that produced this manifest (part of the fingerprint)."""
     digest: str | None = None
     """sha256 over everything above (canonical JSON): a manifest changed after it was written
@@ -123,7 +129,7 @@ class Manifest(BaseModel):
 
     @property
     def dir(self) -> Path:
-        d = getattr(self, "_dir", None)
+        d: Path | None = getattr(self, "_dir", None)
         if d is None:
             raise RuntimeError("manifest was not loaded from disk; its directory is unknown")
         return d
@@ -195,7 +201,7 @@ class Manifest(BaseModel):
                 continue
             check_digest(path, entry, sha256_file(path))
 
-    def read_preprocessor(self):
+    def read_preprocessor(self) -> Preprocessor:
         from ringflow.training.preprocess import Preprocessor
 
         raw = read_verified_bytes(self.file_path(self.preprocessor), self.preprocessor)
@@ -232,7 +238,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def key_from_env(env: dict | None = None) -> bytes | None:
+def key_from_env(env: Mapping[str, str] | None = None) -> bytes | None:
     """The data key from ``RINGFLOW_DATA_KEY`` (base64 of 16, 24 or 32 bytes), or None."""
     raw = (env if env is not None else os.environ).get(KEY_ENV)
     return parse_key(raw) if raw else None
@@ -290,7 +296,7 @@ class SealedWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b) -> int:
+    def write(self, b: Buffer) -> int:
         data = bytes(b)
         self._out(self._enc.update(data) if self._enc else data)
         self._pos += len(data)
@@ -358,4 +364,5 @@ def open_parquet(path: Path, entry: FileEntry, encrypted: bool, key: bytes | Non
 
 def read_table(path: Path, entry: FileEntry, encrypted: bool, key: bytes | None = None) -> pd.DataFrame:
     """Read one Parquet file listed in a manifest: verify its sha256, decrypt in memory."""
-    return open_parquet(path, entry, encrypted, key).read().to_pandas()
+    frame: pd.DataFrame = open_parquet(path, entry, encrypted, key).read().to_pandas()
+    return frame

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn import metrics as skm
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 GREATER_IS_BETTER = {
     "roc_auc": True,
@@ -17,7 +22,7 @@ GREATER_IS_BETTER = {
 }
 
 
-def classification_metrics(y_true, proba, threshold: float = 0.5) -> dict[str, float]:
+def classification_metrics(y_true: ArrayLike, proba: ArrayLike, threshold: float = 0.5) -> dict[str, float]:
     """ROC AUC, PR AUC, log loss, accuracy, F1, Brier score and the confusion matrix at ``threshold``.
 
     AUCs are NaN when the labels hold a single class (nothing to rank).
@@ -47,7 +52,7 @@ def classification_metrics(y_true, proba, threshold: float = 0.5) -> dict[str, f
     }
 
 
-def max_f1_threshold(y_true, proba) -> float:
+def max_f1_threshold(y_true: ArrayLike, proba: ArrayLike) -> float:
     """The decision threshold with the highest F1 on these rows (chosen on validation data).
 
     Delays are the minority class: at 0.5 a well-ranked model can predict "no delay" for every
@@ -63,7 +68,7 @@ def max_f1_threshold(y_true, proba) -> float:
     return float(thresholds[int(np.argmax(f1))])
 
 
-def roc_and_calibration_figures(y_true, curves: dict[str, np.ndarray]):
+def roc_and_calibration_figures(y_true: ArrayLike, curves: dict[str, np.ndarray]) -> tuple[Figure, Figure]:
     """Two matplotlib figures, one line per model in ``curves``: ROC and precision-recall curves
     side by side, and the calibration curve."""
     import matplotlib

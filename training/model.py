@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,20 @@ from ringflow.training.preprocess import Preprocessor
 MODEL_FILE = "model.pt"
 PREPROCESSOR_FILE = "preprocessor.json"
 DEFAULT_THRESHOLD = 0.5
+
+
+class Arch(TypedDict):
+    """The architecture of a :class:`TabularNet` (its constructor's arguments), saved in model.pt
+    and in every checkpoint so the net can be rebuilt from the file alone."""
+
+    num_numeric: int
+    cardinalities: list[int]
+    embedding_dim: int
+    hidden_sizes: list[int]
+    dropout: float
+    additive_numeric: NotRequired[list[int]]
+    """Absent in files saved before the additive inputs existed (every input deep, as then)."""
+    additive_categorical: NotRequired[list[int]]
 
 
 class TabularNet(nn.Module):
@@ -48,22 +63,24 @@ class TabularNet(nn.Module):
         additive_categorical = sorted(int(i) for i in additive_categorical or [])
         # Kept so the architecture can be rebuilt from the saved file alone (files saved before
         # the additive inputs existed lack them: every input deep, as then).
-        self.arch = {
-            "num_numeric": int(num_numeric),
-            "cardinalities": [int(c) for c in cardinalities],
-            "embedding_dim": int(embedding_dim),
-            "hidden_sizes": [int(h) for h in hidden_sizes],
-            "dropout": float(dropout),
-        }
+        self.arch = Arch(
+            num_numeric=int(num_numeric),
+            cardinalities=[int(c) for c in cardinalities],
+            embedding_dim=int(embedding_dim),
+            hidden_sizes=[int(h) for h in hidden_sizes],
+            dropout=float(dropout),
+        )
         if additive_numeric or additive_categorical:
-            self.arch.update(additive_numeric=additive_numeric, additive_categorical=additive_categorical)
+            self.arch["additive_numeric"] = additive_numeric
+            self.arch["additive_categorical"] = additive_categorical
         self.deep_numeric = [i for i in range(num_numeric) if i not in additive_numeric]
         self.deep_categorical = [j for j in range(len(cardinalities)) if j not in additive_categorical]
         self.additive_numeric, self.additive_categorical = additive_numeric, additive_categorical
         self.embeddings = nn.ModuleList(nn.Embedding(cardinalities[j], embedding_dim) for j in self.deep_categorical)
-        self.levels = nn.ModuleList(nn.Embedding(cardinalities[j], 1) for j in additive_categorical)
-        for level in self.levels:
+        levels = [nn.Embedding(cardinalities[j], 1) for j in additive_categorical]
+        for level in levels:
             nn.init.zeros_(level.weight)  # every category starts at the average
+        self.levels = nn.ModuleList(levels)
         self.linear = nn.Linear(len(additive_numeric), 1) if additive_numeric else None
         layers: list[nn.Module] = []
         width = len(self.deep_numeric) + embedding_dim * len(self.deep_categorical)
@@ -90,14 +107,14 @@ class TabularNet(nn.Module):
             additive_categorical=categorical,
         )
 
-    def param_groups(self, weight_decay: float, level_weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, level_weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups: the additive category levels decay with
         ``level_weight_decay`` (pulled towards the average unless many rows hold them up), the
         rest with ``weight_decay``."""
         levels = list(self.levels.parameters())
         ids = {id(p) for p in levels}
         rest = [p for p in self.parameters() if id(p) not in ids]
-        groups = [{"params": rest, "weight_decay": weight_decay}]
+        groups: list[dict[str, Any]] = [{"params": rest, "weight_decay": weight_decay}]
         if levels:
             groups.append({"params": levels, "weight_decay": level_weight_decay})
         return groups
@@ -106,7 +123,7 @@ class TabularNet(nn.Module):
         """-> logits of shape [n]."""
         deep_num = x_num if not self.additive_numeric else x_num[:, self.deep_numeric]
         parts = [deep_num] + [emb(x_cat[:, j]) for j, emb in zip(self.deep_categorical, self.embeddings, strict=True)]
-        logits = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        logits: torch.Tensor = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
         for j, level in zip(self.additive_categorical, self.levels, strict=True):
             logits = logits + level(x_cat[:, j]).squeeze(1)
         if self.linear is not None:
@@ -129,7 +146,7 @@ def save_model(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    payload = {"arch": net.arch, "state_dict": net.state_dict()}
+    payload: dict[str, Any] = {"arch": net.arch, "state_dict": net.state_dict()}
     if model_cfg is not None:
         payload["model_config"] = model_cfg.model_dump(mode="json")
     if decision_threshold is not None:
@@ -179,4 +196,5 @@ def predict_logits(net: TabularNet, x_num: np.ndarray, x_cat: np.ndarray, batch_
 def predict_proba(net: TabularNet, preprocessor: Preprocessor, df: pd.DataFrame) -> np.ndarray:
     """Delay probabilities (float64, shape [n]) for raw rows with the source feature columns."""
     x_num, x_cat = preprocessor.transform(df)
-    return 1.0 / (1.0 + np.exp(-predict_logits(net, x_num, x_cat)))
+    proba: np.ndarray = 1.0 / (1.0 + np.exp(-predict_logits(net, x_num, x_cat)))
+    return proba

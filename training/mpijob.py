@@ -27,7 +27,7 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ringflow.training.config import PipelineConfig
 from ringflow.training.launch import RankOutput, TrainingError, TrainingTimeout, horovodrun_command
@@ -190,7 +190,10 @@ def crd_schema(crd_file: Path = CRD_FILE) -> dict[str, Any]:
 
     crd = yaml.safe_load(Path(crd_file).read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == API_VERSION.split("/")[1])
-    return _closed(version["schema"]["openAPIV3Schema"])
+    schema = _closed(version["schema"]["openAPIV3Schema"])
+    if not isinstance(schema, dict):
+        raise MPIJobError(f"{crd_file}: the {API_VERSION} openAPIV3Schema is not an object")
+    return schema
 
 
 def _closed(node: Any) -> Any:
@@ -211,7 +214,7 @@ def _closed(node: Any) -> Any:
     return out
 
 
-_schema_cache: dict[Path, dict] = {}
+_schema_cache: dict[Path, dict[str, Any]] = {}
 
 
 def validate_mpijob(doc: dict[str, Any], crd_file: Path = CRD_FILE) -> None:
@@ -237,9 +240,15 @@ def validate_mpijob(doc: dict[str, Any], crd_file: Path = CRD_FILE) -> None:
 # --------------------------------------------------------------------------- submitting (needs a cluster)
 
 
+class InfoLogger(Protocol):
+    """Where the launcher's log lines go (a logger, or the train task's progress reporter)."""
+
+    def info(self, msg: str, /) -> None: ...
+
+
 def kubectl(
     *args: str, input: str | None = None, check: bool = True, kubectl_bin: str = "kubectl"
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     p = subprocess.run([kubectl_bin, *args], input=input, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise TrainingError(f"kubectl {' '.join(args[:3])} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
@@ -255,7 +264,9 @@ def mpijob_state(name: str, namespace: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, poll_s: float = 5.0) -> RankOutput:
+def run_mpijob(
+    doc: dict[str, Any], timeout_s: float, log_file: Path, logger: InfoLogger, poll_s: float = 5.0
+) -> RankOutput:
     """Submit ``doc``, stream the launcher's log (every rank's output, as horovodrun prints it) into
     ``log_file`` and ``logger``, and wait for the MPIJob's end. Raises :class:`TrainingError`
     naming the first failing rank, or :class:`TrainingTimeout`; the MPIJob is deleted on timeout,
@@ -270,10 +281,10 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
     name, ns = doc["metadata"]["name"], doc["metadata"]["namespace"]
     output = RankOutput()
     kubectl("create", "-f", "-", input=json.dumps(doc))
-    lines: queue.Queue = queue.Queue()
+    lines: queue.Queue[str] = queue.Queue()
     seen = threading.Event()  # the launcher's log has started: never follow it a second time (no duplicates)
 
-    def follow() -> subprocess.Popen:
+    def follow() -> subprocess.Popen[str]:
         # the launcher Job exists only once the workers are ready: until its log starts, retry
         p = subprocess.Popen(
             ["kubectl", "logs", "-f", "-n", ns, f"job/{name}-launcher", "--pod-running-timeout=60s"],
@@ -283,8 +294,12 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
             text=True,
         )
 
-        def pump():
-            for line in p.stdout:
+        out = p.stdout
+        if out is None:  # stdout=PIPE above
+            raise RuntimeError("kubectl logs started without a pipe")
+
+        def pump() -> None:
+            for line in out:
                 seen.set()
                 lines.put(line)
 
@@ -293,7 +308,9 @@ def run_mpijob(doc: dict[str, Any], timeout_s: float, log_file: Path, logger, po
 
     logs = follow()
     deadline = time.monotonic() + timeout_s
-    state, message, finished, ended_at = None, "", False, None
+    state: str | None = None
+    message, finished = "", False
+    ended_at = math.inf  # when the MPIJob's end was seen
     try:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "a") as sink:

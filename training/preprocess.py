@@ -10,9 +10,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from ringflow.training.config import DataConfig
 
 OOV = 0
 """Index of the out-of-vocabulary bucket: unseen and missing categories map here."""
@@ -35,7 +38,8 @@ def _holiday_distances(local_days: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         return np.full(len(days), np.nan), np.full(len(days), np.nan)
     pad = np.timedelta64(HOLIDAY_HORIZON_DAYS + 1, "D")
     lo, hi = days[valid].min() - pad, days[valid].max() + pad
-    holidays = USFederalHolidayCalendar().holidays(str(lo), str(hi)).to_numpy(dtype="datetime64[D]")
+    start, end = pd.Timestamp(lo).to_pydatetime(), pd.Timestamp(hi).to_pydatetime()
+    holidays = USFederalHolidayCalendar().holidays(start, end).to_numpy(dtype="datetime64[D]")
     until = np.full(len(days), float(HOLIDAY_HORIZON_DAYS))
     since = np.full(len(days), float(HOLIDAY_HORIZON_DAYS))
     if len(holidays):
@@ -85,7 +89,8 @@ def quantile_position(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
     levels = np.linspace(0, 1, len(q))
     lo = np.interp(values, q, levels, left=0.0, right=1.0)
     hi = 1.0 - np.interp(-values, -q[::-1], levels, left=0.0, right=1.0)
-    return (lo + hi) / 2
+    position: np.ndarray = (lo + hi) / 2
+    return position
 
 
 def bin_name(column: str) -> str:
@@ -96,7 +101,9 @@ def bin_values(values: pd.Series, edges: list[float]) -> pd.Series:
     """The quantile bin of each value as a category ("0".."k"); missing stays missing."""
     col = pd.to_numeric(values, errors="coerce").astype("float64").to_numpy()
     index = np.searchsorted(np.asarray(edges, dtype="float64"), col, side="right").astype(str)
-    return pd.Series(index, index=values.index, dtype="string").where(~np.isnan(col), pd.NA)
+    binned = pd.Series(index, index=values.index, dtype="string")
+    binned[np.isnan(col)] = pd.NA
+    return binned
 
 
 def indicator_name(column: str) -> str:
@@ -198,7 +205,7 @@ class Preprocessor:
         return p
 
     @classmethod
-    def for_data(cls, df: pd.DataFrame, data) -> Preprocessor:
+    def for_data(cls, df: pd.DataFrame, data: DataConfig) -> Preprocessor:
         """Fitted on ``df`` with the feature settings of a ``DataConfig``."""
         f = data.features
         return cls.fit(
@@ -240,8 +247,13 @@ class Preprocessor:
         return [
             *([c] for c in self.numeric),
             *([c] for c in self.missing_indicators),
-            *([self.timestamp] for _ in (CALENDAR_NUMERIC if self.timestamp else [])),
+            *([t] for t in self._timestamp for _ in CALENDAR_NUMERIC),
         ]
+
+    @property
+    def _timestamp(self) -> list[str]:
+        """The timestamp column, when the calendar features are on."""
+        return [self.timestamp] if self.timestamp else []
 
     @property
     def categorical_input_sources(self) -> list[list[str]]:
@@ -249,7 +261,7 @@ class Preprocessor:
         return [
             *([c] for c in self.categorical),
             *(list(c) for c in self.crosses),
-            *([self.timestamp] for _ in (CALENDAR_CATEGORICAL if self.timestamp else [])),
+            *([t] for t in self._timestamp for _ in CALENDAR_CATEGORICAL),
             *([c] for c in self.bin_edges),
         ]
 
@@ -292,7 +304,8 @@ class Preprocessor:
         for j, c in enumerate(numeric):
             col = pd.to_numeric(frame[c], errors="coerce").astype("float64").to_numpy()
             if c in self.clip:
-                col = np.clip(col, *self.clip[c])  # NaN stays NaN
+                low, high = self.clip[c]
+                col = np.clip(col, low, high)  # NaN stays NaN
             if c in self.quantiles:
                 col = quantile_position(col, self.quantiles[c])
             col = np.where(np.isnan(col), self.means[c], col)
@@ -314,11 +327,11 @@ class Preprocessor:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Preprocessor:
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
         return cls(**d)  # files written before the derived features lack them: defaults = none
 
     def save(self, path: str | Path) -> Path:
@@ -351,7 +364,7 @@ class StreamingFit:
     values, with the share of each.
     """
 
-    def __init__(self, data, capacity: int = FIT_SAMPLE_ROWS, seed: int = 0):
+    def __init__(self, data: DataConfig, capacity: int = FIT_SAMPLE_ROWS, seed: int = 0) -> None:
         self.data = data
         self.capacity = capacity
         self.rng = np.random.default_rng(seed)
@@ -369,7 +382,7 @@ class StreamingFit:
         self.vocab: dict[str, set[str]] = {c: set() for c in self.proto.categorical_inputs}
 
     @classmethod
-    def for_data(cls, data) -> StreamingFit:
+    def for_data(cls, data: DataConfig) -> StreamingFit:
         return cls(data)
 
     def update(self, df: pd.DataFrame) -> None:
@@ -390,7 +403,7 @@ class StreamingFit:
         self.sample, self.keys = sample, keys
 
     def result(self) -> Preprocessor:
-        if not self.rows:
+        if not self.rows or self.sample is None:
             raise ValueError("cannot fit preprocessing on an empty training window")
         p = Preprocessor.for_data(self.sample, self.data)
         if self.rows > len(self.sample):  # sampled: the counted parts are exact

@@ -18,6 +18,7 @@ before, its typed signature).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import mlflow
@@ -25,6 +26,8 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.pyfunc import PyFuncModel
 from mlflow.types.schema import ColSpec, DataType, Schema, TensorSpec
 
 TRAINING_PACKAGE = Path(__file__).resolve().parent
@@ -86,7 +89,9 @@ def _as_text(values: pd.Series) -> pd.Series:
         text = values.map(lambda t: t.isoformat(), na_action="ignore")
     else:
         text = values.astype("string")
-    return text.astype(object).where(values.notna(), None)
+    out = text.astype(object)
+    out[values.isna()] = None
+    return out
 
 
 def conform(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
@@ -111,20 +116,26 @@ def conform(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     return pd.DataFrame(out, index=frame.index)
 
 
-def predict_rows(model, frame: pd.DataFrame) -> np.ndarray:
+def _input_schema(model: PyFuncModel) -> Schema | None:
+    """``model.metadata.get_input_schema()``, typed (MLflow's is unannotated)."""
+    signature: ModelSignature | None = model.metadata.signature
+    return signature.inputs if signature is not None else None
+
+
+def predict_rows(model: PyFuncModel, frame: pd.DataFrame) -> np.ndarray:
     """Delay probabilities of a loaded pyfunc ``model`` for raw rows (source columns and dtypes)."""
-    schema = model.metadata.get_input_schema()
+    schema = _input_schema(model)
     rows = conform(frame, schema) if schema is not None else frame
     return np.asarray(model.predict(rows), dtype=np.float64).ravel()
 
 
-def model_columns(model, available, fallback: list[str] | None = None) -> list[str]:
+def model_columns(model: PyFuncModel, available: Collection[str], fallback: list[str] | None = None) -> list[str]:
     """The columns a loaded pyfunc ``model`` declares that are ``available`` (a champion may have
     been trained on other features; the timestamp is declared when it derives calendar features);
     ``fallback`` when none of them is."""
-    schema = model.metadata.get_input_schema()
+    schema = _input_schema(model)
     if schema is not None:
-        declared = schema.input_names()
+        declared = [str(n) for n in schema.input_names()]  # int only for unnamed tensor inputs
     else:
         declared = [c["name"] for c in (model.metadata.metadata or {}).get(INPUT_COLUMNS, [])]
     return [c for c in declared if c in available] or list(fallback or [])
@@ -186,13 +197,13 @@ def shipped_code(scratch: Path) -> Path:
     return root
 
 
-def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: pd.DataFrame):
+def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: pd.DataFrame) -> ModelInfo:
     """Log the pyfunc model (from code) into the active run; returns MLflow's ModelInfo.
 
     ``input_example``: a few rows as the model is trained on them; they type the declared columns.
     """
     schema = input_schema(feature_columns, input_example)
-    return mlflow.pyfunc.log_model(
+    info: ModelInfo = mlflow.pyfunc.log_model(  # MLflow's log_model is unannotated: its documented return
         name="model",
         python_model=str(MODEL_CODE),
         artifacts={"model_dir": str(model_dir)},
@@ -203,3 +214,4 @@ def log_delay_model(model_dir: Path, feature_columns: list[str], input_example: 
         metadata={INPUT_COLUMNS: schema.to_dict()},
         pip_requirements=model_requirements(),
     )
+    return info

@@ -8,21 +8,25 @@ where ringflow is not installed. Keep the file free of side effects other than `
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from mlflow.models import set_model
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
 
 class DelayModel(PythonModel):
     """Preprocessor + TabularNet, loaded from the model's ``model_dir`` artifact."""
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         from ringflow.training.model import load_model
 
         self.net, self.preprocessor = load_model(context.artifacts["model_dir"])
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         """Rows as users have them (training/pyfunc.py): numbers of any width, missing values,
         text from JSON and CSV; a value that is not a number is refused, naming its column."""
         from ringflow.training.model import predict_proba

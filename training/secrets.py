@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import secrets as _random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from pydantic import TypeAdapter
 
 SECRETS_FILE_ENV = "RINGFLOW_SECRETS_FILE"
 """Path of the secrets file, the only thing about secrets that crosses the command line."""
@@ -45,6 +47,10 @@ class SecretsFileError(RuntimeError):
     """The secrets file named by RINGFLOW_SECRETS_FILE is missing, unreadable or not private."""
 
 
+_SECRETS = TypeAdapter(dict[str, str])
+"""The secrets file's content (written by :func:`write_secrets`)."""
+
+
 def is_secret(name: str) -> bool:
     """A known secret, or a variable whose name says it holds one (``*_PASSWORD``, ``*_TOKEN``, ...)."""
     upper = name.upper()
@@ -55,7 +61,8 @@ def is_secret(name: str) -> bool:
 
 def split_secrets(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """(the environment without secrets, the secrets)."""
-    clean, found = {}, {}
+    clean: dict[str, str] = {}
+    found: dict[str, str] = {}
     for k, v in env.items():
         (found if is_secret(k) and v else clean)[k] = v
     return clean, found
@@ -89,11 +96,11 @@ def secrets_file(env: Mapping[str, str], directory: Path) -> Iterator[dict[str, 
         path.unlink(missing_ok=True)
 
 
-def load_secrets(environ: dict[str, str] | None = None) -> list[str]:
+def load_secrets(environ: MutableMapping[str, str] | None = None) -> list[str]:
     """Put the secrets from ``RINGFLOW_SECRETS_FILE`` into ``environ`` (default: this process's);
     returns their names. A no-op when the variable is unset."""
-    environ = os.environ if environ is None else environ
-    name = environ.get(SECRETS_FILE_ENV)
+    env: MutableMapping[str, str] = os.environ if environ is None else environ
+    name = env.get(SECRETS_FILE_ENV)
     if not name:
         return []
     path = Path(name)
@@ -103,7 +110,7 @@ def load_secrets(environ: dict[str, str] | None = None) -> list[str]:
             raise SecretsFileError(
                 f"{SECRETS_FILE_ENV}={path} is readable by others (mode {st.st_mode & 0o777:o}); refusing to use it"
             )
-        values = json.loads(path.read_text())
+        values = _SECRETS.validate_json(path.read_text())  # our own file: {name: value}
     except FileNotFoundError:
         raise SecretsFileError(
             f"{SECRETS_FILE_ENV}={path} does not exist on this host: the run's output "
@@ -112,5 +119,5 @@ def load_secrets(environ: dict[str, str] | None = None) -> list[str]:
     except (OSError, ValueError) as e:
         raise SecretsFileError(f"cannot read {SECRETS_FILE_ENV}={path}: {type(e).__name__}") from None
     for k, v in values.items():
-        environ[k] = v
+        env[k] = v
     return sorted(values)

@@ -33,13 +33,14 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import TypeAdapter
 
 from ringflow.training.config import PipelineConfig
 from ringflow.training.data import (
@@ -67,6 +68,9 @@ from ringflow.training.manifest import (
     sha256_file,
 )
 from ringflow.training.preprocess import StreamingFit
+
+_INDEX = TypeAdapter(dict[str, str])
+"""The source index file's content: bytes digest -> rows digest."""
 
 FORMAT_VERSION = 1
 """Bump when the on-disk layout changes: it is part of the fingerprint, so old versions are not reused."""
@@ -104,7 +108,7 @@ class SourceIndex:
 
     def _load(self) -> dict[str, str]:
         try:
-            return json.loads(self.path.read_text())
+            return _INDEX.validate_json(self.path.read_text())  # our own file
         except (OSError, ValueError):
             return {}
 
@@ -311,7 +315,7 @@ class SourceScan:
             self.positives[name] += int(part[TARGET].sum())
             if name == "train" and len(part):
                 if self.schema is None:
-                    self.schema = {c: str(t) for c, t in part[stored_columns(self.cfg)].dtypes.items()}
+                    self.schema = {str(c): str(t) for c, t in part[stored_columns(self.cfg)].dtypes.items()}
                 self.fit.update(part)
 
     def check(self, origin: str) -> None:
@@ -335,7 +339,9 @@ class SourceScan:
             )
 
 
-def labelled_batches(cfg: PipelineConfig, batch_rows: int):
+def labelled_batches(
+    cfg: PipelineConfig, batch_rows: int
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, int, dict[str, pd.Series]]]:
     """(validated frame, labelled rows, rows dropped for no label, window masks) per source batch."""
     d = cfg.data
     for origin, raw in iter_source(d, batch_rows):

@@ -26,13 +26,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ringflow.training.checkpoint import CheckpointError
-from ringflow.training.summary import Status
+from ringflow.training.checkpoint import CheckpointError, CheckpointPayload, ProgressFields
+from ringflow.training.model import TabularNet
+from ringflow.training.summary import DivergedAt, EpochRecord, Status
 
 
 @dataclass(frozen=True)
@@ -49,40 +51,72 @@ class Progress:
     """Epochs since the last improvement (early stopping)."""
     best_model: dict[str, torch.Tensor] | None = None
     """The weights of ``best_epoch`` (early stopping ends with them)."""
-    history: tuple[dict[str, Any], ...] = ()
+    history: tuple[EpochRecord, ...] = ()
     """One record per finished epoch (``Trainer.train_epoch``)."""
     stopped: bool = False
     """Early stopping: ``bad_epochs`` reached the patience."""
 
-    def after_epoch(self, record: dict[str, Any], net: nn.Module, patience: int) -> Progress:
+    def after_epoch(self, record: EpochRecord, net: nn.Module, patience: int) -> Progress:
         """The progress once the epoch of ``record`` finished with the weights in ``net``."""
-        auc = record.get("val_roc_auc", math.nan)
+        auc = record.val_roc_auc
         history = (*self.history, record)
         if math.isfinite(auc) and auc > self.best_auc:
             return dataclasses.replace(
                 self,
-                epoch=record["epoch"],
+                epoch=record.epoch,
                 history=history,
                 best_auc=auc,
-                best_epoch=record["epoch"],
+                best_epoch=record.epoch,
                 bad_epochs=0,
                 best_model={k: v.detach().clone() for k, v in net.state_dict().items()},
             )
         bad = self.bad_epochs + 1
-        return dataclasses.replace(
-            self, epoch=record["epoch"], history=history, bad_epochs=bad, stopped=bad >= patience
+        return dataclasses.replace(self, epoch=record.epoch, history=history, bad_epochs=bad, stopped=bad >= patience)
+
+    def as_checkpoint(self) -> ProgressFields:
+        """The fields as a checkpoint stores them (plain types: checkpoints load ``weights_only``)."""
+        return ProgressFields(
+            epoch=self.epoch,
+            best_auc=self.best_auc,
+            best_epoch=self.best_epoch,
+            bad_epochs=self.bad_epochs,
+            best_model=self.best_model,
+            history=[r.model_dump() for r in self.history],
+            stopped=self.stopped,
         )
 
-    def as_checkpoint(self) -> dict[str, Any]:
-        """The fields as a checkpoint stores them (plain types: checkpoints load ``weights_only``)."""
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "history": list(self.history)}
-
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> Progress:
-        return cls(**{**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)}, "history": tuple(ckpt["history"])})
+    def from_checkpoint(cls, ckpt: ProgressFields) -> Progress:
+        return cls(
+            epoch=ckpt["epoch"],
+            best_auc=ckpt["best_auc"],
+            best_epoch=ckpt["best_epoch"],
+            bad_epochs=ckpt["bad_epochs"],
+            best_model=ckpt["best_model"],
+            history=tuple(EpochRecord.model_validate(r) for r in ckpt["history"]),
+            stopped=ckpt["stopped"],
+        )
 
 
-def restore(ckpt: dict[str, Any], net: nn.Module, opt, source: Path) -> Progress:
+class HorovodOptimizer(Protocol):
+    """What the loop and the states use of Horovod's ``DistributedOptimizer`` (a torch optimizer)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class TrainingState(Protocol):
+    """Horovod's state shape, which both :class:`FixedState` and ``hvd.elastic.TorchState`` have."""
+
+    progress: Progress
+
+    def sync(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+
+def restore(ckpt: CheckpointPayload, net: TabularNet, opt: HorovodOptimizer, source: Path) -> Progress:
     """Load a checkpoint's model and optimizer state into ``net``/``opt``; its progress."""
     if ckpt.get("arch") != net.arch:
         raise CheckpointError(
@@ -98,7 +132,7 @@ class FixedState:
     """The state of a fixed-size run: the attributes and ``sync()`` of Horovod's ``TorchState``,
     and a ``commit()`` with nothing to save (no worker can join or leave)."""
 
-    def __init__(self, hvd, model: nn.Module, optimizer, progress: Progress):
+    def __init__(self, hvd: ModuleType, model: nn.Module, optimizer: HorovodOptimizer, progress: Progress):
         self.hvd = hvd
         self.model, self.optimizer, self.progress = model, optimizer, progress
 
@@ -117,5 +151,5 @@ class Outcome:
     """How the epoch loop ended."""
 
     status: Status
-    diverged_at: dict[str, int] | None = None
-    """``{"epoch": E, "step": S}``: the epoch (1-based) and the first step of the update not applied."""
+    diverged_at: DivergedAt | None = None
+    """The epoch (1-based) and the first step of the update not applied."""

@@ -1,13 +1,17 @@
 """``summary.json``, the record a training run leaves: one typed model, written by rank 0 and read
-by the train task, monitoring and the benchmarks. Light (pydantic only), so monitoring can read it
-without importing torch."""
+by the train task, monitoring and the benchmarks; with it the typed parts it is made of (the
+epoch record, the divergence point). Light (pydantic and the config models), so monitoring can
+read it without importing torch."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from ringflow.training.config import HorovodConfig
 
 SUMMARY_FILE = "summary.json"
 
@@ -25,6 +29,63 @@ class RankThroughput(BaseModel):
     step_time_ms: float
     peak_rss_mb: float | None = None
     """The rank process's peak resident memory (MiB): its tensors plus a constant."""
+
+
+def _none_is_nan(v: object) -> object:
+    return math.nan if v is None else v
+
+
+Measured = Annotated[float, BeforeValidator(_none_is_nan)]
+"""A float that may be non-finite: NaN in memory, ``null`` in JSON (pydantic writes NaN and inf
+as ``null``), NaN again when read back."""
+
+
+class EpochRecord(BaseModel):
+    """One finished (or diverged) epoch, identical on every rank: what ``Trainer.train_epoch``
+    returns, what the checkpoint's and the elastic commit's progress keep and what
+    ``summary.json``'s ``history`` lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int
+    """1-based."""
+    train_loss: Measured
+    """Mean loss over the applied updates (NaN when none was applied)."""
+    lr: float
+    """The learning rate of the epoch's last update."""
+    epoch_time_s: float
+    samples_per_s: float
+    """Global samples per second of wall time."""
+    world_size: int
+    per_rank: list[RankThroughput]
+    diverged: bool = False
+    diverged_step: int | None = None
+    """The first step of the update not applied (diverged epochs only)."""
+    val_roc_auc: Measured = math.nan
+    """Validation metrics (none for a diverged epoch; only AUC and log loss, NaN, when the
+    predictions were not finite)."""
+    val_log_loss: Measured = math.nan
+    val_pr_auc: float | None = None
+    val_accuracy: float | None = None
+    val_f1: float | None = None
+    val_brier: float | None = None
+    val_decision_threshold: float | None = None
+    """The max-F1 threshold of this epoch's weights (saved with the best epoch's model)."""
+
+    def val_metrics(self) -> dict[str, float]:
+        """The ``val_*`` metrics that were measured (NaN where not finite)."""
+        return {k: v for k, v in self.model_dump().items() if k.startswith("val_") and v is not None}
+
+
+class DivergedAt(BaseModel):
+    """Where a training stopped on a non-finite loss."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int
+    """The epoch (1-based)."""
+    step: int
+    """The first step of the update not applied."""
 
 
 class TrainingSummary(BaseModel):
@@ -49,14 +110,15 @@ class TrainingSummary(BaseModel):
     model_written: bool
     checkpoint_dir: str | None = None
     last_good_checkpoint: str | None = None
-    diverged_at: dict | None = None
-    """``{"epoch", "step"}`` of the first non-finite loss."""
+    diverged_at: DivergedAt | None = None
+    """Where the first non-finite loss stopped training."""
     resumed_from: str | None = None
-    horovod: dict = {}
+    horovod: HorovodConfig = HorovodConfig()
+    """The run's ``training.horovod`` settings."""
     elastic: bool = False
     seed: int
     wall_time_s: float
-    history: list[dict] = []
+    history: list[EpochRecord] = []
     """Every epoch's record (loss, lr, time, throughput, ``per_rank``, ``val_*``)."""
 
     def write(self, output_dir: str | Path) -> Path:

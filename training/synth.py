@@ -68,11 +68,12 @@ def synthesize(
     try:
         for month, rows in flights.groupby("month", sort=True):
             rows = rows.reset_index(drop=True)
-            path = tmp / f"flights-2013-{month:02d}.parquet"
+            month_no = int(str(month))
+            path = tmp / f"flights-2013-{month_no:02d}.parquet"
             schema = pa.Schema.from_pandas(rows, preserve_index=False)
             with pq.ParquetWriter(path, schema) as writer:
                 for k in range(factor):  # one row group per copy: memory is one month, not K
-                    rng = np.random.default_rng([seed, int(month), k])
+                    rng = np.random.default_rng([seed, month_no, k])
                     pick = rows.iloc[np.sort(rng.integers(0, len(rows), len(rows)))]
                     writer.write_table(
                         pa.Table.from_pandas(_jittered(pick, stds, rng, jitter), schema=schema, preserve_index=False)

@@ -13,8 +13,30 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 DEFAULT_SAMPLING_INTERVAL_S = 5.0
+
+
+class _Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+class _Monitor(Protocol):
+    """What this module uses of MLflow's ``SystemMetricsMonitor``."""
+
+    @property
+    def mlflow_logger(self) -> _Flushable: ...
+
+    def start(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def collect_metrics(self) -> None: ...
+
+    def aggregate_metrics(self) -> dict[str, float]: ...
+
+    def publish_metrics(self, metrics: dict[str, float]) -> None: ...
 
 
 def host_node_id() -> str:
@@ -37,7 +59,8 @@ def host_system_metrics(run_id: str | None = None) -> Iterator[object | None]:
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(
+    # MLflow's monitor has no annotations: typed here by what this function uses of it
+    monitor: _Monitor = SystemMetricsMonitor(  # type: ignore[no-untyped-call]  # mlflow: unannotated class
         run_id,
         sampling_interval=DEFAULT_SAMPLING_INTERVAL_S,
         node_id=host_node_id(),

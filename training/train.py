@@ -18,15 +18,16 @@ fixed-size driver calls it once, the elastic driver through ``hvd.elastic.run``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from ringflow.training import tags
 from ringflow.training.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointError,
+    CheckpointPayload,
     latest_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
@@ -44,14 +46,18 @@ from ringflow.training.checkpoint import (
 )
 from ringflow.training.config import PipelineConfig, TrainingConfig, get_settings
 from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX
-from ringflow.training.manifest import Manifest, MissingKeyError, ShardIntegrityError
+from ringflow.training.manifest import FileEntry, Manifest, MissingKeyError, ShardIntegrityError
 from ringflow.training.memory import peak_rss_mb
 from ringflow.training.metrics import classification_metrics, max_f1_threshold
 from ringflow.training.model import TabularNet, predict_logits, save_model
-from ringflow.training.result import TrainingSummary
+from ringflow.training.preprocess import Preprocessor
 from ringflow.training.secrets import SecretsFileError, load_secrets
-from ringflow.training.state import FixedState, Outcome, Progress, restore
+from ringflow.training.state import FixedState, HorovodOptimizer, Outcome, Progress, TrainingState, restore
+from ringflow.training.summary import DivergedAt, EpochRecord, RankThroughput, TrainingSummary
 from ringflow.training.system_metrics import host_system_metrics
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 
 def log(msg: str) -> None:
@@ -66,7 +72,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def epoch_order(rows: int, needed: int, seed: int, epoch: int, rank: int) -> np.ndarray:
+def epoch_order(rows: int, needed: int, seed: int, epoch: int, rank: int) -> np.ndarray[Any, np.dtype[np.int64]]:
     """``needed`` row indices: shuffled, cycling through fresh permutations when a rank has fewer
     rows than the agreed number of steps needs (uneven shards)."""
     rng = np.random.default_rng(epoch_seed(seed, epoch, rank))
@@ -92,13 +98,7 @@ def learning_rate(tc: TrainingConfig, size: int, step: int, steps_per_epoch: int
     return floor + (target - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o).__name__)
-
-
-def _finite(x: float) -> float | None:
+def _finite(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
@@ -119,7 +119,7 @@ class RankData:
         return len(self.y)
 
 
-def load_frame(manifest: Manifest, entries, pre) -> RankData:
+def load_frame(manifest: Manifest, entries: Sequence[FileEntry], pre: Preprocessor) -> RankData:
     """This rank's rows as compact tensors, filled row group by row group: the file's (decrypted)
     bytes and one row group as a frame at a time, never the whole shard as a DataFrame."""
     n = sum(e.rows for e in entries)
@@ -154,46 +154,51 @@ class RunLogger:
     process that is rank 0 can change at a reset, keeping the client it opened.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
-        self._client = None
+        self._client: MlflowClient | None = None
 
-    @property
-    def client(self):
-        if self.run_id and self._client is None:
+    def _open(self) -> tuple[MlflowClient, str] | None:
+        """The client and the run id, or None without a run."""
+        if not self.run_id:
+            return None
+        if self._client is None:
             from mlflow import MlflowClient
 
             self._client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI"))
-        return self._client
+        return self._client, self.run_id
 
     def params(self, params: dict[str, Any]) -> None:
-        if not self.client:
+        if (opened := self._open()) is None:
             return
+        client, run_id = opened
         from mlflow.entities import Param
 
         # Params are immutable: a resumed run keeps the values it started with.
-        have = self.client.get_run(self.run_id).data.params
+        have = client.get_run(run_id).data.params
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
         for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i : i + 100])
+            client.log_batch(run_id, params=new[i : i + 100])
 
-    def metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.client:
+    def metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        if (opened := self._open()) is None:
             return
+        client, run_id = opened
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=batch)
+        client.log_batch(run_id, metrics=batch)
 
     def tag(self, key: str, value: str) -> None:
-        if self.client:
-            self.client.set_tag(self.run_id, key, value)
+        if (opened := self._open()) is not None:
+            client, run_id = opened
+            client.set_tag(run_id, key, value)
 
 
 def flat_params(cfg: PipelineConfig, size: int, manifest: Manifest) -> dict[str, Any]:
-    def flatten(d: dict, prefix: str) -> dict:
-        out = {}
+    def flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for k, v in d.items():
             key = f"{prefix}{k}"
             out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
@@ -221,7 +226,7 @@ class Trainer:
     all ranks run the same number of steps per epoch (agreed with an allgather of shard sizes).
     """
 
-    def __init__(self, hvd, cfg: PipelineConfig, manifest: Manifest):
+    def __init__(self, hvd: ModuleType, cfg: PipelineConfig, manifest: Manifest) -> None:
         self.hvd = hvd
         self.cfg = cfg
         self.tc = cfg.training
@@ -241,8 +246,22 @@ class Trainer:
         )
         self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
         self._layout: tuple[int, int] | None = None
-        self.data: RankData | None = None
-        self.val: RankData | None = None
+        self._data: RankData | None = None
+        self._val: RankData | None = None
+
+    @property
+    def data(self) -> RankData:
+        """This rank's training rows (loaded by :meth:`prepare`)."""
+        if self._data is None:
+            raise RuntimeError("Trainer.prepare() loads the data first")
+        return self._data
+
+    @property
+    def val(self) -> RankData:
+        """This rank's slice of the validation rows (loaded by :meth:`prepare`)."""
+        if self._val is None:
+            raise RuntimeError("Trainer.prepare() loads the data first")
+        return self._val
 
     # ------------------------------------------------------------------ data for (rank, size)
     def prepare(self) -> None:
@@ -259,10 +278,10 @@ class Trainer:
                     f"rank {rank} of {size} has no shard: the manifest has {len(self.manifest.shards)} shards; "
                     "re-shard with sharding.num_shards >= world size"
                 )
-            self.data = load_frame(self.manifest, entries, self.pre)
+            self._data = load_frame(self.manifest, entries, self.pre)
             val = load_frame(self.manifest, [self.manifest.validation], self.pre)
             # each rank scores a strided slice of the validation file; predictions are allgathered
-            self.val = RankData(val.x_num[rank::size], val.x_cat[rank::size], val.y[rank::size])
+            self._val = RankData(val.x_num[rank::size], val.x_cat[rank::size], val.y[rank::size])
             self._layout = (rank, size)
         rows = hvd.allgather_object(len(self.data))
         # where each rank runs: horovodrun's name for its host (-H / discovery), which tells
@@ -278,7 +297,7 @@ class Trainer:
         self.opt_steps = math.ceil(self.steps / self.tc.horovod.backward_passes_per_step)
 
     # ------------------------------------------------------------------ one epoch
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
+    def train_epoch(self, epoch: int) -> EpochRecord:
         """Train epoch ``epoch`` (0-based). Returns the agreed epoch record; ``diverged`` is True on
         every rank as soon as any rank saw a non-finite loss (the step is then not applied)."""
         hvd, tc = self.hvd, self.tc
@@ -334,30 +353,31 @@ class Trainer:
             dtype=torch.float64,
         )
         per_rank = hvd.allgather(mine, name="rank_speed")
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0] / totals[1]) if totals[1] > 0 else math.nan,
-            "lr": learning_rate(tc, size, (epoch + 1) * self.opt_steps - 1, self.opt_steps),
-            "epoch_time_s": wall,
-            "samples_per_s": float(totals[1]) / wall if wall > 0 else 0.0,
-            "world_size": size,
-            "per_rank": [
-                {
-                    "rank": int(r),
-                    "host": self.hosts[int(r)],
-                    "samples_per_s": float(s),
-                    "step_time_ms": float(t),
-                    "peak_rss_mb": float(m),
-                }
+        record = EpochRecord(
+            epoch=epoch + 1,
+            train_loss=float(totals[0] / totals[1]) if totals[1] > 0 else math.nan,
+            lr=learning_rate(tc, size, (epoch + 1) * self.opt_steps - 1, self.opt_steps),
+            epoch_time_s=wall,
+            samples_per_s=float(totals[1]) / wall if wall > 0 else 0.0,
+            world_size=size,
+            per_rank=[
+                RankThroughput(
+                    rank=int(r),
+                    host=self.hosts[int(r)],
+                    samples_per_s=float(s),
+                    step_time_ms=float(t),
+                    peak_rss_mb=float(m),
+                )
                 for r, s, t, m in per_rank.tolist()
             ],
-            "diverged": diverged_step is not None,
-        }
+            diverged=diverged_step is not None,
+            diverged_step=diverged_step,
+        )
         if diverged_step is not None:
-            record["diverged_step"] = diverged_step
             return record
-        record.update({f"val_{k}": v for k, v in self.validate().items()})
-        return record
+        return EpochRecord.model_validate(
+            {**record.model_dump(), **{f"val_{k}": v for k, v in self.validate().items()}}
+        )
 
     def validate(self) -> dict[str, float]:
         hvd = self.hvd
@@ -381,19 +401,20 @@ class Trainer:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_payload(progress: Progress, net: nn.Module, opt, cfg: PipelineConfig, size: int) -> dict[str, Any]:
-    return {
+def checkpoint_payload(
+    progress: Progress, net: TabularNet, opt: HorovodOptimizer, cfg: PipelineConfig, size: int
+) -> CheckpointPayload:
+    return CheckpointPayload(
         **progress.as_checkpoint(),
-        "model": net.state_dict(),
-        "optimizer": opt.state_dict(),
-        "arch": net.arch,
-        "world_size": size,
-        "seed": cfg.training.seed,
-        "history": json.loads(json.dumps(list(progress.history))),
-    }
+        model=net.state_dict(),
+        optimizer=opt.state_dict(),
+        arch=net.arch,
+        world_size=size,
+        seed=cfg.training.seed,
+    )
 
 
-def find_resume_point(args, cfg: PipelineConfig) -> Path | None:
+def find_resume_point(args: argparse.Namespace, cfg: PipelineConfig) -> Path | None:
     """--resume: the newest checkpoint in this run's own directory; otherwise
     ``training.resume_from`` (a checkpoint dir/file or an earlier run id) when set."""
     own = latest_checkpoint(Path(args.output_dir) / CHECKPOINT_DIR) if args.resume else None
@@ -423,8 +444,8 @@ def write_outputs(
     status = outcome.status
     model_written = False
     history = progress.history
-    best_rec = next((h for h in history if h["epoch"] == progress.best_epoch), history[-1] if history else {})
-    threshold = best_rec.get("val_decision_threshold")  # of the weights saved below
+    best_rec = next((h for h in history if h.epoch == progress.best_epoch), history[-1] if history else None)
+    threshold = best_rec.val_decision_threshold if best_rec else None  # of the weights saved below
     if progress.best_model is not None:
         best = TabularNet(**net.arch)
         best.load_state_dict(progress.best_model)
@@ -433,27 +454,23 @@ def write_outputs(
     elif status != "diverged":
         save_model(out, net, trainer.pre, cfg.training.model, decision_threshold=threshold)
         model_written = True
-    ranks = sorted({r["rank"] for h in history for r in h["per_rank"]})
-    host_of = {x["rank"]: x.get("host") for h in history for x in h["per_rank"]}
+    ranks = sorted({r.rank for h in history for r in h.per_rank})
+    host_of = {x.rank: x.host for h in history for x in h.per_rank}
     per_rank = [
-        {
-            "rank": r,
-            "host": host_of.get(r),
-            "samples_per_s": float(
-                np.mean([x["samples_per_s"] for h in history for x in h["per_rank"] if x["rank"] == r])
-            ),
-            "step_time_ms": float(
-                np.mean([x["step_time_ms"] for h in history for x in h["per_rank"] if x["rank"] == r])
-            ),
-            "peak_rss_mb": max((x.get("peak_rss_mb") or 0.0) for h in history for x in h["per_rank"] if x["rank"] == r),
-        }
+        RankThroughput(
+            rank=r,
+            host=host_of.get(r),
+            samples_per_s=float(np.mean([x.samples_per_s for h in history for x in h.per_rank if x.rank == r])),
+            step_time_ms=float(np.mean([x.step_time_ms for h in history for x in h.per_rank if x.rank == r])),
+            peak_rss_mb=max((x.peak_rss_mb or 0.0) for h in history for x in h.per_rank if x.rank == r),
+        )
         for r in ranks
     ]
     last_ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
-    metrics = {k: _finite(v) for k, v in best_rec.items() if k.startswith("val_")}
+    metrics = {k: _finite(v) for k, v in best_rec.val_metrics().items()} if best_rec else {}
     if history:
-        metrics["train_loss"] = _finite(history[-1]["train_loss"])
-        metrics["samples_per_s"] = float(np.mean([h["samples_per_s"] for h in history]))
+        metrics["train_loss"] = _finite(history[-1].train_loss)
+        metrics["samples_per_s"] = float(np.mean([h.samples_per_s for h in history]))
     summary = TrainingSummary(
         status=status,
         epochs=progress.epoch,
@@ -469,16 +486,11 @@ def write_outputs(
         last_good_checkpoint=str(last_ckpt) if last_ckpt else None,
         diverged_at=outcome.diverged_at,
         resumed_from=resumed_from,
-        horovod=cfg.training.horovod.model_dump(mode="json"),
+        horovod=cfg.training.horovod,
         elastic=cfg.training.elastic.enabled,
         seed=cfg.training.seed,
         wall_time_s=time.time() - started,
-        history=json.loads(
-            json.dumps(
-                [{k: (_finite(v) if isinstance(v, float) else v) for k, v in h.items()} for h in history],
-                default=_json_default,
-            )
-        ),
+        history=list(history),
     )
     summary.write(out)
     run_log.tag(tags.TRAINING_STATUS, status)
@@ -492,16 +504,16 @@ def write_outputs(
     return summary
 
 
-def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
-    m = {
-        k: v
-        for k, v in record.items()
+def epoch_metrics(record: EpochRecord) -> dict[str, float | None]:
+    m: dict[str, float | None] = {
+        k: float(v)
+        for k, v in record.model_dump().items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "diverged_step")
     }
-    for r in record["per_rank"]:
-        m[f"rank{r['rank']}_samples_per_s"] = r["samples_per_s"]
-        m[f"rank{r['rank']}_step_time_ms"] = r["step_time_ms"]
-        m[f"rank{r['rank']}_peak_rss_mb"] = r["peak_rss_mb"]
+    for r in record.per_rank:
+        m[f"rank{r.rank}_samples_per_s"] = r.samples_per_s
+        m[f"rank{r.rank}_step_time_ms"] = r.step_time_ms
+        m[f"rank{r.rank}_peak_rss_mb"] = r.peak_rss_mb
     return m
 
 
@@ -545,7 +557,7 @@ def ranks_sharing_host(cfg: PipelineConfig, local_size: int) -> int:
     return local_size
 
 
-def _setup(args, cfg: PipelineConfig) -> tuple[Any, Manifest, Path]:
+def _setup(args: argparse.Namespace, cfg: PipelineConfig) -> tuple[ModuleType, Manifest, Path]:
     import horovod.torch as hvd
 
     hvd.init()
@@ -563,7 +575,7 @@ def _setup(args, cfg: PipelineConfig) -> tuple[Any, Manifest, Path]:
     return hvd, manifest, out
 
 
-def train(state, trainer: Trainer, out: Path, run_log: RunLogger) -> Outcome:
+def train(state: TrainingState, trainer: Trainer, out: Path, run_log: RunLogger) -> Outcome:
     """The epoch loop, once for both drivers: from ``state.progress`` to the planned epochs, early
     stopping or divergence. ``state`` has Horovod's state shape (``training/state.py``).
 
@@ -584,26 +596,28 @@ def train(state, trainer: Trainer, out: Path, run_log: RunLogger) -> Outcome:
         )
     while state.progress.epoch < tc.epochs and not state.progress.stopped:
         record = trainer.train_epoch(state.progress.epoch)
-        if record["diverged"]:
+        if record.diverged_step is not None:
             if rank == 0:
-                log(f"epoch {record['epoch']}: non-finite loss at step {record['diverged_step']}: diverged, stopping")
-                run_log.metrics({"diverged": 1.0}, step=record["epoch"])
-            return Outcome("diverged", {"epoch": record["epoch"], "step": record["diverged_step"]})
+                log(f"epoch {record.epoch}: non-finite loss at step {record.diverged_step}: diverged, stopping")
+                run_log.metrics({"diverged": 1.0}, step=record.epoch)
+            return Outcome("diverged", DivergedAt(epoch=record.epoch, step=record.diverged_step))
         state.progress = state.progress.after_epoch(record, trainer.net, tc.early_stopping_patience)
         if rank == 0:
             payload = checkpoint_payload(state.progress, trainer.net, trainer.opt, cfg, size)
             save_checkpoint(out / CHECKPOINT_DIR, payload)
-            run_log.metrics(epoch_metrics(record), step=record["epoch"])
+            run_log.metrics(epoch_metrics(record), step=record.epoch)
             log(
-                f"epoch {record['epoch']}/{tc.epochs} (size {size}): train_loss={record['train_loss']:.4f} "
-                f"val_auc={record['val_roc_auc']:.4f} val_logloss={record['val_log_loss']:.4f} "
-                f"{record['samples_per_s']:.0f} samples/s ({record['epoch_time_s']:.2f}s)"
+                f"epoch {record.epoch}/{tc.epochs} (size {size}): train_loss={record.train_loss:.4f} "
+                f"val_auc={record.val_roc_auc:.4f} val_logloss={record.val_log_loss:.4f} "
+                f"{record.samples_per_s:.0f} samples/s ({record.epoch_time_s:.2f}s)"
             )
         state.commit()
     return Outcome("early_stopped" if state.progress.stopped else "completed")
 
 
-def run_fixed(args, trainer: Trainer, out: Path, run_log: RunLogger) -> tuple[Outcome, Progress, Path | None]:
+def run_fixed(
+    args: argparse.Namespace, trainer: Trainer, out: Path, run_log: RunLogger
+) -> tuple[Outcome, Progress, Path | None]:
     """A fixed-size job: the loop runs once; a failed job ends, and its retry resumes from the checkpoint.
 
     Rank 0 reads the resume checkpoint (it may live only on its disk) and sends it to every rank:
@@ -611,7 +625,7 @@ def run_fixed(args, trainer: Trainer, out: Path, run_log: RunLogger) -> tuple[Ou
     state first takes a step of its own, which would move the weights of a fresh rank only.
     """
     hvd = trainer.hvd
-    ckpt_info = None
+    ckpt_info: tuple[Path, CheckpointPayload] | None = None
     if hvd.rank() == 0:
         point = find_resume_point(args, trainer.cfg)
         if point is not None:
@@ -627,7 +641,9 @@ def run_fixed(args, trainer: Trainer, out: Path, run_log: RunLogger) -> tuple[Ou
     return train(state, trainer, out, run_log), state.progress, point
 
 
-def run_elastic(args, trainer: Trainer, out: Path, run_log: RunLogger) -> tuple[Outcome, Progress, Path | None]:
+def run_elastic(
+    args: argparse.Namespace, trainer: Trainer, out: Path, run_log: RunLogger
+) -> tuple[Outcome, Progress, Path | None]:
     """``hvd.elastic.run``: the state is committed every epoch; a lost worker rolls back to the commit.
 
     No collective runs before the elastic function (Horovod's rule), so every rank reads the
@@ -646,7 +662,7 @@ def run_elastic(args, trainer: Trainer, out: Path, run_log: RunLogger) -> tuple[
     return outcome, state.progress, point
 
 
-def run(args, cfg: PipelineConfig) -> int:
+def run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     started = time.time()
     hvd, manifest, out = _setup(args, cfg)
     trainer = Trainer(hvd, cfg, manifest)

@@ -194,9 +194,9 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
         from ringflow.training.summary import TrainingSummary
 
         summary = TrainingSummary.load(out)
-        hist = summary.history
+        hist = [h.model_dump() for h in summary.history]  # plain records, as the DDP reference's
         # the last epoch's, like the DDP reference's (throughput runs keep every epoch)
-        auc = hist[-1].get("val_roc_auc", summary.best_val_roc_auc) if hist else summary.best_val_roc_auc
+        auc = summary.history[-1].val_roc_auc if summary.history else summary.best_val_roc_auc
         extra = {
             "status": summary.status,
             "best_epoch": summary.best_epoch,

@@ -16,12 +16,11 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError, field_validator
-from typing_extensions import Buffer
 
 if TYPE_CHECKING:
     from ringflow.training.preprocess import Preprocessor
@@ -261,6 +260,12 @@ def encrypt(data: bytes, key: bytes, aad: str) -> bytes:
 
     nonce = os.urandom(NONCE_BYTES)
     return nonce + AESGCM(key).encrypt(nonce, data, aad.encode())
+
+
+class Buffer(Protocol):
+    """Any bytes-like object (``collections.abc.Buffer`` from Python 3.12 on)."""
+
+    def __buffer__(self, flags: int, /) -> memoryview: ...
 
 
 class SealedWriter(io.RawIOBase):

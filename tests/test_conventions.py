@@ -405,7 +405,7 @@ def test_progress_artifact_follows_rank_zero_epoch_lines(prefect_harness):
 @pytest.mark.horovod
 @pytest.mark.slow
 def test_training_publishes_progress_rank_table_and_horovod_files(
-    prefect_harness, ringflow_home, smoke_config, tmp_path
+    prefect_harness, ringflow_home, smoke_config, smoke_manifest
 ):
     """A real np=2 training with the timeline and autotune on: the progress artifact ends at 100,
     the per-rank table has both ranks, the timeline and the autotune log are in the MLflow run."""
@@ -414,13 +414,11 @@ def test_training_publishes_progress_rank_table_and_horovod_files(
     from ringflow.tasks.train import train_model
     from ringflow.tasks.training_artifacts import PROGRESS_KEY, RANK_TABLE_KEY
     from ringflow.training.config import with_overrides
-    from ringflow.training.sharding import shard_dataset
 
     cfg = with_overrides(
         smoke_config, {"training.epochs": 2, "training.horovod.timeline": True, "training.horovod.autotune": True}
     )
-    manifest = shard_dataset(cfg, tmp_path / "data", progress=lambda *a: None)
-    result = train_model.with_options(retries=0)(cfg, str(manifest.path))
+    result = train_model.with_options(retries=0)(cfg, str(smoke_manifest.path))
 
     assert _artifact(PROGRESS_KEY).data == 100.0
     table = json.loads(_artifact(RANK_TABLE_KEY).data)

@@ -56,10 +56,8 @@ def smoke_cfg() -> PipelineConfig:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, smoke_cfg):
-    lines: list[str] = []
-    manifest = shard_dataset(smoke_cfg, tmp_path_factory.mktemp("data"), progress=lines.append)
-    return manifest, lines
+def smoke_run(smoke_shards):
+    return smoke_shards  # sharded once per session (tests/conftest.py), with its progress lines
 
 
 @pytest.fixture(scope="module")

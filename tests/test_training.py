@@ -33,21 +33,6 @@ from ringflow.training.summary import EpochRecord, TrainingSummary
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 
-@pytest.fixture(scope="module")
-def smoke_manifest(tmp_path_factory, smoke_config_module) -> Manifest:
-    from ringflow.training.sharding import shard_dataset
-
-    return shard_dataset(smoke_config_module, tmp_path_factory.mktemp("data"), progress=lambda *a: None)
-
-
-@pytest.fixture(scope="module")
-def smoke_config_module() -> PipelineConfig:
-    from ringflow.training.config import load_config
-    from tests.conftest import ROOT
-
-    return load_config(ROOT / "configs" / "smoke.yaml")
-
-
 def _run_program(
     cfg: PipelineConfig,
     manifest: Manifest,

@@ -243,6 +243,7 @@ def mlflow_run(state, run_id: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.horovod
 def test_cluster_run_trains_across_hosts_with_no_secret_on_any_command_line(stack_cluster):
     home, state, _ = stack_cluster
     out = cli(home, "status").stdout
@@ -348,6 +349,7 @@ def ringflow_processes_on(state) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.horovod
 def test_hostfile_from_a_node_list_places_the_ranks(stack_cluster):
     # A Slurm allocation's node list (`scontrol show hostnames > hosts`): bare names, one a line
     home, state, _ = stack_cluster
@@ -384,6 +386,7 @@ def test_hostfile_from_a_node_list_places_the_ranks(stack_cluster):
 
 
 @pytest.mark.slow
+@pytest.mark.horovod
 def test_elastic_training_goes_on_without_h2_and_h2_rejoins(stack_cluster):
     home, state, _ = stack_cluster
     rc, out = train_on_h1(
@@ -411,6 +414,7 @@ def test_elastic_training_goes_on_without_h2_and_h2_rejoins(stack_cluster):
 
 
 @pytest.mark.slow
+@pytest.mark.horovod
 def test_lost_host_without_elastic_fails_naming_host_and_rank(stack_cluster):
     home, state, _ = stack_cluster
     veth = f"{state.prefix}v2"  # h2's link on the bridge: down = the host is gone, also for the retry
@@ -454,6 +458,7 @@ sys.exit(0 if fr.state.is_completed() else 1)
 
 
 @pytest.mark.slow
+@pytest.mark.horovod
 def test_monitoring_on_the_worker_shows_in_the_evidently_ui_on_h0(stack_cluster):
     """The worker on h1 writes the snapshots and h0's ``evidently ui`` reads them: one workspace."""
     from ringflow.training.config import load_config

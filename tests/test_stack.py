@@ -785,6 +785,7 @@ def test_deploy_to_work_pools_of_two_types_with_job_variables(stack):
 # --------------------------------------------------------------------------- down / restart
 
 
+@pytest.mark.horovod  # `ringflow run` with the stack down
 def test_down_stops_everything_and_state_survives_a_restart(stack):
     family = stack.family()
     assert len(family) >= 3

@@ -631,6 +631,8 @@ def _compose_on_this_machine(cfg: dict, ports: dict[str, int], data: Path) -> di
 
 
 @pytest.mark.slow
+@pytest.mark.horovod
+@pytest.mark.postgres
 @needs_postgres
 def test_the_compose_services_commands_run_a_training_on_postgresql():
     import os

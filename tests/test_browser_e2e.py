@@ -122,7 +122,8 @@ def test_custom_run_from_prefect_ui_shows_up_in_mlflow_ui(stack, page):
     while flow_run_id is None and time.monotonic() < deadline:
         found = httpx.post(f"{stack.api}/flow_runs/filter", json={"limit": 50}).json()
         flow_run_id = next((r["id"] for r in found if r["parameters"].get("reason") == reason), None)
-        time.sleep(1)
+        if flow_run_id is None:
+            time.sleep(1)
     assert flow_run_id, "submitting the custom-run form created no flow run"
     page.goto(f"http://127.0.0.1:{stack.prefect_port}/runs/flow-run/{flow_run_id}")
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -132,7 +133,7 @@ def test_custom_run_from_prefect_ui_shows_up_in_mlflow_ui(stack, page):
         state = fr["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
-        time.sleep(3)
+        time.sleep(1)
     page.reload()
     if state == "COMPLETED":
         page.get_by_text("Completed").first.wait_for(timeout=30_000)

@@ -155,7 +155,7 @@ def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently
     with stack.client() as c:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(s.is_running() for s in _states(c, ids).values()):
-            time.sleep(0.5)
+            time.sleep(2)
     serve = psutil.Process(stack.pids()["serve"])
     serve.terminate()
     serve.wait(120)

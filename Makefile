@@ -52,9 +52,12 @@ typecheck: install
 	@mkdir -p $(TYPES_ROOT)/ringflow && for p in flows tasks training monitoring infra configs; do ln -sfn ../../../$$p $(TYPES_ROOT)/ringflow/$$p; done
 	$(VENV)/bin/mypy -p ringflow
 
-# The full suite CI runs: the check first, then every test it left out.
+# The full suite CI runs: the check first, then every test it left out, one module per worker on
+# TEST_WORKERS workers (pytest-xdist --dist loadfile: a module's tests and its shared fixtures stay
+# on one worker). Most of these tests wait on servers and subprocesses, so two workers fit 2 cores.
+TEST_WORKERS ?= 2
 test: check browser-deps postgres-deps cluster-deps
-	$(VENV)/bin/pytest -m "not ($(UNIT_TIER))" --durations=30
+	$(VENV)/bin/pytest -m "not ($(UNIT_TIER))" -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 clean:  # the home, and its PostgreSQL data where root's `up` put it (outside the home)
 	@d=$$(cat .ringflow/postgres/data-dir 2>/dev/null) && [ -n "$$d" ] && rm -rf "$$(dirname "$$d")"; true

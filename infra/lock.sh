@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-resolve requirements.lock from pyproject.toml (runtime + dev extra) with pip-tools.
+# Re-resolve requirements.lock from pyproject.toml (runtime + the dev and lightgbm extras) with pip-tools.
 # usage: infra/lock.sh [PYTHON]   (default .venv/bin/python; `make lock` runs it)
 # Resolve on the machine kind CI runs on, then run the tests before committing the new lock.
 set -euo pipefail
@@ -8,7 +8,7 @@ PY=${1:-.venv/bin/python}
 "$PY" -m pip install --quiet "pip-tools>=7.4,<8"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-"$PY" -m piptools compile --quiet --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+"$PY" -m piptools compile --quiet --extra dev --extra lightgbm --strip-extras --no-emit-index-url --no-emit-find-links \
     --no-header --annotation-style line -o "$out" pyproject.toml
 {
     echo "# The tested versions of every package ringflow and its dev extra install (pip-tools)."

@@ -14,7 +14,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import mlflow
 import numpy as np
@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from ringflow.training import tags
-from ringflow.training.baseline import BASELINE_MAX_ROWS, baseline_proba, fit_baseline
+from ringflow.training.baseline import BASELINE_MAX_ROWS, TunedBaseline, baseline_proba, tune_baseline
 from ringflow.training.config import GateConfig, PipelineConfig, get_settings
 from ringflow.training.manifest import Manifest
 from ringflow.training.metrics import (
@@ -255,26 +255,40 @@ def _sample(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
     return frame if share >= 1.0 else frame.sample(n=max(1, round(len(frame) * share)), random_state=seed)
 
 
-def score_baseline(cfg: PipelineConfig, manifest: Manifest, key: bytes | None, test: pd.DataFrame, log):
-    """Fit the baseline on the manifest's train shards (the candidate's train window), choose its
-    threshold on the validation file, score the test rows: (model, test probabilities, threshold)."""
-    import time
-
+def score_baseline(
+    cfg: PipelineConfig, manifest: Manifest, key: bytes | None, test: pd.DataFrame, log
+) -> tuple[TunedBaseline, np.ndarray, float]:
+    """Tune the baseline on the manifest's train shards (the candidate's train window) with early
+    stopping on the validation file, choose its threshold on the validation file, score the test
+    rows: (the tuned baseline, test probabilities, threshold)."""
     num, cat = manifest.numeric_features, manifest.categorical_features
     total = sum(s.rows for s in manifest.shards)
     share = min(1.0, BASELINE_MAX_ROWS / max(total, 1))  # big windows: a uniform sample, one shard at a time
     train = pd.concat([_sample(manifest.read(s, key), share, seed=s.index) for s in manifest.shards], ignore_index=True)
-    t0 = time.perf_counter()
-    model = fit_baseline(cfg.gate.baseline, train, manifest.target_column, num, cat, seed=cfg.training.seed)
+    val = manifest.read(manifest.validation, key)
+    tuned = tune_baseline(cfg.gate.baseline, train, val, manifest.target_column, num, cat, seed=cfg.training.seed)
     log.info(
-        "evaluate: baseline %s fitted on %d train rows in %.1fs",
+        "evaluate: baseline %s tuned on %d train rows in %.1fs (%d settings, early stopping on %d validation "
+        "rows): %s, validation AUC %.4f",
         cfg.gate.baseline,
         len(train),
-        time.perf_counter() - t0,
+        tuned.seconds,
+        len(tuned.grid),
+        len(val),
+        tuned.params,
+        tuned.val_roc_auc,
     )
-    val = manifest.read(manifest.validation, key)
-    threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), baseline_proba(model, val, num, cat))
-    return model, baseline_proba(model, test, num, cat), threshold
+    threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), baseline_proba(tuned.model, val, num, cat))
+    return tuned, baseline_proba(tuned.model, test, num, cat), threshold
+
+
+def log_baseline_settings(tuned: TunedBaseline) -> None:
+    """The baseline's chosen settings as params of the active run (``baseline.<name>``), its
+    validation AUC and tuning time as metrics, and every grid point tried as an artifact."""
+    mlflow.log_params({tags.BASELINE_PARAM_PREFIX + k: v for k, v in tuned.params.items()})
+    mlflow.log_metrics({"baseline_val_roc_auc": tuned.val_roc_auc, "baseline_tuning_s": tuned.seconds})
+    mlflow.set_tag(tags.GATE_BASELINE_SETTINGS, ", ".join(f"{k}={v}" for k, v in tuned.params.items()))
+    mlflow.log_dict({"kind": tuned.kind, "chosen": tuned.params, "grid": tuned.grid}, "evaluation/baseline_grid.json")
 
 
 SKOPS_TRUSTED_TYPES = [
@@ -284,25 +298,40 @@ SKOPS_TRUSTED_TYPES = [
 ]
 
 
-def log_baseline_model(model, manifest: Manifest, example: pd.DataFrame, threshold: float) -> str:
-    """Log the fitted baseline into the active run (a LoggedModel; never registered)."""
+def log_baseline_model(
+    model,
+    manifest: Manifest,
+    example: pd.DataFrame,
+    threshold: float,
+    kind: str = "hgb",
+    settings: dict[str, Any] | None = None,
+) -> str:
+    """Log the fitted baseline into the active run (a LoggedModel; never registered), its chosen
+    settings among the model's params."""
     from importlib.metadata import version
 
     from ringflow.training.baseline import baseline_frame
 
     frame = baseline_frame(example, manifest.numeric_features, manifest.categorical_features)
+    libraries = ("scikit-learn", "numpy", "pandas", *(("lightgbm",) if kind == "lightgbm" else ()))
+    # skops refuses types it cannot vet: the scikit-learn pipeline is logged with skops and the
+    # types the fitted pipeline holds (the trees' node arrays, the encoder's checks); LightGBM's
+    # booster is not a type skops knows, so that one is pickled (fitted in this process)
+    serialization = (
+        {"serialization_format": mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE}
+        if kind == "lightgbm"
+        else {"skops_trusted_types": SKOPS_TRUSTED_TYPES}
+    )
     info = mlflow.sklearn.log_model(
         model,
         name="baseline",
         input_example=frame,
         pyfunc_predict_fn="predict_proba",
         # stated, not inferred: inference imports the model in a subprocess (seconds per evaluation)
-        pip_requirements=[f"{d}=={version(d).split('+')[0]}" for d in ("scikit-learn", "numpy", "pandas")],
-        params={THRESHOLD_PARAM: f"{threshold:.6f}"},
+        pip_requirements=[f"{d}=={version(d).split('+')[0]}" for d in libraries],
+        params={THRESHOLD_PARAM: f"{threshold:.6f}", **{k: str(v) for k, v in (settings or {}).items()}},
         tags={tags.ROLE: "baseline"},
-        # skops refuses types it cannot vet; this model was fitted in this process, and these are
-        # exactly the ones the fitted pipeline holds (the trees' node arrays, the encoder's checks)
-        skops_trusted_types=SKOPS_TRUSTED_TYPES,
+        **serialization,
     )
     return info.model_uri
 
@@ -378,9 +407,12 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
 
         base = base_p = base_threshold = base_uri = None
         if cfg.gate.baseline != "none":
-            base_model, base_p, base_threshold = score_baseline(cfg, manifest, key, test, log)
+            tuned, base_p, base_threshold = score_baseline(cfg, manifest, key, test, log)
             base = classification_metrics(y, base_p, base_threshold)
-            base_uri = log_baseline_model(base_model, manifest, test.head(5), base_threshold)
+            log_baseline_settings(tuned)
+            base_uri = log_baseline_model(
+                tuned.model, manifest, test.head(5), base_threshold, kind=cfg.gate.baseline, settings=tuned.params
+            )
 
         decision = decide(cand, champ, cfg.gate, base, test_rows=len(test))
         # lineage: the test window is an input of this run, and the model's page shows what it

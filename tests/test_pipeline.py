@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
 def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smoke_config):
     name = smoke_config.registry.model_name
-    first = training_pipeline(smoke_config)
+    # the champion's evaluation uses the tuned LightGBM reference (the other tests: hgb)
+    first = training_pipeline(with_overrides(smoke_config, {"gate.baseline": "lightgbm"}))
     assert first.training_status in {"completed", "early_stopped"}
     assert first.promoted and first.model_version == "1" and first.champion_version == "1"
     assert first.metrics["roc_auc"] > 0.6
@@ -56,7 +57,12 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
         run.data.metrics
     )
     arts = {a.path for a in client.list_artifacts(first.training_run_id, "evaluation")}
-    assert {"evaluation/roc_pr_curves.png", "evaluation/calibration_curve.png"} <= arts
+    assert {"evaluation/roc_pr_curves.png", "evaluation/calibration_curve.png", "evaluation/baseline_grid.json"} <= arts
+    # the tuned reference: its chosen settings are params of the run, next to its metrics
+    assert first.baseline == "lightgbm" and run.data.tags["gate.baseline"] == "lightgbm"
+    assert {"baseline.num_leaves", "baseline.learning_rate", "baseline.iterations"} <= set(run.data.params)
+    assert f"iterations={run.data.params['baseline.iterations']}" in run.data.tags["gate.baseline_settings"]
+    assert 0.5 < run.data.metrics["baseline_val_roc_auc"] < 1.0
 
     # The champion loads by alias and predicts on raw flight rows (source columns, raw dtypes).
     mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")

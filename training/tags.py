@@ -47,6 +47,11 @@ GATE_PRIMARY_METRIC = "gate.primary_metric"
 GATE_CHAMPION_VERSION = "gate.champion_version"
 GATE_BASELINE = "gate.baseline"
 GATE_WARNING = "gate.warning"
+GATE_BASELINE_SETTINGS = "gate.baseline_settings"
+"""The tuned baseline's chosen settings, ``name=value, ...`` (also params, :data:`BASELINE_PARAM_PREFIX`)."""
+BASELINE_PARAM_PREFIX = "baseline."
+"""Not a tag: the prefix of the run params holding the tuned baseline's chosen settings
+(``baseline.learning_rate``, ``baseline.iterations``, ...)."""
 GATE_REASON_PREFIX = "gate.reason."
 """``gate.reason.<metric>`` (floors) and ``gate.reason.<check>.<metric>``."""
 

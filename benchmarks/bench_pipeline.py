@@ -17,6 +17,14 @@ Orchestration overhead = flow wall - (bare shard + horovodrun wall in the flow +
 the time in Prefect and MLflow outside the stages' own work. Reported as a share of the flow
 wall time, both from the flow call and from process start (imports + ephemeral API start-up).
 
+Where the seconds go inside the flow comes from the flow's own record (``tasks/timings.py``, the
+same table the CLI prints and the summary artifact shows): per stage, the timed parts, work vs
+overhead; reported as medians per part.
+
+The load average is sampled every half second during every child run; a run during which it
+exceeded ``LOADED`` (1.5) at any point is marked ``under_load`` and its numbers are never reported
+as meeting a target (``run_all.py`` says "under load" instead).
+
 Writes ``benchmarks/results/pipeline.json``.
 """
 
@@ -29,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +48,8 @@ from benchmarks._common import ROOT, bench_env, load_avg, machine_facts, median,
 
 SCRATCH = Path(tempfile.gettempdir()) / "ringflow-bench"
 STAGES = ["shard", "train", "evaluate", "register"]
+LOADED = 1.5
+"""A run whose 1-minute load average exceeded this at any point is "under load"."""
 
 
 # --------------------------------------------------------------------------- children
@@ -50,14 +61,17 @@ def child_flow(cfg_path: str, out: Path) -> None:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from ringflow.flows.training_pipeline import training_pipeline
+    from ringflow.tasks import timings
     from ringflow.training.config import load_config
 
     imports_s = time.perf_counter() - t_imp
     cfg = load_config(cfg_path)
+    timings.begin_call()
     t0 = time.perf_counter()
     state = training_pipeline(cfg, return_state=True)
     flow_s = time.perf_counter() - t0
     result = state.result()
+    result.timings.end_call(time.time() - (time.perf_counter() - t0 - flow_s))
     fr_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(fr_id)
@@ -88,6 +102,7 @@ def child_flow(cfg_path: str, out: Path) -> None:
                 "flow_start": fr.start_time.timestamp() if fr.start_time else None,
                 "flow_end": fr.end_time.timestamp() if fr.end_time else None,
                 "tasks": tasks,
+                "timings": [p.model_dump() for p in result.timings.parts],
                 "horovodrun_s": run.data.metrics.get("training_wall_time_s"),
                 "train_program_s": summary.wall_time_s,
                 "epochs": summary.epochs,
@@ -159,6 +174,16 @@ def run_child(kind: str, cfg_path: str, prefect_home: Path, timeout: int = 1800)
     for k in ("PREFECT_API_URL", "MLFLOW_RUN_ID", "RINGFLOW_DATA_KEY"):
         env.pop(k, None)
     load0 = load_avg()
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(round(os.getloadavg()[0], 2))
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     p = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--config", cfg_path, "--child-out", str(out)],
@@ -169,10 +194,19 @@ def run_child(kind: str, cfg_path: str, prefect_home: Path, timeout: int = 1800)
         cwd=ROOT,
     )
     wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
     if p.returncode != 0 or not out.exists():
         raise RuntimeError(f"pipeline {kind} run failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     res = json.loads(out.read_text())
-    res.update(kind=kind, process_wall_s=wall, load_before=load0)
+    res.update(
+        kind=kind,
+        process_wall_s=wall,
+        load_before=load0,
+        load_max=max(samples, default=None),
+        load_mean=round(sum(samples) / len(samples), 2) if samples else None,
+        under_load=bool(samples) and max(samples) > LOADED,
+    )
     shutil.rmtree(home, ignore_errors=True)
     return res
 
@@ -228,7 +262,34 @@ def analyse(flows: list[dict], bares: list[dict]) -> dict:
         "bare_horovodrun_s": bare["train"],
         "train_epochs_flow / bare": f"{flows[0]['epochs']} / {bares[0]['epochs']}",
     }
-    return {"stages": stages, "totals": totals}
+    loads = [r["load_max"] for r in flows + bares if r.get("load_max") is not None]
+    return {
+        "stages": stages,
+        "stage_parts": stage_parts(flows),
+        "totals": totals,
+        "load_max": max(loads, default=None),
+        "under_load": any(r.get("under_load", True) for r in flows + bares),
+    }
+
+
+def stage_parts(flows: list[dict]) -> list[dict]:
+    """Median seconds of every timed part of the flow runs (``tasks/timings.py``), in stage order."""
+    keys: list[tuple[str, str, str]] = []
+    for f in flows:
+        for p in f.get("timings", []):
+            if (p["stage"], p["part"], p["kind"]) not in keys:
+                keys.append((p["stage"], p["part"], p["kind"]))
+    rows = []
+    for stage, part, kind in keys:
+        vals = [
+            sum(p["seconds"] for p in f.get("timings", []) if (p["stage"], p["part"]) == (stage, part)) for f in flows
+        ]
+        rows.append({"stage": stage, "part": part, "kind": kind, "median_s": median(vals)})
+    if rows:
+        work = sum(r["median_s"] for r in rows if r["kind"] == "work")
+        total = sum(r["median_s"] for r in rows)
+        rows.append({"stage": "all", "part": "sum of the parts", "kind": f"work {work:.2f} s", "median_s": total})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             res = run_child(kind, cfg_path, prefect_home)
             (flows if kind == "flow" else bares).append(res)
             print(
-                f"round {r} {kind}: process {res['process_wall_s']:.1f}s"
+                f"round {r} {kind}: load max {res['load_max']}{' UNDER LOAD' if res['under_load'] else ''}, "
+                f"process {res['process_wall_s']:.1f}s"
                 + (
                     f", flow {res['flow_call_s']:.1f}s, horovodrun {res['horovodrun_s']:.1f}s"
                     if kind == "flow"
@@ -287,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "machine": facts,
         "load_after": load_avg(),
+        "loaded_threshold": LOADED,
         "how": (
             f"{rounds} round(s) of one `flow` and one `bare` run each, alternating order, each in a fresh "
             "process and RINGFLOW_HOME; medians. Stage = Prefect task run end - start. Overhead = flow "
-            "wall - (bare shard + horovodrun wall inside the flow + bare evaluate)."
+            "wall - (bare shard + horovodrun wall inside the flow + bare evaluate). Parts: the flow's own "
+            "stage timings (tasks/timings.py). Load average sampled every 0.5 s; a run over "
+            f"{LOADED} at any point is under load."
         ),
         **a,
         "flow_runs": flows,
@@ -300,8 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     for s in a["stages"]:
         print(f"  {s['stage']:9s} task {s['task_s']:7.2f}s  bare {s['bare_s']:7.2f}s")
+    for row in a["stage_parts"]:
+        print(f"  {row['stage']:9s} {row['part'][:70]:70s} {row['kind']:9s} {row['median_s']:7.2f}s")
     for k, v in a["totals"].items():
         print(f"  {k}: {v if isinstance(v, str) else round(v, 3)}")
+    print(f"  load max {a['load_max']}" + (" -> UNDER LOAD: not a target measurement" if a["under_load"] else ""))
     return 0
 
 

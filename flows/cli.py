@@ -120,11 +120,14 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     _require_horovod(cfg)
     _prepare_environment()
     from ringflow.flows.training_pipeline import print_summary, training_pipeline
+    from ringflow.tasks import timings
 
+    timings.begin_call()  # the summary's table counts the Prefect API start from here
     try:
         result = training_pipeline(cfg)
     except Exception as e:  # the flow already logged the traceback; name the failure plainly
         _fail(e)
+    result.timings.end_call()
     print_summary(result)
 
 

@@ -8,16 +8,19 @@ registration failed re-uses its shards, training and evaluation instead of train
 from __future__ import annotations
 
 import os
+import time
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import DEFAULT
 from pydantic import BaseModel
 
+from ringflow.tasks import timings
 from ringflow.tasks.evaluate import REPORTED_METRICS, evaluate_candidate
 from ringflow.tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
 from ringflow.tasks.register import register_candidate
 from ringflow.tasks.shard import shard_data
+from ringflow.tasks.timings import StageTimings
 from ringflow.tasks.train import train_model
 from ringflow.training import tags
 from ringflow.training.config import PipelineConfig, get_settings
@@ -55,16 +58,23 @@ class PipelineResult(BaseModel):
     warnings: list[str] = []
     decision: str = ""
     tracking_uri: str
+    timings: StageTimings = StageTimings()
+    """Where the run's seconds went, stage by stage, work vs overhead (``tasks/timings.py``)."""
 
 
 def _stage(name: str, fn, *args, **kwargs):
     log = get_run_logger()
     log.info("stage %s: started", name)
+    record = timings.current()
+    inner0, t0 = record.stage_seconds(name), time.perf_counter()
     try:
         out = fn(*args, **kwargs)
     except Exception as e:
         log.error("stage %s: FAILED: %s", name, e)
         raise PipelineStageError(name, e) from e
+    finally:
+        # what the task's own parts did not account for: Prefect around the task run
+        record.add(name, timings.TASK_REST, time.perf_counter() - t0 - (record.stage_seconds(name) - inner0))
     log.info("stage %s: done", name)
     return out
 
@@ -80,6 +90,7 @@ def training_pipeline(
 
     ``reason``, ``parent_run_id`` and ``anomaly_id`` link an adaptive rerun to its cause.
     """
+    record = timings.start_flow_body()
     settings = get_settings()
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
     cached = dict(cache_policy=DEFAULT, persist_result=True)
@@ -111,8 +122,7 @@ def training_pipeline(
         # schedules a rerun with a lower learning rate from the last good checkpoint.
         get_run_logger().warning("training diverged: not evaluating or registering run %s", trained.run_id)
         result.decision = "training diverged"
-        _summary_artifact(config, result)
-        return result
+        return _finish(config, result, record)
 
     evaluation = _stage("evaluate", evaluate_candidate.with_options(**cached), config, trained, manifest_path)
     registered = _stage(
@@ -134,7 +144,15 @@ def training_pipeline(
         if registered.promoted == evaluation.decision.promote
         else ("not promoted: the champion moved during evaluation")
     )
-    _summary_artifact(config, result)
+    return _finish(config, result, record)
+
+
+def _finish(config: PipelineConfig, result: PipelineResult, record: StageTimings) -> PipelineResult:
+    result.timings = record
+    with timings.timed("prefect", "summary artifact"):
+        _summary_artifact(config, result)
+    timings.pop_current()
+    record.flow_body_ended = time.time()
     return result
 
 
@@ -174,7 +192,11 @@ def _summary_artifact(config: PipelineConfig, r: PipelineResult) -> None:
             f"- model registry: {mlflow_model_url(r.tracking_uri, r.model_name)}\n"
             f"- manifest: `{r.manifest_path}`\n\n"
             f"## Test metrics {r.test_window} ({r.test_rows} rows)\n{warnings}\n{header}\n{metrics}\n\n"
-            f"## Decision\n\n{r.decision}\n"
+            f"## Decision\n\n{r.decision}\n\n"
+            "## Where the time went\n\n"
+            "Seconds per stage, work (sharding, training epochs, scoring, the baseline fit) vs "
+            "overhead (Prefect, MLflow logging, model loading, rank start-up, plots); this artifact "
+            "is written before the flow run finishes, so the flow-run finish is not in it.\n\n" + r.timings.markdown()
         ),
     )
 
@@ -199,5 +221,10 @@ def print_summary(r: PipelineResult) -> None:
         for w in r.warnings:
             print(f"  WARNING        {w}")
         print(f"  decision       {r.decision}")
+    lines = r.timings.text_lines()
+    if lines:
+        print("  time per stage " + lines[0])
+        for line in lines[1:]:
+            print(" " * 17 + line)
     print(f"  MLflow store   {r.tracking_uri}")
     print(f"  look at it     {mlflow_ui_hint(r.tracking_uri)}")

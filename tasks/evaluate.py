@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 from sklearn.pipeline import Pipeline
 
+from ringflow.tasks.timings import Laps
 from ringflow.training import tags
 from ringflow.training.baseline import BASELINE_MAX_ROWS, TunedBaseline, baseline_proba, tune_baseline
 from ringflow.training.config import GateConfig, PipelineConfig, get_settings
@@ -38,6 +39,7 @@ from ringflow.training.metrics import (
     roc_and_calibration_figures,
 )
 from ringflow.training.pyfunc import log_delay_model, model_columns, predict_rows
+from ringflow.training.result import TrainResult
 
 CHAMPION = "champion"
 REPORTED_METRICS = ["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "brier"]
@@ -359,13 +361,14 @@ def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame):
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5)
-def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) -> EvaluationResult:
+def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_path: str) -> EvaluationResult:
     """Log the candidate as a pyfunc model; score it, the champion and the baseline on the test
     window; gate."""
     from ringflow.tasks.shard import resolve_data_key
     from ringflow.training.model import read_decision_threshold
 
     log = get_run_logger()
+    lap = Laps("evaluate")
     mlflow.set_tracking_uri(get_settings().tracking_uri)
     client = MlflowClient()
     manifest = Manifest.load(manifest_path)
@@ -386,6 +389,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
             len(test),
             cfg.gate.min_test_rows,
         )
+    lap("read the test window", "work")
 
     with mlflow.start_run(run_id=run_id):
         # Only the files the model needs travel with it (not the checkpoints).
@@ -398,8 +402,12 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
             threshold = read_decision_threshold(model_dir)
             info = log_delay_model(model_dir, model_inputs, test.head(5))
         mlflow.log_model_params({THRESHOLD_PARAM: f"{threshold:.6f}"}, model_id=info.model_id)
-        candidate_p = predict_rows(mlflow.pyfunc.load_model(info.model_uri), test)
+        lap("MLflow: log the candidate model")
+        candidate_model = mlflow.pyfunc.load_model(info.model_uri)
+        lap("model loading (candidate, as served)")
+        candidate_p = predict_rows(candidate_model, test)
         cand = classification_metrics(y, candidate_p, threshold)
+        lap("scoring the candidate", "work")
 
         champ_mv = current_champion(client, cfg.registry.model_name)
         champ = champ_p = champ_threshold = None
@@ -407,18 +415,24 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
             log.info("evaluate: scoring champion version %s on the same rows", champ_mv.version)
             # by version, not by alias again: the version scored is the one recorded as champion
             champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{champ_mv.version}")
-            champ_p = predict_rows(champion_model, test[model_columns(champion_model, test.columns)])
             champ_threshold = logged_threshold(getattr(champ_mv, "model_id", None)) or 0.5
+            lap("model loading (champion)")
+            champ_p = predict_rows(champion_model, test[model_columns(champion_model, test.columns)])
             champ = classification_metrics(y, champ_p, champ_threshold)
+            lap("scoring the champion", "work")
+        else:
+            lap("registry: look up the champion")
 
         base = base_p = base_threshold = base_uri = None
         if cfg.gate.baseline != "none":
             tuned, base_p, base_threshold = score_baseline(cfg, manifest, key, test, log)
             base = classification_metrics(y, base_p, base_threshold)
+            lap("baseline: tune, fit and score", "work")
             log_baseline_settings(tuned)
             base_uri = log_baseline_model(
                 tuned.model, manifest, test.head(5), base_threshold, kind=cfg.gate.baseline, settings=tuned.params
             )
+            lap("MLflow: log the baseline model")
 
         decision = decide(cand, champ, cfg.gate, base, test_rows=len(test))
         # lineage: the test window is an input of this run, and the model's page shows what it
@@ -438,9 +452,11 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
             curves[f"champion v{champ_mv.version}"] = np.asarray(champ_p)
         if base_p is not None:
             curves[f"baseline {cfg.gate.baseline}"] = base_p
+        lap("MLflow: test input, metrics")
         roc, cal = roc_and_calibration_figures(y, curves)
         mlflow.log_figure(roc, "evaluation/roc_pr_curves.png")
         mlflow.log_figure(cal, "evaluation/calibration_curve.png")
+        lap("plots (ROC/PR, calibration) + logging them")
         mlflow.set_tags(
             {
                 tags.GATE_DECISION_RUN: "promote" if decision.promote else "reject",
@@ -471,5 +487,6 @@ def evaluate_candidate(cfg: PipelineConfig, train_result, manifest_path: str) ->
     create_markdown_artifact(
         _decision_markdown(cfg, ev), key="gate-decision", description="candidate vs champion vs baseline"
     )
+    lap("MLflow tags, gate.md, gate artifact")
     log.info("evaluate: %s", decision.summary)
     return ev

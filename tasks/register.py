@@ -25,9 +25,11 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from ringflow.tasks.evaluate import CHAMPION, EvaluationResult, current_champion, version_by_alias
+from ringflow.tasks.timings import Laps
 from ringflow.training import tags
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.manifest import Manifest
+from ringflow.training.result import TrainResult
 from ringflow.training.version import source_commit
 
 PREVIOUS_CHAMPION = "previous-champion"
@@ -138,12 +140,13 @@ def settle_aliases(
 @task(name="register", retries=2, retry_delay_seconds=5)
 def register_candidate(
     cfg: PipelineConfig,
-    train_result,
+    train_result: TrainResult,
     evaluation: EvaluationResult,
     manifest_path: str,
     parent_run_id: str | None = None,
 ) -> RegistrationResult:
     log = get_run_logger()
+    lap = Laps("register")
     mlflow.set_tracking_uri(get_settings().tracking_uri)
     client = MlflowClient()
     name = cfg.registry.model_name
@@ -171,6 +174,7 @@ def register_candidate(
         log.info("register: run %s is already version %s (retry), not registering again", run_id, mv.version)
     version = str(mv.version)
     client.update_model_version(name, version, description=evaluation.decision.summary[:4000])
+    lap("MLflow: register the model version")
 
     with registry_lock(name):
         promote, _, moves = settle_aliases(
@@ -183,6 +187,7 @@ def register_candidate(
             log,
         )
     champion = current_champion(client, name)
+    lap("registry lock (Prefect) + MLflow aliases")
     for m in moves:
         log.info(
             "register: alias %s: %s -> %s",

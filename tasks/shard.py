@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from ringflow.tasks.timings import timed
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.manifest import KEY_ENV, Manifest, MissingKeyError, key_from_env, parse_key
 from ringflow.training.sharding import shard_dataset
@@ -89,7 +90,8 @@ def shard_data(cfg: PipelineConfig) -> str:
     log = get_run_logger()
     key = resolve_data_key(cfg)
     log.info("shard: data key: %s, encrypt=%s", _key_source(cfg, key), cfg.sharding.encrypt)
-    manifest = shard_dataset(cfg, get_settings().data_dir, key=key, progress=lambda msg: log.info("shard: %s", msg))
+    with timed("shard", "sharding", "work"):
+        manifest = shard_dataset(cfg, get_settings().data_dir, key=key, progress=lambda msg: log.info("shard: %s", msg))
     create_markdown_artifact(
         manifest_markdown(manifest),
         key=ARTIFACT_KEY,

@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
+from ringflow.tasks import timings
 from ringflow.tasks.shard import resolve_data_key
 from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
 from ringflow.tasks.training_artifacts import EpochProgress, log_horovod_files, publish_rank_table, timeline_env
@@ -263,6 +264,27 @@ def _label_flow_run(tracking_uri: str, run_id: str) -> None:
         get_run_logger().warning("could not label the flow run with its MLflow run: %s", e)
 
 
+def _record_launch(out: Path, launch_s: float, launcher: str) -> None:
+    """Split the launcher's wall time: the epochs (work), the rest of the training program (Horovod
+    and data set-up, rank 0's MLflow logging, checkpoints, outputs) and what the program's own
+    clock did not see (interpreter and import start-up of every rank, the launcher, shutdown)."""
+    from ringflow.training.summary import TrainingSummary
+
+    s = TrainingSummary.load(out)
+    epochs = sum(float(_field(h, "epoch_time_s") or 0.0) for h in s.history)
+    program = min(s.wall_time_s, launch_s)
+    timings.record("train", "training epochs (rank 0)", epochs, "work")
+    timings.record(
+        "train", "training program: Horovod/data set-up, validation, rank-0 MLflow, checkpoints", program - epochs
+    )
+    timings.record("train", f"{launcher}: rank start-up (interpreters, imports) and shutdown", launch_s - program)
+
+
+def _field(record: object, name: str) -> object:
+    """An epoch record's field, whether a dict or a model (training/ is typing them)."""
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+
+
 @task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retryable, cache_policy=NO_CACHE)
 def train_model(
     cfg: PipelineConfig,
@@ -276,6 +298,7 @@ def train_model(
     :class:`TrainingTimeout`. Returns status ``diverged`` instead of raising on divergence.
     """
     log = get_run_logger()
+    t_setup = time.perf_counter()
     settings = get_settings()
     manifest = Manifest.load(manifest_path)
     tc = cfg.training
@@ -325,14 +348,17 @@ def train_model(
         )
     run_id = run.info.run_id
     _label_flow_run(tracking_uri, run_id)
+    timings.record("train", "checks + MLflow run setup", time.perf_counter() - t_setup)
     out = settings.runs_dir / run_id
     status = "FAILED"
     try:
         if existing is None:
-            _log_lineage(cfg, manifest, key)
+            with timings.timed("train", "MLflow: lineage (manifest, config, datasets)"):
+                _log_lineage(cfg, manifest, key)
         resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
         mlflow.set_tags({tags.OUTPUT_DIR: str(out), tags.CHECKPOINT_DIR: str(out / CHECKPOINT_DIR)})
         t0 = time.monotonic()
+        launched: float | None = None
         # the Prefect UI shows epoch k of N live, from rank 0's epoch lines
         progress = EpochProgress(log, f"epochs done of {tc.epochs} (MLflow run {run_id})")
         try:
@@ -360,24 +386,29 @@ def train_model(
                 # horovodrun copies its environment into every rank's argv: the data key and any
                 # credential go to the ranks in a 0600 file instead (training/secrets.py)
                 with secrets_file(env, out) as env:
+                    t_hvd = time.monotonic()
                     run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
+                    launched = time.monotonic() - t_hvd
         except TrainingError as e:
             mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
             raise
         finally:
+            t_after = time.monotonic()
             if (out / LOG_FILE).is_file():
                 mlflow.log_artifact(str(out / LOG_FILE), artifact_path="training")
             log_horovod_files(out)  # timeline (training.horovod.timeline) and autotune log, when written
         if not (out / SUMMARY_FILE).is_file():
             raise TrainingError(f"horovodrun exited 0 but rank 0 wrote no {out / SUMMARY_FILE}")
         result = TrainResult.from_output_dir(run_id, out)
+        _record_launch(out, t_after - t0 if launched is None else launched, tc.launcher)
         mlflow.log_artifact(str(out / SUMMARY_FILE), artifact_path="training")
         progress.update(100.0)  # early stopping ends before epoch N
         publish_rank_table(result, log)
         mlflow.set_tags({tags.TRAINING_STATUS: result.status, tags.WORLD_SIZE: str(result.world_size)})
-        mlflow.log_metric("training_wall_time_s", time.monotonic() - t0)
+        mlflow.log_metric("training_wall_time_s", t_after - t0)
         if result.checkpoint_dir is None:
             mlflow.set_tag(tags.CHECKPOINT_DIR, "")
+        timings.record("train", "MLflow: training log, summary, tags", time.monotonic() - t_after)
         if result.status == "diverged":
             log.warning(
                 "training diverged (%s); returning status 'diverged' for the monitoring policy",

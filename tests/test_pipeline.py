@@ -17,6 +17,37 @@ from ringflow.training.pyfunc import predict_rows
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
 
+def _assert_stage_timings(result) -> None:
+    """Every stage's seconds are in the result (work vs overhead), and the summary artifact shows them."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    t = result.timings
+    assert {p.stage for p in t.parts} >= {"shard", "train", "evaluate", "register", "prefect"}
+    parts = {(p.stage, p.part): p for p in t.parts}
+    assert parts[("shard", "sharding")].kind == "work"
+    assert parts[("train", "training epochs (rank 0)")].seconds > 0
+    assert parts[("evaluate", "scoring the candidate")].kind == "work"
+    assert parts[("evaluate", "baseline: tune, fit and score")].kind == "work"
+    for stage, part in [
+        ("train", "horovodrun: rank start-up (interpreters, imports) and shutdown"),
+        ("train", "MLflow: lineage (manifest, config, datasets)"),
+        ("evaluate", "MLflow: log the candidate model"),
+        ("evaluate", "plots (ROC/PR, calibration) + logging them"),
+        ("register", "MLflow: register the model version"),
+    ]:
+        assert parts[(stage, part)].kind == "overhead" and parts[(stage, part)].seconds > 0, part
+    assert 0 < t.total("work") < t.total()
+    with get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-pipeline-summary"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    assert "## Where the time went" in art.data and "| train | training epochs (rank 0) | work |" in art.data
+
+
 def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smoke_config):
     name = smoke_config.registry.model_name
     # the champion's evaluation uses the tuned LightGBM reference (the other tests: hgb)
@@ -24,6 +55,7 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     assert first.training_status in {"completed", "early_stopped"}
     assert first.promoted and first.model_version == "1" and first.champion_version == "1"
     assert first.metrics["roc_auc"] > 0.6
+    _assert_stage_timings(first)
 
     # A deliberately worse candidate: one epoch of a tiny model with a tiny learning rate.
     worse = with_overrides(

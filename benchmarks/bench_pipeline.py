@@ -5,7 +5,8 @@
 Two kinds of run, each in a fresh process with a fresh ``RINGFLOW_HOME`` (so sharding is really
 done, MLflow is an empty SQLite store and no champion exists), interleaved over rounds:
 
-- ``flow``: ``training_pipeline(config)`` (Prefect flow, ephemeral Prefect API; MLflow run,
+- ``flow``: ``training_pipeline(config)`` as ``ringflow run`` calls it (Prefect flow, ephemeral
+  Prefect API started in the background before the imports, ``flows/prefect_api.py``; MLflow run,
   lineage, model logging, registry). Stage times are the Prefect task runs' start/end times
   (read back from the Prefect API); ``horovodrun`` wall time is the ``training_wall_time_s``
   metric the train task logs around it.
@@ -13,7 +14,8 @@ done, MLflow is an empty SQLite store and no champion exists), interleaved over 
   the same ``horovodrun ... training.train`` command (no ``MLFLOW_RUN_ID``), and scoring the test
   window with the trained model (load, ``predict_proba``, ``classification_metrics``).
 
-Orchestration overhead = flow wall - (bare shard + horovodrun wall in the flow + bare evaluate):
+Orchestration overhead = flow wall (the call, plus any wait for the API the imports did not hide)
+- (bare shard + horovodrun wall in the flow + bare evaluate):
 the time in Prefect and MLflow outside the stages' own work. Reported as a share of the flow
 wall time, both from the flow call and from process start (imports + ephemeral API start-up).
 
@@ -55,7 +57,15 @@ LOADED = 1.5
 # --------------------------------------------------------------------------- children
 
 
-def child_flow(cfg_path: str, out: Path) -> None:
+def child_flow(cfg_path: str, out: Path, early_api: bool = True) -> None:
+    # as `ringflow run` does: the ephemeral Prefect API starts while the rest is imported
+    # (``flow_late``: as it did before, the flow call starts it)
+    from ringflow.training.environment import process_defaults
+
+    process_defaults()
+    from ringflow.flows.prefect_api import start_early
+
+    wait_api = start_early() if early_api else (lambda: 0.0)
     t_imp = time.perf_counter()
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -66,12 +76,14 @@ def child_flow(cfg_path: str, out: Path) -> None:
 
     imports_s = time.perf_counter() - t_imp
     cfg = load_config(cfg_path)
+    api_wait_s = wait_api()
     timings.begin_call()
     t0 = time.perf_counter()
     state = training_pipeline(cfg, return_state=True)
     flow_s = time.perf_counter() - t0
     result = state.result()
     result.timings.end_call(time.time() - (time.perf_counter() - t0 - flow_s))
+    result.timings.add("prefect", "Prefect API start, after the imports (overlapped with them)", api_wait_s)
     fr_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(fr_id)
@@ -97,6 +109,7 @@ def child_flow(cfg_path: str, out: Path) -> None:
         json.dumps(
             {
                 "imports_s": imports_s,
+                "api_wait_s": api_wait_s,
                 "flow_call_s": flow_s,
                 "flow_run_s": fr.total_run_time.total_seconds() if fr.total_run_time else None,
                 "flow_start": fr.start_time.timestamp() if fr.start_time else None,
@@ -136,11 +149,18 @@ def child_bare(cfg_path: str, out: Path) -> None:
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=cfg.training.timeout_s)
     train_s = time.perf_counter() - t0
     summary = TrainingSummary.load(run_dir)
+    score_baseline = None
+    if cfg.gate.baseline != "none":
+        import logging
+
+        from ringflow.tasks.evaluate import score_baseline  # the same fit; it touches neither Prefect nor MLflow
     t0 = time.perf_counter()
     net, pre = load_model(run_dir)
     test = manifest.read(manifest.test)
     p = predict_proba(net, pre, test)
     metrics = classification_metrics(test[manifest.target_column].to_numpy(), p)
+    if score_baseline is not None:
+        score_baseline(cfg, manifest, None, test, logging.getLogger("bench"))
     eval_s = time.perf_counter() - t0
     out.write_text(
         json.dumps(
@@ -234,7 +254,8 @@ def analyse(flows: list[dict], bares: list[dict]) -> dict:
     for s in STAGES:
         task_s = median([x[s] for x in st])
         stages.append({"stage": s, "task_s": task_s, "bare_s": bare[s], "diff_s": task_s - bare[s]})
-    flow_call = median([f["flow_call_s"] for f in flows])
+    # the API start that the imports did not hide is part of the call's cost (as `ringflow run` waits for it)
+    flow_call = median([f["flow_call_s"] + f.get("api_wait_s", 0.0) for f in flows])
     flow_run = median([f["flow_run_s"] for f in flows])
     proc = median([f["process_wall_s"] for f in flows])
     hvd = median([f["horovodrun_s"] for f in flows])
@@ -298,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="default: configs/flights.yaml (quick: configs/smoke.yaml)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--out", default=None)
-    p.add_argument("--child", choices=["flow", "bare"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--late-api",
+        action="store_true",
+        help="also run `flow_late` (the flow call starts the Prefect API, as before flows/prefect_api.py)",
+    )
+    p.add_argument("--child", choices=["flow", "flow_late", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--reanalyse", action="store_true", help="recompute the summary of the existing result JSON")
     args = p.parse_args(argv)
@@ -311,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg_path = args.config or str(ROOT / "configs" / ("smoke.yaml" if args.quick else "flights.yaml"))
     if args.child:
-        (child_flow if args.child == "flow" else child_bare)(cfg_path, Path(args.child_out))
+        if args.child == "bare":
+            child_bare(cfg_path, Path(args.child_out))
+        else:
+            child_flow(cfg_path, Path(args.child_out), early_api=args.child == "flow")
         return 0
 
     SCRATCH.mkdir(parents=True, exist_ok=True)
@@ -326,22 +355,34 @@ def main(argv: list[str] | None = None) -> int:
         timeout=600,
         cwd=ROOT,
     )
-    flows, bares = [], []
+    flows, bares, lates = [], [], []
+    kinds = ("bare", "flow", "flow_late") if args.late_api else ("bare", "flow")
     for r in range(rounds):
-        for kind in ("bare", "flow") if r % 2 == 0 else ("flow", "bare"):
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
             res = run_child(kind, cfg_path, prefect_home)
-            (flows if kind == "flow" else bares).append(res)
+            {"flow": flows, "bare": bares, "flow_late": lates}[kind].append(res)
             print(
                 f"round {r} {kind}: load max {res['load_max']}{' UNDER LOAD' if res['under_load'] else ''}, "
                 f"process {res['process_wall_s']:.1f}s"
                 + (
                     f", flow {res['flow_call_s']:.1f}s, horovodrun {res['horovodrun_s']:.1f}s"
-                    if kind == "flow"
+                    if kind != "bare"
                     else f", shard {res['shard_s']:.1f}s, horovodrun {res['train_s']:.1f}s, evaluate {res['evaluate_s']:.2f}s"
                 ),
                 flush=True,
             )
     a = analyse(flows, bares)
+    if lates:
+        late = analyse(lates, bares)
+        a["late_api"] = {
+            "how": "the same flow runs with the Prefect API started by the flow call (as before flows/prefect_api.py)",
+            "flow_process_wall_s": late["totals"]["flow_process_wall_s"],
+            "flow_call_wall_s": late["totals"]["flow_call_wall_s"],
+            "orchestration_overhead_share": late["totals"]["orchestration_overhead_share"],
+            "orchestration_overhead_share_incl_process_startup": late["totals"][
+                "orchestration_overhead_share_incl_process_startup"
+            ],
+        }
     data = {
         "benchmark": "pipeline",
         "quick": args.quick,
@@ -360,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         **a,
         "flow_runs": flows,
         "bare_runs": bares,
+        "flow_late_runs": lates,
     }
     path = write_result("pipeline", data, args.out)
     print(f"wrote {path}")
@@ -369,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['stage']:9s} {row['part'][:70]:70s} {row['kind']:9s} {row['median_s']:7.2f}s")
     for k, v in a["totals"].items():
         print(f"  {k}: {v if isinstance(v, str) else round(v, 3)}")
+    if "late_api" in a:
+        print(f"  API started by the flow call (before): {a['late_api']}")
     print(f"  load max {a['load_max']}" + (" -> UNDER LOAD: not a target measurement" if a["under_load"] else ""))
     return 0
 

@@ -363,6 +363,14 @@ def render_pipeline(d: dict) -> str:
         ]
     if d.get("totals"):
         out += [table(["quantity", "value"], [[k, v] for k, v in d["totals"].items()]), ""]
+    if d.get("late_api"):
+        out += [
+            "The same flow runs, interleaved, with the Prefect API started by the flow call (as before "
+            "`flows/prefect_api.py`):",
+            "",
+            table(["quantity", "value"], [[k, v] for k, v in d["late_api"].items() if k != "how"]),
+            "",
+        ]
     if "under_load" in d:
         out += [
             f"Load average (1 min) at most {d.get('load_max')} during the runs: "

@@ -1,0 +1,50 @@
+"""Start Prefect's ephemeral API while the rest of the command starts up.
+
+Without ``PREFECT_API_URL`` the first flow call starts a temporary API server (a uvicorn
+subprocess that imports Prefect's server and checks its database) and waits for it: seconds
+during which nothing else happens. A command that will run a flow calls :func:`start_early`
+as soon as its environment is set: the server starts in its subprocess while this process
+imports MLflow, torch and the tasks and prepares the MLflow store; the flow call then finds it
+up (Prefect keeps one server per process, so the flow uses this one).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+def start_early() -> Callable[[], float]:
+    """Start the ephemeral API in the background (no-op when ``PREFECT_API_URL`` names a server).
+
+    Returns ``wait()``: blocks until the server answers (call it before the flow: a flow that
+    found a starting server would not wait for it) and returns the seconds it waited. A start
+    that failed leaves it to the flow call, which starts the server itself and reports why not.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: 0.0
+    # Imported here, in the calling thread: importing Prefect's server models in two threads at
+    # once can leave SQLAlchemy's mappers half-configured. The flow call imports it anyway.
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except Exception as e:  # noqa: BLE001 - the flow call starts it again and raises
+            failed.append(e)
+
+    thread = threading.Thread(target=start, daemon=True, name="prefect-api-start")
+    thread.start()
+
+    def wait() -> float:
+        t0 = time.perf_counter()
+        thread.join()
+        return time.perf_counter() - t0
+
+    return wait

@@ -801,3 +801,46 @@ def test_train_task_runs_horovodrun_on_a_bare_hostfile(
     assert (out / "hostfile").read_text() == "localhost slots=2\n"
     assert f"--hostfile {out / 'hostfile'}" in (out / "horovodrun.log").read_text()
     assert result.world_size == 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_scikit_learns(seed):
+    """The ranks' numpy metrics are scikit-learn's, ties and a one-class threshold included."""
+    from sklearn import metrics as skm
+
+    from ringflow.training.metrics import classification_metrics, max_f1_threshold, precision_recall_curve
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random(5000) < 0.2).astype(int)
+    p = np.clip(0.3 * y + rng.random(5000) * 0.7, 0, 1)
+    p[::7] = np.round(p[::7], 1)  # ties
+    p = p.astype(np.float32).astype(np.float64)
+    threshold = max_f1_threshold(y, p)
+    m = classification_metrics(y, p, threshold)
+    pc = np.clip(p, 1e-7, 1 - 1e-7)
+    pred = (pc >= threshold).astype(int)
+    want = {
+        "roc_auc": skm.roc_auc_score(y, pc),
+        "pr_auc": skm.average_precision_score(y, pc),
+        "log_loss": skm.log_loss(y, pc, labels=[0, 1]),
+        "accuracy": skm.accuracy_score(y, pred),
+        "f1": skm.f1_score(y, pred, zero_division=0),
+        "brier": skm.brier_score_loss(y, pc),
+    }
+    for k, v in want.items():
+        assert m[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+    assert [m[k] for k in ("tn", "fp", "fn", "tp")] == skm.confusion_matrix(y, pred, labels=[0, 1]).ravel().tolist()
+    for got, ref in zip(precision_recall_curve(y, p), skm.precision_recall_curve(y, p), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-15)
+    ps, rs, ts = skm.precision_recall_curve(y, p)
+    f1 = 2 * ps[:-1] * rs[:-1] / np.maximum(ps[:-1] + rs[:-1], 1e-12)
+    assert threshold == ts[int(np.argmax(f1))]
+    no_positive_predicted = classification_metrics(y, p, 2.0)
+    assert no_positive_predicted["f1"] == 0.0 == skm.f1_score(y, np.zeros_like(y), zero_division=0)
+
+
+def test_ranks_do_not_import_scikit_learn():
+    """A rank's start-up (the training program's imports) pays for torch, not for scikit-learn/SciPy."""
+    code = "import sys, ringflow.training.train; print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'mlflow', 'prefect'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -83,7 +83,7 @@ def child_flow(cfg_path: str, out: Path, early_api: bool = True) -> None:
     flow_s = time.perf_counter() - t0
     result = state.result()
     result.timings.end_call(time.time() - (time.perf_counter() - t0 - flow_s))
-    result.timings.add("prefect", "Prefect API start, after the imports (overlapped with them)", api_wait_s)
+    result.timings.add("prefect", "Prefect API start (what the imports did not hide)", api_wait_s)
     fr_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(fr_id)

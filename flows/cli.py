@@ -139,7 +139,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     except Exception as e:  # the flow already logged the traceback; name the failure plainly
         _fail(e)
     result.timings.end_call()
-    result.timings.add("prefect", "Prefect API start, after the imports (overlapped with them)", waited)
+    result.timings.add("prefect", "Prefect API start (what the imports did not hide)", waited)
     print_summary(result)
 
 

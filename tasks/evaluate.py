@@ -404,7 +404,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
         mlflow.log_model_params({THRESHOLD_PARAM: f"{threshold:.6f}"}, model_id=info.model_id)
         lap("MLflow: log the candidate model")
         candidate_model = mlflow.pyfunc.load_model(info.model_uri)
-        lap("model loading (candidate, as served)")
+        lap("model loading (candidate)")
         candidate_p = predict_rows(candidate_model, test)
         cand = classification_metrics(y, candidate_p, threshold)
         lap("scoring the candidate", "work")
@@ -456,7 +456,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
         roc, cal = roc_and_calibration_figures(y, curves)
         mlflow.log_figure(roc, "evaluation/roc_pr_curves.png")
         mlflow.log_figure(cal, "evaluation/calibration_curve.png")
-        lap("plots (ROC/PR, calibration) + logging them")
+        lap("plots (ROC/PR, calibration), logged")
         mlflow.set_tags(
             {
                 tags.GATE_DECISION_RUN: "promote" if decision.promote else "reject",

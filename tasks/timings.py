@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 Kind = Literal["work", "overhead"]
 STAGES = ("prefect", "shard", "train", "evaluate", "register")
-TASK_REST = "Prefect task run (states, result persistence, logs)"
+TASK_REST = "Prefect task run (states, results, logs)"
 API_START = "Prefect API start + flow-run creation"
 FLOW_FINISH = "Prefect flow-run finish (final state)"
 

@@ -274,10 +274,8 @@ def _record_launch(out: Path, launch_s: float, launcher: str) -> None:
     epochs = sum(float(_field(h, "epoch_time_s") or 0.0) for h in s.history)
     program = min(s.wall_time_s, launch_s)
     timings.record("train", "training epochs (rank 0)", epochs, "work")
-    timings.record(
-        "train", "training program: Horovod/data set-up, validation, rank-0 MLflow, checkpoints", program - epochs
-    )
-    timings.record("train", f"{launcher}: rank start-up (interpreters, imports) and shutdown", launch_s - program)
+    timings.record("train", "set-up, data, validation, checkpoints (ranks)", program - epochs)
+    timings.record("train", f"rank start-up + shutdown ({launcher})", launch_s - program)
 
 
 def _field(record: object, name: str) -> object:
@@ -353,7 +351,7 @@ def train_model(
     status = "FAILED"
     try:
         if existing is None:
-            with timings.timed("train", "MLflow: lineage (manifest, config, datasets)"):
+            with timings.timed("train", "MLflow: lineage (manifest, config, data)"):
                 _log_lineage(cfg, manifest, key)
         resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
         mlflow.set_tags({tags.OUTPUT_DIR: str(out), tags.CHECKPOINT_DIR: str(out / CHECKPOINT_DIR)})

@@ -31,10 +31,10 @@ def _assert_stage_timings(result) -> None:
     assert parts[("evaluate", "scoring the candidate")].kind == "work"
     assert parts[("evaluate", "baseline: tune, fit and score")].kind == "work"
     for stage, part in [
-        ("train", "horovodrun: rank start-up (interpreters, imports) and shutdown"),
-        ("train", "MLflow: lineage (manifest, config, datasets)"),
+        ("train", "rank start-up + shutdown (horovodrun)"),
+        ("train", "MLflow: lineage (manifest, config, data)"),
         ("evaluate", "MLflow: log the candidate model"),
-        ("evaluate", "plots (ROC/PR, calibration) + logging them"),
+        ("evaluate", "plots (ROC/PR, calibration), logged"),
         ("register", "MLflow: register the model version"),
     ]:
         assert parts[(stage, part)].kind == "overhead" and parts[(stage, part)].seconds > 0, part

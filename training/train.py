@@ -18,12 +18,15 @@ fixed-size driver calls it once, the elastic driver through ``hvd.elastic.run``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import queue
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -152,11 +155,47 @@ class RunLogger:
     holds one for the whole process, and it opens its client on first use: only rank 0 logs (a
     store per rank would be as many writers on a SQLite file), and under elastic training the
     process that is rank 0 can change at a reset, keeping the client it opened.
+
+    The calls are queued and done in order by one background thread, so rank 0 does not stop
+    training while MLflow imports (seconds, at the first epoch) and writes: the other ranks
+    would wait for it at the next allreduce. :meth:`flush` waits for them and raises the first
+    error; rank 0 calls it before it reports the run done.
     """
 
     def __init__(self) -> None:
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
         self._client: MlflowClient | None = None
+        self._queue: queue.Queue[Callable[[], None] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._errors: list[BaseException] = []
+
+    def _submit(self, call: Callable[[], None]) -> None:
+        if not self.run_id:
+            return
+        if self._queue is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._work, daemon=True, name="mlflow-run-logger")
+            self._thread.start()
+        self._queue.put(call)
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while (call := self._queue.get()) is not None:
+            try:
+                if not self._errors:  # after a failure the rest is skipped; flush raises it
+                    call()
+            except BaseException as e:  # noqa: BLE001 - raised by flush() in the training thread
+                self._errors.append(e)
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until everything queued is logged; raise the first error."""
+        if self._queue is not None:
+            self._queue.join()
+        if self._errors:
+            raise self._errors[0]
 
     def _open(self) -> tuple[MlflowClient, str] | None:
         """The client and the run id, or None without a run."""
@@ -169,6 +208,9 @@ class RunLogger:
         return self._client, self.run_id
 
     def params(self, params: dict[str, Any]) -> None:
+        self._submit(lambda: self._params(params))
+
+    def _params(self, params: dict[str, Any]) -> None:
         if (opened := self._open()) is None:
             return
         client, run_id = opened
@@ -181,16 +223,22 @@ class RunLogger:
             client.log_batch(run_id, params=new[i : i + 100])
 
     def metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        ts = int(time.time() * 1000)  # when it was measured, not when the thread gets to it
+        self._submit(lambda: self._metrics(metrics, step, ts))
+
+    def _metrics(self, metrics: dict[str, float | None], step: int, ts: int) -> None:
         if (opened := self._open()) is None:
             return
         client, run_id = opened
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
         client.log_batch(run_id, metrics=batch)
 
     def tag(self, key: str, value: str) -> None:
+        self._submit(lambda: self._tag(key, value))
+
+    def _tag(self, key: str, value: str) -> None:
         if (opened := self._open()) is not None:
             client, run_id = opened
             client.set_tag(run_id, key, value)
@@ -501,6 +549,7 @@ def write_outputs(
             {f"best_{k}": v for k, v in metrics.items() if k.startswith("val_") and v is not None},
             step=progress.best_epoch or 0,
         )
+    run_log.flush()  # everything rank 0 logged is in MLflow before the launcher reads the run
     return summary
 
 
@@ -668,7 +717,12 @@ def run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     trainer = Trainer(hvd, cfg, manifest)
     run_log = RunLogger()  # one per process, across elastic resets
     drive = run_elastic if cfg.training.elastic.enabled else run_fixed
-    outcome, progress, resumed_from = drive(args, trainer, out, run_log)
+    try:
+        outcome, progress, resumed_from = drive(args, trainer, out, run_log)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            run_log.flush()  # what rank 0 logged before the failure still reaches MLflow
+        raise
     if hvd.rank() == 0:
         summary = write_outputs(
             out,

@@ -271,16 +271,17 @@ def _record_launch(out: Path, launch_s: float, launcher: str) -> None:
     from ringflow.training.summary import TrainingSummary
 
     s = TrainingSummary.load(out)
-    epochs = sum(float(_field(h, "epoch_time_s") or 0.0) for h in s.history)
+    epochs = sum(_epoch_seconds(h) for h in s.history)
     program = min(s.wall_time_s, launch_s)
     timings.record("train", "training epochs (rank 0)", epochs, "work")
     timings.record("train", "set-up, data, validation, checkpoints (ranks)", program - epochs)
     timings.record("train", f"rank start-up + shutdown ({launcher})", launch_s - program)
 
 
-def _field(record: object, name: str) -> object:
-    """An epoch record's field, whether a dict or a model (training/ is typing them)."""
-    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+def _epoch_seconds(record: object) -> float:
+    """An epoch record's ``epoch_time_s``, whether a dict or a model (training/ is typing them)."""
+    v = record.get("epoch_time_s") if isinstance(record, dict) else getattr(record, "epoch_time_s", None)
+    return float(v) if isinstance(v, (int, float)) else 0.0
 
 
 @task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retryable, cache_policy=NO_CACHE)

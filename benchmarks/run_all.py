@@ -335,7 +335,7 @@ def render_pipeline(d: dict) -> str:
         "**What.** `flows.training_pipeline.training_pipeline(config)` on the default config in a fresh "
         "process and a fresh `RINGFLOW_HOME` (ephemeral Prefect API, MLflow on SQLite), next to the same "
         "stages' work done bare (no Prefect, no MLflow): `shard_dataset`, `horovodrun ... training.train`, "
-        "scoring the test window.",
+        "scoring the test window (and, in runs from `pipeline_latency` on, fitting the baseline as the flow does).",
         "",
         "**How.** " + d.get("how", ""),
         "",

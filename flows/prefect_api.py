@@ -10,6 +10,7 @@ up (Prefect keeps one server per process, so the flow uses this one).
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,13 @@ def start_early() -> Callable[[], float]:
 
     thread = threading.Thread(target=start, daemon=True, name="prefect-api-start")
     thread.start()
+
+    @atexit.register
+    def _stop() -> None:
+        # a command that fails before its flow (an import, the store) must not leave the server
+        # behind: Prefect registers its own stop only once the subprocess has started
+        thread.join(timeout=60)
+        server.stop()
 
     def wait() -> float:
         t0 = time.perf_counter()

@@ -379,6 +379,8 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
     # features from it (known at prediction time)
     model_inputs = manifest.read_preprocessor().source_columns
     run_id = train_result.run_id
+    if train_result.model_path is None:  # a diverged run before its first good epoch: the flow stops before this
+        raise ValueError(f"training run {run_id} wrote no model: nothing to evaluate")
     window = manifest.windows["test"]
     test_window = f"[{window.start[:10]}, {window.end[:10]})"
     log.info("evaluate: %d test rows %s, candidate from run %s", len(test), test_window, run_id)

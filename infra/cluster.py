@@ -45,6 +45,7 @@ from ringflow.infra.hosts import (
     write_ssh_files,
 )
 from ringflow.infra.hosts import down as remove_cluster
+from ringflow.infra.stack_settings import HEALTH_PATHS, ServerName, prefect_auth_tuple
 from ringflow.training.version import SOURCE_ROOT as REPO_ROOT  # the checkout (or the installed package)
 
 WORK_POOL = "ringflow-cluster"
@@ -76,16 +77,13 @@ def evidently_workspace(home: Path) -> Path:
     return home / WORKSPACE_DIR
 
 
-def urls(state: ClusterState) -> dict[str, str]:
+def urls(state: ClusterState) -> dict[ServerName, str]:
     h0 = state.host("h0")
     return {
         "prefect": f"http://{h0.address}:{PREFECT_PORT}",
         "mlflow": f"http://{h0.address}:{MLFLOW_PORT}",
         "evidently": f"http://{h0.address}:{EVIDENTLY_PORT}",
     }
-
-
-HEALTH_PATHS = {"prefect": "/api/health", "mlflow": "/health", "evidently": "/api/version"}
 
 
 def client_env(state: ClusterState) -> dict[str, str]:
@@ -216,11 +214,7 @@ def start_worker(state: ClusterState, settings: ClusterSettings) -> None:
 
 def prefect_auth(state: ClusterState) -> tuple[str, str] | None:
     """HTTP basic auth for the Prefect API on h0, when it has auth on."""
-    value = client_env(state).get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_API_AUTH_STRING")
-    if not value:
-        return None
-    user, _, pw = value.partition(":")
-    return user, pw
+    return prefect_auth_tuple(client_env(state))
 
 
 def _worker_online(state: ClusterState) -> bool:
@@ -267,7 +261,7 @@ def up(
     *,
     stack: bool = True,
     deploy: Callable[[ClusterState], object] | None = None,
-    echo=print,
+    echo: Callable[[str], object] = print,
 ) -> ClusterState:
     """Build (or complete) the cluster; idempotent. A first ``up`` that fails removes what it made.
 
@@ -335,7 +329,7 @@ def status_rows(state: ClusterState) -> list[dict[str, str]]:
     return rows
 
 
-def print_status(state: ClusterState, echo=print) -> None:
+def print_status(state: ClusterState, echo: Callable[[str], object] = print) -> None:
     echo(f"cluster {state.prefix}: subnet {state.subnet}, shared home {state.shared_home}")
     cols = ["host", "address", "netns", "roles", "services"]
     rows = status_rows(state)

@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -42,7 +43,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ringflow.training.launch import start_ticks as _start_ticks
 
-CLUSTER_RANGE = ipaddress.ip_network("198.18.0.0/15")
+CLUSTER_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 """RFC 2544 benchmarking range: the only addresses cluster hosts may have."""
 NETNS_ETC = Path("/etc/netns")
 HOST_OFFSET = 10
@@ -160,7 +161,7 @@ def save_state(home: Path, state: ClusterState) -> None:
 # --------------------------------------------------------------------------- shell helpers
 
 
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(list(cmd), capture_output=True, text=True)
     if check and p.returncode != 0:
         raise ClusterError(f"`{' '.join(cmd)}` failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
@@ -209,7 +210,7 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     for line in out.splitlines():
         f = line.split()
         if "inet" in f:
-            nets.append(ipaddress.ip_interface(f[f.index("inet") + 1]).network)
+            nets.append(ipaddress.IPv4Interface(f[f.index("inet") + 1]).network)  # `ip -4`: IPv4 only
     return nets
 
 
@@ -289,7 +290,13 @@ def tcp_open(address: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def wait_for(what: str, ready, timeout: float, log: Path | None = None, alive=None) -> None:
+def wait_for(
+    what: str,
+    ready: Callable[[], bool],
+    timeout: float,
+    log: Path | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
@@ -475,7 +482,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def down(home: Path, settings: ClusterSettings | None = None, echo=print) -> list[str]:
+def down(home: Path, settings: ClusterSettings | None = None, echo: Callable[[str], object] = print) -> list[str]:
     """Remove everything carrying this cluster's prefix: processes in its namespaces, the
     namespaces, its links, its /etc/netns entries and the state file. Returns what it removed.
 

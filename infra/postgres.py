@@ -34,9 +34,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import psycopg2.extensions
 
 SYSTEM_USER = "postgres"
 DATABASES = ("prefect", "mlflow")
@@ -157,6 +161,7 @@ def bin_dir(settings: PostgresSettings | None = None, data: Path | None = None) 
         return versions[next(reversed(versions))]
     if wanted in versions:
         return versions[wanted]
+    assert data is not None  # `wanted` is read from data's PG_VERSION
     raise PostgresError(_version_missing(data, wanted, versions, settings.root))
 
 
@@ -327,7 +332,9 @@ def server_command(home: Path, host: str, port: int, settings: PostgresSettings 
     ]
 
 
-def _connect(host: str, port: int, user: str, password: str, dbname: str = "postgres"):
+def _connect(
+    host: str, port: int, user: str, password: str, dbname: str = "postgres"
+) -> psycopg2.extensions.connection:
     import psycopg2
 
     return psycopg2.connect(host=host, port=port, user=user, password=password, dbname=dbname, connect_timeout=3)

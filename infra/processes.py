@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -76,7 +77,7 @@ def state_file(name: str, home: Path | None = None) -> Path:
     return stack_dir(home) / f"{name}.state.json"
 
 
-def supervision(name: str, home: Path | None = None) -> dict:
+def supervision(name: str, home: Path | None = None) -> dict[str, Any]:
     """What the supervisor last wrote: state, restarts, child_pid, last_exit, message ({} if none)."""
     from ringflow.infra.supervisor import read_state
 
@@ -90,15 +91,16 @@ service is found and stopped even after its first process died (``kill -9`` of t
 pid file orphans MLflow's uvicorn, which keeps serving the port)."""
 
 
-def pid_record(name: str, home: Path | None = None) -> dict | None:
+def pid_record(name: str, home: Path | None = None) -> dict[str, Any] | None:
     pf = pid_file(name, home)
     try:
-        return json.loads(pf.read_text())
+        rec: dict[str, Any] = json.loads(pf.read_text())
+        return rec
     except (OSError, ValueError):
         return None
 
 
-def leader_process(rec: dict) -> psutil.Process | None:
+def leader_process(rec: dict[str, Any]) -> psutil.Process | None:
     """The live process a pid record names, or None.
 
     The pid alone is not trusted: the start time and command line must match what ``up``
@@ -122,7 +124,7 @@ def leader_process(rec: dict) -> psutil.Process | None:
     return None
 
 
-def service_family(rec: dict) -> list[psutil.Process]:
+def service_family(rec: dict[str, Any]) -> list[psutil.Process]:
     """Every live process of the service: those carrying its tag, plus the leader's descendants."""
     procs: dict[int, psutil.Process] = {}
     leader = leader_process(rec)

@@ -14,6 +14,7 @@ import httpx
 from ringflow.infra import postgres
 from ringflow.infra.processes import BIN, Service, http_ok, stack_dir
 from ringflow.infra.stack_settings import (
+    PREFECT_SERVER_AUTH_ENV,
     StackSettings,
     client_env,
     prefect_auth_tuple,
@@ -106,10 +107,10 @@ def prefect_service(st: StackSettings, home: Path, base: dict[str, str], databas
         database_url or f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
     )
     penv.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)  # one name, no ambiguity
-    if st.prefect_auth:
-        penv["PREFECT_SERVER_API_AUTH_STRING"] = st.prefect_auth_string.get_secret_value()
+    if st.prefect_auth_string is not None:
+        penv[PREFECT_SERVER_AUTH_ENV] = st.prefect_auth_string.get_secret_value()
     else:  # an exported empty value would be taken as the password '' (every client gets 401)
-        penv.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+        penv.pop(PREFECT_SERVER_AUTH_ENV, None)
     # The UI's API address comes from settings, not from --port: without these it calls :4200.
     penv["PREFECT_SERVER_API_HOST"] = st.host
     penv["PREFECT_SERVER_API_PORT"] = str(st.prefect_port)
@@ -119,7 +120,7 @@ def prefect_service(st: StackSettings, home: Path, base: dict[str, str], databas
         name="prefect",
         cmd=[str(BIN / "prefect"), "server", "start", "--host", st.host, "--port", str(st.prefect_port)],
         env=penv,
-        ready=lambda: http_ok(f"{st.prefect_api_url}/health"),
+        ready=lambda: http_ok(st.health_url("prefect")),
         url=st.prefect_url,
         port=st.prefect_port,
     )
@@ -164,7 +165,7 @@ def mlflow_service(st: StackSettings, home: Path, base: dict[str, str], backend:
         name="mlflow",
         cmd=mcmd,
         env=menv,
-        ready=lambda: http_ok(f"{st.mlflow_url}/health"),
+        ready=lambda: http_ok(st.health_url("mlflow")),
         url=st.mlflow_url,
         port=st.mlflow_port,
     )
@@ -174,7 +175,7 @@ def runner_service(st: StackSettings, base: dict[str, str], config_json: Path | 
     """``python -m ringflow.flows.deployments serve``: deploys, then runs what the UI, the schedules
     and the rerun automation start; ready once every deployment is polled."""
     cenv = {**base, **client_env(st)}
-    for k in ("PREFECT_SERVER_API_AUTH_STRING", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+    for k in (PREFECT_SERVER_AUTH_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD"):
         cenv.pop(k, None)  # the runner and its flow runs are clients: no server secrets
     scmd = [sys.executable, "-m", "ringflow.flows.deployments", "serve"]
     if config_json is not None:
@@ -207,7 +208,7 @@ def evidently_service(st: StackSettings, base: dict[str, str], workspace: Path) 
             str(st.evidently_port),
         ],
         env=dict(base),
-        ready=lambda: http_ok(f"{st.evidently_url}/api/version"),
+        ready=lambda: http_ok(st.health_url("evidently")),
         url=st.evidently_url,
         port=st.evidently_port,
     )

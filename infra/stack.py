@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Required, TypedDict
 
 import httpx
 import psutil
@@ -46,9 +47,13 @@ from ringflow.infra.processes import (
 )
 from ringflow.infra.services import local_experiment, stack_services
 from ringflow.infra.stack_settings import (
+    PREFECT_AUTH_ENV,
+    PREFECT_SERVER_AUTH_ENV,
     StackError,
     StackSettings,
     client_env,
+    parse_auth_string,
+    prefect_auth_string,
 )
 from ringflow.training.config import PipelineConfig, get_settings
 
@@ -63,8 +68,8 @@ def write_env_file(st: StackSettings, home: Path) -> Path:
 
 
 EMPTY_MEANS_UNSET = (
-    "PREFECT_SERVER_API_AUTH_STRING",
-    "PREFECT_API_AUTH_STRING",
+    PREFECT_SERVER_AUTH_ENV,
+    PREFECT_AUTH_ENV,
     "PREFECT_API_KEY",
     "PREFECT_API_URL",
     "MLFLOW_AUTH_ADMIN_PASSWORD",
@@ -229,23 +234,38 @@ def down(echo: Callable[[str], None] = print) -> dict[str, str]:
     return result
 
 
-def status() -> dict[str, dict[str, object]]:
+class ServiceStatus(TypedDict, total=False):
+    """One service's row of :func:`status`."""
+
+    running: Required[bool]
+    pid: Required[int | None]
+    log: Required[str]
+    leftovers: list[int]
+    """Pids of the service's processes still running after its first process died."""
+    supervisor: dict[str, Any]
+    """What its supervisor last wrote (infra/supervisor.py ``read_state``)."""
+    data: str
+    url: str
+    healthy: bool
+
+
+def status() -> dict[str, ServiceStatus]:
     st = StackSettings()
     home = get_settings().home
     urls = {"prefect": st.prefect_url, "mlflow": st.mlflow_url, "evidently": st.evidently_url}
     health = {
-        "prefect": lambda: http_ok(f"{st.prefect_api_url}/health"),
-        "mlflow": lambda: http_ok(f"{st.mlflow_url}/health"),
-        "evidently": lambda: http_ok(f"{st.evidently_url}/api/version"),
+        "prefect": lambda: http_ok(st.health_url("prefect")),
+        "mlflow": lambda: http_ok(st.health_url("mlflow")),
+        "evidently": lambda: http_ok(st.health_url("evidently")),
     }
     db_file = stack_dir(home) / "database"
     on_postgres = db_file.is_file() and db_file.read_text().strip() == "postgresql"
-    out: dict[str, dict[str, object]] = {}
+    out: dict[str, ServiceStatus] = {}
     for name in SERVICE_NAMES:
         if name == "postgres" and not on_postgres and pid_record(name, home) is None:
             continue  # the SQLite stack has no database server
         proc = running_leader(name, home)
-        row: dict[str, object] = {
+        row: ServiceStatus = {
             "running": proc is not None,
             "pid": proc.pid if proc else None,
             "log": str(log_file(name, home)),
@@ -276,12 +296,13 @@ def check_mlflow_admin_password(
     flow run would fail with 401.
     """
     db = home / "mlflow-auth.db"
-    if not db.is_file():
-        return False  # first start: MLflow creates the admin with this password
+    if st.mlflow_admin_password is None or not db.is_file():
+        return False  # auth off, or first start: MLflow creates the admin with this password
     from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
     store = SqlAlchemyStore()
-    store.init_db(f"sqlite:///{db}")
+    init_db: Callable[[str], None] = store.init_db  # MLflow leaves it unannotated
+    init_db(f"sqlite:///{db}")
     user, password = st.mlflow_admin_username, st.mlflow_admin_password.get_secret_value()
     try:
         if not store.has_user(user) or store.authenticate_user(user, password):
@@ -302,10 +323,9 @@ def check_mlflow_admin_password(
 
 def check_prefect_login(api_url: str, auth_string: str | None) -> None:
     """Raise a StackError naming the variable to set when the Prefect API refuses this client."""
-    user, _, pw = (auth_string or "").partition(":")
     try:
         r = httpx.post(
-            f"{api_url}/deployments/filter", json={"limit": 1}, timeout=10, auth=(user, pw) if auth_string else None
+            f"{api_url}/deployments/filter", json={"limit": 1}, timeout=10, auth=parse_auth_string(auth_string)
         )
     except httpx.HTTPError as e:
         raise StackError(f"the Prefect API at {api_url} does not answer: {e}") from None
@@ -325,6 +345,7 @@ def check_prefect_login(api_url: str, auth_string: str | None) -> None:
 def deployment_summary() -> list[str]:
     """Deployments (status, schedules, last poll) and the automation, read from the server."""
     from prefect import get_client
+    from prefect.events.schemas.automations import EventTrigger
     from prefect.settings import (
         PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
@@ -335,7 +356,7 @@ def deployment_summary() -> list[str]:
     from ringflow.monitoring.events import RERUN_TRIGGER as AUTOMATION_NAME
 
     api_url = PREFECT_API_URL.value()
-    auth = client_env().get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_API_AUTH_STRING")
+    auth = prefect_auth_string(client_env())
     check_prefect_login(api_url, auth)
     lines: list[str] = []
     with temporary_settings({PREFECT_API_AUTH_STRING: auth}), get_client(sync_client=True) as client:
@@ -358,10 +379,9 @@ def deployment_summary() -> list[str]:
         autos = client.read_automations_by_name(AUTOMATION_NAME)
         if autos:
             a = autos[0]
-            lines.append(
-                f"automation {AUTOMATION_NAME}: {'enabled' if a.enabled else 'DISABLED'}; "
-                f"on {', '.join(sorted(a.trigger.expect))}"
-            )
+            # ringflow's automation is an EventTrigger (flows/deployments.py); name another kind
+            on = ", ".join(sorted(a.trigger.expect)) if isinstance(a.trigger, EventTrigger) else a.trigger.type
+            lines.append(f"automation {AUTOMATION_NAME}: {'enabled' if a.enabled else 'DISABLED'}; on {on}")
         else:
             lines.append(f"automation {AUTOMATION_NAME}: missing (run `ringflow deploy`)")
     return lines

@@ -4,10 +4,27 @@ only), and how client processes find a running stack (``$RINGFLOW_HOME/stack/env
 from __future__ import annotations
 
 import os
-from typing import Literal
+from collections.abc import Mapping
+from typing import Final, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFECT_AUTH_ENV: Final = "PREFECT_API_AUTH_STRING"
+"""The clients' ``user:password`` for a Prefect API with auth on (Prefect's own setting)."""
+PREFECT_SERVER_AUTH_ENV: Final = "PREFECT_SERVER_API_AUTH_STRING"
+"""The server's ``user:password``: set, ``prefect server start`` refuses requests without it."""
+
+ServerName = Literal["prefect", "mlflow", "evidently"]
+HEALTH_PATHS: Final[Mapping[ServerName, str]] = {
+    "prefect": "/api/health",  # Prefect's server: ``true``
+    "mlflow": "/health",  # MLflow's server: ``OK``
+    "evidently": "/api/version",  # ``evidently ui`` has no health route; its version answers once up
+}
+"""Each server's health path, under its base URL (:meth:`StackSettings.health_url`); the compose
+file and the Kubernetes manifests probe the same paths (tests/test_team_stack.py, test_kubernetes.py)."""
+WORKER_HEALTH_PATH: Final = "/health"
+"""A Prefect worker's own health route (``prefect worker start --with-healthcheck``)."""
 
 
 class StackError(RuntimeError):
@@ -78,6 +95,11 @@ class StackSettings(BaseSettings):
     def evidently_url(self) -> str:
         return f"http://{url_host(self.host)}:{self.evidently_port}"
 
+    def health_url(self, server: ServerName) -> str:
+        """The URL that answers 200 once ``server`` is up (:data:`HEALTH_PATHS`)."""
+        base = {"prefect": self.prefect_url, "mlflow": self.mlflow_url, "evidently": self.evidently_url}[server]
+        return base + HEALTH_PATHS[server]
+
     @property
     def prefect_auth(self) -> bool:
         return self.prefect_auth_string is not None
@@ -100,17 +122,28 @@ def client_env(st: StackSettings | None = None) -> dict[str, str]:
     """
     st = st or StackSettings()
     env = {"PREFECT_API_URL": st.prefect_api_url, "MLFLOW_TRACKING_URI": st.mlflow_url}
-    if st.prefect_auth and not os.environ.get("PREFECT_API_AUTH_STRING"):
-        env["PREFECT_API_AUTH_STRING"] = st.prefect_auth_string.get_secret_value()
-    if st.mlflow_auth and not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+    if st.prefect_auth_string is not None and not os.environ.get(PREFECT_AUTH_ENV):
+        env[PREFECT_AUTH_ENV] = st.prefect_auth_string.get_secret_value()
+    if st.mlflow_admin_password is not None and not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
         env["MLFLOW_TRACKING_USERNAME"] = st.mlflow_admin_username
         env["MLFLOW_TRACKING_PASSWORD"] = st.mlflow_admin_password.get_secret_value()
     return env
 
 
-def prefect_auth_tuple(env: dict[str, str]) -> tuple[str, str] | None:
-    s = env.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_API_AUTH_STRING")
-    if not s:
+def parse_auth_string(value: str | None) -> tuple[str, str] | None:
+    """Prefect's ``user:password`` auth string as an HTTP basic-auth pair; None when unset or
+    empty (the password may itself hold colons: only the first one separates)."""
+    if not value:
         return None
-    user, _, pw = s.partition(":")
-    return user, pw
+    user, _, password = value.partition(":")
+    return user, password
+
+
+def prefect_auth_string(env: Mapping[str, str]) -> str | None:
+    """The client's auth string: ``env``'s (e.g. :func:`client_env`), else this process's."""
+    return env.get(PREFECT_AUTH_ENV) or os.environ.get(PREFECT_AUTH_ENV) or None
+
+
+def prefect_auth_tuple(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """HTTP basic auth for the Prefect API (:func:`prefect_auth_string`, parsed), or None."""
+    return parse_auth_string(prefect_auth_string(env))

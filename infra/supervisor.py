@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,9 +55,10 @@ class SupervisorSettings(BaseSettings):
     stop_grace_s: float = Field(15, alias="RINGFLOW_STACK_STOP_GRACE")
 
 
-def read_state(path: Path) -> dict:
+def read_state(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        state: dict[str, Any] = json.loads(path.read_text())
+        return state
     except (OSError, ValueError):
         return {}
 
@@ -83,7 +85,7 @@ def remove_stale_pid_file(path: Path) -> bool:
     return True
 
 
-def _write_state(path: Path, **state) -> None:
+def _write_state(path: Path, **state: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({**state, "updated": time.time()}))
     os.replace(tmp, path)  # status never reads half a file
@@ -115,17 +117,18 @@ class Supervisor:
         self.log.setLevel(logging.INFO)
         self.log.addHandler(handler)
         self.stopping = threading.Event()
-        self.child: subprocess.Popen | None = None
+        self.child: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
     def _note(self, msg: str) -> None:
         self.log.info("==== %s supervisor: %s", time.strftime("%Y-%m-%d %H:%M:%S"), msg)
 
-    def _pump(self, child: subprocess.Popen) -> None:
+    def _pump(self, child: subprocess.Popen[bytes]) -> None:
+        assert child.stdout is not None  # started with stdout=PIPE
         for line in iter(child.stdout.readline, b""):
             self.log.info(line.decode(errors="replace").rstrip("\n"))
 
-    def _state(self, state: str, **extra) -> None:
+    def _state(self, state: str, **extra: object) -> None:
         _write_state(
             self.state_file,
             name=self.name,

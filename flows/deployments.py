@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from importlib import resources
 from pathlib import Path
@@ -42,6 +43,13 @@ from ringflow.training.environment import process_defaults
 from ringflow.training.version import SOURCE_ROOT
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.events import DeploymentEventTrigger
+
+    from ringflow.flows.training_pipeline import PipelineResult
     from ringflow.infra.hosts import ClusterState
 
 TRAINING = TRAINING_FLOW
@@ -57,7 +65,7 @@ def model_resource_id(cfg: PipelineConfig) -> str:
     return event_resource_id(cfg.registry.model_name)
 
 
-def rerun_trigger(cfg: PipelineConfig):
+def rerun_trigger(cfg: PipelineConfig) -> DeploymentEventTrigger:
     """``ringflow-rerun-on-anomaly``: each anomaly event for this model -> one training run.
 
     Reactive, threshold 1, one bucket per cause (the event's ``ringflow.anomaly.cause`` label)
@@ -87,8 +95,9 @@ def rerun_trigger(cfg: PipelineConfig):
     )
 
 
-def build_deployments(cfg: PipelineConfig) -> list:
+def build_deployments(cfg: PipelineConfig) -> list[RunnerDeployment]:
     """The two RunnerDeployments (not yet sent to the server)."""
+    from prefect.deployments.runner import RunnerDeployment
     from prefect.schedules import Cron
 
     from ringflow.flows.monitoring import monitoring_flow
@@ -120,6 +129,8 @@ def build_deployments(cfg: PipelineConfig) -> list:
         tags=tags,
         concurrency_limit=1,
     )
+    # sync calls; Prefect types them `RunnerDeployment | Coroutine` (async_dispatch)
+    assert isinstance(training, RunnerDeployment) and isinstance(monitoring, RunnerDeployment)
     return [training, monitoring]
 
 
@@ -180,7 +191,7 @@ def parse_job_variables(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def by_module_path(deployments: list) -> list:
+def by_module_path(deployments: list[RunnerDeployment]) -> list[RunnerDeployment]:
     """The flows' entrypoints by *module path* (``ringflow.flows.training_pipeline.training_pipeline``),
     as a worker imports them: a file entrypoint would load as a top-level module and its persisted
     results would not unpickle under ``ringflow.flows.*``."""
@@ -189,11 +200,19 @@ def by_module_path(deployments: list) -> list:
 
     modules = {f.name: f"{f.fn.__module__}.{f.fn.__name__}" for f in (training_pipeline, monitoring_flow)}
     for dep in deployments:
-        dep.entrypoint = modules[dep.flow_name]
+        dep.entrypoint = modules[_flow_name(dep)]
     return deployments
 
 
-def for_work_pool(deployments: list, job_variables: dict[str, Any] | None = None, source: Path = REPO_ROOT) -> list:
+def _flow_name(dep: RunnerDeployment) -> str:
+    if dep.flow_name is None:  # Flow.to_deployment always sets it
+        raise DeployError(f"deployment {dep.name!r} names no flow")
+    return dep.flow_name
+
+
+def for_work_pool(
+    deployments: list[RunnerDeployment], job_variables: dict[str, Any] | None = None, source: Path = REPO_ROOT
+) -> list[RunnerDeployment]:
     """The deployments as a worker of any pool type runs them: the flows by module path, a pull
     step that starts each run in ``source`` (the repository: this checkout for a process pool,
     ``/app`` in the image), and the job variables."""
@@ -243,7 +262,7 @@ def deploy(
         for_work_pool(deployments, job_variables, source)
     _drop_automations_by_name()
     # apply() (re)creates each deployment's triggers as automations it owns
-    ids = {d.flow_name + "/" + d.name: d.apply(work_pool_name=work_pool) for d in deployments}
+    ids = {f"{_flow_name(d)}/{d.name}": d.apply(work_pool_name=work_pool) for d in deployments}
     ids[AUTOMATION_NAME] = _automation_id()
     from ringflow.flows.notifications import apply_notifications
 
@@ -343,7 +362,9 @@ def deploy_to_pool(state: ClusterState, config: Path | None) -> dict[str, str]:
     return ids
 
 
-def run_on_cluster(home: Path, config: Path | None, overrides: list[str], echo=print):
+def run_on_cluster(
+    home: Path, config: Path | None, overrides: list[str], echo: Callable[[str], object] = print
+) -> PipelineResult:
     """Submit the training pipeline to the stack on h0; the worker on h1 runs it; wait; return its
     :class:`~flows.training_pipeline.PipelineResult`."""
     from ringflow.infra.cluster import cluster_overrides, urls, use_stack
@@ -357,22 +378,31 @@ def run_on_cluster(home: Path, config: Path | None, overrides: list[str], echo=p
         raise ClusterError("the cluster has no running worker on h1: run `ringflow cluster up` (with the stack)")
     cfg = load_config(config, cluster_overrides(state) + list(overrides))
     use_stack(state)
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
     fr = run_deployment(
         name=TRAINING_DEPLOYMENT, parameters={"config": cfg.model_dump(mode="json"), "reason": REASON_MANUAL}, timeout=0
     )
+    assert isinstance(fr, FlowRun)  # a sync call; Prefect types it `FlowRun | Coroutine` (async_dispatch)
     echo(f"submitted flow run {fr.name}: {urls(state)['prefect']}/runs/flow-run/{fr.id}")
+    from ringflow.flows.training_pipeline import PipelineResult
+
     fr = follow_flow_run(fr.id, timeout_s=cfg.training.timeout_s + 1800, echo=echo)
-    if not fr.state.is_completed():
+    if fr.state is None or not fr.state.is_completed():
         raise ClusterError(
-            f"flow run {fr.name} ended {fr.state.name}: {fr.state.message} "
-            f"({urls(state)['prefect']}/runs/flow-run/{fr.id})"
+            f"flow run {fr.name} ended {fr.state.name if fr.state else 'without a state'}: "
+            f"{fr.state.message if fr.state else ''} ({urls(state)['prefect']}/runs/flow-run/{fr.id})"
         )
-    return fr.state.result()
+    result = fr.state.result()
+    if not isinstance(result, PipelineResult):
+        raise ClusterError(f"flow run {fr.name} returned {type(result).__name__}, not a PipelineResult")
+    return result
 
 
-def follow_flow_run(flow_run_id, timeout_s: float, echo=print, poll_s: float = 2.0):
+def follow_flow_run(
+    flow_run_id: UUID, timeout_s: float, echo: Callable[[str], object] = print, poll_s: float = 2.0
+) -> FlowRun:
     """Echo the flow run's log lines (the worker on h1 sends them to the API) until it ends."""
     import time
 

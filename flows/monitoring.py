@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel
 
 from ringflow.monitoring.anomalies import Anomaly, Severity, default_rules
-from ringflow.monitoring.policy import BatchWindow, RerunRecord, decide
+from ringflow.monitoring.policy import RerunRecord, decide
 from ringflow.tasks.monitor import (
+    MonitoringResult,
     RerunAction,
     act,
     event_payload,
@@ -56,34 +56,6 @@ class MonitoringAlert(RuntimeError):
         )
         self.result = result
         self.alerts = alerts
-
-
-class MonitoringResult(BaseModel):
-    model_name: str
-    model_version: str
-    batch: str
-    window: BatchWindow | None = None
-    rows: int = 0
-    monitoring_run_id: str
-    tracking_uri: str
-    metrics: dict[str, float] = {}
-    """Champion metrics on the whole batch (labelled batches)."""
-    reference_roc_auc: float | None = None
-    roc_auc_drop: float | None = None
-    drifted_share: float | None = None
-    drifted_columns: list[str] = []
-    prediction_psi: float | None = None
-    anomalies: list[Anomaly] = []
-    decision: str
-    rerun_overrides: dict | None = None
-    rerun_config: dict | None = None
-    """The plan's full config (JSON), as the event carries it in ``rerun.config``."""
-    rerun_reason: str | None = None
-    anomaly_id: str | None = None
-    action: RerunAction
-    drift_html: str | None = None
-    quality_html: str | None = None
-    report_dir: str
 
 
 @flow(name="monitoring", log_prints=True)
@@ -131,7 +103,7 @@ def monitoring_flow(
             payload = event_payload(plan, anomalies, run_id, champion, data.label, decision)
             action = act(cfg, payload, plan, trigger_rerun)
         run_tags = {tags.DECISION: decision.summary()[:5000], tags.ACTION: action.mode}
-        if action.mode in ("automation", "run_deployment"):
+        if plan is not None and action.mode in ("automation", "run_deployment"):  # act() fires only with a plan
             record = RerunRecord(
                 time=dt.datetime.now(dt.UTC),
                 monitoring_run_id=run_id,

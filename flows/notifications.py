@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ringflow.monitoring.events import (
     ANOMALY_EVENT,
@@ -30,6 +30,9 @@ from ringflow.monitoring.events import (
 )
 from ringflow.tasks.links import MLFLOW_RUN_URL_LABEL
 from ringflow.training.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from prefect.events.schemas.automations import EventTrigger
 
 WEBHOOK_ENV = "RINGFLOW_NOTIFY_WEBHOOK_URL"
 WEBHOOK_BLOCK = "ringflow-notify"
@@ -75,7 +78,7 @@ def webhook_url(cfg: PipelineConfig) -> str | None:
     return os.environ.get(WEBHOOK_ENV) or cfg.notifications.webhook_url or None
 
 
-def anomaly_trigger(cfg: PipelineConfig):
+def anomaly_trigger(cfg: PipelineConfig) -> EventTrigger:
     from prefect.events.schemas.automations import EventTrigger, Posture
 
     return EventTrigger(
@@ -87,7 +90,7 @@ def anomaly_trigger(cfg: PipelineConfig):
     )
 
 
-def failed_run_trigger():
+def failed_run_trigger() -> EventTrigger:
     from prefect.events.schemas.automations import EventTrigger, Posture
 
     return EventTrigger(
@@ -153,5 +156,6 @@ def apply_notifications(cfg: PipelineConfig, keep_when_off: bool = False) -> dic
             trigger=trigger,
             actions=[CallWebhook(block_document_id=block_id, payload=message)],
         ).create()
+        assert isinstance(automation, Automation)  # a sync call; Prefect types it `Automation | Coroutine`
         ids[name] = automation.id
     return ids

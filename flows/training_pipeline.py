@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar, overload
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -30,7 +32,7 @@ from ringflow.training.launch import check_horovod
 class PipelineStageError(RuntimeError):
     """A stage of the pipeline failed; the message names it."""
 
-    def __init__(self, stage: str, cause: BaseException):
+    def __init__(self, stage: str, cause: BaseException) -> None:
         super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
         self.stage = stage
 
@@ -62,7 +64,11 @@ class PipelineResult(BaseModel):
     """Where the run's seconds went, stage by stage, work vs overhead (``tasks/timings.py``)."""
 
 
-def _stage(name: str, fn, *args, **kwargs):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _stage(name: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     log = get_run_logger()
     log.info("stage %s: started", name)
     record = timings.current()
@@ -93,17 +99,16 @@ def training_pipeline(
     record = timings.start_flow_body()
     settings = get_settings()
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
-    cached = dict(cache_policy=DEFAULT, persist_result=True)
     run_tags = {tags.REASON: reason}
     if anomaly_id:
         run_tags[tags.ANOMALY_ID] = anomaly_id
 
     if config.training.launcher == "horovodrun":
         check_horovod()  # before any work: the train stage cannot run without it (an MPIJob's image has its own)
-    manifest_path = _stage("shard", shard_data.with_options(**cached), config)
+    manifest_path = _stage("shard", shard_data.with_options(cache_policy=DEFAULT, persist_result=True), config)
     trained = _stage(
         "train",
-        train_model.with_options(**cached),
+        train_model.with_options(cache_policy=DEFAULT, persist_result=True),
         config,
         manifest_path,
         parent_run_id=parent_run_id,
@@ -124,7 +129,13 @@ def training_pipeline(
         result.decision = "training diverged"
         return _finish(config, result, record)
 
-    evaluation = _stage("evaluate", evaluate_candidate.with_options(**cached), config, trained, manifest_path)
+    evaluation = _stage(
+        "evaluate",
+        evaluate_candidate.with_options(cache_policy=DEFAULT, persist_result=True),
+        config,
+        trained,
+        manifest_path,
+    )
     registered = _stage(
         "register", register_candidate, config, trained, evaluation, manifest_path, parent_run_id=parent_run_id
     )
@@ -156,6 +167,12 @@ def _finish(config: PipelineConfig, result: PipelineResult, record: StageTimings
     return result
 
 
+@overload
+def _reported(metrics: dict[str, float]) -> dict[str, float]: ...
+@overload
+def _reported(metrics: None) -> None: ...
+@overload
+def _reported(metrics: dict[str, float] | None) -> dict[str, float] | None: ...
 def _reported(metrics: dict[str, float] | None) -> dict[str, float] | None:
     return None if metrics is None else {k: v for k, v in metrics.items() if k in REPORTED_METRICS}
 
@@ -189,7 +206,7 @@ def _summary_artifact(config: PipelineConfig, r: PipelineResult) -> None:
             f"# Training pipeline `{config.name}` ({r.reason})\n\n"
             f"- training run: `{r.training_run_id}` ({r.training_status}) - {mlflow_run_url(r.tracking_uri, r.training_run_id)}\n"
             f"- model version: {version}; promoted: **{r.promoted}**; champion now: {_version(r.champion_version)}\n"
-            f"- model registry: {mlflow_model_url(r.tracking_uri, r.model_name)}\n"
+            f"- model registry: {mlflow_model_url(r.tracking_uri, r.model_name) if r.model_name else 'none'}\n"
             f"- manifest: `{r.manifest_path}`\n\n"
             f"## Test metrics {r.test_window} ({r.test_rows} rows)\n{warnings}\n{header}\n{metrics}\n\n"
             f"## Decision\n\n{r.decision}\n\n"

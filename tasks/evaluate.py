@@ -21,6 +21,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import PandasDataset
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -188,7 +190,7 @@ def decide(
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
-def version_by_alias(client: MlflowClient, name: str, alias: str):
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The model version behind ``alias``, or None when the model or the alias does not exist.
 
     Any other registry error (server unreachable, auth) propagates: read as "no champion yet", it
@@ -202,7 +204,7 @@ def version_by_alias(client: MlflowClient, name: str, alias: str):
         raise
 
 
-def current_champion(client: MlflowClient, name: str):
+def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
     """The model version behind ``@champion``, or None before the first promotion."""
     return version_by_alias(client, name, CHAMPION)
 
@@ -344,14 +346,16 @@ def log_baseline_model(
     return str(info.model_uri)
 
 
-def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame):
+def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame) -> PandasDataset:
     """The test window as an MLflow dataset: the file it was read from, its checksum as digest,
     named like the training run's train/validation inputs."""
     import warnings
 
+    from mlflow.data.pandas_dataset import from_pandas
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MLflow's note on its source registry
-        return mlflow.data.from_pandas(
+        return from_pandas(
             test,
             source=str(manifest.dir / manifest.test.file),
             targets=manifest.target_column,
@@ -450,7 +454,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
         if base:
             mlflow.log_metrics({f"baseline_test_{k}": v for k, v in base.items() if not math.isnan(v)})
         curves = {"candidate": np.asarray(candidate_p)}
-        if champ_p is not None:
+        if champ_mv is not None and champ_p is not None:
             curves[f"champion v{champ_mv.version}"] = np.asarray(champ_p)
         if base_p is not None:
             curves[f"baseline {cfg.gate.baseline}"] = base_p

@@ -12,14 +12,20 @@ import datetime as dt
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import numpy as np
+import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
+from sklearn.pipeline import Pipeline
 
 from ringflow.monitoring.anomalies import Anomaly, MonitoringObservation, TrainingObservation
 from ringflow.monitoring.batch import Batch, batch_chunks, describe_file, describe_month
@@ -39,7 +45,7 @@ from ringflow.monitoring.events import (
 )
 from ringflow.monitoring.observation import observe as _observe
 from ringflow.monitoring.observation import training_observation
-from ringflow.monitoring.policy import PolicyDecision, RerunPlan, RerunRecord, next_batch_month
+from ringflow.monitoring.policy import BatchWindow, PolicyDecision, RerunPlan, RerunRecord, next_batch_month
 from ringflow.monitoring.reference import Reference, reference_from_manifest, reference_from_source
 from ringflow.monitoring.reports import (
     PREDICTION,
@@ -48,7 +54,7 @@ from ringflow.monitoring.reports import (
     RuleThresholds,
     build_reports,
 )
-from ringflow.monitoring.scoring import score, score_chunks
+from ringflow.monitoring.scoring import BatchScores, score, score_chunks
 from ringflow.tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
 from ringflow.tasks.links import mlflow_run_url, prefect_flow_run_url
 from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
@@ -100,7 +106,7 @@ def _resource_id(cfg: PipelineConfig) -> str:
 # --------------------------------------------------------------------------- champion
 
 
-def _load_run_json(run_id: str, path: str) -> dict | None:
+def _load_run_json(run_id: str, path: str) -> dict[str, Any] | None:
     try:
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
     except (MlflowException, OSError, ValueError):
@@ -189,7 +195,7 @@ def load_reference(cfg: PipelineConfig, champion: ChampionInfo) -> Reference:
 # --------------------------------------------------------------------------- scoring + reports
 
 
-def champion_baseline(champion: ChampionInfo):
+def champion_baseline(champion: ChampionInfo) -> tuple[Pipeline, float, float | None] | None:
     """The baseline logged in the champion's training run by its evaluation: (model, decision
     threshold, its test ROC AUC), or None (``gate.baseline: none``, or a champion from before)."""
     if not champion.training_run_id:
@@ -214,7 +220,9 @@ def champion_baseline(champion: ChampionInfo):
 
 
 @task(name="score-batch", cache_policy=NO_CACHE)
-def score_batch(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference):
+def score_batch(
+    cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, reference: Reference
+) -> tuple[Batch, Reference]:
     """Score every row of the batch with the champion (and its baseline) chunk by chunk; keep the
     scores, labels and counts the exact metrics need, and a sample of ``max_current_rows`` rows
     for Evidently. The reference (already a sample) is scored whole."""
@@ -224,13 +232,15 @@ def score_batch(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, refer
     columns = model_columns(model, [d.timestamp_column, *d.feature_columns], d.feature_columns)
     reference.frame[PREDICTION] = score(model, reference.frame, columns)
     baseline = champion_baseline(champion)
-    base_score = None
+    base_score: Callable[[pd.DataFrame], np.ndarray] | None = None
     if baseline is not None:  # scored next to the champion: which of the two degrades more?
         base_model, threshold, test_auc = baseline
         batch.baseline = {"threshold": threshold, "test_roc_auc": test_auc}
 
-        def base_score(chunk):
+        def base_score_fn(chunk: pd.DataFrame) -> np.ndarray:
             return baseline_proba(base_model, chunk, pre.numeric, pre.categorical)
+
+        base_score = base_score_fn
 
     batch.scores = score_chunks(
         batch_chunks(batch, cfg),
@@ -245,6 +255,13 @@ def score_batch(cfg: PipelineConfig, champion: ChampionInfo, batch: Batch, refer
     return batch, reference
 
 
+def _scores(batch: Batch) -> BatchScores:
+    """The batch's scores: the reports and the logged dataset need a batch ``score_batch`` scored."""
+    if batch.scores is None:
+        raise MonitoringError(f"batch {batch.label} has not been scored (score_batch comes first)")
+    return batch.scores
+
+
 @task(name="evidently-reports", cache_policy=NO_CACHE)
 def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir: str) -> ReportSummary:
     d, m = cfg.data, cfg.monitoring
@@ -252,7 +269,7 @@ def run_reports(cfg: PipelineConfig, batch: Batch, reference: Reference, out_dir
     window_start = batch.window.start if batch.window else None
     return build_reports(
         reference.frame,
-        batch.scores.sample,
+        _scores(batch).sample,
         d.numeric_features,
         d.categorical_features,
         out_dir,
@@ -281,7 +298,7 @@ def observe(
     reference: Reference,
     report: ReportSummary | None,
     training: TrainingObservation | None,
-) -> tuple[MonitoringObservation, dict]:
+) -> tuple[MonitoringObservation, dict[str, float]]:
     """Numbers on the full batch -> the rules' input; also returns the batch metrics
     (``monitoring/observation.py``, with the evaluation's metric names for the baseline)."""
     return _observe(cfg, champion, batch, reference, report, training, baseline_metrics=REPORTED_METRICS)
@@ -320,7 +337,7 @@ def _load_summary(run_id: str) -> TrainingSummary | None:
         return None
 
 
-def _monitoring_runs(client: MlflowClient, cfg: PipelineConfig, extra: str = "", n: int = 200):
+def _monitoring_runs(client: MlflowClient, cfg: PipelineConfig, extra: str = "", n: int = 200) -> list[Run]:
     ids = _experiment_ids(client, cfg)
     if not ids:
         return []
@@ -347,8 +364,7 @@ def rerun_history(cfg: PipelineConfig) -> list[RerunRecord]:
 @task(name="last-monitored-month", cache_policy=NO_CACHE)
 def last_monitored_month(cfg: PipelineConfig) -> str | None:
     client = _tracking()
-    months = [r.data.tags.get(tags.BATCH_MONTH) for r in _monitoring_runs(client, cfg)]
-    months = [m for m in months if m]
+    months: list[str] = [m for r in _monitoring_runs(client, cfg) if (m := r.data.tags.get(tags.BATCH_MONTH))]
     return max(months) if months else None
 
 
@@ -383,7 +399,8 @@ def start_monitoring_run(cfg: PipelineConfig, champion: ChampionInfo, batch: Bat
     except Exception:  # noqa: BLE001 - outside a flow run there is nothing to link
         pass
     run = client.create_run(exp_id, tags=run_tags)
-    return run.info.run_id
+    run_id: str = run.info.run_id  # MLflow's RunInfo properties are unannotated
+    return run_id
 
 
 @task(name="log-batch-dataset", cache_policy=NO_CACHE)
@@ -394,14 +411,15 @@ def log_batch_dataset(cfg: PipelineConfig, run_id: str, batch: Batch) -> None:
     the whole batch's row count in the profile: a batch of millions of rows is never one frame."""
     import warnings
 
+    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    sample = batch.scores.sample.drop(columns=[PREDICTION])
+    sample = _scores(batch).sample.drop(columns=[PREDICTION])
     with warnings.catch_warnings():
         # MLflow's notes on its source registry and, while inferring the schema, on integer columns
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
+        dataset = from_pandas(
             sample,
             source=str(cfg.data.source) if batch.month else batch.label,
             targets=TARGET if batch.labelled else None,
@@ -480,6 +498,36 @@ class RerunAction(BaseModel):
     event_id: str | None = None
     flow_run_id: str | None = None
     detail: str = ""
+
+
+class MonitoringResult(BaseModel):
+    """What the monitoring flow returns (flows/monitoring.py) and :func:`publish_artifacts` shows."""
+
+    model_name: str
+    model_version: str
+    batch: str
+    window: BatchWindow | None = None
+    rows: int = 0
+    monitoring_run_id: str
+    tracking_uri: str
+    metrics: dict[str, float] = {}
+    """Champion metrics on the whole batch (labelled batches)."""
+    reference_roc_auc: float | None = None
+    roc_auc_drop: float | None = None
+    drifted_share: float | None = None
+    drifted_columns: list[str] = []
+    prediction_psi: float | None = None
+    anomalies: list[Anomaly] = []
+    decision: str
+    rerun_overrides: dict[str, Any] | None = None
+    rerun_config: dict[str, Any] | None = None
+    """The plan's full config (JSON), as the event carries it in ``rerun.config``."""
+    rerun_reason: str | None = None
+    anomaly_id: str | None = None
+    action: RerunAction
+    drift_html: str | None = None
+    quality_html: str | None = None
+    report_dir: str
 
 
 def event_payload(
@@ -585,6 +633,7 @@ def act(cfg: PipelineConfig, payload: AnomalyEventPayload, plan: RerunPlan | Non
             "rerun: event %s emitted; automation %s starts the training run", ev.id if ev else None, AUTOMATION_NAME
         )
         return RerunAction(mode="automation", event_id=str(ev.id) if ev else None, detail=AUTOMATION_NAME)
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
     fr = run_deployment(
@@ -601,6 +650,7 @@ def act(cfg: PipelineConfig, payload: AnomalyEventPayload, plan: RerunPlan | Non
         idempotency_key=f"ringflow-rerun-{plan.anomaly_id}",
         flow_run_name=f"rerun-{plan.anomaly_types[0]}-{plan.anomaly_id[:8]}",
     )
+    assert isinstance(fr, FlowRun)  # a sync call; Prefect types it `FlowRun | Coroutine` (async_dispatch)
     log.info("rerun: started %s flow run %s", TRAINING_DEPLOYMENT, fr.id)
     return RerunAction(
         mode="run_deployment", event_id=str(ev.id) if ev else None, flow_run_id=str(fr.id), detail=TRAINING_DEPLOYMENT
@@ -608,12 +658,12 @@ def act(cfg: PipelineConfig, payload: AnomalyEventPayload, plan: RerunPlan | Non
 
 
 @task(name="monitoring-artifacts", cache_policy=NO_CACHE)
-def publish_artifacts(result) -> None:
+def publish_artifacts(result: MonitoringResult) -> None:
     """A table of the key numbers, a link to the MLflow run / HTML reports, the anomalies."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     r = result
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"metric": "rows", "value": r.rows},
         {"metric": "drifted_share", "value": _fmt(r.drifted_share)},
         {"metric": "drifted_columns", "value": ", ".join(r.drifted_columns) or "-"},
@@ -651,5 +701,5 @@ def publish_artifacts(result) -> None:
     )
 
 
-def _fmt(v) -> str:
+def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"

@@ -21,11 +21,13 @@ from contextlib import contextmanager
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from ringflow.tasks.evaluate import CHAMPION, EvaluationResult, current_champion, version_by_alias
 from ringflow.tasks.timings import Laps
+from ringflow.tasks.training_artifacts import LineLogger
 from ringflow.training import tags
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.manifest import Manifest
@@ -46,10 +48,12 @@ class RegistrationResult(BaseModel):
     promoted: bool
     champion_version: str | None
     """The version behind @champion after this stage."""
-    alias_moves: list[dict]
+    alias_moves: list[dict[str, str | None]]
 
 
-def move_alias(client: MlflowClient, name: str, alias: str, version: str | None, reason: str) -> dict | None:
+def move_alias(
+    client: MlflowClient, name: str, alias: str, version: str | None, reason: str
+) -> dict[str, str | None] | None:
     """Point ``alias`` at ``version`` and record the move; a no-op move records nothing."""
     current = version_by_alias(client, name, alias)
     before = str(current.version) if current is not None else None
@@ -60,20 +64,26 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str | None,
     else:
         client.set_registered_model_alias(name, alias, version)
     now = dt.datetime.now(dt.UTC)
-    move = {"time": now.isoformat(timespec="seconds"), "alias": alias, "from": before, "to": version, "reason": reason}
+    move: dict[str, str | None] = {
+        "time": now.isoformat(timespec="seconds"),
+        "alias": alias,
+        "from": before,
+        "to": version,
+        "reason": reason,
+    }
     client.set_registered_model_tag(
         name, f"{HISTORY_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%f')}.{alias}", json.dumps(move)
     )
     return move
 
 
-def alias_history(client: MlflowClient, name: str) -> list[dict]:
+def alias_history(client: MlflowClient, name: str) -> list[dict[str, str | None]]:
     """All recorded alias moves of a registered model, oldest first."""
     model_tags = client.get_registered_model(name).tags
     return [json.loads(model_tags[k]) for k in sorted(k for k in model_tags if k.startswith(HISTORY_PREFIX))]
 
 
-def _existing_version(client: MlflowClient, name: str, run_id: str):
+def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
     """The version already registered for this training run (a retried stage must not register twice)."""
     for mv in client.search_model_versions(f"name='{name}'"):
         if mv.tags.get(tags.TRAINING_RUN_ID) == run_id:
@@ -108,15 +118,21 @@ def _v(version: str | None) -> str:
 
 
 def settle_aliases(
-    client: MlflowClient, name: str, version: str, promote: bool, evaluated_champion: str | None, reason: str, log
-) -> tuple[bool, str, list[dict]]:
+    client: MlflowClient,
+    name: str,
+    version: str,
+    promote: bool,
+    evaluated_champion: str | None,
+    reason: str,
+    log: LineLogger,
+) -> tuple[bool, str, list[dict[str, str | None]]]:
     """Move the aliases for a registered candidate; returns (promoted, reason, moves).
 
     A promotion decided against ``evaluated_champion`` stands only if that is still the
     champion: otherwise another pipeline promoted since and this comparison is stale. Call it
     under :func:`registry_lock`, so that the champion cannot move between the check and the move.
     """
-    moves = []
+    moves: list[dict[str, str | None] | None] = []
     champion_now = current_champion(client, name)
     champion_now_version = str(champion_now.version) if champion_now else None
     if promote and champion_now_version not in (evaluated_champion, version):

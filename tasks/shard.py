@@ -6,8 +6,11 @@ that need Prefect (the Secret block, the run logger, the artifact).
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from typing import Any
+
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State, TaskRun
 
 from ringflow.tasks.timings import timed
 from ringflow.training.config import PipelineConfig, get_settings
@@ -43,6 +46,7 @@ def resolve_data_key(cfg: PipelineConfig) -> bytes | None:
             f"sharding.key_secret_block: Prefect Secret block {block_name!r} not found "
             f"(create it, or set {KEY_ENV}): {e}"
         ) from None
+    assert isinstance(block, Secret)  # Prefect types a sync load as `Secret | Coroutine` (async_dispatch)
     # The raw value, not Secret.get(): that JSON-decodes strings, which could turn a key into a number.
     raw = block.value.get_secret_value()
     if not isinstance(raw, str):
@@ -59,7 +63,7 @@ def _key_source(cfg: PipelineConfig, key: bytes | None) -> str:
     return KEY_ENV if key_from_env() is not None else f"Secret block {cfg.sharding.key_secret_block!r}"
 
 
-def _retryable(task, task_run, state) -> bool:
+def _retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry I/O hiccups only: a bad config, bad data or a missing key fails the same way twice."""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, (ValueError, MissingKeyError))

@@ -37,7 +37,10 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
             raise
-        return client.get_experiment_by_name(name).experiment_id
+        exp = client.get_experiment_by_name(name)
+        if exp is None:  # created, then deleted again before this read
+            raise
+        return exp.experiment_id
 
 
 # --------------------------------------------------------------------------- the store and stale runs

@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -33,7 +34,13 @@ from prefect.cache_policies import NO_CACHE
 from ringflow.tasks import timings
 from ringflow.tasks.shard import resolve_data_key
 from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
-from ringflow.tasks.training_artifacts import EpochProgress, log_horovod_files, publish_rank_table, timeline_env
+from ringflow.tasks.training_artifacts import (
+    EpochProgress,
+    LineLogger,
+    log_horovod_files,
+    publish_rank_table,
+    timeline_env,
+)
 from ringflow.training import tags
 from ringflow.training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
 from ringflow.training.config import PipelineConfig, get_settings
@@ -50,14 +57,20 @@ from ringflow.training.launch import (
     write_hostfile,
 )
 from ringflow.training.manifest import KEY_ENV, Manifest
-from ringflow.training.result import SUMMARY_FILE, TrainResult
+from ringflow.training.result import TrainResult
 from ringflow.training.secrets import secrets_file
+from ringflow.training.summary import SUMMARY_FILE
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from prefect import Task
+    from prefect.client.schemas.objects import State, TaskRun
 
 __all__ = ["TrainResult", "TrainingError", "TrainingTimeout", "train_model"]
 
 LOG_FILE = "horovodrun.log"
 
-_running: dict[int, subprocess.Popen] = {}
+_running: dict[int, subprocess.Popen[str]] = {}
 
 
 @atexit.register
@@ -77,7 +90,7 @@ def _die_with_parent(cmd: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
 
 
-def _find_run(client: MlflowClient, experiment_id: str, task_run_id: str | None):
+def _find_run(client: MlflowClient, experiment_id: str, task_run_id: str | None) -> Run | None:
     if not task_run_id:
         return None
     runs = client.search_runs([experiment_id], tags.tag_filter(tags.TASK_RUN_ID, task_run_id), max_results=1)
@@ -86,6 +99,8 @@ def _find_run(client: MlflowClient, experiment_id: str, task_run_id: str | None)
 
 def _log_lineage(cfg: PipelineConfig, manifest: Manifest, key: bytes | None) -> None:
     """Manifest + config as artifacts; training and validation data as ``mlflow.data`` inputs."""
+    from mlflow.data.pandas_dataset import from_pandas
+
     mlflow.log_artifact(str(manifest.path), artifact_path="data")
     mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
     train = pd.concat([manifest.read(s, key) for s in manifest.shards], ignore_index=True)
@@ -96,15 +111,11 @@ def _log_lineage(cfg: PipelineConfig, manifest: Manifest, key: bytes | None) -> 
         # actionable for a logged dataset, and they would repeat in every training log.
         warnings.simplefilter("ignore", UserWarning)
         mlflow.log_input(
-            mlflow.data.from_pandas(
-                train, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-train"
-            ),
+            from_pandas(train, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-train"),
             context="training",
         )
         mlflow.log_input(
-            mlflow.data.from_pandas(
-                val, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-validation"
-            ),
+            from_pandas(val, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-validation"),
             context="validation",
         )
 
@@ -115,7 +126,9 @@ def _display(cmd: list[str]) -> str:
     return " ".join(shown)
 
 
-def run_horovod(cmd: list[str], env: dict[str, str], timeout_s: float, log_file: Path, logger) -> RankOutput:
+def run_horovod(
+    cmd: list[str], env: dict[str, str], timeout_s: float, log_file: Path, logger: LineLogger
+) -> RankOutput:
     """Run horovodrun, stream its output line by line, enforce the timeout.
 
     Raises :class:`TrainingTimeout` or :class:`TrainingError` (naming the first failing rank);
@@ -134,13 +147,14 @@ def run_horovod(cmd: list[str], env: dict[str, str], timeout_s: float, log_file:
         start_new_session=True,
     )
     _running[proc.pid] = proc
-    lines: queue.Queue = queue.Queue()
-    done = object()
+    lines: queue.Queue[str | None] = queue.Queue()  # None: horovodrun's output ended
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE
 
-    def pump():  # a reader thread, so the timeout is checked even while no rank prints
-        for line in proc.stdout:
+    def pump() -> None:  # a reader thread, so the timeout is checked even while no rank prints
+        for line in stdout:
             lines.put(line)
-        lines.put(done)
+        lines.put(None)
 
     threading.Thread(target=pump, daemon=True, name=f"horovodrun-{proc.pid}").start()
     deadline = time.monotonic() + timeout_s
@@ -151,10 +165,10 @@ def run_horovod(cmd: list[str], env: dict[str, str], timeout_s: float, log_file:
                 try:
                     line = lines.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
                 except queue.Empty:
-                    line = None
-                if line is done:
+                    line = ""  # nothing within the second (a line read from the pipe is never empty)
+                if line is None:
                     break
-                if line is not None:
+                if line:
                     sink.write(line)
                     output.feed(line)
                     logger.info(line.rstrip())
@@ -196,8 +210,8 @@ def _run_mpijob(
     resume: bool,
     tracking_uri: str,
     home: Path,
-    progress,
-    log,
+    progress: LineLogger,
+    log: LineLogger,
 ) -> None:
     """``training.launcher: mpijob``: the same run as an MPIJob (training/mpijob.py). Its pods
     mount RINGFLOW_HOME from the shared claim, so the summary and checkpoints land in ``out`` as
@@ -226,7 +240,7 @@ def _run_mpijob(
     run_mpijob(doc, cfg.training.timeout_s, out / LOG_FILE, progress, poll_s=cfg.training.mpijob.poll_s)
 
 
-def retryable(task, task_run, state) -> bool:
+def retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry what a second attempt can fix (a killed rank, a lost host, I/O, the tracking server);
     not a bad config, bad or missing data, a missing key, a program bug or the run's own timeout,
     which would fail the same way again and only double the time to fail."""
@@ -289,7 +303,7 @@ def train_model(
     cfg: PipelineConfig,
     manifest_path: str,
     parent_run_id: str | None = None,
-    run_tags: dict | None = None,
+    run_tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train with ``horovodrun -np <world_size>`` on the manifest's shards; returns the typed result.
 
@@ -371,14 +385,14 @@ def train_model(
                     else None
                 )
                 cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume, hostfile=hostfile)
-                env = launch_env(
-                    cfg,
-                    MLFLOW_TRACKING_URI=tracking_uri,
-                    MLFLOW_RUN_ID=run_id,
-                    RINGFLOW_HOME=str(settings.home),
+                extra: dict[str, str | None] = {
+                    "MLFLOW_TRACKING_URI": tracking_uri,
+                    "MLFLOW_RUN_ID": run_id,
+                    "RINGFLOW_HOME": str(settings.home),
                     **timeline_env(cfg, out),
                     **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
-                )
+                }
+                env = launch_env(cfg, None, **extra)
                 log.info(
                     "attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else ""
                 )

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, Protocol
+from uuid import UUID
 
 import mlflow
 
 from ringflow.training.config import PipelineConfig
+from ringflow.training.result import TrainResult
 
 PROGRESS_KEY = "training-progress"
 RANK_TABLE_KEY = "rank-throughput"
@@ -23,25 +26,39 @@ EPOCH_LINE = re.compile(r"^\[0\]<stdout>:epoch (\d+)/(\d+)\b")
 """Rank 0's end-of-epoch line (fixed and elastic mode), as horovodrun prefixes it."""
 
 
+class LineLogger(Protocol):
+    """What the train task logs through: a ``logging.Logger``, Prefect's run logger, or
+    :class:`EpochProgress` around one."""
+
+    def info(self, msg: str, /, *args: object) -> None: ...
+
+    def warning(self, msg: str, /, *args: object) -> None: ...
+
+
 class EpochProgress:
     """A logger for ``run_horovod``: forwards every line, and moves a Prefect progress artifact
     to k/N at rank 0's "epoch k/N" lines."""
 
-    def __init__(self, logger, description: str):
+    def __init__(self, logger: LineLogger, description: str) -> None:
         self._log = logger
-        self.artifact_id = None
+        self.artifact_id: UUID | None = None
         try:
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact_id = create_progress_artifact(0.0, key=PROGRESS_KEY, description=description)
+            artifact_id = create_progress_artifact(0.0, key=PROGRESS_KEY, description=description)
+            # a sync call; Prefect types it `UUID | Coroutine` (async_dispatch)
+            self.artifact_id = artifact_id if isinstance(artifact_id, UUID) else None
         except Exception as e:  # noqa: BLE001 - no API / no run context: train without it
             logger.warning("no training progress artifact: %s", e)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._log, name)
 
-    def info(self, msg, *args, **kwargs) -> None:
-        self._log.info(msg, *args, **kwargs)
+    def info(self, msg: str, /, *args: object) -> None:
+        self._log.info(msg, *args)
+
+    def warning(self, msg: str, /, *args: object) -> None:
+        self._log.warning(msg, *args)
         m = EPOCH_LINE.match(msg) if isinstance(msg, str) else None
         if m:
             self.update(100.0 * int(m[1]) / max(int(m[2]), 1))
@@ -65,7 +82,7 @@ def timeline_env(cfg: PipelineConfig, output_dir: Path) -> dict[str, str | None]
 
 def log_horovod_files(output_dir: Path) -> list[str]:
     """Log the timeline and the autotune log, when this run wrote them, into the active run."""
-    logged = []
+    logged: list[str] = []
     for name in (TIMELINE_FILE, AUTOTUNE_FILE):
         path = output_dir / name
         if path.is_file() and path.stat().st_size > 0:
@@ -74,7 +91,7 @@ def log_horovod_files(output_dir: Path) -> list[str]:
     return logged
 
 
-def rank_table(result) -> list[dict]:
+def rank_table(result: TrainResult) -> list[dict[str, object]]:
     """One row per rank of a TrainResult: host, speed, step time, memory."""
     return [
         {
@@ -88,7 +105,7 @@ def rank_table(result) -> list[dict]:
     ]
 
 
-def publish_rank_table(result, logger) -> None:
+def publish_rank_table(result: TrainResult, logger: LineLogger) -> None:
     try:
         from prefect.artifacts import create_table_artifact
 

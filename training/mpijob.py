@@ -59,7 +59,7 @@ def render_mpijob(
     output_dir: str | Path,
     home: str | Path,
     name: str,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     resume: bool = False,
     labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:

@@ -325,18 +325,19 @@ def runner_health() -> str | None:
     only when the runner really reaches the API (a 401 from a wrong auth string turns it red)."""
     import httpx
 
+    from ringflow.infra.stack_settings import PREFECT_AUTH_ENV, prefect_auth_tuple
+
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         return "PREFECT_API_URL is not set"
-    auth_string = os.environ.get("PREFECT_API_AUTH_STRING") or ""
-    user, _, pw = auth_string.partition(":")
+    auth = prefect_auth_tuple({})  # this process's PREFECT_API_AUTH_STRING
     for name in DEPLOYMENT_NAMES:
         try:
-            r = httpx.get(f"{api}/deployments/name/{name}", timeout=5, auth=(user, pw) if auth_string else None)
+            r = httpx.get(f"{api}/deployments/name/{name}", timeout=5, auth=auth)
         except httpx.HTTPError as e:
             return f"the Prefect API at {api} does not answer: {e}"
         if r.status_code == 401:
-            return f"the Prefect API at {api} refused the runner (401): check PREFECT_API_AUTH_STRING"
+            return f"the Prefect API at {api} refused the runner (401): check {PREFECT_AUTH_ENV}"
         if r.status_code != 200:
             return f"deployment {name}: HTTP {r.status_code}"
         if r.json().get("status") != "READY":

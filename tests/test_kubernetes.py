@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from ringflow.infra.stack_settings import HEALTH_PATHS
 from ringflow.training.config import ConfigError, load_config
 from ringflow.training.launch import check_launchable
 from ringflow.training.mpijob import (
@@ -71,6 +72,13 @@ def test_every_server_manifest_validates():
                 if "PASSWORD" in e["name"]:
                     assert "secretKeyRef" in e.get("valueFrom", {}), (d["metadata"]["name"], e)
     assert "password:" not in text.lower()
+    # the servers' readiness probes ask the health paths `ringflow up` and `status` ask (one home)
+    probes = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"]
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] in ("prefect-server", "mlflow")
+    }
+    assert probes == {"prefect-server": HEALTH_PATHS["prefect"], "mlflow": HEALTH_PATHS["mlflow"]}
 
 
 def test_the_crd_is_the_operators_with_its_version():

@@ -20,6 +20,13 @@ import httpx
 import psutil
 import pytest
 
+from ringflow.infra.stack_settings import (
+    PREFECT_AUTH_ENV,
+    PREFECT_SERVER_AUTH_ENV,
+    ServerName,
+    StackSettings,
+    parse_auth_string,
+)
 from ringflow.monitoring.anomalies import Anomaly, AnomalyType, Severity
 from ringflow.monitoring.events import AnomalyEventPayload, ModelRef, RerunRequest
 
@@ -78,6 +85,11 @@ class Stack:
     def mlflow(self) -> str:
         return f"http://127.0.0.1:{self.mlflow_port}"
 
+    def health(self, server: ServerName) -> str:
+        """The server's health URL: the path ``up`` and ``status`` ask (infra/stack_settings.py)."""
+        ports = {"prefect_port": self.prefect_port, "mlflow_port": self.mlflow_port}
+        return StackSettings(host="127.0.0.1", evidently_port=self.evidently_port, **ports).health_url(server)
+
     def cli(self, *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300):
         p = subprocess.run(
             [str(RINGFLOW), *args],
@@ -120,7 +132,7 @@ class Stack:
         from prefect.client.orchestration import get_client
         from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        auth = self.env.get("PREFECT_API_AUTH_STRING") or self.env.get("PREFECT_SERVER_API_AUTH_STRING")
+        auth = self.env.get(PREFECT_AUTH_ENV) or self.env.get(PREFECT_SERVER_AUTH_ENV)
 
         class _Ctx:
             def __enter__(s):
@@ -169,10 +181,10 @@ def stack(tmp_path_factory):
 
 def test_up_started_all_three_and_wrote_urls(stack):
     assert set(stack.pids()) == {"prefect", "mlflow", "evidently", "serve"}
-    assert httpx.get(f"{stack.api}/health").json() is True
-    assert httpx.get(f"{stack.mlflow}/health").text == "OK"
+    assert httpx.get(stack.health("prefect")).json() is True
+    assert httpx.get(stack.health("mlflow")).text == "OK"
     # Evidently's UI over the monitoring workspace, on its own port, in status
-    assert httpx.get(f"http://127.0.0.1:{stack.evidently_port}/api/version").json()["application"] == "Evidently UI"
+    assert httpx.get(stack.health("evidently")).json()["application"] == "Evidently UI"
     status = stack.cli("status").stdout
     sup = json.loads((stack.home / "stack" / "evidently.state.json").read_text())
     assert (
@@ -415,7 +427,7 @@ def test_kill_9_of_a_service_pid_is_caught_by_status_and_up(stack):
     os.kill(rec["pid"], 9)  # the supervisor: nothing restarts its orphaned service
     _wait_dead(rec["pid"])
     # The orphaned server and uvicorn still serve the port: that is what status must not hide.
-    assert httpx.get(f"{stack.mlflow}/health").text == "OK"
+    assert httpx.get(stack.health("mlflow")).text == "OK"
     out = stack.cli("status").stdout
     assert "mlflow   stopped" in out and "leftover process(es) still running" in out, out
 
@@ -424,7 +436,7 @@ def test_kill_9_of_a_service_pid_is_caught_by_status_and_up(stack):
     assert "mlflow   started" in out and "prefect  already running" in out, out
     gone, alive = psutil.wait_procs(old_tree, timeout=10)
     assert not alive, [p.pid for p in alive]
-    assert httpx.get(f"{stack.mlflow}/health").text == "OK"
+    assert httpx.get(stack.health("mlflow")).text == "OK"
     new = json.loads((stack.home / "stack" / "mlflow.pid").read_text())
     assert new["pid"] != rec["pid"] and _tagged(new["tag"])
     assert "mlflow   running" in stack.cli("status").stdout
@@ -525,11 +537,7 @@ def test_each_server_killed_by_pid_is_restarted_by_its_supervisor(stack):
         except httpx.HTTPError:
             return False
 
-    health = {
-        "mlflow": f"{stack.mlflow}/health",
-        "prefect": f"{stack.api}/health",
-        "evidently": f"http://127.0.0.1:{stack.evidently_port}/api/version",
-    }
+    health = {name: stack.health(name) for name in ("mlflow", "prefect", "evidently")}
     for name, url in health.items():
         state_file = stack.home / "stack" / f"{name}.state.json"
         supervisor = stack.pids()[name]
@@ -900,10 +908,9 @@ def auth_stack(tmp_path_factory):
 
 def test_auth_refuses_anonymous_requests_to_both_servers(auth_stack):
     s = auth_stack
-    user, pw = s.prefect_secret.split(":", 1)
     r = httpx.post(f"{s.api}/deployments/filter", json={})
     assert r.status_code == 401
-    r = httpx.post(f"{s.api}/deployments/filter", json={}, auth=(user, pw))
+    r = httpx.post(f"{s.api}/deployments/filter", json={}, auth=parse_auth_string(s.prefect_secret))
     assert r.status_code == 200 and len(r.json()) == 2  # the serve process authenticated and deployed
     search = f"{s.mlflow}/api/2.0/mlflow/experiments/search?max_results=5"
     assert httpx.get(search).status_code == 401
@@ -952,7 +959,7 @@ def test_auth_clients_work_with_env_credentials_and_secrets_stay_out_of_files(au
     assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "1.0", p.stderr[-2000:]
 
     stack_dir = s.home / "stack"
-    secrets = [s.prefect_secret.split(":", 1)[1], s.mlflow_password]
+    secrets = [parse_auth_string(s.prefect_secret)[1], s.mlflow_password]
     for f in [stack_dir / "env", *stack_dir.glob("*.log"), *stack_dir.glob("*.pid"), stack_dir / "mlflow-auth.ini"]:
         text = f.read_text(errors="replace")
         assert not any(x in text for x in secrets), f"a credential leaked into {f}"

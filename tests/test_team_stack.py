@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from ringflow.infra import postgres
+from ringflow.infra.stack_settings import HEALTH_PATHS, WORKER_HEALTH_PATH
 from tests.test_stack import ROOT, SMOKE, Stack, _free_port, _stop
 
 pytestmark = [pytest.mark.server]
@@ -560,7 +561,10 @@ def test_compose_without_auth_sets_no_auth_variable_and_needs_no_object_store():
         "process",
         "--with-healthcheck",
     ]
-    assert "localhost:8080/health" in " ".join(worker["healthcheck"]["test"])
+    assert f"localhost:8080{WORKER_HEALTH_PATH}" in " ".join(worker["healthcheck"]["test"])
+    # the servers' healthchecks ask the paths `ringflow up` and `status` ask (one home)
+    assert f"localhost:4200{HEALTH_PATHS['prefect']}'" in " ".join(services["prefect-server"]["healthcheck"]["test"])
+    assert f"localhost:5000{HEALTH_PATHS['mlflow']}'" in " ".join(services["mlflow"]["healthcheck"]["test"])
     assert deploy["command"] == ["ringflow", "deploy", "--config", "configs/flights.yaml", "--work-pool", "ringflow"]
     assert deploy["depends_on"] == {"worker": {"condition": "service_healthy"}} and deploy["restart"] == "no"
     assert deploy["environment"]["RINGFLOW_NOTIFY_WEBHOOK_URL"] == ""  # off unless .env names one
@@ -688,8 +692,8 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
         services = _compose_on_this_machine(render_compose(env, COMPOSE), ports, data)
         common = {**scrub, "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         for name, ready in (
-            ("prefect-server", f"http://127.0.0.1:{ports['prefect']}/api/health"),
-            ("mlflow", f"http://127.0.0.1:{ports['mlflow']}/health"),
+            ("prefect-server", f"http://127.0.0.1:{ports['prefect']}{HEALTH_PATHS['prefect']}"),
+            ("mlflow", f"http://127.0.0.1:{ports['mlflow']}{HEALTH_PATHS['mlflow']}"),
         ):
             cmd, senv = services[name]
             with open(base / f"{name}.log", "wb") as log:
@@ -707,7 +711,7 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
         # the worker (it makes the process pool), healthy by Prefect's own endpoint; then the one-shot deploy
         cmd, senv = services["worker"]
         worker_env = {**common, **senv, "PREFECT_WORKER_WEBSERVER_PORT": str(ports["worker_health"])}
-        health = f"http://127.0.0.1:{ports['worker_health']}/health"
+        health = f"http://127.0.0.1:{ports['worker_health']}{WORKER_HEALTH_PATH}"
         assert not _ok(httpx, health)
         with open(base / "worker.log", "wb") as log:
             procs.append(

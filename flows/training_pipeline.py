@@ -18,7 +18,7 @@ from prefect.cache_policies import DEFAULT
 from pydantic import BaseModel
 
 from ringflow.tasks import timings
-from ringflow.tasks.evaluate import REPORTED_METRICS, evaluate_candidate
+from ringflow.tasks.evaluate import evaluate_candidate
 from ringflow.tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
 from ringflow.tasks.register import register_candidate
 from ringflow.tasks.shard import shard_data
@@ -27,6 +27,7 @@ from ringflow.tasks.train import train_model
 from ringflow.training import tags
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.launch import check_horovod
+from ringflow.training.metric_names import METRIC_NAMES
 
 
 class PipelineStageError(RuntimeError):
@@ -174,7 +175,7 @@ def _reported(metrics: None) -> None: ...
 @overload
 def _reported(metrics: dict[str, float] | None) -> dict[str, float] | None: ...
 def _reported(metrics: dict[str, float] | None) -> dict[str, float] | None:
-    return None if metrics is None else {k: v for k, v in metrics.items() if k in REPORTED_METRICS}
+    return None if metrics is None else {k: v for k, v in metrics.items() if k in METRIC_NAMES}
 
 
 def _version(v: str | None) -> str:

@@ -29,11 +29,13 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 from sklearn.pipeline import Pipeline
 
+from ringflow.tasks import artifacts
 from ringflow.tasks.timings import Laps
 from ringflow.training import tags
 from ringflow.training.baseline import BASELINE_MAX_ROWS, TunedBaseline, baseline_proba, tune_baseline
 from ringflow.training.config import GateConfig, PipelineConfig, get_settings
 from ringflow.training.manifest import Manifest
+from ringflow.training.metric_names import METRIC_NAMES
 from ringflow.training.metrics import (
     GREATER_IS_BETTER,
     classification_metrics,
@@ -42,9 +44,9 @@ from ringflow.training.metrics import (
 )
 from ringflow.training.pyfunc import log_delay_model, model_columns, predict_rows
 from ringflow.training.result import TrainResult
+from ringflow.training.summary import SUMMARY_FILE
 
 CHAMPION = "champion"
-REPORTED_METRICS = ["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "brier"]
 THRESHOLD_PARAM = "decision_threshold"
 """Logged-model param holding the threshold a model's accuracy/F1 are computed at."""
 
@@ -218,7 +220,7 @@ def _decision_markdown(cfg: PipelineConfig, ev: EvaluationResult) -> str:
     champion_col = f"champion v{ev.champion_version}" if ev.champion_version else "champion (none yet)"
     baseline_col = f"baseline {ev.baseline}"
     rows = [f"| metric | candidate | {champion_col} | {baseline_col} |", "|---|---|---|---|"]
-    for k in REPORTED_METRICS:
+    for k in METRIC_NAMES:
         rows.append(
             f"| {k} | {_fmt(ev.candidate_metrics.get(k))} | "
             f"{_fmt((ev.champion_metrics or {}).get(k))} | {_fmt((ev.baseline_metrics or {}).get(k))} |"
@@ -298,7 +300,7 @@ def log_baseline_settings(tuned: TunedBaseline) -> None:
     mlflow.log_params({tags.BASELINE_PARAM_PREFIX + k: v for k, v in tuned.params.items()})
     mlflow.log_metrics({"baseline_val_roc_auc": tuned.val_roc_auc, "baseline_tuning_s": tuned.seconds})
     mlflow.set_tag(tags.GATE_BASELINE_SETTINGS, ", ".join(f"{k}={v}" for k, v in tuned.params.items()))
-    mlflow.log_dict({"kind": tuned.kind, "chosen": tuned.params, "grid": tuned.grid}, "evaluation/baseline_grid.json")
+    mlflow.log_dict({"kind": tuned.kind, "chosen": tuned.params, "grid": tuned.grid}, artifacts.BASELINE_GRID)
 
 
 SKOPS_TRUSTED_TYPES = [
@@ -403,7 +405,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
             model_dir = Path(tmp) / "model"
             model_dir.mkdir()
             for f in Path(train_result.model_path).parent.iterdir():
-                if f.is_file() and f.suffix in {".pt", ".json"} and f.name != "summary.json":
+                if f.is_file() and f.suffix in {".pt", ".json"} and f.name != SUMMARY_FILE:
                     shutil.copy2(f, model_dir / f.name)
             threshold = read_decision_threshold(model_dir)
             info = log_delay_model(model_dir, model_inputs, test.head(5))
@@ -460,8 +462,8 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
             curves[f"baseline {cfg.gate.baseline}"] = base_p
         lap("MLflow: test input, metrics")
         roc, cal = roc_and_calibration_figures(y, curves)
-        mlflow.log_figure(roc, "evaluation/roc_pr_curves.png")
-        mlflow.log_figure(cal, "evaluation/calibration_curve.png")
+        mlflow.log_figure(roc, artifacts.ROC_PR_CURVES)
+        mlflow.log_figure(cal, artifacts.CALIBRATION_CURVE)
         lap("plots (ROC/PR, calibration), logged")
         mlflow.set_tags(
             {
@@ -489,7 +491,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
             test_rows=len(test),
             decision=decision,
         )
-        mlflow.log_text(_decision_markdown(cfg, ev), "evaluation/gate.md")
+        mlflow.log_text(_decision_markdown(cfg, ev), artifacts.GATE_REPORT)
     create_markdown_artifact(
         _decision_markdown(cfg, ev), key="gate-decision", description="candidate vs champion vs baseline"
     )

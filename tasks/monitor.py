@@ -55,7 +55,8 @@ from ringflow.monitoring.reports import (
     build_reports,
 )
 from ringflow.monitoring.scoring import BatchScores, score, score_chunks
-from ringflow.tasks.evaluate import REPORTED_METRICS, THRESHOLD_PARAM, current_champion, logged_threshold
+from ringflow.tasks import artifacts
+from ringflow.tasks.evaluate import THRESHOLD_PARAM, current_champion, logged_threshold
 from ringflow.tasks.links import mlflow_run_url, prefect_flow_run_url
 from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
 from ringflow.training import tags
@@ -63,8 +64,9 @@ from ringflow.training.baseline import baseline_proba
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.data import TARGET
 from ringflow.training.manifest import Manifest, key_from_env
+from ringflow.training.metric_names import METRIC_NAMES
 from ringflow.training.pyfunc import model_columns
-from ringflow.training.summary import SUMMARY_FILE, TrainingSummary
+from ringflow.training.summary import TrainingSummary
 
 __all__ = [  # the names the flow and the tests import from here (some defined in monitoring/)
     "Batch",
@@ -135,7 +137,7 @@ def resolve_champion(cfg: PipelineConfig) -> ChampionInfo:
         manifest_path=version_tags.get(tags.MANIFEST_PATH),
         test_roc_auc=float(auc) if auc not in (None, "") else None,
         tags=version_tags,
-        training_config=_load_run_json(run_id, "config/pipeline_config.json") if run_id else None,
+        training_config=_load_run_json(run_id, artifacts.CONFIG_ARTIFACT) if run_id else None,
     )
 
 
@@ -301,7 +303,7 @@ def observe(
 ) -> tuple[MonitoringObservation, dict[str, float]]:
     """Numbers on the full batch -> the rules' input; also returns the batch metrics
     (``monitoring/observation.py``, with the evaluation's metric names for the baseline)."""
-    return _observe(cfg, champion, batch, reference, report, training, baseline_metrics=REPORTED_METRICS)
+    return _observe(cfg, champion, batch, reference, report, training, baseline_metrics=METRIC_NAMES)
 
 
 # --------------------------------------------------------------------------- MLflow history
@@ -323,14 +325,12 @@ def training_health(cfg: PipelineConfig) -> TrainingObservation | None:
     runs = client.search_runs(
         ids, tags.tag_filter(tags.KIND, tags.KIND_TRAINING), order_by=["attributes.start_time DESC"], max_results=50
     )
-    return training_observation(
-        runs, _load_summary, lambda run_id: _load_run_json(run_id, "config/pipeline_config.json")
-    )
+    return training_observation(runs, _load_summary, lambda run_id: _load_run_json(run_id, artifacts.CONFIG_ARTIFACT))
 
 
 def _load_summary(run_id: str) -> TrainingSummary | None:
     """The run's ``training/summary.json`` artifact, or None (absent, or written by an older ringflow)."""
-    raw = _load_run_json(run_id, f"training/{SUMMARY_FILE}")
+    raw = _load_run_json(run_id, artifacts.SUMMARY_ARTIFACT)
     try:
         return TrainingSummary.model_validate(raw) if raw else None
     except ValueError:
@@ -474,7 +474,7 @@ def log_monitoring_run(
     (out / "anomalies.json").write_text(json.dumps([a.model_dump(mode="json") for a in anomalies], indent=1))
     (out / "decision.json").write_text(decision.model_dump_json(indent=1))
     (out / "observation.json").write_text(obs.model_dump_json(indent=1))
-    client.log_artifacts(run_id, str(out), "monitoring")
+    client.log_artifacts(run_id, str(out), artifacts.MONITORING_DIR)
     client.set_tag(run_id, tags.ANOMALY_COUNT, str(len(anomalies)))
     if anomalies:
         client.set_tag(run_id, tags.ANOMALY_TYPES, ",".join(sorted({a.type.value for a in anomalies})))

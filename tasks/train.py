@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
-from ringflow.tasks import timings
+from ringflow.tasks import artifacts, timings
 from ringflow.tasks.shard import resolve_data_key
 from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
 from ringflow.tasks.training_artifacts import (
@@ -101,8 +101,8 @@ def _log_lineage(cfg: PipelineConfig, manifest: Manifest, key: bytes | None) -> 
     """Manifest + config as artifacts; training and validation data as ``mlflow.data`` inputs."""
     from mlflow.data.pandas_dataset import from_pandas
 
-    mlflow.log_artifact(str(manifest.path), artifact_path="data")
-    mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
+    mlflow.log_artifact(str(manifest.path), artifact_path=artifacts.DATA_DIR)
+    mlflow.log_dict(cfg.model_dump(mode="json"), artifacts.CONFIG_ARTIFACT)
     train = pd.concat([manifest.read(s, key) for s in manifest.shards], ignore_index=True)
     name = f"{cfg.name}-{manifest.fingerprint[:12]}"
     val = manifest.read(manifest.validation, key)
@@ -408,13 +408,13 @@ def train_model(
         finally:
             t_after = time.monotonic()
             if (out / LOG_FILE).is_file():
-                mlflow.log_artifact(str(out / LOG_FILE), artifact_path="training")
+                mlflow.log_artifact(str(out / LOG_FILE), artifact_path=artifacts.TRAINING_DIR)
             log_horovod_files(out)  # timeline (training.horovod.timeline) and autotune log, when written
         if not (out / SUMMARY_FILE).is_file():
             raise TrainingError(f"horovodrun exited 0 but rank 0 wrote no {out / SUMMARY_FILE}")
         result = TrainResult.from_output_dir(run_id, out)
         _record_launch(out, t_after - t0 if launched is None else launched, tc.launcher)
-        mlflow.log_artifact(str(out / SUMMARY_FILE), artifact_path="training")
+        mlflow.log_artifact(str(out / SUMMARY_FILE), artifact_path=artifacts.TRAINING_DIR)
         progress.update(100.0)  # early stopping ends before epoch N
         publish_rank_table(result, log)
         mlflow.set_tags({tags.TRAINING_STATUS: result.status, tags.WORLD_SIZE: str(result.world_size)})

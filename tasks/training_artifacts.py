@@ -15,6 +15,7 @@ from uuid import UUID
 
 import mlflow
 
+from ringflow.tasks.artifacts import HOROVOD_DIR
 from ringflow.training.config import PipelineConfig
 from ringflow.training.result import TrainResult
 
@@ -86,8 +87,8 @@ def log_horovod_files(output_dir: Path) -> list[str]:
     for name in (TIMELINE_FILE, AUTOTUNE_FILE):
         path = output_dir / name
         if path.is_file() and path.stat().st_size > 0:
-            mlflow.log_artifact(str(path), artifact_path="horovod")
-            logged.append(f"horovod/{name}")
+            mlflow.log_artifact(str(path), artifact_path=HOROVOD_DIR)
+            logged.append(f"{HOROVOD_DIR}/{name}")
     return logged
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from ringflow.tasks import artifacts
 from ringflow.training.baseline import ITERATIONS_PARAM, baseline_proba, refit_baseline, tune_baseline
 from ringflow.training.config import with_overrides
 from ringflow.training.metrics import classification_metrics
@@ -115,8 +116,8 @@ def test_gate_refuses_a_network_the_baseline_beats(prefect_harness, ringflow_hom
     assert run.data.metrics["baseline_val_roc_auc"] == pytest.approx(max(g["val_roc_auc"] for g in grid["grid"]))
     assert run.data.tags["gate.reason.baseline.roc_auc"].startswith("FAIL ")
     assert "gate.warning" in run.data.tags
-    arts = {a.path for a in client.list_artifacts(result.training_run_id, "evaluation")}
-    assert {"evaluation/roc_pr_curves.png", "evaluation/gate.md"} <= arts
+    arts = {a.path for a in client.list_artifacts(result.training_run_id, artifacts.EVALUATION_DIR)}
+    assert {artifacts.ROC_PR_CURVES, artifacts.GATE_REPORT} <= arts
     gate_md = mlflow.artifacts.load_text(f"runs:/{result.training_run_id}/evaluation/gate.md")
     assert "baseline hgb" in gate_md and "Warning" in gate_md
 

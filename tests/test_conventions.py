@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from ringflow.tasks import artifacts
+from ringflow.tasks.training_artifacts import AUTOTUNE_FILE, TIMELINE_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = ["flows", "infra", "tasks", "monitoring", "training"]
 """The floors, top to bottom: a module imports its own floor and those below, never one above."""
@@ -430,9 +433,9 @@ def test_training_publishes_progress_rank_table_and_horovod_files(
     assert {row["host"] for row in table} == set(result.hosts)
 
     client = MlflowClient(f"sqlite:///{ringflow_home / 'mlflow.db'}")
-    logged = {a.path: a for a in client.list_artifacts(result.run_id, "horovod")}
-    assert "horovod/horovod-timeline.json" in logged, logged
-    assert logged["horovod/horovod-timeline.json"].file_size > 1000
-    assert "horovod/autotune.csv" in logged, logged
+    logged = {a.path: a for a in client.list_artifacts(result.run_id, artifacts.HOROVOD_DIR)}
+    assert f"{artifacts.HOROVOD_DIR}/{TIMELINE_FILE}" in logged, logged
+    assert logged[f"{artifacts.HOROVOD_DIR}/{TIMELINE_FILE}"].file_size > 1000
+    assert f"{artifacts.HOROVOD_DIR}/{AUTOTUNE_FILE}" in logged, logged
     timeline = (Path(result.output_dir) / "horovod-timeline.json").read_text()
     assert "allreduce" in timeline.lower()

@@ -123,3 +123,19 @@ def test_alias_moves_are_recorded(ringflow_home):
         ("champion", v1, v2),
     ]
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+
+
+def test_every_metric_name_is_computed_ranked_and_a_gate_choice():
+    """The metric names have one home (training/metric_names.py): what is computed, which way is
+    better, what the gate may compare and what evaluation reports all agree with it."""
+    import typing
+
+    from ringflow.training.metric_names import METRIC_NAMES
+    from ringflow.training.metrics import GREATER_IS_BETTER, classification_metrics
+
+    y = np.array([0, 1, 0, 1, 1, 0])
+    computed = classification_metrics(y, np.array([0.1, 0.8, 0.3, 0.6, 0.9, 0.4]))
+    assert set(METRIC_NAMES) <= set(computed)
+    assert set(GREATER_IS_BETTER) == set(METRIC_NAMES) == set(GOOD)
+    primary = GateConfig.model_fields["primary_metric"].annotation
+    assert typing.get_args(primary) == METRIC_NAMES

@@ -22,6 +22,7 @@ from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noq
 
 from ringflow.monitoring.anomalies import MonitoringObservation
 from ringflow.monitoring.events import AnomalyEventPayload
+from ringflow.tasks import artifacts
 from ringflow.training.config import PipelineConfig, with_overrides
 from ringflow.training.data import TARGET, in_window, load_labelled
 
@@ -70,7 +71,7 @@ def register_champion(cfg: PipelineConfig, df: pd.DataFrame, version_tags: dict 
 
     mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(), cfg.registry.experiment))
     with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": "2"}) as run:
-        mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
+        mlflow.log_dict(cfg.model_dump(mode="json"), artifacts.CONFIG_ARTIFACT)
         mlflow.log_dict(
             _summary(
                 status="completed",
@@ -80,7 +81,7 @@ def register_champion(cfg: PipelineConfig, df: pd.DataFrame, version_tags: dict 
                     {"rank": 1, "samples_per_s": 990.0, "step_time_ms": 10.2},
                 ],
             ),
-            "training/summary.json",
+            artifacts.SUMMARY_ARTIFACT,
         )
         info = mlflow.pyfunc.log_model(name="model", python_model=model, input_example=test[NUMERIC].head(3))
     tags = {
@@ -180,7 +181,7 @@ def test_monitoring_flow_end_to_end(
     assert t["ringflow.rerun_triggered"] == "false"  # a reported plan is not a rerun
     assert run.data.metrics["drifted_share"] == pytest.approx(r.drifted_share)
     assert "batch_roc_auc" in run.data.metrics and "roc_auc_drop" in run.data.metrics
-    arts = {a.path for a in client.list_artifacts(r.monitoring_run_id, "monitoring")}
+    arts = {a.path for a in client.list_artifacts(r.monitoring_run_id, artifacts.MONITORING_DIR)}
     assert {
         "monitoring/drift.html",
         "monitoring/drift.json",
@@ -383,9 +384,9 @@ def _summary(**fields) -> dict:
 def _training_run(status: str, summary: dict | None, world_size: int = 2, cfg: PipelineConfig | None = None) -> str:
     with mlflow.start_run(tags={"ringflow.kind": "training", "world_size": str(world_size)}) as run:
         if summary is not None:
-            mlflow.log_dict(_summary(**summary), "training/summary.json")
+            mlflow.log_dict(_summary(**summary), artifacts.SUMMARY_ARTIFACT)
         if cfg is not None:
-            mlflow.log_dict(cfg.model_dump(mode="json"), "config/pipeline_config.json")
+            mlflow.log_dict(cfg.model_dump(mode="json"), artifacts.CONFIG_ARTIFACT)
     if status == "FAILED":
         MlflowClient().set_terminated(run.info.run_id, "FAILED")
     return run.info.run_id

@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ringflow.flows.training_pipeline import training_pipeline
+from ringflow.tasks import artifacts
 from ringflow.tasks.register import alias_history
 from ringflow.training.config import with_overrides
 from ringflow.training.data import load_flights
@@ -88,8 +89,8 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     assert {"test_roc_auc", "test_pr_auc", "test_log_loss", "test_accuracy", "test_f1", "test_brier"} <= set(
         run.data.metrics
     )
-    arts = {a.path for a in client.list_artifacts(first.training_run_id, "evaluation")}
-    assert {"evaluation/roc_pr_curves.png", "evaluation/calibration_curve.png", "evaluation/baseline_grid.json"} <= arts
+    arts = {a.path for a in client.list_artifacts(first.training_run_id, artifacts.EVALUATION_DIR)}
+    assert {artifacts.ROC_PR_CURVES, artifacts.CALIBRATION_CURVE, artifacts.BASELINE_GRID} <= arts
     # the tuned reference: its chosen settings are params of the run, next to its metrics
     assert first.baseline == "lightgbm" and run.data.tags["gate.baseline"] == "lightgbm"
     assert {"baseline.num_leaves", "baseline.learning_rate", "baseline.iterations"} <= set(run.data.params)

@@ -29,6 +29,7 @@ from ringflow.infra.stack_settings import (
 )
 from ringflow.monitoring.anomalies import Anomaly, AnomalyType, Severity
 from ringflow.monitoring.events import AnomalyEventPayload, ModelRef, RerunRequest
+from ringflow.tasks import artifacts
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -827,7 +828,7 @@ def test_down_stops_everything_and_state_survives_a_restart(stack):
         [exp.experiment_id], "tags.`ringflow.kind` = 'training'", order_by=["attribute.start_time DESC"], max_results=1
     )
     assert latest.info.status == "FINISHED"
-    assert client.list_artifacts(latest.info.run_id, "training")
+    assert client.list_artifacts(latest.info.run_id, artifacts.TRAINING_DIR)
 
     # Restart without the runner: deployments and automation come from the persisted database.
     _start(stack, "--no-serve")

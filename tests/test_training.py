@@ -20,6 +20,8 @@ import psutil
 import pytest
 import torch
 
+from ringflow.tasks import artifacts
+from ringflow.tasks.train import LOG_FILE
 from ringflow.training.checkpoint import load_checkpoint
 from ringflow.training.config import HorovodConfig, PipelineConfig, with_overrides
 from ringflow.training.launch import RankOutput, horovodrun_command, launch_env
@@ -197,11 +199,15 @@ def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, 
     steps = [m.step for m in client.get_metric_history(r.run_id, "val_roc_auc")]
     assert steps == list(range(1, r.epochs_completed + 1))
     assert {"rank0_samples_per_s", "rank1_step_time_ms", "train_loss"} <= set(run.data.metrics)
-    arts = {a.path for d in ("training", "config", "data") for a in client.list_artifacts(r.run_id, d)}
+    arts = {
+        a.path
+        for d in (artifacts.TRAINING_DIR, artifacts.CONFIG_DIR, artifacts.DATA_DIR)
+        for a in client.list_artifacts(r.run_id, d)
+    }
     assert {
-        "training/summary.json",
-        "training/horovodrun.log",
-        "config/pipeline_config.json",
+        artifacts.SUMMARY_ARTIFACT,
+        f"{artifacts.TRAINING_DIR}/{LOG_FILE}",
+        artifacts.CONFIG_ARTIFACT,
         "data/manifest.json",
     } <= arts
     contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}

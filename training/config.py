@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ringflow.training.metric_names import MetricName
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field and the bad value."""
@@ -413,7 +415,7 @@ class TrainingConfig(_Strict):
 class GateConfig(_Strict):
     """Champion vs challenger: promote only a candidate that beats the champion and the floors."""
 
-    primary_metric: Literal["roc_auc", "pr_auc", "accuracy", "f1", "log_loss", "brier"] = "roc_auc"
+    primary_metric: MetricName = "roc_auc"
     """Metric on which a candidate must beat the champion."""
     min_improvement: float = Field(0.0, ge=0)
     """Margin by which the candidate must beat the champion on the primary metric."""

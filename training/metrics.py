@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-GREATER_IS_BETTER = {
+GREATER_IS_BETTER: dict[str, bool] = {
     "roc_auc": True,
     "pr_auc": True,
     "accuracy": True,

@@ -51,6 +51,7 @@ from ringflow.training.config import PipelineConfig, TrainingConfig, get_setting
 from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX
 from ringflow.training.manifest import FileEntry, Manifest, MissingKeyError, ShardIntegrityError
 from ringflow.training.memory import peak_rss_mb
+from ringflow.training.metric_names import METRIC_NAMES
 from ringflow.training.metrics import classification_metrics, max_f1_threshold
 from ringflow.training.model import TabularNet, predict_logits, save_model
 from ringflow.training.preprocess import Preprocessor
@@ -441,7 +442,7 @@ class Trainer:
         threshold = max_f1_threshold(y, p)
         m = classification_metrics(y, p, threshold)
         return {
-            **{k: m[k] for k in ("roc_auc", "log_loss", "pr_auc", "accuracy", "f1", "brier")},
+            **{k: m[k] for k in METRIC_NAMES},
             "decision_threshold": threshold,
         }
 

@@ -47,8 +47,6 @@ from ringflow.training.result import TrainResult
 from ringflow.training.summary import SUMMARY_FILE
 
 CHAMPION = "champion"
-THRESHOLD_PARAM = "decision_threshold"
-"""Logged-model param holding the threshold a model's accuracy/F1 are computed at."""
 
 
 class MetricVerdict(BaseModel):
@@ -253,7 +251,7 @@ def logged_threshold(model_id: str | None) -> float | None:
     if not model_id:
         return None
     try:
-        raw = mlflow.get_logged_model(model_id).params.get(THRESHOLD_PARAM)
+        raw = mlflow.get_logged_model(model_id).params.get(tags.DECISION_THRESHOLD)
     except MlflowException:
         return None
     return float(raw) if raw not in (None, "") else None
@@ -341,7 +339,7 @@ def log_baseline_model(
         pyfunc_predict_fn="predict_proba",
         # stated, not inferred: inference imports the model in a subprocess (seconds per evaluation)
         pip_requirements=[f"{d}=={version(d).split('+')[0]}" for d in libraries],
-        params={THRESHOLD_PARAM: f"{threshold:.6f}", **{k: str(v) for k, v in (settings or {}).items()}},
+        params={tags.DECISION_THRESHOLD: f"{threshold:.6f}", **{k: str(v) for k, v in (settings or {}).items()}},
         tags={tags.ROLE: "baseline"},
         **serialization,
     )
@@ -409,7 +407,7 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
                     shutil.copy2(f, model_dir / f.name)
             threshold = read_decision_threshold(model_dir)
             info = log_delay_model(model_dir, model_inputs, test.head(5))
-        mlflow.log_model_params({THRESHOLD_PARAM: f"{threshold:.6f}"}, model_id=info.model_id)
+        mlflow.log_model_params({tags.DECISION_THRESHOLD: f"{threshold:.6f}"}, model_id=info.model_id)
         lap("MLflow: log the candidate model")
         candidate_model = mlflow.pyfunc.load_model(info.model_uri)
         lap("model loading (candidate)")
@@ -448,13 +446,15 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
         test_data = test_dataset(cfg, manifest, test)
         mlflow.log_input(test_data, context="testing")
         mlflow.log_metrics(
-            {f"test_{k}": v for k, v in cand.items() if not math.isnan(v)}, model_id=info.model_id, dataset=test_data
+            {f"{tags.TEST_PREFIX}{k}": v for k, v in cand.items() if not math.isnan(v)},
+            model_id=info.model_id,
+            dataset=test_data,
         )
-        mlflow.log_metric("decision_threshold", threshold)
+        mlflow.log_metric(tags.DECISION_THRESHOLD, threshold)
         if champ:
-            mlflow.log_metrics({f"champion_test_{k}": v for k, v in champ.items() if not math.isnan(v)})
+            mlflow.log_metrics({f"{tags.CHAMPION_TEST_PREFIX}{k}": v for k, v in champ.items() if not math.isnan(v)})
         if base:
-            mlflow.log_metrics({f"baseline_test_{k}": v for k, v in base.items() if not math.isnan(v)})
+            mlflow.log_metrics({f"{tags.BASELINE_TEST_PREFIX}{k}": v for k, v in base.items() if not math.isnan(v)})
         curves = {"candidate": np.asarray(candidate_p)}
         if champ_mv is not None and champ_p is not None:
             curves[f"champion v{champ_mv.version}"] = np.asarray(champ_p)

@@ -56,7 +56,7 @@ from ringflow.monitoring.reports import (
 )
 from ringflow.monitoring.scoring import BatchScores, score, score_chunks
 from ringflow.tasks import artifacts
-from ringflow.tasks.evaluate import THRESHOLD_PARAM, current_champion, logged_threshold
+from ringflow.tasks.evaluate import current_champion, logged_threshold
 from ringflow.tasks.links import mlflow_run_url, prefect_flow_run_url
 from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
 from ringflow.training import tags
@@ -217,8 +217,8 @@ def champion_baseline(champion: ChampionInfo) -> tuple[Pipeline, float, float | 
         return None
     newest = baselines[-1]  # a retried evaluation logs it again
     model = mlflow.sklearn.load_model(f"models:/{newest.model_id}")
-    threshold = float(newest.params.get(THRESHOLD_PARAM, 0.5))
-    return model, threshold, run.data.metrics.get("baseline_test_roc_auc")
+    threshold = float(newest.params.get(tags.DECISION_THRESHOLD, 0.5))
+    return model, threshold, run.data.metrics.get(tags.BASELINE_TEST_ROC_AUC)
 
 
 @task(name="score-batch", cache_policy=NO_CACHE)

@@ -36,7 +36,6 @@ from ringflow.training.version import source_commit
 
 PREVIOUS_CHAMPION = "previous-champion"
 CHALLENGER = "challenger"
-HISTORY_PREFIX = "alias_history."
 REGISTRY_LOCK_PREFIX = "ringflow-registry-"
 REGISTRY_LOCK_TIMEOUT_S = 300
 """How long a registration waits for another one's alias decision (each takes seconds)."""
@@ -72,7 +71,7 @@ def move_alias(
         "reason": reason,
     }
     client.set_registered_model_tag(
-        name, f"{HISTORY_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%f')}.{alias}", json.dumps(move)
+        name, tags.alias_history_key(now.strftime("%Y%m%dT%H%M%S.%f"), alias), json.dumps(move)
     )
     return move
 
@@ -80,7 +79,7 @@ def move_alias(
 def alias_history(client: MlflowClient, name: str) -> list[dict[str, str | None]]:
     """All recorded alias moves of a registered model, oldest first."""
     model_tags = client.get_registered_model(name).tags
-    return [json.loads(model_tags[k]) for k in sorted(k for k in model_tags if k.startswith(HISTORY_PREFIX))]
+    return [json.loads(model_tags[k]) for k in sorted(k for k in model_tags if k.startswith(tags.ALIAS_HISTORY_PREFIX))]
 
 
 def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:

@@ -418,7 +418,7 @@ def train_model(
         progress.update(100.0)  # early stopping ends before epoch N
         publish_rank_table(result, log)
         mlflow.set_tags({tags.TRAINING_STATUS: result.status, tags.WORLD_SIZE: str(result.world_size)})
-        mlflow.log_metric("training_wall_time_s", t_after - t0)
+        mlflow.log_metric(tags.TRAINING_WALL_TIME, t_after - t0)
         if result.checkpoint_dir is None:
             mlflow.set_tag(tags.CHECKPOINT_DIR, "")
         timings.record("train", "MLflow: training log, summary, tags", time.monotonic() - t_after)

@@ -3,8 +3,10 @@ training flow's parameters must agree, and a rename on one side cannot go unnoti
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import inspect
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -68,30 +70,105 @@ def test_a_renamed_payload_field_fails_loudly():
         events._field_type(events.AnomalyEventPayload, ("monitoring_run",))
 
 
-def test_tag_keys_are_declared_once():
-    """Every MLflow tag key literal lives in training/tags.py: no module writes or reads one as a
-    bare string (the seam that made a rename on one side silently break the other)."""
-    import re
-    from pathlib import Path
+# The MLflow calls that write a key, with the key's position among their positional arguments:
+# (in the fluent API ``mlflow.x(...)``, on a client ``client.x(run_id, ...)``).
+_KEY_WRITERS = {
+    "set_tag": (0, 1),
+    "log_param": (0, 1),
+    "log_metric": (0, 1),
+    "set_experiment_tag": (0, 1),
+    "set_registered_model_tag": (1, 1),
+    "set_model_version_tag": (2, 2),
+}
+_MAP_WRITERS = {"set_tags", "log_params", "log_metrics", "log_model_params"}  # a {key: value} argument
+_MAP_KEYWORDS = {"tags", "params", "metrics"}  # create_run(tags=...), log_model(params=..., tags=...)
 
+
+def _is_literal(node: ast.expr) -> bool:
+    """A key spelled out here: a string, or an f-string with text of its own (``f"x_{k}"``)."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    return isinstance(node, ast.JoinedStr) and any(isinstance(v, ast.Constant) and v.value for v in node.values)
+
+
+def _mapping_keys(node: ast.expr) -> list[ast.expr]:
+    if isinstance(node, ast.Dict):
+        return [k for k in node.keys if k is not None]
+    return [node.key] if isinstance(node, ast.DictComp) else []
+
+
+def _mlflow_mapping(node: ast.expr) -> bool:
+    """``run.data.tags`` / ``.params`` / ``.metrics``, a model version's or logged model's ``.tags``
+    / ``.params``: what MLflow hands back, read by key."""
+    if not isinstance(node, ast.Attribute):
+        return False
+    on_data = isinstance(node.value, ast.Attribute) and node.value.attr == "data"
+    return node.attr in ("tags", "params") or (node.attr == "metrics" and on_data)
+
+
+def mlflow_key_literals(source: str) -> list[tuple[int, str]]:
+    """(line, key) for every MLflow tag, param or metric key that ``source`` writes or reads as a
+    literal instead of by its name in training/tags.py."""
     from ringflow.training import tags
 
-    keys = {v for k, v in vars(tags).items() if k.isupper() and isinstance(v, str) and "{" not in v}
-    root = Path(__file__).resolve().parents[1]
-    offenders = []
-    for path in [
-        *root.glob("flows/*.py"),
-        *root.glob("tasks/*.py"),
-        *root.glob("training/*.py"),
-        *root.glob("monitoring/*.py"),
-    ]:
-        if path.name == "tags.py":
+    declared = {v for k, v in vars(tags).items() if k.isupper() and isinstance(v, str)}
+    found: list[ast.expr] = []
+    for node in ast.walk(ast.parse(source)):
+        # a declared key spelled out anywhere (tag values such as "training" are not keys)
+        if isinstance(node, ast.Constant) and node.value in declared and "." in str(node.value):
+            found.append(node)
+        if isinstance(node, ast.Subscript) and _mlflow_mapping(node.value):
+            found.append(node.slice)
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            for literal in re.findall(r'"(ringflow\.[a-z_]+|gate\.[a-z_]+)"', line):
-                if literal in keys:
-                    offenders.append(f"{path.relative_to(root)}:{n}: {literal}")
+        name, on = node.func.attr, node.func.value
+        if name in _KEY_WRITERS:
+            fluent, client = _KEY_WRITERS[name]
+            i = fluent if isinstance(on, ast.Name) and on.id == "mlflow" else client
+            found += node.args[i : i + 1]
+        if name in _MAP_WRITERS and node.args:
+            found += _mapping_keys(node.args[0])
+        found += [k for kw in node.keywords if kw.arg in _MAP_KEYWORDS for k in _mapping_keys(kw.value)]
+        if name == "get" and _mlflow_mapping(on):
+            found += node.args[:1]
+        if name == "tag_filter":
+            found += node.args[:1]
+    return sorted({(n.lineno, ast.unparse(n)) for n in found if _is_literal(n)})
+
+
+def test_mlflow_keys_are_declared_once():
+    """Every MLflow tag, param and metric key production code writes or reads comes from
+    training/tags.py: none is spelled out as a string where it is used (the seam that made a
+    rename on one side silently break the other)."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = [
+        f"{path.relative_to(root)}:{line}: {key}"
+        for folder in ("flows", "tasks", "training", "monitoring", "infra")
+        for path in sorted((root / folder).glob("*.py"))
+        if path.name != "tags.py"
+        for line, key in mlflow_key_literals(path.read_text())
+    ]
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        'mlflow.set_tag("ringflow.reason", "manual")',
+        'client.set_tag(run_id, "world_size", "2")',
+        'mlflow.set_tags({"training_status": "ok"})',
+        'mlflow.log_metric("decision_threshold", 0.5)',
+        'mlflow.log_metrics({f"champion_test_{k}": v for k, v in m.items()})',
+        'client.set_model_version_tag(name, version, "gate_decision", "reject")',
+        'client.create_run(exp, tags={"ringflow.kind": "training"})',
+        'run.data.tags.get("parent_run_id")',
+        'mv.tags["git_commit"]',
+        'newest.params.get("decision_threshold")',
+        'tags.tag_filter("ringflow.batch_month", month)',
+    ],
+)
+def test_a_key_written_or_read_as_a_literal_is_caught(planted):
+    assert [key for _, key in mlflow_key_literals(planted)], planted
 
 
 def test_the_failed_run_message_reads_the_label_the_training_task_writes(prefect_harness):

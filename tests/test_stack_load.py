@@ -105,7 +105,8 @@ def _states(client, ids) -> dict:
 def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently(stack):
     from mlflow import MlflowClient
 
-    from ringflow.tasks.register import CHAMPION, HISTORY_PREFIX
+    from ringflow.tasks.register import CHAMPION
+    from ringflow.training.tags import ALIAS_HISTORY_PREFIX
 
     # Two epochs on one rank reach test AUC 0.55-0.63 depending on the seed (measured for seeds
     # 100-103), across smoke's 0.6 floor; which seeds finish first is the queue's choice. The
@@ -189,7 +190,7 @@ def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently
     holders = [mv.version for mv in versions if CHAMPION in (client.get_model_version(model_name, mv.version).aliases)]
     assert holders == [champion.version]
     model_tags = client.get_registered_model(model_name).tags
-    moves = [json.loads(model_tags[k]) for k in sorted(model_tags) if k.startswith(HISTORY_PREFIX)]
+    moves = [json.loads(model_tags[k]) for k in sorted(model_tags) if k.startswith(ALIAS_HISTORY_PREFIX)]
     chain = [m for m in moves if m["alias"] == CHAMPION]
     assert chain and chain[0]["from"] is None and chain[-1]["to"] == champion.version
     for before, after in itertools.pairwise(chain):

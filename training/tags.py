@@ -1,6 +1,9 @@
 """Every MLflow tag key ringflow writes or reads, once (in the spirit of MLflow's
-``mlflow/utils/mlflow_tags.py``). Writers and readers import these names; a key renamed here is
-renamed on both sides. Values are the keys as they are stored, so existing runs keep matching.
+``mlflow/utils/mlflow_tags.py``), and the param and metric keys the tasks write and read by name.
+Writers and readers import these names; a key renamed here is renamed on both sides. Values are
+the keys as they are stored, so existing runs keep matching. (The per-epoch training metrics are
+the epoch record's fields, logged by training/train.py; the metric names are
+training/metric_names.py's.) tests/test_events.py fails on a key written or read as a literal.
 """
 
 from __future__ import annotations
@@ -61,6 +64,30 @@ GIT_COMMIT = "git_commit"
 TEST_ROC_AUC = "test_roc_auc"
 GATE_DECISION = "gate_decision"
 GATE_REASONS = "gate_reasons"
+
+# --------------------------------------------------------------------------- registered models
+ALIAS_HISTORY_PREFIX = "alias_history."
+"""``alias_history.<UTC time>.<alias>``: one recorded alias move (JSON) per tag."""
+
+
+def alias_history_key(stamp: str, alias: str) -> str:
+    """The registered-model tag that records a move of ``alias`` at ``stamp``."""
+    return f"{ALIAS_HISTORY_PREFIX}{stamp}.{alias}"
+
+
+# --------------------------------------------------------------------------- params and metrics
+DECISION_THRESHOLD = "decision_threshold"
+"""The candidate's decision threshold: a metric of the training run, and a param of each logged
+model (candidate and baseline) that predictions read back."""
+TRAINING_WALL_TIME = "training_wall_time_s"
+TEST_PREFIX = "test_"
+"""``test_<metric>``: the candidate on the test window (training run)."""
+CHAMPION_TEST_PREFIX = "champion_test_"
+"""``champion_test_<metric>``: the champion scored on the same test rows."""
+BASELINE_TEST_PREFIX = "baseline_test_"
+"""``baseline_test_<metric>``: the baseline scored on the same test rows."""
+BASELINE_TEST_ROC_AUC = f"{BASELINE_TEST_PREFIX}roc_auc"
+"""What monitoring reads back as the baseline's reference AUC."""
 
 # --------------------------------------------------------------------------- monitoring runs
 MODEL_NAME = "ringflow.model_name"

@@ -38,22 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS_DIR, ROOT, VENV_BIN, bench_env, free_port, load_avg, machine_facts, write_result  # noqa: E402
+from ringflow.infra.stack_settings import STACK_ROUTING_ENV  # noqa: E402
+from ringflow.monitoring.events import TRAINING_DEPLOYMENT  # noqa: E402
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
-TRAINING_DEPLOYMENT = "training-pipeline/training-pipeline"
-SCRUB = (
-    "PREFECT_API_URL",
-    "PREFECT_API_KEY",
-    "PREFECT_API_AUTH_STRING",
-    "PREFECT_SERVER_API_AUTH_STRING",
-    "PREFECT_API_DATABASE_CONNECTION_URL",
-    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-    "PREFECT_HOME",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_AUTH_ADMIN_PASSWORD",
-)
 
 
 class BenchStack:
@@ -61,7 +49,7 @@ class BenchStack:
         self.database = database
         self.home = base / database
         self.prefect_port = free_port()
-        env = {k: v for k, v in bench_env().items() if k not in SCRUB}
+        env = {k: v for k, v in bench_env().items() if k not in STACK_ROUTING_ENV}
         env.update(
             RINGFLOW_HOME=str(self.home),
             RINGFLOW_PREFECT_PORT=str(self.prefect_port),

@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from ringflow.monitoring.anomalies import Anomaly, Severity, default_rules
+from ringflow.monitoring.events import MONITORING_FLOW
 from ringflow.monitoring.policy import RerunRecord, decide
 from ringflow.tasks.monitor import (
     MonitoringResult,
@@ -58,7 +59,7 @@ class MonitoringAlert(RuntimeError):
         self.alerts = alerts
 
 
-@flow(name="monitoring", log_prints=True)
+@flow(name=MONITORING_FLOW, log_prints=True)
 def monitoring_flow(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008  (the deployment's form shows the defaults)
     batch: str = "next",

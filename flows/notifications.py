@@ -25,7 +25,7 @@ from ringflow.monitoring.events import (
     ANOMALY_EVENT,
     REPORT_EVENT,
     SEVERITY_LABEL,
-    TRAINING_DEPLOYMENT,
+    TRAINING_FLOW,
     model_resource_id,
 )
 from ringflow.tasks.links import MLFLOW_RUN_URL_LABEL
@@ -39,7 +39,6 @@ WEBHOOK_BLOCK = "ringflow-notify"
 NOTIFY_ANOMALY = "ringflow-notify-critical-anomaly"
 NOTIFY_FAILED = "ringflow-notify-training-failed"
 FAILED_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
-TRAINING_FLOW = TRAINING_DEPLOYMENT.split("/")[0]
 
 # JSON bodies (Slack-compatible ``text`` first, then the fields a program reads). Jinja over the
 # event and the objects it names (``flow_run``), rendered by the server when the automation fires.

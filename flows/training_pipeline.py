@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import DEFAULT
 from pydantic import BaseModel
 
+from ringflow.monitoring.events import TRAINING_FLOW
 from ringflow.tasks import timings
 from ringflow.tasks.evaluate import evaluate_candidate
 from ringflow.tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
@@ -86,7 +87,7 @@ def _stage(name: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) 
     return out
 
 
-@flow(name="training-pipeline", log_prints=True)
+@flow(name=TRAINING_FLOW, log_prints=True)
 def training_pipeline(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008  (the deployment's form shows the defaults)
     reason: str = "manual",

@@ -15,6 +15,24 @@ PREFECT_AUTH_ENV: Final = "PREFECT_API_AUTH_STRING"
 PREFECT_SERVER_AUTH_ENV: Final = "PREFECT_SERVER_API_AUTH_STRING"
 """The server's ``user:password``: set, ``prefect server start`` refuses requests without it."""
 
+STACK_ROUTING_ENV: Final = (
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+    PREFECT_AUTH_ENV,
+    PREFECT_SERVER_AUTH_ENV,
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_HOME",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "RINGFLOW_MLFLOW_BACKEND_STORE_URI",
+    "RINGFLOW_MLFLOW_ARTIFACTS_DESTINATION",
+)
+"""Variables that point the stack or its clients at other servers, stores or credentials: a
+stack of its own (the tests', a benchmark's) drops them from the environment it inherits."""
+
 ServerName = Literal["prefect", "mlflow", "evidently"]
 HEALTH_PATHS: Final[Mapping[ServerName, str]] = {
     "prefect": "/api/health",  # Prefect's server: ``true``

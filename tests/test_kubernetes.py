@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from ringflow.infra.stack_settings import HEALTH_PATHS
+from ringflow.monitoring.events import MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
 from ringflow.training.config import ConfigError, load_config
 from ringflow.training.launch import check_launchable
 from ringflow.training.mpijob import (
@@ -231,9 +232,9 @@ def test_prefect_server_creates_the_kubernetes_pool_and_checks_job_variables(pre
         "registry.example/ringflow:1",
         {"cpu_request": "4", "memory_request": "8Gi", "finished_job_ttl": 600},
     )
-    assert set(ids) == {"training-pipeline/training-pipeline", "monitoring/monitoring"}
+    assert set(ids) == {TRAINING_DEPLOYMENT, MONITORING_DEPLOYMENT}
     with get_client(sync_client=True) as client:
-        dep = client.read_deployment(ids["training-pipeline/training-pipeline"])
+        dep = client.read_deployment(ids[TRAINING_DEPLOYMENT])
     assert dep.work_pool_name == "ringflow-k8s-test"
     assert dep.job_variables["image"] == "registry.example/ringflow:1" and dep.job_variables["cpu_request"] == "4"
     assert dep.parameters["config"]["training"]["launcher"] == "mpijob"

@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noqa: F401  (pytest fixture)
 
 from ringflow.monitoring.anomalies import MonitoringObservation
-from ringflow.monitoring.events import AnomalyEventPayload
+from ringflow.monitoring.events import TRAINING_DEPLOYMENT, TRAINING_FLOW, AnomalyEventPayload
 from ringflow.tasks import artifacts
 from ringflow.training.config import PipelineConfig, with_overrides
 from ringflow.training.data import TARGET, in_window, load_labelled
@@ -43,7 +43,7 @@ class TinyDelayModel(mlflow.pyfunc.PythonModel):
         return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.coef) + self.intercept)))
 
 
-@flow(name="training-pipeline")
+@flow(name=TRAINING_FLOW)
 def training_pipeline_stand_in(
     config: PipelineConfig, reason: str = "manual", parent_run_id: str | None = None, anomaly_id: str | None = None
 ) -> None:
@@ -147,7 +147,7 @@ def _delete_training_deployment():
 
     with get_client(sync_client=True) as c:
         try:
-            c.delete_deployment(c.read_deployment_by_name("training-pipeline/training-pipeline").id)
+            c.delete_deployment(c.read_deployment_by_name(TRAINING_DEPLOYMENT).id)
         except ObjectNotFound:
             pass
 
@@ -192,7 +192,7 @@ def test_monitoring_flow_end_to_end(
     AssertingEventsClient.last.pop_events() if AssertingEventsClient.last else None
 
     # 2. the training deployment exists (no automation): the flow starts the rerun itself
-    dep_id = training_pipeline_stand_in.to_deployment(name="training-pipeline").apply()
+    dep_id = training_pipeline_stand_in.to_deployment(name=TRAINING_FLOW).apply()
     try:
         r2 = monitoring_flow(cfg, batch="2013-08")
         assert r2.action.mode == "run_deployment", r2.decision
@@ -240,7 +240,7 @@ def test_monitoring_flow_end_to_end(
         from ringflow.flows.deployments import rerun_trigger
 
         assert (
-            training_pipeline_stand_in.to_deployment(name="training-pipeline", triggers=[rerun_trigger(cfg)]).apply()
+            training_pipeline_stand_in.to_deployment(name=TRAINING_FLOW, triggers=[rerun_trigger(cfg)]).apply()
             == dep_id
         )
         cooled = with_overrides(cfg, {"monitoring.cooldown_hours": 0, "monitoring.max_reruns_per_period": 10})

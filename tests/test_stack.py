@@ -23,12 +23,19 @@ import pytest
 from ringflow.infra.stack_settings import (
     PREFECT_AUTH_ENV,
     PREFECT_SERVER_AUTH_ENV,
+    STACK_ROUTING_ENV,
     ServerName,
     StackSettings,
     parse_auth_string,
 )
 from ringflow.monitoring.anomalies import Anomaly, AnomalyType, Severity
-from ringflow.monitoring.events import AnomalyEventPayload, ModelRef, RerunRequest
+from ringflow.monitoring.events import (
+    MONITORING_DEPLOYMENT,
+    TRAINING_DEPLOYMENT,
+    AnomalyEventPayload,
+    ModelRef,
+    RerunRequest,
+)
 from ringflow.tasks import artifacts
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -36,23 +43,6 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 RINGFLOW = Path(sys.executable).with_name("ringflow")
 SMOKE = ROOT / "configs" / "smoke.yaml"
-
-# Variables that would point the stack or its clients somewhere else.
-_SCRUB = (
-    "PREFECT_API_URL",
-    "PREFECT_API_KEY",
-    "PREFECT_API_AUTH_STRING",
-    "PREFECT_SERVER_API_AUTH_STRING",
-    "PREFECT_API_DATABASE_CONNECTION_URL",
-    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-    "PREFECT_HOME",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_AUTH_ADMIN_PASSWORD",
-    "RINGFLOW_MLFLOW_BACKEND_STORE_URI",
-    "RINGFLOW_MLFLOW_ARTIFACTS_DESTINATION",
-)
 
 
 def _free_port() -> int:
@@ -67,7 +57,7 @@ class Stack:
     def __init__(self, home: Path, extra_env: dict[str, str] | None = None):
         self.home = home
         self.prefect_port, self.mlflow_port, self.evidently_port = _free_port(), _free_port(), _free_port()
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+        env = {k: v for k, v in os.environ.items() if k not in STACK_ROUTING_ENV}
         env.update(
             RINGFLOW_HOME=str(home),
             RINGFLOW_PREFECT_PORT=str(self.prefect_port),
@@ -246,8 +236,8 @@ def test_deploy_creates_deployments_schedules_and_one_automation(stack):
         "schedules.timezone=Europe/Berlin",
     )
     with stack.client() as c:
-        train = c.read_deployment_by_name("training-pipeline/training-pipeline")
-        mon = c.read_deployment_by_name("monitoring/monitoring")
+        train = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
+        mon = c.read_deployment_by_name(MONITORING_DEPLOYMENT)
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in train.schedules] == [
             ("15 4 * * 2", "Europe/Berlin", True)
         ]
@@ -348,7 +338,7 @@ def test_anomaly_event_starts_exactly_one_training_run(stack):
     _emit_anomaly(stack, anomaly_id, payload)
 
     def reruns(c):
-        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        dep = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
         runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
         # The scheduler also pre-creates cron runs; those carry no anomaly id.
         return [r for r in runs if r.parameters.get("anomaly_id") == anomaly_id]
@@ -379,7 +369,7 @@ def test_runs_say_whether_a_schedule_or_a_person_started_them(stack):
     from prefect.states import Scheduled
 
     with stack.client() as c:
-        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        dep = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the scheduler service creates the cron runs
             runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
@@ -470,7 +460,7 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
     payload = _anomaly_payload(anomaly_id, "m-1", rerun=RerunRequest(config=cfg, reason="after a runner restart"))
     _emit_anomaly(stack, anomaly_id, payload)
     with stack.client() as c:
-        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        dep = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
         deadline = time.monotonic() + 180
         run = None
         while time.monotonic() < deadline:
@@ -514,7 +504,7 @@ def test_a_storm_of_anomaly_events_for_one_cause_starts_one_rerun(stack):
     assert float(p.stdout.strip().splitlines()[-1]) < 10  # the storm: 50 events within 10 s
 
     def storm_runs(c):
-        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        dep = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
         runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
         return [r for r in runs if str(r.parameters.get("anomaly_id", "")).startswith("storm-")]
 
@@ -667,7 +657,7 @@ def test_a_critical_anomaly_and_a_failed_training_run_each_notify_once(stack):
         cfg = load_config(SMOKE).model_dump(mode="json")
         cfg["data"]["source"] = str(stack.home / "no-such-source.csv")
         with stack.client() as c:
-            dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+            dep = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
             fr = c.create_flow_run_from_deployment(dep.id, parameters={"config": cfg, "reason": "notify-test"})
             deadline = time.monotonic() + 180
             while not (state := c.read_flow_run(fr.id).state).is_final() and time.monotonic() < deadline:
@@ -742,10 +732,7 @@ def test_deploy_to_work_pools_of_two_types_with_job_variables(stack):
             "stream_output=false",
         )
         with stack.client() as c:
-            deps = {
-                n: c.read_deployment_by_name(n)
-                for n in ("training-pipeline/training-pipeline", "monitoring/monitoring")
-            }
+            deps = {n: c.read_deployment_by_name(n) for n in (TRAINING_DEPLOYMENT, MONITORING_DEPLOYMENT)}
             for name, d in deps.items():
                 assert d.work_pool_name == "team-process", name
                 assert d.job_variables == {
@@ -759,7 +746,7 @@ def test_deploy_to_work_pools_of_two_types_with_job_variables(stack):
                     "ringflow.flows.monitoring.monitoring_flow",
                 )
                 assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
-            train = deps["training-pipeline/training-pipeline"]
+            train = deps[TRAINING_DEPLOYMENT]
             assert [s.schedule.cron for s in train.schedules] == ["0 3 * * 1"]
             [a] = c.read_automations_by_name("ringflow-rerun-on-anomaly")  # the trigger, carried by the deployment
             assert a.actions[0].deployment_id == train.id
@@ -777,7 +764,7 @@ def test_deploy_to_work_pools_of_two_types_with_job_variables(stack):
             'env={"RINGFLOW_HOME": "/data/ringflow"}',
         )
         with stack.client() as c:
-            train = c.read_deployment_by_name("training-pipeline/training-pipeline")
+            train = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
             assert train.work_pool_name == "team-k8s"
             # exactly what this deploy gave: nothing left over from the other pool's
             assert train.job_variables == {"image": "ringflow:latest", "env": {"RINGFLOW_HOME": "/data/ringflow"}}
@@ -786,7 +773,7 @@ def test_deploy_to_work_pools_of_two_types_with_job_variables(stack):
         # back to the serve process (an update cannot take a deployment off its pool): the down/up
         # test after this one restarts the runner on the recreated deployments
         with stack.client() as c:
-            for name in ("training-pipeline/training-pipeline", "monitoring/monitoring"):
+            for name in (TRAINING_DEPLOYMENT, MONITORING_DEPLOYMENT):
                 c.delete_deployment(c.read_deployment_by_name(name).id)
         stack.cli("deploy", "--config", str(SMOKE))
 
@@ -833,7 +820,7 @@ def test_down_stops_everything_and_state_survives_a_restart(stack):
     # Restart without the runner: deployments and automation come from the persisted database.
     _start(stack, "--no-serve")
     with stack.client() as c:
-        assert c.read_deployment_by_name("training-pipeline/training-pipeline").schedules
+        assert c.read_deployment_by_name(TRAINING_DEPLOYMENT).schedules
         assert len(c.read_automations_by_name("ringflow-rerun-on-anomaly")) == 1
     assert set(stack.pids()) == {"prefect", "mlflow", "evidently"}
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ringflow.monitoring.events import TRAINING_DEPLOYMENT
 from ringflow.training.config import load_config
 from tests.test_stack import SMOKE, Stack, _free_port, _start, _stop
 from tests.test_team_stack import needs_postgres
@@ -127,7 +128,7 @@ def test_twenty_runs_at_once_queue_train_one_at_a_time_and_register_consistently
         for i in range(RUNS)
     ]
     with stack.client() as c:
-        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        dep = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
     runs, latencies = _submit_all(stack.api, dep.id, params)
     ids = [r.id for r in runs]
     assert len(set(ids)) == RUNS

@@ -24,6 +24,7 @@ import pytest
 
 from ringflow.infra import postgres
 from ringflow.infra.stack_settings import HEALTH_PATHS, WORKER_HEALTH_PATH
+from ringflow.monitoring.events import TRAINING_DEPLOYMENT
 from tests.test_stack import ROOT, SMOKE, Stack, _free_port, _stop
 
 pytestmark = [pytest.mark.server]
@@ -155,7 +156,7 @@ def test_a_run_lands_in_postgresql_and_everything_survives_down_and_up(pg_stack)
     client.create_model_version("pg-check", f"runs:/{run.info.run_id}/model", run.info.run_id)
     client.set_registered_model_alias("pg-check", "champion", "1")
     with s.client() as c:
-        dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        dep = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
         far = datetime(2099, 1, 1, tzinfo=UTC)  # persisted, never picked up
         flow_run = c.create_flow_run_from_deployment(dep.id, state=Scheduled(scheduled_time=far))
     with _connect(s, "mlflow", "mlflow") as conn, conn.cursor() as cur:
@@ -177,7 +178,7 @@ def test_a_run_lands_in_postgresql_and_everything_survives_down_and_up(pg_stack)
     assert client.get_run(run.info.run_id).data.metrics == {"val_roc_auc": 0.7}
     assert client.get_experiment_by_name("ringflow").artifact_location == (s.home / "artifacts" / "ringflow").as_uri()
     with s.client() as c:
-        dep2 = c.read_deployment_by_name("training-pipeline/training-pipeline")
+        dep2 = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
         assert dep2.id == dep.id and dep2.schedules
         assert len(c.read_automations_by_name("ringflow-rerun-on-anomaly")) == 1
         runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
@@ -740,7 +741,7 @@ def test_the_compose_services_commands_run_a_training_on_postgresql():
 
         cfg = load_config(SMOKE, ["training.epochs=1", "training.world_size=1"])
         with temporary_settings({PREFECT_API_URL: senv["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
-            dep = c.read_deployment_by_name("training-pipeline/training-pipeline")
+            dep = c.read_deployment_by_name(TRAINING_DEPLOYMENT)
             assert dep.work_pool_name == "ringflow" and dep.global_concurrency_limit.limit == 1 and dep.schedules
             assert c.read_automations_by_name("ringflow-rerun-on-anomaly")
             fr = c.create_flow_run_from_deployment(dep.id, parameters={"config": cfg.model_dump(mode="json")})

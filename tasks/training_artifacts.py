@@ -57,12 +57,12 @@ class EpochProgress:
 
     def info(self, msg: str, /, *args: object) -> None:
         self._log.info(msg, *args)
+        m = EPOCH_LINE.match(msg)
+        if m:
+            self.update(100.0 * int(m[1]) / max(int(m[2]), 1))
 
     def warning(self, msg: str, /, *args: object) -> None:
         self._log.warning(msg, *args)
-        m = EPOCH_LINE.match(msg) if isinstance(msg, str) else None
-        if m:
-            self.update(100.0 * int(m[1]) / max(int(m[2]), 1))
 
     def update(self, percent: float) -> None:
         if self.artifact_id is None:

@@ -296,7 +296,7 @@ def log_baseline_settings(tuned: TunedBaseline) -> None:
     """The baseline's chosen settings as params of the active run (``baseline.<name>``), its
     validation AUC and tuning time as metrics, and every grid point tried as an artifact."""
     mlflow.log_params({tags.BASELINE_PARAM_PREFIX + k: v for k, v in tuned.params.items()})
-    mlflow.log_metrics({"baseline_val_roc_auc": tuned.val_roc_auc, "baseline_tuning_s": tuned.seconds})
+    mlflow.log_metrics({tags.BASELINE_VAL_ROC_AUC: tuned.val_roc_auc, tags.BASELINE_TUNING_TIME: tuned.seconds})
     mlflow.set_tag(tags.GATE_BASELINE_SETTINGS, ", ".join(f"{k}={v}" for k, v in tuned.params.items()))
     mlflow.log_dict({"kind": tuned.kind, "chosen": tuned.params, "grid": tuned.grid}, artifacts.BASELINE_GRID)
 

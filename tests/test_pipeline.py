@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from ringflow.flows.training_pipeline import training_pipeline
 from ringflow.tasks import artifacts
 from ringflow.tasks.register import alias_history
+from ringflow.training import tags
 from ringflow.training.config import with_overrides
 from ringflow.training.data import load_flights
 from ringflow.training.pyfunc import predict_rows
@@ -77,9 +78,10 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     v2 = client.get_model_version(name, "2")
-    for tag in ("data_fingerprint", "manifest_path", "config_hash", "git_commit", "world_size", "training_run_id"):
+    keys = (tags.DATA_FINGERPRINT, tags.MANIFEST_PATH, tags.CONFIG_HASH, tags.GIT_COMMIT, tags.WORLD_SIZE)
+    for tag in (*keys, tags.TRAINING_RUN_ID):
         assert v2.tags.get(tag), tag
-    assert v2.tags["world_size"] == "2"
+    assert v2.tags[tags.WORLD_SIZE] == "2"
     moves = [(h["alias"], h["to"]) for h in alias_history(client, name)]
     assert moves == [("champion", "1"), ("challenger", "2")]
     run = client.get_run(first.training_run_id)
@@ -92,10 +94,10 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     arts = {a.path for a in client.list_artifacts(first.training_run_id, artifacts.EVALUATION_DIR)}
     assert {artifacts.ROC_PR_CURVES, artifacts.CALIBRATION_CURVE, artifacts.BASELINE_GRID} <= arts
     # the tuned reference: its chosen settings are params of the run, next to its metrics
-    assert first.baseline == "lightgbm" and run.data.tags["gate.baseline"] == "lightgbm"
+    assert first.baseline == "lightgbm" and run.data.tags[tags.GATE_BASELINE] == "lightgbm"
     assert {"baseline.num_leaves", "baseline.learning_rate", "baseline.iterations"} <= set(run.data.params)
-    assert f"iterations={run.data.params['baseline.iterations']}" in run.data.tags["gate.baseline_settings"]
-    assert 0.5 < run.data.metrics["baseline_val_roc_auc"] < 1.0
+    assert f"iterations={run.data.params['baseline.iterations']}" in run.data.tags[tags.GATE_BASELINE_SETTINGS]
+    assert 0.5 < run.data.metrics[tags.BASELINE_VAL_ROC_AUC] < 1.0
 
     # The champion loads by alias and predicts on raw flight rows (source columns, raw dtypes).
     mlflow.set_tracking_uri(f"sqlite:///{ringflow_home / 'mlflow.db'}")

@@ -87,6 +87,9 @@ CHAMPION_TEST_PREFIX = "champion_test_"
 BASELINE_TEST_PREFIX = "baseline_test_"
 """``baseline_test_<metric>``: the baseline scored on the same test rows."""
 BASELINE_TEST_ROC_AUC = f"{BASELINE_TEST_PREFIX}roc_auc"
+BASELINE_VAL_ROC_AUC = "baseline_val_roc_auc"
+"""The tuned baseline's validation AUC (the grid's best)."""
+BASELINE_TUNING_TIME = "baseline_tuning_s"
 """What monitoring reads back as the baseline's reference AUC."""
 
 # --------------------------------------------------------------------------- monitoring runs

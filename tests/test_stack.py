@@ -294,6 +294,9 @@ def _anomaly_payload(
     ).model_dump(mode="json")
 
 
+SERVING = "Your deployments are being served"  # what prefect's serve() prints once its deployments are applied
+
+
 def _emit_anomaly(stack, anomaly_id: str, payload: dict) -> None:
     """An anomaly event for the flights model, sent with Prefect's own CLI (as any emitter would)."""
     p = subprocess.run(
@@ -440,7 +443,9 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
     from ringflow.training.config import load_config
 
     state_file = stack.home / "stack" / "serve.state.json"
+    serve_log = stack.home / "stack" / "serve.log"
     before = json.loads(state_file.read_text())
+    served_before = serve_log.read_text().count(SERVING)
     os.kill(before["child_pid"], 9)  # the serve process itself, not its supervisor
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -451,6 +456,12 @@ def test_the_runner_killed_by_pid_comes_back_and_runs_a_triggered_run(stack):
     assert now["restarts"] == before["restarts"] + 1, now
     out = stack.cli("status").stdout
     assert f"(supervised: service pid {now['child_pid']}, {now['restarts']} restarts)" in out, out
+    # The restarted runner re-applies its deployments, and Prefect's apply() deletes and re-creates
+    # the rerun trigger's automation: an event sent before that is done finds none (closing note).
+    # So the event goes once the runner says it is serving again.
+    while time.monotonic() < deadline and serve_log.read_text().count(SERVING) == served_before:
+        time.sleep(0.5)
+    assert serve_log.read_text().count(SERVING) == served_before + 1, "the restarted runner never started serving"
 
     # An automation-triggered run: the restarted runner picks it up and executes it (the data
     # source does not exist, so it fails at once: what counts is that it ran).

@@ -61,14 +61,6 @@ class StageTimings(BaseModel):
     def total(self, kind: Kind | None = None) -> float:
         return sum(p.seconds for p in self.parts if kind is None or p.kind == kind)
 
-    def by_part(self) -> dict[str, float]:
-        """``"<stage>: <part> [<kind>]" -> seconds``, parts of the same name summed (retries)."""
-        out: dict[str, float] = {}
-        for p in self.parts:
-            key = f"{p.stage}: {p.part} [{p.kind}]"
-            out[key] = out.get(key, 0.0) + p.seconds
-        return out
-
     def rows(self) -> list[tuple[str, str, str, float]]:
         """(stage, part, kind, seconds), parts of the same name summed, in stage order."""
         merged: dict[tuple[str, str, str], float] = {}

@@ -288,7 +288,7 @@ def score_baseline(
         tuned.params,
         tuned.val_roc_auc,
     )
-    threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), baseline_proba(tuned.model, val, num, cat))
+    threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), tuned.val_proba)
     return tuned, baseline_proba(tuned.model, test, num, cat), threshold
 
 

@@ -44,6 +44,10 @@ def test_tuned_baseline_learns_scores_unseen_and_missing_values_and_refits(kind)
     # chosen on the validation window: the best of the grid, early stopping well before the cap
     assert tuned.val_roc_auc == max(g["val_roc_auc"] for g in tuned.grid) and len(tuned.grid) >= 4
     assert 1 <= tuned.params[ITERATIONS_PARAM] < 1000
+    # the validation probabilities it keeps (the evaluation's threshold) are the chosen model's
+    np.testing.assert_allclose(
+        tuned.val_proba, baseline_proba(tuned.model, val, ["x"], ["carrier"]), rtol=0, atol=1e-12
+    )
     assert {k: v for k, v in tuned.grid[0].items() if k != "val_roc_auc"}.keys() == tuned.params.keys()
     # seeded: the same choice and the same predictions on a rerun
     again = tune_baseline(kind, train, val, "target", ["x"], ["carrier"], seed=3)

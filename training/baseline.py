@@ -83,6 +83,9 @@ class TunedBaseline:
     """The chosen point's ROC AUC on the validation window."""
     seconds: float
     """Wall time of the whole grid."""
+    val_proba: np.ndarray
+    """The chosen model's probabilities on the validation rows (what ``val_roc_auc`` scored; the
+    evaluation chooses the baseline's threshold on them)."""
     grid: list[dict[str, Any]] = field(default_factory=list)
     """Every point tried: its settings, rounds and validation ROC AUC."""
 
@@ -219,23 +222,25 @@ def tune_baseline(
     x_val = encode.transform(baseline_frame(validation, numeric, categorical))
     y, y_val = train[target].to_numpy().astype(int), validation[target].to_numpy().astype(int)
     tried: list[dict[str, Any]] = []
-    best: tuple[float, Any, dict[str, Any]] | None = None
+    best: tuple[float, Any, dict[str, Any], np.ndarray] | None = None
     with threadpool_limits(limits=THREADS, user_api="openmp"):
         for point in HGB_GRID if kind == "hgb" else LIGHTGBM_GRID:
             clf, rounds = _fit_point(kind, point, x, y, x_val, y_val, len(categorical), seed)
-            auc = float(roc_auc_score(y_val, _proba(clf, x_val))) if len(set(y_val)) > 1 else float("nan")
+            p_val = _proba(clf, x_val)
+            auc = float(roc_auc_score(y_val, p_val)) if len(set(y_val)) > 1 else float("nan")
             params = {**point, ITERATIONS_PARAM: rounds}
             tried.append({**params, "val_roc_auc": auc})
             if best is None or auc > best[0]:
-                best = (auc, clf, params)
+                best = (auc, clf, params, p_val)
     assert best is not None
-    auc, clf, params = best
+    auc, clf, params, p_val = best
     return TunedBaseline(
         kind=kind,
         model=Pipeline([("encode", encode), ("trees", clf)]),
         params=params,
         val_roc_auc=auc,
         seconds=time.perf_counter() - t0,
+        val_proba=p_val,
         grid=tried,
     )
 

@@ -793,6 +793,30 @@ def test_hostfile_takes_slurm_node_lists_and_mpi_hostfiles(tmp_path, smoke_confi
         load_config(None, ["training.horovod.hosts=a:1", f"training.horovod.hostfile={mpi}"])
 
 
+def test_the_launcher_skips_horovodruns_gloo_probe_only_when_told(smoke_config, tmp_path):
+    from ringflow.training.launch import check_horovod, gloo_checked
+
+    plain = horovodrun_command(smoke_config, "/m.json", tmp_path)
+    assert Path(plain[0]).name == "horovodrun" and plain[1] == "-np"
+    fast = horovodrun_command(smoke_config, "/m.json", tmp_path, gloo_checked=True)
+    assert fast[:4] == [sys.executable, "-m", "ringflow.training.hvdrun", "--gloo-checked"]
+    assert fast[4:] == plain[1:]  # the same horovodrun arguments
+    check_horovod()
+    assert gloo_checked() and not gloo_checked("/elsewhere/bin/python")
+
+
+@pytest.mark.horovod
+def test_the_probe_less_launcher_starts_real_ranks():
+    ranks = (
+        "import horovod.torch as hvd, torch; hvd.init(); "
+        "print('rank', hvd.rank(), 'of', hvd.size(), 'sum', int(hvd.allreduce(torch.ones(1), op=hvd.Sum)))"
+    )
+    cmd = [sys.executable, "-m", "ringflow.training.hvdrun", "--gloo-checked", "-np", "2", "-H", "localhost:2"]
+    p = subprocess.run([*cmd, "--gloo", sys.executable, "-c", ranks], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "rank 0 of 2 sum 2" in p.stdout and "rank 1 of 2 sum 2" in p.stdout
+
+
 @pytest.mark.horovod
 def test_train_task_runs_horovodrun_on_a_bare_hostfile(
     prefect_harness, ringflow_home, smoke_config, smoke_manifest, tmp_path

@@ -12,7 +12,9 @@ done, MLflow is an empty SQLite store and no champion exists), interleaved over 
   metric the train task logs around it.
 - ``bare``: the same stages' own work with neither Prefect nor MLflow: ``shard_dataset``,
   the same ``horovodrun ... training.train`` command (no ``MLFLOW_RUN_ID``), and scoring the test
-  window with the trained model (load, ``predict_proba``, ``classification_metrics``).
+  window with the trained model (load, ``predict_proba``, ``classification_metrics``); the
+  baseline is tuned beside horovodrun as the flow tunes it, and what is left of it after the
+  training counts as evaluation work.
 
 Orchestration overhead = flow wall (the call, plus any wait for the API the imports did not hide)
 - (bare shard + horovodrun wall in the flow + bare evaluate):
@@ -145,22 +147,27 @@ def child_bare(cfg_path: str, out: Path) -> None:
     run_dir = home / "runs" / "bare"
     cmd = horovodrun_command(cfg, manifest.path.resolve(), run_dir)
     env = launch_env(cfg, MLFLOW_RUN_ID=None, MLFLOW_TRACKING_URI=None, RINGFLOW_HOME=str(home))
+    # as the flow does: the baseline is tuned beside horovodrun (it needs only the shards)
+    baseline = None
+    if cfg.gate.baseline != "none":
+        import logging
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ringflow.tasks.baseline import score_baseline  # the same fit; it touches neither Prefect nor MLflow
+
+        pool = ThreadPoolExecutor(max_workers=1)
+        baseline = pool.submit(score_baseline, cfg, manifest, None, logging.getLogger("bench"))
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=cfg.training.timeout_s)
     train_s = time.perf_counter() - t0
     summary = TrainingSummary.load(run_dir)
-    score_baseline = None
-    if cfg.gate.baseline != "none":
-        import logging
-
-        from ringflow.tasks.evaluate import score_baseline  # the same fit; it touches neither Prefect nor MLflow
     t0 = time.perf_counter()
     net, pre = load_model(run_dir)
     test = manifest.read(manifest.test)
     p = predict_proba(net, pre, test)
     metrics = classification_metrics(test[manifest.target_column].to_numpy(), p)
-    if score_baseline is not None:
-        score_baseline(cfg, manifest, None, test, logging.getLogger("bench"))
+    if baseline is not None:
+        baseline.result()  # what is left of it after the training
     eval_s = time.perf_counter() - t0
     out.write_text(
         json.dumps(

@@ -15,10 +15,12 @@ from typing import ParamSpec, TypeVar, overload
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import DEFAULT
+from prefect.futures import PrefectFuture
 from pydantic import BaseModel
 
 from ringflow.monitoring.events import TRAINING_FLOW
 from ringflow.tasks import timings
+from ringflow.tasks.baseline import fit_baseline
 from ringflow.tasks.evaluate import evaluate_candidate
 from ringflow.tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hint
 from ringflow.tasks.register import register_candidate
@@ -87,6 +89,18 @@ def _stage(name: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) 
     return out
 
 
+def _stage_result(name: str, future: PrefectFuture[R]) -> R:
+    """The result of a task submitted beside the others (its failure named like a stage's)."""
+    log = get_run_logger()
+    try:
+        out = future.result()
+    except Exception as e:
+        log.error("stage %s: FAILED: %s", name, e)
+        raise PipelineStageError(name, e) from e
+    log.info("stage %s: done (beside the training)", name)
+    return out
+
+
 @flow(name=TRAINING_FLOW, log_prints=True)
 def training_pipeline(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008  (the deployment's form shows the defaults)
@@ -108,6 +122,12 @@ def training_pipeline(
     if config.training.launcher == "horovodrun":
         check_horovod()  # before any work: the train stage cannot run without it (an MPIJob's image has its own)
     manifest_path = _stage("shard", shard_data.with_options(cache_policy=DEFAULT, persist_result=True), config)
+    # the baseline needs only the shards: its trees are fitted while the ranks start and train
+    baseline = (
+        fit_baseline.with_options(cache_policy=DEFAULT, persist_result=True).submit(config, manifest_path)
+        if config.gate.baseline != "none"
+        else None
+    )
     trained = _stage(
         "train",
         train_model.with_options(cache_policy=DEFAULT, persist_result=True),
@@ -131,12 +151,17 @@ def training_pipeline(
         result.decision = "training diverged"
         return _finish(config, result, record)
 
+    scored_baseline = None
+    if baseline is not None:
+        with timings.timed("evaluate", "waiting for the baseline (beside the training)", "work"):
+            scored_baseline = _stage_result("baseline", baseline)
     evaluation = _stage(
         "evaluate",
         evaluate_candidate.with_options(cache_policy=DEFAULT, persist_result=True),
         config,
         trained,
         manifest_path,
+        baseline=scored_baseline,
     )
     registered = _stage(
         "register", register_candidate, config, trained, evaluation, manifest_path, parent_run_id=parent_run_id

@@ -10,7 +10,6 @@ baseline is never registered.
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import tempfile
@@ -30,16 +29,16 @@ from pydantic import BaseModel
 from sklearn.pipeline import Pipeline
 
 from ringflow.tasks import artifacts
+from ringflow.tasks.baseline import ScoredBaseline, score_baseline
 from ringflow.tasks.timings import Laps
 from ringflow.training import tags
-from ringflow.training.baseline import BASELINE_MAX_ROWS, TunedBaseline, baseline_proba, tune_baseline
+from ringflow.training.baseline import TunedBaseline
 from ringflow.training.config import GateConfig, PipelineConfig, get_settings
 from ringflow.training.manifest import Manifest
 from ringflow.training.metric_names import METRIC_NAMES
 from ringflow.training.metrics import (
     GREATER_IS_BETTER,
     classification_metrics,
-    max_f1_threshold,
     roc_and_calibration_figures,
 )
 from ringflow.training.pyfunc import log_delay_model, model_columns, predict_rows
@@ -257,41 +256,6 @@ def logged_threshold(model_id: str | None) -> float | None:
     return float(raw) if raw not in (None, "") else None
 
 
-def _sample(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
-    return frame if share >= 1.0 else frame.sample(n=max(1, round(len(frame) * share)), random_state=seed)
-
-
-def score_baseline(
-    cfg: PipelineConfig,
-    manifest: Manifest,
-    key: bytes | None,
-    test: pd.DataFrame,
-    log: logging.Logger | logging.LoggerAdapter[Any],
-) -> tuple[TunedBaseline, np.ndarray, float]:
-    """Tune the baseline on the manifest's train shards (the candidate's train window) with early
-    stopping on the validation file, choose its threshold on the validation file, score the test
-    rows: (the tuned baseline, test probabilities, threshold)."""
-    num, cat = manifest.numeric_features, manifest.categorical_features
-    total = sum(s.rows for s in manifest.shards)
-    share = min(1.0, BASELINE_MAX_ROWS / max(total, 1))  # big windows: a uniform sample, one shard at a time
-    train = pd.concat([_sample(manifest.read(s, key), share, seed=s.index) for s in manifest.shards], ignore_index=True)
-    val = manifest.read(manifest.validation, key)
-    tuned = tune_baseline(cfg.gate.baseline, train, val, manifest.target_column, num, cat, seed=cfg.training.seed)
-    log.info(
-        "evaluate: baseline %s tuned on %d train rows in %.1fs (%d settings, early stopping on %d validation "
-        "rows): %s, validation AUC %.4f",
-        cfg.gate.baseline,
-        len(train),
-        tuned.seconds,
-        len(tuned.grid),
-        len(val),
-        tuned.params,
-        tuned.val_roc_auc,
-    )
-    threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), tuned.val_proba)
-    return tuned, baseline_proba(tuned.model, test, num, cat), threshold
-
-
 def log_baseline_settings(tuned: TunedBaseline) -> None:
     """The baseline's chosen settings as params of the active run (``baseline.<name>``), its
     validation AUC and tuning time as metrics, and every grid point tried as an artifact."""
@@ -365,9 +329,15 @@ def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame) ->
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5)
-def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_path: str) -> EvaluationResult:
+def evaluate_candidate(
+    cfg: PipelineConfig, train_result: TrainResult, manifest_path: str, baseline: ScoredBaseline | None = None
+) -> EvaluationResult:
     """Log the candidate as a pyfunc model; score it, the champion and the baseline on the test
-    window; gate."""
+    window; gate.
+
+    ``baseline``: ``gate.baseline`` already tuned and scored by the ``baseline`` task (the flow
+    runs it beside the training); without it, and with ``gate.baseline`` not ``none``, it is
+    tuned here."""
     from ringflow.tasks.shard import resolve_data_key
     from ringflow.training.model import read_decision_threshold
 
@@ -431,9 +401,16 @@ def evaluate_candidate(cfg: PipelineConfig, train_result: TrainResult, manifest_
 
         base = base_p = base_threshold = base_uri = None
         if cfg.gate.baseline != "none":
-            tuned, base_p, base_threshold = score_baseline(cfg, manifest, key, test, log)
+            if baseline is None:
+                baseline = score_baseline(cfg, manifest, key, log, test)
+                lap("baseline: tune, fit and score", "work")
+            elif baseline.test_rows != len(test):
+                raise ValueError(
+                    f"the baseline was scored on {baseline.test_rows} test rows, the candidate on {len(test)}: "
+                    "not the same test window"
+                )
+            tuned, base_p, base_threshold = baseline.tuned, baseline.test_proba, baseline.threshold
             base = classification_metrics(y, base_p, base_threshold)
-            lap("baseline: tune, fit and score", "work")
             log_baseline_settings(tuned)
             base_uri = log_baseline_model(
                 tuned.model, manifest, test.head(5), base_threshold, kind=cfg.gate.baseline, settings=tuned.params

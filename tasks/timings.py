@@ -8,8 +8,11 @@ table, the flow's summary artifact and the benchmark, so the three always agree.
 
 ``work`` is the computation a user asked for (sharding, the training epochs, scoring the models,
 fitting the baseline); ``overhead`` is everything around it (Prefect, MLflow logging, model
-(de)serialisation, rank start-up, plots). Records are kept per flow run in this process: tasks
-of a flow run in its process (Prefect's default task runner), so no record crosses a process.
+(de)serialisation, rank start-up, plots). A part of a task submitted to run beside another
+(the baseline beside the training) is ``concurrent``: shown, but not added to the totals, since
+its seconds overlap the stage it ran beside (what the flow then still waited for is recorded where
+it waited). Records are kept per flow run in this process: tasks of a flow run in its process
+(Prefect's default task runner), so no record crosses a process.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 Kind = Literal["work", "overhead"]
-STAGES = ("prefect", "shard", "train", "evaluate", "register")
+STAGES = ("prefect", "shard", "train", "baseline", "evaluate", "register")
 TASK_REST = "Prefect task run (states, results, logs)"
 API_START = "Prefect API start + flow-run creation"
 FLOW_FINISH = "Prefect flow-run finish (final state)"
@@ -34,6 +37,8 @@ class StageTiming(BaseModel):
     part: str
     kind: Kind
     seconds: float
+    concurrent: bool = False
+    """Ran beside another stage: shown, not added to the totals."""
 
 
 class StageTimings(BaseModel):
@@ -52,20 +57,25 @@ class StageTimings(BaseModel):
             self.add("prefect", FLOW_FINISH, (call_ended or time.time()) - self.flow_body_ended)
             self.flow_body_ended = None  # once
 
-    def add(self, stage: str, part: str, seconds: float, kind: Kind = "overhead") -> None:
-        self.parts.append(StageTiming(stage=stage, part=part, kind=kind, seconds=max(0.0, float(seconds))))
+    def add(self, stage: str, part: str, seconds: float, kind: Kind = "overhead", concurrent: bool = False) -> None:
+        self.parts.append(
+            StageTiming(stage=stage, part=part, kind=kind, seconds=max(0.0, float(seconds)), concurrent=concurrent)
+        )
 
     def stage_seconds(self, stage: str) -> float:
         return sum(p.seconds for p in self.parts if p.stage == stage)
 
     def total(self, kind: Kind | None = None) -> float:
-        return sum(p.seconds for p in self.parts if kind is None or p.kind == kind)
+        """Seconds on the flow's critical path (``concurrent`` parts left out), of ``kind`` or all."""
+        return sum(p.seconds for p in self.parts if not p.concurrent and (kind is None or p.kind == kind))
 
     def rows(self) -> list[tuple[str, str, str, float]]:
-        """(stage, part, kind, seconds), parts of the same name summed, in stage order."""
+        """(stage, part, kind, seconds), parts of the same name summed, in stage order; the kind of
+        a concurrent part reads ``work, beside`` / ``overhead, beside``."""
         merged: dict[tuple[str, str, str], float] = {}
         for p in self.parts:
-            merged[(p.stage, p.part, p.kind)] = merged.get((p.stage, p.part, p.kind), 0.0) + p.seconds
+            kind = f"{p.kind}, beside" if p.concurrent else p.kind
+            merged[(p.stage, p.part, kind)] = merged.get((p.stage, p.part, kind), 0.0) + p.seconds
         order = {s: i for i, s in enumerate(STAGES)}
         keys = sorted(merged, key=lambda k: order.get(k[0], len(order)))  # stable: recording order within a stage
         return [(s, part, kind, merged[(s, part, kind)]) for s, part, kind in keys]
@@ -77,6 +87,8 @@ class StageTimings(BaseModel):
         lines += [f"| {s} | {part} | {kind} | {sec:.2f} |" for s, part, kind, sec in self.rows()]
         work, total = self.total("work"), self.total()
         lines.append(f"| **all** | work {work:.2f} s, overhead {total - work:.2f} s | | **{total:.2f}** |")
+        if any(p.concurrent for p in self.parts):
+            lines.append("\n_beside_: ran beside the training, so not added to the total.")
         return "\n".join(lines) + "\n"
 
     def text_lines(self) -> list[str]:
@@ -84,10 +96,16 @@ class StageTimings(BaseModel):
         if not rows:
             return []
         width = max(len(f"{s}: {part}") for s, part, _, _ in rows)
-        out = [f"{f'{s}: {part}':<{width}}  {kind:<8}  {sec:6.2f}s" for s, part, kind, sec in rows]
+        kw = max(8, *(len(kind) for _, _, kind, _ in rows))
+        out = [f"{f'{s}: {part}':<{width}}  {kind:<{kw}}  {sec:6.2f}s" for s, part, kind, sec in rows]
         work, total = self.total("work"), self.total()
         share = (total - work) / total if total else 0.0
-        out.append(f"{'total':<{width}}  {'':<8}  {total:6.2f}s  (work {work:.2f}s, overhead {share:.0%})")
+        beside = (
+            " ; 'beside' parts ran beside the training, not in the total"
+            if any(p.concurrent for p in self.parts)
+            else ""
+        )
+        out.append(f"{'total':<{width}}  {'':<{kw}}  {total:6.2f}s  (work {work:.2f}s, overhead {share:.0%}{beside})")
         return out
 
 
@@ -118,8 +136,8 @@ def pop_current() -> StageTimings:
         return _records.pop(key, None) or StageTimings()
 
 
-def record(stage: str, part: str, seconds: float, kind: Kind = "overhead") -> None:
-    current().add(stage, part, seconds, kind)
+def record(stage: str, part: str, seconds: float, kind: Kind = "overhead", concurrent: bool = False) -> None:
+    current().add(stage, part, seconds, kind, concurrent)
 
 
 @contextmanager
@@ -136,13 +154,14 @@ class Laps:
     """A stopwatch for a straight run of code: each ``lap(part)`` records the time since the last
     lap (or the start) as ``part`` of ``stage``; one line between the steps, no re-indented code."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, concurrent: bool = False) -> None:
         self.stage = stage
+        self.concurrent = concurrent
         self.last = time.perf_counter()
 
     def __call__(self, part: str, kind: Kind = "overhead") -> None:
         now = time.perf_counter()
-        record(self.stage, part, now - self.last, kind)
+        record(self.stage, part, now - self.last, kind, self.concurrent)
         self.last = now
 
 

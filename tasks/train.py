@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ from ringflow.training.launch import (
     TrainingError,
     TrainingTimeout,
     check_launchable,
+    gloo_checked,
     horovodrun_command,
     kill_tree,
     launch_env,
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = ["TrainResult", "TrainingError", "TrainingTimeout", "train_model"]
 
 LOG_FILE = "horovodrun.log"
+LINEAGE = "MLflow: lineage (manifest, config, data)"
 
 _running: dict[int, subprocess.Popen[str]] = {}
 
@@ -97,12 +100,25 @@ def _find_run(client: MlflowClient, experiment_id: str, task_run_id: str | None)
     return runs[0] if runs else None
 
 
-def _log_lineage(cfg: PipelineConfig, manifest: Manifest, key: bytes | None) -> None:
-    """Manifest + config as artifacts; training and validation data as ``mlflow.data`` inputs."""
-    from mlflow.data.pandas_dataset import from_pandas
+def _log_lineage(
+    client: MlflowClient,
+    run_id: str,
+    cfg: PipelineConfig,
+    manifest: Manifest,
+    key: bytes | None,
+    record: timings.StageTimings,
+) -> None:
+    """Manifest + config as artifacts; training and validation data as ``mlflow.data`` inputs.
 
-    mlflow.log_artifact(str(manifest.path), artifact_path=artifacts.DATA_DIR)
-    mlflow.log_dict(cfg.model_dump(mode="json"), artifacts.CONFIG_ARTIFACT)
+    Written with the client and an explicit run id, its time into ``record``: it runs in a
+    thread beside horovodrun, and MLflow's active run and Prefect's run context are per thread."""
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    t0 = time.perf_counter()
+    client.log_artifact(run_id, str(manifest.path), artifact_path=artifacts.DATA_DIR)
+    client.log_dict(run_id, cfg.model_dump(mode="json"), artifacts.CONFIG_ARTIFACT)
     train = pd.concat([manifest.read(s, key) for s in manifest.shards], ignore_index=True)
     name = f"{cfg.name}-{manifest.fingerprint[:12]}"
     val = manifest.read(manifest.validation, key)
@@ -110,14 +126,17 @@ def _log_lineage(cfg: PipelineConfig, manifest: Manifest, key: bytes | None) -> 
         # MLflow's notes on its own source registry and int columns in an inferred schema: not
         # actionable for a logged dataset, and they would repeat in every training log.
         warnings.simplefilter("ignore", UserWarning)
-        mlflow.log_input(
-            from_pandas(train, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-train"),
-            context="training",
-        )
-        mlflow.log_input(
-            from_pandas(val, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-validation"),
-            context="validation",
-        )
+        inputs = [
+            DatasetInput(
+                from_pandas(
+                    frame, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-{suffix}"
+                )._to_mlflow_entity(),
+                tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],
+            )
+            for frame, suffix, context in ((train, "train", "training"), (val, "validation", "validation"))
+        ]
+    client.log_inputs(run_id, datasets=inputs)
+    record.add("train", LINEAGE, time.perf_counter() - t0, concurrent=True)
 
 
 def _display(cmd: list[str]) -> str:
@@ -364,10 +383,14 @@ def train_model(
     timings.record("train", "checks + MLflow run setup", time.perf_counter() - t_setup)
     out = settings.runs_dir / run_id
     status = "FAILED"
+    # the lineage is written beside horovodrun (the ranks need none of it), joined before the run ends
+    lineage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-lineage")
+    lineage_done = (
+        lineage.submit(_log_lineage, client, run_id, cfg, manifest, key, timings.current())
+        if existing is None
+        else None
+    )
     try:
-        if existing is None:
-            with timings.timed("train", "MLflow: lineage (manifest, config, data)"):
-                _log_lineage(cfg, manifest, key)
         resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
         mlflow.set_tags({tags.OUTPUT_DIR: str(out), tags.CHECKPOINT_DIR: str(out / CHECKPOINT_DIR)})
         t0 = time.monotonic()
@@ -384,7 +407,9 @@ def train_model(
                     if tc.horovod.hostfile is not None and not tc.elastic.enabled
                     else None
                 )
-                cmd = horovodrun_command(cfg, manifest.path.resolve(), out, resume=resume, hostfile=hostfile)
+                cmd = horovodrun_command(
+                    cfg, manifest.path.resolve(), out, resume=resume, hostfile=hostfile, gloo_checked=gloo_checked()
+                )
                 extra: dict[str, str | None] = {
                     "MLFLOW_TRACKING_URI": tracking_uri,
                     "MLFLOW_RUN_ID": run_id,
@@ -410,6 +435,9 @@ def train_model(
             if (out / LOG_FILE).is_file():
                 mlflow.log_artifact(str(out / LOG_FILE), artifact_path=artifacts.TRAINING_DIR)
             log_horovod_files(out)  # timeline (training.horovod.timeline) and autotune log, when written
+        if lineage_done is not None:
+            with timings.timed("train", "MLflow: lineage, waited for after horovodrun"):
+                lineage_done.result()
         if not (out / SUMMARY_FILE).is_file():
             raise TrainingError(f"horovodrun exited 0 but rank 0 wrote no {out / SUMMARY_FILE}")
         result = TrainResult.from_output_dir(run_id, out)
@@ -441,4 +469,5 @@ def train_model(
             status = "KILLED"  # cancellation / interpreter shutdown
         raise
     finally:
+        lineage.shutdown(wait=True)  # never end the run under a write still in flight
         mlflow.end_run(status)

@@ -26,15 +26,20 @@ def _assert_stage_timings(result) -> None:
     from prefect.client.schemas.sorting import ArtifactSort
 
     t = result.timings
-    assert {p.stage for p in t.parts} >= {"shard", "train", "evaluate", "register", "prefect"}
+    assert {p.stage for p in t.parts} >= {"shard", "train", "baseline", "evaluate", "register", "prefect"}
     parts = {(p.stage, p.part): p for p in t.parts}
     assert parts[("shard", "sharding")].kind == "work"
     assert parts[("train", "training epochs (rank 0)")].seconds > 0
     assert parts[("evaluate", "scoring the candidate")].kind == "work"
-    assert parts[("evaluate", "baseline: tune, fit and score")].kind == "work"
+    # the baseline and the lineage ran beside the ranks: shown, not in the totals
+    for stage, part in [("baseline", "tune, fit and score"), ("train", "MLflow: lineage (manifest, config, data)")]:
+        assert parts[(stage, part)].concurrent and parts[(stage, part)].seconds > 0, part
+    assert parts[("baseline", "tune, fit and score")].kind == "work"
+    assert parts[("evaluate", "waiting for the baseline (beside the training)")].kind == "work"
+    assert not parts[("evaluate", "waiting for the baseline (beside the training)")].concurrent
+    assert sum(p.seconds for p in t.parts if not p.concurrent) == pytest.approx(t.total())
     for stage, part in [
         ("train", "rank start-up + shutdown (horovodrun)"),
-        ("train", "MLflow: lineage (manifest, config, data)"),
         ("evaluate", "MLflow: log the candidate model"),
         ("evaluate", "plots (ROC/PR, calibration), logged"),
         ("register", "MLflow: register the model version"),
@@ -58,6 +63,11 @@ def test_promote_then_reject_worse_candidate(prefect_harness, ringflow_home, smo
     assert first.promoted and first.model_version == "1" and first.champion_version == "1"
     assert first.metrics["roc_auc"] > 0.6
     _assert_stage_timings(first)
+    # the flow checked Horovod's Gloo at its start, so horovodrun's own probe was skipped
+    from ringflow.training.config import get_settings
+
+    launch_log = (get_settings().runs_dir / first.training_run_id / "horovodrun.log").read_text()
+    assert "-m ringflow.training.hvdrun --gloo-checked -np 2" in launch_log
 
     # A deliberately worse candidate: one epoch of a tiny model with a tiny learning rate.
     worse = with_overrides(
@@ -175,4 +185,5 @@ def test_retry_after_a_failed_stage_does_not_retrain(prefect_harness, ringflow_h
         task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     names = sorted((tr.name.rsplit("-", 1)[0], tr.state.name) for tr in task_runs)
     assert ("train", "Cached") in names and ("shard", "Cached") in names, names
+    assert ("baseline", "Cached") in names, names  # the baseline beside the training is not fitted again
     assert names.count(("train", "Completed")) == 1, names

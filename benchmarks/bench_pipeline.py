@@ -132,7 +132,7 @@ def child_flow(cfg_path: str, out: Path, early_api: bool = True) -> None:
 def child_bare(cfg_path: str, out: Path) -> None:
     t_imp = time.perf_counter()
     from ringflow.training.config import load_config
-    from ringflow.training.launch import horovodrun_command, launch_env
+    from ringflow.training.launch import check_horovod, horovodrun_command, launch_env
     from ringflow.training.metrics import classification_metrics
     from ringflow.training.model import load_model, predict_proba
     from ringflow.training.sharding import shard_dataset
@@ -145,7 +145,8 @@ def child_bare(cfg_path: str, out: Path) -> None:
     manifest = shard_dataset(cfg, home / "data", key=None, progress=lambda s: None)
     shard_s = time.perf_counter() - t0
     run_dir = home / "runs" / "bare"
-    cmd = horovodrun_command(cfg, manifest.path.resolve(), run_dir)
+    check_horovod()  # as the flow does first: the launch then skips horovodrun's own Gloo probe
+    cmd = horovodrun_command(cfg, manifest.path.resolve(), run_dir, gloo_checked=True)
     env = launch_env(cfg, MLFLOW_RUN_ID=None, MLFLOW_TRACKING_URI=None, RINGFLOW_HOME=str(home))
     # as the flow does: the baseline is tuned beside horovodrun (it needs only the shards)
     baseline = None

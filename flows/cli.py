@@ -345,9 +345,10 @@ def monitor(
 ) -> None:
     """Score a batch with the champion; Evidently drift/quality; anomalies -> rerun decision."""
     cfg = _config(config, set_)
-    _prepare_environment()
+    wait_api = _prepare_environment(start_api=True)
     from ringflow.flows.monitoring import MonitoringAlert, monitoring_flow, print_result
 
+    wait_api()  # as `run`: the flow call must find the API up, not half started
     try:
         result = monitoring_flow(cfg, batch=batch, trigger_rerun=not no_rerun)
     except MonitoringAlert as alert:  # recorded in full; the exit code tells the scheduler

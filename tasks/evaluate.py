@@ -315,11 +315,11 @@ def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame) ->
     named like the training run's train/validation inputs."""
     import warnings
 
-    from mlflow.data.pandas_dataset import from_pandas
+    from ringflow.tasks.tracking import pandas_dataset
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MLflow's note on its source registry
-        return from_pandas(
+        return pandas_dataset(
             test,
             source=str(manifest.dir / manifest.test.file),
             targets=manifest.target_column,

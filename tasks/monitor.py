@@ -58,7 +58,7 @@ from ringflow.monitoring.scoring import BatchScores, score, score_chunks
 from ringflow.tasks import artifacts
 from ringflow.tasks.evaluate import current_champion, logged_threshold
 from ringflow.tasks.links import mlflow_run_url, prefect_flow_run_url
-from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
+from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs, pandas_dataset
 from ringflow.training import tags
 from ringflow.training.baseline import baseline_proba
 from ringflow.training.config import PipelineConfig, get_settings
@@ -411,7 +411,6 @@ def log_batch_dataset(cfg: PipelineConfig, run_id: str, batch: Batch) -> None:
     the whole batch's row count in the profile: a batch of millions of rows is never one frame."""
     import warnings
 
-    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -419,7 +418,7 @@ def log_batch_dataset(cfg: PipelineConfig, run_id: str, batch: Batch) -> None:
     with warnings.catch_warnings():
         # MLflow's notes on its source registry and, while inferring the schema, on integer columns
         warnings.simplefilter("ignore", UserWarning)
-        dataset = from_pandas(
+        dataset = pandas_dataset(
             sample,
             source=str(cfg.data.source) if batch.month else batch.label,
             targets=TARGET if batch.labelled else None,

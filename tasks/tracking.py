@@ -1,4 +1,4 @@
-"""The MLflow experiment every ringflow run goes to."""
+"""The MLflow experiment every ringflow run goes to, and the datasets its runs log."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import fcntl
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import PandasDataset, from_pandas
 from mlflow.exceptions import MlflowException
 
 from ringflow.training import tags
@@ -90,3 +93,21 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str, kind: str) -> list
             client.set_terminated(run.info.run_id, "KILLED")
             stale.append(run.info.run_id)
     return stale
+
+
+SCHEMA_SAMPLE_ROWS = 1000
+"""Rows (plus one gap per column that has gaps) the schema of a logged dataset is inferred on."""
+
+
+def pandas_dataset(frame: pd.DataFrame, **kwargs: Any) -> PandasDataset:
+    """``mlflow.data.from_pandas(frame, **kwargs)``, its schema inferred on a sample that keeps
+    every column's type and gaps: MLflow infers it value by value in Python, about 4 s for the
+    default train and validation windows (133k rows) on 2 cores, for the same schema. The
+    profile (rows, elements) and the digest still describe the whole frame."""
+    dataset = from_pandas(frame, **kwargs)
+    gaps = frame.isna()
+    rows = set(range(min(len(frame), SCHEMA_SAMPLE_ROWS)))
+    rows |= {int(gaps[c].to_numpy().argmax()) for c in frame.columns if gaps[c].any()}
+    # PandasDataset.schema is a functools.cached_property: the sample's answer is cached as its own
+    dataset.__dict__["schema"] = from_pandas(frame.iloc[sorted(rows)]).schema
+    return dataset

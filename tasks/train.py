@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ringflow.tasks import artifacts, timings
 from ringflow.tasks.shard import resolve_data_key
-from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs
+from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs, pandas_dataset
 from ringflow.tasks.training_artifacts import (
     EpochProgress,
     LineLogger,
@@ -112,7 +112,6 @@ def _log_lineage(
 
     Written with the client and an explicit run id, its time into ``record``: it runs in a
     thread beside horovodrun, and MLflow's active run and Prefect's run context are per thread."""
-    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -128,7 +127,7 @@ def _log_lineage(
         warnings.simplefilter("ignore", UserWarning)
         inputs = [
             DatasetInput(
-                from_pandas(
+                pandas_dataset(
                     frame, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-{suffix}"
                 )._to_mlflow_entity(),
                 tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],

@@ -100,14 +100,19 @@ def registry_lock(model_name: str) -> Iterator[None]:
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     limit = f"{REGISTRY_LOCK_PREFIX}{model_name}"
     with get_client(sync_client=True) as client:
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
-        except ObjectAlreadyExists:
-            pass
+            # read first: a create of an existing limit fails inside the server, which logs the
+            # database's UNIQUE error with its traceback in the run's output
+            client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            except ObjectAlreadyExists:  # another run created it meanwhile
+                pass
     with concurrency(limit, occupy=1, timeout_seconds=REGISTRY_LOCK_TIMEOUT_S, strict=True):
         yield
 

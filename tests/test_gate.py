@@ -139,3 +139,21 @@ def test_every_metric_name_is_computed_ranked_and_a_gate_choice():
     assert set(GREATER_IS_BETTER) == set(METRIC_NAMES) == set(GOOD)
     primary = GateConfig.model_fields["primary_metric"].annotation
     assert typing.get_args(primary) == METRIC_NAMES
+
+
+def test_the_registry_lock_creates_its_limit_once_and_is_taken_again(prefect_harness):
+    """The first holder creates the global concurrency limit; later ones find it (read, not a
+    failed create, which the server would log as a UNIQUE error) and still hold it exclusively."""
+    from prefect import get_client
+
+    from ringflow.tasks.register import REGISTRY_LOCK_PREFIX, registry_lock
+
+    name = f"lock-test-{np.random.default_rng().integers(1 << 30)}"
+    with registry_lock(name):
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(REGISTRY_LOCK_PREFIX + name)
+            assert limit.limit == 1 and limit.active_slots == 1
+    with registry_lock(name):  # the limit exists now
+        pass
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(REGISTRY_LOCK_PREFIX + name).active_slots == 0

@@ -82,6 +82,8 @@ def cases(quick: bool) -> list[Case]:
         Case("np2_cycle_0.1ms", 2, {"training.horovod.cycle_time_ms": 0.1}, what="np=2, cycle time 0.1 ms"),
         Case("np2_cycle_5ms", 2, {"training.horovod.cycle_time_ms": 5}, what="np=2, cycle time 5 ms"),
         Case("np2_fusion_off", 2, {"training.horovod.fusion_threshold_mb": 0}, what="np=2, tensor fusion off"),
+        Case("np2_cache_off", 2, {"training.horovod.cache_capacity": 0}, what="np=2, response cache off"),
+        Case("np2_groups1", 2, {"training.horovod.num_groups": 1}, what="np=2, all gradients in one grouped allreduce"),
         Case("np2_autotune", 2, {"training.horovod.autotune": True}, what="np=2, Horovod autotune"),
         Case("np2_threads2", 2, {"training.threads_per_rank": 2}, what="np=2, 2 threads/rank (oversubscribed)"),
         Case("np2_fp16", 2, {"training.horovod.compression": "fp16"}, what="np=2, fp16 gradient compression"),

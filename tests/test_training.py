@@ -803,6 +803,9 @@ def test_the_launcher_skips_horovodruns_gloo_probe_only_when_told(smoke_config, 
     assert fast[4:] == plain[1:]  # the same horovodrun arguments
     check_horovod()
     assert gloo_checked() and not gloo_checked("/elsewhere/bin/python")
+    knobs = with_overrides(smoke_config, {"training.horovod.cache_capacity": 0})
+    assert "--cache-capacity 0" in " ".join(horovodrun_command(knobs, "/m.json", tmp_path))
+    assert "--cache-capacity" not in " ".join(plain)
 
 
 @pytest.mark.horovod

@@ -273,6 +273,13 @@ class HorovodConfig(_Strict):
     """Gradient compression for the allreduce (fp16 measured slower on CPU)."""
     backward_passes_per_step: int = Field(1, ge=1)
     """Local gradient accumulation steps per allreduce."""
+    cache_capacity: int | None = Field(None, ge=0)
+    """Response cache entries (``--cache-capacity``; 0 turns the cache off, ``null`` = Horovod's
+    default, 1024): with it, a tensor seen before skips the ranks' negotiation round."""
+    num_groups: int = Field(0, ge=0)
+    """Allreduce the gradients as this many grouped allreduces (the DistributedOptimizer's
+    ``groups``: each group is negotiated and reduced as one); 0 = one allreduce per tensor,
+    fused by Horovod's tensor fusion (the default)."""
     autotune: bool = False
     """Horovod autotune (Bayesian search over fusion/cycle settings); its log
     (``<run output>/autotune.csv``) is logged to the MLflow run."""

@@ -264,6 +264,8 @@ def horovodrun_command(
         cmd += ["--fusion-threshold-mb", str(hv.fusion_threshold_mb)]
     if hv.cycle_time_ms is not None:
         cmd += ["--cycle-time-ms", str(hv.cycle_time_ms)]
+    if hv.cache_capacity is not None:
+        cmd += ["--cache-capacity", str(hv.cache_capacity)]
     if hv.autotune:
         cmd += ["--autotune", "--autotune-log-file", str(Path(output_dir) / "autotune.csv")]
     cmd += [

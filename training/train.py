@@ -292,6 +292,7 @@ class Trainer:
             compression=hvd.Compression.fp16 if hv.compression == "fp16" else hvd.Compression.none,
             backward_passes_per_step=hv.backward_passes_per_step,
             op=hvd.Average,
+            groups=hv.num_groups or None,
         )
         self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
         self._layout: tuple[int, int] | None = None

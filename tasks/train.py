@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +58,7 @@ from ringflow.training.launch import (
     read_hostfile,
     write_hostfile,
 )
-from ringflow.training.manifest import KEY_ENV, Manifest
+from ringflow.training.manifest import KEY_ENV, Manifest, ShardIntegrityError
 from ringflow.training.result import TrainResult
 from ringflow.training.secrets import secrets_file
 from ringflow.training.summary import SUMMARY_FILE
@@ -136,6 +136,16 @@ def _log_lineage(
         ]
     client.log_inputs(run_id, datasets=inputs)
     record.add("train", LINEAGE, time.perf_counter() - t0, concurrent=True)
+
+
+def _data_error(lineage: Future[None] | None) -> ShardIntegrityError | None:
+    """The lineage's :class:`ShardIntegrityError` (a missing or corrupt shard), if it hit one:
+    the task's own read of every shard, which names the file, where a rank's failure may only
+    name its peer's shutdown."""
+    if lineage is None:
+        return None
+    error = lineage.exception()
+    return error if isinstance(error, ShardIntegrityError) else None
 
 
 def _display(cmd: list[str]) -> str:
@@ -428,6 +438,9 @@ def train_model(
                     launched = time.monotonic() - t_hvd
         except TrainingError as e:
             mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
+            bad_data = _data_error(lineage_done)
+            if bad_data is not None:  # the lineage read every shard: a bad one is the cause to name
+                raise bad_data from e
             raise
         finally:
             t_after = time.monotonic()

@@ -149,10 +149,9 @@ def test_the_registry_lock_creates_its_limit_once_and_is_taken_again(prefect_har
     from ringflow.tasks.register import REGISTRY_LOCK_PREFIX, registry_lock
 
     name = f"lock-test-{np.random.default_rng().integers(1 << 30)}"
-    with registry_lock(name):
-        with get_client(sync_client=True) as client:
-            limit = client.read_global_concurrency_limit_by_name(REGISTRY_LOCK_PREFIX + name)
-            assert limit.limit == 1 and limit.active_slots == 1
+    with registry_lock(name), get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(REGISTRY_LOCK_PREFIX + name)
+        assert limit.limit == 1 and limit.active_slots == 1
     with registry_lock(name):  # the limit exists now
         pass
     with get_client(sync_client=True) as client:

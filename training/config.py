@@ -414,6 +414,13 @@ class TrainingConfig(_Strict):
     """The MPIJob for ``launcher: mpijob``."""
     resume_from: str | None = None
     """Checkpoint directory (or MLflow run id) to resume from, e.g. after divergence."""
+    final_fit: bool = False
+    """Retrain on every labelled row before registering: after the first run (train window,
+    early stopping on the validation window) picked its best epoch k, a second Horovod run trains
+    on train + validation for k epochs, with the same seed, settings and learning-rate schedule
+    stopped at epoch k. That model is the candidate scored on the test window and registered, with
+    the first run's decision threshold; the baseline is refitted the same way. MLflow: one parent
+    run with the children ``select`` and ``final``; Prefect: the tasks ``train`` and ``train-final``."""
 
 
 # --------------------------------------------------------------------------- evaluation / registry

@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 from collections import deque
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -215,8 +216,10 @@ def horovodrun_command(
     python: str | None = None,
     hostfile: str | Path | None = None,
     gloo_checked: bool = False,
+    program_args: Sequence[str] = (),
 ) -> list[str]:
-    """The full horovodrun command line for this config.
+    """The full horovodrun command line for this config (``program_args``: more arguments of the
+    training program, e.g. a final fit's, ``training/final_fit.py``).
 
     ``gloo_checked``: :func:`check_horovod` passed in this process, so the launcher is
     ``python -m ringflow.training.hvdrun --gloo-checked`` (horovodrun without the probe it runs on
@@ -281,7 +284,7 @@ def horovodrun_command(
     ]
     if resume:
         cmd.append("--resume")
-    return cmd
+    return [*cmd, *program_args]
 
 
 def launch_env(cfg: PipelineConfig, base: dict[str, str] | None = None, **extra: str | None) -> dict[str, str]:

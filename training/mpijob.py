@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +63,7 @@ def render_mpijob(
     env: dict[str, str | None] | None = None,
     resume: bool = False,
     labels: dict[str, str] | None = None,
+    program_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The MPIJob for this config. ``home`` (``RINGFLOW_HOME``) is where the ``training.mpijob.pvc``
     claim is mounted in every pod: the manifest, the shards and ``output_dir`` must lie under it.
@@ -90,7 +92,13 @@ def render_mpijob(
             f"them in the Secret training.mpijob.secret={mj.secret} (key {SECRETS_KEY}) instead"
         )
     command = horovodrun_command(
-        cfg, manifest_path, output_dir, resume=resume, python=mj.python, hostfile=OPERATOR_HOSTFILE
+        cfg,
+        manifest_path,
+        output_dir,
+        resume=resume,
+        python=mj.python,
+        hostfile=OPERATOR_HOSTFILE,
+        program_args=program_args,
     )
     launcher_env = {"PYTHONUNBUFFERED": "1", "RINGFLOW_HOME": str(home), **env, SECRETS_FILE_ENV: SECRETS_PATH}
     volumes = [

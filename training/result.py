@@ -40,6 +40,14 @@ class TrainResult(BaseModel):
     """Distinct hosts the ranks ran on."""
     resumed_from: str | None = None
     """Checkpoint the final attempt started from (retry, --resume or training.resume_from)."""
+    select_run_id: str | None = None
+    """``training.final_fit``: the child run of the first training (train window, early stopping
+    on validation), which chose the epoch count; ``run_id`` is then the parent run."""
+    final_run_id: str | None = None
+    """``training.final_fit``: the child run of the final fit (train + validation), whose model
+    this result's ``model_path`` is; None before the final fit ran."""
+    final_fit_epochs: int | None = None
+    """The final fit's epoch count (the first run's best epoch)."""
 
     @classmethod
     def from_output_dir(cls, run_id: str, output_dir: str | Path) -> TrainResult:

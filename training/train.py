@@ -48,6 +48,7 @@ from ringflow.training.checkpoint import (
     save_checkpoint,
 )
 from ringflow.training.config import PipelineConfig, TrainingConfig, get_settings
+from ringflow.training.final_fit import FINAL_EPOCHS_ARG, THRESHOLD_ARG, FinalFit, validation_rows_for_rank
 from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX
 from ringflow.training.manifest import FileEntry, Manifest, MissingKeyError, ShardIntegrityError
 from ringflow.training.memory import peak_rss_mb
@@ -245,7 +246,7 @@ class RunLogger:
             client.set_tag(run_id, key, value)
 
 
-def flat_params(cfg: PipelineConfig, size: int, manifest: Manifest) -> dict[str, Any]:
+def flat_params(cfg: PipelineConfig, size: int, manifest: Manifest, final: FinalFit | None = None) -> dict[str, Any]:
     def flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
@@ -262,6 +263,9 @@ def flat_params(cfg: PipelineConfig, size: int, manifest: Manifest) -> dict[str,
             "data.num_shards": len(manifest.shards),
         }
     )
+    if final is not None:
+        params["final_fit.epochs"] = final.epochs
+        params["data.validation_rows"] = manifest.windows["validation"].rows
     return params
 
 
@@ -275,8 +279,11 @@ class Trainer:
     all ranks run the same number of steps per epoch (agreed with an allgather of shard sizes).
     """
 
-    def __init__(self, hvd: ModuleType, cfg: PipelineConfig, manifest: Manifest) -> None:
+    def __init__(self, hvd: ModuleType, cfg: PipelineConfig, manifest: Manifest, final: FinalFit | None = None) -> None:
         self.hvd = hvd
+        self.final = final
+        """A final fit (``training.final_fit``): train + validation rows, ``final.epochs`` epochs,
+        no validation."""
         self.cfg = cfg
         self.tc = cfg.training
         self.manifest = manifest
@@ -308,10 +315,15 @@ class Trainer:
 
     @property
     def val(self) -> RankData:
-        """This rank's slice of the validation rows (loaded by :meth:`prepare`)."""
+        """This rank's slice of the validation rows (loaded by :meth:`prepare`; a final fit has none)."""
         if self._val is None:
-            raise RuntimeError("Trainer.prepare() loads the data first")
+            raise RuntimeError("Trainer.prepare() loads the data first (a final fit has no validation rows)")
         return self._val
+
+    @property
+    def epochs(self) -> int:
+        """The epochs this run trains at most: ``training.epochs``, or the final fit's k."""
+        return self.final.epochs if self.final is not None else self.tc.epochs
 
     # ------------------------------------------------------------------ data for (rank, size)
     def prepare(self) -> None:
@@ -328,10 +340,19 @@ class Trainer:
                     f"rank {rank} of {size} has no shard: the manifest has {len(self.manifest.shards)} shards; "
                     "re-shard with sharding.num_shards >= world size"
                 )
-            self._data = load_frame(self.manifest, entries, self.pre)
+            data = load_frame(self.manifest, entries, self.pre)
             val = load_frame(self.manifest, [self.manifest.validation], self.pre)
             # each rank scores a strided slice of the validation file; predictions are allgathered
-            self._val = RankData(val.x_num[rank::size], val.x_cat[rank::size], val.y[rank::size])
+            mine = validation_rows_for_rank(len(val), rank, size)
+            val = RankData(val.x_num[mine], val.x_cat[mine], val.y[mine])
+            if self.final is None:
+                self._data, self._val = data, val
+            else:
+                # the final fit trains on the same slice instead: every validation row on one rank
+                self._data = RankData(
+                    torch.cat([data.x_num, val.x_num]), torch.cat([data.x_cat, val.x_cat]), torch.cat([data.y, val.y])
+                )
+                self._val = None
             self._layout = (rank, size)
         rows = hvd.allgather_object(len(self.data))
         # where each rank runs: horovodrun's name for its host (-H / discovery), which tells
@@ -423,8 +444,8 @@ class Trainer:
             diverged=diverged_step is not None,
             diverged_step=diverged_step,
         )
-        if diverged_step is not None:
-            return record
+        if diverged_step is not None or self.final is not None:
+            return record  # a final fit has no validation rows: its epoch records have no val_*
         return EpochRecord.model_validate(
             {**record.model_dump(), **{f"val_{k}": v for k, v in self.validate().items()}}
         )
@@ -470,7 +491,8 @@ def find_resume_point(args: argparse.Namespace, cfg: PipelineConfig) -> Path | N
     own = latest_checkpoint(Path(args.output_dir) / CHECKPOINT_DIR) if args.resume else None
     if own is not None:
         return own
-    if cfg.training.resume_from:
+    if cfg.training.resume_from and not getattr(args, "final_fit_epochs", None):
+        # (a final fit starts fresh: training.resume_from is where its first run started)
         return resolve_checkpoint(cfg.training.resume_from, get_settings().runs_dir)
     return None
 
@@ -496,6 +518,9 @@ def write_outputs(
     history = progress.history
     best_rec = next((h for h in history if h.epoch == progress.best_epoch), history[-1] if history else None)
     threshold = best_rec.val_decision_threshold if best_rec else None  # of the weights saved below
+    if trainer.final is not None:
+        # the final model has seen the validation rows: it keeps the first run's threshold
+        threshold = trainer.final.decision_threshold
     if progress.best_model is not None:
         best = TabularNet(**net.arch)
         best.load_state_dict(progress.best_model)
@@ -524,7 +549,7 @@ def write_outputs(
     summary = TrainingSummary(
         status=status,
         epochs=progress.epoch,
-        epochs_planned=cfg.training.epochs,
+        epochs_planned=trainer.epochs,
         best_epoch=progress.best_epoch or None,
         best_val_roc_auc=_finite(progress.best_auc),
         metrics=metrics,
@@ -640,27 +665,30 @@ def train(state: TrainingState, trainer: Trainer, out: Path, run_log: RunLogger)
     trainer.prepare()
     rank, size = hvd.rank(), hvd.size()
     if rank == 0:
-        run_log.params(flat_params(cfg, size, trainer.manifest))  # idempotent: kept from the first start
+        run_log.params(flat_params(cfg, size, trainer.manifest, trainer.final))  # kept from the first start
         log(
-            f"training: world_size={size} rows/rank~{len(trainer.data)} batch/rank={trainer.batch} "
+            f"training{' (final fit: train + validation rows)' if trainer.final else ''}: world_size={size} "
+            f"rows/rank~{len(trainer.data)} batch/rank={trainer.batch} "
             f"steps/epoch={trainer.steps} threads/rank={torch.get_num_threads()}"
         )
-    while state.progress.epoch < tc.epochs and not state.progress.stopped:
+    # A final fit runs its k epochs whatever happens to a validation AUC it does not have.
+    patience = tc.early_stopping_patience if trainer.final is None else trainer.epochs + 1
+    while state.progress.epoch < trainer.epochs and not state.progress.stopped:
         record = trainer.train_epoch(state.progress.epoch)
         if record.diverged_step is not None:
             if rank == 0:
                 log(f"epoch {record.epoch}: non-finite loss at step {record.diverged_step}: diverged, stopping")
                 run_log.metrics({"diverged": 1.0}, step=record.epoch)
             return Outcome("diverged", DivergedAt(epoch=record.epoch, step=record.diverged_step))
-        state.progress = state.progress.after_epoch(record, trainer.net, tc.early_stopping_patience)
+        state.progress = state.progress.after_epoch(record, trainer.net, patience)
         if rank == 0:
             payload = checkpoint_payload(state.progress, trainer.net, trainer.opt, cfg, size)
             save_checkpoint(out / CHECKPOINT_DIR, payload)
             run_log.metrics(epoch_metrics(record), step=record.epoch)
+            val = "" if trainer.final else f"val_auc={record.val_roc_auc:.4f} val_logloss={record.val_log_loss:.4f} "
             log(
-                f"epoch {record.epoch}/{tc.epochs} (size {size}): train_loss={record.train_loss:.4f} "
-                f"val_auc={record.val_roc_auc:.4f} val_logloss={record.val_log_loss:.4f} "
-                f"{record.samples_per_s:.0f} samples/s ({record.epoch_time_s:.2f}s)"
+                f"epoch {record.epoch}/{trainer.epochs} (size {size}): train_loss={record.train_loss:.4f} "
+                f"{val}{record.samples_per_s:.0f} samples/s ({record.epoch_time_s:.2f}s)"
             )
         state.commit()
     return Outcome("early_stopped" if state.progress.stopped else "completed")
@@ -716,7 +744,8 @@ def run_elastic(
 def run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     started = time.time()
     hvd, manifest, out = _setup(args, cfg)
-    trainer = Trainer(hvd, cfg, manifest)
+    final = FinalFit(args.final_fit_epochs, args.decision_threshold) if args.final_fit_epochs else None
+    trainer = Trainer(hvd, cfg, manifest, final)
     run_log = RunLogger()  # one per process, across elastic resets
     drive = run_elastic if cfg.training.elastic.enabled else run_fixed
     try:
@@ -751,6 +780,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config-json", required=True, help="PipelineConfig as JSON, or @path to a JSON file")
     p.add_argument("--output-dir", required=True, help="where model.pt, summary.json and checkpoints/ go")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument(
+        FINAL_EPOCHS_ARG,
+        dest="final_fit_epochs",
+        type=int,
+        default=None,
+        help="a final fit: train on the train and validation rows for this many epochs, without validation",
+    )
+    p.add_argument(
+        THRESHOLD_ARG,
+        dest="decision_threshold",
+        type=float,
+        default=None,
+        help="the final fit's decision threshold (the first run's, chosen on validation)",
+    )
     return p.parse_args(argv)
 
 

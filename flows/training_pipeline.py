@@ -1,8 +1,10 @@
-"""The training pipeline flow: shard -> train (Horovod) -> evaluate -> register.
+"""The training pipeline flow: shard -> train (Horovod) [-> train-final] -> evaluate -> register.
 
 Flows only compose tasks and carry parameters. The config is a pydantic model, so the Prefect UI
 renders it as a form. Task results are persisted and cached per flow run, so retrying a run whose
 registration failed re-uses its shards, training and evaluation instead of training again.
+With ``training.final_fit`` a second Horovod task, ``train-final``, trains on train + validation
+for the epoch count the first chose (``training/final_fit.py``); its model is the candidate.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ringflow.tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hin
 from ringflow.tasks.register import register_candidate
 from ringflow.tasks.shard import shard_data
 from ringflow.tasks.timings import StageTimings
-from ringflow.tasks.train import train_model
+from ringflow.tasks.train import train_final, train_model
 from ringflow.training import tags
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.launch import check_horovod
@@ -47,6 +49,11 @@ class PipelineResult(BaseModel):
     manifest_path: str
     training_run_id: str
     training_status: str
+    select_run_id: str | None = None
+    """``training.final_fit``: the child run of the training run that chose the epoch count."""
+    final_run_id: str | None = None
+    """``training.final_fit``: the child run that trained the candidate on train + validation."""
+    final_fit_epochs: int | None = None
     model_name: str | None = None
     model_version: str | None = None
     promoted: bool = False
@@ -136,12 +143,24 @@ def training_pipeline(
         parent_run_id=parent_run_id,
         run_tags=run_tags,
     )
+    if config.training.final_fit and trained.status != "diverged":
+        # cached and persisted like train: a retried flow run does not train either again
+        trained = _stage(
+            "train-final",
+            train_final.with_options(cache_policy=DEFAULT, persist_result=True),
+            config,
+            manifest_path,
+            trained,
+        )
     result = PipelineResult(
         config_name=config.name,
         reason=reason,
         manifest_path=manifest_path,
         training_run_id=trained.run_id,
         training_status=trained.status,
+        select_run_id=trained.select_run_id,
+        final_run_id=trained.final_run_id,
+        final_fit_epochs=trained.final_fit_epochs,
         tracking_uri=settings.tracking_uri,
     )
     if trained.status == "diverged":
@@ -232,7 +251,13 @@ def _summary_artifact(config: PipelineConfig, r: PipelineResult) -> None:
         markdown=(
             f"# Training pipeline `{config.name}` ({r.reason})\n\n"
             f"- training run: `{r.training_run_id}` ({r.training_status}) - {mlflow_run_url(r.tracking_uri, r.training_run_id)}\n"
-            f"- model version: {version}; promoted: **{r.promoted}**; champion now: {_version(r.champion_version)}\n"
+            + (
+                f"- final fit: {r.final_fit_epochs} epochs on train + validation, child run `{r.final_run_id}`; "
+                f"epoch count and decision threshold from child run `{r.select_run_id}`\n"
+                if r.final_run_id
+                else ""
+            )
+            + f"- model version: {version}; promoted: **{r.promoted}**; champion now: {_version(r.champion_version)}\n"
             f"- model registry: {mlflow_model_url(r.tracking_uri, r.model_name) if r.model_name else 'none'}\n"
             f"- manifest: `{r.manifest_path}`\n\n"
             f"## Test metrics {r.test_window} ({r.test_rows} rows)\n{warnings}\n{header}\n{metrics}\n\n"
@@ -249,6 +274,11 @@ def print_summary(r: PipelineResult) -> None:
     print()
     print(f"ringflow: training pipeline '{r.config_name}' finished ({r.reason})")
     print(f"  training run   {r.training_run_id}  status={r.training_status}")
+    if r.final_run_id:
+        print(
+            f"  final fit      {r.final_fit_epochs} epochs on train + validation: run {r.final_run_id} "
+            f"(epoch count chosen by run {r.select_run_id})"
+        )
     if r.model_version:
         verdict = "PROMOTED to @champion" if r.promoted else "registered as @challenger (not promoted)"
         print(f"  model version  {r.model_name} v{r.model_version}  {verdict}")

@@ -101,6 +101,10 @@ class EvaluationResult(BaseModel):
     test_window: str = ""
     test_rows: int = 0
     decision: GateDecision
+    final_fit_epochs: int | None = None
+    """``training.final_fit``: the candidate was retrained on train + validation for this many epochs."""
+    select_run_id: str | None = None
+    """``training.final_fit``: the child run whose validation chose the epoch count and the threshold."""
 
 
 def decide(
@@ -236,12 +240,25 @@ def _decision_markdown(cfg: PipelineConfig, ev: EvaluationResult) -> str:
         f"{cfg.gate.baseline_margin} ({'enforced' if cfg.gate.must_beat_baseline else 'not enforced'}).\n\n"
         f"Test window {ev.test_window}, {ev.test_rows} rows. Accuracy and F1 at each model's decision "
         "threshold (chosen on the validation window).\n"
+        + _final_fit_note(ev)
         + warnings
         + "\n"
         + "\n".join(rows)
         + "\n\n### Reasons\n"
         + reasons
         + "\n"
+    )
+
+
+def _final_fit_note(ev: EvaluationResult) -> str:
+    if ev.final_fit_epochs is None:
+        return ""
+    return (
+        f"\nFinal fit (`training.final_fit`): the candidate was retrained on the train and validation "
+        f"windows for {ev.final_fit_epochs} epochs, the best epoch of the selection run `{ev.select_run_id}` "
+        "(whose validation metrics are the evidence for that count). It has seen the validation rows, so it "
+        "cannot choose its decision threshold there: it carries over the selection run's, chosen on the "
+        "validation window with the best epoch's weights.\n"
     )
 
 
@@ -467,6 +484,8 @@ def evaluate_candidate(
             test_window=test_window,
             test_rows=len(test),
             decision=decision,
+            final_fit_epochs=train_result.final_fit_epochs,
+            select_run_id=train_result.select_run_id,
         )
         mlflow.log_text(_decision_markdown(cfg, ev), artifacts.GATE_REPORT)
     create_markdown_artifact(

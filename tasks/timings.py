@@ -26,7 +26,8 @@ from typing import Literal
 from pydantic import BaseModel
 
 Kind = Literal["work", "overhead"]
-STAGES = ("prefect", "shard", "train", "baseline", "evaluate", "register")
+STAGES = ("prefect", "shard", "train", "train-final", "baseline", "evaluate", "register")
+"""In the table's order; ``train-final`` only with ``training.final_fit``."""
 TASK_REST = "Prefect task run (states, results, logs)"
 API_START = "Prefect API start + flow-run creation"
 FLOW_FINISH = "Prefect flow-run finish (final state)"

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
@@ -64,6 +65,8 @@ from ringflow.training.secrets import secrets_file
 from ringflow.training.summary import SUMMARY_FILE
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from mlflow.entities import Run
     from prefect import Task
     from prefect.client.schemas.objects import State, TaskRun
@@ -240,6 +243,7 @@ def _run_mpijob(
     home: Path,
     progress: LineLogger,
     log: LineLogger,
+    program_args: list[str] | None = None,
 ) -> None:
     """``training.launcher: mpijob``: the same run as an MPIJob (training/mpijob.py). Its pods
     mount RINGFLOW_HOME from the shared claim, so the summary and checkpoints land in ``out`` as
@@ -255,6 +259,7 @@ def _run_mpijob(
         resume=resume,
         env={"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id, **timeline_env(cfg, out)},
         labels={"ringflow/mlflow-run-id": run_id},
+        program_args=program_args or (),
     )
     log.info(
         "attempt %d: MPIJob %s/%s, %d ranks: %s%s",
@@ -306,7 +311,7 @@ def _label_flow_run(tracking_uri: str, run_id: str) -> None:
         get_run_logger().warning("could not label the flow run with its MLflow run: %s", e)
 
 
-def _record_launch(out: Path, launch_s: float, launcher: str) -> None:
+def _record_launch(out: Path, launch_s: float, launcher: str, stage: str = "train") -> None:
     """Split the launcher's wall time: the epochs (work), the rest of the training program (Horovod
     and data set-up, rank 0's MLflow logging, checkpoints, outputs) and what the program's own
     clock did not see (interpreter and import start-up of every rank, the launcher, shutdown)."""
@@ -315,15 +320,166 @@ def _record_launch(out: Path, launch_s: float, launcher: str) -> None:
     s = TrainingSummary.load(out)
     epochs = sum(_epoch_seconds(h) for h in s.history)
     program = min(s.wall_time_s, launch_s)
-    timings.record("train", "training epochs (rank 0)", epochs, "work")
-    timings.record("train", "set-up, data, validation, checkpoints (ranks)", program - epochs)
-    timings.record("train", f"rank start-up + shutdown ({launcher})", launch_s - program)
+    timings.record(stage, "training epochs (rank 0)", epochs, "work")
+    timings.record(stage, "set-up, data, validation, checkpoints (ranks)", program - epochs)
+    timings.record(stage, f"rank start-up + shutdown ({launcher})", launch_s - program)
 
 
 def _epoch_seconds(record: object) -> float:
     """An epoch record's ``epoch_time_s``, whether a dict or a model (training/ is typing them)."""
     v = record.get("epoch_time_s") if isinstance(record, dict) else getattr(record, "epoch_time_s", None)
     return float(v) if isinstance(v, (int, float)) else 0.0
+
+
+def _find_step(client: MlflowClient, experiment_id: str, parent_run_id: str, step: str) -> Run | None:
+    """The child run ``step`` (``select`` / ``final``) of a training run, when an earlier attempt made it."""
+    runs = client.search_runs(
+        [experiment_id],
+        tags.tag_filter(MLFLOW_PARENT_RUN_ID, parent_run_id) + " and " + tags.tag_filter(tags.FINAL_FIT_STEP, step),
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _start_step(client: MlflowClient, experiment_id: str, parent: Run, step: str, cfg: PipelineConfig) -> Run:
+    """Open the child run ``step`` of the active training run ``parent`` (a nested run: MLflow's
+    ``mlflow.parentRunId``), continuing the one an earlier attempt made."""
+    existing = _find_step(client, experiment_id, parent.info.run_id, step)
+    if existing is not None:
+        run = mlflow.start_run(run_id=existing.info.run_id, nested=True)
+        mlflow.set_tag(tags.LAUNCHER, launcher_tag())
+        return run
+    return mlflow.start_run(
+        experiment_id=experiment_id,
+        nested=True,
+        run_name=f"{parent.info.run_name or run_name(cfg, None)}-{step}",
+        tags={
+            tags.KIND: tags.KIND_TRAINING_STEP,
+            tags.FINAL_FIT_STEP: step,
+            tags.CONFIG_NAME: cfg.name,
+            tags.LAUNCHER: launcher_tag(),
+        },
+    )
+
+
+def _launch(
+    cfg: PipelineConfig,
+    manifest: Manifest,
+    key: bytes | None,
+    run_id: str,
+    attempt: int,
+    log: LineLogger,
+    stage: str,
+    program_args: list[str] | None = None,
+    lineage_done: Future[None] | None = None,
+) -> TrainResult:
+    """One horovodrun (or MPIJob) logging into the active MLflow run ``run_id``: its output dir
+    ``runs_dir/<run_id>`` (resumed from its own newest checkpoint on a retry), the launcher's log
+    and the summary as artifacts, the status tags; timings under ``stage``."""
+    settings = get_settings()
+    tc = cfg.training
+    out = settings.runs_dir / run_id
+    resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
+    mlflow.set_tags({tags.OUTPUT_DIR: str(out), tags.CHECKPOINT_DIR: str(out / CHECKPOINT_DIR)})
+    t0 = time.monotonic()
+    launched: float | None = None
+    planned = int(program_args[1]) if program_args else tc.epochs
+    # the Prefect UI shows epoch k of N live, from rank 0's epoch lines
+    progress = EpochProgress(log, f"epochs done of {planned} (MLflow run {run_id})")
+    try:
+        if tc.launcher == "mpijob":
+            _run_mpijob(
+                cfg,
+                manifest,
+                out,
+                run_id,
+                attempt,
+                resume,
+                settings.tracking_uri,
+                settings.home,
+                progress,
+                log,
+                program_args or [],
+            )
+        else:
+            # a hostfile (Slurm's bare node names too) is given to horovodrun in its own format
+            hostfile = (
+                write_hostfile(read_hostfile(tc.horovod.hostfile, tc.world_size), out)
+                if tc.horovod.hostfile is not None and not tc.elastic.enabled
+                else None
+            )
+            cmd = horovodrun_command(
+                cfg,
+                manifest.path.resolve(),
+                out,
+                resume=resume,
+                hostfile=hostfile,
+                gloo_checked=gloo_checked(),
+                program_args=program_args or (),
+            )
+            extra: dict[str, str | None] = {
+                "MLFLOW_TRACKING_URI": settings.tracking_uri,
+                "MLFLOW_RUN_ID": run_id,
+                "RINGFLOW_HOME": str(settings.home),
+                **timeline_env(cfg, out),
+                **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
+            }
+            env = launch_env(cfg, None, **extra)
+            log.info(
+                "attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else ""
+            )
+            # horovodrun copies its environment into every rank's argv: the data key and any
+            # credential go to the ranks in a 0600 file instead (training/secrets.py)
+            with secrets_file(env, out) as env:
+                t_hvd = time.monotonic()
+                run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
+                launched = time.monotonic() - t_hvd
+    except TrainingError as e:
+        mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
+        bad_data = _data_error(lineage_done)
+        if bad_data is not None:  # the lineage read every shard: a bad one is the cause to name
+            raise bad_data from e
+        raise
+    finally:
+        t_after = time.monotonic()
+        if (out / LOG_FILE).is_file():
+            mlflow.log_artifact(str(out / LOG_FILE), artifact_path=artifacts.TRAINING_DIR)
+        log_horovod_files(out)  # timeline (training.horovod.timeline) and autotune log, when written
+    if lineage_done is not None:
+        with timings.timed(stage, "MLflow: lineage, waited for after horovodrun"):
+            lineage_done.result()
+    if not (out / SUMMARY_FILE).is_file():
+        raise TrainingError(f"horovodrun exited 0 but rank 0 wrote no {out / SUMMARY_FILE}")
+    result = TrainResult.from_output_dir(run_id, out)
+    _record_launch(out, t_after - t0 if launched is None else launched, tc.launcher, stage)
+    mlflow.log_artifact(str(out / SUMMARY_FILE), artifact_path=artifacts.TRAINING_DIR)
+    progress.update(100.0)  # early stopping ends before epoch N
+    publish_rank_table(result, log)
+    mlflow.set_tags({tags.TRAINING_STATUS: result.status, tags.WORLD_SIZE: str(result.world_size)})
+    mlflow.log_metric(tags.TRAINING_WALL_TIME, t_after - t0)
+    if result.checkpoint_dir is None:
+        mlflow.set_tag(tags.CHECKPOINT_DIR, "")
+    timings.record(stage, "MLflow: training log, summary, tags", time.monotonic() - t_after)
+    return result
+
+
+def _copy_to_parent(client: MlflowClient, parent_id: str, result: TrainResult) -> None:
+    """What monitoring and a rerun read from the training run, from its ``select`` child: the
+    status, the output and checkpoint directories (a rerun after divergence resumes from there)
+    and ``training/summary.json`` (training health)."""
+    out = Path(result.output_dir)
+    client.set_tag(parent_id, tags.TRAINING_STATUS, result.status)
+    client.set_tag(parent_id, tags.WORLD_SIZE, str(result.world_size))
+    client.set_tag(parent_id, tags.OUTPUT_DIR, str(out))
+    client.set_tag(parent_id, tags.CHECKPOINT_DIR, result.checkpoint_dir or "")
+    client.log_artifact(parent_id, str(out / SUMMARY_FILE), artifact_path=artifacts.TRAINING_DIR)
+
+
+def _end_runs(statuses: list[str]) -> None:
+    """End the active run and its parents (innermost first) with the given statuses."""
+    for status in statuses:
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status)
 
 
 @task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retryable, cache_policy=NO_CACHE)
@@ -334,6 +490,9 @@ def train_model(
     run_tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train with ``horovodrun -np <world_size>`` on the manifest's shards; returns the typed result.
+
+    With ``training.final_fit`` the MLflow run is the parent of a nested ``select`` run, which the
+    ranks log to; the result's ``run_id`` is the parent, ``select_run_id`` the child.
 
     Raises :class:`TrainingError` (which rank failed, its exit code and last lines) or
     :class:`TrainingTimeout`. Returns status ``diverged`` instead of raising on divergence.
@@ -358,9 +517,10 @@ def train_model(
     task_run_id = str(runtime.task_run.id) if runtime.task_run.id else None
     attempt = runtime.task_run.run_count or 1
     existing = _find_run(client, experiment_id, task_run_id)
-    for stale in mark_stale_runs(client, experiment_id, "training"):
-        if existing is None or stale != existing.info.run_id:
-            log.warning("MLflow run %s was left RUNNING by a launcher that is gone: marked KILLED", stale)
+    for kind in (tags.KIND_TRAINING, tags.KIND_TRAINING_STEP):
+        for stale in mark_stale_runs(client, experiment_id, kind):
+            if existing is None or stale != existing.info.run_id:
+                log.warning("MLflow run %s was left RUNNING by a launcher that is gone: marked KILLED", stale)
 
     if existing is not None:
         run = mlflow.start_run(run_id=existing.info.run_id)
@@ -390,9 +550,9 @@ def train_model(
     run_id = run.info.run_id
     _label_flow_run(tracking_uri, run_id)
     timings.record("train", "checks + MLflow run setup", time.perf_counter() - t_setup)
-    out = settings.runs_dir / run_id
-    status = "FAILED"
-    # the lineage is written beside horovodrun (the ranks need none of it), joined before the run ends
+    statuses = ["FAILED"]
+    # the lineage is written beside horovodrun (the ranks need none of it), joined before the run
+    # ends; on the training run (the parent with training.final_fit)
     lineage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-lineage")
     lineage_done = (
         lineage.submit(_log_lineage, client, run_id, cfg, manifest, key, timings.current())
@@ -400,68 +560,15 @@ def train_model(
         else None
     )
     try:
-        resume = latest_checkpoint(out / CHECKPOINT_DIR) is not None
-        mlflow.set_tags({tags.OUTPUT_DIR: str(out), tags.CHECKPOINT_DIR: str(out / CHECKPOINT_DIR)})
-        t0 = time.monotonic()
-        launched: float | None = None
-        # the Prefect UI shows epoch k of N live, from rank 0's epoch lines
-        progress = EpochProgress(log, f"epochs done of {tc.epochs} (MLflow run {run_id})")
-        try:
-            if tc.launcher == "mpijob":
-                _run_mpijob(cfg, manifest, out, run_id, attempt, resume, tracking_uri, settings.home, progress, log)
-            else:
-                # a hostfile (Slurm's bare node names too) is given to horovodrun in its own format
-                hostfile = (
-                    write_hostfile(read_hostfile(tc.horovod.hostfile, tc.world_size), out)
-                    if tc.horovod.hostfile is not None and not tc.elastic.enabled
-                    else None
-                )
-                cmd = horovodrun_command(
-                    cfg, manifest.path.resolve(), out, resume=resume, hostfile=hostfile, gloo_checked=gloo_checked()
-                )
-                extra: dict[str, str | None] = {
-                    "MLFLOW_TRACKING_URI": tracking_uri,
-                    "MLFLOW_RUN_ID": run_id,
-                    "RINGFLOW_HOME": str(settings.home),
-                    **timeline_env(cfg, out),
-                    **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
-                }
-                env = launch_env(cfg, None, **extra)
-                log.info(
-                    "attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else ""
-                )
-                # horovodrun copies its environment into every rank's argv: the data key and any
-                # credential go to the ranks in a 0600 file instead (training/secrets.py)
-                with secrets_file(env, out) as env:
-                    t_hvd = time.monotonic()
-                    run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
-                    launched = time.monotonic() - t_hvd
-        except TrainingError as e:
-            mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
-            bad_data = _data_error(lineage_done)
-            if bad_data is not None:  # the lineage read every shard: a bad one is the cause to name
-                raise bad_data from e
-            raise
-        finally:
-            t_after = time.monotonic()
-            if (out / LOG_FILE).is_file():
-                mlflow.log_artifact(str(out / LOG_FILE), artifact_path=artifacts.TRAINING_DIR)
-            log_horovod_files(out)  # timeline (training.horovod.timeline) and autotune log, when written
-        if lineage_done is not None:
-            with timings.timed("train", "MLflow: lineage, waited for after horovodrun"):
-                lineage_done.result()
-        if not (out / SUMMARY_FILE).is_file():
-            raise TrainingError(f"horovodrun exited 0 but rank 0 wrote no {out / SUMMARY_FILE}")
-        result = TrainResult.from_output_dir(run_id, out)
-        _record_launch(out, t_after - t0 if launched is None else launched, tc.launcher)
-        mlflow.log_artifact(str(out / SUMMARY_FILE), artifact_path=artifacts.TRAINING_DIR)
-        progress.update(100.0)  # early stopping ends before epoch N
-        publish_rank_table(result, log)
-        mlflow.set_tags({tags.TRAINING_STATUS: result.status, tags.WORLD_SIZE: str(result.world_size)})
-        mlflow.log_metric(tags.TRAINING_WALL_TIME, t_after - t0)
-        if result.checkpoint_dir is None:
-            mlflow.set_tag(tags.CHECKPOINT_DIR, "")
-        timings.record("train", "MLflow: training log, summary, tags", time.monotonic() - t_after)
+        select_id = None
+        if tc.final_fit:
+            statuses = ["FAILED", "FAILED"]
+            select_id = _start_step(client, experiment_id, run, tags.STEP_SELECT, cfg).info.run_id
+            log.info("final fit: the epoch count is chosen in child run %s (select)", select_id)
+        result = _launch(cfg, manifest, key, select_id or run_id, attempt, log, "train", lineage_done=lineage_done)
+        if select_id is not None:
+            _copy_to_parent(client, run_id, result)
+            result = result.model_copy(update={"run_id": run_id, "select_run_id": select_id})
         if result.status == "diverged":
             log.warning(
                 "training diverged (%s); returning status 'diverged' for the monitoring policy",
@@ -474,12 +581,81 @@ def train_model(
                 result.best_epoch,
                 result.metrics.get("val_roc_auc", float("nan")),
             )
-        status = "FINISHED"
+        statuses = ["FINISHED"] * len(statuses)
         return result
     except BaseException as e:
         if not isinstance(e, Exception):
-            status = "KILLED"  # cancellation / interpreter shutdown
+            statuses = ["KILLED"] * len(statuses)  # cancellation / interpreter shutdown
         raise
     finally:
         lineage.shutdown(wait=True)  # never end the run under a write still in flight
-        mlflow.end_run(status)
+        _end_runs(statuses)
+
+
+@task(name="train-final", retries=1, retry_delay_seconds=2, retry_condition_fn=retryable, cache_policy=NO_CACHE)
+def train_final(cfg: PipelineConfig, manifest_path: str, selected: TrainResult) -> TrainResult:
+    """``training.final_fit``: the second horovodrun, on train + validation for the epoch count
+    the first run chose (``training/final_fit.py``), as the child run ``final`` of the training
+    run. Returns the candidate: ``run_id`` is the training (parent) run, ``model_path`` the final
+    model, which carries the first run's decision threshold.
+
+    A retry continues the same child run and resumes from its own newest checkpoint.
+    """
+    from ringflow.training.final_fit import FinalFit, final_fit_epochs
+    from ringflow.training.model import read_decision_threshold
+
+    log = get_run_logger()
+    t_setup = time.perf_counter()
+    settings = get_settings()
+    manifest = Manifest.load(manifest_path)
+    check_launchable(cfg, len(manifest.shards))
+    manifest.verify(checksums=False)
+    k = final_fit_epochs(selected.status, selected.best_epoch, selected.epochs_completed)
+    threshold = read_decision_threshold(Path(selected.model_path).parent) if selected.model_path else None
+    final = FinalFit(k, threshold)
+    # the final fit starts fresh (training.resume_from was the first run's starting point)
+    final_cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"resume_from": None})})
+    key = resolve_data_key(cfg)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri)
+    experiment_id = ensure_experiment(client, cfg.registry.experiment)
+    attempt = runtime.task_run.run_count or 1
+    parent = mlflow.start_run(run_id=selected.run_id)
+    statuses = ["FAILED", "FAILED"]
+    try:
+        mlflow.log_param(tags.FINAL_FIT_EPOCHS, k)
+        child = _start_step(client, experiment_id, parent, tags.STEP_FINAL, cfg)
+        final_id = child.info.run_id
+        mlflow.log_params({tags.FINAL_FIT_EPOCHS: k, tags.DECISION_THRESHOLD: "" if threshold is None else threshold})
+        log.info(
+            "final fit: %d epochs (the best epoch of run %s) on train + validation rows in child run %s (final); "
+            "decision threshold %s carried over from the first run",
+            k,
+            selected.select_run_id,
+            final_id,
+            "-" if threshold is None else f"{threshold:.4f}",
+        )
+        timings.record("train-final", "checks + MLflow run setup", time.perf_counter() - t_setup)
+        result = _launch(final_cfg, manifest, key, final_id, attempt, log, "train-final", final.args())
+        if result.status == "diverged":
+            client.set_tag(selected.run_id, tags.TRAINING_STATUS, "diverged")
+            log.warning("the final fit diverged (%s)", result.checkpoint_dir or "no checkpoint yet")
+        # the candidate: the final model, judged by the first run's validation evidence
+        metrics = {**{k_: v for k_, v in selected.metrics.items() if k_.startswith("val_")}, **result.metrics}
+        statuses = ["FINISHED", "FINISHED"]
+        return result.model_copy(
+            update={
+                "run_id": selected.run_id,
+                "select_run_id": selected.select_run_id,
+                "final_run_id": final_id,
+                "final_fit_epochs": k,
+                "best_epoch": selected.best_epoch,
+                "metrics": metrics,
+            }
+        )
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            statuses = ["KILLED", "KILLED"]
+        raise
+    finally:
+        _end_runs(statuses)

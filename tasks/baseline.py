@@ -18,9 +18,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
+from sklearn.pipeline import Pipeline
 
 from ringflow.tasks.timings import Laps
-from ringflow.training.baseline import BASELINE_MAX_ROWS, TunedBaseline, baseline_proba, tune_baseline
+from ringflow.training.baseline import (
+    BASELINE_MAX_ROWS,
+    TunedBaseline,
+    baseline_proba,
+    refit_baseline,
+    tune_baseline,
+)
 from ringflow.training.config import PipelineConfig
 from ringflow.training.manifest import Manifest
 from ringflow.training.metrics import max_f1_threshold
@@ -37,6 +44,15 @@ class ScoredBaseline:
     threshold: float
     test_proba: np.ndarray
     test_rows: int
+    final_model: Pipeline | None = None
+    """``training.final_fit``: the chosen settings and rounds refitted on train + validation, the
+    model scored on the test rows (``tuned.model`` otherwise); the threshold stays the tuned
+    model's, chosen on validation, as the network's does."""
+
+    @property
+    def model(self) -> Pipeline:
+        """The model whose test probabilities these are."""
+        return self.final_model if self.final_model is not None else self.tuned.model
 
 
 def _sample(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
@@ -52,7 +68,9 @@ def score_baseline(
 ) -> ScoredBaseline:
     """Tune the baseline on the manifest's train shards (the candidate's train window) with early
     stopping on the validation file, choose its threshold on the validation file, score the test
-    rows (read from the manifest unless given)."""
+    rows (read from the manifest unless given). With ``training.final_fit`` the chosen settings are
+    refitted on train + validation first (the network's final fit, the same for both), and that
+    model scores the test rows with the tuned model's threshold."""
     num, cat = manifest.numeric_features, manifest.categorical_features
     total = sum(s.rows for s in manifest.shards)
     share = min(1.0, BASELINE_MAX_ROWS / max(total, 1))  # big windows: a uniform sample, one shard at a time
@@ -71,9 +89,19 @@ def score_baseline(
         tuned.val_roc_auc,
     )
     threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), tuned.val_proba)
+    final = None
+    if cfg.training.final_fit:
+        rows = pd.concat([train, val], ignore_index=True)
+        final = refit_baseline(
+            cfg.gate.baseline, tuned.params, rows, manifest.target_column, num, cat, seed=cfg.training.seed
+        )
+        log.info(
+            "baseline %s: final fit of the chosen settings on %d train + validation rows", cfg.gate.baseline, len(rows)
+        )
     if test is None:
         test = manifest.read(manifest.test, key)
-    return ScoredBaseline(tuned, threshold, baseline_proba(tuned.model, test, num, cat), len(test))
+    model = final if final is not None else tuned.model
+    return ScoredBaseline(tuned, threshold, baseline_proba(model, test, num, cat), len(test), final_model=final)
 
 
 def _warm_model_logging() -> None:

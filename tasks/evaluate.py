@@ -258,7 +258,14 @@ def _final_fit_note(ev: EvaluationResult) -> str:
         f"windows for {ev.final_fit_epochs} epochs, the best epoch of the selection run `{ev.select_run_id}` "
         "(whose validation metrics are the evidence for that count). It has seen the validation rows, so it "
         "cannot choose its decision threshold there: it carries over the selection run's, chosen on the "
-        "validation window with the best epoch's weights.\n"
+        "validation window with the best epoch's weights."
+        + (
+            " The baseline gets the same final fit: its chosen settings and rounds refitted on train + "
+            "validation, its threshold carried over from its tuned model."
+            if ev.baseline != "none"
+            else ""
+        )
+        + "\n"
     )
 
 
@@ -429,8 +436,10 @@ def evaluate_candidate(
             tuned, base_p, base_threshold = baseline.tuned, baseline.test_proba, baseline.threshold
             base = classification_metrics(y, base_p, base_threshold)
             log_baseline_settings(tuned)
+            if baseline.final_model is not None:
+                mlflow.log_param(tags.BASELINE_FINAL_FIT, "true")
             base_uri = log_baseline_model(
-                tuned.model, manifest, test.head(5), base_threshold, kind=cfg.gate.baseline, settings=tuned.params
+                baseline.model, manifest, test.head(5), base_threshold, kind=cfg.gate.baseline, settings=tuned.params
             )
             lap("MLflow: log the baseline model")
 

@@ -159,3 +159,24 @@ def test_default_config_promotes_and_shows_the_tuned_baseline(prefect_harness, r
     assert f"vs baseline hgb {base:.4f}" in result.decision
     if base > cand:
         assert "not enforced (gate.must_beat_baseline=false)" in result.decision
+
+
+def test_with_final_fit_the_baseline_scores_its_refit_with_the_tuned_threshold(smoke_config, smoke_manifest):
+    """``training.final_fit``: the baseline task refits the chosen settings on train + validation
+    and scores the test rows with that model; the grid and its validation AUC, and the threshold
+    (chosen on validation with the tuned model), are the tuned baseline's."""
+    import logging
+
+    from ringflow.tasks.baseline import score_baseline
+
+    log = logging.getLogger("test")
+    plain = score_baseline(smoke_config, smoke_manifest, None, log)
+    final = score_baseline(with_overrides(smoke_config, {"training.final_fit": True}), smoke_manifest, None, log)
+    assert plain.final_model is None and plain.model is plain.tuned.model
+    assert final.final_model is not None and final.model is final.final_model
+    assert final.tuned.params == plain.tuned.params and final.tuned.val_roc_auc == plain.tuned.val_roc_auc
+    assert final.threshold == plain.threshold
+    test = smoke_manifest.read(smoke_manifest.test)
+    num, cat = smoke_manifest.numeric_features, smoke_manifest.categorical_features
+    np.testing.assert_array_equal(final.test_proba, baseline_proba(final.final_model, test, num, cat))
+    assert not np.allclose(final.test_proba, plain.test_proba)

@@ -78,6 +78,10 @@ def test_final_fit_is_a_parent_run_with_select_and_final_children(prefect_harnes
     assert parent.data.metrics[tags.DECISION_THRESHOLD] == pytest.approx(carried)
     gate_md = Path(client.download_artifacts(parent_id, artifacts.GATE_REPORT, str(ringflow_home / "gate"))).read_text()
     assert "Final fit" in gate_md and "carries over" in gate_md and result.select_run_id in gate_md
+    # the baseline got the same final fit; its tuning stays logged
+    assert parent.data.params[tags.BASELINE_FINAL_FIT] == "true"
+    assert 0.5 < parent.data.metrics[tags.BASELINE_VAL_ROC_AUC] < 1.0
+    assert "baseline gets the same final fit" in gate_md
     # monitoring reads the training run: it has the select run's summary and status
     assert parent.data.tags[tags.TRAINING_STATUS] in {"completed", "early_stopped"}
     assert artifacts.SUMMARY_ARTIFACT in {a.path for a in client.list_artifacts(parent_id, artifacts.TRAINING_DIR)}

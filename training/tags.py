@@ -65,6 +65,8 @@ GATE_BASELINE_SETTINGS = "gate.baseline_settings"
 BASELINE_PARAM_PREFIX = "baseline."
 """Not a tag: the prefix of the run params holding the tuned baseline's chosen settings
 (``baseline.learning_rate``, ``baseline.iterations``, ...)."""
+BASELINE_FINAL_FIT = BASELINE_PARAM_PREFIX + "final_fit"
+"""Not a tag: the param saying the scored baseline was refitted on train + validation (``training.final_fit``)."""
 GATE_REASON_PREFIX = "gate.reason."
 """``gate.reason.<metric>`` (floors) and ``gate.reason.<check>.<metric>``."""
 

@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/bench_model_quality.py                 # ~12 min on 2 cores
     nice -n 10 .venv/bin/python benchmarks/bench_model_quality.py --seeds 0 --variants after,before
+    nice -n 10 .venv/bin/python benchmarks/bench_model_quality.py --seeds 0 --final-fit on   # one seed, final fit only
 
 For every seed (``training.seed``; the data's sharding stays fixed) each network variant runs the
 real training pipeline (shard -> horovodrun np=2 -> evaluate) on the default config in its own
@@ -11,7 +12,8 @@ July. Next to it, in this process and on the same rows, the two tuned references
 (``training/baseline.py``: ``hgb`` and ``lightgbm``, each a seeded grid trained on January-April
 with early stopping on May, the best May ROC AUC kept), scored as tuned and after the final fit
 (the chosen settings and rounds refitted on January-May). Every choice is made on May alone.
-The network's final fit (a second run on January-May) is not implemented yet: its cells say so.
+With ``--final-fit both`` (default) each network variant also runs with ``training.final_fit``
+(through the real pipeline: a second Horovod run on January-May for the epoch count May chose).
 
 Results: ``benchmarks/results/model_quality.json`` and a Markdown table on stdout (mean, and
 min..max over the seeds).
@@ -79,8 +81,9 @@ def _scores(y, p) -> dict[str, float]:
     return {k: round(float(m[k]), 5) for k in METRICS}
 
 
-def run_network(name: str, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
-    """One real pipeline run; the candidate scored on every window."""
+def run_network(name: str, overrides: dict[str, Any], seed: int, final_fit: bool = False) -> dict[str, Any]:
+    """One real pipeline run; the candidate scored on every window (``final_fit``: the pipeline's
+    final fit on, so the candidate is the model retrained on train + validation)."""
     import mlflow
     import numpy as np
     from mlflow import MlflowClient
@@ -89,18 +92,22 @@ def run_network(name: str, overrides: dict[str, Any], seed: int) -> dict[str, An
     from ringflow.training.config import load_config, with_overrides
     from ringflow.training.pyfunc import predict_rows
 
-    home = Path(tempfile.mkdtemp(prefix=f"ringflow-quality-{name.replace(' ', '-')}-{seed}-"))
+    label = name.replace(" ", "-") + ("-final-fit" if final_fit else "")
+    home = Path(tempfile.mkdtemp(prefix=f"ringflow-quality-{label}-{seed}-"))
     os.environ["RINGFLOW_HOME"] = str(home)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     # the references are scored here, once per seed: the pipeline's own baseline is not needed
     cfg = with_overrides(
-        load_config(ROOT / "configs" / "flights.yaml"), {**overrides, "training.seed": seed, "gate.baseline": "none"}
+        load_config(ROOT / "configs" / "flights.yaml"),
+        {**overrides, "training.seed": seed, "gate.baseline": "none", "training.final_fit": final_fit},
     )
     t0 = time.perf_counter()
-    result = training_pipeline(cfg, reason=f"bench-model-quality-{name}-{seed}")
+    result = training_pipeline(cfg, reason=f"bench-model-quality-{label}-{seed}")
     seconds = time.perf_counter() - t0
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     run = MlflowClient().get_run(result.training_run_id)
+    # the validation evidence is the select child's with the final fit (the training run's otherwise)
+    evidence = MlflowClient().get_run(result.select_run_id) if result.select_run_id else run
     logged = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
         output_format="list",
@@ -117,7 +124,8 @@ def run_network(name: str, overrides: dict[str, Any], seed: int) -> dict[str, An
         "seed": seed,
         "pipeline_seconds": round(seconds, 1),
         "training_status": result.training_status,
-        "best_val_roc_auc": run.data.metrics.get("best_val_roc_auc", run.data.metrics.get("val_roc_auc")),
+        "best_val_roc_auc": evidence.data.metrics.get("best_val_roc_auc", evidence.data.metrics.get("val_roc_auc")),
+        "final_fit_epochs": result.final_fit_epochs,
         "windows": scores,
         "ringflow_home": str(home),
     }
@@ -166,7 +174,6 @@ def table(networks: dict[str, list[dict[str, Any]]], references: list[dict[str, 
         for variant, runs in networks.items():
             cells = [_cell([r["windows"][label][k] for r in runs]) for k in METRICS]
             lines.append(f"| {label} | network {variant} | " + " | ".join(cells) + " |")
-            lines.append(f"| {label} | network {variant}, final fit | not implemented | | |")
         for ref in references[0] if references else []:
             cells = [_cell([r[ref]["windows"][label][k] for r in references]) for k in METRICS]
             lines.append(f"| {label} | tuned {ref} | " + " | ".join(cells) + " |")
@@ -177,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--variants", default="after", help=f"comma-separated network variants ({', '.join(VARIANTS)})")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (at least 3 for a spread)")
+    p.add_argument(
+        "--final-fit",
+        choices=["both", "off", "on"],
+        default="both",
+        help="network runs without (off), with (on) or both with and without training.final_fit",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "model_quality.json")
     args = p.parse_args(argv)
     names = [n for n in args.variants.split(",") if n]
@@ -189,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     load_before, t0 = load_avg(), time.perf_counter()
     references = [run_references(s) for s in seeds]
-    networks = {n: [run_network(n, VARIANTS[n], s) for s in seeds] for n in names}
+    modes = {"both": [False, True], "off": [False], "on": [True]}[args.final_fit]
+    networks = {
+        n + (", final fit" if final else ""): [run_network(n, VARIANTS[n], s, final_fit=final) for s in seeds]
+        for n in names
+        for final in modes
+    }
     out = {
         "benchmark": "model_quality",
         "machine": machine_facts(),

@@ -372,10 +372,12 @@ def _launch(
     stage: str,
     program_args: list[str] | None = None,
     lineage_done: Future[None] | None = None,
+    epochs: int | None = None,
 ) -> TrainResult:
     """One horovodrun (or MPIJob) logging into the active MLflow run ``run_id``: its output dir
     ``runs_dir/<run_id>`` (resumed from its own newest checkpoint on a retry), the launcher's log
-    and the summary as artifacts, the status tags; timings under ``stage``."""
+    and the summary as artifacts, the status tags; timings under ``stage``. ``program_args``: more
+    arguments of the training program (a final fit's, of ``epochs`` epochs)."""
     settings = get_settings()
     tc = cfg.training
     out = settings.runs_dir / run_id
@@ -383,9 +385,8 @@ def _launch(
     mlflow.set_tags({tags.OUTPUT_DIR: str(out), tags.CHECKPOINT_DIR: str(out / CHECKPOINT_DIR)})
     t0 = time.monotonic()
     launched: float | None = None
-    planned = int(program_args[1]) if program_args else tc.epochs
     # the Prefect UI shows epoch k of N live, from rank 0's epoch lines
-    progress = EpochProgress(log, f"epochs done of {planned} (MLflow run {run_id})")
+    progress = EpochProgress(log, f"epochs done of {epochs or tc.epochs} (MLflow run {run_id})")
     try:
         if tc.launcher == "mpijob":
             _run_mpijob(
@@ -636,7 +637,7 @@ def train_final(cfg: PipelineConfig, manifest_path: str, selected: TrainResult) 
             "-" if threshold is None else f"{threshold:.4f}",
         )
         timings.record("train-final", "checks + MLflow run setup", time.perf_counter() - t_setup)
-        result = _launch(final_cfg, manifest, key, final_id, attempt, log, "train-final", final.args())
+        result = _launch(final_cfg, manifest, key, final_id, attempt, log, "train-final", final.args(), epochs=k)
         if result.status == "diverged":
             client.set_tag(selected.run_id, tags.TRAINING_STATUS, "diverged")
             log.warning("the final fit diverged (%s)", result.checkpoint_dir or "no checkpoint yet")

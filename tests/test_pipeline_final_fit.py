@@ -13,6 +13,7 @@ from ringflow.flows.training_pipeline import training_pipeline
 from ringflow.tasks import artifacts
 from ringflow.training import tags
 from ringflow.training.config import with_overrides
+from ringflow.training.final_fit import FINAL_EPOCHS_ARG
 from ringflow.training.model import MODEL_FILE, read_decision_threshold
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
@@ -97,3 +98,66 @@ def test_final_fit_is_a_parent_run_with_select_and_final_children(prefect_harnes
     assert parts[("train-final", "training epochs (rank 0)")].kind == "work"
     assert parts[("train-final", "rank start-up + shutdown (horovodrun)")].seconds > 0
     assert ("train-final", "Prefect task run (states, results, logs)") in parts
+
+
+def _kill_final_rank_after_its_checkpoint(home: Path, killed: list[int]) -> None:
+    """SIGKILL rank 1 of the final fit (its argv has the final fit's arguments) once that run
+    wrote its first checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not killed:
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                argv = p.info["cmdline"] or []
+                if argv[1:3] != ["-m", "ringflow.training.train"] or FINAL_EPOCHS_ARG not in argv:
+                    continue
+                out = Path(argv[argv.index("--output-dir") + 1])
+                if p.environ().get("HOROVOD_RANK") == "1" and (out / "checkpoints" / "epoch-0001.pt").exists():
+                    p.send_signal(signal.SIGKILL)
+                    killed.append(p.pid)
+                    return
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, IndexError):
+                pass
+        time.sleep(0.05)
+
+
+def test_a_retried_final_fit_continues_its_child_run_from_its_checkpoint(
+    prefect_harness, ringflow_home, smoke_config, smoke_manifest
+):
+    import threading
+
+    from ringflow.tasks.train import train_final, train_model
+
+    # small batches: epochs long enough to kill a rank of the final fit between two of them
+    cfg = with_overrides(
+        smoke_config,
+        {"training.final_fit": True, "training.batch_size": 128, "training.early_stopping_patience": 10},
+    )
+    selected = train_model(cfg, str(smoke_manifest.path))
+    assert selected.best_epoch and selected.best_epoch >= 2, "k < 2: nothing left to resume after epoch 1"
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_final_rank_after_its_checkpoint, args=(ringflow_home, killed))
+    killer.start()
+    final = train_final.with_options(retry_delay_seconds=0)(cfg, str(smoke_manifest.path), selected)
+    killer.join()
+    assert killed, "the final fit's rank 1 was never killed: the test did not exercise a failure"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ringflow_home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(cfg.registry.experiment)
+    finals = client.search_runs(
+        [experiment.experiment_id],
+        tags.tag_filter(MLFLOW_PARENT_RUN_ID, selected.run_id)
+        + " and "
+        + tags.tag_filter(tags.FINAL_FIT_STEP, tags.STEP_FINAL),
+    )
+    (run,) = finals  # the retry continued the same child run
+    assert run.info.run_id == final.final_run_id and run.info.status == "FINISHED"
+    assert "rank 1 failed first" in run.data.tags["ringflow.attempt_1_error"]
+    assert final.epochs_completed == final.final_fit_epochs == selected.best_epoch
+    assert final.resumed_from and Path(final.resumed_from).parent == Path(final.checkpoint_dir)
+    assert int(Path(final.resumed_from).stem.split("-")[1]) >= 1  # did not start over
+    assert client.get_run(selected.run_id).info.status == "FINISHED"

@@ -264,7 +264,7 @@ def flat_params(cfg: PipelineConfig, size: int, manifest: Manifest, final: Final
         }
     )
     if final is not None:
-        params["final_fit.epochs"] = final.epochs
+        params[tags.FINAL_FIT_EPOCHS] = final.epochs
         params["data.validation_rows"] = manifest.windows["validation"].rows
     return params
 

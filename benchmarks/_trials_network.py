@@ -1,0 +1,218 @@
+"""Fast single-process trials of network variants (issue 27), not a benchmark of the pipeline.
+
+    nice -n 10 .venv/bin/python benchmarks/_trials_network.py --variant default --seeds 0,1,2
+    nice -n 10 .venv/bin/python benchmarks/_trials_network.py --variant x \\
+        --set training.model.dropout=0.2 --set training.learning_rate=0.003 --seeds 0,1,2 --test
+
+One process plays the ranks of a ``world_size``-rank run with the code the ranks run
+(``training/``): the same preprocessing (``Preprocessor.for_data`` on the train window), network
+(``TabularNet.for_preprocessor``), optimizer groups, learning-rate schedule (``learning_rate`` with
+the configured world size), epoch orders and early stopping rule; one global batch of
+``batch_size * world_size`` rows per step stands in for the ranks' averaged gradient. Train
+January-April, validation May: the May ROC AUC of the best epoch is the only number a choice may
+use. With ``--test`` the chosen variants are also scored on the three test windows, as trained
+(the best epoch's weights) and after a final fit: the preprocessing and network fitted again on
+January-May for the epoch count early stopping picked (the cosine schedule over that many
+epochs), as ``training.final_fit`` will.
+
+Every result is appended as a JSON line to ``benchmarks/results/network_trials.jsonl`` (variant,
+overrides, seed, May AUC per epoch, test scores, seconds per epoch, load average, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, ROOT, load_avg  # noqa: E402
+from ringflow.training.config import PipelineConfig, load_config, with_overrides  # noqa: E402
+from ringflow.training.data import in_window, load_labelled  # noqa: E402
+from ringflow.training.metrics import roc_auc  # noqa: E402
+from ringflow.training.model import TabularNet, predict_logits  # noqa: E402
+from ringflow.training.preprocess import Preprocessor  # noqa: E402
+from ringflow.training.train import epoch_order, epoch_seed, learning_rate  # noqa: E402
+
+TRAIN = ("2013-01-01", "2013-05-01")
+VALIDATION = ("2013-05-01", "2013-06-01")
+FINAL = ("2013-01-01", "2013-06-01")
+TESTS = {
+    "jun1-15": ("2013-06-01", "2013-06-16"),
+    "jun16-jul1": ("2013-06-16", "2013-07-01"),
+    "jul": ("2013-07-01", "2013-08-01"),
+}
+OUT = RESULTS_DIR / "network_trials.jsonl"
+
+_DATA: pd.DataFrame | None = None
+
+
+def frame(cfg: PipelineConfig, window: tuple[str, str]) -> pd.DataFrame:
+    global _DATA
+    if _DATA is None:
+        _DATA, _ = load_labelled(cfg.data)
+    return _DATA[in_window(_DATA, cfg.data, window[0], window[1])]
+
+
+def tensors(pre: Preprocessor, df: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    x_num, x_cat = pre.transform(df)
+    return torch.from_numpy(x_num), torch.from_numpy(x_cat), df["target"].to_numpy(dtype=np.float32)
+
+
+def fit(
+    cfg: PipelineConfig, train_window: tuple[str, str], val_window: tuple[str, str] | None, epochs: int
+) -> tuple[TabularNet, Preprocessor, list[float], int, float]:
+    """Train as the ranks do. -> (best net, preprocessor, validation AUC per epoch, best epoch, s/epoch)."""
+    tc = cfg.training
+    size = tc.world_size
+    train_df = frame(cfg, train_window)
+    pre = Preprocessor.for_data(train_df, cfg.data)
+    x_num, x_cat, y_np = tensors(pre, train_df)
+    y = torch.from_numpy(y_np)
+    val = tensors(pre, frame(cfg, val_window)) if val_window else None
+    torch.manual_seed(tc.seed)
+    net = TabularNet.for_preprocessor(pre, tc.model)
+    opt = torch.optim.AdamW(net.param_groups(tc.weight_decay, tc.model.level_weight_decay), lr=tc.learning_rate)
+    loss_fn = nn.BCEWithLogitsLoss()
+    batch = tc.batch_size * size  # the global batch of `size` ranks
+    steps = math.ceil(len(y) / batch)
+    tc_run = tc.model_copy(update={"epochs": epochs})
+    aucs: list[float] = []
+    best_auc, best_epoch, bad, best_state = -math.inf, 0, 0, None
+    seconds = 0.0
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(tc.seed, epoch, 0) + 1)  # dropout masks, as rank 0's
+        order = torch.from_numpy(epoch_order(len(y), steps * batch, tc.seed, epoch, 0))
+        net.train()
+        for i in range(steps):
+            idx = order[i * batch : (i + 1) * batch]
+            loss = loss_fn(net(x_num[idx], x_cat[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            lr = learning_rate(tc_run, size, epoch * steps + i, steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+        seconds += time.perf_counter() - t0
+        if val is None:
+            continue
+        auc = roc_auc(val[2], predict_logits(net, val[0].numpy(), val[1].numpy()))
+        aucs.append(round(float(auc), 5))
+        if auc > best_auc:
+            best_auc, best_epoch, bad = auc, epoch + 1, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= tc.early_stopping_patience:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return net, pre, aucs, best_epoch or epochs, seconds / max(1, len(aucs) or epochs)
+
+
+def test_scores(cfg: PipelineConfig, net: TabularNet, pre: Preprocessor) -> dict[str, float]:
+    out = {}
+    for name, window in TESTS.items():
+        x_num, x_cat, y = tensors(pre, frame(cfg, window))
+        out[name] = round(float(roc_auc(y, predict_logits(net, x_num.numpy(), x_cat.numpy()))), 5)
+    return out
+
+
+def trial(name: str, overrides: dict[str, Any], seed: int, test: bool) -> dict[str, Any]:
+    cfg = with_overrides(load_config(ROOT / "configs" / "flights.yaml"), {**overrides, "training.seed": seed})
+    load = load_avg()
+    t0 = time.perf_counter()
+    net, pre, aucs, best_epoch, s_per_epoch = fit(cfg, TRAIN, VALIDATION, cfg.training.epochs)
+    row: dict[str, Any] = {
+        "variant": name,
+        "overrides": overrides,
+        "seed": seed,
+        "val_auc": max(aucs),
+        "val_aucs": aucs,
+        "best_epoch": best_epoch,
+        "s_per_epoch": round(s_per_epoch, 2),
+    }
+    if test:
+        row["test"] = test_scores(cfg, net, pre)
+        final, final_pre, _, _, _ = fit(cfg, FINAL, None, best_epoch)
+        row["final_fit_test"] = test_scores(cfg, final, final_pre)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["load_avg"] = [load, load_avg()]
+    row["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    with OUT.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def summary() -> str:
+    """The Markdown table of every variant in the results file: May AUC mean over its seeds, and
+    the test windows (mean) where scored."""
+    rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    lines = [
+        "| variant | overrides | seeds | May ROC AUC mean (min..max) | best epochs | s/epoch | "
+        "as trained: Jun 1-15 / Jun 16-Jul 1 / Jul | final fit: Jun 1-15 / Jun 16-Jul 1 / Jul |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in sorted(by.items(), key=lambda kv: -float(np.mean([r["val_auc"] for r in kv[1]]))):
+        val = [r["val_auc"] for r in rs]
+        cells = []
+        for key in ("test", "final_fit_test"):
+            scored = [r[key] for r in rs if key in r]
+            cells.append(
+                " / ".join(f"{np.mean([t[w] for t in scored]):.4f}" for w in TESTS) + f" ({len(scored)} seeds)"
+                if scored
+                else ""
+            )
+        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in rs[0]["overrides"].items()) or "(none)"
+        lines.append(
+            f"| {name} | {overrides} | {','.join(str(r['seed']) for r in rs)} | "
+            f"{np.mean(val):.4f} ({min(val):.4f}..{max(val):.4f}) | {','.join(str(r['best_epoch']) for r in rs)} | "
+            f"{np.median([r['s_per_epoch'] for r in rs]):.2f} | {cells[0]} | {cells[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant")
+    p.add_argument("--summary", action="store_true", help="print the Markdown table of every result and exit")
+    p.add_argument("--set", action="append", default=[], help="key=value (YAML value), as ringflow run --set")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--test", action="store_true", help="also score June/July, as trained and after a final fit")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    if a.summary or not a.variant:
+        print(summary())
+        return
+    torch.set_num_threads(a.threads)
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
+    rows = [trial(a.variant, overrides, int(s), a.test) for s in a.seeds.split(",")]
+    for r in rows:
+        print(json.dumps({k: r[k] for k in r if k not in ("overrides", "date")}), flush=True)
+    mean = float(np.mean([r["val_auc"] for r in rows]))
+    line = f"{a.variant}: May AUC mean {mean:.4f} over {len(rows)} seeds"
+    for key in ("test", "final_fit_test"):
+        if all(key in r for r in rows):
+            means = {w: float(np.mean([r[key][w] for r in rows])) for w in TESTS}
+            line += f"; {key} " + " / ".join(f"{v:.4f}" for v in means.values())
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -134,14 +134,18 @@ def test_scores(cfg: PipelineConfig, net: TabularNet, pre: Preprocessor) -> dict
     return out
 
 
-def trial(name: str, overrides: dict[str, Any], seed: int, test: bool, may_final_fit: bool) -> dict[str, Any]:
+def trial(
+    name: str, overrides: dict[str, Any], seed: int, test: bool, may_final_fit: bool, planned: bool = False
+) -> dict[str, Any]:
+    """One seed of a variant; ``planned``: the final fits train for the planned epochs instead of
+    the count early stopping picked."""
     cfg = with_overrides(load_config(ROOT / "configs" / "flights.yaml"), {**overrides, "training.seed": seed})
     load = load_avg()
     t0 = time.perf_counter()
     net, pre, aucs, best_epoch, s_per_epoch = fit(cfg, TRAIN, VALIDATION, cfg.training.epochs)
     row: dict[str, Any] = {
         "variant": name,
-        "overrides": overrides,
+        "overrides": {**overrides, "final_fit_epochs": "planned"} if planned else overrides,
         "seed": seed,
         "val_auc": max(aucs),
         "val_aucs": aucs,
@@ -150,7 +154,7 @@ def trial(name: str, overrides: dict[str, Any], seed: int, test: bool, may_final
     }
     if may_final_fit:
         _, _, april, april_epoch, _ = fit(cfg, MAY_CHECK_TRAIN, MAY_CHECK_VAL, cfg.training.epochs)
-        refit, refit_pre, _, _, _ = fit(cfg, TRAIN, None, april_epoch)
+        refit, refit_pre, _, _, _ = fit(cfg, TRAIN, None, cfg.training.epochs if planned else april_epoch)
         x_num, x_cat, y = tensors(refit_pre, frame(cfg, VALIDATION))
         row["may_final_fit"] = {
             "april_auc": max(april),
@@ -159,7 +163,7 @@ def trial(name: str, overrides: dict[str, Any], seed: int, test: bool, may_final
         }
     if test:
         row["test"] = test_scores(cfg, net, pre)
-        final, final_pre, _, _, _ = fit(cfg, FINAL, None, best_epoch)
+        final, final_pre, _, _, _ = fit(cfg, FINAL, None, cfg.training.epochs if planned else best_epoch)
         row["final_fit_test"] = test_scores(cfg, final, final_pre)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["load_avg"] = [load, load_avg()]
@@ -173,13 +177,20 @@ def summary() -> str:
     """The Markdown table of every variant in the results file: May AUC mean over its seeds, and
     the test windows (mean) where scored."""
     rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
-    by: dict[str, list[dict[str, Any]]] = {}
+    # one variant = one set of overrides (a trial is deterministic given its seed): the runs of a
+    # seed under several names (a later one with --test, say) are merged into one row per seed
+    merged: dict[str, dict[int, dict[str, Any]]] = {}
+    names: dict[str, str] = {}
     for r in rows:
-        by.setdefault(r["variant"], []).append(r)
+        key = json.dumps(r["overrides"], sort_keys=True)
+        names.setdefault(key, r["variant"].removeprefix("TEST:").removeprefix("MFF:"))
+        merged.setdefault(key, {}).setdefault(r["seed"], {}).update(r)
+    by = {names[k]: [per_seed[s] for s in sorted(per_seed)] for k, per_seed in merged.items()}
     lines = [
         "| variant | overrides | seeds | May ROC AUC mean (min..max) | best epochs | s/epoch | "
+        "May after a final fit (epochs chosen on April) | "
         "as trained: Jun 1-15 / Jun 16-Jul 1 / Jul | final fit: Jun 1-15 / Jun 16-Jul 1 / Jul |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in sorted(by.items(), key=lambda kv: -float(np.mean([r["val_auc"] for r in kv[1]]))):
         val = [r["val_auc"] for r in rs]
@@ -191,11 +202,23 @@ def summary() -> str:
                 if scored
                 else ""
             )
+        checked = [r["may_final_fit"] for r in rs if "may_final_fit" in r]
+        may_final = (
+            f"{np.mean([c['may_auc'] for c in checked]):.4f} ({min(c['may_auc'] for c in checked):.4f}.."
+            f"{max(c['may_auc'] for c in checked):.4f}; "
+            + (
+                "refit for the planned epochs)"
+                if "final_fit_epochs" in rs[0]["overrides"]
+                else f"refit for {','.join(str(c['epochs']) for c in checked)} epochs)"
+            )
+            if checked
+            else ""
+        )
         overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in rs[0]["overrides"].items()) or "(none)"
         lines.append(
             f"| {name} | {overrides} | {','.join(str(r['seed']) for r in rs)} | "
             f"{np.mean(val):.4f} ({min(val):.4f}..{max(val):.4f}) | {','.join(str(r['best_epoch']) for r in rs)} | "
-            f"{np.median([r['s_per_epoch'] for r in rs]):.2f} | {cells[0]} | {cells[1]} |"
+            f"{np.median([r['s_per_epoch'] for r in rs]):.2f} | {may_final} | {cells[0]} | {cells[1]} |"
         )
     return "\n".join(lines)
 
@@ -212,6 +235,9 @@ def main() -> None:
         action="store_true",
         help="also check the final fit on May alone: epochs chosen on April, refit on January-April, scored on May",
     )
+    p.add_argument(
+        "--final-planned", action="store_true", help="final fits train for training.epochs, not the chosen count"
+    )
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     if a.summary or not a.variant:
@@ -219,7 +245,7 @@ def main() -> None:
         return
     torch.set_num_threads(a.threads)
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
-    rows = [trial(a.variant, overrides, int(s), a.test, a.may_final_fit) for s in a.seeds.split(",")]
+    rows = [trial(a.variant, overrides, int(s), a.test, a.may_final_fit, a.final_planned) for s in a.seeds.split(",")]
     for r in rows:
         print(json.dumps({k: r[k] for k in r if k not in ("overrides", "date")}), flush=True)
     mean = float(np.mean([r["val_auc"] for r in rows]))

@@ -15,6 +15,12 @@ use. With ``--test`` the chosen variants are also scored on the three test windo
 January-May for the epoch count early stopping picked (the cosine schedule over that many
 epochs), as ``training.final_fit`` will.
 
+A variant is a set of overrides on ``configs/flights.yaml`` as it is when the trial runs: the
+rows of ``network_trials.jsonl`` up to 2026-12-07 are relative to the default before issue 27's
+change (hidden [128, 64], 8 epochs, the route cross only). ``--may-final-fit`` also checks the
+final fit on May alone, ``--final-planned`` sizes the final fits by the planned epochs,
+``--pipeline-timing`` times the real pipeline against old overrides, ``--summary`` prints the table.
+
 Every result is appended as a JSON line to ``benchmarks/results/network_trials.jsonl`` (variant,
 overrides, seed, May AUC per epoch, test scores, seconds per epoch, load average, date).
 """
@@ -25,6 +31,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -223,6 +230,40 @@ def summary() -> str:
     return "\n".join(lines)
 
 
+def pipeline_epoch_times(old: dict[str, Any], rounds: int = 2) -> dict[str, list[dict[str, Any]]]:
+    """The real pipeline (horovodrun np=2) on configs/flights.yaml as is ("new") and with the
+    ``old`` overrides, interleaved ``rounds`` times, no baseline: seconds per epoch and in all."""
+    import tempfile
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    with prefect_test_harness():
+        from ringflow.flows.training_pipeline import training_pipeline
+
+        for name, overrides in [("old", old), ("new", {})] * rounds:
+            home = Path(tempfile.mkdtemp(prefix=f"ringflow-trials-{name}-"))
+            os.environ["RINGFLOW_HOME"] = str(home)
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+            cfg = with_overrides(load_config(ROOT / "configs" / "flights.yaml"), {**overrides, "gate.baseline": "none"})
+            load = load_avg()
+            t0 = time.perf_counter()
+            training_pipeline(cfg, reason=f"trials-timing-{name}")
+            s = json.loads(next(home.rglob("summary.json")).read_text())
+            times = [h["epoch_time_s"] for h in s["history"]]
+            row = {
+                "epochs": len(times),
+                "mean_epoch_s": round(sum(times) / len(times), 3),
+                "train_wall_s": round(s["wall_time_s"], 1),
+                "pipeline_s": round(time.perf_counter() - t0, 1),
+                "best_val_auc": s["best_val_roc_auc"],
+                "load_avg": load,
+            }
+            out.setdefault(name, []).append(row)
+            print(name, row, flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--variant")
@@ -238,8 +279,16 @@ def main() -> None:
     p.add_argument(
         "--final-planned", action="store_true", help="final fits train for training.epochs, not the chosen count"
     )
+    p.add_argument(
+        "--pipeline-timing",
+        metavar="OLD_OVERRIDES_JSON",
+        help="time the real pipeline on flights.yaml against these overrides (interleaved, twice)",
+    )
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
+    if a.pipeline_timing:
+        print(json.dumps(pipeline_epoch_times(json.loads(a.pipeline_timing))))
+        return
     if a.summary or not a.variant:
         print(summary())
         return

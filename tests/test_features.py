@@ -84,7 +84,7 @@ def test_preprocessor_files_from_before_the_derived_inputs_still_load(tmp_path):
 
 
 def test_default_crosses_follow_the_categorical_columns():
-    assert DataConfig().features.crosses == [["origin", "dest"]]
+    assert DataConfig().features.crosses == [["origin", "dest"], ["carrier", "dest"]]
     own = DataConfig(categorical_features=["carrier"])
     assert own.features.crosses == []  # not an error about a setting the user never made
     with pytest.raises(ValueError, match="features.crosses entry"):

@@ -82,13 +82,21 @@ def tensors(pre: Preprocessor, df: pd.DataFrame) -> tuple[torch.Tensor, torch.Te
 
 
 def fit(
-    cfg: PipelineConfig, train_window: tuple[str, str], val_window: tuple[str, str] | None, epochs: int
+    cfg: PipelineConfig,
+    train_window: tuple[str, str],
+    val_window: tuple[str, str] | None,
+    epochs: int,
+    pre: Preprocessor | None = None,
+    schedule_epochs: int | None = None,
 ) -> tuple[TabularNet, Preprocessor, list[float], int, float]:
-    """Train as the ranks do. -> (best net, preprocessor, validation AUC per epoch, best epoch, s/epoch)."""
+    """Train as the ranks do. -> (best net, preprocessor, validation AUC per epoch, best epoch, s/epoch).
+
+    ``pre``: a fitted preprocessor to use (else fitted on the train window); ``schedule_epochs``:
+    the epochs the learning-rate schedule is planned over (else ``epochs``)."""
     tc = cfg.training
     size = tc.world_size
     train_df = frame(cfg, train_window)
-    pre = Preprocessor.for_data(train_df, cfg.data)
+    pre = pre or Preprocessor.for_data(train_df, cfg.data)
     x_num, x_cat, y_np = tensors(pre, train_df)
     y = torch.from_numpy(y_np)
     val = tensors(pre, frame(cfg, val_window)) if val_window else None
@@ -98,7 +106,7 @@ def fit(
     loss_fn = nn.BCEWithLogitsLoss()
     batch = tc.batch_size * size  # the global batch of `size` ranks
     steps = math.ceil(len(y) / batch)
-    tc_run = tc.model_copy(update={"epochs": epochs})
+    tc_run = tc.model_copy(update={"epochs": schedule_epochs or epochs})
     aucs: list[float] = []
     best_auc, best_epoch, bad, best_state = -math.inf, 0, 0, None
     seconds = 0.0
@@ -172,6 +180,10 @@ def trial(
         row["test"] = test_scores(cfg, net, pre)
         final, final_pre, _, _, _ = fit(cfg, FINAL, None, cfg.training.epochs if planned else best_epoch)
         row["final_fit_test"] = test_scores(cfg, final, final_pre)
+        # as training.final_fit does it: the first run's preprocessing, January-May for the best
+        # epoch count, the planned schedule stopped there (training/final_fit.py)
+        final, _, _, _, _ = fit(cfg, FINAL, None, best_epoch, pre=pre, schedule_epochs=cfg.training.epochs)
+        row["pipeline_final_fit_test"] = test_scores(cfg, final, pre)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["load_avg"] = [load, load_avg()]
     row["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -196,13 +208,14 @@ def summary() -> str:
     lines = [
         "| variant | overrides | seeds | May ROC AUC mean (min..max) | best epochs | s/epoch | "
         "May after a final fit (epochs chosen on April) | "
-        "as trained: Jun 1-15 / Jun 16-Jul 1 / Jul | final fit: Jun 1-15 / Jun 16-Jul 1 / Jul |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "as trained: Jun 1-15 / Jun 16-Jul 1 / Jul | final fit: Jun 1-15 / Jun 16-Jul 1 / Jul | "
+        "final fit as the pipeline's: Jun 1-15 / Jun 16-Jul 1 / Jul |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in sorted(by.items(), key=lambda kv: -float(np.mean([r["val_auc"] for r in kv[1]]))):
         val = [r["val_auc"] for r in rs]
         cells = []
-        for key in ("test", "final_fit_test"):
+        for key in ("test", "final_fit_test", "pipeline_final_fit_test"):
             scored = [r[key] for r in rs if key in r]
             cells.append(
                 " / ".join(f"{np.mean([t[w] for t in scored]):.4f}" for w in TESTS) + f" ({len(scored)} seeds)"
@@ -225,7 +238,7 @@ def summary() -> str:
         lines.append(
             f"| {name} | {overrides} | {','.join(str(r['seed']) for r in rs)} | "
             f"{np.mean(val):.4f} ({min(val):.4f}..{max(val):.4f}) | {','.join(str(r['best_epoch']) for r in rs)} | "
-            f"{np.median([r['s_per_epoch'] for r in rs]):.2f} | {may_final} | {cells[0]} | {cells[1]} |"
+            f"{np.median([r['s_per_epoch'] for r in rs]):.2f} | {may_final} | {cells[0]} | {cells[1]} | {cells[2]} |"
         )
     return "\n".join(lines)
 
@@ -301,7 +314,7 @@ def main() -> None:
     line = f"{a.variant}: May AUC mean {mean:.4f} over {len(rows)} seeds"
     if a.may_final_fit:
         line += f"; May AUC after the final fit (April-chosen epochs) {np.mean([r['may_final_fit']['may_auc'] for r in rows]):.4f}"
-    for key in ("test", "final_fit_test"):
+    for key in ("test", "final_fit_test", "pipeline_final_fit_test"):
         if all(key in r for r in rows):
             means = {w: float(np.mean([r[key][w] for r in rows])) for w in TESTS}
             line += f"; {key} " + " / ".join(f"{v:.4f}" for v in means.values())

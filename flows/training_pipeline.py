@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar, overload
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import DEFAULT
 from prefect.futures import PrefectFuture
@@ -96,6 +96,12 @@ def _stage(name: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) 
     return out
 
 
+def _persisted(stage_task: Task[P, R]) -> Task[P, R]:
+    """``stage_task`` with its result persisted and cached per flow run: a retried flow run reuses
+    what a stage already produced instead of doing it again."""
+    return stage_task.with_options(cache_policy=DEFAULT, persist_result=True)
+
+
 def _stage_result(name: str, future: PrefectFuture[R]) -> R:
     """The result of a task submitted beside the others (its failure named like a stage's)."""
     log = get_run_logger()
@@ -128,16 +134,12 @@ def training_pipeline(
 
     if config.training.launcher == "horovodrun":
         check_horovod()  # before any work: the train stage cannot run without it (an MPIJob's image has its own)
-    manifest_path = _stage("shard", shard_data.with_options(cache_policy=DEFAULT, persist_result=True), config)
+    manifest_path = _stage("shard", _persisted(shard_data), config)
     # the baseline needs only the shards: its trees are fitted while the ranks start and train
-    baseline = (
-        fit_baseline.with_options(cache_policy=DEFAULT, persist_result=True).submit(config, manifest_path)
-        if config.gate.baseline != "none"
-        else None
-    )
+    baseline = _persisted(fit_baseline).submit(config, manifest_path) if config.gate.baseline != "none" else None
     trained = _stage(
         "train",
-        train_model.with_options(cache_policy=DEFAULT, persist_result=True),
+        _persisted(train_model),
         config,
         manifest_path,
         parent_run_id=parent_run_id,
@@ -147,7 +149,7 @@ def training_pipeline(
         # cached and persisted like train: a retried flow run does not train either again
         trained = _stage(
             "train-final",
-            train_final.with_options(cache_policy=DEFAULT, persist_result=True),
+            _persisted(train_final),
             config,
             manifest_path,
             trained,
@@ -176,7 +178,7 @@ def training_pipeline(
             scored_baseline = _stage_result("baseline", baseline)
     evaluation = _stage(
         "evaluate",
-        evaluate_candidate.with_options(cache_policy=DEFAULT, persist_result=True),
+        _persisted(evaluate_candidate),
         config,
         trained,
         manifest_path,

@@ -318,17 +318,11 @@ def _record_launch(out: Path, launch_s: float, launcher: str, stage: str = "trai
     from ringflow.training.summary import TrainingSummary
 
     s = TrainingSummary.load(out)
-    epochs = sum(_epoch_seconds(h) for h in s.history)
+    epochs = sum(h.epoch_time_s for h in s.history)
     program = min(s.wall_time_s, launch_s)
     timings.record(stage, "training epochs (rank 0)", epochs, "work")
     timings.record(stage, "set-up, data, validation, checkpoints (ranks)", program - epochs)
     timings.record(stage, f"rank start-up + shutdown ({launcher})", launch_s - program)
-
-
-def _epoch_seconds(record: object) -> float:
-    """An epoch record's ``epoch_time_s``, whether a dict or a model (training/ is typing them)."""
-    v = record.get("epoch_time_s") if isinstance(record, dict) else getattr(record, "epoch_time_s", None)
-    return float(v) if isinstance(v, (int, float)) else 0.0
 
 
 def _find_step(client: MlflowClient, experiment_id: str, parent_run_id: str, step: str) -> Run | None:

@@ -17,7 +17,6 @@ Plain Python (no torch, no Prefect): the train task and the training program bot
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 FINAL_EPOCHS_ARG = "--final-fit-epochs"
@@ -67,8 +66,3 @@ def validation_rows_for_rank(rows: int, rank: int, size: int) -> slice:
     if not 0 <= rank < size:
         raise ValueError(f"rank {rank} is not in [0, {size})")
     return slice(rank, rows, size)
-
-
-def rows_per_rank(rows: int, size: int) -> list[int]:
-    """How many validation rows each rank gets from :func:`validation_rows_for_rank`."""
-    return [max(0, math.ceil((rows - r) / size)) for r in range(size)]

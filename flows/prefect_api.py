@@ -37,7 +37,9 @@ def start_early() -> Callable[[], float]:
         try:
             server.start()
         except Exception:  # noqa: BLE001 - the flow call starts it again and raises
-            pass
+            return
+        # Registered after Prefect's own stop (server.start registers it), so it runs first.
+        atexit.register(send_pending_logs_and_events)
 
     thread = threading.Thread(target=start, daemon=True, name="prefect-api-start")
     thread.start()
@@ -55,3 +57,18 @@ def start_early() -> Callable[[], float]:
         return time.perf_counter() - t0
 
     return wait
+
+
+def send_pending_logs_and_events(timeout_s: float = 30.0) -> None:
+    """Deliver the logs and events Prefect still holds to the API while it is up.
+
+    Prefect ships both in batches from background workers, and drains them only at logging's
+    shutdown: after the temporary server has stopped. The last lines of a run (the gate's
+    decision, the registration, the final state) then never reached its database, and the
+    drain waited its full 5 s for a server that was gone before the command could exit.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)

@@ -483,5 +483,11 @@ def run_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 app.add_typer(cluster_app, name="cluster")  # ringflow cluster up|status|down|run
 
 
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
+def main() -> None:  # pragma: no cover - the console script (pyproject [project.scripts])
+    from ringflow.training.process_exit import exit_fast
+
+    try:
+        app()
+    except SystemExit as e:
+        exit_fast(e.code)  # the summary is printed: skip the seconds of interpreter teardown
+    exit_fast(0)

@@ -824,4 +824,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ringflow.training.process_exit import exit_fast
+
+    exit_fast(main())  # horovodrun waits for every rank's exit: skip the interpreter's teardown

@@ -758,6 +758,38 @@ def test_concurrent_first_use_of_a_new_store(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], outs
 
 
+def _schema(db: Path) -> tuple[dict[str, set[str]], list[tuple[str]], list[tuple[str, str]]]:
+    """(each table's and index's definition as a set of lines, the schema revision, the experiments).
+    Sets: MLflow's own migrations list a table's constraints in no fixed order."""
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        rows = c.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")
+        tables = {name: {line.strip().rstrip(",") for line in sql.splitlines()} for name, sql in rows}
+        version = c.execute("SELECT version_num FROM alembic_version").fetchall()
+        experiments = c.execute("SELECT name, artifact_location FROM experiments").fetchall()
+    return tables, version, experiments
+
+
+def test_a_new_store_from_the_schema_template_is_the_store_mlflow_makes(tmp_path, monkeypatch):
+    """ensure_store copies a cached, migrated empty store instead of replaying MLflow's migrations:
+    the copy must be the same schema at the same revision, its default experiment its own."""
+    from mlflow import MlflowClient
+
+    from ringflow.tasks.tracking import ensure_store, schema_template
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    template = schema_template()
+    assert template.parent == tmp_path / "cache" / "ringflow"
+    assert _schema(template)[2] == []  # schema only: no experiment pointing at the cache
+    ensure_store(f"sqlite:///{tmp_path / 'copied' / 'mlflow.db'}")
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow-made' / 'mlflow.db'}").search_experiments()  # MLflow's own
+    copied, made = _schema(tmp_path / "copied" / "mlflow.db"), _schema(tmp_path / "mlflow-made" / "mlflow.db")
+    assert copied[0] == made[0] and copied[1] == made[1]
+    assert [name for name, _ in copied[2]] == ["Default"]
+    assert str(tmp_path / "cache") not in copied[2][0][1]
+
+
 # --------------------------------------------------------------------------- training.horovod.hostfile
 
 

@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml requirements.lock infra/install_horovod.sh | $(PY)
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	infra/install_horovod.sh $(PY)
+	$(PY) -c "from ringflow.tasks.tracking import schema_template; schema_template()"  # MLflow's empty store, once
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -78,8 +78,7 @@ def schema_template(cache_dir: Path | None = None) -> Path:
     experiment is created by the client that opens the copy, with that store's artifact root.
     ``cache_dir``: default ``$XDG_CACHE_HOME/ringflow`` (``~/.cache/ringflow``)."""
     import mlflow
-    import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables
+    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
 
     cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ringflow"
     template = cache / f"mlflow-{mlflow.__version__}-schema.db"
@@ -87,7 +86,7 @@ def schema_template(cache_dir: Path | None = None) -> Path:
         return template
     cache.mkdir(parents=True, exist_ok=True)
     partial = template.with_name(f".{template.name}.{os.getpid()}.partial")
-    engine = sqlalchemy.create_engine(f"sqlite:///{partial}")
+    engine = create_sqlalchemy_engine(f"sqlite:///{partial}")  # type: ignore[no-untyped-call]
     try:
         _initialize_tables(engine)  # type: ignore[no-untyped-call]  # what MLflow does to an empty database (no public name)
     finally:

@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,7 +102,6 @@ def fit(
     torch.manual_seed(tc.seed)
     net = TabularNet.for_preprocessor(pre, tc.model)
     opt = torch.optim.AdamW(net.param_groups(tc.weight_decay, tc.model.level_weight_decay), lr=tc.learning_rate)
-    loss_fn = nn.BCEWithLogitsLoss()
     batch = tc.batch_size * size  # the global batch of `size` ranks
     steps = math.ceil(len(y) / batch)
     tc_run = tc.model_copy(update={"epochs": schedule_epochs or epochs})
@@ -117,7 +115,7 @@ def fit(
         net.train()
         for i in range(steps):
             idx = order[i * batch : (i + 1) * batch]
-            loss = loss_fn(net(x_num[idx], x_cat[idx]), y[idx])
+            loss = net.training_loss(x_num[idx], x_cat[idx], y[idx])  # the ranks' loss (k members: their mean)
             opt.zero_grad()
             loss.backward()
             lr = learning_rate(tc_run, size, epoch * steps + i, steps)

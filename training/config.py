@@ -256,6 +256,16 @@ class ModelConfig(_Strict):
     """AdamW weight decay of the additive category levels: pulls each carrier's, airport's and
     route's level towards the average unless many rows hold it up (January-April levels that
     summer does not confirm: 0.3 -> 3.0 raised late-June AUC 0.743 -> 0.754 in trials)."""
+    ensemble_size: int = Field(1, ge=1, le=32)
+    """Members of an ensemble trained at once inside the network (TabM-style: Gorishniy et al.
+    2024): k MLPs with their own weights, each with its own loss on the same batch, scored by the
+    mean of their probabilities (one logit per row, as for a single net). Seeds of one network
+    differ by up to 0.009 AUC on a test window, which an ensemble may narrow; the MLP's compute
+    grows with k (benchmarks/results/network_trials.md). 1 = a single network (model files
+    saved before this field load as 1)."""
+    ensemble_levels: bool = False
+    """With ``ensemble_size`` > 1: every member has its own additive levels and linear terms
+    (``additive_features``) instead of sharing one set."""
 
     @field_validator("hidden_sizes")
     @classmethod

@@ -1,5 +1,9 @@
 """The tabular model: an embedding per categorical column plus an MLP, one logit out.
 
+With ``ensemble_size`` k > 1 the net holds k members trained at once (TabM-style, Gorishniy et
+al. 2024): k MLPs batched as stacked weights, each trained with its own loss on the same batch;
+:meth:`TabularNet.forward` still returns one logit per row, that of the members' mean probability.
+
 Importable without Horovod or Prefect: evaluation, the registered pyfunc model and monitoring
 load and score it with plain PyTorch.
 """
@@ -7,6 +11,7 @@ load and score it with plain PyTorch.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -36,6 +41,36 @@ class Arch(TypedDict):
     additive_numeric: NotRequired[list[int]]
     """Absent in files saved before the additive inputs existed (every input deep, as then)."""
     additive_categorical: NotRequired[list[int]]
+    ensemble_size: NotRequired[int]
+    """Absent in files saved before the ensemble existed, and for a single net (k = 1)."""
+    ensemble_levels: NotRequired[bool]
+    """True: every member has its own additive levels and linear terms (absent: shared)."""
+
+
+class MemberLinear(nn.Module):
+    """k independent linear layers applied at once: input [n, d] (the same rows for every
+    member) or [n, k, d] (one input per member) -> [n, k, out]. Each member's weights are
+    initialised as ``nn.Linear``'s."""
+
+    def __init__(self, k: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
+        self.weight = nn.Parameter(torch.empty(k, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(k, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return torch.einsum("nd,kdo->nko", x, self.weight) + self.bias
+        return torch.einsum("nkd,kdo->nko", x, self.weight) + self.bias
+
+
+def mean_probability_logit(member_logits: torch.Tensor) -> torch.Tensor:
+    """[n, k] member logits -> [n]: the logit of the members' mean probability, computed in log
+    space (log p - log(1 - p) of the mean) so confident members do not round to 0 or 1."""
+    if member_logits.shape[1] == 1:
+        return member_logits[:, 0]
+    f = nn.functional.logsigmoid
+    return torch.logsumexp(f(member_logits), dim=1) - torch.logsumexp(f(-member_logits), dim=1)
 
 
 class TabularNet(nn.Module):
@@ -46,6 +81,13 @@ class TabularNet(nn.Module):
     learnt level to the logit and each numeric a linear term, so the MLP cannot combine them
     with the other inputs. Trained on winter months, the MLP otherwise learns carrier x weather
     and route x weather effects that do not carry over to summer (docs/results/model-quality.md).
+
+    ``ensemble_size`` k > 1: k members (TabM-style) share the embeddings of the deep inputs and
+    each has its own MLP (``MemberLinear`` layers) and, with ``ensemble_levels``, its own additive
+    levels and linear terms (otherwise the members share them). :meth:`member_logits` gives the
+    members' logits for training (:meth:`training_loss`: the mean of the members' losses);
+    :meth:`forward`, used for scoring, the logit of their mean probability. k = 1 is the single
+    network, with the same parameter names as before the ensemble existed.
     """
 
     def __init__(
@@ -57,8 +99,13 @@ class TabularNet(nn.Module):
         dropout: float = 0.0,
         additive_numeric: list[int] | None = None,
         additive_categorical: list[int] | None = None,
+        ensemble_size: int = 1,
+        ensemble_levels: bool = False,
     ):
         super().__init__()
+        k = int(ensemble_size)
+        if k < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
         additive_numeric = sorted(int(i) for i in additive_numeric or [])
         additive_categorical = sorted(int(i) for i in additive_categorical or [])
         # Kept so the architecture can be rebuilt from the saved file alone (files saved before
@@ -73,21 +120,28 @@ class TabularNet(nn.Module):
         if additive_numeric or additive_categorical:
             self.arch["additive_numeric"] = additive_numeric
             self.arch["additive_categorical"] = additive_categorical
+        if k > 1:  # a single net's arch stays as before, so its old files and checkpoints match
+            self.arch["ensemble_size"] = k
+            if ensemble_levels:
+                self.arch["ensemble_levels"] = True
+        self.ensemble_size = k
+        # outputs per additive level / linear term: one per member, or one shared by all
+        own = k if ensemble_levels and k > 1 else 1
         self.deep_numeric = [i for i in range(num_numeric) if i not in additive_numeric]
         self.deep_categorical = [j for j in range(len(cardinalities)) if j not in additive_categorical]
         self.additive_numeric, self.additive_categorical = additive_numeric, additive_categorical
         self.embeddings = nn.ModuleList(nn.Embedding(cardinalities[j], embedding_dim) for j in self.deep_categorical)
-        levels = [nn.Embedding(cardinalities[j], 1) for j in additive_categorical]
+        levels = [nn.Embedding(cardinalities[j], own) for j in additive_categorical]
         for level in levels:
             nn.init.zeros_(level.weight)  # every category starts at the average
         self.levels = nn.ModuleList(levels)
-        self.linear = nn.Linear(len(additive_numeric), 1) if additive_numeric else None
+        self.linear = nn.Linear(len(additive_numeric), own) if additive_numeric else None
         layers: list[nn.Module] = []
         width = len(self.deep_numeric) + embedding_dim * len(self.deep_categorical)
         for h in hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, h) if k == 1 else MemberLinear(k, width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, 1) if k == 1 else MemberLinear(k, width, 1))
         self.mlp = nn.Sequential(*layers)
 
     @classmethod
@@ -105,6 +159,8 @@ class TabularNet(nn.Module):
             cfg.dropout,
             additive_numeric=numeric,
             additive_categorical=categorical,
+            ensemble_size=cfg.ensemble_size,
+            ensemble_levels=cfg.ensemble_levels,
         )
 
     def param_groups(self, weight_decay: float, level_weight_decay: float) -> list[dict[str, Any]]:
@@ -119,16 +175,29 @@ class TabularNet(nn.Module):
             groups.append({"params": levels, "weight_decay": level_weight_decay})
         return groups
 
-    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
-        """-> logits of shape [n]."""
+    def member_logits(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+        """-> the members' logits, shape [n, k] (k = ``ensemble_size``; [n, 1] for a single net)."""
         deep_num = x_num if not self.additive_numeric else x_num[:, self.deep_numeric]
         parts = [deep_num] + [emb(x_cat[:, j]) for j, emb in zip(self.deep_categorical, self.embeddings, strict=True)]
-        logits: torch.Tensor = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        # [n, 1] from nn.Linear (k = 1), [n, k, 1] from MemberLinear
+        logits: torch.Tensor = self.mlp(torch.cat(parts, dim=1)).reshape(len(x_num), self.ensemble_size)
+        # levels and linear terms: [n, 1] (shared, broadcast over the members) or [n, k]
         for j, level in zip(self.additive_categorical, self.levels, strict=True):
-            logits = logits + level(x_cat[:, j]).squeeze(1)
+            logits = logits + level(x_cat[:, j])
         if self.linear is not None:
-            logits = logits + self.linear(x_num[:, self.additive_numeric]).squeeze(1)
+            logits = logits + self.linear(x_num[:, self.additive_numeric])
         return logits
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+        """-> logits of shape [n]: the logit of the members' mean probability (a single net's logit)."""
+        return mean_probability_logit(self.member_logits(x_num, x_cat))
+
+    def training_loss(self, x_num: torch.Tensor, x_cat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss the ranks minimise: the mean over the members of each member's binary
+        cross-entropy (mean over the rows) on the same batch; a single net's BCE for k = 1.
+        Each member learns on its own (as in a deep ensemble), not the ensemble's logit."""
+        logits = self.member_logits(x_num, x_cat)
+        return nn.functional.binary_cross_entropy_with_logits(logits, y.unsqueeze(1).expand_as(logits))
 
 
 def save_model(

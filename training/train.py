@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from pydantic import ValidationError
-from torch import nn
 
 from ringflow.training import tags
 from ringflow.training.checkpoint import (
@@ -301,7 +300,6 @@ class Trainer:
             op=hvd.Average,
             groups=hv.num_groups or None,
         )
-        self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
         self._layout: tuple[int, int] | None = None
         self._data: RankData | None = None
         self._val: RankData | None = None
@@ -388,8 +386,8 @@ class Trainer:
         for i in range(self.steps):
             t0 = time.perf_counter()
             idx = order[i * bs : (i + 1) * bs]
-            logits = self.net(self.data.x_num[idx], self.data.x_cat[idx])
-            loss = self.loss_fn(logits, self.data.y[idx])
+            # the mean of the members' losses (TabularNet.training_loss; one member: its BCE)
+            loss = self.net.training_loss(self.data.x_num[idx], self.data.x_cat[idx], self.data.y[idx])
             (loss * self.loss_weight / k).backward()
             compute_s += time.perf_counter() - t0
             if not torch.isfinite(loss):

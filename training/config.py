@@ -260,9 +260,11 @@ class ModelConfig(_Strict):
     """Members of an ensemble trained at once inside the network (TabM-style: Gorishniy et al.
     2024): k MLPs with their own weights, each with its own loss on the same batch, scored by the
     mean of their probabilities (one logit per row, as for a single net). Seeds of one network
-    differ by up to 0.009 AUC on a test window, which an ensemble may narrow; the MLP's compute
-    grows with k (benchmarks/results/network_trials.md). 1 = a single network (model files
-    saved before this field load as 1)."""
+    differ by up to 0.009 AUC on a test window, which an ensemble narrows. 1 (a single network;
+    model files saved before this field load as 1) because in trials k = 8 with own levels
+    raised May 0.7409 -> 0.7421 but, with the pipeline's final fit, lowered June 16-July 1
+    0.7754 -> 0.7731, behind the tuned trees there; the MLP's compute grows about k-fold
+    (docs/results/model-quality.md)."""
     ensemble_levels: bool = False
     """With ``ensemble_size`` > 1: every member has its own additive levels and linear terms
     (``additive_features``) instead of sharing one set."""

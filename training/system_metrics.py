@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Protocol
 
 DEFAULT_SAMPLING_INTERVAL_S = 5.0
@@ -52,57 +50,32 @@ def monitors_this_host() -> bool:
 
 
 @contextmanager
-def host_system_metrics(run_id: str | None = None) -> Iterator[threading.Thread | None]:
-    """Sample this host into the launcher's run (``MLFLOW_RUN_ID``) while the block runs (from
-    shortly after it starts: the monitor starts in a thread of its own)."""
+def host_system_metrics(run_id: str | None = None) -> Iterator[object | None]:
+    """Sample this host into the launcher's run (``MLFLOW_RUN_ID``) while the block runs."""
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     enabled = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0")
     if not run_id or not enabled or not monitors_this_host():
         yield None
         return
-    started: list[_Monitor] = []
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    def start() -> None:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        # MLflow's monitor has no annotations: typed here by what this function uses of it
-        monitor: _Monitor = SystemMetricsMonitor(  # type: ignore[no-untyped-call]  # mlflow: unannotated class
-            run_id,
-            sampling_interval=DEFAULT_SAMPLING_INTERVAL_S,
-            node_id=host_node_id(),
-            resume_logging=True,  # a resumed run continues its system-metric steps
-        )
-        monitor.start()
-        started.append(monitor)
-
-    # Started beside the training: importing MLflow and opening its store take this rank a second
-    # or two, which every other rank would spend waiting for it at the first allreduce.
-    starter = threading.Thread(target=_never_raising(start), daemon=True, name="system-metrics-start")
-    starter.start()
+    # MLflow's monitor has no annotations: typed here by what this function uses of it
+    monitor: _Monitor = SystemMetricsMonitor(  # type: ignore[no-untyped-call]  # mlflow: unannotated class
+        run_id,
+        sampling_interval=DEFAULT_SAMPLING_INTERVAL_S,
+        node_id=host_node_id(),
+        resume_logging=True,  # a resumed run continues its system-metric steps
+    )
+    monitor.start()
     try:
-        yield starter
+        yield monitor
     finally:
-        starter.join()
-        for monitor in started:
-            _never_raising(partial(_finish, monitor), "final sample not logged")()
-
-
-def _finish(monitor: _Monitor) -> None:
-    monitor.finish()
-    # One last sample at the end: a run shorter than the sampling interval would otherwise log
-    # none (MLflow's loop publishes only after a full interval).
-    monitor.collect_metrics()
-    monitor.publish_metrics(monitor.aggregate_metrics())
-    monitor.mlflow_logger.flush()
-
-
-def _never_raising(fn: Callable[[], None], what: str = "not started") -> Callable[[], None]:
-    """``fn``, its errors printed: system metrics must never fail a training run."""
-
-    def call() -> None:
+        monitor.finish()
+        # One last sample at the end: a run shorter than the sampling interval would otherwise
+        # log none (MLflow's loop publishes only after a full interval).
         try:
-            fn()
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
         except Exception as e:  # noqa: BLE001 - system metrics must never fail a training run
-            print(f"system metrics: {what}: {type(e).__name__}: {e}", flush=True)
-
-    return call
+            print(f"system metrics: final sample not logged: {type(e).__name__}: {e}", flush=True)

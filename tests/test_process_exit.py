@@ -1,5 +1,7 @@
 """exit_fast: a command's exit keeps everything a normal exit does that anyone can see (exit
-status, atexit handlers, threads that are not daemons, buffered output), less the teardown."""
+status, atexit handlers, threads that are not daemons, buffered output), less the teardown; and it
+ends, with an idle thread pool left open (a join without the interpreter's exit signal hung
+`ringflow monitor`)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ PROGRAM = textwrap.dedent(
         (out / "thread").write_text("done")
 
     threading.Thread(target=late).start()  # not a daemon: the exit waits for it
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)  # left open and idle, as Prefect and MLflow leave theirs
+    pool.submit(lambda: None).result()
     sys.stdout.write("buffered, no newline")
     exit_fast(sys.argv[2] if sys.argv[2] == "a message" else int(sys.argv[2]))
     """
@@ -34,7 +40,7 @@ PROGRAM = textwrap.dedent(
 def test_exit_fast_keeps_what_a_normal_exit_does(tmp_path: Path, status: str, code: int) -> None:
     p = subprocess.run(
         [sys.executable, "-c", PROGRAM, str(tmp_path), status], capture_output=True, text=True, timeout=60
-    )
+    )  # a hang fails here
     assert p.returncode == code, p.stderr
     assert p.stdout == "buffered, no newline"
     assert (tmp_path / "atexit").read_text() == "ran"

@@ -34,12 +34,11 @@ def exit_fast(status: object = 0) -> NoReturn:
     ``atexit`` handlers (Prefect's API server stop, Horovod's shutdown, MLflow's queues, logging's
     flush, temporary-directory finalizers), flush stdout and stderr; then ``os._exit``."""
     code = exit_code(status)
-    me = threading.current_thread()
-    for t in threading.enumerate():
-        if t is not me and not t.daemon and t.is_alive():
-            t.join()
-    # The handlers are the part of an exit with effects; CPython runs them through this same
-    # function at shutdown (it has no public name).
+    # What CPython's own shutdown calls, in its order (neither has a public name): signal the
+    # thread pools' workers that the interpreter is exiting and join every non-daemon thread
+    # (joining them without the signal waits forever on an idle executor's worker), then run
+    # the atexit handlers, the part of an exit with effects.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -7,7 +7,8 @@
 One process plays the ranks of a ``world_size``-rank run with the code the ranks run
 (``training/``): the same preprocessing (``Preprocessor.for_data`` on the train window), network
 (``TabularNet.for_preprocessor``), optimizer groups, learning-rate schedule (``learning_rate`` with
-the configured world size), epoch orders and early stopping rule; one global batch of
+the configured world size), epoch orders, moving average of the weights (``training.ema_decay``:
+``training.averaging``, validated and kept in place of the trained weights) and early stopping rule; one global batch of
 ``batch_size * world_size`` rows per step stands in for the ranks' averaged gradient. Train
 January-April, validation May: the May ROC AUC of the best epoch is the only number a choice may
 use. With ``--test`` the chosen variants are also scored on the three test windows, as trained
@@ -45,6 +46,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS_DIR, ROOT, load_avg  # noqa: E402
+from ringflow.training.averaging import weight_average  # noqa: E402
 from ringflow.training.config import PipelineConfig, load_config, with_overrides  # noqa: E402
 from ringflow.training.data import in_window, load_labelled  # noqa: E402
 from ringflow.training.metrics import roc_auc  # noqa: E402
@@ -102,6 +104,8 @@ def fit(
     torch.manual_seed(tc.seed)
     net = TabularNet.for_preprocessor(pre, tc.model)
     opt = torch.optim.AdamW(net.param_groups(tc.weight_decay, tc.model.level_weight_decay), lr=tc.learning_rate)
+    average = weight_average(net, tc.ema_decay)  # as the ranks: updated after every step
+    scored = average.net if average is not None else net  # validated, kept and returned
     batch = tc.batch_size * size  # the global batch of `size` ranks
     steps = math.ceil(len(y) / batch)
     tc_run = tc.model_copy(update={"epochs": schedule_epochs or epochs})
@@ -122,21 +126,23 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.step()
+            if average is not None:
+                average.update(net)
         seconds += time.perf_counter() - t0
         if val is None:
             continue
-        auc = roc_auc(val[2], predict_logits(net, val[0].numpy(), val[1].numpy()))
+        auc = roc_auc(val[2], predict_logits(scored, val[0].numpy(), val[1].numpy()))
         aucs.append(round(float(auc), 5))
         if auc > best_auc:
             best_auc, best_epoch, bad = auc, epoch + 1, 0
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
         else:
             bad += 1
             if bad >= tc.early_stopping_patience:
                 break
     if best_state is not None:
-        net.load_state_dict(best_state)
-    return net, pre, aucs, best_epoch or epochs, seconds / max(1, len(aucs) or epochs)
+        scored.load_state_dict(best_state)
+    return scored, pre, aucs, best_epoch or epochs, seconds / max(1, len(aucs) or epochs)
 
 
 def test_scores(cfg: PipelineConfig, net: TabularNet, pre: Preprocessor) -> dict[str, float]:

@@ -316,8 +316,14 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_ma
     from ringflow.training.launch import kill_tree
 
     three = with_overrides(
-        smoke_config, {"training.epochs": 3, "training.early_stopping_patience": 5, "training.batch_size": 128}
-    )  # epochs long enough to kill in
+        smoke_config,
+        {
+            "training.epochs": 3,
+            "training.early_stopping_patience": 5,
+            "training.batch_size": 128,  # epochs long enough to kill in
+            "training.ema_decay": 0.9,  # and the moving average of the weights resumes with them
+        },
+    )
     _run_program(three, smoke_manifest, tmp_path / "straight")
     out = tmp_path / "resumed"
     p = subprocess.Popen(
@@ -340,7 +346,45 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_ma
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "epoch-0003.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["averaged"] is not None and b["averaged"] is not None
+    for k in a["averaged"]:
+        assert torch.equal(a["averaged"][k], b["averaged"][k]), k
     assert Progress.from_checkpoint(a).history[-1].train_loss == Progress.from_checkpoint(b).history[-1].train_loss
+
+
+@pytest.mark.horovod
+def test_weight_averaging_runs_on_two_ranks_and_exports_the_average(tmp_path, smoke_config, smoke_manifest):
+    """``training.ema_decay`` at np=2: the run completes, its reported best epoch and AUC are the
+    moving average's, and the model it exports is that epoch's average, not the trained weights."""
+    from ringflow.training.model import TabularNet
+
+    cfg = with_overrides(
+        smoke_config, {"training.ema_decay": 0.9, "training.epochs": 3, "training.early_stopping_patience": 5}
+    )
+    out = tmp_path / "out"
+    s = _run_program(cfg, smoke_manifest, out)
+    summary = TrainingSummary.load(out)
+    assert s["status"] == "completed" and summary.best_epoch is not None
+    ckpt = load_checkpoint(out / "checkpoints" / f"epoch-{summary.best_epoch:04d}.pt")
+    assert ckpt["averaged"] is not None
+    averaged = {k.removeprefix("module."): v for k, v in ckpt["averaged"].items() if k.startswith("module.")}
+    exported = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert exported.keys() == averaged.keys() == ckpt["model"].keys()
+    assert all(
+        torch.equal(exported[k], averaged[k]) and torch.equal(exported[k], ckpt["best_model"][k]) for k in exported
+    )
+    assert not all(torch.equal(exported[k], ckpt["model"][k]) for k in exported)
+
+    # the reported validation AUC is the exported average's; the trained weights score another
+    net, pre = load_model(out)
+    val = smoke_manifest.read(smoke_manifest.validation)
+    assert classification_metrics(val["target"], predict_proba(net, pre, val))["roc_auc"] == pytest.approx(
+        summary.best_val_roc_auc, abs=1e-6
+    )
+    trained = TabularNet(**net.arch)
+    trained.load_state_dict(ckpt["model"])
+    raw_auc = classification_metrics(val["target"], predict_proba(trained, pre, val))["roc_auc"]
+    assert abs(raw_auc - summary.best_val_roc_auc) > 1e-5, raw_auc
 
 
 @pytest.mark.horovod
@@ -494,6 +538,68 @@ def test_progress_is_replaced_never_changed_so_an_elastic_commit_holds(tmp_path)
     again = Progress.from_checkpoint(loaded)
     assert (again.epoch, again.best_epoch, again.bad_epochs, again.stopped) == (3, 1, 2, True)
     assert again.history[:2] == third.history[:2] and all(torch.equal(again.best_model[k], best[k]) for k in best)
+
+
+def test_the_moving_average_is_what_is_kept_checkpointed_and_resumed(tmp_path, smoke_config):
+    """``training.ema_decay``: the average follows the warmed-up EMA of the weights after every
+    step and differs from them; the epoch's progress keeps the average as the best model, the
+    checkpoint holds both (the trained weights to go on from, the average to resume averaging)
+    and a restore brings the average back exactly."""
+    from torch import nn
+
+    from ringflow.training.averaging import WeightAverage
+    from ringflow.training.checkpoint import save_checkpoint
+    from ringflow.training.model import TabularNet
+    from ringflow.training.state import restore
+    from ringflow.training.train import checkpoint_payload
+
+    def build() -> tuple[TabularNet, torch.optim.Optimizer, WeightAverage]:
+        torch.manual_seed(0)
+        net = TabularNet(3, [5, 7], 4, [8], additive_categorical=[1])
+        return net, torch.optim.AdamW(net.parameters(), lr=0.05), WeightAverage(net, 0.9)
+
+    net, opt, average = build()
+    g = torch.Generator().manual_seed(1)
+    x_num = torch.randn(64, 3, generator=g)
+    x_cat = torch.stack([torch.randint(0, 5, (64,), generator=g), torch.randint(0, 7, (64,), generator=g)], 1)
+    y = (torch.rand(64, generator=g) > 0.5).float()
+    expected: dict[str, torch.Tensor] = {}
+    for step in range(30):
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(net(x_num, x_cat), y).backward()
+        opt.step()
+        average.update(net)
+        raw = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        d = min(0.9, (1 + step) / (10 + step))  # after `step` updates; the first one copies
+        expected = raw if step == 0 else {k: d * expected[k] + (1 - d) * raw[k] for k in raw}
+    averaged = average.net.state_dict()
+    assert average.updates == 30
+    assert all(torch.allclose(averaged[k], expected[k], atol=1e-6) for k in raw)
+    assert not all(torch.allclose(averaged[k], raw[k], atol=1e-3) for k in raw)
+
+    record = EpochRecord(
+        epoch=1,
+        train_loss=0.5,
+        lr=0.05,
+        epoch_time_s=1.0,
+        samples_per_s=1.0,
+        world_size=2,
+        per_rank=[],
+        val_roc_auc=0.7,
+    )
+    progress = Progress().after_epoch(record, average.net, patience=3)
+    path = save_checkpoint(tmp_path, checkpoint_payload(progress, net, opt, smoke_config, 2, average))
+    ckpt = load_checkpoint(path)
+    assert all(torch.equal(ckpt["best_model"][k], averaged[k]) for k in raw)
+    assert all(torch.equal(ckpt["model"][k], raw[k]) for k in raw)
+
+    net2, opt2, average2 = build()
+    restore(ckpt, net2, opt2, path, average2)
+    assert average2.updates == 30
+    assert all(torch.equal(average2.net.state_dict()[k], averaged[k]) for k in raw)
+    net2.load_state_dict(raw)
+    assert restore(ckpt | {"averaged": None}, net2, opt2, path, (fresh := build()[2])).epoch == 1
+    assert fresh.updates == 0  # a checkpoint without an average: the next update copies the weights
 
 
 def test_a_checkpoint_without_the_payload_s_fields_is_refused(tmp_path):

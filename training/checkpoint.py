@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 import torch
 
@@ -53,9 +53,14 @@ class CheckpointPayload(ProgressFields):
     arch: Arch
     world_size: int
     seed: int
+    averaged: NotRequired[dict[str, torch.Tensor] | None]
+    """With ``training.ema_decay``: the moving average of the weights (``training.averaging``),
+    which the progress's ``best_model`` was taken from; ``model`` holds the trained weights.
+    None without averaging; absent in checkpoints written before it existed."""
 
 
-_REQUIRED = CheckpointPayload.__required_keys__
+# (with postponed annotations Python 3.11 cannot see NotRequired: it lists every key as required)
+_REQUIRED = CheckpointPayload.__required_keys__ - {"averaged"}
 
 
 def checkpoint_path(directory: Path, epoch: int) -> Path:

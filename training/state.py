@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ringflow.training.averaging import WeightAverage
 from ringflow.training.checkpoint import CheckpointError, CheckpointPayload, ProgressFields
 from ringflow.training.model import TabularNet
 from ringflow.training.summary import DivergedAt, EpochRecord, Status
@@ -116,8 +117,16 @@ class TrainingState(Protocol):
     def commit(self) -> None: ...
 
 
-def restore(ckpt: CheckpointPayload, net: TabularNet, opt: HorovodOptimizer, source: Path) -> Progress:
-    """Load a checkpoint's model and optimizer state into ``net``/``opt``; its progress."""
+def restore(
+    ckpt: CheckpointPayload,
+    net: TabularNet,
+    opt: HorovodOptimizer,
+    source: Path,
+    average: WeightAverage | None = None,
+) -> Progress:
+    """Load a checkpoint's model and optimizer state into ``net``/``opt`` (and its moving average
+    of the weights into ``average``); its progress. A checkpoint written without averaging
+    leaves ``average`` fresh: its first update copies the restored weights."""
     if ckpt.get("arch") != net.arch:
         raise CheckpointError(
             f"checkpoint {source} was trained with architecture {ckpt.get('arch')}, this run builds {net.arch} "
@@ -125,6 +134,9 @@ def restore(ckpt: CheckpointPayload, net: TabularNet, opt: HorovodOptimizer, sou
         )
     net.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
+    averaged = ckpt.get("averaged")
+    if average is not None and averaged is not None:
+        average.load_state_dict(averaged)
     return Progress.from_checkpoint(ckpt)
 
 
@@ -132,14 +144,26 @@ class FixedState:
     """The state of a fixed-size run: the attributes and ``sync()`` of Horovod's ``TorchState``,
     and a ``commit()`` with nothing to save (no worker can join or leave)."""
 
-    def __init__(self, hvd: ModuleType, model: nn.Module, optimizer: HorovodOptimizer, progress: Progress):
+    def __init__(
+        self,
+        hvd: ModuleType,
+        model: nn.Module,
+        optimizer: HorovodOptimizer,
+        progress: Progress,
+        averaged: nn.Module | None = None,
+    ):
         self.hvd = hvd
         self.model, self.optimizer, self.progress = model, optimizer, progress
+        self.averaged = averaged
+        """The moving average of the weights (``training.ema_decay``), synced like the model."""
 
     def sync(self) -> None:
-        """Rank 0's weights, optimizer state and progress on every rank (``TorchState.sync``'s order)."""
+        """Rank 0's weights, optimizer state, averaged weights and progress on every rank
+        (``TorchState.sync``'s order)."""
         self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         self.hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
+        if self.averaged is not None:
+            self.hvd.broadcast_parameters(self.averaged.state_dict(), root_rank=0)
         self.progress = self.hvd.broadcast_object(self.progress, root_rank=0, name="progress")
 
     def commit(self) -> None:

@@ -37,6 +37,7 @@ import torch
 from pydantic import ValidationError
 
 from ringflow.training import tags
+from ringflow.training.averaging import WeightAverage, weight_average
 from ringflow.training.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -289,6 +290,8 @@ class Trainer:
         self.pre = manifest.read_preprocessor()
         torch.manual_seed(self.tc.seed)  # identical init on every rank (and broadcast anyway)
         self.net = TabularNet.for_preprocessor(self.pre, self.tc.model)
+        self.average: WeightAverage | None = weight_average(self.net, self.tc.ema_decay)
+        """``training.ema_decay``: the moving average of the weights, updated after every step."""
         groups = self.net.param_groups(self.tc.weight_decay, self.tc.model.level_weight_decay)
         base = torch.optim.AdamW(groups, lr=self.tc.learning_rate)
         hv = self.tc.horovod
@@ -317,6 +320,12 @@ class Trainer:
         if self._val is None:
             raise RuntimeError("Trainer.prepare() loads the data first (a final fit has no validation rows)")
         return self._val
+
+    @property
+    def scored_net(self) -> TabularNet:
+        """The weights that are validated, kept as the best model and exported: the moving
+        average with ``training.ema_decay``, else the trained weights themselves."""
+        return self.average.net if self.average is not None else self.net
 
     @property
     def epochs(self) -> int:
@@ -408,6 +417,8 @@ class Trainer:
                     g["lr"] = lr
                 with self.opt.skip_synchronize():
                     self.opt.step()
+                if self.average is not None:
+                    self.average.update(self.net)  # the ranks' weights are identical: no collective
                 self.opt.zero_grad()
                 loss_acc += window
                 window.zero_()
@@ -450,7 +461,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         hvd = self.hvd
-        logits = torch.from_numpy(predict_logits(self.net, self.val.x_num.numpy(), self.val.x_cat.numpy()))
+        logits = torch.from_numpy(predict_logits(self.scored_net, self.val.x_num.numpy(), self.val.x_cat.numpy()))
         both = hvd.allgather(torch.stack([logits, self.val.y.double()], dim=1), name="val_pred")
         p = 1.0 / (1.0 + np.exp(-both[:, 0].numpy()))
         if not np.all(np.isfinite(p)):
@@ -471,7 +482,12 @@ class Trainer:
 
 
 def checkpoint_payload(
-    progress: Progress, net: TabularNet, opt: HorovodOptimizer, cfg: PipelineConfig, size: int
+    progress: Progress,
+    net: TabularNet,
+    opt: HorovodOptimizer,
+    cfg: PipelineConfig,
+    size: int,
+    average: WeightAverage | None = None,
 ) -> CheckpointPayload:
     return CheckpointPayload(
         **progress.as_checkpoint(),
@@ -480,6 +496,8 @@ def checkpoint_payload(
         arch=net.arch,
         world_size=size,
         seed=cfg.training.seed,
+        # a resumed run goes on averaging from here
+        averaged=average.state_dict() if average is not None else None,
     )
 
 
@@ -510,7 +528,7 @@ def write_outputs(
     resumed_from: str | None = None,
 ) -> TrainingSummary:
     """Best model + preprocessor + summary.json (rank 0)."""
-    net = trainer.net
+    net = trainer.scored_net  # without a best epoch (a final fit): the last (averaged) weights
     status = outcome.status
     model_written = False
     history = progress.history
@@ -678,9 +696,9 @@ def train(state: TrainingState, trainer: Trainer, out: Path, run_log: RunLogger)
                 log(f"epoch {record.epoch}: non-finite loss at step {record.diverged_step}: diverged, stopping")
                 run_log.metrics({"diverged": 1.0}, step=record.epoch)
             return Outcome("diverged", DivergedAt(epoch=record.epoch, step=record.diverged_step))
-        state.progress = state.progress.after_epoch(record, trainer.net, patience)
+        state.progress = state.progress.after_epoch(record, trainer.scored_net, patience)
         if rank == 0:
-            payload = checkpoint_payload(state.progress, trainer.net, trainer.opt, cfg, size)
+            payload = checkpoint_payload(state.progress, trainer.net, trainer.opt, cfg, size, trainer.average)
             save_checkpoint(out / CHECKPOINT_DIR, payload)
             run_log.metrics(epoch_metrics(record), step=record.epoch)
             val = "" if trainer.final else f"val_auc={record.val_roc_auc:.4f} val_logloss={record.val_log_loss:.4f} "
@@ -710,10 +728,11 @@ def run_fixed(
     ckpt_info = hvd.broadcast_object(ckpt_info, root_rank=0, name="checkpoint")
     point, progress = None, Progress()
     if ckpt_info is not None:
-        point, progress = ckpt_info[0], restore(ckpt_info[1], trainer.net, trainer.opt, ckpt_info[0])
+        point, progress = ckpt_info[0], restore(ckpt_info[1], trainer.net, trainer.opt, ckpt_info[0], trainer.average)
         if hvd.rank() == 0:
             log(f"resuming from {point} after epoch {progress.epoch}")
-    state = FixedState(hvd, trainer.net, trainer.opt, progress)
+    averaged = trainer.average.model if trainer.average is not None else None
+    state = FixedState(hvd, trainer.net, trainer.opt, progress, averaged)
     state.sync()
     return train(state, trainer, out, run_log), state.progress, point
 
@@ -731,9 +750,11 @@ def run_elastic(
     point = find_resume_point(args, trainer.cfg)
     progress = Progress()
     if point is not None:
-        progress = restore(load_checkpoint(point), trainer.net, trainer.opt, point)
+        progress = restore(load_checkpoint(point), trainer.net, trainer.opt, point, trainer.average)
         log(f"resuming from {point} after epoch {progress.epoch}")
-    state = hvd.elastic.TorchState(model=trainer.net, optimizer=trainer.opt, progress=progress)
+    # the average is an nn.Module: TorchState saves, rolls back and syncs it like the model
+    extra = {"averaged": trainer.average.model} if trainer.average is not None else {}
+    state = hvd.elastic.TorchState(model=trainer.net, optimizer=trainer.opt, progress=progress, **extra)
     state.register_reset_callbacks([lambda: log(f"elastic reset: now rank {hvd.rank()} of {hvd.size()}")])
     outcome = hvd.elastic.run(train)(state, trainer, out, run_log)
     return outcome, state.progress, point

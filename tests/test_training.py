@@ -42,12 +42,13 @@ def _run_program(
     resume: bool = False,
     timeout: int = 120,
     tracking: dict[str, str] | None = None,
+    program_args: list[str] | None = None,
 ) -> dict:
     """The training program under plain horovodrun (no Prefect; no MLflow run unless ``tracking``
     names one, see :func:`_tracked_run`)."""
     env = launch_env(cfg, **{"MLFLOW_RUN_ID": None, **(tracking or {})})
     p = subprocess.run(
-        horovodrun_command(cfg, manifest.path, out, resume=resume),
+        horovodrun_command(cfg, manifest.path, out, resume=resume, program_args=program_args or ()),
         env=env,
         capture_output=True,
         text=True,
@@ -355,7 +356,9 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, smoke_config, smoke_ma
 @pytest.mark.horovod
 def test_weight_averaging_runs_on_two_ranks_and_exports_the_average(tmp_path, smoke_config, smoke_manifest):
     """``training.ema_decay`` at np=2: the run completes, its reported best epoch and AUC are the
-    moving average's, and the model it exports is that epoch's average, not the trained weights."""
+    moving average's, and the model it exports is that epoch's average, not the trained weights;
+    a final fit exports its last epoch's average."""
+    from ringflow.training.final_fit import FinalFit
     from ringflow.training.model import TabularNet
 
     cfg = with_overrides(
@@ -385,6 +388,15 @@ def test_weight_averaging_runs_on_two_ranks_and_exports_the_average(tmp_path, sm
     trained.load_state_dict(ckpt["model"])
     raw_auc = classification_metrics(val["target"], predict_proba(trained, pre, val))["roc_auc"]
     assert abs(raw_auc - summary.best_val_roc_auc) > 1e-5, raw_auc
+
+    final = tmp_path / "final"
+    f = _run_program(cfg, smoke_manifest, final, program_args=FinalFit(2, 0.3).args())
+    assert f["status"] == "completed" and f["epochs_completed"] == 2
+    last = load_checkpoint(final / "checkpoints" / "epoch-0002.pt")
+    assert last["averaged"] is not None
+    exported = torch.load(final / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(exported[k], last["averaged"][f"module.{k}"]) for k in exported)
+    assert not all(torch.equal(exported[k], last["model"][k]) for k in exported)
 
 
 @pytest.mark.horovod

@@ -68,6 +68,10 @@ TESTS = {
 OUT = RESULTS_DIR / "network_trials.jsonl"
 
 _DATA: pd.DataFrame | None = None
+SWA_FROM: int | None = None
+"""``--swa-from E`` (a trial of this harness only, no config field): from epoch E (1-based) on, an
+equal average of the weights after every step (torch's ``AveragedModel``, SWA) is validated and
+kept in place of the trained weights."""
 
 
 def frame(cfg: PipelineConfig, window: tuple[str, str]) -> pd.DataFrame:
@@ -106,6 +110,7 @@ def fit(
     opt = torch.optim.AdamW(net.param_groups(tc.weight_decay, tc.model.level_weight_decay), lr=tc.learning_rate)
     average = weight_average(net, tc.ema_decay)  # as the ranks: updated after every step
     scored = average.net if average is not None else net  # validated, kept and returned
+    swa = torch.optim.swa_utils.AveragedModel(net) if SWA_FROM is not None else None
     batch = tc.batch_size * size  # the global batch of `size` ranks
     steps = math.ceil(len(y) / batch)
     tc_run = tc.model_copy(update={"epochs": schedule_epochs or epochs})
@@ -128,6 +133,10 @@ def fit(
             opt.step()
             if average is not None:
                 average.update(net)
+            if swa is not None and SWA_FROM is not None and epoch + 1 >= SWA_FROM:
+                swa.update_parameters(net)
+        if swa is not None and SWA_FROM is not None and epoch + 1 >= SWA_FROM:
+            scored = swa.module  # type: ignore[assignment]
         seconds += time.perf_counter() - t0
         if val is None:
             continue
@@ -164,7 +173,11 @@ def trial(
     net, pre, aucs, best_epoch, s_per_epoch = fit(cfg, TRAIN, VALIDATION, cfg.training.epochs)
     row: dict[str, Any] = {
         "variant": name,
-        "overrides": {**overrides, "final_fit_epochs": "planned"} if planned else overrides,
+        "overrides": {
+            **overrides,
+            **({"final_fit_epochs": "planned"} if planned else {}),
+            **({"swa_from": SWA_FROM} if SWA_FROM is not None else {}),
+        },
         "seed": seed,
         "val_auc": max(aucs),
         "val_aucs": aucs,
@@ -302,7 +315,10 @@ def main() -> None:
         help="time the real pipeline on flights.yaml against these overrides (interleaved, twice)",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--swa-from", type=int, help="SWA from this epoch (1-based) on, validated and kept (SWA_FROM)")
     a = p.parse_args()
+    global SWA_FROM
+    SWA_FROM = a.swa_from
     if a.pipeline_timing:
         print(json.dumps(pipeline_epoch_times(json.loads(a.pipeline_timing))))
         return

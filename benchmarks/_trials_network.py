@@ -20,7 +20,8 @@ A variant is a set of overrides on ``configs/flights.yaml`` as it is when the tr
 rows of ``network_trials.jsonl`` up to 2026-12-07 are relative to the default before issue 27's
 change (hidden [128, 64], 8 epochs, the route cross only). ``--may-final-fit`` also checks the
 final fit on May alone, ``--final-planned`` sizes the final fits by the planned epochs,
-``--pipeline-timing`` times the real pipeline against old overrides, ``--summary`` prints the table.
+``--pipeline-timing`` times the real pipeline against old overrides, ``--swa-from E`` validates
+and keeps an equal average of the weights from epoch E on (SWA), ``--summary`` prints the table.
 
 Every result is appended as a JSON line to ``benchmarks/results/network_trials.jsonl`` (variant,
 overrides, seed, May AUC per epoch, test scores, seconds per epoch, load average, date).

@@ -7,7 +7,7 @@ middle of the basin and often generalises a little better (Polyak averaging; Izm
 the weights, every later one moves the average ``1 - d`` of the way towards them, with the decay
 warmed up as TensorFlow's ``ExponentialMovingAverage(num_updates=)`` does it:
 ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates. Without the warm-up the average of a
-12-epoch run (about 55 steps an epoch) stays tied to the initial weights for epochs: with decay
+12-epoch run (52 steps an epoch on the flights default) stays tied to the initial weights for epochs: with decay
 0.99 the first epoch's averaged weights scored May ROC AUC 0.47-0.60 (network_trials.md).
 Buffers are averaged too (the network has none today; a BatchNorm added later would need it).
 

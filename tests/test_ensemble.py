@@ -161,6 +161,8 @@ def test_two_ranks_train_an_ensemble_the_pyfunc_model_scores(
     assert s["metrics"]["val_roc_auc"] > 0.58  # as the single net's smoke run (chance is 0.5)
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # an experiment of this store: another test in this worker may have left its own active
+    mlflow.set_experiment("ensemble")
     with mlflow.start_run():
         info = log_delay_model(out, pre.source_columns, val.head(5))
     scored = predict_rows(mlflow.pyfunc.load_model(info.model_uri), val)

@@ -519,6 +519,21 @@ def test_fixed_and_elastic_runs_log_the_same_metrics_once_per_epoch(tmp_path, sm
     )
 
 
+def _epoch_record(epoch: int, auc: float) -> EpochRecord:
+    """An epoch's record for the progress tests: only the epoch and its validation AUC matter."""
+    return EpochRecord(
+        epoch=epoch,
+        train_loss=0.5,
+        lr=0.01,
+        epoch_time_s=1.0,
+        samples_per_s=10.0,
+        world_size=1,
+        per_rank=[],
+        val_roc_auc=auc,
+        val_log_loss=0.6,
+    )
+
+
 def test_progress_is_replaced_never_changed_so_an_elastic_commit_holds(tmp_path):
     """Horovod's ObjectState commits a reference to ``state.progress``: an epoch must leave the
     committed progress as it was. Early stopping keeps the best weights; a checkpoint round-trips."""
@@ -527,28 +542,15 @@ def test_progress_is_replaced_never_changed_so_an_elastic_commit_holds(tmp_path)
     from ringflow.training.checkpoint import CheckpointPayload, save_checkpoint
     from ringflow.training.model import Arch
 
-    def record(epoch: int, auc: float) -> EpochRecord:
-        return EpochRecord(
-            epoch=epoch,
-            train_loss=0.5,
-            lr=0.01,
-            epoch_time_s=1.0,
-            samples_per_s=10.0,
-            world_size=1,
-            per_rank=[],
-            val_roc_auc=auc,
-            val_log_loss=0.6,
-        )
-
     net = nn.Linear(2, 1)
     committed = Progress()
-    first = committed.after_epoch(record(1, 0.7), net, patience=2)
+    first = committed.after_epoch(_epoch_record(1, 0.7), net, patience=2)
     assert committed == Progress() and committed.history == ()
     best = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         net.weight.add_(1.0)
-    second = first.after_epoch(record(2, 0.6), net, patience=2)
-    third = second.after_epoch(record(3, float("nan")), net, patience=2)
+    second = first.after_epoch(_epoch_record(2, 0.6), net, patience=2)
+    third = second.after_epoch(_epoch_record(3, float("nan")), net, patience=2)
     assert (first.bad_epochs, second.bad_epochs, third.bad_epochs) == (0, 1, 2)
     assert not second.stopped and third.stopped and third.best_epoch == 1 and third.epoch == 3
     assert all(torch.equal(third.best_model[k], best[k]) for k in best)  # not the weights of epoch 3
@@ -606,17 +608,7 @@ def test_the_moving_average_is_what_is_kept_checkpointed_and_resumed(tmp_path, s
     assert all(torch.allclose(averaged[k], expected[k], atol=1e-6) for k in raw)
     assert not all(torch.allclose(averaged[k], raw[k], atol=1e-3) for k in raw)
 
-    record = EpochRecord(
-        epoch=1,
-        train_loss=0.5,
-        lr=0.05,
-        epoch_time_s=1.0,
-        samples_per_s=1.0,
-        world_size=2,
-        per_rank=[],
-        val_roc_auc=0.7,
-    )
-    progress = Progress().after_epoch(record, average.net, patience=3)
+    progress = Progress().after_epoch(_epoch_record(1, 0.7), average.net, patience=3)
     path = save_checkpoint(tmp_path, checkpoint_payload(progress, net, opt, smoke_config, 2, average))
     ckpt = load_checkpoint(path)
     assert all(torch.equal(ckpt["best_model"][k], averaged[k]) for k in raw)

@@ -123,6 +123,7 @@ def fit(
         torch.manual_seed(epoch_seed(tc.seed, epoch, 0) + 1)  # dropout masks, as rank 0's
         order = torch.from_numpy(epoch_order(len(y), steps * batch, tc.seed, epoch, 0))
         net.train()
+        swa_epoch = swa is not None and SWA_FROM is not None and epoch + 1 >= SWA_FROM
         for i in range(steps):
             idx = order[i * batch : (i + 1) * batch]
             loss = net.training_loss(x_num[idx], x_cat[idx], y[idx])  # the ranks' loss (k members: their mean)
@@ -134,9 +135,9 @@ def fit(
             opt.step()
             if average is not None:
                 average.update(net)
-            if swa is not None and SWA_FROM is not None and epoch + 1 >= SWA_FROM:
+            if swa is not None and swa_epoch:
                 swa.update_parameters(net)
-        if swa is not None and SWA_FROM is not None and epoch + 1 >= SWA_FROM:
+        if swa is not None and swa_epoch:
             scored = swa.module  # type: ignore[assignment]
         seconds += time.perf_counter() - t0
         if val is None:

@@ -9,7 +9,6 @@ rank's, at load 5), seconds a user waits for the prompt and horovodrun waits for
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import sys
 import threading
@@ -39,8 +38,7 @@ def exit_fast(status: object = 0) -> NoReturn:
     # (joining them without the signal waits forever on an idle executor's worker), then run
     # the atexit handlers, the part of an exit with effects.
     threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    logging.shutdown()
+    atexit._run_exitfuncs()  # logging's shutdown among them (it registers itself on import)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -111,8 +111,8 @@ def _fail(stage_error: Exception) -> None:
 
 
 def _require_horovod(cfg: PipelineConfig) -> None:
-    """Before any work (and before Prefect starts): a train stage run by horovodrun here needs a
-    working Horovod (an MPIJob's image has its own)."""
+    """Before any stage: a train stage run by horovodrun here needs a working Horovod (an
+    MPIJob's image has its own). A failed check stops the temporary Prefect API with the command."""
     from ringflow.training.launch import HorovodUnavailable, check_horovod
 
     if cfg.training.launcher != "horovodrun":
@@ -127,8 +127,8 @@ def _require_horovod(cfg: PipelineConfig) -> None:
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the training pipeline once: shard -> train (horovodrun) -> evaluate -> register."""
     cfg = _config(config, set_)
-    _require_horovod(cfg)
-    wait_api = _prepare_environment(start_api=True)
+    wait_api = _prepare_environment(start_api=True)  # the API server starts first, then the checks
+    _require_horovod(cfg)  # imports torch: after the server's start, before any stage
     from ringflow.flows.training_pipeline import print_summary, training_pipeline
     from ringflow.tasks import timings
 

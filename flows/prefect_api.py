@@ -1,62 +1,177 @@
-"""Start Prefect's ephemeral API while the rest of the command starts up.
+"""Start Prefect's temporary API server first, while the rest of the command starts up.
 
 Without ``PREFECT_API_URL`` the first flow call starts a temporary API server (a uvicorn
 subprocess that imports Prefect's server and checks its database) and waits for it: seconds
 during which nothing else happens. A command that will run a flow calls :func:`start_early`
-as soon as its environment is set: the server starts in its subprocess while this process
-imports MLflow, torch and the tasks and prepares the MLflow store; the flow call then finds it
-up (Prefect keeps one server per process, so the flow uses this one).
+as soon as its environment is set: it starts the same server process Prefect would (Prefect's
+``SubprocessASGIServer`` command line and environment) before this process has imported
+Prefect's server, MLflow, torch and the tasks, and points ``PREFECT_API_URL`` at it, so the
+flow call finds a server up. Prefect's own class would have this process import the whole
+server first (2.4 CPU seconds, and the server's start waited for them).
 """
 
 from __future__ import annotations
 
 import atexit
-import threading
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+"""What Prefect's ``SubprocessASGIServer`` sets for its temporary server: no UI, the ephemeral
+server's settings (no background services), this server's final configuration."""
+PORT_IN_USE = 3
+"""uvicorn's exit status when it cannot bind its port (Prefect's own start tries another)."""
+ATTEMPTS = 3
 
 
 def start_early() -> Callable[[], float]:
-    """Start the ephemeral API in the background (no-op when ``PREFECT_API_URL`` names a server).
+    """Start the temporary API in the background (no-op when ``PREFECT_API_URL`` names a server,
+    in the environment or in the active Prefect profile).
 
-    Returns ``wait()``: blocks until the server answers (call it before the flow: a flow that
-    found a starting server would not wait for it) and returns the seconds it waited. A start
-    that failed leaves it to the flow call, which starts the server itself and reports why not.
+    Returns ``wait()``: blocks until the server answers (call it before the flow: the flow would
+    not wait for a server that is still starting) and returns the seconds it waited. A server that
+    does not come up is stopped and the setting withdrawn: the flow call then starts Prefect's own,
+    and reports why not if that fails too.
     """
+    if os.environ.get("PREFECT_API_URL"):
+        return lambda: 0.0
+    server = TemporaryServer()
+    server.spawn()  # first: the server imports in its own process while this one goes on
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
-        return lambda: 0.0
-    # Imported here, in the calling thread: importing Prefect's server models in two threads at
-    # once can leave SQLAlchemy's mappers half-configured. The flow call imports it anyway.
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-
-    def start() -> None:
-        try:
-            server.start()
-        except Exception:  # noqa: BLE001 - the flow call starts it again and raises
-            return
-        # Registered after Prefect's own stop (server.start registers it), so it runs first.
-        atexit.register(send_pending_logs_and_events)
-
-    thread = threading.Thread(target=start, daemon=True, name="prefect-api-start")
-    thread.start()
-
-    @atexit.register
-    def _stop() -> None:
-        # a command that fails before its flow (an import, the store) must not leave the server
-        # behind: Prefect registers its own stop only once the subprocess has started
-        thread.join(timeout=60)
+    if PREFECT_API_URL.value():  # the active profile names a server: that one it is
         server.stop()
+        return lambda: 0.0
+    server.point_prefect_at_it()
+    atexit.register(server.stop)
+    # Registered after the stop, so it runs before it (atexit runs last-in first-out).
+    atexit.register(send_pending_logs_and_events)
 
     def wait() -> float:
         t0 = time.perf_counter()
-        thread.join()
+        try:
+            server.wait_until_up()
+        except RuntimeError:
+            server.stop()
+            server.withdraw()
         return time.perf_counter() - t0
 
     return wait
+
+
+class TemporaryServer:
+    """One temporary Prefect API server process on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._ui_url = os.environ.get("PREFECT_UI_URL")
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def spawn(self) -> None:
+        self.port = _free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+        self.process = subprocess.Popen(_server_command(self.port), env=env | SERVER_ENV)
+
+    def point_prefect_at_it(self) -> None:
+        """Every Prefect client of this process (and of its children) talks to this server. It has
+        no UI, so no "View at" link is printed for a page that does not exist."""
+        os.environ["PREFECT_API_URL"] = self.api_url
+        os.environ["PREFECT_UI_URL"] = ""
+        _refresh_prefect_settings()
+
+    def withdraw(self) -> None:
+        os.environ.pop("PREFECT_API_URL", None)
+        if self._ui_url is None:
+            os.environ.pop("PREFECT_UI_URL", None)
+        else:
+            os.environ["PREFECT_UI_URL"] = self._ui_url
+        _refresh_prefect_settings()
+
+    def wait_until_up(self) -> None:
+        """Poll the health route as Prefect's own start does; a port taken meanwhile gets another."""
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        attempts = 1
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            status = self.process.poll()
+            if status == PORT_IN_USE and attempts < ATTEMPTS:
+                attempts += 1
+                self.spawn()
+                self.point_prefect_at_it()
+                continue
+            if status is not None:
+                raise RuntimeError(f"the temporary Prefect API server exited with status {status}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the temporary Prefect API server did not answer in time")
+
+    def stop(self) -> None:
+        """As Prefect stops its temporary server: terminate, and kill after 5 s."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _server_command(port: int) -> list[str]:
+    """Prefect's ``SubprocessASGIServer`` command line, found without importing Prefect."""
+    spec = importlib.util.find_spec("prefect")
+    assert spec is not None and spec.submodule_search_locations
+    app_dir = Path(next(iter(spec.submodule_search_locations))).parent
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(app_dir),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _refresh_prefect_settings() -> None:
+    """Prefect reads its settings once, at import; this re-reads them from the environment."""
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
 
 
 def send_pending_logs_and_events(timeout_s: float = 30.0) -> None:

@@ -4,6 +4,7 @@ log line of its flow run before the server stops: the Prefect UI shows a run to 
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -46,3 +47,67 @@ def test_the_flow_runs_last_log_lines_reach_the_temporary_api(tmp_path: Path) ->
         messages = [m for (m,) in db.execute("SELECT message FROM log WHERE flow_run_id = ?", (run_id,))]
     assert "the last line" in messages
     assert any(m.startswith("Finished in state Completed") for m in messages), messages[-5:]
+
+
+def _children_program(body: str) -> str:
+    return textwrap.dedent(
+        """
+        import os
+        from ringflow.flows.prefect_api import start_early
+
+        def children() -> list[int]:
+            me, kids = os.getpid(), []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    stat = open(f"/proc/{pid}/stat").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                    kids.append(int(pid))
+            return kids
+        """
+    ) + textwrap.dedent(body)
+
+
+def test_the_temporary_api_has_no_ui_link_and_stops_with_the_command(tmp_path: Path) -> None:
+    program = _children_program(
+        """
+        wait = start_early()
+        wait()
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+        from prefect.utilities.urls import url_for
+        print(PREFECT_API_URL.value(), repr(PREFECT_UI_URL.value()), url_for("flow-run", obj_id="x", url_type="ui"))
+        print(len(children()))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    p = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    api_line, children_line = p.stdout.splitlines()[-2:]
+    url, ui, link = api_line.split(" ")
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+    assert (ui, link) == ("''", "None")  # the temporary server serves no UI: no link to one
+    assert children_line == "1"  # the server, stopped at exit (a leftover would keep its port)
+    port = int(url.split(":")[2].split("/")[0])
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the temporary API still answers after the command"
+
+
+def test_a_server_named_by_the_prefect_profile_is_used_and_none_is_left_running(tmp_path: Path) -> None:
+    (tmp_path / "profiles.toml").write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n'
+    )
+    program = _children_program(
+        """
+        wait = start_early()
+        print(wait())
+        from prefect.settings import PREFECT_API_URL
+        print(PREFECT_API_URL.value(), os.environ.get("PREFECT_API_URL"), len(children()))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.splitlines()[-1] == "http://127.0.0.1:9/api None 0"

@@ -18,6 +18,11 @@ def test_flights_joined_with_weather(flights):
     assert flights["temp"].notna().mean() > 0.95  # the join matched almost every flight
 
 
+def test_flights_read_for_some_columns_are_those_columns_of_the_whole_table(flights):
+    columns = ["arr_delay", "carrier", "dest", "time_hour", "temp", "visib"]  # flights', weather's, a join key
+    pd.testing.assert_frame_equal(load_flights(columns), flights[columns])
+
+
 def test_labelled_flights_drop_cancelled(flights):
     df, dropped = load_labelled(DataConfig())
     assert dropped == int(flights["arr_delay"].isna().sum()) > 0

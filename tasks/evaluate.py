@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
@@ -324,6 +325,9 @@ def log_baseline_model(
         model,
         name="baseline",
         input_example=frame,
+        # stated: inferred, the output would be model.predict's class labels (long), not what the
+        # pyfunc returns (predict_proba: a probability per class)
+        signature=infer_signature(frame, model.predict_proba(frame)),
         pyfunc_predict_fn="predict_proba",
         # stated, not inferred: inference imports the model in a subprocess (seconds per evaluation)
         pip_requirements=[f"{d}=={version(d).split('+')[0]}" for d in libraries],
@@ -337,19 +341,15 @@ def log_baseline_model(
 def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame) -> PandasDataset:
     """The test window as an MLflow dataset: the file it was read from, its checksum as digest,
     named like the training run's train/validation inputs."""
-    import warnings
-
     from ringflow.tasks.tracking import pandas_dataset
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # MLflow's note on its source registry
-        return pandas_dataset(
-            test,
-            source=str(manifest.dir / manifest.test.file),
-            targets=manifest.target_column,
-            name=f"{cfg.name}-{manifest.fingerprint[:12]}-test",
-            digest=manifest.test.sha256[:16],
-        )
+    return pandas_dataset(
+        test,
+        source=str(manifest.dir / manifest.test.file),
+        targets=manifest.target_column,
+        name=f"{cfg.name}-{manifest.fingerprint[:12]}-test",
+        digest=manifest.test.sha256[:16],
+    )
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5)

@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import threading
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,19 +123,16 @@ def _log_lineage(
     train = pd.concat([manifest.read(s, key) for s in manifest.shards], ignore_index=True)
     name = f"{cfg.name}-{manifest.fingerprint[:12]}"
     val = manifest.read(manifest.validation, key)
-    with warnings.catch_warnings():
-        # MLflow's notes on its own source registry and int columns in an inferred schema: not
-        # actionable for a logged dataset, and they would repeat in every training log.
-        warnings.simplefilter("ignore", UserWarning)
-        inputs = [
-            DatasetInput(
-                pandas_dataset(
-                    frame, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-{suffix}"
-                )._to_mlflow_entity(),
-                tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],
-            )
-            for frame, suffix, context in ((train, "train", "training"), (val, "validation", "validation"))
-        ]
+    # (MLflow's notes on its source registry and on integer columns: QUIET_WARNINGS, process-wide)
+    inputs = [
+        DatasetInput(
+            pandas_dataset(
+                frame, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-{suffix}"
+            )._to_mlflow_entity(),
+            tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],
+        )
+        for frame, suffix, context in ((train, "train", "training"), (val, "validation", "validation"))
+    ]
     client.log_inputs(run_id, datasets=inputs)
     record.add("train", LINEAGE, time.perf_counter() - t0, concurrent=True)
 

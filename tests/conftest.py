@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ringflow.training.config import PipelineConfig, load_config
-from ringflow.training.environment import process_defaults
+from ringflow.training.environment import process_defaults, quiet_library_warnings
 from ringflow.training.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,12 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.server)
         if "pg_stack" in fixtures:
             item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_library_warnings():
+    # pytest restores its own warning filters around each test: the process's, as the CLI has them
+    quiet_library_warnings()
 
 
 @pytest.fixture(scope="session")

@@ -134,6 +134,9 @@ def test_gate_refuses_a_network_the_baseline_beats(prefect_harness, ringflow_hom
     )
     baseline = [m for m in logged if m.name == "baseline"]
     assert len(baseline) == 1 and float(baseline[0].params["decision_threshold"]) > 0
+    # its signature states what its pyfunc returns (predict_proba: a probability per class)
+    [output] = mlflow.models.get_model_info(f"models:/{baseline[0].model_id}").signature.outputs.inputs
+    assert (output.type, output.shape) == (np.dtype("float64"), (-1, 2))
     [candidate] = [m for m in logged if m.name == "model"]
     threshold = float(candidate.params["decision_threshold"])
     assert threshold == pytest.approx(run.data.metrics["decision_threshold"], abs=1e-6) and threshold != 0.5

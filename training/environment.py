@@ -10,6 +10,7 @@ pydantic-settings models per subsystem (``training.config.Settings``, ``infra.st
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import MutableMapping
 
 from ringflow.training.telemetry import TELEMETRY_OFF
@@ -25,9 +26,31 @@ LIBRARY_DEFAULTS: dict[str, str] = {
 }
 
 
+QUIET_WARNINGS: list[tuple[str, type[Warning]]] = [
+    # MLflow's hint when a schema it inferred has integer columns: addressed to whoever logs a
+    # model with an inferred signature (ringflow states its models' signatures); for a logged
+    # dataset the integer columns are what the data holds.
+    ("Hint: Inferred schema contains integer column", UserWarning),
+    # MLflow's note that a local path could be more than one kind of dataset source
+    ("The specified dataset source can be interpreted in multiple ways", UserWarning),
+]
+"""Library warnings that say nothing to a ringflow user, ignored process-wide: a
+``warnings.catch_warnings`` block is not thread-safe (two threads' blocks restore each other's
+filters), and the lineage and the baseline are logged from threads beside the training."""
+
+
 def process_defaults(env: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
-    """Set :data:`LIBRARY_DEFAULTS` in ``env`` (default: this process's environment) where unset."""
+    """Set :data:`LIBRARY_DEFAULTS` in ``env`` (default: this process's environment, which also
+    ignores :data:`QUIET_WARNINGS`) where unset."""
     target = os.environ if env is None else env
     for key, value in LIBRARY_DEFAULTS.items():
         target.setdefault(key, value)
+    if env is None:
+        quiet_library_warnings()
     return target
+
+
+def quiet_library_warnings() -> None:
+    """Ignore :data:`QUIET_WARNINGS` in this process."""
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

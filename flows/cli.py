@@ -78,8 +78,8 @@ def _prepare_environment(local_store: bool = True, start_api: bool = False) -> C
 
     ``local_store``: the command logs to MLflow itself, so a local SQLite store is created here
     when no server is named (not for up/down/status/deploy: the stack chooses its own store).
-    ``start_api``: the command runs a flow: Prefect's ephemeral API (when no server is named)
-    starts now, in the background, while the store is prepared and the tasks are imported;
+    ``start_api``: the command runs a flow or a task: Prefect's temporary API (when no server is
+    named) starts now, in the background, while the store is prepared and the tasks are imported;
     the returned ``wait()`` waits for it (and returns the seconds it waited).
     """
     from ringflow.training.environment import process_defaults
@@ -147,9 +147,10 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def shard(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run only the sharding stage and print the manifest path."""
     cfg = _config(config, set_)
-    _prepare_environment()
+    wait_api = _prepare_environment(start_api=True)  # a task run on its own reports to the API too
     from ringflow.tasks.shard import shard_data
 
+    wait_api()
     try:
         manifest_path = shard_data(cfg)  # a Prefect task run on its own, outside a flow
     except Exception as e:
@@ -169,10 +170,11 @@ def train(
     if np_ is not None:
         overrides.append(f"training.world_size={np_}")
     cfg = _config(config, overrides)
-    _prepare_environment()
+    wait_api = _prepare_environment(start_api=True)
     _require_horovod(cfg)
     from ringflow.tasks.train import train_model
 
+    wait_api()
     try:
         result = train_model(cfg, str(manifest))  # a Prefect task run on its own, outside a flow
     except Exception as e:

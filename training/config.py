@@ -268,6 +268,21 @@ class ModelConfig(_Strict):
     ensemble_levels: bool = False
     """With ``ensemble_size`` > 1: every member has its own additive levels and linear terms
     (``additive_features``) instead of sharing one set."""
+    numeric_embedding: Literal["none", "plr", "plr_lite"] = "none"
+    """Embeddings of the numeric inputs that feed the MLP (Gorishniy et al. 2022, "On Embeddings
+    for Numerical Features in Tabular Deep Learning"): ``plr`` maps each such input x to
+    sin/cos(2 pi c x) over ``numeric_embedding_frequencies`` trainable frequencies c (initialised
+    from N(0, ``numeric_embedding_sigma``)), then a Linear of its own to
+    ``numeric_embedding_dim`` and a ReLU; ``plr_lite`` shares that Linear across the inputs.
+    Missing-value indicators (0/1) and additive inputs stay as they are. ``none``: every numeric
+    input enters as its standardised value (model files saved before this field load as
+    ``none``)."""
+    numeric_embedding_frequencies: int = Field(48, ge=1, le=256)
+    """Frequencies per input of ``numeric_embedding`` (the paper's k)."""
+    numeric_embedding_sigma: float = Field(0.01, gt=0)
+    """Standard deviation of the frequencies' initialisation (on standardised inputs)."""
+    numeric_embedding_dim: int = Field(24, ge=1, le=256)
+    """Width of each numeric input's embedding."""
 
     @field_validator("hidden_sizes")
     @classmethod

@@ -22,7 +22,7 @@ from torch import nn
 
 from ringflow.training.config import ModelConfig
 from ringflow.training.manifest import atomic_write_bytes
-from ringflow.training.preprocess import Preprocessor
+from ringflow.training.preprocess import Preprocessor, indicator_name
 
 MODEL_FILE = "model.pt"
 PREPROCESSOR_FILE = "preprocessor.json"
@@ -45,6 +45,12 @@ class Arch(TypedDict):
     """Absent in files saved before the ensemble existed, and for a single net (k = 1)."""
     ensemble_levels: NotRequired[bool]
     """True: every member has its own additive levels and linear terms (absent: shared)."""
+    numeric_embedding: NotRequired[str]
+    """``plr`` or ``plr_lite``; absent in files saved before it existed and for ``none``."""
+    embedded_numeric: NotRequired[list[int]]
+    embedding_frequencies: NotRequired[int]
+    embedding_sigma: NotRequired[float]
+    numeric_embedding_dim: NotRequired[int]
 
 
 class MemberLinear(nn.Module):
@@ -62,6 +68,27 @@ class MemberLinear(nn.Module):
         if x.dim() == 2:
             return torch.einsum("nd,kdo->nko", x, self.weight) + self.bias
         return torch.einsum("nkd,kdo->nko", x, self.weight) + self.bias
+
+
+class PeriodicEmbedding(nn.Module):
+    """PLR embeddings of numeric inputs (Gorishniy et al. 2022, as their ``rtdl_num_embeddings``
+    package's ``PeriodicEmbeddings``): each input x of [n, f] becomes
+    ReLU(Linear([cos(2 pi c x), sin(2 pi c x)])) over its own k trainable frequencies c,
+    initialised from N(0, sigma) truncated at 3 sigma -> [n, f, dim]. Not ``lite``: every input
+    has its own Linear (2k -> dim, ``MemberLinear`` over the inputs); ``lite``: one shared."""
+
+    def __init__(self, num_inputs: int, frequencies: int, sigma: float, dim: int, lite: bool = False):
+        super().__init__()
+        if sigma <= 0:
+            raise ValueError(f"the frequencies' sigma must be positive, got {sigma}")
+        self.frequencies = nn.Parameter(torch.empty(num_inputs, frequencies))
+        nn.init.trunc_normal_(self.frequencies, 0.0, sigma, -3 * sigma, 3 * sigma)
+        self.linear = nn.Linear(2 * frequencies, dim) if lite else MemberLinear(num_inputs, 2 * frequencies, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = 2 * math.pi * self.frequencies * x.unsqueeze(-1)  # [n, f, k]
+        out: torch.Tensor = torch.relu(self.linear(torch.cat([torch.cos(z), torch.sin(z)], dim=-1)))
+        return out
 
 
 def mean_probability_logit(member_logits: torch.Tensor) -> torch.Tensor:
@@ -88,6 +115,11 @@ class TabularNet(nn.Module):
     members' logits for training (:meth:`training_loss`: the mean of the members' losses);
     :meth:`forward`, used for scoring, the logit of their mean probability. k = 1 is the single
     network, with the same parameter names as before the ensemble existed.
+
+    ``numeric_embedding`` ``plr`` / ``plr_lite``: the deep numeric inputs listed in
+    ``embedded_numeric`` enter the MLP as their :class:`PeriodicEmbedding` (``numeric_embedding_dim``
+    values each) instead of their standardised value; ``none`` (the default) is the network as
+    before, with the same arch and parameters.
     """
 
     def __init__(
@@ -101,6 +133,11 @@ class TabularNet(nn.Module):
         additive_categorical: list[int] | None = None,
         ensemble_size: int = 1,
         ensemble_levels: bool = False,
+        numeric_embedding: str = "none",
+        embedded_numeric: list[int] | None = None,
+        embedding_frequencies: int = 48,
+        embedding_sigma: float = 0.01,
+        numeric_embedding_dim: int = 24,
     ):
         super().__init__()
         k = int(ensemble_size)
@@ -124,10 +161,32 @@ class TabularNet(nn.Module):
             self.arch["ensemble_size"] = k
             if ensemble_levels:
                 self.arch["ensemble_levels"] = True
+        if numeric_embedding not in ("none", "plr", "plr_lite"):
+            raise ValueError(f"numeric_embedding must be none, plr or plr_lite, got {numeric_embedding!r}")
+        embedded = sorted(int(i) for i in embedded_numeric or []) if numeric_embedding != "none" else []
+        if set(embedded) & set(additive_numeric) or any(not 0 <= i < num_numeric for i in embedded):
+            raise ValueError(f"embedded_numeric {embedded} must be deep numeric inputs (of {num_numeric})")
+        if numeric_embedding != "none":  # absent for none: today's files and checkpoints match
+            self.arch["numeric_embedding"] = numeric_embedding
+            self.arch["embedded_numeric"] = embedded
+            self.arch["embedding_frequencies"] = int(embedding_frequencies)
+            self.arch["embedding_sigma"] = float(embedding_sigma)
+            self.arch["numeric_embedding_dim"] = int(numeric_embedding_dim)
         self.ensemble_size = k
         # outputs per additive level / linear term: one per member, or one shared by all
         own = k if ensemble_levels and k > 1 else 1
         self.deep_numeric = [i for i in range(num_numeric) if i not in additive_numeric]
+        # the deep numeric inputs that enter as their value (all of them without an embedding)
+        self.plain_numeric = [i for i in self.deep_numeric if i not in embedded]
+        self.embedded_numeric = embedded
+        self.numeric_embedding = (
+            PeriodicEmbedding(
+                len(embedded), embedding_frequencies, embedding_sigma, numeric_embedding_dim,
+                lite=numeric_embedding == "plr_lite",
+            )
+            if embedded
+            else None
+        )  # fmt: skip
         self.deep_categorical = [j for j in range(len(cardinalities)) if j not in additive_categorical]
         self.additive_numeric, self.additive_categorical = additive_numeric, additive_categorical
         self.embeddings = nn.ModuleList(nn.Embedding(cardinalities[j], embedding_dim) for j in self.deep_categorical)
@@ -137,7 +196,9 @@ class TabularNet(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.linear = nn.Linear(len(additive_numeric), own) if additive_numeric else None
         layers: list[nn.Module] = []
-        width = len(self.deep_numeric) + embedding_dim * len(self.deep_categorical)
+        width = (
+            len(self.plain_numeric) + numeric_embedding_dim * len(embedded) + embedding_dim * len(self.deep_categorical)
+        )
         for h in hidden_sizes:
             layers += [nn.Linear(width, h) if k == 1 else MemberLinear(k, width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
@@ -147,10 +208,16 @@ class TabularNet(nn.Module):
     @classmethod
     def for_preprocessor(cls, pre: Preprocessor, cfg: ModelConfig) -> TabularNet:
         """The network for ``pre``'s inputs: an input is additive when every source column it is
-        derived from is in ``cfg.additive_features`` (the route origin+dest when both are)."""
+        derived from is in ``cfg.additive_features`` (the route origin+dest when both are). With
+        ``cfg.numeric_embedding``, every deep numeric input but the missing-value indicators
+        (0/1: an embedding of two values is a linear input) is embedded."""
         additive = set(cfg.additive_features)
         numeric = [i for i, src in enumerate(pre.numeric_input_sources) if set(src) <= additive]
         categorical = [j for j, src in enumerate(pre.categorical_input_sources) if set(src) <= additive]
+        indicators = {indicator_name(c) for c in pre.missing_indicators}
+        embedded = [
+            i for i, name in enumerate(pre.numeric_inputs) if i not in numeric and name not in indicators
+        ]  # fmt: skip
         return cls(
             len(pre.numeric_inputs),
             pre.cardinalities,
@@ -161,6 +228,11 @@ class TabularNet(nn.Module):
             additive_categorical=categorical,
             ensemble_size=cfg.ensemble_size,
             ensemble_levels=cfg.ensemble_levels,
+            numeric_embedding=cfg.numeric_embedding,
+            embedded_numeric=embedded,
+            embedding_frequencies=cfg.numeric_embedding_frequencies,
+            embedding_sigma=cfg.numeric_embedding_sigma,
+            numeric_embedding_dim=cfg.numeric_embedding_dim,
         )
 
     def param_groups(self, weight_decay: float, level_weight_decay: float) -> list[dict[str, Any]]:
@@ -177,8 +249,12 @@ class TabularNet(nn.Module):
 
     def member_logits(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
         """-> the members' logits, shape [n, k] (k = ``ensemble_size``; [n, 1] for a single net)."""
-        deep_num = x_num if not self.additive_numeric else x_num[:, self.deep_numeric]
-        parts = [deep_num] + [emb(x_cat[:, j]) for j, emb in zip(self.deep_categorical, self.embeddings, strict=True)]
+        if self.numeric_embedding is None:
+            parts = [x_num if not self.additive_numeric else x_num[:, self.deep_numeric]]
+        else:
+            embedded = self.numeric_embedding(x_num[:, self.embedded_numeric]).flatten(1)
+            parts = [x_num[:, self.plain_numeric], embedded]
+        parts += [emb(x_cat[:, j]) for j, emb in zip(self.deep_categorical, self.embeddings, strict=True)]
         # [n, 1] from nn.Linear (k = 1), [n, k, 1] from MemberLinear
         logits: torch.Tensor = self.mlp(torch.cat(parts, dim=1)).reshape(len(x_num), self.ensemble_size)
         # levels and linear terms: [n, 1] (shared, broadcast over the members) or [n, k]

@@ -20,7 +20,8 @@ A variant is a set of overrides on ``configs/flights.yaml`` as it is when the tr
 rows of ``network_trials.jsonl`` up to 2026-12-07 are relative to the default before issue 27's
 change (hidden [128, 64], 8 epochs, the route cross only). ``--may-final-fit`` also checks the
 final fit on May alone, ``--final-planned`` sizes the final fits by the planned epochs,
-``--pipeline-timing`` times the real pipeline against old overrides, ``--swa-from E`` validates
+``--pipeline-timing`` times the real pipeline against old overrides, ``--step-timing`` times one
+rank's training step against ``--set``'s overrides, ``--swa-from E`` validates
 and keeps an equal average of the weights from epoch E on (SWA), ``--summary`` prints the table.
 
 Every result is appended as a JSON line to ``benchmarks/results/network_trials.jsonl`` (variant,
@@ -296,6 +297,51 @@ def pipeline_epoch_times(old: dict[str, Any], rounds: int = 2) -> dict[str, list
     return out
 
 
+def step_times(overrides: dict[str, Any], rounds: int = 5, steps: int = 50) -> dict[str, Any]:
+    """One rank's training step (forward, backward, AdamW step; ``batch_size`` rows, the default
+    config's preprocessing on January-April) of configs/flights.yaml as is ("default") and with
+    ``overrides`` ("variant"), interleaved ``rounds`` times on this process's torch threads:
+    milliseconds per step (median and range of the rounds' means) and parameter counts. No
+    allreduce: the ranks' compute only."""
+    cfgs = {
+        "default": load_config(ROOT / "configs" / "flights.yaml"),
+        "variant": with_overrides(load_config(ROOT / "configs" / "flights.yaml"), overrides),
+    }
+    train_df = frame(cfgs["default"], TRAIN)
+    pre = Preprocessor.for_data(train_df, cfgs["default"].data)
+    x_num, x_cat, y_np = tensors(pre, train_df)
+    y = torch.from_numpy(y_np)
+    setups = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)
+        net = TabularNet.for_preprocessor(pre, cfg.training.model)
+        opt = torch.optim.AdamW(net.param_groups(cfg.training.weight_decay, cfg.training.model.level_weight_decay))
+        setups[name] = (net, opt, cfg.training.batch_size)
+    ms: dict[str, list[float]] = {name: [] for name in setups}
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
+    for _ in range(rounds + 1):  # the first round warms up and is not counted
+        for name, (net, opt, batch) in setups.items():
+            net.train()
+            t0 = time.perf_counter()
+            for i in range(steps):
+                idx = order[(i * batch) % (len(y) - batch) :][:batch]
+                loss = net.training_loss(x_num[idx], x_cat[idx], y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            ms[name].append((time.perf_counter() - t0) / steps * 1000)
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "load_avg": load_avg()}
+    for name, (net, _, _) in setups.items():
+        counted = ms[name][1:]
+        out[name] = {
+            "ms_per_step": round(float(np.median(counted)), 2),
+            "range": [round(min(counted), 2), round(max(counted), 2)],
+            "parameters": sum(p.numel() for p in net.parameters()),
+        }
+    out["ratio"] = round(out["variant"]["ms_per_step"] / out["default"]["ms_per_step"], 2)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--variant")
@@ -316,6 +362,11 @@ def main() -> None:
         metavar="OLD_OVERRIDES_JSON",
         help="time the real pipeline on flights.yaml against these overrides (interleaved, twice)",
     )
+    p.add_argument(
+        "--step-timing",
+        action="store_true",
+        help="time one rank's training step: flights.yaml against --set's overrides",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--swa-from", type=int, help="SWA from this epoch (1-based) on, validated and kept (SWA_FROM)")
     a = p.parse_args()
@@ -323,6 +374,10 @@ def main() -> None:
     SWA_FROM = a.swa_from
     if a.pipeline_timing:
         print(json.dumps(pipeline_epoch_times(json.loads(a.pipeline_timing))))
+        return
+    if a.step_timing:
+        torch.set_num_threads(a.threads)
+        print(json.dumps(step_times({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)})))
         return
     if a.summary or not a.variant:
         print(summary())

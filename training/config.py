@@ -274,9 +274,12 @@ class ModelConfig(_Strict):
     sin/cos(2 pi c x) over ``numeric_embedding_frequencies`` trainable frequencies c (initialised
     from N(0, ``numeric_embedding_sigma``)), then a Linear of its own to
     ``numeric_embedding_dim`` and a ReLU; ``plr_lite`` shares that Linear across the inputs.
-    Missing-value indicators (0/1) and additive inputs stay as they are. ``none``: every numeric
-    input enters as its standardised value (model files saved before this field load as
-    ``none``)."""
+    Missing-value indicators (0/1) and additive inputs stay as they are. ``none`` (every numeric
+    input enters as its standardised value; model files saved before this field load as
+    ``none``) because in trials ``plr_lite`` (sigma 0.05, 16 frequencies, dim 16) raised May
+    0.7409 -> 0.7455 and, with the pipeline's final fit, late June and July past the tuned trees,
+    but lowered June 1-15 0.7432 -> 0.7382, behind them, at about 1.5x the seconds per epoch
+    (docs/results/model-quality.md)."""
     numeric_embedding_frequencies: int = Field(48, ge=1, le=256)
     """Frequencies per input of ``numeric_embedding`` (the paper's k)."""
     numeric_embedding_sigma: float = Field(0.01, gt=0)

@@ -90,6 +90,22 @@ def test_only_ringflow_is_installed(installed):
     assert out.stdout.strip().startswith(str(env_dir)) and str(ROOT) not in out.stdout
 
 
+def test_the_wheel_ships_the_kubernetes_files(installed):
+    """ringflow deploy's Kubernetes work-pool template and the MPIJob manifests and schema: data in
+    ringflow.infra.k8s, found through the package."""
+    env_dir, work, env, _ = installed
+    probe = (
+        "from importlib import resources; k8s = resources.files('ringflow.infra') / 'k8s'; "
+        "print(*sorted(p.name for p in k8s.iterdir()), *sorted(p.name for p in (k8s / 'schemas').iterdir()))"
+    )
+    out = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-c", probe], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    shipped = set(out.stdout.split())
+    assert {"work-pool.json", "mpijob.example.yaml", "servers.yaml", "kubeflow.org_mpijobs.yaml"} <= shipped, shipped
+
+
 def test_elastic_run_finds_the_packaged_discovery_script(installed):
     """Elastic mode runs infra/discover_hosts.sh: shipped in the wheel, found through the package."""
     env_dir, work, env, _ = installed

@@ -409,22 +409,20 @@ def log_batch_dataset(cfg: PipelineConfig, run_id: str, batch: Batch) -> None:
 
     Described by its Evidently sample (schema and digest; the same rows for the same batch) with
     the whole batch's row count in the profile: a batch of millions of rows is never one frame."""
-    import warnings
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     sample = _scores(batch).sample.drop(columns=[PREDICTION])
-    with warnings.catch_warnings():
-        # MLflow's notes on its source registry and, while inferring the schema, on integer columns
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = pandas_dataset(
-            sample,
-            source=str(cfg.data.source) if batch.month else batch.label,
-            targets=TARGET if batch.labelled else None,
-            name=f"{cfg.name}-batch-{batch.month or batch.label}",
-        )
-        entity = dataset._to_mlflow_entity()
+    # MLflow's notes on its source registry and on integer columns: ignored process-wide
+    # (training.environment.QUIET_WARNINGS), not in a catch_warnings block, which is not thread-safe
+    dataset = pandas_dataset(
+        sample,
+        source=str(cfg.data.source) if batch.month else batch.label,
+        targets=TARGET if batch.labelled else None,
+        name=f"{cfg.name}-batch-{batch.month or batch.label}",
+    )
+    entity = dataset._to_mlflow_entity()
     profile = {"num_rows": batch.rows, "num_elements": batch.rows * sample.shape[1], "sampled_rows": len(sample)}
     entity = Dataset(
         name=entity.name,

@@ -341,14 +341,14 @@ def log_baseline_model(
 def test_dataset(cfg: PipelineConfig, manifest: Manifest, test: pd.DataFrame) -> PandasDataset:
     """The test window as an MLflow dataset: the file it was read from, its checksum as digest,
     named like the training run's train/validation inputs."""
-    from ringflow.tasks.tracking import pandas_dataset
+    from ringflow.tasks.tracking import lineage_digest, pandas_dataset
 
     return pandas_dataset(
         test,
         source=str(manifest.dir / manifest.test.file),
         targets=manifest.target_column,
         name=f"{cfg.name}-{manifest.fingerprint[:12]}-test",
-        digest=manifest.test.sha256[:16],
+        digest=lineage_digest([manifest.test]),
     )
 
 

@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ringflow.tasks import artifacts, timings
 from ringflow.tasks.shard import resolve_data_key
-from ringflow.tasks.tracking import ensure_experiment, launcher_tag, mark_stale_runs, pandas_dataset
+from ringflow.tasks.tracking import ensure_experiment, launcher_tag, lineage_digest, mark_stale_runs, pandas_dataset
 from ringflow.tasks.training_artifacts import (
     EpochProgress,
     LineLogger,
@@ -127,11 +127,18 @@ def _log_lineage(
     inputs = [
         DatasetInput(
             pandas_dataset(
-                frame, source=str(manifest.dir), targets=manifest.target_column, name=f"{name}-{suffix}"
+                frame,
+                source=str(manifest.dir),
+                targets=manifest.target_column,
+                name=f"{name}-{suffix}",
+                digest=digest,
             )._to_mlflow_entity(),
             tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],
         )
-        for frame, suffix, context in ((train, "train", "training"), (val, "validation", "validation"))
+        for frame, suffix, context, digest in (
+            (train, "train", "training", lineage_digest(manifest.shards)),
+            (val, "validation", "validation", lineage_digest([manifest.validation])),
+        )
     ]
     client.log_inputs(run_id, datasets=inputs)
     record.add("train", LINEAGE, time.perf_counter() - t0, concurrent=True)

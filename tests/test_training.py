@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from ringflow.tasks import artifacts
+from ringflow.tasks.tracking import lineage_digest
 from ringflow.tasks.train import LOG_FILE
 from ringflow.training.checkpoint import load_checkpoint
 from ringflow.training.config import HorovodConfig, PipelineConfig, with_overrides
@@ -214,6 +215,12 @@ def test_two_ranks_learn_and_log_one_mlflow_run(prefect_harness, ringflow_home, 
     } <= arts
     contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
     assert contexts == {"training", "validation"}
+    # each dataset's digest is its files' checksum: the same data files, the same digest
+    digests = {d.dataset.name.rsplit("-", 1)[1]: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert digests == {
+        "train": lineage_digest(smoke_manifest.shards),
+        "validation": smoke_manifest.validation.sha256[:16],
+    }
     assert not _procs_of(ringflow_home)
 
 

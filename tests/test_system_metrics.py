@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
+import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from ringflow.training.system_metrics import host_system_metrics
 
 
-def test_the_host_s_samples_land_in_the_run(ringflow_home, monkeypatch):
+@pytest.fixture
+def client(ringflow_home) -> MlflowClient:
+    # MLflow's process-wide URI (other tests set theirs) wins over the environment's
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def _run(client: MlflowClient) -> str:
+    return client.create_run(client.create_experiment("system-metrics")).info.run_id
+
+
+def test_the_host_s_samples_land_in_the_run(client, monkeypatch):
     monkeypatch.setenv("HOROVOD_HOSTNAME", "hostA")
-    client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("system-metrics")).info.run_id
+    run_id = _run(client)
     with host_system_metrics(run_id):
         pass  # shorter than the sampling interval: the final sample still lands
     metrics = client.get_run(run_id).data.metrics
@@ -18,19 +33,21 @@ def test_the_host_s_samples_land_in_the_run(ringflow_home, monkeypatch):
     assert "system/hostA/system_memory_usage_megabytes" in metrics
 
 
-def test_a_monitor_that_cannot_start_never_fails_the_block(ringflow_home, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+def test_a_monitor_that_cannot_start_never_fails_the_block(client, capsys):
     ran = []
-    with host_system_metrics("0123456789abcdef"):
-        ran.append(True)
+    mlflow.set_tracking_uri("nosuchscheme://nowhere")
+    try:
+        with host_system_metrics(_run(client)):
+            ran.append(True)
+    finally:
+        mlflow.set_tracking_uri(client.tracking_uri)
     assert ran == [True]
     assert "system metrics: not sampled" in capsys.readouterr().out
 
 
-def test_only_local_rank_0_samples_its_host(ringflow_home, monkeypatch):
+def test_only_local_rank_0_samples_its_host(client, monkeypatch):
     monkeypatch.setenv("HOROVOD_LOCAL_RANK", "1")
-    client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("system-metrics")).info.run_id
+    run_id = _run(client)
     with host_system_metrics(run_id):
         pass
     assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from ringflow.training.environment import quiet_library_logs
 from ringflow.training.system_metrics import host_system_metrics
 
 
@@ -51,3 +53,18 @@ def test_only_local_rank_0_samples_its_host(client, monkeypatch):
     with host_system_metrics(run_id):
         pass
     assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+
+
+def test_the_monitor_s_start_and_stop_lines_are_dropped_its_others_kept(client):
+    quiet_library_logs()  # as every rank does first
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    logger.addHandler(handler)
+    try:
+        with host_system_metrics(_run(client)):
+            logger.warning("a warning of the monitor")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["a warning of the monitor"]

@@ -9,6 +9,7 @@ pydantic-settings models per subsystem (``training.config.Settings``, ``infra.st
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import MutableMapping
@@ -39,15 +40,50 @@ QUIET_WARNINGS: list[tuple[str, type[Warning]]] = [
 filters), and the lineage and the baseline are logged from threads beside the training."""
 
 
+QUIET_LOG_LINES: dict[str, tuple[str, ...]] = {
+    # a step of every log_model with an input example, printed in the middle of the stage log
+    "mlflow.pyfunc": ("Validating input example against model signature",),
+    # the system-metrics monitor's start and stop on every training host (its samples are in the
+    # run), and on a host without a GPU its note that it skips GPU metrics
+    "mlflow.system_metrics.system_metrics_monitor": (
+        "Started monitoring system metrics",
+        "Stopping system metrics monitoring",
+        "Successfully terminated system metrics monitoring",
+        "Skip logging GPU metrics",
+    ),
+}
+"""MLflow INFO lines that say nothing to a ringflow user, by logger: dropped from the CLI's and the
+ranks' output (a filter on that logger; every other line of it stays)."""
+
+
 def process_defaults(env: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
     """Set :data:`LIBRARY_DEFAULTS` in ``env`` (default: this process's environment, which also
-    ignores :data:`QUIET_WARNINGS`) where unset."""
+    ignores :data:`QUIET_WARNINGS` and :data:`QUIET_LOG_LINES`) where unset."""
     target = os.environ if env is None else env
     for key, value in LIBRARY_DEFAULTS.items():
         target.setdefault(key, value)
     if env is None:
         quiet_library_warnings()
+        quiet_library_logs()
     return target
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_library_logs() -> None:
+    """Drop :data:`QUIET_LOG_LINES` in this process (once per logger; before or after the library
+    is imported: the filters sit on the named loggers)."""
+    for name, prefixes in QUIET_LOG_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(prefixes))
 
 
 def quiet_library_warnings() -> None:

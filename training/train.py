@@ -48,6 +48,7 @@ from ringflow.training.checkpoint import (
     save_checkpoint,
 )
 from ringflow.training.config import PipelineConfig, TrainingConfig, get_settings
+from ringflow.training.environment import quiet_library_logs
 from ringflow.training.final_fit import FINAL_EPOCHS_ARG, THRESHOLD_ARG, FinalFit, validation_rows_for_rank
 from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX
 from ringflow.training.manifest import FileEntry, Manifest, MissingKeyError, ShardIntegrityError
@@ -831,6 +832,7 @@ FATAL_ERRORS = (
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_library_logs()  # MLflow's monitor start/stop lines in every run's log
     try:
         load_secrets()  # the data key and credentials, from the launcher's 0600 file (never argv)
         cfg = read_config(args.config_json)

@@ -19,10 +19,11 @@ epochs), as ``training.final_fit`` will.
 A variant is a set of overrides on ``configs/flights.yaml`` as it is when the trial runs: the
 rows of ``network_trials.jsonl`` up to 2026-12-07 are relative to the default before issue 27's
 change (hidden [128, 64], 8 epochs, the route cross only). ``--may-final-fit`` also checks the
-final fit on May alone, ``--final-planned`` sizes the final fits by the planned epochs,
+final fit on May alone (squeezed, and as the pipeline's: ``may_auc_pipeline``), ``--final-planned`` sizes the final fits by the planned epochs,
 ``--pipeline-timing`` times the real pipeline against old overrides, ``--step-timing`` times one
 rank's training step against ``--set``'s overrides, ``--swa-from E`` validates
-and keeps an equal average of the weights from epoch E on (SWA), ``--summary`` prints the table.
+and keeps an equal average of the weights from epoch E on (SWA), ``--recency-half-life DAYS``
+weights the train rows by their age, ``--summary`` prints the table.
 
 Every result is appended as a JSON line to ``benchmarks/results/network_trials.jsonl`` (variant,
 overrides, seed, May AUC per epoch, test scores, seconds per epoch, load average, date).
@@ -70,6 +71,11 @@ TESTS = {
 OUT = RESULTS_DIR / "network_trials.jsonl"
 
 _DATA: pd.DataFrame | None = None
+RECENCY_HALF_LIFE: float | None = None
+"""``--recency-half-life DAYS`` (a trial of this harness only, no config field): every train row's
+loss is weighted 0.5 ** (its age in days at the train window's end / DAYS), the weights scaled to
+a mean of 1, so the months nearest the data to score count more (the flights drift month to
+month)."""
 SWA_FROM: int | None = None
 """``--swa-from E`` (a trial of this harness only, no config field): from epoch E (1-based) on, an
 equal average of the weights after every step (torch's ``AveragedModel``, SWA) is validated and
@@ -106,6 +112,12 @@ def fit(
     pre = pre or Preprocessor.for_data(train_df, cfg.data)
     x_num, x_cat, y_np = tensors(pre, train_df)
     y = torch.from_numpy(y_np)
+    weights = None
+    if RECENCY_HALF_LIFE is not None:
+        stamps = pd.to_datetime(train_df[cfg.data.timestamp_column], utc=True)
+        age_days = (pd.Timestamp(train_window[1], tz="UTC") - stamps).dt.total_seconds().to_numpy() / 86400
+        w = 0.5 ** (age_days / RECENCY_HALF_LIFE)
+        weights = torch.from_numpy((w / w.mean()).astype(np.float32))
     val = tensors(pre, frame(cfg, val_window)) if val_window else None
     torch.manual_seed(tc.seed)
     net = TabularNet.for_preprocessor(pre, tc.model)
@@ -127,7 +139,13 @@ def fit(
         swa_epoch = swa is not None and SWA_FROM is not None and epoch + 1 >= SWA_FROM
         for i in range(steps):
             idx = order[i * batch : (i + 1) * batch]
-            loss = net.training_loss(x_num[idx], x_cat[idx], y[idx])  # the ranks' loss (k members: their mean)
+            if weights is None:
+                loss = net.training_loss(x_num[idx], x_cat[idx], y[idx])  # the ranks' loss (k members: their mean)
+            else:
+                logits = net.member_logits(x_num[idx], x_cat[idx])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, y[idx].unsqueeze(1).expand_as(logits), weight=weights[idx].unsqueeze(1).expand_as(logits)
+                )
             opt.zero_grad()
             loss.backward()
             lr = learning_rate(tc_run, size, epoch * steps + i, steps)
@@ -180,6 +198,7 @@ def trial(
             **overrides,
             **({"final_fit_epochs": "planned"} if planned else {}),
             **({"swa_from": SWA_FROM} if SWA_FROM is not None else {}),
+            **({"recency_half_life": RECENCY_HALF_LIFE} if RECENCY_HALF_LIFE is not None else {}),
         },
         "seed": seed,
         "val_auc": max(aucs),
@@ -188,13 +207,18 @@ def trial(
         "s_per_epoch": round(s_per_epoch, 2),
     }
     if may_final_fit:
-        _, _, april, april_epoch, _ = fit(cfg, MAY_CHECK_TRAIN, MAY_CHECK_VAL, cfg.training.epochs)
+        _, april_pre, april, april_epoch, _ = fit(cfg, MAY_CHECK_TRAIN, MAY_CHECK_VAL, cfg.training.epochs)
         refit, refit_pre, _, _, _ = fit(cfg, TRAIN, None, cfg.training.epochs if planned else april_epoch)
         x_num, x_cat, y = tensors(refit_pre, frame(cfg, VALIDATION))
+        # and as training.final_fit does it: January-March's preprocessing, the planned schedule
+        # stopped at the April-chosen epoch
+        piped, _, _, _, _ = fit(cfg, TRAIN, None, april_epoch, pre=april_pre, schedule_epochs=cfg.training.epochs)
+        xp_num, xp_cat, yp = tensors(april_pre, frame(cfg, VALIDATION))
         row["may_final_fit"] = {
             "april_auc": max(april),
             "epochs": april_epoch,
             "may_auc": round(float(roc_auc(y, predict_logits(refit, x_num.numpy(), x_cat.numpy()))), 5),
+            "may_auc_pipeline": round(float(roc_auc(yp, predict_logits(piped, xp_num.numpy(), xp_cat.numpy()))), 5),
         }
     if test:
         row["test"] = test_scores(cfg, net, pre)
@@ -369,9 +393,11 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--swa-from", type=int, help="SWA from this epoch (1-based) on, validated and kept (SWA_FROM)")
+    p.add_argument("--recency-half-life", type=float, help="weight train rows by recency (RECENCY_HALF_LIFE)")
     a = p.parse_args()
-    global SWA_FROM
+    global SWA_FROM, RECENCY_HALF_LIFE
     SWA_FROM = a.swa_from
+    RECENCY_HALF_LIFE = a.recency_half_life
     if a.pipeline_timing:
         print(json.dumps(pipeline_epoch_times(json.loads(a.pipeline_timing))))
         return
@@ -391,6 +417,7 @@ def main() -> None:
     line = f"{a.variant}: May AUC mean {mean:.4f} over {len(rows)} seeds"
     if a.may_final_fit:
         line += f"; May AUC after the final fit (April-chosen epochs) {np.mean([r['may_final_fit']['may_auc'] for r in rows]):.4f}"
+        line += f", as the pipeline's {np.mean([r['may_final_fit']['may_auc_pipeline'] for r in rows]):.4f}"
     for key in ("test", "final_fit_test", "pipeline_final_fit_test"):
         if all(key in r for r in rows):
             means = {w: float(np.mean([r[key][w] for r in rows])) for w in TESTS}

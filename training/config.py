@@ -319,7 +319,9 @@ class HorovodConfig(_Strict):
     fused by Horovod's tensor fusion (Horovod's default). 1: one negotiation and one allreduce a
     step, which a small, latency-bound model needs (a default step is ~4 ms of compute a rank);
     a wide model wants 0, so its allreduces overlap the backward pass
-    (``configs/flights-x10.yaml``)."""
+    (``configs/flights-x10.yaml``). Not used by elastic runs (``training.elastic.enabled``):
+    there a worker that rejoined after a reset and the one that stayed waited on each other's
+    grouped allreduce until the run timed out."""
     autotune: bool = False
     """Horovod autotune (Bayesian search over fusion/cycle settings); its log
     (``<run output>/autotune.csv``) is logged to the MLflow run."""

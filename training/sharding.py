@@ -47,8 +47,10 @@ from ringflow.training.data import (
     BATCH_ROWS,
     TARGET,
     DataContractError,
+    contract_columns,
     in_window,
     iter_source,
+    load_flights,
     source_files,
     source_label,
     validate_contract,
@@ -340,11 +342,11 @@ class SourceScan:
 
 
 def labelled_batches(
-    cfg: PipelineConfig, batch_rows: int
+    cfg: PipelineConfig, batch_rows: int, flights_table: pd.DataFrame | None = None
 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, int, dict[str, pd.Series]]]:
     """(validated frame, labelled rows, rows dropped for no label, window masks) per source batch."""
     d = cfg.data
-    for origin, raw in iter_source(d, batch_rows):
+    for origin, raw in iter_source(d, batch_rows, flights_table):
         frame = validate_contract(raw, d, origin=origin)
         labelled, dropped = with_target(frame, d)
         masks = {
@@ -420,8 +422,11 @@ def shard_dataset(
             return existing
 
     progress(f"loading {origin}")
+    # The built-in source is one small table in memory either way: both passes use one parse of
+    # its CSVs (0.5 of the stage's 2.1 s went to parsing and joining them a second time).
+    table = load_flights(contract_columns(cfg.data)) if cfg.data.source == "flights" else None
     scan = SourceScan(cfg)
-    for frame, labelled, dropped, masks in labelled_batches(cfg, batch_rows):
+    for frame, labelled, dropped, masks in labelled_batches(cfg, batch_rows, table):
         scan.add(frame, labelled, dropped, masks)
     if scan.labelled == 0 and scan.dropped == 0:
         raise DataContractError(f"{origin}: no rows; the data contract needs labelled rows")
@@ -460,7 +465,7 @@ def shard_dataset(
         for i, size in enumerate(sizes):
             progress(f"writing shard {i + 1}/{n_shards} ({size:,} rows)")
         seen = 0
-        for _, labelled, _, masks in labelled_batches(cfg, batch_rows):
+        for _, labelled, _, masks in labelled_batches(cfg, batch_rows, table):
             if schema is None and len(labelled):
                 schema = pa.Schema.from_pandas(labelled[columns].head(0), preserve_index=False)
                 writers = {name: _TableWriter(tmp / name, schema, enc_key) for name in names}

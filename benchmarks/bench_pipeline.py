@@ -65,7 +65,7 @@ def child_flow(cfg_path: str, out: Path, early_api: bool = True) -> None:
     from ringflow.training.environment import process_defaults
 
     process_defaults()
-    from ringflow.flows.prefect_api import start_early
+    from ringflow.flows.prefect_api import no_heartbeats_on_a_temporary_server, start_early
 
     wait_api = start_early() if early_api else (lambda: 0.0)
     t_imp = time.perf_counter()
@@ -81,7 +81,8 @@ def child_flow(cfg_path: str, out: Path, early_api: bool = True) -> None:
     api_wait_s = wait_api()
     timings.begin_call()
     t0 = time.perf_counter()
-    state = training_pipeline(cfg, return_state=True)
+    with no_heartbeats_on_a_temporary_server():
+        state = training_pipeline(cfg, return_state=True)
     flow_s = time.perf_counter() - t0
     result = state.result()
     result.timings.end_call(time.time() - (time.perf_counter() - t0 - flow_s))

@@ -135,13 +135,15 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     cfg = _config(config, set_)
     wait_api = _prepare_environment(start_api=True)  # the API server starts first, then the checks
     _require_horovod(cfg)  # imports torch: after the server's start, before any stage
+    from ringflow.flows.prefect_api import no_heartbeats_on_a_temporary_server
     from ringflow.flows.training_pipeline import print_summary, training_pipeline
     from ringflow.tasks import timings
 
     waited = wait_api()
     timings.begin_call()  # the summary's table counts the Prefect API start from here
     try:
-        result = training_pipeline(cfg)
+        with no_heartbeats_on_a_temporary_server():
+            result = training_pipeline(cfg)
     except Exception as e:  # the flow already logged the traceback; name the failure plainly
         _fail(e)
     result.timings.end_call()
@@ -355,10 +357,12 @@ def monitor(
     cfg = _config(config, set_)
     wait_api = _prepare_environment(start_api=True)
     from ringflow.flows.monitoring import MonitoringAlert, monitoring_flow, print_result
+    from ringflow.flows.prefect_api import no_heartbeats_on_a_temporary_server
 
     wait_api()  # as `run`: the flow call must find the API up, not half started
     try:
-        result = monitoring_flow(cfg, batch=batch, trigger_rerun=not no_rerun)
+        with no_heartbeats_on_a_temporary_server():
+            result = monitoring_flow(cfg, batch=batch, trigger_rerun=not no_rerun)
     except MonitoringAlert as alert:  # recorded in full; the exit code tells the scheduler
         print_result(alert.result)
         typer.secho(f"ALERT: {alert}", fg=typer.colors.RED, err=True)

@@ -18,10 +18,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -45,12 +47,15 @@ def start_early() -> Callable[[], float]:
         return lambda: 0.0
     server = TemporaryServer()
     server.spawn()  # first: the server imports in its own process while this one goes on
+    threading.Thread(target=server.warm_up, daemon=True, name="prefect-api-warm-up").start()
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():  # the active profile names a server: that one it is
         server.stop()
         return lambda: 0.0
     server.point_prefect_at_it()
+    global _started
+    _started = server
     atexit.register(server.stop)
     # Registered after the stop, so it runs before it (atexit runs last-in first-out).
     atexit.register(send_pending_logs_and_events)
@@ -60,11 +65,46 @@ def start_early() -> Callable[[], float]:
         try:
             server.wait_until_up()
         except RuntimeError:
+            global _started
+            _started = None
             server.stop()
             server.withdraw()
         return time.perf_counter() - t0
 
     return wait
+
+
+HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+@contextmanager
+def no_heartbeats_on_a_temporary_server() -> Iterator[None]:
+    """Around a flow call: no flow-run heartbeats when the run reports to a temporary API server
+    (this command's, or the one Prefect starts itself when no server is named).
+
+    A heartbeat lets a server mark a run whose process died as crashed; a temporary server dies
+    with the process, so nothing ever reads them. And Prefect 3.9's heartbeat thread sleeps in
+    whole seconds: stopping it at the run's end held the command for up to 1 s (0.87 and 0.99 s
+    measured). A heartbeat frequency set in the environment is kept, as are heartbeats to a
+    named server (``ringflow up``, a work pool's workers).
+    """
+    from prefect.settings import get_current_settings, temporary_settings
+
+    url = get_current_settings().api.url
+    temporary = url is None or (_started is not None and url == _started.api_url)
+    if not temporary or any(name in os.environ for name in HEARTBEAT_ENV):
+        yield
+        return
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield
+
+
+WARM_UP_REQUESTS = (
+    ("GET", "/admin/version", None),  # a client's first request
+    ("POST", "/flows/filter", '{"limit": 1}'),  # the first database query
+    ("POST", "/flow_runs/filter", '{"limit": 1}'),
+)
+"""Read-only requests :meth:`TemporaryServer.warm_up` sends: nothing is written."""
 
 
 class TemporaryServer:
@@ -73,6 +113,7 @@ class TemporaryServer:
     def __init__(self) -> None:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.warmed_up = False
         self._ui_url = os.environ.get("PREFECT_UI_URL")
 
     @property
@@ -124,6 +165,36 @@ class TemporaryServer:
             time.sleep(0.1)
         raise RuntimeError("the temporary Prefect API server did not answer in time")
 
+    def warm_up(self, timeout_s: float = 120.0) -> None:
+        """Once the server answers, send it the read-only requests whose first answer is slow.
+
+        A new server's first request took 0.28 s and its first database query 0.23 s (an API
+        that had answered its health check 2 s before; later ones take 2-7 ms): the flow call's
+        first requests paid that while this process waited. Sent from a thread while this
+        process still imports, the server does that work on the core it would leave idle.
+        Errors are ignored: the flow call's own requests say what is wrong.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=5):
+                    break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        else:
+            return
+        for method, path, body in WARM_UP_REQUESTS:
+            data = None if body is None else body.encode()
+            request = urllib.request.Request(
+                f"{self.api_url}{path}", method=method, data=data, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    response.read()
+            except (urllib.error.URLError, OSError):
+                return
+        self.warmed_up = True
+
     def stop(self) -> None:
         """As Prefect stops its temporary server: terminate, and kill after 5 s."""
         process, self.process = self.process, None
@@ -135,6 +206,10 @@ class TemporaryServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+_started: TemporaryServer | None = None
+"""The temporary server :func:`start_early` started and this process reports to, if any."""
 
 
 def _server_command(port: int) -> list[str]:

@@ -111,3 +111,45 @@ def test_a_server_named_by_the_prefect_profile_is_used_and_none_is_left_running(
     p = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.splitlines()[-1] == "http://127.0.0.1:9/api None 0"
+
+
+def test_the_temporary_api_is_warmed_up_and_its_flow_runs_send_no_heartbeats(tmp_path: Path) -> None:
+    """The warm-up's requests are answered by the real server (a wrong route would end it early),
+    and a flow run on the temporary server has no heartbeat thread (whose stop held the command
+    up to 1 s); a named server keeps Prefect's heartbeats, as does a frequency set in the env."""
+    program = textwrap.dedent(
+        """
+        import os, time
+        from prefect import flow
+        from prefect.settings import get_current_settings, temporary_settings
+        import ringflow.flows.prefect_api as api
+        from ringflow.training.process_exit import exit_fast
+
+        wait = api.start_early()
+        wait()
+        deadline = time.monotonic() + 60
+        while not api._started.warmed_up and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        @flow(name="heartbeats")
+        def heartbeats() -> int | None:
+            return get_current_settings().flows.heartbeat_frequency
+
+        with api.no_heartbeats_on_a_temporary_server():
+            temporary = heartbeats()
+        with temporary_settings(updates={"api.url": "http://127.0.0.1:9/api"}):
+            with api.no_heartbeats_on_a_temporary_server():
+                named = get_current_settings().flows.heartbeat_frequency
+        os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = "60"
+        with api.no_heartbeats_on_a_temporary_server():
+            from_env = get_current_settings().flows.heartbeat_frequency
+        print(api._started.warmed_up, temporary, heartbeats(), named, from_env)
+        exit_fast(0)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_FLOWS", "PREFECT_RUNNER"))}
+    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    p = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # warmed up; no heartbeats inside on the temporary server, Prefect's 180 s outside, named, env kept
+    assert p.stdout.splitlines()[-1] == "True None 180 180 180"

@@ -19,7 +19,9 @@ epochs), as ``training.final_fit`` will.
 A variant is a set of overrides on ``configs/flights.yaml`` as it is when the trial runs: the
 rows of ``network_trials.jsonl`` up to 2026-12-07 are relative to the default before issue 27's
 change (hidden [128, 64], 8 epochs, the route cross only). ``--may-final-fit`` also checks the
-final fit on May alone (squeezed, and as the pipeline's: ``may_auc_pipeline``), ``--final-planned`` sizes the final fits by the planned epochs,
+final fit on May alone (squeezed, and as the pipeline's: ``may_auc_pipeline``; with the
+preprocessing fitted again on the refit's rows: ``may_auc_pipeline_refit_pre``, and on the test
+windows ``pipeline_refit_pre_final_fit_test``), ``--final-planned`` sizes the final fits by the planned epochs,
 ``--pipeline-timing`` times the real pipeline against old overrides, ``--step-timing`` times one
 rank's training step against ``--set``'s overrides, ``--swa-from E`` validates
 and keeps an equal average of the weights from epoch E on (SWA), ``--recency-half-life DAYS``
@@ -214,11 +216,17 @@ def trial(
         # stopped at the April-chosen epoch
         piped, _, _, _, _ = fit(cfg, TRAIN, None, april_epoch, pre=april_pre, schedule_epochs=cfg.training.epochs)
         xp_num, xp_cat, yp = tensors(april_pre, frame(cfg, VALIDATION))
+        # the pipeline's rule with the preprocessing fitted again on the refit's rows (January-April)
+        piped_pre, piped_pre_p, _, _, _ = fit(cfg, TRAIN, None, april_epoch, schedule_epochs=cfg.training.epochs)
+        xr_num, xr_cat, yr = tensors(piped_pre_p, frame(cfg, VALIDATION))
         row["may_final_fit"] = {
             "april_auc": max(april),
             "epochs": april_epoch,
             "may_auc": round(float(roc_auc(y, predict_logits(refit, x_num.numpy(), x_cat.numpy()))), 5),
             "may_auc_pipeline": round(float(roc_auc(yp, predict_logits(piped, xp_num.numpy(), xp_cat.numpy()))), 5),
+            "may_auc_pipeline_refit_pre": round(
+                float(roc_auc(yr, predict_logits(piped_pre, xr_num.numpy(), xr_cat.numpy()))), 5
+            ),
         }
     if test:
         row["test"] = test_scores(cfg, net, pre)
@@ -228,6 +236,9 @@ def trial(
         # epoch count, the planned schedule stopped there (training/final_fit.py)
         final, _, _, _, _ = fit(cfg, FINAL, None, best_epoch, pre=pre, schedule_epochs=cfg.training.epochs)
         row["pipeline_final_fit_test"] = test_scores(cfg, final, pre)
+        # the same with the preprocessing fitted again on January-May (quantiles, vocabularies)
+        final, final_pre, _, _, _ = fit(cfg, FINAL, None, best_epoch, schedule_epochs=cfg.training.epochs)
+        row["pipeline_refit_pre_final_fit_test"] = test_scores(cfg, final, final_pre)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["load_avg"] = [load, load_avg()]
     row["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -259,7 +270,7 @@ def summary() -> str:
     for name, rs in sorted(by.items(), key=lambda kv: -float(np.mean([r["val_auc"] for r in kv[1]]))):
         val = [r["val_auc"] for r in rs]
         cells = []
-        for key in ("test", "final_fit_test", "pipeline_final_fit_test"):
+        for key in ("test", "final_fit_test", "pipeline_final_fit_test", "pipeline_refit_pre_final_fit_test"):
             scored = [r[key] for r in rs if key in r]
             cells.append(
                 " / ".join(f"{np.mean([t[w] for t in scored]):.4f}" for w in TESTS) + f" ({len(scored)} seeds)"
@@ -418,7 +429,8 @@ def main() -> None:
     if a.may_final_fit:
         line += f"; May AUC after the final fit (April-chosen epochs) {np.mean([r['may_final_fit']['may_auc'] for r in rows]):.4f}"
         line += f", as the pipeline's {np.mean([r['may_final_fit']['may_auc_pipeline'] for r in rows]):.4f}"
-    for key in ("test", "final_fit_test", "pipeline_final_fit_test"):
+        line += f", refit preprocessing {np.mean([r['may_final_fit']['may_auc_pipeline_refit_pre'] for r in rows]):.4f}"
+    for key in ("test", "final_fit_test", "pipeline_final_fit_test", "pipeline_refit_pre_final_fit_test"):
         if all(key in r for r in rows):
             means = {w: float(np.mean([r[key][w] for r in rows])) for w in TESTS}
             line += f"; {key} " + " / ".join(f"{v:.4f}" for v in means.values())

@@ -10,7 +10,9 @@ from ``training.launch.horovodrun_command``, so fusion/cycle/autotune flags are 
 pipeline's), ``epochs`` short and early stopping off; samples/s = all ranks' samples / epoch
 wall time (the trainer's own ``samples_per_s``, validation excluded), median over epochs 2..E
 (epoch 1 warms up), then median over rounds. Cases run interleaved: each round runs every case
-once, in a rotated order, so load from other users of the machine hits all of them alike.
+once, in a rotated order, so load from other users of the machine hits all of them alike. A
+lever the config already holds (``num_groups: 1`` on flights.yaml, Horovod's defaults on
+flights-x10.yaml) is skipped unless ``--cases`` names it: it would be ``hvd_np2`` again.
 
 Reference: ``benchmarks/_ddp_reference.py``, the same model, data, batch, optimizer and thread
 rule under torch DistributedDataParallel (Gloo), launched with torchrun.
@@ -169,6 +171,18 @@ def _cfg_for(base, case: Case, epochs: int, throughput: bool):
         ov["training.epochs"] = epochs
         ov["training.early_stopping_patience"] = 1000
     return with_overrides(base, ov)
+
+
+def changes_nothing(base, case: Case) -> bool:
+    """A Horovod lever whose overrides the config already holds (``num_groups: 1`` on
+    flights.yaml, whose default it is): its run would only measure ``hvd_np2`` again."""
+    default = Case("hvd_np2", 2)
+    return (
+        case.kind == default.kind
+        and case.np == default.np
+        and case.env == default.env
+        and _cfg_for(base, case, 1, True) == _cfg_for(base, default, 1, True)
+    )
 
 
 def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = True, timeout: int = 900) -> dict:
@@ -340,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown := [n for n in want if n not in known]:
             p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         all_cases = [c for c in cases(False) if c.name in want]
+    elif same := [c.name for c in all_cases if c.name != "hvd_np2" and changes_nothing(base, c)]:
+        print(f"skipped, the same as hvd_np2 on this config: {', '.join(same)}", flush=True)
+        all_cases = [c for c in all_cases if c.name not in same]
     rounds = args.rounds or (1 if args.quick else 3)
     epochs = args.epochs or (2 if args.quick else 3)
     facts = machine_facts()

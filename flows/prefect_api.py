@@ -140,6 +140,14 @@ class TemporaryServer:
             os.environ["PREFECT_UI_URL"] = self._ui_url
         _refresh_prefect_settings()
 
+    def answers(self) -> bool:
+        """Whether the server answers its health route now."""
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=5) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
     def wait_until_up(self) -> None:
         """Poll the health route as Prefect's own start does; a port taken meanwhile gets another."""
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
@@ -156,12 +164,8 @@ class TemporaryServer:
                 continue
             if status is not None:
                 raise RuntimeError(f"the temporary Prefect API server exited with status {status}")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if self.answers():
+                return
             time.sleep(0.1)
         raise RuntimeError("the temporary Prefect API server did not answer in time")
 
@@ -176,11 +180,9 @@ class TemporaryServer:
         """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=5):
-                    break
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.1)
+            if self.answers():
+                break
+            time.sleep(0.1)
         else:
             return
         for method, path, body in WARM_UP_REQUESTS:

@@ -28,7 +28,7 @@ from ringflow.tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hin
 from ringflow.tasks.register import register_candidate
 from ringflow.tasks.shard import shard_data
 from ringflow.tasks.timings import StageTimings
-from ringflow.tasks.train import train_final, train_model
+from ringflow.tasks.train import start_rank_server, stop_rank_server, train_final, train_model
 from ringflow.training import tags
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.launch import check_horovod
@@ -134,26 +134,31 @@ def training_pipeline(
 
     if config.training.launcher == "horovodrun":
         check_horovod()  # before any work: the train stage cannot run without it (an MPIJob's image has its own)
-    manifest_path = _stage("shard", _persisted(shard_data), config)
-    # the baseline needs only the shards: its trees are fitted while the ranks start and train
-    baseline = _persisted(fit_baseline).submit(config, manifest_path) if config.gate.baseline != "none" else None
-    trained = _stage(
-        "train",
-        _persisted(train_model),
-        config,
-        manifest_path,
-        parent_run_id=parent_run_id,
-        run_tags=run_tags,
-    )
-    if config.training.final_fit and trained.status != "diverged":
-        # cached and persisted like train: a retried flow run does not train either again
+    # the ranks' imports (torch, Horovod, MLflow) are done once, while the data is sharded
+    start_rank_server(config)
+    try:
+        manifest_path = _stage("shard", _persisted(shard_data), config)
+        # the baseline needs only the shards: its trees are fitted while the ranks start and train
+        baseline = _persisted(fit_baseline).submit(config, manifest_path) if config.gate.baseline != "none" else None
         trained = _stage(
-            "train-final",
-            _persisted(train_final),
+            "train",
+            _persisted(train_model),
             config,
             manifest_path,
-            trained,
+            parent_run_id=parent_run_id,
+            run_tags=run_tags,
         )
+        if config.training.final_fit and trained.status != "diverged":
+            # cached and persisted like train: a retried flow run does not train either again
+            trained = _stage(
+                "train-final",
+                _persisted(train_final),
+                config,
+                manifest_path,
+                trained,
+            )
+    finally:
+        stop_rank_server()
     result = PipelineResult(
         config_name=config.name,
         reason=reason,

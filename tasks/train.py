@@ -56,9 +56,11 @@ from ringflow.training.launch import (
     launch_env,
     rank_hosts,
     read_hostfile,
+    uses_rank_server,
     write_hostfile,
 )
 from ringflow.training.manifest import KEY_ENV, Manifest, ShardIntegrityError
+from ringflow.training.rank_server import RankServer
 from ringflow.training.result import TrainResult
 from ringflow.training.secrets import secrets_file
 from ringflow.training.summary import SUMMARY_FILE
@@ -84,6 +86,46 @@ def _kill_leftovers() -> None:
     for p in list(_running.values()):
         if p.poll() is None:
             kill_tree(p.pid, grace_s=2)
+
+
+_rank_server: RankServer | None = None
+_rank_server_lock = threading.Lock()
+
+
+def start_rank_server(cfg: PipelineConfig) -> bool:
+    """Start this process's rank server (``training/rank_server.py``) if ``cfg``'s ranks can be
+    forked by one and none runs; True if this call started it. The flow starts it before
+    sharding, so its imports are done by the time horovodrun starts the ranks."""
+    global _rank_server
+    if not uses_rank_server(cfg):
+        return False
+    with _rank_server_lock:
+        if _rank_server is not None and _rank_server.alive():
+            return False
+        if _rank_server is not None:
+            _rank_server.stop()
+        _rank_server = RankServer()
+        return True
+
+
+@atexit.register
+def stop_rank_server() -> None:
+    global _rank_server
+    with _rank_server_lock:
+        if _rank_server is not None:
+            _rank_server.stop()
+            _rank_server = None
+
+
+def _rank_server_socket(cfg: PipelineConfig, log: LineLogger) -> Path | None:
+    """The running rank server's socket for this launch, None to start every rank afresh."""
+    server = _rank_server
+    if not uses_rank_server(cfg) or server is None:
+        return None
+    if not server.listening():
+        log.warning("the rank server did not start; ranks start their own interpreters:\n%s", server.log_tail())
+        return None
+    return server.socket_path
 
 
 def _die_with_parent(cmd: list[str]) -> list[str]:
@@ -406,6 +448,7 @@ def _launch(
                 if tc.horovod.hostfile is not None and not tc.elastic.enabled
                 else None
             )
+            own_server = start_rank_server(cfg)
             cmd = horovodrun_command(
                 cfg,
                 manifest.path.resolve(),
@@ -414,6 +457,7 @@ def _launch(
                 hostfile=hostfile,
                 gloo_checked=gloo_checked(),
                 program_args=program_args or (),
+                rank_server=_rank_server_socket(cfg, log),
             )
             extra: dict[str, str | None] = {
                 "MLFLOW_TRACKING_URI": settings.tracking_uri,
@@ -428,10 +472,14 @@ def _launch(
             )
             # horovodrun copies its environment into every rank's argv: the data key and any
             # credential go to the ranks in a 0600 file instead (training/secrets.py)
-            with secrets_file(env, out) as env:
-                t_hvd = time.monotonic()
-                run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
-                launched = time.monotonic() - t_hvd
+            try:
+                with secrets_file(env, out) as env:
+                    t_hvd = time.monotonic()
+                    run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
+                    launched = time.monotonic() - t_hvd
+            finally:
+                if own_server:  # started for this launch (outside a flow, which starts its own)
+                    stop_rank_server()
     except TrainingError as e:
         mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
         bad_data = _data_error(lineage_done)

@@ -450,6 +450,11 @@ class TrainingConfig(_Strict):
     """Pin each rank to its own cores when the ranks fill the host: its main, Horovod and Gloo
     threads then stay off the other ranks' cores (1.03x alone, 1.46x with the per-step fix, and
     far steadier; benchmarks/README.md)."""
+    fork_ranks: bool = True
+    """Ranks on this host are forked from one process that has imported torch, Horovod and MLflow
+    while the data was sharded (``training/rank_server.py``), instead of each starting an
+    interpreter and importing them itself (about 2.7 CPU s a rank). Only when every slot is
+    ``localhost`` and not elastic; ``false``: every rank a fresh ``python -m ringflow.training.train``."""
     timeout_s: int = Field(1800, ge=10)
     """Wall-clock limit for the whole horovodrun; the process group is killed after it."""
     model: ModelConfig = ModelConfig()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ringflow.training.config import PipelineConfig
 from ringflow.training.hvdrun import GLOO_CHECKED
+from ringflow.training.rank_server import rank_command
 
 DISCOVER_HOSTS = Path(str(resources.files("ringflow.infra") / "discover_hosts.sh"))
 """Elastic mode's host discovery script, shipped as package data (a wheel has no checkout)."""
@@ -173,6 +174,16 @@ def hosts_for(cfg: PipelineConfig) -> str:
     return f"localhost:{tc.world_size}"
 
 
+def uses_rank_server(cfg: PipelineConfig) -> bool:
+    """Whether ranks can be forked by a rank server (``training.fork_ranks``): horovodrun starts
+    them all on this host (``localhost`` slots; another host, even a namespace host sharing this
+    filesystem, runs its ranks in its own place), and not elastically (Horovod restarts those)."""
+    tc = cfg.training
+    if not tc.fork_ranks or tc.launcher != "horovodrun" or tc.elastic.enabled or tc.horovod.hostfile is not None:
+        return False
+    return all(h.rsplit(":", 1)[0] in ("localhost", "127.0.0.1") for h in hosts_for(cfg).split(","))
+
+
 def check_launchable(cfg: PipelineConfig, num_shards: int) -> None:
     """Refuse, before anything starts, a launch that cannot work (ValueError naming the setting)."""
     tc = cfg.training
@@ -217,6 +228,7 @@ def horovodrun_command(
     hostfile: str | Path | None = None,
     gloo_checked: bool = False,
     program_args: Sequence[str] = (),
+    rank_server: str | Path | None = None,
 ) -> list[str]:
     """The full horovodrun command line for this config (``program_args``: more arguments of the
     training program, e.g. a final fit's, ``training/final_fit.py``).
@@ -224,6 +236,10 @@ def horovodrun_command(
     ``gloo_checked``: :func:`check_horovod` passed in this process, so the launcher is
     ``python -m ringflow.training.hvdrun --gloo-checked`` (horovodrun without the probe it runs on
     every launch: 2.4 s) rather than the ``horovodrun`` script.
+
+    ``rank_server``: the socket of a :class:`~ringflow.training.rank_server.RankServer` on this
+    host; every rank is then forked by it instead of starting an interpreter and importing torch
+    (:func:`uses_rank_server` says when it applies).
 
     Fusion threshold, cycle time and autotune are horovodrun flags (they configure the background
     thread of every rank); compression and backward passes per step are read by the program.
@@ -271,10 +287,11 @@ def horovodrun_command(
         cmd += ["--cache-capacity", str(hv.cache_capacity)]
     if hv.autotune:
         cmd += ["--autotune", "--autotune-log-file", str(Path(output_dir) / "autotune.csv")]
+    program = (
+        rank_command(python, rank_server) if rank_server is not None else [python, "-m", "ringflow.training.train"]
+    )
     cmd += [
-        python,
-        "-m",
-        "ringflow.training.train",
+        *program,
         "--manifest",
         str(manifest_path),
         "--config-json",

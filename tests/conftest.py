@@ -25,6 +25,14 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 process_defaults()  # what the CLI sets: telemetry off (nothing sent from the tests), local task logs
 
 
+def is_rank_argv(argv: list[str]) -> bool:
+    """A training rank's command line as horovodrun starts it: the program itself, or the client
+    of a rank server (``training.fork_ranks``; the forked rank carries the server's command line)."""
+    return argv[1:3] == ["-m", "ringflow.training.train"] or (
+        argv[1:3] == ["-m", "ringflow.training.rank_server"] and "--rank" in argv
+    )
+
+
 def pytest_collection_modifyitems(items):
     # Marked by what they use, so `make check`'s unit tier (Makefile UNIT_TIER) stays true as tests are added.
     for item in items:

@@ -15,6 +15,7 @@ from ringflow.training import tags
 from ringflow.training.config import with_overrides
 from ringflow.training.final_fit import FINAL_EPOCHS_ARG
 from ringflow.training.model import MODEL_FILE, read_decision_threshold
+from tests.conftest import is_rank_argv
 
 pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
@@ -113,7 +114,7 @@ def _kill_final_rank_after_its_checkpoint(home: Path, killed: list[int]) -> None
         for p in psutil.process_iter(["cmdline"]):
             try:
                 argv = p.info["cmdline"] or []
-                if argv[1:3] != ["-m", "ringflow.training.train"] or FINAL_EPOCHS_ARG not in argv:
+                if not is_rank_argv(argv) or FINAL_EPOCHS_ARG not in argv:
                     continue
                 out = Path(argv[argv.index("--output-dir") + 1])
                 if p.environ().get("HOROVOD_RANK") == "1" and (out / "checkpoints" / "epoch-0001.pt").exists():

@@ -33,6 +33,7 @@ from ringflow.training.model import load_model, predict_proba
 from ringflow.training.result import TrainResult
 from ringflow.training.state import Progress
 from ringflow.training.summary import EpochRecord, TrainingSummary
+from tests.conftest import is_rank_argv
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -132,10 +133,11 @@ class CommandLineWatch(threading.Thread):
                 if not d.name.isdigit():
                     continue
                 try:
-                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    raw = (d / "cmdline").read_bytes()
                 except OSError:
                     continue
-                self.rank_cmdlines += "ringflow.training.train" in cmd
+                cmd = raw.replace(b"\0", b" ").decode(errors="replace")
+                self.rank_cmdlines += is_rank_argv(raw.decode(errors="replace").split("\0"))
                 self.leaks += [f"pid {d.name}: {cmd[:200]}" for s in self.secrets if s in cmd]
             self.secret_file_modes |= {
                 f.stat().st_mode & 0o777 for f in self.home.glob("runs/*/.secrets-*") if f.exists()
@@ -245,9 +247,8 @@ def _kill_rank_after_checkpoint(home: Path, rank: int, killed: list, epoch: int 
             for p in psutil.process_iter(["cmdline"]):
                 try:
                     argv = p.info["cmdline"] or []
-                    # a rank is `python -m ringflow.training.train ...` (its --config-json names horovodrun too)
                     if (
-                        argv[1:3] == ["-m", "ringflow.training.train"]
+                        is_rank_argv(argv)  # a rank server's client: killing it kills the forked rank
                         and str(home) in " ".join(argv)
                         and p.environ().get("HOROVOD_RANK") == str(rank)
                     ):

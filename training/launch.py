@@ -181,6 +181,8 @@ def uses_rank_server(cfg: PipelineConfig) -> bool:
     tc = cfg.training
     if not tc.fork_ranks or tc.launcher != "horovodrun" or tc.elastic.enabled or tc.horovod.hostfile is not None:
         return False
+    if not sys.platform.startswith("linux"):  # a Unix socket of packets, prctl
+        return False
     return all(h.rsplit(":", 1)[0] in ("localhost", "127.0.0.1") for h in hosts_for(cfg).split(","))
 
 

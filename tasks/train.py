@@ -89,27 +89,44 @@ def _kill_leftovers() -> None:
 
 
 _rank_server: RankServer | None = None
+_rank_server_holders = 0
 _rank_server_lock = threading.Lock()
 
 
-def start_rank_server(cfg: PipelineConfig) -> bool:
-    """Start this process's rank server (``training/rank_server.py``) if ``cfg``'s ranks can be
-    forked by one and none runs; True if this call started it. The flow starts it before
-    sharding, so its imports are done by the time horovodrun starts the ranks."""
-    global _rank_server
+def hold_rank_server(cfg: PipelineConfig) -> bool:
+    """Hold this process's rank server (``training/rank_server.py``) for ``cfg``'s ranks, starting
+    it if none runs; True if held (then :func:`release_rank_server`). The flow holds it from before
+    sharding to the end of its training, so its imports are done when horovodrun starts the
+    ranks; every launch holds it too, so a train task run alone has one, and flows running
+    side by side in one process share one that stops after the last of them."""
+    global _rank_server, _rank_server_holders
     if not uses_rank_server(cfg):
         return False
     with _rank_server_lock:
-        if _rank_server is not None and _rank_server.alive():
-            return False
-        if _rank_server is not None:
-            _rank_server.stop()
-        _rank_server = RankServer()
+        if _rank_server is None or not _rank_server.alive():
+            if _rank_server is not None:
+                _rank_server.stop()
+                _rank_server = None
+            try:
+                _rank_server = RankServer()
+            except OSError:  # the ranks start their own interpreters, as without the server
+                return False
+        _rank_server_holders += 1
         return True
 
 
+def release_rank_server() -> None:
+    """Let go of what :func:`hold_rank_server` held; the last holder's release stops the server."""
+    global _rank_server, _rank_server_holders
+    with _rank_server_lock:
+        _rank_server_holders = max(0, _rank_server_holders - 1)
+        if _rank_server_holders == 0 and _rank_server is not None:
+            _rank_server.stop()
+            _rank_server = None
+
+
 @atexit.register
-def stop_rank_server() -> None:
+def _stop_rank_server() -> None:
     global _rank_server
     with _rank_server_lock:
         if _rank_server is not None:
@@ -448,7 +465,7 @@ def _launch(
                 if tc.horovod.hostfile is not None and not tc.elastic.enabled
                 else None
             )
-            own_server = start_rank_server(cfg)
+            held_server = hold_rank_server(cfg)
             cmd = horovodrun_command(
                 cfg,
                 manifest.path.resolve(),
@@ -478,8 +495,8 @@ def _launch(
                     run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
                     launched = time.monotonic() - t_hvd
             finally:
-                if own_server:  # started for this launch (outside a flow, which starts its own)
-                    stop_rank_server()
+                if held_server:
+                    release_rank_server()
     except TrainingError as e:
         mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
         bad_data = _data_error(lineage_done)

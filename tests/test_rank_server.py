@@ -154,3 +154,18 @@ def test_forked_ranks_train_the_same_weights_as_fresh_ones(server, tmp_path, smo
     assert fresh.keys() == forked.keys()
     for k in fresh:
         assert torch.equal(fresh[k], forked[k]), k
+
+
+@pytest.mark.horovod
+def test_flows_in_one_process_share_one_server_until_the_last_lets_go():
+    from ringflow.tasks import train
+
+    cfg = PipelineConfig()
+    assert train.hold_rank_server(cfg) and train.hold_rank_server(cfg)  # a flow, and its launch
+    server = train._rank_server
+    assert server is not None and server.listening(), server.log_tail() if server else ""
+    train.release_rank_server()
+    assert server.alive(), "the first release stopped a server another holder still uses"
+    train.release_rank_server()
+    assert not server.alive() and train._rank_server is None
+    assert not train.hold_rank_server(with_overrides(cfg, {"training.fork_ranks": False}))

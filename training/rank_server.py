@@ -163,7 +163,10 @@ def serve(socket_path: str) -> NoReturn:
     listener.listen(64)  # ranks may connect while the imports below run: they queue
     store = tracking_store_module(os.environ.get("MLFLOW_TRACKING_URI"))
     for module in (*PRELOAD, *([store] if store else [])):
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as e:  # a rank that needs it fails on it itself, and says so
+            print(f"not preloaded: {module}: {e}", file=sys.stderr, flush=True)
     gc.collect()
     gc.freeze()  # the imported objects stay shared with the children, not copied by the collector
     wake_r, wake_w = os.pipe()

@@ -21,7 +21,9 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,15 +136,20 @@ def _stop_rank_server() -> None:
             _rank_server = None
 
 
-def _rank_server_socket(cfg: PipelineConfig, log: LineLogger) -> Path | None:
-    """The running rank server's socket for this launch, None to start every rank afresh."""
-    server = _rank_server
-    if not uses_rank_server(cfg) or server is None:
-        return None
-    if not server.listening():
-        log.warning("the rank server did not start; ranks start their own interpreters:\n%s", server.log_tail())
-        return None
-    return server.socket_path
+@contextmanager
+def held_rank_server(cfg: PipelineConfig, log: LineLogger) -> Iterator[Path | None]:
+    """The rank server's socket for one launch, held while it runs; None to start every rank afresh."""
+    if not hold_rank_server(cfg):
+        yield None
+        return
+    try:
+        server = _rank_server
+        if server is not None and not server.listening():
+            log.warning("the rank server did not start; ranks start their own interpreters:\n%s", server.log_tail())
+            server = None
+        yield server.socket_path if server is not None else None
+    finally:
+        release_rank_server()
 
 
 def _die_with_parent(cmd: list[str]) -> list[str]:
@@ -465,38 +472,34 @@ def _launch(
                 if tc.horovod.hostfile is not None and not tc.elastic.enabled
                 else None
             )
-            held_server = hold_rank_server(cfg)
-            cmd = horovodrun_command(
-                cfg,
-                manifest.path.resolve(),
-                out,
-                resume=resume,
-                hostfile=hostfile,
-                gloo_checked=gloo_checked(),
-                program_args=program_args or (),
-                rank_server=_rank_server_socket(cfg, log),
-            )
-            extra: dict[str, str | None] = {
-                "MLFLOW_TRACKING_URI": settings.tracking_uri,
-                "MLFLOW_RUN_ID": run_id,
-                "RINGFLOW_HOME": str(settings.home),
-                **timeline_env(cfg, out),
-                **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
-            }
-            env = launch_env(cfg, None, **extra)
-            log.info(
-                "attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else ""
-            )
-            # horovodrun copies its environment into every rank's argv: the data key and any
-            # credential go to the ranks in a 0600 file instead (training/secrets.py)
-            try:
+            with held_rank_server(cfg, log) as rank_server:
+                cmd = horovodrun_command(
+                    cfg,
+                    manifest.path.resolve(),
+                    out,
+                    resume=resume,
+                    hostfile=hostfile,
+                    gloo_checked=gloo_checked(),
+                    program_args=program_args or (),
+                    rank_server=rank_server,
+                )
+                extra: dict[str, str | None] = {
+                    "MLFLOW_TRACKING_URI": settings.tracking_uri,
+                    "MLFLOW_RUN_ID": run_id,
+                    "RINGFLOW_HOME": str(settings.home),
+                    **timeline_env(cfg, out),
+                    **({KEY_ENV: base64.b64encode(key).decode()} if key else {}),
+                }
+                env = launch_env(cfg, None, **extra)
+                log.info(
+                    "attempt %d: %s%s", attempt, _display(cmd), " (resuming from the last checkpoint)" if resume else ""
+                )
+                # horovodrun copies its environment into every rank's argv: the data key and any
+                # credential go to the ranks in a 0600 file instead (training/secrets.py)
                 with secrets_file(env, out) as env:
                     t_hvd = time.monotonic()
                     run_horovod(cmd, env, tc.timeout_s, out / LOG_FILE, progress)
                     launched = time.monotonic() - t_hvd
-            finally:
-                if held_server:
-                    release_rank_server()
     except TrainingError as e:
         mlflow.set_tag(tags.ATTEMPT_ERROR.format(attempt=attempt), str(e)[:5000])
         bad_data = _data_error(lineage_done)

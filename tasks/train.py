@@ -106,9 +106,7 @@ def hold_rank_server(cfg: PipelineConfig) -> bool:
         return False
     with _rank_server_lock:
         if _rank_server is None or not _rank_server.alive():
-            if _rank_server is not None:
-                _rank_server.stop()
-                _rank_server = None
+            _stop_rank_server_locked()  # a dead one's directory
             try:
                 _rank_server = RankServer()
             except OSError:  # the ranks start their own interpreters, as without the server
@@ -119,21 +117,24 @@ def hold_rank_server(cfg: PipelineConfig) -> bool:
 
 def release_rank_server() -> None:
     """Let go of what :func:`hold_rank_server` held; the last holder's release stops the server."""
-    global _rank_server, _rank_server_holders
+    global _rank_server_holders
     with _rank_server_lock:
         _rank_server_holders = max(0, _rank_server_holders - 1)
-        if _rank_server_holders == 0 and _rank_server is not None:
-            _rank_server.stop()
-            _rank_server = None
+        if _rank_server_holders == 0:
+            _stop_rank_server_locked()
+
+
+def _stop_rank_server_locked() -> None:
+    global _rank_server
+    if _rank_server is not None:
+        _rank_server.stop()
+        _rank_server = None
 
 
 @atexit.register
 def _stop_rank_server() -> None:
-    global _rank_server
     with _rank_server_lock:
-        if _rank_server is not None:
-            _rank_server.stop()
-            _rank_server = None
+        _stop_rank_server_locked()
 
 
 @contextmanager

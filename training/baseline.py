@@ -22,7 +22,6 @@ the fitted model pickles and loads with ``mlflow.sklearn`` wherever its library 
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OrdinalEncoder
 from threadpoolctl import threadpool_limits
+
+from ringflow.training.environment import usable_cores
 
 BASELINE_MAX_ROWS = 1_000_000
 """Train rows the baseline is fitted on at most: a larger window gives it a uniform sample (the
@@ -66,8 +67,9 @@ BASELINE_NAMES = {
     "lightgbm": f"LGBMClassifier (LightGBM), tuned on the validation window ({len(LIGHTGBM_GRID)} points)",
 }
 THREADS = 1
-"""Threads per fit (the grid's points are fitted in parallel, one thread per core). On 2 cores shared with the Horovod ranks and other jobs, scikit-learn's and
-LightGBM's OpenMP threads at 2 took 5-10x as long as one (measured: the ``hgb`` grid 353 s
+"""Threads per fit (the grid's points are fitted in parallel, one thread per core). On 2 cores
+shared with the Horovod ranks and other jobs, scikit-learn's and LightGBM's OpenMP threads at 2
+took 5-10x as long as one (measured: the ``hgb`` grid 353 s
 against 31 s at load 8); a quiet machine loses little with one."""
 ITERATIONS_PARAM = "iterations"
 """The boosting rounds early stopping chose (a key of :attr:`TunedBaseline.params`)."""
@@ -198,11 +200,6 @@ def _fit_point(
         callbacks=[lightgbm.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
     )
     return clf, max(1, int(clf.best_iteration_))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _proba(clf: Any, x: np.ndarray) -> np.ndarray:

@@ -56,6 +56,11 @@ QUIET_LOG_LINES: dict[str, tuple[str, ...]] = {
 ranks' output (a filter on that logger; every other line of it stays)."""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def process_defaults(env: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
     """Set :data:`LIBRARY_DEFAULTS` in ``env`` (default: this process's environment, which also
     ignores :data:`QUIET_WARNINGS` and :data:`QUIET_LOG_LINES`) where unset."""

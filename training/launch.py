@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ringflow.training.config import PipelineConfig
 from ringflow.training.hvdrun import GLOO_CHECKED
-from ringflow.training.rank_server import rank_command
+from ringflow.training.rank_server import PROGRAM, rank_command
 
 DISCOVER_HOSTS = Path(str(resources.files("ringflow.infra") / "discover_hosts.sh"))
 """Elastic mode's host discovery script, shipped as package data (a wheel has no checkout)."""
@@ -289,9 +289,7 @@ def horovodrun_command(
         cmd += ["--cache-capacity", str(hv.cache_capacity)]
     if hv.autotune:
         cmd += ["--autotune", "--autotune-log-file", str(Path(output_dir) / "autotune.csv")]
-    program = (
-        rank_command(python, rank_server) if rank_server is not None else [python, "-m", "ringflow.training.train"]
-    )
+    program = rank_command(python, rank_server) if rank_server is not None else [python, "-m", PROGRAM]
     cmd += [
         *program,
         "--manifest",

@@ -48,7 +48,7 @@ from ringflow.training.checkpoint import (
     save_checkpoint,
 )
 from ringflow.training.config import PipelineConfig, TrainingConfig, get_settings
-from ringflow.training.environment import quiet_library_logs
+from ringflow.training.environment import quiet_library_logs, usable_cores
 from ringflow.training.final_fit import FINAL_EPOCHS_ARG, THRESHOLD_ARG, FinalFit, validation_rows_for_rank
 from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX
 from ringflow.training.manifest import FileEntry, Manifest, MissingKeyError, ShardIntegrityError
@@ -657,7 +657,7 @@ def _setup(args: argparse.Namespace, cfg: PipelineConfig) -> tuple[ModuleType, M
     import horovod.torch as hvd
 
     hvd.init()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     # ranks on one host share its cores: without this each rank starts cores threads
     threads = cfg.training.threads_per_rank or max(1, cores // ranks_sharing_host(cfg, hvd.local_size()))
     # Not under elastic: ranks come and go and change local rank, and a pinned process could

@@ -135,6 +135,12 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     cfg = _config(config, set_)
     wait_api = _prepare_environment(start_api=True)  # the API server starts first, then the checks
     _require_horovod(cfg)  # imports torch: after the server's start, before any stage
+    from ringflow.training import rank_server
+    from ringflow.training.launch import uses_rank_server
+
+    # The ranks' server starts its imports now, on the core the API server has just finished its
+    # own with, while this process imports the pipeline; the flow holds it too.
+    held = uses_rank_server(cfg) and rank_server.hold()
     from ringflow.flows.prefect_api import no_heartbeats_on_a_temporary_server
     from ringflow.flows.training_pipeline import print_summary, training_pipeline
     from ringflow.tasks import timings
@@ -146,6 +152,9 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
             result = training_pipeline(cfg)
     except Exception as e:  # the flow already logged the traceback; name the failure plainly
         _fail(e)
+    finally:
+        if held:
+            rank_server.release()
     result.timings.end_call()
     result.timings.add("prefect", "Prefect API start (what the imports did not hide)", waited)
     print_summary(result)

@@ -44,7 +44,7 @@ from ringflow.tasks.training_artifacts import (
     publish_rank_table,
     timeline_env,
 )
-from ringflow.training import tags
+from ringflow.training import rank_server, tags
 from ringflow.training.checkpoint import CHECKPOINT_DIR, latest_checkpoint, resolve_checkpoint
 from ringflow.training.config import PipelineConfig, get_settings
 from ringflow.training.launch import (
@@ -62,7 +62,6 @@ from ringflow.training.launch import (
     write_hostfile,
 )
 from ringflow.training.manifest import KEY_ENV, Manifest, ShardIntegrityError
-from ringflow.training.rank_server import RankServer
 from ringflow.training.result import TrainResult
 from ringflow.training.secrets import secrets_file
 from ringflow.training.summary import SUMMARY_FILE
@@ -90,51 +89,13 @@ def _kill_leftovers() -> None:
             kill_tree(p.pid, grace_s=2)
 
 
-_rank_server: RankServer | None = None
-_rank_server_holders = 0
-_rank_server_lock = threading.Lock()
-
-
 def hold_rank_server(cfg: PipelineConfig) -> bool:
-    """Hold this process's rank server (``training/rank_server.py``) for ``cfg``'s ranks, starting
-    it if none runs; True if held (then :func:`release_rank_server`). The flow holds it from before
-    sharding to the end of its training, so its imports are done when horovodrun starts the
-    ranks; every launch holds it too, so a train task run alone has one, and flows running
-    side by side in one process share one that stops after the last of them."""
-    global _rank_server, _rank_server_holders
-    if not uses_rank_server(cfg):
-        return False
-    with _rank_server_lock:
-        if _rank_server is None or not _rank_server.alive():
-            _stop_rank_server_locked()  # a dead one's directory
-            try:
-                _rank_server = RankServer()
-            except OSError:  # the ranks start their own interpreters, as without the server
-                return False
-        _rank_server_holders += 1
-        return True
+    """Hold the process's rank server (:func:`ringflow.training.rank_server.hold`) when ``cfg``'s
+    ranks are forked by one; True if held (then :func:`release_rank_server`)."""
+    return uses_rank_server(cfg) and rank_server.hold()
 
 
-def release_rank_server() -> None:
-    """Let go of what :func:`hold_rank_server` held; the last holder's release stops the server."""
-    global _rank_server_holders
-    with _rank_server_lock:
-        _rank_server_holders = max(0, _rank_server_holders - 1)
-        if _rank_server_holders == 0:
-            _stop_rank_server_locked()
-
-
-def _stop_rank_server_locked() -> None:
-    global _rank_server
-    if _rank_server is not None:
-        _rank_server.stop()
-        _rank_server = None
-
-
-@atexit.register
-def _stop_rank_server() -> None:
-    with _rank_server_lock:
-        _stop_rank_server_locked()
+release_rank_server = rank_server.release
 
 
 @contextmanager
@@ -144,7 +105,7 @@ def held_rank_server(cfg: PipelineConfig, log: LineLogger) -> Iterator[Path | No
         yield None
         return
     try:
-        server = _rank_server
+        server = rank_server.held()
         if server is not None and not server.listening():
             log.warning("the rank server did not start; ranks start their own interpreters:\n%s", server.log_tail())
             server = None
@@ -473,7 +434,7 @@ def _launch(
                 if tc.horovod.hostfile is not None and not tc.elastic.enabled
                 else None
             )
-            with held_rank_server(cfg, log) as rank_server:
+            with held_rank_server(cfg, log) as server_socket:
                 cmd = horovodrun_command(
                     cfg,
                     manifest.path.resolve(),
@@ -482,7 +443,7 @@ def _launch(
                     hostfile=hostfile,
                     gloo_checked=gloo_checked(),
                     program_args=program_args or (),
-                    rank_server=rank_server,
+                    rank_server=server_socket,
                 )
                 extra: dict[str, str | None] = {
                     "MLFLOW_TRACKING_URI": settings.tracking_uri,

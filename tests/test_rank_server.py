@@ -7,7 +7,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -17,6 +19,7 @@ from ringflow.training.config import PipelineConfig, with_overrides
 from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX, horovodrun_command, launch_env, uses_rank_server
 from ringflow.training.model import load_model
 from ringflow.training.rank_server import RankServer, rank_command, tracking_store_module
+from tests.conftest import SMOKE
 
 
 def test_only_local_fixed_size_runs_fork_their_ranks():
@@ -159,13 +162,41 @@ def test_forked_ranks_train_the_same_weights_as_fresh_ones(server, tmp_path, smo
 @pytest.mark.horovod
 def test_flows_in_one_process_share_one_server_until_the_last_lets_go():
     from ringflow.tasks import train
+    from ringflow.training import rank_server
 
     cfg = PipelineConfig()
     assert train.hold_rank_server(cfg) and train.hold_rank_server(cfg)  # a flow, and its launch
-    server = train._rank_server
+    server = rank_server.held()
     assert server is not None and server.listening(), server.log_tail() if server else ""
     train.release_rank_server()
     assert server.alive(), "the first release stopped a server another holder still uses"
     train.release_rank_server()
-    assert not server.alive() and train._rank_server is None
+    assert not server.alive() and rank_server.held() is None
     assert not train.hold_rank_server(with_overrides(cfg, {"training.fork_ranks": False}))
+
+
+@pytest.mark.horovod
+def test_the_run_command_lets_go_of_the_server_it_held_when_the_flow_fails(prefect_harness, ringflow_home):
+    """`ringflow run` holds the server from before the pipeline's imports (its imports run beside
+    them); a flow that fails, here on a test window with no rows, must not leave it running."""
+    from typer.testing import CliRunner
+
+    from ringflow.flows.cli import app
+    from ringflow.training import rank_server
+
+    before = set(Path(tempfile.gettempdir()).glob("ringflow-ranks-*"))
+    out = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--config",
+            str(SMOKE),
+            "--set",
+            "data.windows.test.start=2015-01-01",
+            "--set",
+            "data.windows.test.end=2015-02-01",
+        ],
+    )
+    assert out.exit_code == 1 and "data.windows.test" in out.output, out.output
+    assert rank_server.held() is None
+    assert set(Path(tempfile.gettempdir()).glob("ringflow-ranks-*")) == before

@@ -452,7 +452,7 @@ class TrainingConfig(_Strict):
     far steadier; benchmarks/README.md)."""
     fork_ranks: bool = True
     """Ranks on this host are forked from one process that has imported torch, Horovod and MLflow
-    while the data was sharded (``training/rank_server.py``), instead of each starting an
+    before the data was sharded (``training/rank_server.py``), instead of each starting an
     interpreter and importing them itself (about 2.7 CPU s a rank). Only when every slot is
     ``localhost`` and not elastic; ``false``: every rank a fresh ``python -m ringflow.training.train``."""
     timeout_s: int = Field(1800, ge=10)

@@ -26,6 +26,7 @@ SIGKILLed rank leaves no orphan training beside the next attempt).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import gc
 import importlib
@@ -39,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from contextlib import suppress
@@ -147,6 +149,56 @@ class RankServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_held: RankServer | None = None
+_holders = 0
+_held_lock = threading.Lock()
+
+
+def hold() -> bool:
+    """Hold this process's rank server, starting it if none runs; True if held (then
+    :func:`release`). Whoever is about to launch local ranks holds it early, so its imports are
+    done when horovodrun starts them: the command from before it imports the pipeline, the flow
+    from before sharding, every launch while it runs. So flows running side by side in one process
+    share one server, which stops after the last of them lets go."""
+    global _held, _holders
+    with _held_lock:
+        if _held is None or not _held.alive():
+            _stop_held_locked()  # a dead one's directory
+            try:
+                _held = RankServer()
+            except OSError:  # the ranks start their own interpreters, as without the server
+                return False
+        _holders += 1
+        return True
+
+
+def release() -> None:
+    """Let go of what :func:`hold` held; the last holder's release stops the server."""
+    global _holders
+    with _held_lock:
+        _holders = max(0, _holders - 1)
+        if _holders == 0:
+            _stop_held_locked()
+
+
+def held() -> RankServer | None:
+    """The server this process holds, if any."""
+    return _held
+
+
+def _stop_held_locked() -> None:
+    global _held
+    if _held is not None:
+        _held.stop()
+        _held = None
+
+
+@atexit.register
+def _stop_held() -> None:
+    with _held_lock:
+        _stop_held_locked()
 
 
 # --------------------------------------------------------------------------- the server

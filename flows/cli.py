@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -129,32 +130,40 @@ def _require_horovod(cfg: PipelineConfig) -> None:
         _fail(e)
 
 
+@contextmanager
+def _rank_server_held(cfg: PipelineConfig) -> Iterator[None]:
+    """Hold the ranks' server (``training.fork_ranks``) from right after Horovod's check to the
+    command's end: its imports then run on the core the API server has just finished its own on,
+    while this process imports the stages (the stage that launches the ranks holds it too)."""
+    from ringflow.training import rank_server
+    from ringflow.training.launch import uses_rank_server
+
+    held = uses_rank_server(cfg) and rank_server.hold()
+    try:
+        yield
+    finally:
+        if held:
+            rank_server.release()
+
+
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the training pipeline once: shard -> train (horovodrun) -> evaluate -> register."""
     cfg = _config(config, set_)
     wait_api = _prepare_environment(start_api=True)  # the API server starts first, then the checks
     _require_horovod(cfg)  # imports torch: after the server's start, before any stage
-    from ringflow.training import rank_server
-    from ringflow.training.launch import uses_rank_server
+    with _rank_server_held(cfg):
+        from ringflow.flows.prefect_api import no_heartbeats_on_a_temporary_server
+        from ringflow.flows.training_pipeline import print_summary, training_pipeline
+        from ringflow.tasks import timings
 
-    # The ranks' server starts its imports now, on the core the API server has just finished its
-    # own with, while this process imports the pipeline; the flow holds it too.
-    held = uses_rank_server(cfg) and rank_server.hold()
-    from ringflow.flows.prefect_api import no_heartbeats_on_a_temporary_server
-    from ringflow.flows.training_pipeline import print_summary, training_pipeline
-    from ringflow.tasks import timings
-
-    waited = wait_api()
-    timings.begin_call()  # the summary's table counts the Prefect API start from here
-    try:
-        with no_heartbeats_on_a_temporary_server():
-            result = training_pipeline(cfg)
-    except Exception as e:  # the flow already logged the traceback; name the failure plainly
-        _fail(e)
-    finally:
-        if held:
-            rank_server.release()
+        waited = wait_api()
+        timings.begin_call()  # the summary's table counts the Prefect API start from here
+        try:
+            with no_heartbeats_on_a_temporary_server():
+                result = training_pipeline(cfg)
+        except Exception as e:  # the flow already logged the traceback; name the failure plainly
+            _fail(e)
     result.timings.end_call()
     result.timings.add("prefect", "Prefect API start (what the imports did not hide)", waited)
     print_summary(result)
@@ -189,13 +198,14 @@ def train(
     cfg = _config(config, overrides)
     wait_api = _prepare_environment(start_api=True)
     _require_horovod(cfg)
-    from ringflow.tasks.train import train_model
+    with _rank_server_held(cfg):
+        from ringflow.tasks.train import train_model
 
-    wait_api()
-    try:
-        result = train_model(cfg, str(manifest))  # a Prefect task run on its own, outside a flow
-    except Exception as e:
-        _fail(e)
+        wait_api()
+        try:
+            result = train_model(cfg, str(manifest))  # a Prefect task run on its own, outside a flow
+        except Exception as e:
+            _fail(e)
     typer.echo(result.model_dump_json(indent=2))
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -130,29 +129,17 @@ def _require_horovod(cfg: PipelineConfig) -> None:
         _fail(e)
 
 
-@contextmanager
-def _rank_server_held(cfg: PipelineConfig) -> Iterator[None]:
-    """Hold the ranks' server (``training.fork_ranks``) from right after Horovod's check to the
-    command's end: its imports then run on the core the API server has just finished its own on,
-    while this process imports the stages (the stage that launches the ranks holds it too)."""
-    from ringflow.training import rank_server
-    from ringflow.training.launch import uses_rank_server
-
-    held = uses_rank_server(cfg) and rank_server.hold()
-    try:
-        yield
-    finally:
-        if held:
-            rank_server.release()
-
-
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the training pipeline once: shard -> train (horovodrun) -> evaluate -> register."""
     cfg = _config(config, set_)
     wait_api = _prepare_environment(start_api=True)  # the API server starts first, then the checks
     _require_horovod(cfg)  # imports torch: after the server's start, before any stage
-    with _rank_server_held(cfg):
+    from ringflow.training.launch import rank_server_held
+
+    # the ranks' server imports on the core the API server has just finished its own on, while
+    # this process imports the stages
+    with rank_server_held(cfg):
         from ringflow.flows.prefect_api import no_heartbeats_on_a_temporary_server
         from ringflow.flows.training_pipeline import print_summary, training_pipeline
         from ringflow.tasks import timings
@@ -198,7 +185,9 @@ def train(
     cfg = _config(config, overrides)
     wait_api = _prepare_environment(start_api=True)
     _require_horovod(cfg)
-    with _rank_server_held(cfg):
+    from ringflow.training.launch import rank_server_held
+
+    with rank_server_held(cfg):
         from ringflow.tasks.train import train_model
 
         wait_api()

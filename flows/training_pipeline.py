@@ -28,10 +28,10 @@ from ringflow.tasks.links import mlflow_model_url, mlflow_run_url, mlflow_ui_hin
 from ringflow.tasks.register import register_candidate
 from ringflow.tasks.shard import shard_data
 from ringflow.tasks.timings import StageTimings
-from ringflow.tasks.train import hold_rank_server, release_rank_server, train_final, train_model
+from ringflow.tasks.train import train_final, train_model
 from ringflow.training import tags
 from ringflow.training.config import PipelineConfig, get_settings
-from ringflow.training.launch import check_horovod
+from ringflow.training.launch import check_horovod, rank_server_held
 from ringflow.training.metric_names import METRIC_NAMES
 
 
@@ -135,8 +135,7 @@ def training_pipeline(
     if config.training.launcher == "horovodrun":
         check_horovod()  # before any work: the train stage cannot run without it (an MPIJob's image has its own)
     # the ranks' imports (torch, Horovod, MLflow) are done once, while the data is sharded
-    held_server = hold_rank_server(config)
-    try:
+    with rank_server_held(config):
         manifest_path = _stage("shard", _persisted(shard_data), config)
         # the baseline needs only the shards: its trees are fitted while the ranks start and train
         baseline = _persisted(fit_baseline).submit(config, manifest_path) if config.gate.baseline != "none" else None
@@ -157,9 +156,6 @@ def training_pipeline(
                 manifest_path,
                 trained,
             )
-    finally:
-        if held_server:
-            release_rank_server()
     result = PipelineResult(
         config_name=config.name,
         reason=reason,

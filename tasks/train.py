@@ -57,8 +57,8 @@ from ringflow.training.launch import (
     kill_tree,
     launch_env,
     rank_hosts,
+    rank_server_held,
     read_hostfile,
-    uses_rank_server,
     write_hostfile,
 )
 from ringflow.training.manifest import KEY_ENV, Manifest, ShardIntegrityError
@@ -89,29 +89,15 @@ def _kill_leftovers() -> None:
             kill_tree(p.pid, grace_s=2)
 
 
-def hold_rank_server(cfg: PipelineConfig) -> bool:
-    """Hold the process's rank server (:func:`ringflow.training.rank_server.hold`) when ``cfg``'s
-    ranks are forked by one; True if held (then :func:`release_rank_server`)."""
-    return uses_rank_server(cfg) and rank_server.hold()
-
-
-release_rank_server = rank_server.release
-
-
 @contextmanager
 def held_rank_server(cfg: PipelineConfig, log: LineLogger) -> Iterator[Path | None]:
     """The rank server's socket for one launch, held while it runs; None to start every rank afresh."""
-    if not hold_rank_server(cfg):
-        yield None
-        return
-    try:
-        server = rank_server.held()
+    with rank_server_held(cfg) as held:
+        server = rank_server.held() if held else None
         if server is not None and not server.listening():
             log.warning("the rank server did not start; ranks start their own interpreters:\n%s", server.log_tail())
             server = None
         yield server.socket_path if server is not None else None
-    finally:
-        release_rank_server()
 
 
 def _die_with_parent(cmd: list[str]) -> list[str]:

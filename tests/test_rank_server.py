@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from ringflow.training.config import PipelineConfig, with_overrides
-from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX, horovodrun_command, launch_env, uses_rank_server
+from ringflow.training.launch import (
+    FATAL_EXIT,
+    FATAL_PREFIX,
+    horovodrun_command,
+    launch_env,
+    rank_server_held,
+    uses_rank_server,
+)
 from ringflow.training.model import load_model
 from ringflow.training.rank_server import RankServer, rank_command, tracking_store_module
 from tests.conftest import SMOKE
@@ -161,18 +168,18 @@ def test_forked_ranks_train_the_same_weights_as_fresh_ones(server, tmp_path, smo
 
 @pytest.mark.horovod
 def test_flows_in_one_process_share_one_server_until_the_last_lets_go():
-    from ringflow.tasks import train
     from ringflow.training import rank_server
 
     cfg = PipelineConfig()
-    assert train.hold_rank_server(cfg) and train.hold_rank_server(cfg)  # a flow, and its launch
-    server = rank_server.held()
-    assert server is not None and server.listening(), server.log_tail() if server else ""
-    train.release_rank_server()
-    assert server.alive(), "the first release stopped a server another holder still uses"
-    train.release_rank_server()
+    with rank_server_held(cfg) as flow_holds:
+        with rank_server_held(cfg) as launch_holds:
+            assert flow_holds and launch_holds
+            server = rank_server.held()
+            assert server is not None and server.listening(), server.log_tail() if server else ""
+        assert server.alive(), "the first release stopped a server another holder still uses"
     assert not server.alive() and rank_server.held() is None
-    assert not train.hold_rank_server(with_overrides(cfg, {"training.fork_ranks": False}))
+    with rank_server_held(with_overrides(cfg, {"training.fork_ranks": False})) as held:
+        assert not held
 
 
 @pytest.mark.horovod

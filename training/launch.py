@@ -13,10 +13,12 @@ import re
 import signal
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
+from ringflow.training import rank_server
 from ringflow.training.config import PipelineConfig
 from ringflow.training.hvdrun import GLOO_CHECKED
 from ringflow.training.rank_server import PROGRAM, rank_command
@@ -184,6 +186,19 @@ def uses_rank_server(cfg: PipelineConfig) -> bool:
     if not sys.platform.startswith("linux"):  # a Unix socket of packets, prctl
         return False
     return all(h.rsplit(":", 1)[0] in ("localhost", "127.0.0.1") for h in hosts_for(cfg).split(","))
+
+
+@contextmanager
+def rank_server_held(cfg: PipelineConfig) -> Iterator[bool]:
+    """Hold this process's rank server (:func:`ringflow.training.rank_server.hold`) while the
+    block runs, when ``cfg``'s ranks are forked by one (:func:`uses_rank_server`); yields whether
+    it is held. The command, the flow and every launch hold it, each from as early as it can."""
+    held = uses_rank_server(cfg) and rank_server.hold()
+    try:
+        yield held
+    finally:
+        if held:
+            rank_server.release()
 
 
 def check_launchable(cfg: PipelineConfig, num_shards: int) -> None:

@@ -155,7 +155,7 @@ def child_bare(cfg_path: str, out: Path) -> None:
         import logging
         from concurrent.futures import ThreadPoolExecutor
 
-        from ringflow.training.baseline_job import score_baseline  # the same fit; it touches neither Prefect nor MLflow
+        from ringflow.tasks.baseline import score_baseline  # the same fit; it touches neither Prefect nor MLflow
 
         pool = ThreadPoolExecutor(max_workers=1)
         baseline = pool.submit(score_baseline, cfg, manifest, None, logging.getLogger("bench"))

@@ -6,38 +6,102 @@ train task and the two run side by side: the trees are fitted while the ranks st
 and the evaluation only logs and compares what this task returns. Logging stays in the
 evaluation, which owns the training run's MLflow writes after training (the baseline is a model
 of that run, never registered).
-
-Where the flow holds a rank server (``training.fork_ranks``), the server forks the baseline's job
-(``training/baseline_job.py``) too, and this task imports what logging the models needs while
-the job fits: in one process the two took turns on the interpreter lock (scikit-learn's tree
-grower is a Python loop), and the imports ran after the fits, on one core, while the evaluation
-waited (``benchmarks/README.md``, "Eleventh round"). Without a server the task fits in its own
-process, as the job would.
 """
 
 from __future__ import annotations
 
-import base64
 import importlib
 import logging
-import os
-import shutil
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from prefect import get_run_logger, task
+from sklearn.pipeline import Pipeline
 
-from ringflow.tasks.timings import Laps, record
-from ringflow.training import rank_server
-from ringflow.training.baseline_job import ScoredBaseline, read_scored, score_baseline
+from ringflow.tasks.timings import Laps
+from ringflow.training.baseline import (
+    BASELINE_MAX_ROWS,
+    TunedBaseline,
+    baseline_proba,
+    refit_baseline,
+    tune_baseline,
+)
 from ringflow.training.config import PipelineConfig
-from ringflow.training.manifest import KEY_ENV, Manifest
+from ringflow.training.manifest import Manifest
+from ringflow.training.metrics import max_f1_threshold
 
 STAGE = "baseline"
+
+
+@dataclass
+class ScoredBaseline:
+    """A tuned baseline and what the evaluation needs of it: its threshold (chosen on the
+    validation window) and its probabilities on the test rows."""
+
+    tuned: TunedBaseline
+    threshold: float
+    test_proba: np.ndarray
+    test_rows: int
+    final_model: Pipeline | None = None
+    """``training.final_fit``: the chosen settings and rounds refitted on train + validation, the
+    model scored on the test rows (``tuned.model`` otherwise); the threshold stays the tuned
+    model's, chosen on validation, as the network's does."""
+
+    @property
+    def model(self) -> Pipeline:
+        """The model whose test probabilities these are."""
+        return self.final_model if self.final_model is not None else self.tuned.model
+
+
+def _sample(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    return frame if share >= 1.0 else frame.sample(n=max(1, round(len(frame) * share)), random_state=seed)
+
+
+def score_baseline(
+    cfg: PipelineConfig,
+    manifest: Manifest,
+    key: bytes | None,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    test: pd.DataFrame | None = None,
+) -> ScoredBaseline:
+    """Tune the baseline on the manifest's train shards (the candidate's train window) with early
+    stopping on the validation file, choose its threshold on the validation file, score the test
+    rows (read from the manifest unless given). With ``training.final_fit`` the chosen settings are
+    refitted on train + validation first (the network's final fit, the same for both), and that
+    model scores the test rows with the tuned model's threshold."""
+    num, cat = manifest.numeric_features, manifest.categorical_features
+    total = sum(s.rows for s in manifest.shards)
+    share = min(1.0, BASELINE_MAX_ROWS / max(total, 1))  # big windows: a uniform sample, one shard at a time
+    train = pd.concat([_sample(manifest.read(s, key), share, seed=s.index) for s in manifest.shards], ignore_index=True)
+    val = manifest.read(manifest.validation, key)
+    tuned = tune_baseline(cfg.gate.baseline, train, val, manifest.target_column, num, cat, seed=cfg.training.seed)
+    log.info(
+        "baseline %s tuned on %d train rows in %.1fs (%d settings, early stopping on %d validation rows): %s, "
+        "validation AUC %.4f",
+        cfg.gate.baseline,
+        len(train),
+        tuned.seconds,
+        len(tuned.grid),
+        len(val),
+        tuned.params,
+        tuned.val_roc_auc,
+    )
+    threshold = max_f1_threshold(val[manifest.target_column].to_numpy(), tuned.val_proba)
+    final = None
+    if cfg.training.final_fit:
+        rows = pd.concat([train, val], ignore_index=True)
+        final = refit_baseline(
+            cfg.gate.baseline, tuned.params, rows, manifest.target_column, num, cat, seed=cfg.training.seed
+        )
+        log.info(
+            "baseline %s: final fit of the chosen settings on %d train + validation rows", cfg.gate.baseline, len(rows)
+        )
+    if test is None:
+        test = manifest.read(manifest.test, key)
+    model = final if final is not None else tuned.model
+    return ScoredBaseline(tuned, threshold, baseline_proba(model, test, num, cat), len(test), final_model=final)
 
 
 def _warm_model_logging() -> None:
@@ -58,67 +122,10 @@ def fit_baseline(cfg: PipelineConfig, manifest_path: str) -> ScoredBaseline:
     score the test window; submitted beside the train task."""
     from ringflow.tasks.shard import resolve_data_key
 
-    log = get_run_logger()
-    key = resolve_data_key(cfg)
-    server = rank_server.hold_running()
-    if server is not None:
-        try:
-            scored = _score_in_forked_job(server, cfg, manifest_path, key, log)
-        finally:
-            rank_server.release()
-        if scored is not None:
-            return scored
-        log.warning("baseline: the rank server did not run its job; fitting it in this process")
     lap = Laps(STAGE, concurrent=True)
-    scored = score_baseline(cfg, Manifest.load(manifest_path), key, log)
+    manifest = Manifest.load(manifest_path)
+    scored = score_baseline(cfg, manifest, resolve_data_key(cfg), get_run_logger())
     lap("tune, fit and score", "work")
     _warm_model_logging()
     lap("imports for model logging")
     return scored
-
-
-class BaselineJobError(RuntimeError):
-    """The baseline's forked job failed; the message ends with what it wrote."""
-
-
-def _score_in_forked_job(
-    server: rank_server.RankServer,
-    cfg: PipelineConfig,
-    manifest_path: str,
-    key: bytes | None,
-    log: logging.Logger | logging.LoggerAdapter[Any],
-) -> ScoredBaseline | None:
-    """Have ``server`` fork the baseline's job and import the model-logging modules meanwhile;
-    the job's result, or None when the server did not run it (the caller fits it itself). Its
-    output lines go to the run's log; a failure raises with them."""
-    work = Path(tempfile.mkdtemp(prefix="ringflow-baseline-"))  # 0700: the config and the result
-    try:
-        config_path, output, result = work / "config.json", work / "output.log", work / "scored.pkl"
-        config_path.write_text(cfg.model_dump_json())
-        env = dict(os.environ)
-        if key is not None:  # from a Prefect Secret block: to the job in its environment, never argv
-            env[KEY_ENV] = base64.b64encode(key).decode()
-        argv = ["--config-json", f"@{config_path}", "--manifest", manifest_path, "--output", str(result)]
-        lap = Laps(STAGE, concurrent=True)
-        with open(output, "wb") as out, ThreadPoolExecutor(1, thread_name_prefix="baseline-job") as pool:
-            t0 = time.perf_counter()
-            job = pool.submit(
-                rank_server.run_forked, server.socket_path, rank_server.BASELINE_PROGRAM, argv, env, out.fileno()
-            )
-            _warm_model_logging()
-            lap("imports for model logging")
-            status = job.result()
-            record(STAGE, "tune, fit and score", time.perf_counter() - t0, "work", concurrent=True)
-        lines = output.read_text(errors="replace").splitlines()
-        if status is None:
-            return None
-        if status != 0:
-            tail = "\n".join(lines[-20:])
-            raise BaselineJobError(
-                f"baseline: its job ({rank_server.BASELINE_PROGRAM}) exited with status {status}:\n{tail}"
-            )
-        for line in lines:
-            log.info("%s", line)
-        return read_scored(result)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -30,10 +30,10 @@ from pydantic import BaseModel
 from sklearn.pipeline import Pipeline
 
 from ringflow.tasks import artifacts
+from ringflow.tasks.baseline import ScoredBaseline, score_baseline
 from ringflow.tasks.timings import Laps
 from ringflow.training import tags
 from ringflow.training.baseline import TunedBaseline
-from ringflow.training.baseline_job import ScoredBaseline, score_baseline
 from ringflow.training.config import GateConfig, PipelineConfig, get_settings
 from ringflow.training.manifest import Manifest
 from ringflow.training.metric_names import METRIC_NAMES

@@ -170,7 +170,7 @@ def test_with_final_fit_the_baseline_scores_its_refit_with_the_tuned_threshold(s
     (chosen on validation with the tuned model), are the tuned baseline's."""
     import logging
 
-    from ringflow.training.baseline_job import score_baseline
+    from ringflow.tasks.baseline import score_baseline
 
     log = logging.getLogger("test")
     plain = score_baseline(smoke_config, smoke_manifest, None, log)

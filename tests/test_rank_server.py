@@ -4,8 +4,6 @@ client or its server."""
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import subprocess
 import sys
@@ -13,12 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
 
-from ringflow.training.baseline_job import read_scored, score_baseline
 from ringflow.training.config import PipelineConfig, with_overrides
 from ringflow.training.launch import (
     FATAL_EXIT,
@@ -29,13 +25,7 @@ from ringflow.training.launch import (
     uses_rank_server,
 )
 from ringflow.training.model import load_model
-from ringflow.training.rank_server import (
-    BASELINE_PROGRAM,
-    RankServer,
-    rank_command,
-    run_forked,
-    tracking_store_module,
-)
+from ringflow.training.rank_server import RankServer, rank_command, tracking_store_module
 from tests.conftest import SMOKE
 
 
@@ -174,44 +164,6 @@ def test_forked_ranks_train_the_same_weights_as_fresh_ones(server, tmp_path, smo
     assert fresh.keys() == forked.keys()
     for k in fresh:
         assert torch.equal(fresh[k], forked[k]), k
-
-
-@pytest.mark.horovod
-def test_the_baseline_job_forked_by_the_server_scores_as_the_task_would(server, tmp_path, smoke_config, smoke_manifest):
-    """The baseline task's job, forked by the server: the same grid point, threshold and test
-    probabilities as the same scoring in this process, through the pickle it writes."""
-    config, out, log = tmp_path / "config.json", tmp_path / "scored.pkl", tmp_path / "job.log"
-    config.write_text(smoke_config.model_dump_json())
-    argv = ["--config-json", f"@{config}", "--manifest", str(smoke_manifest.path), "--output", str(out)]
-    with open(log, "wb") as f:
-        status = run_forked(server.socket_path, BASELINE_PROGRAM, argv, dict(os.environ), f.fileno())
-    assert status == 0, log.read_text()
-    assert f"forked {BASELINE_PROGRAM}: pid" in server.log_tail()
-    assert "baseline hgb tuned on" in log.read_text()  # its log lines, for the task to relay
-    forked = read_scored(out)
-    here = score_baseline(smoke_config, smoke_manifest, None, logging.getLogger("test"))
-    assert forked.tuned.params == here.tuned.params and forked.tuned.val_roc_auc == here.tuned.val_roc_auc
-    assert forked.threshold == here.threshold and forked.test_rows == here.test_rows
-    np.testing.assert_array_equal(forked.test_proba, here.test_proba)
-
-
-@pytest.mark.horovod
-def test_the_server_forks_nothing_but_its_programs(server, tmp_path):
-    before = server.log_tail()
-    with open(tmp_path / "out", "wb") as f:
-        assert run_forked(server.socket_path, "http.server", [], dict(os.environ), f.fileno()) is None
-    assert "http.server" not in server.log_tail() and server.alive()
-    assert server.log_tail().count("forked") == before.count("forked")
-
-
-@pytest.mark.horovod
-def test_a_failed_baseline_job_says_why(server, smoke_config, tmp_path):
-    from ringflow.tasks.baseline import BaselineJobError, _score_in_forked_job
-
-    missing = tmp_path / "no-such-manifest.json"
-    with pytest.raises(BaselineJobError, match="exited with status 1") as e:
-        _score_in_forked_job(server, smoke_config, str(missing), None, logging.getLogger("test"))
-    assert "no-such-manifest.json" in str(e.value)  # the job's own error, relayed
 
 
 @pytest.mark.horovod

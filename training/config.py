@@ -750,13 +750,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         raise ConfigError(_format_validation_error(e, origin)) from None
 
 
-def read_config(raw: str) -> PipelineConfig:
-    """A program's ``--config-json``: the config as JSON, or ``@path`` to a JSON file."""
-    if raw.startswith("@"):
-        raw = Path(raw[1:]).read_text()
-    return PipelineConfig.model_validate_json(raw)
-
-
 def with_overrides(cfg: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
     """A copy of ``cfg`` with dotted-key overrides applied and validated (used by reruns)."""
     data = apply_overrides(cfg.model_dump(mode="json"), overrides)

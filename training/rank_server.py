@@ -49,11 +49,6 @@ from typing import Any, NoReturn
 
 PROGRAM = "ringflow.training.train"
 """The module every rank runs."""
-BASELINE_PROGRAM = "ringflow.training.baseline_job"
-"""The baseline task's job (:func:`run_forked`): its trees fitted beside the ranks, in a process
-of its own rather than in the command's."""
-PROGRAMS = (PROGRAM, BASELINE_PROGRAM)
-"""What the server forks; a request for anything else is refused."""
 
 PRELOAD = (
     PROGRAM,
@@ -179,17 +174,6 @@ def hold() -> bool:
         return True
 
 
-def hold_running() -> RankServer | None:
-    """Hold the server this process already runs, if one is alive (then :func:`release`); never
-    starts one: for work that uses a server only when one is there anyway (the baseline's job)."""
-    global _holders
-    with _held_lock:
-        if _held is None or not _held.alive():
-            return None
-        _holders += 1
-        return _held
-
-
 def release() -> None:
     """Let go of what :func:`hold` held; the last holder's release stops the server."""
     global _holders
@@ -274,14 +258,13 @@ def serve(socket_path: str) -> NoReturn:
 
 
 def _fork_rank(conn: socket.socket, close_in_child: list[int]) -> int | None:
-    """Fork the program a client asked for; its pid (sent to the client too), None on a bad
-    request."""
+    """Fork the rank a client asked for; its pid (sent to the client too), None on a bad request."""
     try:
         data, fds, _, _ = socket.recv_fds(conn, _MAX_MESSAGE, 3)
         request = json.loads(data)
     except (OSError, ValueError):
         return None
-    if len(fds) != 3 or request.get("program", PROGRAM) not in PROGRAMS:
+    if len(fds) != 3:
         for fd in fds:
             os.close(fd)
         return None
@@ -292,9 +275,8 @@ def _fork_rank(conn: socket.socket, close_in_child: list[int]) -> int | None:
         _become_rank(request, fds, [conn.fileno(), *close_in_child])
     for fd in fds:
         os.close(fd)
-    program = request.get("program", PROGRAM)
-    what = f"rank {request['env'].get('HOROVOD_RANK', '?')}" if program == PROGRAM else program
-    print(f"forked {what}: pid {pid}", file=sys.stderr, flush=True)  # the server's log
+    rank = request["env"].get("HOROVOD_RANK", "?")
+    print(f"forked rank {rank}: pid {pid}", file=sys.stderr, flush=True)  # the server's log
     try:
         conn.send(json.dumps({"pid": pid}).encode())
     except OSError:
@@ -304,7 +286,7 @@ def _fork_rank(conn: socket.socket, close_in_child: list[int]) -> int | None:
 
 def _become_rank(request: dict[str, Any], fds: list[int], close: list[int]) -> NoReturn:
     """In the forked child: take the client's streams, environment, directory and arguments, and
-    run the program it asked for (the training program unless named) as ``python -m`` would."""
+    run the training program as ``python -m`` would."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -331,10 +313,9 @@ def _become_rank(request: dict[str, Any], fds: list[int], close: list[int]) -> N
         import runpy
 
         # as under ``python -m``: the program runs as __main__, and not also under its own name
-        program = request.get("program", PROGRAM)
-        module = sys.modules.pop(program, None)  # the baseline's job is imported by the child
-        sys.argv = [(module.__file__ if module else None) or program, *request["argv"]]
-        runpy.run_module(program, run_name="__main__", alter_sys=True)
+        module = sys.modules.pop(PROGRAM)
+        sys.argv = [module.__file__ or PROGRAM, *request["argv"]]
+        runpy.run_module(PROGRAM, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         from ringflow.training.process_exit import exit_code
@@ -352,59 +333,20 @@ def _become_rank(request: dict[str, Any], fds: list[int], close: list[int]) -> N
 # --------------------------------------------------------------------------- the rank's client
 
 
-def _request_fork(
-    socket_path: str | Path, program: str, argv: list[str], env: dict[str, str], fds: list[int]
-) -> tuple[socket.socket, int] | None:
-    """Ask the server to fork ``program`` with these arguments, environment, this directory and
-    ``fds`` as its standard streams: (the connection, the child's pid), or None when no server
-    answered (none there, it died, or it refused the request)."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def run_rank(socket_path: str, argv: list[str]) -> NoReturn:
+    """Have the server fork this rank, relay signals to it, exit as it exits; or, without a
+    server, run the training program in this process."""
     try:
-        conn.connect(str(socket_path))
-        request = {"program": program, "argv": argv, "env": env, "cwd": os.getcwd()}
-        socket.send_fds(conn, [json.dumps(request).encode()], fds)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.connect(socket_path)
+        request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
+        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
         reply = conn.recv(4096)  # waits while the server still imports
     except OSError:
         reply = b""
     if not reply:
-        conn.close()
-        return None
-    return conn, int(json.loads(reply)["pid"])
-
-
-def _wait_status(conn: socket.socket) -> int | None:
-    """The forked child's wait status, which the server sends when it has reaped it; None if
-    the server died first."""
-    try:
-        reply = conn.recv(4096)
-    except OSError:
-        reply = b""
-    return int(json.loads(reply)["wait_status"]) if reply else None
-
-
-def run_forked(socket_path: str | Path, program: str, argv: list[str], env: dict[str, str], output: int) -> int | None:
-    """Run ``program`` (one of :data:`PROGRAMS`) as a child of the server, its standard output
-    and error to the file descriptor ``output``, and wait for it: its exit code (negative: the
-    signal that killed it), or None when no server answered or it died before the child ended
-    (the caller then runs the program itself). Closing the connection (this process ending, or
-    killed) has the server kill the child."""
-    with open(os.devnull, "rb") as stdin:
-        forked = _request_fork(socket_path, program, argv, env, [stdin.fileno(), output, output])
-    if forked is None:
-        return None
-    conn, _child = forked
-    with conn:
-        status = _wait_status(conn)
-    return None if status is None else os.waitstatus_to_exitcode(status)
-
-
-def run_rank(socket_path: str, argv: list[str]) -> NoReturn:
-    """Have the server fork this rank, relay signals to it, exit as it exits; or, without a
-    server, run the training program in this process."""
-    forked = _request_fork(socket_path, PROGRAM, argv, dict(os.environ), [0, 1, 2])
-    if forked is None:
         _exec_program(argv)
-    conn, child = forked
+    child = int(json.loads(reply)["pid"])
 
     def relay(sig: int, _frame: object) -> None:
         with suppress(ProcessLookupError):
@@ -412,10 +354,14 @@ def run_rank(socket_path: str, argv: list[str]) -> NoReturn:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, relay)
-    status = _wait_status(conn)
-    if status is None:
+    try:
+        reply = conn.recv(4096)
+    except OSError:
+        reply = b""
+    if not reply:
         print(f"ringflow rank server at {socket_path} died while rank pid {child} ran", file=sys.stderr)
         os._exit(1)
+    status = int(json.loads(reply)["wait_status"])
     if os.WIFSIGNALED(status):  # die the way the rank died, so horovodrun reports the signal
         died_of = os.WTERMSIG(status)
         signal.signal(died_of, signal.SIG_DFL)

@@ -47,7 +47,7 @@ from ringflow.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from ringflow.training.config import PipelineConfig, TrainingConfig, get_settings, read_config
+from ringflow.training.config import PipelineConfig, TrainingConfig, get_settings
 from ringflow.training.environment import quiet_library_logs, usable_cores
 from ringflow.training.final_fit import FINAL_EPOCHS_ARG, THRESHOLD_ARG, FinalFit, validation_rows_for_rank
 from ringflow.training.launch import FATAL_EXIT, FATAL_PREFIX
@@ -632,6 +632,13 @@ def pin_to_cores(local_rank: int, local_size: int, threads: int) -> None:
             os.sched_setaffinity(int(tid), mine)
         except OSError:
             pass
+
+
+def read_config(raw: str) -> PipelineConfig:
+    """``--config-json``: the config as JSON, or ``@path`` to a JSON file."""
+    if raw.startswith("@"):
+        raw = Path(raw[1:]).read_text()
+    return PipelineConfig.model_validate_json(raw)
 
 
 def ranks_sharing_host(cfg: PipelineConfig, local_size: int) -> int:

@@ -530,6 +530,25 @@ def targets(results: dict[str, dict]) -> str:
                 verdict,
             ]
         )
+    for name, mr in results.items():
+        if not name.startswith("make_run") or not mr.get("targets_apply"):
+            continue
+        m = mr["medians"]["checkout"]
+        quiet = m["quiet_runs"] == m["runs"]
+        rows.append(
+            [
+                f"`make run` at most 20 s wall on a quiet 2-core machine (`{name}`)",
+                f"median {fmt(m['wall_s'])} s of {m['runs']} runs, {m['quiet_runs']} quiet",
+                ("met" if mr["target_wall_met"] else "not met") if quiet else "under load",
+            ]
+        )
+        rows.append(
+            [
+                f"`ringflow run` at most 4x its epoch seconds (`{name}`)",
+                f"{fmt(m['wall_over_epochs'])}x (epochs {fmt(m['epochs_s'])} s)",
+                ("met" if mr["target_epoch_ratio_met"] else "not met") if quiet else "under load",
+            ]
+        )
     if not rows:
         return ""
     return "\n".join(["## Targets", "", table(["target", "measured", "verdict"], rows), ""])

@@ -61,6 +61,21 @@ def test_training_bench_runs_trainer_and_ddp_reference(tmp_path):
     assert "hvd_vs_ddp_np2" in d["derived"] and "pinned_vs_unpinned" in d["derived"]
 
 
+def test_make_run_bench_times_the_command_against_another_revision(tmp_path):
+    """Two real `ringflow run`s of the smoke config: this checkout and HEAD from a git worktree,
+    each with its stage table read back; the worktree is gone afterwards."""
+    out = tmp_path / "make_run.json"
+    _run([str(BENCH / "bench_make_run.py"), "--quick", "--against", "HEAD", "--out", str(out)], timeout=900)
+    d = json.loads(out.read_text())
+    assert [(r["round"], r["variant"]) for r in d["rows"]] == [(1, "checkout"), (1, "against")]
+    for row in d["rows"]:
+        assert row["promoted"] and row["wall_s"] > row["flow_call_s"] > row["train_stage_s"] > row["epochs_s"] > 0
+        assert row["cpu_s"] > 0 and row["load_max"] >= row["load_start"] >= 0
+    assert d["medians"]["against"]["runs"] == 1 and not d["targets_apply"]
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "ringflow-bench-make-run" not in worktrees
+
+
 def test_results_md_renders_known_and_foreign_results(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     from benchmarks import run_all

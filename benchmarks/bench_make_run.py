@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 5)
     cool = args.cool if args.cool is not None else (1000.0 if args.quick else 0.3)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    revisions = {"checkout": (head.stdout.strip() or "?") + " + working tree"}
+    code_changed = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", *PACKAGES]).returncode
+    revisions = {"checkout": (head.stdout.strip() or "?") + (" + uncommitted changes" if code_changed else "")}
     trees: dict[str, tuple[Path, Path | None]] = {"checkout": (ROOT, None)}
     scratch = Path(tempfile.mkdtemp(prefix="ringflow-bench-make-run-"))
     try:

@@ -52,6 +52,8 @@ TARGET_EPOCH_RATIO = 4.0
 PACKAGES = ("flows", "tasks", "training", "monitoring", "infra", "configs")
 """The checkout's folders that ``ringflow.*`` names (pyproject.toml's ``package-dir``)."""
 RINGFLOW = str(Path(sys.executable).parent / "ringflow")
+RUN_TIMEOUT_S = 1800
+"""A run that takes longer is stuck: the benchmark stops with an error."""
 
 # a row of the command's stage table: "  [time per stage ]train: training epochs (rank 0)   work   3.97s"
 _PART = re.compile(r"^\s+(?:time per stage\s+)?([\w-]+): (.+?)\s{2,}(work|overhead)(, beside)?\s+([\d.]+)s\s*$")
@@ -127,7 +129,9 @@ def one_run(tree: Path, config: str, python_path: Path | None, cool: float, cool
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     sampler.start()
     t0 = time.perf_counter()
-    p = subprocess.run([RINGFLOW, "run", "--config", config], cwd=tree, env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [RINGFLOW, "run", "--config", config], cwd=tree, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()

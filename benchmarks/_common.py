@@ -14,7 +14,9 @@ import platform
 import socket
 import statistics
 import sys
+import threading
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,36 @@ def load_avg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+LOADED = 1.5
+"""A run during which the 1-minute load average exceeded this at any point is "under load": its
+numbers are never reported as meeting a target."""
+
+
+class LoadSampler:
+    """The 1-minute load average every half second while the block runs (one sample at its start)."""
+
+    def __init__(self) -> None:
+        self.samples = [round(os.getloadavg()[0], 2)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            self.samples.append(round(os.getloadavg()[0], 2))
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def under_load(self) -> bool:
+        return max(self.samples) > LOADED
 
 
 def cpu_model() -> str:

@@ -36,17 +36,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, machine_facts, median, write_result  # noqa: E402
+from benchmarks._common import LOADED, ROOT, LoadSampler, machine_facts, median, write_result  # noqa: E402
 
-LOADED = 1.5
-"""A run whose 1-minute load average exceeded this at any point is "under load"."""
 TARGET_WALL_S = 20.0
 TARGET_EPOCH_RATIO = 4.0
 PACKAGES = ("flows", "tasks", "training", "monitoring", "infra", "configs")
@@ -88,7 +85,7 @@ def cool_down(threshold: float, timeout_s: float) -> float:
 
 def cpu_probe_s() -> float:
     """Seconds of a fixed pure-Python loop on one core, just before a run: this machine is a
-    shared VM whose speed moves between runs (the same run took 34-48 CPU s in one session), so
+    shared VM whose speed moves between runs (the same run took 34-52 CPU s in one session), so
     each run carries the speed it was measured at."""
     t0 = time.perf_counter()
     total = 0
@@ -118,23 +115,18 @@ def one_run(tree: Path, config: str, python_path: Path | None, cool: float, cool
     if python_path is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(python_path), env.get("PYTHONPATH", "")) if p)
     probe = cpu_probe_s()
-    samples = [os.getloadavg()[0]]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.5):
-            samples.append(os.getloadavg()[0])
-
-    sampler = threading.Thread(target=sample, daemon=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    sampler.start()
-    t0 = time.perf_counter()
-    p = subprocess.run(
-        [RINGFLOW, "run", "--config", config], cwd=tree, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
-    )
-    wall = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    with LoadSampler() as load:
+        t0 = time.perf_counter()
+        p = subprocess.run(
+            [RINGFLOW, "run", "--config", config],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+        )
+        wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(home, ignore_errors=True)
     if p.returncode != 0:
@@ -144,9 +136,9 @@ def one_run(tree: Path, config: str, python_path: Path | None, cool: float, cool
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     row = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), **stage_table(p.stdout + p.stderr)}
     row.update(
-        load_start=round(samples[0], 2),
-        load_max=round(max(samples), 2),
-        under_load=max(samples) > LOADED,
+        load_start=load.samples[0],
+        load_max=max(load.samples),
+        under_load=load.under_load,
         cooled_s=waited,
         cpu_probe_s=probe,
     )

@@ -41,19 +41,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 T_PROCESS = time.perf_counter()  # process start (as near as Python lets us)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, bench_env, load_avg, machine_facts, median, write_result  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    LOADED,
+    ROOT,
+    LoadSampler,
+    bench_env,
+    load_avg,
+    machine_facts,
+    median,
+    write_result,
+)
 
 SCRATCH = Path(tempfile.gettempdir()) / "ringflow-bench"
 STAGES = ["shard", "train", "evaluate", "register"]
-LOADED = 1.5
-"""A run whose 1-minute load average exceeded this at any point is "under load"."""
 
 
 # --------------------------------------------------------------------------- children
@@ -203,28 +209,17 @@ def run_child(kind: str, cfg_path: str, prefect_home: Path, timeout: int = 1800)
     for k in ("PREFECT_API_URL", "MLFLOW_RUN_ID", "RINGFLOW_DATA_KEY"):
         env.pop(k, None)
     load0 = load_avg()
-    samples: list[float] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            samples.append(round(os.getloadavg()[0], 2))
-            stop.wait(0.5)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    p = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--config", cfg_path, "--child-out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-    wall = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    with LoadSampler() as load:
+        t0 = time.perf_counter()
+        p = subprocess.run(
+            [sys.executable, __file__, "--child", kind, "--config", cfg_path, "--child-out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+        wall = time.perf_counter() - t0
     if p.returncode != 0 or not out.exists():
         raise RuntimeError(f"pipeline {kind} run failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     res = json.loads(out.read_text())
@@ -232,9 +227,9 @@ def run_child(kind: str, cfg_path: str, prefect_home: Path, timeout: int = 1800)
         kind=kind,
         process_wall_s=wall,
         load_before=load0,
-        load_max=max(samples, default=None),
-        load_mean=round(sum(samples) / len(samples), 2) if samples else None,
-        under_load=bool(samples) and max(samples) > LOADED,
+        load_max=max(load.samples),
+        load_mean=round(sum(load.samples) / len(load.samples), 2),
+        under_load=load.under_load,
     )
     shutil.rmtree(home, ignore_errors=True)
     return res

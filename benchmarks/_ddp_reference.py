@@ -16,6 +16,7 @@ instead of indexing the in-memory tensors: the cost of a DataLoader on the criti
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -33,6 +34,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--loader", choices=["memory", "dataloader"], default="memory")
     args = p.parse_args()
+    faulthandler.enable()  # a native abort (Gloo, c10d) prints where each Python thread was
 
     import numpy as np
     import torch
@@ -123,6 +125,9 @@ def main() -> int:
             )
         )
     dist.barrier()
+    # DDP's reducer holds the process group: release it while the interpreter is whole, not in
+    # the interpreter's finalization, where Gloo's threads can no longer take the GIL
+    del model, opt
     dist.destroy_process_group()
     return 0
 

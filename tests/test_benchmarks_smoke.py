@@ -21,6 +21,21 @@ def _run(args: list[str], timeout: int = 600) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
+def test_a_reference_rank_killed_by_a_signal_is_told_from_one_that_failed():
+    from benchmarks.bench_training import _rank_signal
+
+    # torchrun's report when a DDP rank aborted in CI: the other rank got the agent's SIGTERM
+    report = """Failures:
+  [1]:
+    exitcode  : -15 (pid: 31280)  (SIGTERM)
+Root Cause (first observed failure):
+  [0]:
+    exitcode  : -6 (pid: 31281)  (SIGABRT)"""
+    assert _rank_signal(report) == 6
+    assert _rank_signal("exitcode  : 1 (pid: 31281)") is None  # an error of its own: no rerun
+    assert _rank_signal("exitcode  : -15 (pid: 31281)  (SIGTERM)") is None  # stopped from outside
+
+
 def test_allreduce_quick_measures_every_method(tmp_path):
     out = tmp_path / "allreduce.json"
     _run([str(BENCH / "bench_allreduce.py"), "--quick", "--repeats", "1", "--out", str(out)])

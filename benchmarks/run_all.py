@@ -412,13 +412,22 @@ def _generic(obj: Any, depth: int = 0) -> list[str]:
 
 
 def render_generic(name: str, d: dict) -> str:
-    # a follow-up run (scale_followup.json) comes from its base benchmark's script
-    script = name if (Path(__file__).parent / f"bench_{name}.py").exists() else name.split("_")[0]
+    # a follow-up run (scale_followup.json) comes from its base benchmark's script; a round's A/B
+    # rows (rank_server_stop35.json) from the round that benchmarks/README.md describes
+    here = Path(__file__).parent
+    parts = name.split("_")
+    prefixes = ("_".join(parts[:i]) for i in range(len(parts), 0, -1))  # model_quality_old_network
+    script = next((s for s in prefixes if (here / f"bench_{s}.py").exists()), None)
+    if script:
+        source = f"(from `benchmarks/bench_{script}.py`)"
+        how = "Collected as written by its benchmark; see that script's docstring for what and how."
+    else:
+        source = "(a round's measurement)"
+        how = "Measured as the round of `benchmarks/README.md` that cites this file describes (its `how`, if any, is below)."
     head = [
-        f"## {name.capitalize()} (from `benchmarks/bench_{script}.py`)",
+        f"## {name.capitalize()} {source}",
         "",
-        "Collected as written by its benchmark; see that script's docstring for what and how. Raw "
-        f"per-repeat data: `benchmarks/results/{name}.json`.",
+        f"{how} Raw per-repeat data: `benchmarks/results/{name}.json`.",
         "",
     ]
     if isinstance(d.get("table_markdown"), str):
@@ -505,6 +514,8 @@ def targets(results: dict[str, dict]) -> str:
                 ]
             )
         r = der.get("hvd_vs_ddp_np2")
+        if r is None:  # a run without the DDP reference (a levers follow-up) has no ratio to show
+            continue
         extra = "; ".join(f"{k} {fmt(der[k])}x" for k in ("fast_step_vs_ddp_np2", "fast_pinned_vs_ddp_np2") if k in der)
         rows.append(
             [
@@ -568,8 +579,8 @@ def render(results: dict[str, dict], runlog: dict[str, Any]) -> str:
         "within one table (they were measured side by side), never across tables or dates.",
         "",
     ]
-    if any(r.get("quick") for r in results.values()):
-        parts += ["**Some sections below come from a `--quick` run (fewer sizes/repeats/cases).**", ""]
+    if quick := [f"`{n}`" for n, r in results.items() if r.get("quick")]:
+        parts += [f"**From a `--quick` run (fewer sizes, repeats or cases): {', '.join(quick)}.**", ""]
     if runlog:
         parts += [
             "### Last run",

@@ -103,3 +103,18 @@ def test_results_md_renders_known_and_foreign_results(tmp_path, monkeypatch):
     md = run_all.render(results, {"allreduce": {"ran": True, "rc": 0, "wall_s": 3.0}})
     assert "## Allreduce" in md and "## Targets" in md and "## Sharding" in md
     assert "| shards | wall_s | per |" in md
+
+
+def test_results_md_names_no_script_that_does_not_exist_and_no_ratio_it_lacks():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run_all
+
+    results = {
+        "rank_server_stop35": {"how": "A/B of two revisions", "median": {"wall_s": 20.1}},
+        "model_quality_old_network": {"meta": {"seeds": 3}},
+        "training_levers_quiet9": {"derived": {"val_auc_spread": 0.0}, "cases": {}},  # no DDP case
+    }
+    md = run_all.render(results, {})
+    assert "## Rank_server_stop35 (a round's measurement)" in md and "bench_rank" not in md
+    assert "## Model_quality_old_network (from `benchmarks/bench_model_quality.py`)" in md
+    assert "DDP throughput at np=2 (`training_levers_quiet9`)" not in md and "-x" not in md

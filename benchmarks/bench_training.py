@@ -15,7 +15,9 @@ lever the config already holds (``num_groups: 1`` on flights.yaml, Horovod's def
 flights-x10.yaml) is skipped unless ``--cases`` names it: it would be ``hvd_np2`` again.
 
 Reference: ``benchmarks/_ddp_reference.py``, the same model, data, batch, optimizer and thread
-rule under torch DistributedDataParallel (Gloo), launched with torchrun.
+rule under torch DistributedDataParallel (Gloo), launched with torchrun. A reference run whose rank
+dies by a signal (a Gloo abort, seen once under heavy load) runs once more; the crash stays in
+the case's result as ``reference_crashes``.
 
 Quality: full default runs (epochs and early stopping as configured) at np=1 and np=2: best
 validation AUC.

@@ -13,8 +13,10 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -63,6 +65,13 @@ class LoadSampler:
     @property
     def under_load(self) -> bool:
         return max(self.samples) > LOADED
+
+
+def timed_run(cmd: list[str], **kwargs: Any) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``subprocess.run(cmd, capture_output=True, text=True, **kwargs)`` and its wall seconds."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    return p, time.perf_counter() - t0
 
 
 def cpu_model() -> str:

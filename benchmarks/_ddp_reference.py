@@ -125,8 +125,9 @@ def main() -> int:
             )
         )
     dist.barrier()
-    # DDP's reducer holds the process group: release it while the interpreter is whole, not in
-    # the interpreter's finalization, where Gloo's threads can no longer take the GIL
+    # DDP's reducer holds the process group: release it here rather than in the interpreter's
+    # finalization, where Gloo has been reported to abort (torch PR 179291; not proven the cause
+    # of the abort CI saw once)
     del model, opt
     dist.destroy_process_group()
     return 0

@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import LOADED, ROOT, LoadSampler, machine_facts, median, write_result  # noqa: E402
+from benchmarks._common import LOADED, ROOT, LoadSampler, machine_facts, median, timed_run, write_result  # noqa: E402
 
 TARGET_WALL_S = 20.0
 TARGET_EPOCH_RATIO = 4.0
@@ -117,16 +117,7 @@ def one_run(tree: Path, config: str, python_path: Path | None, cool: float, cool
     probe = cpu_probe_s()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with LoadSampler() as load:
-        t0 = time.perf_counter()
-        p = subprocess.run(
-            [RINGFLOW, "run", "--config", config],
-            cwd=tree,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-        )
-        wall = time.perf_counter() - t0
+        p, wall = timed_run([RINGFLOW, "run", "--config", config], cwd=tree, env=env, timeout=RUN_TIMEOUT_S)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(home, ignore_errors=True)
     if p.returncode != 0:

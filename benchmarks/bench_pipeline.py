@@ -55,6 +55,7 @@ from benchmarks._common import (  # noqa: E402
     load_avg,
     machine_facts,
     median,
+    timed_run,
     write_result,
 )
 
@@ -210,16 +211,12 @@ def run_child(kind: str, cfg_path: str, prefect_home: Path, timeout: int = 1800)
         env.pop(k, None)
     load0 = load_avg()
     with LoadSampler() as load:
-        t0 = time.perf_counter()
-        p = subprocess.run(
+        p, wall = timed_run(
             [sys.executable, __file__, "--child", kind, "--config", cfg_path, "--child-out", str(out)],
             env=env,
-            capture_output=True,
-            text=True,
             timeout=timeout,
             cwd=ROOT,
         )
-        wall = time.perf_counter() - t0
     if p.returncode != 0 or not out.exists():
         raise RuntimeError(f"pipeline {kind} run failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     res = json.loads(out.read_text())

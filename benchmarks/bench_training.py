@@ -32,17 +32,15 @@ import json
 import math
 import re
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, bench_env, load_avg, machine_facts, median, write_result  # noqa: E402
+from benchmarks._common import ROOT, bench_env, load_avg, machine_facts, median, timed_run, write_result  # noqa: E402
 from benchmarks._timeline import step_breakdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -223,9 +221,7 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
             case.env.get("RFBENCH_LOADER", "memory"),
         ]
     load0 = load_avg()
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    wall = time.perf_counter() - t0
+    p, wall = timed_run(cmd, env=env, timeout=timeout, cwd=ROOT)
     reference_crashes = []
     if case.kind == "ddp" and p.returncode != 0 and (crash_signal := _rank_signal(p.stderr)):
         # The reference is torch's, not ours: a rank of it aborted once in about a hundred runs
@@ -233,9 +229,7 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
         # once more and keep the crash in the result, rather than lose the round.
         reference_crashes.append({"signal": crash_signal, "stderr_tail": p.stderr[-2000:]})
         print(f"  {case.name}: a rank died by signal {crash_signal}; running the reference once more", flush=True)
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        wall = time.perf_counter() - t0
+        p, wall = timed_run(cmd, env=env, timeout=timeout, cwd=ROOT)
     if p.returncode != 0:
         raise RuntimeError(f"case {case.name} failed (exit {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     if case.kind == "horovod":
@@ -283,10 +277,8 @@ def run_case(base, case: Case, manifest: Path, epochs: int, throughput: bool = T
 def _rank_signal(torchrun_stderr: str) -> int | None:
     """The signal that killed the first failed rank, from torchrun's failure report
     ("exitcode  : -6 (pid: ...)"); None when every rank that failed exited by itself."""
-    for m in re.finditer(r"exitcode\s*:\s*(-?\d+)", torchrun_stderr):
-        if int(m.group(1)) < 0 and int(m.group(1)) != -signal.SIGTERM:
-            return -int(m.group(1))
-    return None
+    codes = (int(m.group(1)) for m in re.finditer(r"exitcode\s*:\s*(-?\d+)", torchrun_stderr))
+    return next((-code for code in codes if code < 0 and code != -signal.SIGTERM), None)
 
 
 def summarize(runs: list[dict], all_cases: list[Case]) -> dict:

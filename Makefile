@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml requirements.lock infra/install_horovod.sh | $(PY)
 	$(PY) -m pip install --quiet --no-deps -e .
 	infra/install_horovod.sh $(PY)
 	$(PY) -c "from ringflow.tasks.tracking import schema_template; schema_template()"  # MLflow's empty store, once
+	$(PY) -c "from ringflow.flows.prefect_api import database_template; database_template()"  # Prefect's, once
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,6 +8,11 @@ as soon as its environment is set: it starts the same server process Prefect wou
 Prefect's server, MLflow, torch and the tasks, and points ``PREFECT_API_URL`` at it, so the
 flow call finds a server up. Prefect's own class would have this process import the whole
 server first (2.4 CPU seconds, and the server's start waited for them).
+
+A new Prefect home (a new machine's first command, a fresh ``PREFECT_HOME``) gets its database
+copied from :func:`database_template`, built once per Prefect version by ``make install``: the
+server otherwise replays every one of Prefect's migrations before it answers (4-5 CPU seconds
+here, on the first command's critical path).
 """
 
 from __future__ import annotations
@@ -15,16 +20,22 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from importlib.metadata import version
 from pathlib import Path
+
+from ringflow.training.environment import cache_dir
 
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 """What Prefect's ``SubprocessASGIServer`` sets for its temporary server: no UI, the ephemeral
@@ -45,6 +56,7 @@ def start_early() -> Callable[[], float]:
     """
     if os.environ.get("PREFECT_API_URL"):
         return lambda: 0.0
+    seed_new_database()
     server = TemporaryServer()
     server.spawn()  # first: the server imports in its own process while this one goes on
     threading.Thread(target=server.warm_up, daemon=True, name="prefect-api-warm-up").start()
@@ -72,6 +84,99 @@ def start_early() -> Callable[[], float]:
         return time.perf_counter() - t0
 
     return wait
+
+
+def template_path(cache: Path | None = None) -> Path:
+    """Where :func:`database_template` keeps this Prefect version's empty database."""
+    return (cache or cache_dir()) / f"prefect-{version('prefect')}-database.db"
+
+
+DATABASE_ENV_PREFIXES = ("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")
+"""The settings that point Prefect's server at a database (both spellings Prefect reads)."""
+
+
+_BUILD_DATABASE = """
+import asyncio
+
+import prefect.plugins
+from prefect.server.database import provide_database_interface
+from prefect.server.models.block_registration import run_block_auto_registration
+
+
+async def build() -> None:
+    # what the server's start does to a new database: every migration, then the block types
+    db = provide_database_interface()
+    await db.create_db()
+    prefect.plugins.load_prefect_collections()
+    session = await db.session()
+    async with session:
+        await run_block_auto_registration(session=session)
+    await (await db.engine()).dispose()
+
+
+asyncio.run(build())
+"""
+
+
+def database_template(cache: Path | None = None) -> Path:
+    """An empty Prefect database, built once per Prefect version (``make install`` builds it) and
+    copied into every new Prefect home by :func:`seed_new_database`: every migration applied and
+    Prefect's block types registered, by Prefect's own functions, in a process of its own (Prefect
+    reads the database's address once, at import). Nothing in it belongs to a home: no flow, run,
+    log or setting. ``cache``: default ``$XDG_CACHE_HOME/ringflow``."""
+    template = template_path(cache)
+    if template.exists():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=template.parent, prefix=".prefect-database-") as tmp:
+        built = Path(tmp) / "prefect.db"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(DATABASE_ENV_PREFIXES)}
+        env |= {
+            "PREFECT_HOME": tmp,
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{built}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        p = subprocess.run([sys.executable, "-c", _BUILD_DATABASE], env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"building Prefect's empty database failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+        with closing(sqlite3.connect(built)) as db:  # everything in the one file: no -wal beside it
+            (busy, _, _) = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise RuntimeError(f"Prefect's empty database in {tmp} is still in use")
+        os.replace(built, template)  # whole or absent: another process may build it at the same time
+    return template
+
+
+def seed_new_database(cache: Path | None = None) -> bool:
+    """Copy :func:`database_template` into the Prefect home the temporary server is about to
+    start on, when that home has no database yet and the server would use Prefect's default
+    (SQLite, ``$PREFECT_HOME/prefect.db``). Whether it copied.
+
+    Costs nothing where the home has its database (every command after a home's first): Prefect's
+    settings are read only for a new home, where they decide whether the copy is the database the
+    server would make. A database another process created meanwhile is left as it is.
+    """
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    template = template_path(cache)
+    if (home / "prefect.db").exists() or not template.exists():
+        return False
+    from prefect.settings import Settings
+
+    settings = Settings()  # as the server will read them: the environment, .env, the active profile
+    db = Path(settings.home) / "prefect.db"
+    url = settings.server.database.connection_url
+    if db.exists() or url is None or url.get_secret_value() != f"sqlite+aiosqlite:///{db}":
+        return False  # a database named elsewhere (a profile, .env, PostgreSQL): the server's own
+    db.parent.mkdir(parents=True, exist_ok=True)
+    partial = db.with_name(f".{db.name}.{os.getpid()}.partial")
+    shutil.copyfile(template, partial)
+    try:
+        os.link(partial, db)  # only where there is none
+    except FileExistsError:
+        return False
+    finally:
+        partial.unlink()
+    return True
 
 
 HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")

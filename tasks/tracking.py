@@ -82,7 +82,9 @@ def schema_template(cache_dir: Path | None = None) -> Path:
     import mlflow
     from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
 
-    cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ringflow"
+    from ringflow.training.environment import cache_dir as default_cache
+
+    cache = cache_dir or default_cache()
     template = cache / f"mlflow-{mlflow.__version__}-schema.db"
     if template.exists():
         return template

@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from collections.abc import MutableMapping
+from pathlib import Path
 
 from ringflow.training.telemetry import TELEMETRY_OFF
 
@@ -54,6 +55,12 @@ QUIET_LOG_LINES: dict[str, tuple[str, ...]] = {
 }
 """MLflow INFO lines that say nothing to a ringflow user, by logger: dropped from the CLI's and the
 ranks' output (a filter on that logger; every other line of it stays)."""
+
+
+def cache_dir() -> Path:
+    """ringflow's cache: ``$XDG_CACHE_HOME/ringflow`` (default ``~/.cache/ringflow``). Only what
+    can be built again: deleting it costs time, never data."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ringflow"
 
 
 def usable_cores() -> int:

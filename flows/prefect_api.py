@@ -169,13 +169,13 @@ def seed_new_database(cache: Path | None = None) -> bool:
         return False  # a database named elsewhere (a profile, .env, PostgreSQL): the server's own
     db.parent.mkdir(parents=True, exist_ok=True)
     partial = db.with_name(f".{db.name}.{os.getpid()}.partial")
-    shutil.copyfile(template, partial)
     try:
+        shutil.copyfile(template, partial)
         os.link(partial, db)  # only where there is none
-    except FileExistsError:
+    except OSError:  # one made meanwhile (FileExistsError), or no room: the server makes its own
         return False
     finally:
-        partial.unlink()
+        partial.unlink(missing_ok=True)
     return True
 
 

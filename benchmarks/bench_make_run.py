@@ -7,8 +7,8 @@ Every run is the installed command, ``ringflow run --config configs/flights.yaml
 ``PREFECT_HOME`` (Prefect's database new, as on a new machine), from the checkout's root, as
 ``make run`` starts it after ``make install``. ``--prefect-home user`` keeps the user's Prefect
 home instead (``~/.prefect``, its database made by an earlier command): the twelfth and earlier
-rounds measured that, a user's second run as far as Prefect is concerned. Issue 26's target for it is at most 20 s on a quiet 2-core machine,
-and at most 4x the sum of its own epoch seconds.
+rounds measured that, a user's second run as far as Prefect is concerned. Issue 26's target for
+it is at most 20 s on a quiet 2-core machine, and at most 4x the sum of its own epoch seconds.
 
 Quiet, by the rule of every benchmark here: a run during which the 1-minute load average exceeded
 1.5 at any point is **under load**, and never reported as meeting a target. A run of ``make run`` is
@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             trees["against"] = (tree, path)
             revisions["against"] = args.against
         rows: list[dict[str, Any]] = []
+        fresh = args.prefect_home == "fresh"
         for r in range(1, rounds + 1):
             order = list(trees) if r % 2 else list(trees)[::-1]
             for variant in order:
                 tree, path = trees[variant]
-                fresh = args.prefect_home == "fresh"
                 row = {"round": r, "variant": variant, **one_run(tree, config, path, cool, args.cool_timeout, fresh)}
                 rows.append(row)
                 print(

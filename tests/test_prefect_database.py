@@ -66,13 +66,13 @@ def _contents(db: Path) -> tuple[dict[str, set[str]], list[tuple], dict[str, int
     definition is the set of its lines: the migrations that rebuild a table write its constraints
     in an order that differs from one run of them to the next."""
     with sqlite3.connect(db) as c:
-        rows = c.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")
-        schema = {name: {line.strip().rstrip(",") for line in sql.splitlines()} for name, sql in rows}
+        definitions = c.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")
+        schema = {name: {line.strip().rstrip(",") for line in sql.splitlines()} for name, sql in definitions}
         revision = c.execute("SELECT version_num FROM alembic_version").fetchall()
         tables = [t for (t,) in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        rows = {t: c.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+        counts = {t: c.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
         blocks = sorted(slug for (slug,) in c.execute("SELECT slug FROM block_type"))
-    return schema, revision, {t: n for t, n in rows.items() if n}, blocks
+    return schema, revision, {t: n for t, n in counts.items() if n}, blocks
 
 
 STARTED_SERVER = textwrap.dedent(

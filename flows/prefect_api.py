@@ -157,8 +157,10 @@ def seed_new_database(cache: Path | None = None) -> bool:
     server would make. A database another process created meanwhile is left as it is.
     """
     home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
-    template = template_path(cache)
-    if (home / "prefect.db").exists() or not template.exists():
+    if (home / "prefect.db").exists():
+        return False
+    template = template_path(cache)  # Prefect's version read from its metadata: only for a new home
+    if not template.exists():
         return False
     from prefect.settings import Settings
 

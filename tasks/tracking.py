@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from ringflow.training import tags
 from ringflow.training.config import get_settings
+from ringflow.training.environment import cache_dir
 from ringflow.training.launch import start_ticks
 from ringflow.training.manifest import FileEntry, sha256_bytes
 
@@ -73,18 +74,16 @@ def ensure_store(tracking_uri: str) -> None:
         MlflowClient(tracking_uri).search_experiments(max_results=1)  # checks the schema, adds the default experiment
 
 
-def schema_template(cache_dir: Path | None = None) -> Path:
+def schema_template(cache: Path | None = None) -> Path:
     """An empty SQLite store with MLflow's schema, built once per MLflow version and copied for a new
     store: a fresh store otherwise replays every one of MLflow's schema migrations (about 1 CPU
     second here, on every new home, before a run can start). Only the schema: the default
     experiment is created by the client that opens the copy, with that store's artifact root.
-    ``cache_dir``: default ``$XDG_CACHE_HOME/ringflow`` (``~/.cache/ringflow``)."""
+    ``cache``: default ``$XDG_CACHE_HOME/ringflow`` (``~/.cache/ringflow``)."""
     import mlflow
     from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
 
-    from ringflow.training.environment import cache_dir as default_cache
-
-    cache = cache_dir or default_cache()
+    cache = cache or cache_dir()
     template = cache / f"mlflow-{mlflow.__version__}-schema.db"
     if template.exists():
         return template
